@@ -1,0 +1,75 @@
+"""``rewardtune score IMAGE... --prompt TEXT``: score images with one or more rewards."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from ..errors import UserError
+from .common import add_source_args, parse_device, parse_dtype, sources_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score", help="score images with ICT, HP, ICT-HP or a baseline reward",
+                       description="Score images against prompts. One --prompt for all images, or one per image.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat it to give one per image")
+    p.add_argument("--reward", default="ict,hp,icthp", help="comma-separated reward names (default: ict,hp,icthp)")
+    add_source_args(p)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16 or bf16 (default: fp32)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--json", action="store_true", help="print only a JSON array, one object per image")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..images import load_image
+    from ..rewards import load_rewards, parse_spec
+
+    prompts = list(args.prompt)
+    if len(prompts) == 1:
+        prompts = prompts * len(args.images)
+    if len(prompts) != len(args.images):
+        raise UserError(f"--prompt: got {len(prompts)} prompts for {len(args.images)} images; give one prompt, or one per image")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    names = [n for n, w in parse_spec(args.reward)]
+    if any(w is not None for _, w in parse_spec(args.reward)):
+        raise UserError("--reward: score takes plain names (e.g. ict,hp,icthp); weights belong to finetune")
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    images = [load_image(p) for p in args.images]  # fail on a bad file before loading models
+    rewards = load_rewards(names, device=device, dtype=dtype, **sources_from_args(args))
+    results = [{"image": str(p), "prompt": t} for p, t in zip(args.images, prompts)]
+    # Batch images of the same size together; order of results follows the input.
+    by_size: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(tuple(im.shape), []).append(i)
+    batches = [idx[s : s + args.batch_size] for idx in by_size.values() for s in range(0, len(idx), args.batch_size)]
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        for idx in tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, disable=len(batches) < 2):
+            x = torch.stack([images[i] for i in idx]).to(device)
+            ps = [prompts[i] for i in idx]
+            for name, reward in rewards.items():
+                scores = reward(x, ps).float().cpu().tolist()
+                for i, s in zip(idx, scores):
+                    results[i][name] = s
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_table(results, names)
+    return 0
+
+
+def _print_table(results: list[dict], names: list[str]) -> None:
+    iw = max(5, *(len(r["image"]) for r in results))
+    header = f"{'image':<{iw}}  " + "  ".join(f"{n:>9}" for n in names) + "  prompt"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        prompt = r["prompt"] if len(r["prompt"]) <= 60 else r["prompt"][:57] + "..."
+        print(f"{r['image']:<{iw}}  " + "  ".join(f"{r[n]:>9.4f}" for n in names) + f"  {prompt}")

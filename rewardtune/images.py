@@ -1,0 +1,55 @@
+"""Image files in and out: float tensors in [0,1], clear errors for missing or corrupt files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """(3,H,W) float32 in [0,1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image '{path}' does not exist; check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) or (3,H,W) floats in [0,1] -> uint8 HWC array(s)."""
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return x.permute(0, 2, 3, 1).numpy() if x.ndim == 4 else x.permute(1, 2, 0).numpy()
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    Image.fromarray(to_uint8(image)).save(tmp)
+    os.replace(tmp, path)
+
+
+def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
+    """(B,3,H,W) -> (3, rows*H, cols*W) with white padding."""
+    b, c, h, w = images.shape
+    ncol = ncol or min(b, 8)
+    nrow = (b + ncol - 1) // ncol
+    grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i].detach().float().cpu()
+    return grid

@@ -1,0 +1,90 @@
+"""Reward registry: ``load_reward(name_or_mix, device=..., dtype=..., **sources)``.
+
+Every reward maps float images ``(B,3,H,W)`` in [0,1] and B prompts to ``(B,)`` scores,
+differentiably in the pixels. Sources are the CLI's: ``ict=``, ``hp=``, ``backbone=``, and one per
+baseline (``clip=``, ``pickscore=``, ``hpsv2=``, ``aesthetic=``), each a local directory or hub id.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from ..errors import UserError
+from .base import Reward
+from .compose import WeightedSum, parse_spec
+
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
+SOURCE_KEYS = ("ict", "hp", "backbone", "clip", "pickscore", "hpsv2", "aesthetic")
+
+__all__ = ["Reward", "REWARD_NAMES", "SOURCE_KEYS", "load_reward", "load_rewards", "parse_spec", "WeightedSum"]
+
+
+def _check_name(name: str) -> None:
+    if name not in REWARD_NAMES:
+        close = difflib.get_close_matches(name, REWARD_NAMES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"reward: unknown reward '{name}'{hint}; valid rewards: {', '.join(REWARD_NAMES)}")
+
+
+class _Loader:
+    """Builds rewards, sharing the ICT and HP models between ``ict``, ``hp`` and ``icthp``."""
+
+    def __init__(self, dtype, sources):
+        unknown = sorted(set(sources) - set(SOURCE_KEYS))
+        if unknown:
+            raise UserError(f"reward: unknown source(s) {', '.join(unknown)}; valid: {', '.join(SOURCE_KEYS)}")
+        self.dtype = dtype
+        self.sources = {k: v for k, v in sources.items() if v is not None}
+        self.cache: dict[str, Reward] = {}
+
+    def get(self, name: str) -> Reward:
+        _check_name(name)
+        if name not in self.cache:
+            self.cache[name] = self._build(name)
+        return self.cache[name]
+
+    def _build(self, name: str) -> Reward:
+        from . import icthp
+
+        s, dt = self.sources, self.dtype
+        if name == "ict":
+            return icthp.ICTReward.load(ict=s.get("ict"), backbone=s.get("backbone"), dtype=dt)
+        if name == "hp":
+            return icthp.HPReward.load(hp=s.get("hp"), backbone=s.get("backbone"), dtype=dt)
+        if name == "icthp":
+            return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
+        from . import baselines
+
+        return baselines.BUILDERS[name](source=s.get(name), dtype=dt)
+
+
+def _finish(reward: Reward, device) -> Reward:
+    reward.requires_grad_(False)
+    reward.eval()
+    if device is not None:
+        reward.to(device)
+    return reward
+
+
+def load_rewards(names: list[str], device=None, dtype: torch.dtype | None = None, **sources) -> dict[str, Reward]:
+    """Several named rewards at once (models shared where they coincide), in the given order."""
+    loader = _Loader(dtype, sources)
+    for n in names:
+        _check_name(n)
+    return {n: _finish(loader.get(n), device) for n in names}
+
+
+def load_reward(spec: str, device=None, dtype: torch.dtype | None = None, **sources) -> Reward:
+    """One reward by name (``icthp``) or a weighted mix (``ict:1.0,hp:0.5``). Frozen, in eval mode."""
+    parts = parse_spec(spec)
+    loader = _Loader(dtype, sources)
+    if len(parts) == 1 and parts[0][1] is None:
+        return _finish(loader.get(parts[0][0]), device)
+    if any(w is None for _, w in parts):
+        raise UserError(f"reward: '{spec}' mixes rewards without weights; give each a weight, e.g. 'ict:1.0,hp:0.5'")
+    names = [n for n, _ in parts]
+    if len(set(names)) != len(names):
+        raise UserError(f"reward: '{spec}' names a reward twice; give each once")
+    return _finish(WeightedSum({n: loader.get(n) for n in names}, dict(parts)), device)
