@@ -1,0 +1,94 @@
+"""`rewardtune score` as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rewardtune.cli", *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def srcs(tiny_backbone, released_ict, released_hp):
+    return ["--ict", released_ict, "--hp", released_hp, "--backbone", tiny_backbone]
+
+
+def test_score_json(sample_images, srcs):
+    r = run("score", *sample_images, "--prompt", "a red cube", *srcs, "--json", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)  # stdout holds only the JSON array
+    assert [row["image"] for row in rows] == [str(p) for p in sample_images]
+    for row in rows:
+        assert set(row) == {"image", "prompt", "ict", "hp", "icthp"}
+        assert row["prompt"] == "a red cube"
+        assert abs(row["icthp"] - row["ict"] * row["hp"]) < 1e-5
+        assert 0 < row["hp"] < 1 and -1 <= row["ict"] <= 1
+
+
+def test_score_json_matches_python_api(sample_images, srcs, tiny_backbone, released_ict):
+    import torch
+
+    from rewardtune.images import load_image
+    from rewardtune.rewards import load_reward
+
+    r = run("score", sample_images[0], "--prompt", "a cat", *srcs, "--reward", "ict", "--json")
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        want = load_reward("ict", ict=str(released_ict), backbone=str(tiny_backbone))(load_image(sample_images[0])[None], ["a cat"]).item()
+    assert abs(json.loads(r.stdout)[0]["ict"] - want) < 1e-5
+
+
+def test_score_table(sample_images, srcs):
+    r = run("score", *sample_images[:2], "--prompt", "one", "--prompt", "two", *srcs, "--reward", "hp")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["image", "hp"] and len(lines) == 4
+    assert lines[2].endswith("one") and lines[3].endswith("two")
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing_image", "does not exist"),
+        ("corrupt_image", "unreadable or corrupt"),
+        ("bad_ckpt_dir", "none of \\[model.safetensors, pytorch_model.safetensors, pytorch_model.bin\\]"),
+        ("hub_offline", "not in the local cache"),
+        ("unknown_reward", "unknown reward 'ictt'.*valid rewards"),
+        ("prompt_count", "got 2 prompts for 3 images"),
+    ],
+)
+def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, tiny_backbone):
+    import re
+
+    images, extra = list(sample_images[:3]), list(srcs)
+    prompts = ["--prompt", "x"]
+    if case == "missing_image":
+        images[1] = tmp_path / "nope.png"
+    elif case == "corrupt_image":
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"\x89PNG not really")
+        images[1] = bad
+    elif case == "bad_ckpt_dir":
+        extra = ["--ict", tmp_path, "--hp", srcs[3], "--backbone", tiny_backbone]
+    elif case == "hub_offline":
+        extra = ["--ict", "someone/missing-model", "--hp", srcs[3], "--backbone", tiny_backbone]
+    elif case == "unknown_reward":
+        extra += ["--reward", "ictt"]
+    elif case == "prompt_count":
+        prompts = ["--prompt", "a", "--prompt", "b"]
+    env_home = {"HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", *map(str, images), *prompts, *map(str, extra)],
+                       capture_output=True, text=True, env={**ENV, **env_home}, timeout=300)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(err) == 1, r.stderr  # one line, no traceback
+    assert re.search(pattern, err[0]), err[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
