@@ -139,3 +139,37 @@ def perturbed_state_dict(model: torch.nn.Module, seed: int, scale: float = 0.05)
             v = v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype) * (v.std() if v.numel() > 1 else 1.0)
         out[k] = v.clone()
     return out
+
+
+def write_tiny_reward_world(out: str | Path) -> Path:
+    """A self-contained offline playground: a tiny backbone, ICT and HP in the released layouts, and
+    a few images. ``python -m rewardtune.tiny OUT`` writes it; ``rewardtune score`` can then run on it."""
+    import numpy as np
+    from PIL import Image
+
+    from .rewards.icthp import HPHead
+
+    out = Path(out)
+    backbone = save_tiny_clip(out / "backbone", seed=0, projection_dim=1024)
+    (out / "ict").mkdir(parents=True, exist_ok=True)
+    torch.save(perturbed_state_dict(backbone, seed=1), out / "ict" / "pytorch_model.bin")
+    for sub in ("hp_backbone", "hp_scorer"):
+        (out / "hp" / sub).mkdir(parents=True, exist_ok=True)
+    torch.save(perturbed_state_dict(backbone, seed=2), out / "hp" / "hp_backbone" / "pytorch_model.bin")
+    torch.manual_seed(3)
+    head = HPHead(1024)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(head.state_dict(), out / "hp" / "hp_scorer" / "mlp_pytorch_model.bin")
+    rng = np.random.default_rng(0)
+    for i, colour in enumerate([(220, 40, 40), (40, 60, 220), (240, 240, 240)]):
+        img = np.full((224, 224, 3), colour, dtype=np.uint8)
+        img[56:168, 56:168] = (rng.random((112, 112, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(out / f"image{i}.png")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_reward_world(sys.argv[1] if len(sys.argv) > 1 else "tiny-world"))
