@@ -57,7 +57,7 @@ class _Loader:
             return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
         from . import baselines
 
-        return baselines.BUILDERS[name](source=s.get(name), dtype=dt)
+        return baselines.BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
 
 
 def _finish(reward: Reward, device) -> Reward:

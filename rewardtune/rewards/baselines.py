@@ -1,0 +1,250 @@
+"""Baseline rewards from public releases: CLIP, PickScore, HPS v2 / v2.1 and the LAION aesthetic predictor.
+
+Each builder is ``BUILDERS[name](source=None, dtype=None, sources=None, get=None)``: ``source`` is the
+reward's own local directory, file or hub id (default: ``HUB_DEFAULTS[name]``), ``sources`` the other
+sources of the same call (PickScore reads ``backbone``, the aesthetic head reads ``clip``) and ``get``
+the loader's ``get(name)`` so the aesthetic head shares the ``clip`` reward's CLIP when both are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
+from .base import ClipPreprocess, Reward
+from .clip_tower import ClipTower, normalize
+from .icthp import HPHead
+
+HF_META = ["*.json", "*.txt"]
+HF_WEIGHTS = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
+HPS_FILES = ["HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "HPS_v2.pt"]
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+HPS_DEFAULT_ARCH = "ViT-H-14"
+AESTHETIC_FILES = ["sac+logos+ava1-l14-linearMSE.safetensors", "sac+logos+ava1-l14-linearMSE.pth"]
+
+
+# ---------------------------------------------------------------- rewards
+
+
+class ClipReward(Reward):
+    """CLIP score as the plain cosine of the L2-normalised text and image embeddings, in [-1, 1]
+    (not the 100x logit, nor CLIPScore's 2.5 * max(cos, 0))."""
+
+    name = "clip"
+
+    def __init__(self, tower: ClipTower):
+        super().__init__()
+        self.tower = tower
+
+    def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return (normalize(self.tower.encode_text(prompts)) * normalize(self.tower.encode_image(images))).sum(-1)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        return self.cosines(images, prompts)
+
+
+class PickScoreReward(ClipReward):
+    """PickScore (Kirstain et al. 2023): ``logit_scale.exp() * cosine`` of its fine-tuned CLIP-H, as its
+    model card computes it (about 100x the cosine, typically ~20)."""
+
+    name = "pickscore"
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        return self.tower.model.logit_scale.exp().float() * self.cosines(images, prompts)
+
+
+class HPSv2Reward(Reward):
+    """HPS v2 / v2.1 (Wu et al. 2023): cosine of the normalised open_clip image and text features, which
+    is what ``hpsv2.score`` reports (the diagonal of ``image_features @ text_features.T``)."""
+
+    name = "hpsv2"
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess: ClipPreprocess):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        param = next(self.model.parameters())
+        pixels = self.preprocess(images.to(param.device)).to(param.dtype)
+        image = self.model.encode_image(pixels).float()
+        text = self.model.encode_text(self.tokenizer(list(prompts)).to(param.device)).float()
+        return (normalize(image) * normalize(text)).sum(-1)
+
+
+class AestheticReward(Reward):
+    """LAION improved aesthetic predictor: a linear MLP on the L2-normalised CLIP ViT-L/14 image embedding,
+    predicting a 1-10 rating. The head is the same MLP shape as HP's (768 -> 1024 -> 128 -> 64 -> 16 -> 1)."""
+
+    name = "aesthetic"
+    needs_prompts = False
+
+    def __init__(self, tower: ClipTower, head: HPHead):
+        super().__init__()
+        self.tower = tower
+        self.head = head
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        return self.head(normalize(self.tower.encode_image(images))).squeeze(-1)
+
+
+# ---------------------------------------------------------------- loading helpers
+
+
+def _hf_dir(source, what: str) -> Path:
+    """An HF model directory; from the hub, safetensors weights are fetched, ``.bin`` only when there are none."""
+    directory = resolve(source, what, allow_patterns=HF_META + ["*.safetensors"])
+    if directory.is_dir() and not any((directory / n).is_file() for n in HF_WEIGHTS):
+        directory = resolve(source, what, allow_patterns=HF_META + ["*.bin"])
+    return directory
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / n).is_file() for n in TOKENIZER_FILES)
+
+
+def _clip_model(directory: Path, what: str, dtype):
+    from transformers import CLIPModel
+
+    find_file(directory, ["config.json"], what)
+    find_file(directory, HF_WEIGHTS, what)
+    try:
+        return CLIPModel.from_pretrained(str(directory), dtype=dtype or torch.float32).eval()
+    except Exception as exc:
+        raise UserError(f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _clip_tokenizer(directory: Path, what: str):
+    from transformers import CLIPTokenizer
+
+    find_file(directory, TOKENIZER_FILES, what)
+    try:
+        return CLIPTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        raise UserError(f"{what}: could not load the CLIP tokenizer from '{directory}' ({type(exc).__name__})") from None
+
+
+def _image_stats(*directories: Path):
+    """``image_mean``/``image_std`` from the first ``preprocessor_config.json`` found (None: CLIP's)."""
+    for d in directories:
+        pre = d / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            return cfg.get("image_mean"), cfg.get("image_std")
+    return None, None
+
+
+def _clip_tower(source, dtype) -> ClipTower:
+    return ClipTower.from_dir(_hf_dir(source or HUB_DEFAULTS["clip"], "CLIP model"), "CLIP model", dtype)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_clip(source=None, dtype=None, sources=None, get=None) -> ClipReward:
+    """An HF CLIP directory or hub id (default openai/clip-vit-large-patch14)."""
+    return ClipReward(_clip_tower(source, dtype))
+
+
+def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScoreReward:
+    """PickScore's CLIPModel; its tokenizer from the model directory if it holds one, else from ``backbone``
+    or the processor it was trained with (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, tokenizer files only)."""
+    model_dir = _hf_dir(source or HUB_DEFAULTS["pickscore"], "PickScore model")
+    if _has_tokenizer(model_dir):
+        return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype))
+    backbone = (sources or {}).get("backbone")
+    proc_dir = resolve(backbone or HUB_DEFAULTS["pickscore_processor"], "PickScore processor", allow_patterns=HF_META)
+    model = _clip_model(model_dir, "PickScore model", dtype)
+    tokenizer = _clip_tokenizer(proc_dir, f"PickScore processor (no tokenizer in '{model_dir}')")
+    mean, std = _image_stats(model_dir, proc_dir)
+    return PickScoreReward(ClipTower(model, tokenizer, mean, std))
+
+
+def _hps_checkpoint(source) -> Path:
+    path = resolve(source or HUB_DEFAULTS["hpsv2"], "HPS v2 checkpoint",
+                   allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG])
+    return path if path.is_file() else find_file(path, HPS_FILES, "HPS v2 checkpoint")
+
+
+def _open_clip_model(config_dir: Path):
+    """The architecture from ``open_clip_config.json`` (hub layout: ``model_cfg``, ``preprocess_cfg``) in
+    ``config_dir`` if there is one, else ViT-H-14; never downloads weights. Returns (model, tokenizer)."""
+    import open_clip
+
+    has_config = (config_dir / OPEN_CLIP_CONFIG).is_file()
+    name = f"local-dir:{config_dir}" if has_config else HPS_DEFAULT_ARCH
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": our checkpoint comes next
+    try:
+        if has_config:
+            model = open_clip.create_model(name, load_weights=False)
+        else:
+            model = open_clip.create_model(name, pretrained=None)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as exc:
+        where = config_dir / OPEN_CLIP_CONFIG if has_config else HPS_DEFAULT_ARCH
+        raise UserError(f"HPS v2 architecture: could not build the open_clip model from {where} "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return model.eval(), tokenizer
+
+
+def _open_clip_preprocess(model) -> ClipPreprocess:
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return ClipPreprocess(size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
+    """HPS v2.1 (or v2) weights over open_clip ViT-H-14: a ``.pt`` holding ``{'state_dict': ...}`` or a
+    directory with one (v2.1 preferred); an ``open_clip_config.json`` beside it picks another architecture."""
+    ckpt = _hps_checkpoint(source)
+    state = load_state_dict(ckpt, "HPS v2 checkpoint")
+    model, tokenizer = _open_clip_model(ckpt.parent)
+    loaded = apply_state_dict(model, state, f"HPS v2 checkpoint '{ckpt}'")
+    total = len(model.state_dict())
+    if loaded < total:
+        warnings.warn(f"HPS v2 checkpoint '{ckpt}' sets only {loaded} of the model's {total} tensors; "
+                      f"the rest keep their random init", stacklevel=2)
+    if dtype is not None:
+        model.to(dtype)
+    return HPSv2Reward(model, tokenizer, _open_clip_preprocess(model))
+
+
+def _aesthetic_head_file(source) -> Path:
+    path = resolve(source or HUB_DEFAULTS["aesthetic"], "aesthetic predictor", allow_patterns=AESTHETIC_FILES)
+    return path if path.is_file() else find_file(path, AESTHETIC_FILES, "aesthetic predictor")
+
+
+def build_aesthetic(source=None, dtype=None, sources=None, get=None) -> AestheticReward:
+    """The head file (or a directory holding it) over the ``clip`` reward's CLIP (shared when ``get`` is given)."""
+    head_file = _aesthetic_head_file(source)
+    state = load_state_dict(head_file, "aesthetic predictor")
+    tower = get("clip").tower if get is not None else _clip_tower((sources or {}).get("clip"), dtype)
+    head = HPHead(input_dim=tower.model.config.projection_dim)
+    apply_state_dict(head, state, f"aesthetic predictor '{head_file}'")
+    return AestheticReward(tower, head.eval())
+
+
+BUILDERS = {
+    "clip": build_clip,
+    "pickscore": build_pickscore,
+    "hpsv2": build_hpsv2,
+    "aesthetic": build_aesthetic,
+}
