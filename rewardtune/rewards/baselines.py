@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
 from .base import ClipPreprocess, Reward
-from .clip_tower import ClipTower, normalize
+from .clip_tower import ClipTower, CosineReward, normalize
 from .icthp import HPHead
 
 HF_META = ["*.json", "*.txt"]
@@ -34,22 +34,11 @@ AESTHETIC_FILES = ["sac+logos+ava1-l14-linearMSE.safetensors", "sac+logos+ava1-l
 # ---------------------------------------------------------------- rewards
 
 
-class ClipReward(Reward):
+class ClipReward(CosineReward):
     """CLIP score as the plain cosine of the L2-normalised text and image embeddings, in [-1, 1]
     (not the 100x logit, nor CLIPScore's 2.5 * max(cos, 0))."""
 
     name = "clip"
-
-    def __init__(self, tower: ClipTower):
-        super().__init__()
-        self.tower = tower
-
-    def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return (normalize(self.tower.encode_text(prompts)) * normalize(self.tower.encode_image(images))).sum(-1)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        return self.cosines(images, prompts)
 
 
 class PickScoreReward(ClipReward):

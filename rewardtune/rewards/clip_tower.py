@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..sources import find_file
-from .base import ClipPreprocess, embedding
+from .base import ClipPreprocess, Reward, embedding
 
 
 class ClipTower(nn.Module):
@@ -75,3 +75,18 @@ class ClipTower(nn.Module):
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class CosineReward(Reward):
+    """Cosine of the L2-normalised text and image embeddings of one CLIP tower, in [-1, 1]."""
+
+    def __init__(self, tower: ClipTower):
+        super().__init__()
+        self.tower = tower
+
+    def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return (normalize(self.tower.encode_text(prompts)) * normalize(self.tower.encode_image(images))).sum(-1)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.check_inputs(images, prompts)
+        return self.cosines(images, prompts)

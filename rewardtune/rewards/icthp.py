@@ -19,7 +19,7 @@ from torch import nn
 
 from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
-from .clip_tower import ClipTower, normalize
+from .clip_tower import ClipTower, CosineReward
 
 ICT_FILES = ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
 HP_BACKBONE_FILES = ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
@@ -58,12 +58,8 @@ def _backbone_dir(backbone, fallback: Path | None) -> Path:
     return resolve(HUB_DEFAULTS["backbone"], "CLIP backbone")
 
 
-class ICTReward(Reward):
+class ICTReward(CosineReward):
     name = "ict"
-
-    def __init__(self, tower: ClipTower):
-        super().__init__()
-        self.tower = tower
 
     @classmethod
     def load(cls, ict=None, backbone=None, dtype=None) -> "ICTReward":
@@ -74,14 +70,6 @@ class ICTReward(Reward):
         if dtype is not None:
             tower.model.to(dtype)
         return cls(tower)
-
-    def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return (normalize(self.tower.encode_text(prompts)) * normalize(self.tower.encode_image(images))).sum(-1)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        return self.cosines(images, prompts)
-
 
 class HPReward(Reward):
     name = "hp"
