@@ -1,0 +1,385 @@
+"""``train_reward(cfg)``: the ICT or HP training run on accelerate (CPU, one or many GPUs, DDP or
+DeepSpeed), with periodic validation, resumable checkpoints and TensorBoard logs.
+
+Under data parallelism every process gathers the whole global batch (with gradients) and computes the
+loss over it, as the released code does, so ICT's in-batch negatives span all processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import config_to_yaml
+from ..data import find_split
+from ..errors import UserError
+from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
+from ..sources import atomic_write_text
+from . import models
+from .config import TrainRewardConfig
+from .evaluate import triplet_accuracy
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _split_images(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, 3, C, S, S) triplets -> (3B, C, S, S) ordered all I1, then all I2, then all I3; and B."""
+    b = pixels.shape[0]
+    return pixels.transpose(0, 1).reshape(3 * b, *pixels.shape[2:]), b
+
+
+class Stage:
+    """What differs between ICT and HP: models, preprocessing, the loss, validation scores, the output."""
+
+    def __init__(self, cfg: TrainRewardConfig, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.tower, self.source_dir = models.load_backbone(cfg.backbone)
+        self.preprocess = {cfg.stage: models.cpu_preprocess(self.tower)}
+        self.ict = None
+        if cfg.stage == "ict":
+            self.trainee = models.setup_ict(self.tower.model, cfg.frozen_fraction)
+        else:
+            self.trainee = models.setup_hp(self.tower.model, cfg.frozen_fraction)
+            self.ict = models.load_frozen_ict(cfg.ict, cfg.backbone)
+            ict_pre = models.cpu_preprocess(self.ict.tower)
+            if not models.same_preprocess(ict_pre, self.preprocess["hp"]):
+                self.preprocess["ict"] = ict_pre
+        if cfg.gradient_checkpointing:
+            models.enable_checkpointing(self.tower.model)
+
+    def place_frozen(self) -> None:
+        """Move the frozen ICT model (HP stage) to the device, in the mixed-precision dtype."""
+        if self.ict is not None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+            self.ict.to(self.accelerator.device, dtype=dtype)
+
+    def ict_cosines(self, model, tower, batch, key: str) -> torch.Tensor:
+        """(B, 3) cosines of the easy prompt with (I1, I2, I3) under a CLIP ``model``."""
+        pixels, b = _split_images(batch[f"pixels_{key}"])
+        tok = tower.tokenize(batch["easy_prompt"])
+        text, image = models.ICTTrainee(model)(tok["input_ids"], tok["attention_mask"], pixels.to(tower.dtype))
+        return triplet_cosines(text, image[:b], image[b : 2 * b], image[2 * b :])
+
+    def frozen_ict_cosines(self, batch) -> torch.Tensor:
+        key = "ict" if "pixels_ict" in batch else "hp"
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.ict_cosines(self.ict.tower.model, self.ict.tower, batch, key).float()
+
+    def loss(self, trainee, batch) -> tuple[torch.Tensor, dict]:
+        return self._ict_loss(trainee, batch) if self.cfg.stage == "ict" else self._hp_loss(trainee, batch)
+
+    def _ict_loss(self, trainee, batch):
+        pixels, b = _split_images(batch["pixels_ict"])
+        tok = self.tower.tokenize(batch["easy_prompt"] + batch["refine_prompt"])
+        text, image = trainee(tok["input_ids"], tok["attention_mask"], pixels)
+        g = gather_with_grad
+        te, tr, i1, i2, i3 = g(text[:b]), g(text[b:]), g(image[:b]), g(image[b : 2 * b]), g(image[2 * b :])
+        e1, e2, r1, r2 = g(batch["labels"].to(te.device).float()).unbind(-1)
+        loss = ict_loss(te, tr, i1, i2, i3, e1, e2, r1, r2, neg_weight=self.cfg.neg_weight)
+        # Each prompt is pulled away from every other row's three images of the gathered batch.
+        return loss, {"global_batch": te.shape[0], "negatives_per_prompt": 3 * (te.shape[0] - 1)}
+
+    def _hp_loss(self, trainee, batch):
+        ict = gather_with_grad(self.frozen_ict_cosines(batch))
+        pixels, b = _split_images(batch["pixels_hp"])
+        scores = trainee(pixels)
+        s1, s2, s3 = (gather_with_grad(s) for s in (scores[:b], scores[b : 2 * b], scores[2 * b :]))
+        hp = hp_margin_loss(s1, s2, s3, margin=self.cfg.margin)
+        joint = icthp_loss(ict, s1, s2, s3, margin=self.cfg.margin)
+        loss = self.cfg.hp_weight * hp + self.cfg.icthp_weight * joint
+        return loss, {"global_batch": s1.shape[0], "hp_loss": hp.item(), "icthp_loss": joint.item()}
+
+    @torch.no_grad()
+    def val_scores(self, trainee, batch) -> dict[str, torch.Tensor]:
+        """(B, 3) scores per reported metric: ``ict`` for the ICT stage; ``hp`` and ``icthp`` for HP."""
+        if self.cfg.stage == "ict":
+            return {"ict": self.ict_cosines(self.tower.model, self.tower, batch, "ict")}
+        pixels, b = _split_images(batch["pixels_hp"])
+        s = trainee(pixels).float()
+        hp = torch.stack([s[:b], s[b : 2 * b], s[2 * b :]], -1)
+        return {"hp": hp, "icthp": icthp_scores(self.frozen_ict_cosines(batch), *hp.unbind(-1))}
+
+    def write_output(self, state: dict, out: Path) -> None:
+        write = models.write_ict if self.cfg.stage == "ict" else models.write_hp
+        write(self.tower.model, state, self.source_dir, out, self.cfg.export_official)
+
+
+def make_schedule(cfg: TrainRewardConfig):
+    """Multiplier of the peak lr at each step: linear warmup, then linear/cosine decay to 0 or constant."""
+    warmup, total, kind = cfg.warmup, cfg.steps, cfg.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: int = 0):
+    """Validate ``split`` once on the main process and hand the same table (or the same error) to all."""
+    from accelerate.utils import broadcast_object_list
+
+    from ..data import load_triplets
+
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            payload = [load_triplets(root, split, trust_pickle=cfg.trust_pickle, skip_bad=cfg.skip_bad, limit=limit or None)]
+        except UserError as exc:
+            payload = [exc]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload)
+    if isinstance(payload[0], UserError):
+        raise payload[0]
+    return payload[0]
+
+
+def _loader(table, preprocess, cfg: TrainRewardConfig, train: bool):
+    from torch.utils.data import DataLoader
+
+    from ..data import TripletDataset, collate
+
+    return DataLoader(TripletDataset(table, preprocess), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
+                      num_workers=cfg.num_workers, collate_fn=collate,
+                      persistent_workers=train and cfg.num_workers > 0)
+
+
+def _batches(accelerator, loader, start_micro: int):
+    """Micro-batches forever, epoch after epoch, starting ``start_micro`` batches into the run."""
+    epoch, skip = divmod(start_micro, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        epoch, skip = epoch + 1, 0
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``<out>/checkpoints``, oldest first."""
+    found = []
+    for d in (out / "checkpoints").glob("step-*"):
+        m = STEP_DIR.match(d.name)
+        if m and (d / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, metrics: dict, keep: int) -> None:
+    """``accelerator.save_state`` into a temporary directory, renamed to ``step-N`` when complete; keep the newest ``keep``."""
+    root = out / "checkpoints"
+    tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resume_step(accelerator, out: Path, resume: bool) -> int:
+    """Load the latest checkpoint when resuming; refuse to silently start over a run that has some."""
+    found = checkpoints(out)
+    if not resume:
+        if found:
+            raise UserError(f"train-reward: '{out}' already holds checkpoints (latest step {found[-1][0]}); pass --resume "
+                            f"to continue that run, or choose a new --output")
+        return 0
+    if not found:
+        raise UserError(f"train-reward: --resume found no checkpoint under '{out / 'checkpoints'}'; run without --resume to start")
+    step, path = found[-1]
+    accelerator.load_state(str(path))
+    return step
+
+
+def _make_accelerator(cfg: TrainRewardConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def _reset_accelerate() -> None:
+    """Let the next run in this process build its own accelerator (e.g. ICT, then HP, in one script)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _hparams(cfg: TrainRewardConfig) -> dict:
+    return {k: ("" if v is None else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+class Run:
+    """One training run: the loop, validation, logging and checkpoints around a :class:`Stage`."""
+
+    def __init__(self, cfg: TrainRewardConfig):
+        from accelerate.utils import set_seed
+
+        self.cfg, self.out = cfg, Path(cfg.output).expanduser()
+        self.acc = _make_accelerator(cfg, self.out)
+        set_seed(cfg.seed)
+        self.stage = Stage(cfg, self.acc)
+        self.metrics: dict = {}
+        self._build_data()
+        self._build_optimizer()
+
+    def _build_data(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        table = _shared_load(acc, cfg.data, cfg.train_split, cfg)
+        need = cfg.batch_size * acc.num_processes
+        if len(table) < need:
+            raise UserError(f"train-reward: the '{cfg.train_split}' split has {len(table)} usable triplets, fewer than one "
+                            f"global batch ({cfg.batch_size} x {acc.num_processes} processes); lower --batch-size")
+        self.train_loader = _loader(table, self.stage.preprocess, cfg, train=True)
+        self.val_loader = None
+        if cfg.eval_split:
+            try:
+                find_split(cfg.data, cfg.eval_split)
+            except UserError as exc:
+                acc.print(f"warning: {exc}; training without validation (set --eval-split)", file=sys.stderr)
+                return
+            val = _shared_load(acc, cfg.data, cfg.eval_split, cfg, limit=cfg.eval_limit)
+            self.val_loader = _loader(val, self.stage.preprocess, cfg, train=False)
+
+    def _build_optimizer(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        params = [p for p in self.stage.trainee.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_schedule(cfg))
+        # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+        # once per process), and registered so checkpoints carry it.
+        self.trainee, self.optimizer, self.train_loader = acc.prepare(self.stage.trainee, self.optimizer, self.train_loader)
+        if self.val_loader is not None:
+            self.val_loader = acc.prepare(self.val_loader)
+        acc.register_for_checkpointing(self.scheduler)
+        self.stage.place_frozen()
+
+    def validate(self) -> dict:
+        if self.val_loader is None:
+            return {}
+        self.trainee.eval()
+        parts: dict[str, list] = {}
+        with self.acc.autocast():
+            for batch in self.val_loader:
+                for key, s in self.stage.val_scores(self.trainee, batch).items():
+                    parts.setdefault(key, []).append(self.acc.gather_for_metrics(s.float().contiguous()))
+        self.trainee.train()
+        out = {}
+        for key, chunks in parts.items():
+            for name, value in triplet_accuracy(torch.cat(chunks)).items():
+                out[f"val/{key}_{name}"] = value
+        return out
+
+    def train(self) -> dict:
+        cfg, acc, out = self.cfg, self.acc, self.out
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+        start = resume_step(acc, out, cfg.resume)
+        if start >= cfg.steps:
+            raise UserError(f"train-reward: the checkpoint is at step {start}, not before --steps {cfg.steps}; raise --steps to train further")
+        acc.init_trackers(cfg.stage, config=_hparams(cfg))
+        step = self._loop(start)
+        self._finish(start, step)
+        return self.metrics
+
+    def _loop(self, start: int) -> int:
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr,
+                   disable=not (cfg.progress and acc.is_local_main_process))
+        step, running, micro = start, [], []
+        params = [p for p in self.trainee.parameters() if p.requires_grad]
+        for batch in _batches(acc, self.train_loader, start * cfg.grad_accum):
+            with acc.accumulate(self.trainee):
+                loss, info = self.stage.loss(self.trainee, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            micro.append(loss.item())
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            step += 1
+            running.append(sum(micro) / len(micro))
+            micro = []
+            self.metrics.update({k: v for k, v in info.items() if isinstance(v, int)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{running[-1]:.4f}")
+            self._periodic(step, running, info)
+            if step >= cfg.steps:
+                break
+        bar.close()
+        return step
+
+    def _periodic(self, step: int, running: list, info: dict) -> None:
+        cfg, acc = self.cfg, self.acc
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logs = {"train/loss": sum(running) / len(running), "train/lr": self.scheduler.get_last_lr()[0]}
+            logs.update({f"train/{k}": v for k, v in info.items() if isinstance(v, float)})
+            logs["train/global_batch"] = info["global_batch"]
+            acc.log(logs, step=step)
+            self.metrics.update(logs)
+            running.clear()
+        if step % cfg.validate_every == 0 or step == cfg.steps:
+            val = self.validate()
+            if val:
+                acc.log(val, step=step)
+                self.metrics.update(val)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(acc, self.out, step, self._plain_metrics(step), cfg.keep_checkpoints)
+
+    def _plain_metrics(self, step: int) -> dict:
+        return {**{k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}, "step": step}
+
+    def _finish(self, start: int, step: int) -> None:
+        acc = self.acc
+        acc.wait_for_everyone()
+        state = acc.get_state_dict(self.trainee)
+        self.metrics.update(self._plain_metrics(step))
+        self.metrics.update({"start_step": start, "steps_run": step - start, "num_processes": acc.num_processes})
+        if acc.is_main_process:
+            self.stage.write_output(state, self.out)
+            atomic_write_text(self.out / "metrics.json", json.dumps(self.metrics, indent=2))
+        acc.wait_for_everyone()
+        acc.end_training()
+
+
+def train_reward(cfg: TrainRewardConfig) -> dict:
+    """Train ICT or HP per ``cfg``; write the model to ``cfg.output``; return the final metrics."""
+    cfg.validate()
+    if not cfg.resume:
+        resume_step(None, Path(cfg.output).expanduser(), resume=False)  # fail fast over an earlier run's checkpoints
+    _reset_accelerate()
+    try:
+        return Run(cfg).train()
+    finally:
+        _reset_accelerate()
