@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..config import option
 from ..errors import UserError
@@ -18,23 +19,23 @@ class TrainRewardConfig:
     data: str = option("", "data root: <split>.parquet/.jsonl, or the published Pick-High/<split>.pkl layout")
     output: str = option("", "output directory: the trained model, checkpoints/, logs/, config.yaml, metrics.json")
     backbone: str = option(HUB_DEFAULTS["backbone"], "CLIP to start from (HF directory or hub id); for hp, also the backbone of a released-layout --ict")
-    ict: str | None = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
+    ict: Optional[str] = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
     steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)")
     batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)")
     grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step")
-    lr: float | None = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)")
+    lr: Optional[float] = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)")
     weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: int | None = option(None, "linear warmup steps (default: a twentieth of --steps)")
+    warmup_steps: Optional[int] = option(None, "linear warmup steps (default: a twentieth of --steps)")
     lr_schedule: str = option("linear", "after warmup: linear decay to 0 (as published), cosine, or constant",
                               choices=["linear", "cosine", "constant"])
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
-    freeze_ratio: float | None = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
+    freeze_ratio: Optional[float] = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
                                         "(default: 0 for ict, 0.5 of the vision layers for hp)")
     neg_weight: float = option(0.5, "ict: weight of the in-batch negatives term")
     margin: float = option(0.3, "hp: margin of the ranking losses")
     hp_weight: float = option(1.0, "hp: weight of the HP margin loss")
     icthp_weight: float = option(1.0, "hp: weight of the ICT x softmax(HP) margin loss")
-    mixed_precision: str | None = option(None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no",
+    mixed_precision: Optional[str] = option(None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no",
                                   choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(42, "random seed")

@@ -181,7 +181,7 @@ def save_checkpoint(accelerator, out: Path, step: int, metrics: dict, keep: int)
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -214,12 +214,20 @@ def _make_accelerator(cfg: TrainRewardConfig, out: Path):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     return Accelerator(
+        cpu=_cpu_only_multiprocess(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def _cpu_only_multiprocess() -> bool:
+    """Several processes and no GPU: run them as gloo CPU processes (accelerate would otherwise treat
+    each as a lone process while torch.distributed is initialised)."""
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu
 
 
 def _reset_accelerate() -> None:
@@ -327,6 +335,7 @@ class Run:
             micro.append(loss.item())
             if not acc.sync_gradients:
                 continue
+            info["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
             step += 1
             running.append(sum(micro) / len(micro))
@@ -343,7 +352,7 @@ class Run:
     def _periodic(self, step: int, running: list, info: dict) -> None:
         cfg, acc = self.cfg, self.acc
         if step % cfg.log_every == 0 or step == cfg.steps:
-            logs = {"train/loss": sum(running) / len(running), "train/lr": self.scheduler.get_last_lr()[0]}
+            logs = {"train/loss": sum(running) / len(running)}
             logs.update({f"train/{k}": v for k, v in info.items() if isinstance(v, float)})
             logs["train/global_batch"] = info["global_batch"]
             acc.log(logs, step=step)
