@@ -1,0 +1,267 @@
+"""Seconds per fine-tuning step, images per second and peak memory of one ``rewardtune finetune`` config,
+through the real ``Trainer``; plus each part of the step timed alone and the planner's prediction.
+
+One config per process (peak memory is per process). Examples::
+
+    # a full-size SDXL with random weights (no download), ICT-HP on two random ViT-H-14 towers
+    python benchmarks/finetune_step.py --arch sdxl --resolution 1024 --k 1 --lora-rank 16 \
+        --mixed-precision bf16 --sample-steps 30 --record results.jsonl --name sdxl-k1
+    # a tiny pipeline on the CPU (what CI and the GPU script's dry run use)
+    python benchmarks/finetune_step.py --tiny sd --k 1 --sample-steps 10 --record tiny.jsonl
+
+``--model DIR`` benchmarks a real pipeline instead (the reward then loads as in ``finetune``).
+Records are JSON lines; ``benchmarks/report.py`` turns them into the JSON + Markdown results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_record, environment, median, peak_mib, reset_peak, timed  # noqa: E402
+
+import torch  # noqa: E402
+
+# Tiny reward towers: real CLIP code, full CLIP tokenizer, a few thousand weights.
+TINY_CLIP = dict(hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32)
+
+
+def parse(argv=None):
+    from rewardtune.config import add_config_args
+    from rewardtune.finetune.config import FinetuneConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--arch", choices=["sd15", "sdxl"], help="full-size architecture with random weights, built in memory")
+    src.add_argument("--tiny", choices=["sd", "sdxl"], help="a tiny real pipeline and tiny reward towers (CPU smoke runs)")
+    p.add_argument("--config", help="a finetune recipe (YAML) the flags override")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--timed", type=int, default=3, help="timed steps (default 3)")
+    p.add_argument("--no-parts", action="store_true", help="skip timing the parts of the step alone")
+    p.add_argument("--no-predict", action="store_true", help="skip the planner's prediction")
+    p.add_argument("--predict-only", action="store_true", help="only the planner's prediction (a 'prediction' record)")
+    p.add_argument("--track-tensors", action="store_true",
+                   help="also count the peak of live tensor storage over one extra step (CPU: RSS includes the interpreter)")
+    p.add_argument("--name", default="", help="label of this config in the results")
+    p.add_argument("--record", default="", help="append the result as a JSON line to this file")
+    add_config_args(p, FinetuneConfig, skip=("output", "steps"))
+    return p.parse_args(argv)
+
+
+def finetune_config(args, workdir: Path):
+    from rewardtune.config import build_config
+    from rewardtune.finetune.config import FinetuneConfig
+
+    over = {"output": str(workdir / "out"), "steps": args.warmup + 2 * args.timed + 2}
+    if args.arch:
+        over["model"] = args.arch
+    return build_config(FinetuneConfig, args, config=args.config, **over)
+
+
+@contextlib.contextmanager
+def random_pipeline(arch: str, cfg, workdir: Path):
+    """Make the Trainer's pipeline loader return a random-weight full-size pipeline built on the GPU."""
+    from rewardtune import plan
+    from rewardtune.finetune import trainer as trainer_mod
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if cfg.vae_fp32 else dtype
+
+    def load(name, dtype_=None):
+        from diffusers import DDIMScheduler
+
+        pipe = plan.build_pipeline(arch, dtype, device, tokenizer_dir=workdir / "tokenizer", vae_dtype=vae_dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as load_pipeline does
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, plan.FAMILY_OF[arch]
+
+    original = trainer_mod.load_pipeline
+    trainer_mod.load_pipeline = load
+    try:
+        yield
+    finally:
+        trainer_mod.load_pipeline = original
+
+
+def build_reward(args, cfg, workdir: Path):
+    """The reward module handed to the Trainer (None: the Trainer loads ``cfg.reward`` itself)."""
+    from rewardtune import plan
+
+    name = cfg.reward if cfg.reward in ("ict", "hp", "icthp") else "icthp"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.arch:
+        return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer")
+    if args.tiny:
+        return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer", clip_config=tiny_clip_config())
+    return None
+
+
+def tiny_clip_config() -> dict:
+    from rewardtune.tiny import tiny_clip_config as make
+
+    return make(49408, **TINY_CLIP).to_dict()
+
+
+def time_parts(trainer, n: int) -> dict:
+    """Each part of one micro-batch, run and timed alone (GPU synchronised around each)."""
+    dev, cfg = trainer.device, trainer.cfg
+    parts = {k: [] for k in ("sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer")}
+    for i in range(n):
+        prompts, gen = trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i)
+        state, t = timed(lambda: trainer.sample_prefix(prompts, gen), dev)
+        parts["sample_prefix"].append(t)
+        (latents, reg, ps), t = timed(lambda: trainer.grad_steps(state), dev)
+        parts["grad_steps"].append(t)
+        images, t = timed(lambda: trainer.decode(latents), dev)
+        parts["decode"].append(t)
+        r, t = timed(lambda: trainer.score(images, ps), dev)
+        parts["reward"].append(t)
+        loss = -r.mean() + cfg.reg_weight * reg
+        _, t = timed(lambda: trainer.backward(loss), dev)
+        parts["backward"].append(t)
+        del loss, r, images, latents, state
+        _, t = timed(lambda: trainer.optimizer_step(), dev)
+        parts["optimizer"].append(t)
+    return {k: median(v) for k, v in parts.items()}
+
+
+def tracked_peak_mib(trainer) -> float:
+    """Peak of live tensor storage over one step, counted as the planner counts it (real tensors)."""
+    from rewardtune.plan import StorageTracker
+
+    with StorageTracker() as tracker:
+        tracker.add_modules(trainer.pipe.unet, trainer.pipe.vae, trainer.reward, *trainer.trained_text_encoders,
+                            *[getattr(trainer.pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(trainer.pipe, n, None) is not None])
+        tracker.add_optimizer(trainer.optimizer)
+        trainer.step()
+    return tracker.peak / 2**20
+
+
+def predict(args, cfg, workdir: Path) -> dict:
+    from rewardtune.plan import predict_peak_memory
+
+    kw = {}
+    if args.tiny:
+        kw["pipeline_dir"] = cfg.model
+        kw["reward_config"] = tiny_clip_config()
+    t = time.perf_counter()
+    out = predict_peak_memory(cfg, **kw)
+    out["seconds"] = time.perf_counter() - t
+    return out
+
+
+def run(args) -> dict:
+    from rewardtune.finetune.trainer import Trainer
+
+    workdir = Path(tempfile.mkdtemp(prefix="rewardtune-bench-"))
+    cfg = finetune_config(args, workdir)
+    if args.tiny:
+        from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+        cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
+    record = {"name": args.name, "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
+              "config": {k: getattr(cfg, k) for k in ("method", "k", "resolution", "batch_size", "sample_steps",
+                                                      "gradient_checkpointing", "mixed_precision", "attention",
+                                                      "lora_rank", "reward", "vae_fp32", "optimizer", "guidance_scale")},
+              "env": environment(), "error": None}
+    prediction = None
+    if not args.no_predict:
+        try:
+            prediction = predict(args, cfg, workdir)
+        except Exception as exc:  # a planner failure must not lose the measurement
+            prediction = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    record["prediction"] = prediction
+    t0 = time.perf_counter()
+    reward = build_reward(args, cfg, workdir)
+    ctx = random_pipeline(args.arch, cfg, workdir) if args.arch else contextlib.nullcontext()
+    with ctx:
+        trainer = Trainer(cfg, reward=reward)
+    record["setup_seconds"] = time.perf_counter() - t0
+    record["resolution"] = trainer.resolution
+    dev = trainer.device
+    for _ in range(args.warmup):
+        trainer.step()
+    steps, peaks = [], []
+    kind = None
+    for _ in range(args.timed):
+        reset_peak(dev)
+        metrics, t = timed(trainer.step, dev)
+        steps.append(t)
+        peak, kind = peak_mib(dev)
+        peaks.append(peak)
+        record["last_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+    images = cfg.batch_size * trainer.accelerator.num_processes * cfg.grad_accum
+    step_s = median(steps)
+    record.update({"device": str(dev), "step_seconds": steps, "step_seconds_median": step_s,
+                   "images_per_second": images / step_s if step_s else None,
+                   "peak_memory_mib": max(peaks), "peak_memory_kind": kind})
+    if not args.no_parts:
+        reset_peak(dev)
+        parts = time_parts(trainer, args.timed)
+        total = sum(v for v in parts.values() if v is not None)
+        record.update({"parts_seconds": parts, "parts_sum_seconds": total,
+                       "ratio_step_to_parts": step_s / total if total else None})
+    if args.track_tensors:
+        record["peak_tensor_mib"] = tracked_peak_mib(trainer)
+    if prediction and "peak_mib" in prediction:
+        measured = record.get("peak_tensor_mib") if kind == "cpu_peak_rss" else record["peak_memory_mib"]
+        if measured:
+            record["prediction_error"] = prediction["peak_mib"] / measured - 1
+            record["prediction_compared_to"] = "peak_tensor_mib" if kind == "cpu_peak_rss" else "peak_memory_mib"
+    return record
+
+
+def predict_only(args) -> int:
+    """The planner's prediction of this config alone, recorded for the report to join by name."""
+    record = {"kind": "prediction", "name": args.name, "error": None}
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="rewardtune-plan-"))
+        cfg = finetune_config(args, workdir)
+        if args.tiny:
+            from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+            cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
+        record["prediction"] = predict(args, cfg, workdir)
+    except Exception as exc:
+        traceback.print_exc()
+        record["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+    if args.record:
+        append_record(args.record, record)
+    print("PREDICTION", args.name, (record.get("prediction") or {}).get("peak_mib"), record["error"], flush=True)
+    return 0 if record["error"] is None else 1
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.manual_seed(0)
+    if args.predict_only:
+        return predict_only(args)
+    try:
+        record = run(args)
+    except Exception as exc:
+        traceback.print_exc()
+        record = {"name": args.name, "source": args.arch or args.tiny or args.model, "error": f"{type(exc).__name__}: {exc}"[:1000],
+                  "oom": isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower(), "env": environment()}
+        if torch.cuda.is_available():
+            record["peak_memory_mib"], record["peak_memory_kind"] = peak_mib("cuda")
+    if args.record:
+        append_record(args.record, record)
+    summary = {k: record.get(k) for k in ("name", "step_seconds_median", "peak_memory_mib", "ratio_step_to_parts", "error")}
+    if record.get("prediction"):
+        summary["predicted_peak_mib"] = record["prediction"].get("peak_mib")
+    print("RESULT", summary, flush=True)
+    return 0 if record.get("error") is None else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

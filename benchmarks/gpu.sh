@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The GPU benchmark grid: one prepared run of at most ~8 minutes on one H100/H200.
+#
+#   OUT=/some/dir bash benchmarks/gpu.sh              # on the GPU machine (diffusers etc. on PYTHONPATH)
+#   GPU_SH_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu.sh   # the same script path on tiny models on the CPU
+#
+# Each config runs in its own python process under its own timeout; a failure (OOM, timeout, error) is
+# recorded and the grid goes on. Results are rewritten after every config ($OUT/gpu_results.{json,md}),
+# so a kill at any point leaves what finished. Planner predictions are computed on the CPU in a
+# background process meanwhile and joined to the measurements by config name.
+set -u
+
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(dirname "$HERE")"
+export PYTHONPATH="${PYTHONPATH:-}:$ROOT"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu_run}"
+DRY="${GPU_SH_DRY_RUN:-0}"
+BUDGET="${GPU_SH_BUDGET_S:-440}"     # seconds for the whole grid (the lease also pays the start)
+mkdir -p "$OUT"
+REC="$OUT/gpu_records.jsonl"
+PRED="$OUT/gpu_predictions.jsonl"
+LOG="$OUT/log.txt"
+START=$(date +%s)
+
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+report() {
+  "$PY" "$HERE/report.py" "$REC" "$PRED" --json "$OUT/gpu_results.json" --md "$OUT/gpu_results.md" \
+    --title "rewardtune GPU benchmarks$([ "$DRY" = 1 ] && echo ' (DRY RUN: tiny models on the CPU)')" >>"$LOG" 2>&1 \
+    || log "report failed"
+}
+
+# In a dry run, full-size architectures become tiny pipelines and resolutions 64 px: same flags otherwise.
+translate() {
+  local out=() prev=""
+  for a in "$@"; do
+    if [ "$DRY" = 1 ]; then
+      if [ "$prev" = "--arch" ]; then a=$([ "$a" = sd15 ] && echo sd || echo sdxl); fi
+      if [ "$prev" = "--resolution" ]; then a=64; fi
+      if [ "$a" = "--arch" ]; then a="--tiny"; fi
+    fi
+    out+=("$a"); prev="$a"
+  done
+  printf '%s\n' "${out[@]}"
+}
+
+# ft NAME TIMEOUT_S ARGS...: one fine-tuning config in its own process.
+ft() {
+  local name="$1" limit="$2"; shift 2
+  local rem; rem=$(left)
+  if [ "$rem" -lt 25 ]; then log "SKIP $name (budget spent)"; return; fi
+  [ "$limit" -gt "$rem" ] && limit=$rem
+  mapfile -t args < <(translate "$@")
+  log "RUN $name (limit ${limit}s): ${args[*]}"
+  timeout -k 10 "$limit" "$PY" "$HERE/finetune_step.py" --name "$name" --record "$REC" --no-predict "${args[@]}" >>"$LOG" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    log "FAILED $name rc=$rc"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+      echo "{\"name\": \"$name\", \"error\": \"timeout after ${limit}s (rc $rc)\", \"source\": \"timeout\"}" >>"$REC"
+    fi
+  fi
+  report
+}
+
+# rw NAME TIMEOUT_S ARGS...: one reward benchmark in its own process.
+rw() {
+  local name="$1" limit="$2"; shift 2
+  local rem; rem=$(left)
+  if [ "$rem" -lt 25 ]; then log "SKIP $name (budget spent)"; return; fi
+  [ "$limit" -gt "$rem" ] && limit=$rem
+  local extra=(); [ "$DRY" = 1 ] && extra=(--tiny --image-size 64)
+  log "RUN $name (limit ${limit}s): $* ${extra[*]}"
+  timeout -k 10 "$limit" "$PY" "$HERE/reward_bench.py" --name "$name" --record "$REC" "$@" "${extra[@]}" >>"$LOG" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    log "FAILED $name rc=$rc"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+      echo "{\"kind\": \"reward\", \"name\": \"$name\", \"error\": \"timeout after ${limit}s (rc $rc)\"}" >>"$REC"
+    fi
+  fi
+  report
+}
+
+# The configs, most important first: name, then finetune flags (see finetune_step.py --help).
+MAIN="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --sample-steps 30 --attention sdpa"
+CONFIGS=(
+  "sdxl-1024-k1-ckpt|150|--arch sdxl --resolution 1024 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
+  "sd15-512-k1-ckpt|90|--arch sd15 --resolution 512 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
+  "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
+  "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
+  "sdxl-1024-k4-ckpt|100|--arch sdxl --resolution 1024 --k 4 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
+  "sdxl-1024-k1-nockpt|90|--arch sdxl --resolution 1024 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
+  "sd15-512-k1-ckpt-bs2|60|--arch sd15 --resolution 512 --k 1 --gradient-checkpointing $MAIN --batch-size 2 --warmup 1 --timed 2"
+  "sdxl-1024-k1-ckpt-vaefp32|90|--arch sdxl --resolution 1024 --k 1 --gradient-checkpointing --vae-fp32 $MAIN --warmup 1 --timed 2"
+)
+
+log "gpu.sh start (dry run: $DRY, budget ${BUDGET}s, out $OUT)"
+"$PY" - >>"$LOG" 2>&1 <<'EOF' || true
+import torch, sys
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+for m in ("diffusers", "transformers", "peft", "accelerate", "open_clip"):
+    try:
+        print(m, __import__(m).__version__)
+    except Exception as e:
+        print(m, "MISSING", e)
+EOF
+
+# Planner predictions in the background, on a few CPU threads, while the GPU measures.
+(
+  for entry in "${CONFIGS[@]}"; do
+    IFS='|' read -r name _ flags <<<"$entry"
+    # shellcheck disable=SC2086
+    mapfile -t args < <(translate $flags)
+    OMP_NUM_THREADS=4 timeout 240 nice -n 10 "$PY" "$HERE/finetune_step.py" --predict-only --name "$name" \
+      --record "$PRED" "${args[@]}" >>"$OUT/predict_log.txt" 2>&1
+  done
+) &
+PRED_PID=$!
+
+i=0
+for entry in "${CONFIGS[@]}"; do
+  IFS='|' read -r name limit flags <<<"$entry"
+  # shellcheck disable=SC2086
+  ft "$name" "$limit" $flags
+  i=$((i + 1))
+  if [ $i -eq 2 ]; then  # reward figures after the two headline configs
+    rw "score-icthp-bs16" 60 --task score --reward icthp --batch-size 16 --precision bf16
+    rw "train-ict-bs8-ckpt" 90 --task train-ict --batch-size 8 --precision bf16 --checkpointing
+  fi
+done
+rw "train-hp-bs8-ckpt" 90 --task train-hp --batch-size 8 --precision bf16 --checkpointing
+
+# Give the background planner what budget is left, then stop it.
+while kill -0 "$PRED_PID" 2>/dev/null && [ "$(left)" -gt 5 ]; do sleep 2; done
+if kill -0 "$PRED_PID" 2>/dev/null; then
+  log "stopping the background planner (budget spent)"
+  kill $(pgrep -P "$PRED_PID") "$PRED_PID" 2>/dev/null
+fi
+report
+log "gpu.sh done: $OUT/gpu_results.md"
+exit 0

@@ -1,0 +1,148 @@
+"""Turn benchmark records (JSON lines) into the results files: one JSON and one Markdown table.
+
+    python benchmarks/report.py RECORDS.jsonl --json results/x.json --md results/x.md [--title T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, read_records, write_atomic  # noqa: E402
+
+# Issue targets, checked where a record matches them.
+TARGETS = {"sdxl_peak_gib": 24.0, "sd15_peak_gib": 12.0, "ratio": 1.15, "prediction_error": 0.15}
+
+
+def _f(x, fmt="{:.3g}"):
+    return "–" if x is None else fmt.format(x)
+
+
+def finetune_table(records: list[dict]) -> list[str]:
+    rows = ["| config | model | res | K | ckpt | prec | batch | steps | s/step | img/s | peak MiB | peak kind | "
+            "predicted MiB | pred. err | parts sum s | step/parts | error |",
+            "|" + "---|" * 17]
+    for r in records:
+        c = r.get("config") or {}
+        pred = (r.get("prediction") or {}).get("peak_mib")
+        err = r.get("prediction_error")
+        rows.append("| " + " | ".join([
+            r.get("name") or "", str(r.get("source", "")), str(r.get("resolution", c.get("resolution", ""))),
+            str(c.get("k", "")), "on" if c.get("gradient_checkpointing") else "off", str(c.get("mixed_precision", "")),
+            str(c.get("batch_size", "")), str(c.get("sample_steps", "")), _f(r.get("step_seconds_median")),
+            _f(r.get("images_per_second")), _f(r.get("peak_memory_mib"), "{:.0f}"), r.get("peak_memory_kind") or "",
+            _f(pred, "{:.0f}"), _f(err * 100 if err is not None else None, "{:+.1f}%"), _f(r.get("parts_sum_seconds")),
+            _f(r.get("ratio_step_to_parts"), "{:.3f}"), (r.get("error") or "")[:80].replace("|", "/")]) + " |")
+    return rows
+
+
+def parts_table(records: list[dict]) -> list[str]:
+    names = ["sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer"]
+    rows = ["| config | " + " | ".join(names) + " | sum | whole step |", "|" + "---|" * (len(names) + 3)]
+    for r in records:
+        p = r.get("parts_seconds")
+        if not p:
+            continue
+        rows.append(f"| {r.get('name')} | " + " | ".join(_f(p.get(n)) for n in names)
+                    + f" | {_f(r.get('parts_sum_seconds'))} | {_f(r.get('step_seconds_median'))} |")
+    return rows
+
+
+def reward_table(records: list[dict]) -> list[str]:
+    rows = ["| config | task | backbone | batch | precision | ckpt | s/batch | items/s | unit | peak MiB | peak kind | error |",
+            "|" + "---|" * 12]
+    for r in records:
+        rows.append("| " + " | ".join([
+            r.get("name") or "", r.get("task", ""), r.get("backbone", ""), str(r.get("batch_size", "")),
+            str(r.get("precision", "")), "on" if r.get("gradient_checkpointing") else "off",
+            _f(r.get("seconds_median")), _f(r.get("items_per_second")), r.get("unit", ""),
+            _f(r.get("peak_memory_mib"), "{:.0f}"), r.get("peak_memory_kind") or "",
+            (r.get("error") or "")[:80].replace("|", "/")]) + " |")
+    return rows
+
+
+def target_lines(records: list[dict]) -> list[str]:
+    """Each issue target next to the measurement it concerns."""
+    out = []
+    for r in records:
+        if r.get("kind") == "reward" or r.get("error"):
+            continue
+        c = r.get("config") or {}
+        peak = r.get("peak_memory_mib")
+        if r.get("peak_memory_kind") == "cuda_max_allocated" and c.get("k") == 1 and c.get("gradient_checkpointing"):
+            key = {"sdxl": "sdxl_peak_gib", "sd15": "sd15_peak_gib"}.get(r.get("source"))
+            if key and peak:
+                ok = peak / 1024 <= TARGETS[key]
+                out.append(f"- {r['name']}: peak {peak / 1024:.2f} GiB vs target <= {TARGETS[key]:.0f} GiB: {'met' if ok else 'MISSED'}")
+        if r.get("ratio_step_to_parts") is not None:
+            ok = r["ratio_step_to_parts"] <= TARGETS["ratio"]
+            out.append(f"- {r['name']}: step/parts {r['ratio_step_to_parts']:.3f} vs <= {TARGETS['ratio']}: {'met' if ok else 'MISSED'}")
+        if r.get("prediction_error") is not None:
+            ok = abs(r["prediction_error"]) <= TARGETS["prediction_error"]
+            out.append(f"- {r['name']}: planner error {r['prediction_error'] * 100:+.1f}% ({r.get('prediction_compared_to')}) "
+                       f"vs within 15%: {'met' if ok else 'MISSED'}")
+    return out
+
+
+def join_predictions(records: list[dict]) -> list[dict]:
+    """Attach separately computed planner predictions (kind 'prediction') to the measurements of the same name."""
+    preds = {r["name"]: r for r in records if r.get("kind") == "prediction"}
+    out = []
+    for r in records:
+        if r.get("kind") == "prediction":
+            continue
+        p = preds.get(r.get("name"))
+        if r.get("kind") != "reward" and p and not (r.get("prediction") or {}).get("peak_mib"):
+            r = dict(r, prediction=p.get("prediction") or {"error": p.get("error")})
+        pred = (r.get("prediction") or {}).get("peak_mib")
+        if pred and r.get("prediction_error") is None and not r.get("error"):
+            measured = r.get("peak_tensor_mib") if r.get("peak_memory_kind") == "cpu_peak_rss" else r.get("peak_memory_mib")
+            if measured:
+                r["prediction_error"] = pred / measured - 1
+                r["prediction_compared_to"] = "peak_tensor_mib" if r.get("peak_memory_kind") == "cpu_peak_rss" else "peak_memory_mib"
+        out.append(r)
+    names = {r.get("name") for r in out}
+    out += [dict(kind="finetune", name=n, source="(not measured)", config={}, error=p.get("error") or "not measured",
+                 prediction=p.get("prediction")) for n, p in preds.items() if n not in names]
+    return out
+
+
+def render(records: list[dict], title: str) -> tuple[dict, str]:
+    records = join_predictions(records)
+    fin = [r for r in records if r.get("kind") != "reward"]
+    rew = [r for r in records if r.get("kind") == "reward"]
+    env = next((r["env"] for r in records if r.get("env")), None) or environment()
+    data = {"title": title, "environment": env, "finetune": fin, "reward": rew, "targets": target_lines(records)}
+    v = env.get("versions", {})
+    md = [f"# {title}", "", f"Measured {env.get('date')} on **{env.get('device')}** (CPU: {env.get('cpu')}, "
+          f"{env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads); "
+          + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; CUDA {env.get('cuda')}.", ""]
+    if fin:
+        md += ["## Fine-tuning steps", "", *finetune_table(fin), "", "### Parts of the step, each timed alone (median s)", "",
+               *parts_table(fin), ""]
+    if rew:
+        md += ["## Reward models: scoring and training", "", *reward_table(rew), ""]
+    if data["targets"]:
+        md += ["## Targets", "", *data["targets"], ""]
+    return data, "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("records", nargs="+", help="JSON-lines files written by the benchmark scripts")
+    p.add_argument("--json", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--title", default="rewardtune benchmarks")
+    args = p.parse_args(argv)
+    records = [r for path in args.records for r in read_records(path)]
+    data, md = render(records, args.title)
+    write_atomic(args.json, json.dumps(data, indent=2, default=str) + "\n")
+    write_atomic(args.md, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,530 @@
+"""Full-size architectures without downloads, and the memory planner of ``rewardtune plan``.
+
+The JSON configs in ``rewardtune/configs/`` are the public ``config.json`` files of SD 1.5, SDXL base
+and CLIP ViT-H-14 (the ICT/HP backbone). Random weights built from them cost the same time and memory
+as the released ones, so benchmarks and the planner need no download.
+
+The planner runs one real fine-tuning step (the Trainer's own sampling, gradient steps, decode and
+reward code) on fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes and dtypes,
+no storage) and counts every storage that is alive at once, rounded as the CUDA caching allocator
+rounds them. See ``docs/performance.md`` for what it models and its known error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# The JSON file of each part of each full-size family.
+ARCHITECTURES = {
+    "sd15": {"unet": "sd15_unet", "vae": "sd15_vae", "text_encoder": "sd15_text_encoder", "scheduler": "sd15_scheduler"},
+    "sdxl": {"unet": "sdxl_unet", "vae": "sdxl_vae", "text_encoder": "sdxl_text_encoder",
+             "text_encoder_2": "sdxl_text_encoder_2", "scheduler": "sdxl_scheduler"},
+}
+FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl"}
+REWARD_BACKBONE = "clip_vit_h14"
+
+
+def arch_config(name: str) -> dict:
+    """A shipped config (``sdxl_unet``, ``clip_vit_h14``, ...) without its bookkeeping keys (``_source``)."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise UserError(f"no shipped architecture config '{name}'; shipped: {', '.join(names)}")
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if k not in ("_source", "_class_name")}
+
+
+def config_class_name(name: str) -> str | None:
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text()).get("_class_name")
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules directly in ``dtype`` (no fp32 copy first)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _tokenizer(tokenizer_dir: Path | None):
+    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from .tiny import write_clip_tokenizer
+
+    directory = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="rewardtune-tok-"))
+    if not (directory / "vocab.json").is_file():
+        write_clip_tokenizer(directory)
+    return CLIPTokenizer.from_pretrained(str(directory))
+
+
+def build_parts(arch: str, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None) -> dict:
+    """Random-weight UNet, VAE, text encoder(s) and scheduler of ``arch`` ('sd15' or 'sdxl'), built on ``device``."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture '{arch}'; shipped: {', '.join(ARCHITECTURES)}")
+    names = ARCHITECTURES[arch]
+    parts = {}
+    with torch.device(device):
+        with default_dtype(dtype):
+            parts["unet"] = UNet2DConditionModel.from_config(arch_config(names["unet"]))
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**arch_config(names["text_encoder"])))
+            if "text_encoder_2" in names:
+                parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch_config(names["text_encoder_2"])))
+        with default_dtype(vae_dtype or dtype):
+            parts["vae"] = AutoencoderKL.from_config(arch_config(names["vae"]))
+    scheduler_cls = getattr(diffusers, config_class_name(names["scheduler"]))
+    parts["scheduler"] = scheduler_cls.from_config(arch_config(names["scheduler"]))
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if key in parts:
+            parts[key].requires_grad_(False).eval()
+    return parts
+
+
+def build_pipeline(arch: str, dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
+                   vae_dtype: torch.dtype | None = None):
+    """A random-weight ``StableDiffusionPipeline`` (sd15) or ``StableDiffusionXLPipeline`` (sdxl) in memory."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = build_parts(arch, dtype, device, vae_dtype)
+    tok = _tokenizer(tokenizer_dir)
+    if arch == "sd15":
+        return StableDiffusionPipeline(**parts, tokenizer=tok, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(**parts, tokenizer=tok, tokenizer_2=tok, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+
+
+def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:
+    """Write a random-weight full-size pipeline in diffusers format (``from_pretrained`` loads it like the real one)."""
+    directory = Path(directory)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = build_pipeline(arch, dtype, device, tokenizer_dir=directory / "tokenizer")
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def build_clip(dtype: torch.dtype = torch.float32, device="cpu", config: dict | None = None):
+    """A random-weight CLIPModel of ViT-H-14 (or of ``config``: a CLIPConfig dict)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device(device), default_dtype(dtype):
+        model = CLIPModel(CLIPConfig(**(config or arch_config(REWARD_BACKBONE))))
+    return model.requires_grad_(False).eval()
+
+
+def build_reward(name: str = "icthp", dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
+                 clip_config: dict | None = None):
+    """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released)."""
+    from .rewards.clip_tower import ClipTower
+    from .rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
+
+    if name not in ("ict", "hp", "icthp"):
+        raise UserError(f"full-size reward '{name}' is not one of ict, hp, icthp")
+    tok = _tokenizer(tokenizer_dir)
+
+    def tower():
+        return ClipTower(build_clip(dtype, device, clip_config), tok)
+
+    ict = ICTReward(tower()) if name in ("ict", "icthp") else None
+    hp = None
+    if name in ("hp", "icthp"):
+        t = tower()
+        with torch.device(device):
+            head = HPHead(t.model.config.projection_dim)
+        hp = HPReward(t, head.to(dtype))
+    reward = {"ict": ict, "hp": hp}.get(name) or ICTHPReward(ict, hp)
+    return reward.to(device).requires_grad_(False).eval()
+
+
+# ----- counting memory on fake tensors ------------------------------------------------------------
+
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+def _round(nbytes: int) -> int:
+    return -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+
+
+class StorageTracker:
+    """Peak bytes of live tensor storages while active: every op's outputs are counted until freed.
+
+    Works on real and on fake tensors (a ``TorchDispatchMode``); storages that exist before
+    (weights, optimizer states) are added with ``add_modules`` / ``add_tensors``.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.add_tensors(out)
+                return out
+
+        self._mode = _Mode()
+        self._refs: dict[int, object] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add_tensors(self, obj) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(obj):
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = st._cdata
+            if key in self._refs:
+                continue
+            n = _round(st.nbytes())
+            self._refs[key] = weakref.ref(st, lambda _, key=key, n=n: self._free(key, n))
+            self.current += n
+            self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int, n: int) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.current -= n
+
+    def add_modules(self, *modules) -> None:
+        for m in modules:
+            if m is not None:
+                self.add_tensors(list(m.parameters()) + list(m.buffers()))
+
+    def add_optimizer(self, optimizer) -> None:
+        self.add_tensors([v for s in optimizer.state.values() for v in s.values()])
+
+    def __enter__(self) -> "StorageTracker":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+# ----- the planner -----------------------------------------------------------------------------------
+
+GIB = 2**30
+PLAN_PROMPT = "a photograph of a red bicycle leaning against a stone wall"
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """What SDPA runs on an H100: flash attention for fp16/bf16 without a mask, memory-efficient otherwise
+    (on fake CPU tensors PyTorch would pick the math kernel, which materialises the attention matrix)."""
+    if attn_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _gpu_attention():
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+class _Step(int):
+    """A timestep as a Python int (fake tensors cannot be compared in ``if``), with the tensor methods the sampler calls."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def view(self, *shape):
+        return torch.tensor([int(self)]).view(*shape)
+
+
+class _PlanAccelerator:
+    """The single-process slice of ``accelerate.Accelerator`` the Trainer's step parts use, on fake CPU tensors."""
+
+    num_processes, process_index = 1, 0
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.dtype)
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _materialize(modules, memo: dict) -> None:
+    """Replace meta parameters and buffers by fake CPU tensors of the same shape and dtype (call in fake mode)."""
+    seen = set()
+    for root in modules:
+        for m in root.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    if id(p) not in memo:
+                        memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                    m._parameters[name] = memo[id(p)]
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    if id(b) not in memo:
+                        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype)
+                    m._buffers[name] = memo[id(b)]
+
+
+def _meta_pipeline_from_dir(directory: Path, dtype: torch.dtype):
+    """A pipeline on the meta device from a diffusers directory's configs (weights are never read)."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .finetune.models import model_family
+
+    family = model_family(directory)
+    with torch.device("meta"), default_dtype(dtype):
+        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory / "unet")),
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(directory / "vae")),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(directory / "text_encoder"))}
+        if family == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(directory / "text_encoder_2"))
+    sched_cfg = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if key in parts:
+            parts[key].requires_grad_(False).eval()
+    tok = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
+    if family == "sd":
+        return StableDiffusionPipeline(**parts, tokenizer=tok, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False), family
+    tok2 = CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2")) if (directory / "tokenizer_2").is_dir() else tok
+    return StableDiffusionXLPipeline(**parts, tokenizer=tok, tokenizer_2=tok2, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False), family
+
+
+def _meta_pipeline(cfg, pipeline_dir):
+    """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped alias or a local directory."""
+    from diffusers import DDIMScheduler
+
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    source = str(pipeline_dir or cfg.model)
+    if source in ARCHITECTURES:
+        pipe, family, arch = build_pipeline(source, weight_dtype, "meta"), FAMILY_OF[source], source
+    elif Path(source).expanduser().is_dir() and (Path(source).expanduser() / "model_index.json").is_file():
+        pipe, family = _meta_pipeline_from_dir(Path(source).expanduser(), weight_dtype)
+        arch = source
+    else:
+        raise UserError(f"plan: --model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) "
+                        f"nor a local diffusers directory; download the model first or plan with sd15/sdxl")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, arch
+
+
+def _meta_reward(cfg, reward_config: dict | None):
+    """The reward's towers on meta: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14) from the shipped config."""
+    name = cfg.reward
+    if name == "pickscore":
+        name = "ict"  # one ViT-H-14 CLIP scoring cosines, as ICT does
+    if name not in ("ict", "hp", "icthp"):
+        raise UserError(f"plan: the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    return build_reward(name, dtype, "meta", clip_config=reward_config)
+
+
+def _plan_config(cfg):
+    """The config traced: the same memory as ``cfg``, with the fewest no-gradient steps (each costs the same
+    memory and none is kept) and the worst case of the random methods."""
+    import dataclasses
+
+    over = {"output": cfg.output or "/nonexistent-plan-output", "grad_accum": 1, "eval_every": 0}
+    k = cfg.k if cfg.method in ("draft-k", "alignprop") else 1
+    if cfg.method in ("alignprop", "refl"):
+        over.update(method="draft-k", k=k)  # alignprop's largest draw; refl has one gradient step
+    over["sample_steps"] = min(cfg.sample_steps, k + 1)
+    return dataclasses.replace(cfg, **over)
+
+
+def _optimizer_states(params, name: str) -> list[torch.Tensor]:
+    """AdamW's two fp32 moments per weight, or bitsandbytes' 8-bit moments with one fp32 scale per 256 values."""
+    out = []
+    for p in params:
+        if name == "adamw8bit" and p.numel() >= 4096:
+            out += [torch.empty(p.shape, dtype=torch.uint8) for _ in range(2)]
+            out += [torch.empty((-(-p.numel() // 256),), dtype=torch.float32) for _ in range(2)]
+        else:
+            out += [torch.empty(p.shape, dtype=torch.float32) for _ in range(2)]
+    return out
+
+
+def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = None) -> dict:
+    """Predict the peak GPU memory of one fine-tuning step of ``cfg`` (a ``FinetuneConfig``) before it runs.
+
+    Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
+    ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers. Returns MiB/GiB figures.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .finetune.models import make_adapter, native_resolution
+    from .finetune.sampler import TruncatedSampler
+    from .finetune.trainer import DTYPES, Trainer
+    from .finetune import lora as lora_mod
+
+    cfg.validate() if cfg.output else _plan_config(cfg).validate()
+    pcfg = _plan_config(cfg)
+    weight_dtype = DTYPES[pcfg.mixed_precision]
+    pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
+    reward = _meta_reward(pcfg, reward_config)
+
+    t = Trainer.__new__(Trainer)  # the Trainer's parts, on models we build (no files, no accelerator)
+    t.cfg, t.accelerator, t.device, t.weight_dtype = pcfg, _PlanAccelerator(weight_dtype), torch.device("meta"), weight_dtype
+    t.prompts = [PLAN_PROMPT]
+    t.pipe, t.family, t.adapter = pipe, family, make_adapter(pipe, family)
+    t.resolution = pcfg.resolution or native_resolution(pipe)
+    t._check_resolution()
+    if pcfg.attention == "xformers":
+        import dataclasses
+
+        t.cfg = dataclasses.replace(pcfg, attention="sdpa")  # the same kernels' memory as flash/efficient SDPA
+    t._setup_models()
+    t.cfg = pcfg
+    t.device = torch.device("cpu")
+    modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), reward) if m is not None]
+    t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta)
+    t.sampler.timesteps = [_Step(int(x)) for x in t.sampler.timesteps.tolist()]
+    with FakeTensorMode(allow_non_fake_inputs=True), _gpu_attention():
+        _materialize(modules, {})
+        t.reward = reward
+        t.unet_train, t.models_train = t.unet, [t.unet, *t.trained_text_encoders]
+        trainable = lora_mod.trainable_parameters(*t.models_train)
+        tracker = StorageTracker()
+        tracker.add_modules(*modules)
+        weights = tracker.current
+        states = _optimizer_states(trainable, pcfg.optimizer)
+        tracker.add_tensors(states)
+        resident = tracker.current
+        with tracker:
+            out = _trace_step(t, trainable, pcfg)
+    out.update(_summary(cfg, arch, family, t.resolution, weights, resident, tracker.peak, trainable, out))
+    return out
+
+
+def _trace_step(t, trainable, cfg) -> dict:
+    """One micro-batch (batch_size prompts) through the Trainer's parts, then the optimizer's transients."""
+    prompts = [PLAN_PROMPT] * cfg.batch_size
+    gen = torch.Generator().manual_seed(0)
+    state = t.sample_prefix(prompts, gen)
+    latents, reg, ps = t.grad_steps(state)
+    r = t.score(t.decode(latents), ps)
+    loss = -r.mean() + cfg.reg_weight * reg
+    loss.backward()
+    del loss, r, latents, state
+    # AdamW's foreach update holds about two weight-sized fp32 temporaries while the gradients still live.
+    temps = [torch.empty(p.shape, dtype=torch.float32) for p in trainable for _ in range(2)]
+    del temps
+    return {}
+
+
+def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, extra) -> dict:
+    n_train = sum(p.numel() for p in trainable)
+    return {"peak_mib": peak / 2**20, "peak_gib": peak / GIB, "weights_mib": weights / 2**20,
+            "resident_mib": resident / 2**20, "activations_mib": (peak - resident) / 2**20,
+            "trainable_params": int(n_train), "architecture": str(arch), "family": family, "resolution": resolution,
+            "method": "fake-tensor trace of the Trainer's step parts (allocator-rounded live storage)"}
+
+
+# ----- which knobs make a config fit a budget -------------------------------------------------------
+
+def _variants(cfg, native: int) -> list[tuple[str, dict]]:
+    """Single-knob changes that lower memory, cheapest in quality/speed first."""
+    out = []
+    if not cfg.gradient_checkpointing:
+        out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if cfg.optimizer == "adamw":
+        out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if cfg.vae_fp32 and cfg.mixed_precision != "no":
+        out.append(("--no-vae-fp32", {"vae_fp32": False}))
+    if cfg.mixed_precision == "no":
+        out.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
+    if cfg.k > 1 and cfg.method in ("draft-k", "alignprop"):
+        out.append((f"--k {max(1, cfg.k // 2)}", {"k": max(1, cfg.k // 2)}))
+        if cfg.k // 2 > 1:
+            out.append(("--k 1", {"k": 1}))
+    if cfg.batch_size > 1:
+        out.append((f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}",
+                    {"batch_size": max(1, cfg.batch_size // 2), "grad_accum": cfg.grad_accum * 2}))
+    res = cfg.resolution or native
+    smaller = max(64, (res * 3 // 4) // 64 * 64)
+    if smaller < res:
+        out.append((f"--resolution {smaller}", {"resolution": smaller}))
+    return out
+
+
+def fit_budget(cfg, budget_gib: float, **kw) -> dict:
+    """Predict ``cfg`` and, if it exceeds ``budget_gib``, the knob changes (alone, else combined) that fit."""
+    import dataclasses
+
+    if budget_gib <= 0:
+        raise UserError(f"plan: --budget-gib must be positive, got {budget_gib}")
+    base = predict_peak_memory(cfg, **kw)
+    result = {"prediction": base, "budget_gib": budget_gib, "fits": base["peak_gib"] <= budget_gib, "suggestions": []}
+    if result["fits"]:
+        return result
+    if base["resident_mib"] / 1024 > budget_gib:
+        raise UserError(f"plan: a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
+                        f"({base['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA); no setting of this config fits. "
+                        f"Use a smaller model or reward, or a larger GPU")
+    native = base["resolution"] if not cfg.resolution else cfg.resolution
+    singles = []
+    for flag, change in _variants(cfg, native):
+        pred = predict_peak_memory(dataclasses.replace(cfg, **change), **kw)
+        singles.append({"change": flag, "peak_gib": pred["peak_gib"], "fits": pred["peak_gib"] <= budget_gib})
+    result["suggestions"] = singles
+    if not any(s["fits"] for s in singles):
+        current, flags = cfg, []
+        for _ in range(8):  # greedy: keep applying the first remaining knob until it fits
+            options = _variants(current, native)
+            if not options:
+                break
+            flag, change = options[0]
+            current = dataclasses.replace(current, **change)
+            flags.append(flag)
+            pred = predict_peak_memory(current, **kw)
+            if pred["peak_gib"] <= budget_gib:
+                result["combined"] = {"changes": flags, "peak_gib": pred["peak_gib"], "fits": True}
+                break
+        else:
+            pred = None
+        if "combined" not in result:
+            result["combined"] = {"changes": flags, "peak_gib": pred["peak_gib"] if pred else None, "fits": False}
+    return result
