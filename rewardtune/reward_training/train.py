@@ -64,7 +64,7 @@ class Stage:
     def ict_cosines(self, model, tower, batch, key: str) -> torch.Tensor:
         """(B, 3) cosines of the easy prompt with (I1, I2, I3) under a CLIP ``model``."""
         pixels, b = _split_images(batch[f"pixels_{key}"])
-        tok = tower.tokenize(batch["easy_prompt"])
+        tok = models.tokenize(tower, batch["easy_prompt"])
         text, image = models.ICTTrainee(model)(tok["input_ids"], tok["attention_mask"], pixels.to(tower.dtype))
         return triplet_cosines(text, image[:b], image[b : 2 * b], image[2 * b :])
 
@@ -78,7 +78,7 @@ class Stage:
 
     def _ict_loss(self, trainee, batch):
         pixels, b = _split_images(batch["pixels_ict"])
-        tok = self.tower.tokenize(batch["easy_prompt"] + batch["refine_prompt"])
+        tok = models.tokenize(self.tower, batch["easy_prompt"] + batch["refine_prompt"])
         text, image = trainee(tok["input_ids"], tok["attention_mask"], pixels)
         g = gather_with_grad
         te, tr, i1, i2, i3 = g(text[:b]), g(text[b:]), g(image[:b]), g(image[b : 2 * b]), g(image[2 * b :])

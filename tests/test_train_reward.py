@@ -1,0 +1,238 @@
+"""ICT then HP training end to end on a tiny CLIP and a synthetic Pick-High set; two processes; kill and
+resume; the output layouts the scorers read."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardtune.cli import main
+from rewardtune.data.synthetic import WORDS, make_pick_high
+from rewardtune.errors import UserError
+from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train_reward
+from rewardtune.reward_training.train import checkpoints
+
+QUIET = dict(num_workers=0, progress=False)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A 32 px CLIP (patch 8, width 32, two layers, the synthetic set's words) and 64/16/32 triplets."""
+    from rewardtune.tiny import save_tiny_clip
+
+    d = tmp_path_factory.mktemp("world")
+    save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+    make_pick_high(d / "data", {"train": 64, "val": 16, "test": 32}, size=32, formats=("parquet",))
+    return {"backbone": d / "backbone", "data": d / "data", "root": d}
+
+
+@pytest.fixture(scope="module")
+def trained(world) -> dict:
+    """ICT through the Python API, then HP on it through the CLI."""
+    root = world["root"]
+    ict_metrics = train_reward(TrainRewardConfig(
+        stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(root / "ict"),
+        steps=16, batch_size=8, lr=1e-3, eval_every=8, save_every=0, export_official=True, **QUIET))
+    code = main(["train-reward", "--stage", "hp", "--data", str(world["data"]), "--backbone", str(world["backbone"]),
+                 "--ict", str(root / "ict"), "--output", str(root / "hp"), "--steps", "48", "--batch-size", "8",
+                 "--lr", "1e-3", "--eval-every", "24", "--save-every", "0", "--num-workers", "0", "--no-progress", "--export-official"])
+    assert code == 0
+    hp_metrics = json.loads((root / "hp" / "metrics.json").read_text())
+    return {"ict": root / "ict", "hp": root / "hp", "ict_metrics": ict_metrics, "hp_metrics": hp_metrics}
+
+
+def _ict_batch_loss(ict_dir: Path, data: Path) -> float:
+    """The paper's ICT loss of a CLIP directory on the first 16 training triplets."""
+    from rewardtune.data import TripletDataset, collate, load_triplets
+    from rewardtune.losses import ict_loss
+    from rewardtune.reward_training.models import ICTTrainee
+    from rewardtune.rewards.clip_tower import ClipTower
+
+    tower = ClipTower.from_dir(ict_dir, "ICT")
+    table = load_triplets(data, "train").head(16)
+    batch = collate([TripletDataset(table, {"ict": tower.preprocess})[i] for i in range(16)])
+    px = batch["pixels_ict"].transpose(0, 1).reshape(48, 3, 32, 32)
+    tok = tower.tokenize(batch["easy_prompt"] + batch["refine_prompt"])
+    with torch.no_grad():
+        text, image = ICTTrainee(tower.model)(tok["input_ids"], tok["attention_mask"], px)
+    return ict_loss(text[:16], text[16:], image[:16], image[16:32], image[32:], *batch["labels"].unbind(-1)).item()
+
+
+def test_ict_training_lowers_the_ict_loss_and_writes_a_full_clip_dir(trained, world):
+    out = trained["ict"]
+    for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt", "preprocessor_config.json",
+                 "pytorch_model.bin", "config.yaml", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    m = trained["ict_metrics"]
+    assert m["step"] == 16 and math.isfinite(m["train/loss"]) and m["global_batch"] == 8
+    assert m["negatives_per_prompt"] == 3 * 7 and m["val/ict_n"] == 16
+    assert _ict_batch_loss(out, world["data"]) < 0.8 * _ict_batch_loss(world["backbone"], world["data"])
+
+
+def test_hp_accuracy_on_held_out_split_is_well_above_chance(trained, world):
+    from rewardtune.rewards import load_rewards
+
+    m = trained["hp_metrics"]
+    assert m["step"] == 48 and math.isfinite(m["train/loss"]) and math.isfinite(m["train/icthp_loss"])
+    rewards = load_rewards(["hp", "icthp"], ict=str(trained["ict"]), hp=str(trained["hp"]))
+    table = evaluate_rewards(world["data"], "test", rewards, progress=False)
+    assert table["hp"]["n"] == 32
+    assert table["hp"]["avg"] >= 0.8, table
+    assert table["hp"]["I2>I1"] > 0.6 and table["hp"]["I3>I2"] > 0.6, table
+    assert table["icthp"]["avg"] > 0.6, table
+
+
+def test_hp_output_layouts_and_what_stayed_frozen(trained, world):
+    hp = trained["hp"]
+    for name in ("hp_backbone/model.safetensors", "hp_backbone/config.json", "hp_backbone/vocab.json",
+                 "hp_backbone/preprocessor_config.json", "hp_scorer/mlp_pytorch_model.safetensors",
+                 "hp_backbone/pytorch_model.bin", "hp_scorer/mlp_pytorch_model.bin"):
+        assert (hp / name).is_file(), name
+    head = load_file(hp / "hp_scorer" / "mlp_pytorch_model.safetensors")
+    assert set(head) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    official = torch.load(hp / "hp_scorer" / "mlp_pytorch_model.bin", weights_only=True)
+    assert all(torch.equal(official[k], head[k]) for k in head)
+    before = load_file(world["backbone"] / "model.safetensors")
+    after = load_file(hp / "hp_backbone" / "model.safetensors")
+    same = {k for k in before if torch.equal(before[k], after[k])}
+    # Text tower and both projections frozen; freeze 0.5 of (2 layers + final norm) = the embeddings and layer 0.
+    assert {k for k in before if k.startswith(("text_model.", "text_projection", "visual_projection"))} <= same
+    assert {k for k in before if k.startswith(("vision_model.embeddings", "vision_model.pre_layrnorm", "vision_model.encoder.layers.0."))} <= same
+    assert not any(k.startswith("vision_model.encoder.layers.1.") for k in same)
+
+
+def test_outputs_score_without_a_backbone_and_match_the_official_export(trained, world, tmp_path):
+    from rewardtune.images import load_image
+    from rewardtune.rewards import load_reward
+
+    img = load_image(world["data"] / "pick_refine_img" / "test" / "00000.png")[None]
+    ours = load_reward("icthp", ict=str(trained["ict"]), hp=str(trained["hp"]))
+    # The released layout alone (pytorch_model.bin files), laid over the backbone as the authors load it.
+    (tmp_path / "ict").mkdir()
+    os.link(trained["ict"] / "pytorch_model.bin", tmp_path / "ict" / "pytorch_model.bin")
+    for sub, name in (("hp_backbone", "pytorch_model.bin"), ("hp_scorer", "mlp_pytorch_model.bin")):
+        (tmp_path / "hp" / sub).mkdir(parents=True)
+        os.link(trained["hp"] / sub / name, tmp_path / "hp" / sub / name)
+    released = load_reward("icthp", ict=str(tmp_path / "ict"), hp=str(tmp_path / "hp"), backbone=str(world["backbone"]))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(img, ["a red circle"]), released(img, ["a red circle"]))
+
+
+def test_training_tokens_pad_to_the_longest_prompt_with_the_same_embeddings(world):
+    from rewardtune.reward_training.models import tokenize
+    from rewardtune.rewards.base import embedding
+    from rewardtune.rewards.clip_tower import ClipTower
+
+    tower = ClipTower.from_dir(world["backbone"], "backbone")
+    prompts = ["a red circle", "a blue cross on a purple background"]
+    short = tokenize(tower, prompts)
+    assert short["input_ids"].shape[1] < 77
+    with torch.no_grad():
+        torch.testing.assert_close(embedding(tower.model.get_text_features(**short)), tower.encode_text(prompts))
+
+
+def test_mixed_precision_accumulation_and_checkpointing_run(world, tmp_path):
+    m = train_reward(TrainRewardConfig(
+        stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(tmp_path / "o"), steps=2,
+        batch_size=4, grad_accum=2, mixed_precision="bf16", gradient_checkpointing=True, eval_limit=4, save_every=0,
+        lr_schedule="cosine", **QUIET))
+    assert m["step"] == 2 and math.isfinite(m["train/loss"]) and m["val/ict_n"] == 4
+
+
+def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
+    """Optimizer, scheduler and data order all continue: 2 + 2 resumed steps give the 4-step weights."""
+    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), batch_size=8, lr=1e-3,
+                  lr_schedule="constant", warmup_steps=0, eval_split="", **QUIET)
+    train_reward(TrainRewardConfig(output=str(tmp_path / "a"), steps=4, save_every=0, **common))
+    train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=2, save_every=2, **common))
+    m = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, save_every=2, resume=True, **common))
+    assert (m["start_step"], m["steps_run"], m["step"]) == (2, 2, 4)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert [s for s, _ in checkpoints(tmp_path / "b")] == [2, 4]
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=6, **common))
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_reward(TrainRewardConfig(output=str(tmp_path / "c"), steps=6, resume=True, **common))
+
+
+def _cli(world, out: Path, *extra: str) -> list[str]:
+    return ["train-reward", "--data", str(world["data"]), "--backbone", str(world["backbone"]), "--output", str(out),
+            "--batch-size", "4", "--lr", "1e-3", "--num-workers", "0", "--no-progress", *extra]
+
+
+def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", "500", "--save-every", "2", "--eval-split", "")]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    try:
+        while not checkpoints(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        err = proc.communicate()[1].decode()
+    saved = checkpoints(out)
+    assert saved, err[-2000:]
+    step = saved[-1][0]
+    assert step < 500 and len(saved) <= 2  # killed mid-run; rotation keeps the newest two
+    res = subprocess.run([sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", str(step + 2), "--resume",
+                          "--save-every", "2", "--eval-split", "")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["start_step"], m["steps_run"], m["step"]) == (step, 2, step + 2)
+    assert f"trained ict to step {step + 2}" in res.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_ict_negatives(world, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo): each sees the other's rows as negatives."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "rewardtune.cli", *_cli(world, out, "--steps", "3", "--save-every", "3", "--eval-limit", "6")]
+    res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["step"] == 3 and math.isfinite(m["train/loss"])
+    assert m["global_batch"] == 2 * 4 and m["negatives_per_prompt"] == 3 * (2 * 4 - 1)
+    assert m["val/ict_n"] == 6  # validation gathered from both processes without duplicates
+    ckpt = checkpoints(out)[-1][1]
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_recipes_and_user_errors(world, tmp_path, capsys):
+    from rewardtune.config import build_config
+
+    ict = build_config(TrainRewardConfig, None, config="train_ict", data="d", output="o")
+    hp = build_config(TrainRewardConfig, None, config="train_hp", data="d", output="o", ict="i")
+    assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == ("ict", 3e-5, 32, "bf16", 0.0)
+    assert (hp.stage, hp.peak_lr, hp.steps, hp.margin, hp.frozen_fraction) == ("hp", 3e-6, 50000, 0.3, 0.5)
+    assert "CLIP-ViT-H-14" in ict.backbone == hp.backbone
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: ict\nlearning_rate: 1e-4\n")
+    assert main(["train-reward", "--config", str(bad), "--data", "d", "--output", "o"]) == 2
+    assert "unknown key(s)" in capsys.readouterr().err
+    assert main(_cli(world, tmp_path / "x", "--stage", "hp")) == 2
+    assert "needs --ict" in capsys.readouterr().err
+    assert main(_cli(world, tmp_path / "x", "--batch-size", "100", "--steps", "1")) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
