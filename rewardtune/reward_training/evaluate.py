@@ -19,9 +19,10 @@ PAIRS = {"I2>I1": (1, 0), "I3>I2": (2, 1), "I3>I1": (2, 0)}
 def triplet_accuracy(scores: torch.Tensor) -> dict:
     """``scores`` (N, 3) for (I1, I2, I3) -> accuracy of each pair, their mean ``avg``, and ``n``."""
     scores = scores.float()
-    out = {k: float((scores[:, w] > scores[:, l]).float().mean()) for k, (w, l) in PAIRS.items()}
+    n = scores.shape[0]
+    out = {k: int((scores[:, w] > scores[:, l]).sum()) / n for k, (w, l) in PAIRS.items()}
     out["avg"] = sum(out[k] for k in PAIRS) / len(PAIRS)
-    out["n"] = int(scores.shape[0])
+    out["n"] = int(n)
     return out
 
 
