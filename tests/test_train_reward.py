@@ -107,10 +107,34 @@ def test_hp_output_layouts_and_what_stayed_frozen(trained, world):
     before = load_file(world["backbone"] / "model.safetensors")
     after = load_file(hp / "hp_backbone" / "model.safetensors")
     same = {k for k in before if torch.equal(before[k], after[k])}
-    # Text tower and both projections frozen; freeze 0.5 of (2 layers + final norm) = the embeddings and layer 0.
+    # Text tower and both projections frozen; freeze 0.5 of (2 layers + final norm) = layer 0. As released,
+    # the patch embedding below it still trains.
     assert {k for k in before if k.startswith(("text_model.", "text_projection", "visual_projection"))} <= same
-    assert {k for k in before if k.startswith(("vision_model.embeddings", "vision_model.pre_layrnorm", "vision_model.encoder.layers.0."))} <= same
-    assert not any(k.startswith("vision_model.encoder.layers.1.") for k in same)
+    assert {k for k in before if k.startswith("vision_model.encoder.layers.0.")} <= same
+    assert not any(k.startswith(("vision_model.encoder.layers.1.", "vision_model.embeddings.patch")) for k in same)
+
+
+def test_freeze_options_choose_what_trains(world):
+    from transformers import CLIPModel
+
+    from rewardtune.reward_training.models import setup_hp, setup_ict
+
+    def trainable(trainee):
+        return {n.split(".")[1] + "." + n.split(".")[2] for n, p in trainee.named_parameters() if p.requires_grad and n.startswith("clip.")}
+
+    clip = CLIPModel.from_pretrained(world["backbone"])
+    hp = setup_hp(clip, 0.5, freeze_embeddings=True)
+    assert all(p.requires_grad for p in hp.head.parameters())
+    assert trainable(hp) == {"vision_model.encoder", "vision_model.post_layernorm"}
+    assert not any(p.requires_grad for p in clip.vision_model.encoder.layers[0].parameters())
+    ict = setup_ict(CLIPModel.from_pretrained(world["backbone"]), 0.0)
+    assert not ict.clip.logit_scale.requires_grad
+    assert sum(p.numel() for p in ict.parameters() if p.requires_grad) == sum(p.numel() for p in ict.parameters()) - 1
+    ict = setup_ict(CLIPModel.from_pretrained(world["backbone"]), 1.0)
+    names = {n for n, p in ict.clip.named_parameters() if p.requires_grad}
+    assert {"text_projection.weight", "visual_projection.weight", "vision_model.embeddings.patch_embedding.weight"} <= names
+    assert all(n.startswith(("text_model.embeddings", "vision_model.embeddings", "vision_model.pre_layrnorm",
+                             "text_projection", "visual_projection")) for n in names)
 
 
 def test_outputs_score_without_a_backbone_and_match_the_official_export(trained, world, tmp_path):

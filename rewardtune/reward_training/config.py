@@ -31,6 +31,8 @@ class TrainRewardConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     freeze_ratio: Optional[float] = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
                                         "(default: 0 for ict, 0.5 of the vision layers for hp)")
+    freeze_embeddings: bool = option(False, "also freeze the embeddings below frozen layers (faster backward; "
+                                     "the released code trains them)")
     neg_weight: float = option(0.5, "ict: weight of the in-batch negatives term")
     margin: float = option(0.3, "hp: margin of the ranking losses")
     hp_weight: float = option(1.0, "hp: weight of the HP margin loss")

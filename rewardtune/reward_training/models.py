@@ -71,31 +71,32 @@ def _tower_parts(clip, which: str):
     return [v.embeddings, v.pre_layrnorm], list(v.encoder.layers) + [v.post_layernorm]
 
 
-def freeze_bottom(clip, which: str, ratio: float) -> int:
-    """Freeze the first ``int(ratio * (layers + 1))`` of a tower's layers and final norm, as the released
-    code counts them, and its embeddings when any layer is frozen. Returns the layers frozen."""
+def freeze_bottom(clip, which: str, ratio: float, embeddings: bool = False) -> int:
+    """Freeze the first ``int(ratio * (layers + 1))`` of a tower's layers and final norm, counted as the
+    released code counts them; with ``embeddings``, also the embeddings below them (the released code
+    leaves those trainable, so backward still runs through the frozen layers). Returns the layers frozen."""
     embeds, layers = _tower_parts(clip, which)
     n = int(len(layers) * ratio)
-    for module in (embeds if n else []) + layers[:n]:
+    for module in (embeds if n and embeddings else []) + layers[:n]:
         module.requires_grad_(False)
     return n
 
 
-def setup_ict(clip, freeze_ratio: float) -> ICTTrainee:
+def setup_ict(clip, freeze_ratio: float, freeze_embeddings: bool = False) -> ICTTrainee:
     """ICT: the whole CLIP trains, except the bottom ``freeze_ratio`` of each tower and the unused logit scale."""
     clip.requires_grad_(True)
     clip.logit_scale.requires_grad_(False)
-    freeze_bottom(clip, "text", freeze_ratio)
-    freeze_bottom(clip, "vision", freeze_ratio)
+    freeze_bottom(clip, "text", freeze_ratio, freeze_embeddings)
+    freeze_bottom(clip, "vision", freeze_ratio, freeze_embeddings)
     return ICTTrainee(clip)
 
 
-def setup_hp(clip, freeze_ratio: float) -> HPTrainee:
+def setup_hp(clip, freeze_ratio: float, freeze_embeddings: bool = False) -> HPTrainee:
     """HP: text tower and both projections frozen, the bottom ``freeze_ratio`` of the vision layers frozen,
     a fresh head (initialised as released) on the projected image embedding."""
     clip.requires_grad_(False)
     clip.vision_model.requires_grad_(True)
-    freeze_bottom(clip, "vision", freeze_ratio)
+    freeze_bottom(clip, "vision", freeze_ratio, freeze_embeddings)
     head = HPHead(input_dim=clip.config.projection_dim)
     return HPTrainee(clip, head)
 

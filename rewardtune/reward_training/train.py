@@ -45,9 +45,9 @@ class Stage:
         self.preprocess = {cfg.stage: models.cpu_preprocess(self.tower)}
         self.ict = None
         if cfg.stage == "ict":
-            self.trainee = models.setup_ict(self.tower.model, cfg.frozen_fraction)
+            self.trainee = models.setup_ict(self.tower.model, cfg.frozen_fraction, cfg.freeze_embeddings)
         else:
-            self.trainee = models.setup_hp(self.tower.model, cfg.frozen_fraction)
+            self.trainee = models.setup_hp(self.tower.model, cfg.frozen_fraction, cfg.freeze_embeddings)
             self.ict = models.load_frozen_ict(cfg.ict, cfg.backbone)
             ict_pre = models.cpu_preprocess(self.ict.tower)
             if not models.same_preprocess(ict_pre, self.preprocess["hp"]):
