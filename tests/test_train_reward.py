@@ -252,6 +252,8 @@ def test_recipes_and_user_errors(world, tmp_path, capsys):
     assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == ("ict", 3e-5, 32, "bf16", 0.0)
     assert (hp.stage, hp.peak_lr, hp.steps, hp.margin, hp.frozen_fraction) == ("hp", 3e-6, 50000, 0.3, 0.5)
     assert "CLIP-ViT-H-14" in ict.backbone == hp.backbone
+    with pytest.raises(UserError, match="--stage 'ictt' is not one of ict, hp"):
+        train_reward(TrainRewardConfig(stage="ictt", data="d", output="o"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: ict\nlearning_rate: 1e-4\n")
     assert main(["train-reward", "--config", str(bad), "--data", "d", "--output", "o"]) == 2

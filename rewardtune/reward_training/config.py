@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..config import option
@@ -56,6 +56,11 @@ class TrainRewardConfig:
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
+        for name in ("stage", "lr_schedule", "mixed_precision"):
+            choices = next(f.metadata["choices"] for f in fields(self) if f.name == name)
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise UserError(f"train-reward: --{name.replace('_', '-')} '{value}' is not one of {', '.join(choices)}")
         if not self.data:
             raise UserError("train-reward: --data is required (the data root)")
         if not self.output:
