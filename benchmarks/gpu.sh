@@ -34,16 +34,21 @@ report() {
     || log "report failed"
 }
 
-# In a dry run, full-size architectures become tiny pipelines and resolutions 64 px: same flags otherwise.
+# In a dry run, full-size architectures become tiny pipelines, 64 px, 4 sampling steps (K <= 4), one timed
+# step: the same script path and flags otherwise, fast enough for a loaded CPU.
 translate() {
   local out=() prev=""
   for a in "$@"; do
+    local orig="$a"
     if [ "$DRY" = 1 ]; then
       if [ "$prev" = "--arch" ]; then a=$([ "$a" = sd15 ] && echo sd || echo sdxl); fi
       if [ "$prev" = "--resolution" ]; then a=64; fi
+      if [ "$prev" = "--sample-steps" ]; then a=4; fi
+      if [ "$prev" = "--k" ] && [ "$a" -gt 4 ]; then a=4; fi
+      if [ "$prev" = "--timed" ]; then a=1; fi
       if [ "$a" = "--arch" ]; then a="--tiny"; fi
     fi
-    out+=("$a"); prev="$a"
+    out+=("$a"); prev="$orig"
   done
   printf '%s\n' "${out[@]}"
 }

@@ -57,18 +57,26 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+_TOKENIZERS: dict = {}
+
+
 def _tokenizer(tokenizer_dir: Path | None):
-    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file."""
+    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file (once per process)."""
     import tempfile
 
     from transformers import CLIPTokenizer
 
     from .tiny import write_clip_tokenizer
 
+    if tokenizer_dir is None and "default" in _TOKENIZERS:
+        return _TOKENIZERS["default"]
     directory = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="rewardtune-tok-"))
     if not (directory / "vocab.json").is_file():
         write_clip_tokenizer(directory)
-    return CLIPTokenizer.from_pretrained(str(directory))
+    tok = CLIPTokenizer.from_pretrained(str(directory))
+    if tokenizer_dir is None:
+        _TOKENIZERS["default"] = tok
+    return tok
 
 
 def build_parts(arch: str, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None) -> dict:
@@ -484,7 +492,8 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
         out.append((f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}",
                     {"batch_size": max(1, cfg.batch_size // 2), "grad_accum": cfg.grad_accum * 2}))
     res = cfg.resolution or native
-    smaller = max(64, (res * 3 // 4) // 64 * 64)
+    step = 64 if res >= 256 else 8  # 1024 -> 768, 512 -> 384; small test models by multiples of 8
+    smaller = max(32, (res * 3 // 4) // step * step)
     if smaller < res:
         out.append((f"--resolution {smaller}", {"resolution": smaller}))
     return out

@@ -1,0 +1,108 @@
+"""The memory planner: full-size configs build, predictions are sane and move the right way with each
+knob, impossible configs are clear errors. Everything is traced on fake tensors: nothing allocates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rewardtune.errors import UserError
+from rewardtune.finetune.config import FinetuneConfig
+from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
+from rewardtune.tiny import tiny_clip_config
+
+TINY_REWARD = tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd", family="sd")
+
+
+def tiny_cfg(tiny_sd, **kw) -> FinetuneConfig:
+    base = dict(model=str(tiny_sd), output="unused", k=1, sample_steps=2, mixed_precision="bf16")
+    return FinetuneConfig(**{**base, **kw})
+
+
+def millions(module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def test_shipped_configs_build_the_published_architectures():
+    # Published sizes: SD 1.5 UNet 860M, SDXL UNet 2.6B, SDXL bigG text tower 695M, CLIP ViT-H-14 986M.
+    sd = build_parts("sd15", torch.float16, "meta")
+    xl = build_parts("sdxl", torch.float16, "meta")
+    assert millions(sd["unet"]) == pytest.approx(859.5, abs=1)
+    assert millions(xl["unet"]) == pytest.approx(2567.5, abs=1)
+    assert millions(xl["text_encoder_2"]) == pytest.approx(694.7, abs=1)
+    assert millions(sd["vae"]) == pytest.approx(83.7, abs=0.5)
+    assert millions(build_clip(torch.float16, "meta")) == pytest.approx(986.1, abs=1)
+    assert arch_config("clip_vit_h14")["projection_dim"] == 1024
+    assert "_source" not in arch_config("sdxl_unet")
+
+
+def test_tiny_prediction_is_sane_and_follows_the_knobs(tiny_sd):
+    base = predict_peak_memory(tiny_cfg(tiny_sd), reward_config=TINY_REWARD)
+    assert 0 < base["weights_mib"] <= base["resident_mib"] < base["peak_mib"]
+    assert base["trainable_params"] > 0 and base["family"] == "sd" and base["resolution"] == 64
+    all_k = predict_peak_memory(tiny_cfg(tiny_sd, k=2), reward_config=TINY_REWARD)
+    no_ckpt = predict_peak_memory(tiny_cfg(tiny_sd, k=2, gradient_checkpointing=False), reward_config=TINY_REWARD)
+    assert all_k["peak_mib"] > base["peak_mib"]
+    assert no_ckpt["peak_mib"] > all_k["peak_mib"]
+    assert all_k["resident_mib"] == base["resident_mib"]  # K changes activations, not weights
+
+
+def test_fit_budget_suggests_knobs_that_lower_the_peak(tiny_sd):
+    cfg = tiny_cfg(tiny_sd, k=2, gradient_checkpointing=False, optimizer="adamw8bit")
+    base = predict_peak_memory(cfg, reward_config=TINY_REWARD)
+    budget = (base["resident_mib"] + 0.5 * base["activations_mib"]) / 1024
+    out = fit_budget(cfg, budget, reward_config=TINY_REWARD)
+    assert not out["fits"]
+    changes = {s["change"]: s for s in out["suggestions"]}
+    assert set(changes) == {"--gradient-checkpointing", "--k 1", "--resolution 48"}
+    assert all(s["peak_gib"] <= base["peak_gib"] for s in out["suggestions"])
+    assert changes["--gradient-checkpointing"]["peak_gib"] < base["peak_gib"]
+    assert any(s["fits"] for s in out["suggestions"]) or out["combined"]["changes"]
+
+
+def test_budget_below_the_weights_is_a_clear_error(tiny_sd):
+    with pytest.raises(UserError, match="less than the weights"):
+        fit_budget(tiny_cfg(tiny_sd), 0.001, reward_config=TINY_REWARD)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": 9}, "--k 9 is more than --sample-steps 2"),
+    ({"resolution": 100}, "multiple of 8"),
+    ({"model": "no/such-model-here"}, "neither a shipped architecture"),
+    ({"reward": "aesthetic"}, "ViT-H-14 rewards"),
+])
+def test_impossible_configs_are_user_errors(tiny_sd, change, message):
+    with pytest.raises(UserError, match=message):
+        predict_peak_memory(dataclasses.replace(tiny_cfg(tiny_sd), **change), reward_config=TINY_REWARD)
+
+
+def test_cli_full_size_sd15_is_sane(capsys):
+    from rewardtune.cli import main
+
+    code = main(["plan", "--model", "sd15", "--resolution", "512", "--k", "1", "--sample-steps", "30",
+                 "--mixed-precision", "bf16", "--lora-rank", "16", "--reward", "icthp", "--json"])
+    assert code == 0
+    pred = json.loads(capsys.readouterr().out)["prediction"]
+    # bf16 weights alone: UNet 1.7 GB + VAE + text encoder + two ViT-H-14 towers 3.9 GB, about 5.7 GiB.
+    assert 5.0 < pred["weights_mib"] / 1024 < 6.5
+    assert pred["weights_mib"] < pred["peak_mib"] < 16 * 1024
+
+
+def test_cli_impossible_config_exits_2_with_one_line():
+    out = subprocess.run([sys.executable, "-m", "rewardtune.cli", "plan", "--model", "sd15", "--k", "40", "--sample-steps", "30"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "--k 40 is more than --sample-steps 30" in out.stderr
+    assert "Traceback" not in out.stderr
