@@ -131,6 +131,21 @@ def test_pickle_needs_the_flag_and_then_agrees_with_parquet(world, by_hand, tmp_
     assert from_pickle["ict"]["avg"] == pytest.approx(by_hand["ict"]["avg"])
 
 
+def test_unchecked_missing_image_still_stops_with_its_path(world, tmp_path):
+    from rewardtune.errors import UserError
+    from rewardtune.rewards import load_rewards
+
+    root = tmp_path / "d"
+    shutil.copytree(world["data"], root)
+    gone = sorted((root / "pick_easy_img" / "test").iterdir())[3]
+    gone.unlink()
+    r = load_rewards(["ict"], ict=str(world["ict"]), backbone=str(world["backbone"]))
+    with pytest.raises(UserError, match="1 of 16 rows"):
+        evaluate_rewards(root, "test", r, progress=False)
+    with pytest.raises(UserError, match=f"image '{gone}' does not exist"):
+        evaluate_rewards(root, "test", r, check_images=False, progress=False)
+
+
 def test_user_mistakes_exit_2(world, tmp_path, capsys):
     base = ["eval-reward", "--split", "test", "--num-workers", "0"]
     assert main(base + ["--data", str(tmp_path / "nowhere"), "--reward", "ict"]) == 2

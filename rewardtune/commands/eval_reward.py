@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="image loading worker processes (default: 2)")
     p.add_argument("--trust-pickle", action="store_true", help="allow the published .pkl split files (a pickle can run code)")
     p.add_argument("--skip-bad", action="store_true", help="drop bad rows instead of stopping")
+    p.add_argument("--no-check-images", dest="check_images", action="store_false",
+                   help="skip opening every image up front (for a large set already checked with 'rewardtune data check')")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16 or bf16 (default: fp32)")
     p.add_argument("--json", action="store_true", help='print only {"<reward>": {"I2>I1": a, "I3>I2": a, "I3>I1": a, "avg": a, "n": n}}')
@@ -43,7 +45,8 @@ def run(args) -> int:
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     rewards = load_rewards([n for n, _ in spec], device=device, dtype=dtype, **sources_from_args(args))
     table = evaluate_rewards(args.data, args.split, rewards, batch_size=args.batch_size, limit=args.limit,
-                             trust_pickle=args.trust_pickle, skip_bad=args.skip_bad, num_workers=args.num_workers,
+                             trust_pickle=args.trust_pickle, skip_bad=args.skip_bad, check_images=args.check_images,
+                             num_workers=args.num_workers,
                              progress=not args.json)
     if args.json:
         print(json.dumps(table, indent=2))

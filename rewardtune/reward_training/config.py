@@ -52,6 +52,8 @@ class TrainRewardConfig:
     resume: bool = option(False, "continue from the latest checkpoint in <output>/checkpoints")
     export_official: bool = option(False, "also write the released layout (pytorch_model.bin; hp_backbone/, hp_scorer/mlp_pytorch_model.bin)")
     trust_pickle: bool = option(False, "allow loading the published .pkl split files (a pickle can run code; prefer 'rewardtune data convert')")
+    check_images: bool = option(True, "open every image once before training to report missing or corrupt files "
+                                "(--no-check-images for a large set already checked with 'rewardtune data check')")
     skip_bad: bool = option(False, "drop bad rows (missing/corrupt images, labels outside [0,1]) instead of stopping")
     progress: bool = option(True, "show a progress bar")
 

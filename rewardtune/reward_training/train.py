@@ -136,7 +136,8 @@ def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: i
     payload = [None]
     if accelerator.is_main_process:
         try:
-            payload = [load_triplets(root, split, trust_pickle=cfg.trust_pickle, skip_bad=cfg.skip_bad, limit=limit or None)]
+            payload = [load_triplets(root, split, trust_pickle=cfg.trust_pickle, skip_bad=cfg.skip_bad,
+                                     check_images=cfg.check_images, limit=limit or None)]
         except UserError as exc:
             payload = [exc]
     if accelerator.num_processes > 1:
