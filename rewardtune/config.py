@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import types
 import typing
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def option(default, help: str, **kw):
 
 def _base_type(tp):
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     if origin in (list, tuple):
