@@ -1,0 +1,31 @@
+"""``rewardtune finetune``: backpropagate a differentiable reward through the sampler into a LoRA."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    from ..config import add_config_args
+    from ..finetune.config import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="reward fine-tuning of SD 1.x/2.x or SDXL with LoRA (DRaFT-K, DRaFT-LV, ReFL, AlignProp)",
+                       description="Fine-tune a LoRA of the UNet by backpropagating a differentiable reward through the last "
+                                   "denoising steps. Options come from defaults, then --config (a recipe), then flags. "
+                                   "Many GPUs: accelerate launch -m rewardtune.cli finetune ...")
+    p.add_argument("--config", default=None, metavar="RECIPE", help="a YAML recipe (a path or a bundled name such as sd15_icthp_draftk)")
+    add_config_args(p, FinetuneConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import build_config
+    from ..finetune import FinetuneConfig, run_finetune
+
+    cfg = build_config(FinetuneConfig, args, config=args.config)
+    summary = run_finetune(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "lora")}, indent=2))
+    return 0

@@ -1,0 +1,199 @@
+"""LoRA through peft and diffusers: add adapters, save them in diffusers format, export kohya, load.
+
+Formats are the libraries' own: ``get_peft_model_state_dict`` + ``convert_state_dict_to_diffusers`` +
+``save_lora_weights`` (with the adapter config as metadata, so alpha survives), and diffusers'
+``convert_state_dict_to_kohya`` for ComfyUI / A1111.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Add a trainable LoRA adapter (B = 0, so the model starts unchanged) on ``targets``."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        if hasattr(model, "add_adapter") and hasattr(model, "disable_adapters"):
+            model.add_adapter(config)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model)
+    except ValueError as exc:
+        raise UserError(f"--lora-targets {' '.join(targets)}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def trainable_parameters(*models) -> list[torch.nn.Parameter]:
+    return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def _metadata(model):
+    config = getattr(model, "peft_config", {}).get("default")
+    return config.to_dict() if config is not None else None
+
+
+def save_lora(directory: str | Path, pipe_cls, unet, text_encoders: list | tuple = ()) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it.
+
+    The file is written next to the target and renamed into place (atomic).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kw = {"unet_lora_layers": lora_state(unet), "unet_lora_adapter_metadata": _metadata(unet)}
+    names = ["text_encoder", "text_encoder_2"]
+    for name, te in zip(names, text_encoders):
+        if te is not None and getattr(te, "peft_config", None):
+            kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te)
+            kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
+    try:
+        pipe_cls.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **kw)
+        os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory / WEIGHT_NAME
+
+
+def export_kohya(directory: str | Path, alpha: float) -> Path:
+    """Convert the saved diffusers LoRA to kohya keys (``lora_unet_...``, ``lora_te1_...``) for ComfyUI/A1111.
+
+    diffusers' converter writes alpha = rank; the trained scale is alpha/rank, so the real alpha is set.
+    """
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file
+
+    from ..sources import save_state_dict
+
+    directory = Path(directory)
+    state = load_file(str(directory / WEIGHT_NAME))
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
+    kohya = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
+    save_state_dict(kohya, directory / KOHYA_NAME)
+    return directory / KOHYA_NAME
+
+
+def check_lora_dir(path: str | Path, what: str = "LoRA") -> Path:
+    """The LoRA file in ``path`` (a directory holding pytorch_lora_weights.safetensors, or the file itself)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / WEIGHT_NAME
+    if not p.is_file():
+        raise UserError(f"{what}: '{path}' is not a LoRA; expected a directory holding {WEIGHT_NAME} (as written by rewardtune finetune)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise UserError(f"{what}: '{p}' is not a readable safetensors file ({type(exc).__name__}); re-export it") from None
+    if not any("lora" in k for k in keys):
+        raise UserError(f"{what}: '{p}' holds no LoRA weights (no 'lora' keys among {len(keys)}); pass a LoRA directory")
+    return p
+
+
+class _CaptureWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
+    """``pipe.load_lora_weights`` on a checked LoRA (diffusers or kohya format); returns the adapter name.
+
+    Every weight in the file must land in the model: diffusers drops keys that match no module
+    without a word, so the loaded tensors are counted, and a warning about keys is an error too.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    p = check_lora_dir(path, what)
+    with safe_open(str(p), "pt") as f:
+        expected = sum(1 for k in f.keys() if not k.endswith(".alpha"))
+    before = {n for names in pipe.get_list_adapters().values() for n in names}
+    handler = _CaptureWarnings()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        pipe.load_lora_weights(str(p.parent), weight_name=p.name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{what}: '{p}' does not fit this model ({str(exc).splitlines()[0][:200]})") from None
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    bad = [m for m in handler.messages if "unexpected keys" in m or "missing keys" in m]
+    if bad:
+        raise UserError(f"{what}: '{p}' does not fit this model: {bad[0][:200]}")
+    new = {n for names in pipe.get_list_adapters().values() for n in names} - before
+    name = new.pop() if len(new) == 1 else None
+    loaded = sum(len(get_peft_model_state_dict(getattr(pipe, c), adapter_name=name))
+                 for c, names in pipe.get_list_adapters().items() if name in names)
+    if name is None or loaded != expected:
+        raise UserError(f"{what}: only {loaded} of the {expected} tensors in '{p}' match this model's modules; "
+                        f"was it trained for another model (SD 1.x vs 2.x vs SDXL)?")
+    return name
+
+
+def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> None:
+    """Load a diffusers-format LoRA file into the existing trainable adapters (same targets and rank).
+
+    Used by ``--init-lora`` and ``--resume``; keys for parts without an adapter are an error.
+    """
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from ..sources import load_state_dict
+
+    state = load_state_dict(check_lora_dir(path, what), what)
+    parts = {"unet": unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
+    used = 0
+    for prefix, model in parts.items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if not sub:
+            continue
+        if prefix == "unet":
+            sub = convert_unet_state_dict_to_peft(sub)
+        own = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
+        unknown = [k for k in sub if k not in own]
+        if unknown:
+            raise UserError(f"{what}: '{path}' has {len(unknown)} {prefix} keys this model's adapter lacks (e.g. {unknown[0]}); "
+                            f"use the same --lora-targets and --train-text-encoder it was trained with")
+        wrong = [k for k, v in sub.items() if tuple(v.shape) != tuple(own[k])]
+        if wrong:
+            k = wrong[0]
+            raise UserError(f"{what}: '{path}' tensor {prefix}.{k} has shape {tuple(sub[k].shape)}, the adapter "
+                            f"{tuple(own[k])}; use the same --lora-rank it was trained with")
+        set_peft_model_state_dict(model, sub)
+        used += len(sub)
+    if used != len(state):
+        missing = [k for k in state if not any(k.startswith(p + ".") for p in parts)]
+        raise UserError(f"{what}: '{path}' has weights for parts that are not trained here (e.g. {missing[0] if missing else '?'}); "
+                        f"add --train-text-encoder if it was trained with it")

@@ -1,0 +1,144 @@
+"""Diffusion models: aliases, loading, and one adapter per family.
+
+The adapters are the only place SD 1.x/2.x and SDXL differ: how prompts become the UNet's
+conditioning (SD: one text encoder; SDXL: two, pooled embeddings and ``add_time_ids``). They use the
+pipelines' own ``encode_prompt`` so the fine-tuned model sees exactly what ``pipe(...)`` feeds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OfflineError, UserError
+from ..sources import resolve
+
+# The public base checkpoints. runwayml's SD 1.5 repo was taken down; its mirror comes first.
+ALIASES = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    "sd21": ("stabilityai/stable-diffusion-2-1",),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
+}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# What a training run needs from a hub snapshot: configs, tokenizers, full-precision safetensors weights.
+ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+
+
+def resolve_model(name: str) -> Path:
+    """A local diffusers-format directory for an alias, a directory, or a hub id."""
+    name = str(name)
+    if "/" not in name and not Path(name).expanduser().exists() and name not in ALIASES:
+        raise UserError(f"--model '{name}' is not an alias ({', '.join(ALIASES)}), a directory, or a hub id (owner/name)")
+    candidates = ALIASES.get(name, (name,))
+    for i, hub_id in enumerate(candidates):
+        try:
+            path = resolve(hub_id, f"--model {name}", allow_patterns=ALLOW_PATTERNS)
+            break
+        except OfflineError:
+            if i == len(candidates) - 1:
+                raise
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"--model '{name}': '{path}' has no model_index.json; pass a diffusers-format pipeline directory")
+    return path
+
+
+def model_family(path: Path) -> str:
+    """'sd' or 'sdxl', read from ``model_index.json``'s ``_class_name`` (never guessed from the name)."""
+    try:
+        cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--model: '{path / 'model_index.json'}' is unreadable ({type(exc).__name__}); re-download the model") from None
+    if cls not in FAMILIES:
+        raise UserError(f"--model: '{path}' is a {cls or 'unknown pipeline'}; finetune supports "
+                        f"{' and '.join(FAMILIES)} (SD 1.x/2.x and SDXL base)")
+    return FAMILIES[cls]
+
+
+def load_pipeline(name: str):
+    """(pipeline, family): fp32 frozen weights and a DDIM scheduler built from the model's config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = resolve_model(name)
+    family = model_family(path)
+    cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
+    kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    try:
+        pipe = cls.from_pretrained(path, **kw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
+    # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return pipe, family
+
+
+@dataclass
+class Conditioning:
+    """What the UNet gets besides the latent; rows are [uncond..., cond...] under guidance."""
+
+    hidden: torch.Tensor
+    added: dict | None
+    guided: bool
+
+    def unet_kwargs(self) -> dict:
+        kw = {"encoder_hidden_states": self.hidden}
+        if self.added is not None:
+            kw["added_cond_kwargs"] = self.added
+        return kw
+
+
+class SDAdapter:
+    """SD 1.x/2.x: one CLIP text encoder; the unconditional rows encode the empty prompt."""
+
+    family = "sd"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
+        device = self.pipe.text_encoder.device
+        cond, uncond = self.pipe.encode_prompt(list(prompts), device, 1, guided)
+        hidden = torch.cat([uncond, cond]) if guided else cond
+        return Conditioning(hidden, None, guided)
+
+
+class SDXLAdapter:
+    """SDXL: two text encoders (penultimate states concatenated), the pooled embedding of the second,
+    and ``add_time_ids`` from the real original/target sizes (no crop)."""
+
+    family = "sdxl"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
+        pipe = self.pipe
+        device = pipe.text_encoder_2.device
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=guided)
+        time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=cond.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = time_ids.to(device).repeat(len(prompts), 1)
+        if guided:
+            cond, pooled, time_ids = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled]), torch.cat([time_ids, time_ids])
+        return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}, guided)
+
+
+def make_adapter(pipe, family: str):
+    return SDAdapter(pipe) if family == "sd" else SDXLAdapter(pipe)
+
+
+def text_encoders(pipe) -> list:
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+
+
+def native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor

@@ -1,0 +1,200 @@
+"""``run_finetune``: the training loop around ``Trainer`` — evaluation, logging, checkpoints, outputs.
+
+Outputs in ``cfg.output``: ``pytorch_lora_weights.safetensors`` (diffusers), ``config.yaml`` (re-runnable
+with ``--config``), ``checkpoints/step_N/``, ``tb/`` (TensorBoard), ``metrics.jsonl``, ``samples/``
+(before/after grids at each evaluation) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import config_to_yaml
+from ..errors import UserError
+from ..images import make_grid, save_image
+from ..sources import atomic_write_text, load_state_dict, save_state_dict
+from . import lora as lora_mod
+from .config import FinetuneConfig
+from .prompts import load_prompts
+from .trainer import Trainer
+
+
+class RunLog:
+    """TensorBoard scalars and ``metrics.jsonl`` lines (main process only)."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():  # drop lines past the checkpoint we resume from
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
+        elif self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def log(self, kind: str, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}) + "\n")
+        for k, v in clean.items():
+            self.writer.add_scalar(f"{kind}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Evaluator:
+    """Reward, eval reward and hook metrics on fixed prompts and noise; before/after grids as PNG."""
+
+    def __init__(self, trainer: Trainer, out: Path, hook=None):
+        cfg = trainer.cfg
+        self.trainer, self.out, self.hook = trainer, out, hook
+        prompts = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else trainer.prompts
+        self.prompts = prompts[: cfg.eval_size]
+        self.seed = cfg.seed + 1_000_003
+        self.before_path = out / "samples" / "before.safetensors"
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict:
+        t = self.trainer
+        images = t.generate(self.prompts, self.seed)
+        metrics = {"reward": float(t.score(images, self.prompts).mean())}
+        if t.eval_reward is not None:
+            with t.accelerator.autocast():
+                metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
+        if self.hook is not None:
+            metrics.update({k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()})
+        self._grid(step, images.cpu())
+        return metrics
+
+    def _grid(self, step: int, images: torch.Tensor) -> None:
+        """Row pairs: the images before training above the same prompts and noise now."""
+        if not self.before_path.exists():
+            save_state_dict({"images": images}, self.before_path)
+        before = load_state_dict(self.before_path, "before images")["images"]
+        n = len(images)
+        save_image(make_grid(torch.cat([before, images]), ncol=n), self.out / "samples" / f"step_{step:06d}.png")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _rotate(out: Path, keep: int) -> None:
+    ckpts = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
+    for p in ckpts[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=None) -> dict:
+    """Fine-tune, evaluate and save; returns the summary also written to ``output/summary.json``.
+
+    ``reward``/``eval_reward`` are built modules overriding ``cfg.reward``/``cfg.eval_reward``;
+    ``eval_hook(step, images, prompts) -> dict`` adds metrics at each evaluation.
+    """
+    cfg.validate()
+    out = Path(cfg.output).expanduser()
+    if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
+        raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
+    resume_from = _resume_point(out, cfg.resume)
+    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward)
+    acc, main = trainer.accelerator, trainer.accelerator.is_main_process
+    state = trainer.load_checkpoint(resume_from) if resume_from else {}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+    log = RunLog(out, main, trainer.global_step if resume_from else None)
+    evaluate = Evaluator(trainer, out, eval_hook)
+    before = state.get("before") or _eval(evaluate, trainer, log, main)
+    best = state.get("best_eval", before.get("eval_reward"))
+    history = {"stopped_early": False}
+    try:
+        best = _train(trainer, evaluate, log, out, before, best, history)
+        after = _eval(evaluate, trainer, log, main)
+        lora_path = trainer.save_lora(out) if main else out / lora_mod.WEIGHT_NAME
+        if main and cfg.export == "kohya":
+            lora_mod.export_kohya(out, cfg.lora_alpha)
+        _checkpoint(trainer, out, before, best)
+    finally:
+        log.close()
+    summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": cfg.reward,
+               "eval_reward": cfg.eval_reward or None, "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps,
+               "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
+               "before": before, "after": after, "lora": str(lora_path)}
+    if main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    acc.wait_for_everyone()
+    return summary
+
+
+def _resume_point(out: Path, resume: bool) -> Path | None:
+    ckpt = latest_checkpoint(out)
+    if resume and ckpt is None:
+        raise UserError(f"--resume: no checkpoint in '{out / 'checkpoints'}'; run without --resume to start fresh")
+    if not resume and ckpt is not None:
+        raise UserError(f"--output '{out}' already holds a run (checkpoints/); pass --resume to continue it, or a new --output")
+    return ckpt if resume else None
+
+
+def _eval(evaluate: Evaluator, trainer: Trainer, log: RunLog, main: bool) -> dict:
+    metrics = evaluate(trainer.global_step) if main else {}
+    trainer.accelerator.wait_for_everyone()
+    log.log("eval", trainer.global_step, metrics)
+    if main:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"finetune: eval at step {trainer.global_step}: {shown}", flush=True)
+    return metrics
+
+
+def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, out: Path, before: dict, best, history: dict):
+    """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    while trainer.global_step < cfg.steps:
+        metrics = trainer.step()
+        step = trainer.global_step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.log("train", step, metrics)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            ev = _eval(evaluate, trainer, log, acc.is_main_process)
+            best, stop = _early_stop(cfg, ev, best, acc)
+            if stop:
+                history["stopped_early"] = True
+                return best
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            _checkpoint(trainer, out, before, best)
+    return best
+
+
+def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
+    """(best eval reward so far, whether it fell more than --early-stop-drop below it), agreed by all processes."""
+    value = ev.get("eval_reward")
+    stop = False
+    if value is not None:
+        best = value if best is None else max(best, value)
+        stop = cfg.early_stop_drop > 0 and value < best - cfg.early_stop_drop
+        if stop:
+            print(f"finetune: early stop: eval reward {value:.4f} fell more than {cfg.early_stop_drop} below its best {best:.4f}", flush=True)
+    flag = torch.tensor([float(stop)], device=acc.device)
+    return best, bool(acc.reduce(flag, "sum") > 0) if acc.num_processes > 1 else stop
+
+
+def _checkpoint(trainer: Trainer, out: Path, before: dict, best) -> None:
+    ckpt = out / "checkpoints" / f"step_{trainer.global_step:06d}"
+    trainer.save_checkpoint(ckpt, {"before": before, "best_eval": best})
+    if trainer.accelerator.is_main_process:
+        _rotate(out, trainer.cfg.checkpoints_keep)

@@ -1,0 +1,164 @@
+"""One differentiable DDIM sampler with truncated backpropagation; the methods are settings of it.
+
+A ``Plan`` says, per sample, from which denoising step gradients flow (``grad_from``; the latent is
+detached before it), where sampling stops (``stop``), whether the last step's x0 prediction is the
+output (ReFL), and how many re-noised copies of the final step to add (DRaFT-LV):
+
+- DRaFT-K: grad_from = N-K for all samples, full N steps.
+- DRaFT-LV: K = 1, plus ``lv`` samples re-noised from the result and denoised again by the last step.
+- ReFL: stop at a random step s in the configured range; one step with gradients predicts x0.
+- AlignProp: grad_from = N-K_j with K_j drawn in 1..k for each sample j.
+
+The step arithmetic is diffusers' ``DDIMScheduler.step`` (it honours the prediction type:
+epsilon, v_prediction or sample); it is plain tensor math, so gradients pass through it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import Conditioning
+
+
+@dataclass
+class Plan:
+    """Which steps carry gradients, per sample (see the module docstring)."""
+
+    grad_from: list[int]
+    stop: int
+    x0_at_stop: bool = False
+    lv: int = 0
+
+    @property
+    def first_grad_step(self) -> int:
+        return min(min(self.grad_from), self.stop - 1)
+
+
+def make_plan(method: str, n_steps: int, batch: int, generator: torch.Generator, k: int = 1, lv: int = 0,
+              refl_range: tuple[float, float] = (0.7, 1.0)) -> Plan:
+    """The truncation plan of one batch for ``method``; random draws come from ``generator``."""
+    def randint(lo: int, hi: int, n: int = 1) -> list[int]:  # inclusive bounds
+        return torch.randint(lo, hi + 1, (n,), generator=generator).tolist()
+
+    if method == "draft-k":
+        return Plan([n_steps - k] * batch, n_steps)
+    if method == "draft-lv":
+        return Plan([n_steps - 1] * batch, n_steps, lv=lv)
+    if method == "refl":
+        lo = min(n_steps - 1, int(refl_range[0] * n_steps))
+        hi = min(n_steps - 1, max(lo, math.ceil(refl_range[1] * n_steps) - 1))
+        s = randint(lo, hi)[0]
+        return Plan([s] * batch, s + 1, x0_at_stop=True)
+    if method == "alignprop":
+        return Plan([n_steps - kj for kj in randint(1, k, batch)], n_steps)
+    raise ValueError(f"unknown method {method!r}")
+
+
+@dataclass
+class SampleState:
+    """The sampler's state between the no-grad prefix and the gradient steps."""
+
+    latents: torch.Tensor
+    cond: Conditioning
+    plan: Plan
+    step: int
+    generator: torch.Generator
+    prompts: list[str] = field(default_factory=list)
+
+
+class TruncatedSampler:
+    """DDIM with classifier-free guidance over a UNet callable ``unet(x, t, **cond) -> output``."""
+
+    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0):
+        self.scheduler = scheduler
+        self.n_steps = n_steps
+        self.guidance_scale = guidance_scale
+        self.eta = eta
+        scheduler.set_timesteps(n_steps)
+        self.timesteps = scheduler.timesteps.clone()
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def predict(self, unet, x: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
+        """The guided model output at step ``i`` (fp32, whatever the UNet's precision)."""
+        t = self.timesteps[i].to(x.device)
+        inp = torch.cat([x, x]) if cond.guided else x
+        inp = self.scheduler.scale_model_input(inp, t)
+        out = unet(inp, t, **cond.unet_kwargs(), return_dict=False)[0].float()
+        if not cond.guided:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + self.guidance_scale * (text - uncond)
+
+    def ddim_step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
+        """(x_{i+1}, x0 prediction) by the scheduler's arithmetic; fresh noise only when eta > 0."""
+        t = self.timesteps[i].to(x.device)
+        noise = None
+        if self.eta > 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        res = self.scheduler.step(out, t, x, eta=self.eta, variance_noise=noise)
+        return res.prev_sample, res.pred_original_sample
+
+    def initial_latents(self, shape: tuple, generator: torch.Generator, device) -> torch.Tensor:
+        x = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return (x * self.scheduler.init_noise_sigma).to(device)
+
+    @torch.no_grad()
+    def run_prefix(self, unet, state: SampleState) -> SampleState:
+        """Denoise without gradients up to the first step that carries any."""
+        x = state.latents
+        for i in range(state.step, state.plan.first_grad_step):
+            x, _ = self.ddim_step(self.predict(unet, x, i, state.cond), i, x, state.generator)
+        state.latents, state.step = x, state.plan.first_grad_step
+        return state
+
+    def run_grad(self, unet, state: SampleState, base_unet=None):
+        """The steps with gradients: returns (latents, regulariser, prompts), with the DRaFT-LV copies
+        appended to the batch. ``base_unet`` (adapters off) enables the regulariser."""
+        plan, x = state.plan, state.latents.detach()
+        grad_from = torch.tensor(plan.grad_from, device=x.device).view(-1, 1, 1, 1)
+        regs = []
+        out = x
+        for i in range(state.step, plan.stop):
+            x = torch.where(grad_from >= i, x.detach(), x)  # cut each sample's graph at its truncation point
+            pred = self.predict(unet, x, i, state.cond)
+            if base_unet is not None:
+                regs.append(self._distance(base_unet, x, i, state.cond, pred))
+            x_next, x0 = self.ddim_step(pred, i, x, state.generator)
+            out = x0 if (plan.x0_at_stop and i == plan.stop - 1) else x_next
+            x = x_next
+        latents, prompts = [out], list(state.prompts)
+        for _ in range(plan.lv):
+            latents.append(self._renoised_last_step(unet, out, state, base_unet, regs))
+            prompts += state.prompts
+        reg = torch.stack(regs).mean() if regs else out.new_zeros(())
+        return torch.cat(latents), reg, prompts
+
+    def _renoised_last_step(self, unet, final, state, base_unet, regs):
+        """DRaFT-LV: noise the (detached) result back to the last timestep, denoise it again with gradients."""
+        i = self.n_steps - 1
+        t = self.timesteps[i]
+        noise = torch.randn(final.shape, generator=state.generator, dtype=torch.float32).to(final.device)
+        x = self.scheduler.add_noise(final.detach(), noise, t.view(1))
+        pred = self.predict(unet, x, i, state.cond)
+        if base_unet is not None:
+            regs.append(self._distance(base_unet, x, i, state.cond, pred))
+        return self.ddim_step(pred, i, x, state.generator)[0]
+
+    def _distance(self, base_unet, x, i, cond, pred):
+        with torch.no_grad():
+            base = self.predict(base_unet, x.detach(), i, cond)
+        return (pred - base).pow(2).mean()
+
+    @torch.no_grad()
+    def sample(self, unet, cond: Conditioning, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Plain sampling, all steps without gradients (evaluation)."""
+        x = latents
+        for i in range(self.n_steps):
+            x, _ = self.ddim_step(self.predict(unet, x, i, cond), i, x, generator)
+        return x

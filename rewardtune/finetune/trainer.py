@@ -1,0 +1,375 @@
+"""``Trainer``: one optimizer step of reward fine-tuning, built from separately callable (and timeable) parts.
+
+``step()`` is exactly: for each micro-batch, ``sample_prefix`` (no gradients) -> ``grad_steps`` (the
+truncated, differentiable part) -> ``decode`` (VAE, checkpointed) -> ``score`` (the reward) ->
+``backward``; then ``optimizer_step``. The reward is a black box: any ``nn.Module`` mapping images in
+[0,1] and prompts to ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from . import lora as lora_mod
+from .config import FinetuneConfig
+from .models import load_pipeline, make_adapter, native_resolution, text_encoders
+from .prompts import load_prompts
+from .sampler import SampleState, TruncatedSampler, make_plan
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    except ValueError as exc:
+        raise UserError(f"--mixed-precision {cfg.mixed_precision}: {str(exc).splitlines()[0][:200]} "
+                        f"(on a CPU use bf16 or no)") from None
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _seed(*parts) -> int:
+    """A stable 63-bit seed from the parts (the same on every run, process and platform)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class Trainer:
+    """Reward fine-tuning of a diffusion model's LoRA; see the module docstring for the parts of ``step``."""
+
+    def __init__(self, cfg: FinetuneConfig, reward: torch.nn.Module | None = None,
+                 eval_reward: torch.nn.Module | None = None, accelerator=None):
+        self.cfg = cfg.validate()
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
+        self.prompts = load_prompts(cfg.prompts)
+        self.pipe, self.family = load_pipeline(cfg.model)
+        self.adapter = make_adapter(self.pipe, self.family)
+        self.resolution = cfg.resolution or native_resolution(self.pipe)
+        self._check_resolution()
+        self._setup_models()
+        self.reward = self._reward(reward, cfg.reward)
+        self.eval_reward = self._reward(eval_reward, cfg.eval_reward) if (eval_reward is not None or cfg.eval_reward) else None
+        params = lora_mod.trainable_parameters(self.unet, *self.trained_text_encoders)
+        optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        prepared = self.accelerator.prepare(self.unet, *self.trained_text_encoders, optimizer)
+        self.unet_train, self.optimizer = prepared[0], prepared[-1]
+        self.models_train = list(prepared[:-1])
+        self.sampler = TruncatedSampler(self.pipe.scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta)
+        self.global_step = 0
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+
+    # ----- setup -----------------------------------------------------------------------------
+    def _check_resolution(self) -> None:
+        f = self.pipe.vae_scale_factor
+        if self.resolution % f:
+            raise UserError(f"--resolution {self.resolution} is not divisible by the VAE's factor {f}")
+        if self.family == "sd" and self.resolution // f < 4:
+            raise UserError(f"--resolution {self.resolution} is too small for this model; use at least {4 * f}")
+
+    def _setup_models(self) -> None:
+        cfg, pipe = self.cfg, self.pipe
+        self.unet = pipe.unet
+        lora_mod.add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        self.trained_text_encoders = []
+        if cfg.train_text_encoder:
+            for te in text_encoders(pipe):
+                lora_mod.add_lora(te, cfg.lora_rank, cfg.lora_alpha, lora_mod.TEXT_TARGETS)
+                self.trained_text_encoders.append(te)
+        if cfg.init_lora:
+            lora_mod.load_into_adapters(cfg.init_lora, self.unet, text_encoders(pipe) if cfg.train_text_encoder else [], "--init-lora")
+        # Frozen weights in the training precision; the trainable LoRA weights stay fp32.
+        from diffusers.training_utils import cast_training_params
+
+        vae_dtype = torch.float32 if cfg.vae_fp32 else self.weight_dtype
+        for part, dtype in [(self.unet, self.weight_dtype), (pipe.vae, vae_dtype)] + [(te, self.weight_dtype) for te in text_encoders(pipe)]:
+            part.to(self.device) if dtype == torch.float32 else part.to(self.device, dtype=dtype)
+        cast_training_params([self.unet, *self.trained_text_encoders], dtype=torch.float32)
+        if cfg.attention == "xformers":
+            from diffusers.utils import is_xformers_available
+
+            if not is_xformers_available():
+                raise UserError("--attention xformers: xformers is not installed (pip install xformers); or use --attention sdpa")
+            self.unet.enable_xformers_memory_efficient_attention()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            for te in self.trained_text_encoders:
+                te.gradient_checkpointing_enable()
+        if self.trained_text_encoders:
+            for te in self.trained_text_encoders:
+                te.train()
+        self.unet.train()
+
+    def _reward(self, module, spec: str):
+        if module is None:
+            from ..rewards import load_reward
+
+            dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+            module = load_reward(spec, dtype=dtype, **self.cfg.reward_sources())
+        module.requires_grad_(False)
+        return module.eval().to(self.device)
+
+    # ----- data and randomness (a function of the step, so a resumed run sees the same) ---------
+    def batch_prompts(self, micro: int = 0, step: int | None = None) -> list[str]:
+        """The prompts of this process's micro-batch: an epoch-wise shuffle of the prompt list."""
+        step = self.global_step if step is None else step
+        acc, b, n = self.accelerator, self.cfg.batch_size, len(self.prompts)
+        start = ((step * self.cfg.grad_accum + micro) * acc.num_processes + acc.process_index) * b
+        out = []
+        for idx in range(start, start + b):
+            epoch, pos = divmod(idx, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, "epoch", epoch)))
+            out.append(self.prompts[perm[pos]])
+        return out
+
+    def generator(self, micro: int = 0, step: int | None = None) -> torch.Generator:
+        step = self.global_step if step is None else step
+        key = _seed(self.cfg.seed, "noise", step, micro, self.accelerator.process_index)
+        return torch.Generator().manual_seed(key)
+
+    # ----- the parts of a step ----------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.resolution // self.pipe.vae_scale_factor
+        return (self.unet.config.in_channels, s, s)
+
+    def encode(self, prompts: list[str]):
+        """The UNet's conditioning; differentiable when text-encoder LoRA is trained."""
+        ctx = contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad()
+        with ctx, self.accelerator.autocast():
+            return self.adapter.encode(prompts, self.sampler.guided, (self.resolution, self.resolution))
+
+    def sample_prefix(self, prompts: list[str], generator: torch.Generator) -> SampleState:
+        """Encode, draw the truncation plan and the initial noise, and denoise without gradients up to
+        the first step that carries them."""
+        cfg = self.cfg
+        plan = make_plan(cfg.method, cfg.sample_steps, len(prompts), generator, cfg.k, cfg.lv_samples, (cfg.refl_min, cfg.refl_max))
+        latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), generator, self.device)
+        state = SampleState(latents, self.encode(prompts), plan, 0, generator, list(prompts))
+        with self.accelerator.autocast():
+            return self.sampler.run_prefix(self.unet_train, state)
+
+    def grad_steps(self, state: SampleState):
+        """The denoising steps with gradients: (latents, regulariser, prompts per latent)."""
+        base = self._base_unet if self.cfg.reg_weight > 0 else None
+        with self.accelerator.autocast():
+            return self.sampler.run_grad(self.unet_train, state, base_unet=base)
+
+    def _base_unet(self, *args, **kwargs):
+        """The UNet with its LoRA switched off (the base model), for the regulariser."""
+        unet = self.accelerator.unwrap_model(self.unet_train)
+        unet.disable_adapters()
+        try:
+            return unet(*args, **kwargs)
+        finally:
+            unet.enable_adapters()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B,3,H,W) in [0,1], differentiable; checkpointed under gradient checkpointing."""
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        z = z.to(vae.dtype)
+
+        def run(z):
+            return vae.decode(z, return_dict=False)[0]
+
+        ctx = torch.autocast(self.device.type, enabled=False) if vae.dtype == torch.float32 else self.accelerator.autocast()
+        with ctx:
+            if self.cfg.gradient_checkpointing and z.requires_grad:
+                images = checkpoint(run, z, use_reentrant=False)
+            else:
+                images = run(z)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.reward(images, prompts).float()
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate ``loss``; a non-finite loss is replaced by a zero loss over the trainable
+        weights (so every process still takes part in the gradient all-reduce). Returns finiteness."""
+        finite = bool(torch.isfinite(loss).all())
+        if not finite:
+            params = lora_mod.trainable_parameters(*self.models_train)
+            loss = torch.stack([p.sum() for p in params]).sum() * 0.0
+        self.accelerator.backward(loss)
+        return finite
+
+    def optimizer_step(self, skip: bool = False) -> float:
+        """Clip, step and zero the gradients; ``skip`` (or a non-finite norm) drops this step's update.
+        Returns the gradient norm before clipping (nan when skipped)."""
+        acc, norm = self.accelerator, float("nan")
+        params = lora_mod.trainable_parameters(*self.models_train)
+        if not skip:
+            if self.cfg.max_grad_norm > 0:
+                norm = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            else:
+                norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+            if math.isfinite(norm):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        rewards, regs, finite = [], [], True
+        for micro in range(cfg.grad_accum):
+            with acc.accumulate(*self.models_train):
+                state = self.sample_prefix(self.batch_prompts(micro), self.generator(micro))
+                latents, reg, prompts = self.grad_steps(state)
+                r = self.score(self.decode(latents), prompts)
+                loss = -r.mean() + cfg.reg_weight * reg
+                finite &= self.backward(loss)
+                rewards.append(r.detach().mean())
+                regs.append(reg.detach())
+        finite_all = bool(acc.gather(torch.tensor([float(finite)], device=self.device)).min() > 0)
+        norm = self.optimizer_step(skip=not finite_all)
+        applied = finite_all and math.isfinite(norm) and not acc.optimizer_step_was_skipped
+        self._count(applied)
+        self.global_step += 1
+        reward = acc.reduce(torch.stack(rewards).mean().float(), "mean")
+        return {"step": self.global_step, "loss": float(-reward) + cfg.reg_weight * float(torch.stack(regs).mean()),
+                "reward": float(reward), "reg": float(acc.reduce(torch.stack(regs).mean().float(), "mean")),
+                "grad_norm": norm, "step_time": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
+                "skipped": not applied, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _count(self, applied: bool) -> None:
+        if applied:
+            self.nonfinite_in_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        if self.accelerator.is_main_process:
+            print(f"finetune: step {self.global_step + 1}: non-finite loss or gradient; update skipped "
+                  f"({self.nonfinite_in_row} in a row)", flush=True)
+        if self.nonfinite_in_row >= self.cfg.max_nonfinite:
+            hint = "try --mixed-precision bf16" if self.weight_dtype == torch.float16 else "try a lower --lr"
+            if self.family == "sdxl" and not self.cfg.vae_fp32 and self.weight_dtype != torch.float32:
+                hint += " or --vae-fp32 (SDXL's VAE overflows in fp16)"
+            raise UserError(f"stopped: {self.nonfinite_in_row} non-finite losses in a row at step {self.global_step + 1}; {hint}")
+
+    # ----- generation for evaluation ----------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, lora: bool = True) -> torch.Tensor:
+        """Images (B,3,H,W) in [0,1] from the full sampler without gradients; ``lora=False`` uses the base model."""
+        unet = self.accelerator.unwrap_model(self.unet_train)
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        ctx = contextlib.nullcontext() if lora else _adapters_disabled(unet, *self.trained_text_encoders)
+        with ctx:
+            for i in range(0, len(prompts), self.cfg.batch_size):
+                chunk = prompts[i : i + self.cfg.batch_size]
+                latents = self.sampler.initial_latents((len(chunk), *self.latent_shape), gen, self.device)
+                cond = self.encode(chunk)
+                with self.accelerator.autocast():
+                    latents = self.sampler.sample(unet, cond, latents, gen)
+                out.append(self.decode(latents))
+        return torch.cat(out)
+
+    # ----- LoRA and checkpoints ----------------------------------------------------------------
+    def lora_models(self):
+        unwrap = self.accelerator.unwrap_model
+        tes = [unwrap(m) for m in self.models_train[1:]]
+        return unwrap(self.unet_train), tes
+
+    def save_lora(self, directory: str | Path) -> Path:
+        unet, tes = self.lora_models()
+        return lora_mod.save_lora(directory, type(self.pipe), unet, tes)
+
+    def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
+        """Optimizer/scaler state (accelerate), the LoRA (diffusers format) and the trainer state, atomically."""
+        import shutil
+
+        acc, directory = self.accelerator, Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        with _lora_only_state(acc):
+            acc.save_state(str(tmp))
+        if acc.is_main_process:
+            self.save_lora(tmp)
+            state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, directory: str | Path) -> dict:
+        """Restore a ``save_checkpoint`` directory; returns its trainer state."""
+        directory = Path(directory)
+        unet, tes = self.lora_models()
+        lora_mod.load_into_adapters(directory, unet, tes, f"checkpoint '{directory}'")
+        with _lora_only_state(self.accelerator):
+            self.accelerator.load_state(str(directory))
+        state = json.loads((directory / "trainer_state.json").read_text())
+        self.global_step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        return state
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of this step (CUDA), or the process's peak resident memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def _adapters_disabled(unet, *text_encoders_):
+    unet.disable_adapters()
+    for te in text_encoders_:
+        te.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+        for te in text_encoders_:
+            te.enable_adapters()
+
+
+@contextlib.contextmanager
+def _lora_only_state(acc):
+    """accelerate checkpoints without the frozen model weights: the LoRA is saved/loaded separately."""
+    def drop_weights(models, weights, output_dir):
+        weights.clear()
+
+    def drop_models(models, input_dir):
+        models.clear()
+
+    handles = [acc.register_save_state_pre_hook(drop_weights), acc.register_load_state_pre_hook(drop_models)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
