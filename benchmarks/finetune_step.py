@@ -49,6 +49,8 @@ def parse(argv=None):
     p.add_argument("--predict-only", action="store_true", help="only the planner's prediction (a 'prediction' record)")
     p.add_argument("--track-tensors", action="store_true",
                    help="also count the peak of live tensor storage over one extra step (CPU: RSS includes the interpreter)")
+    p.add_argument("--vae-block-checkpointing", action="store_true",
+                   help="experiment: also checkpoint each VAE decoder block (diffusers' vae.enable_gradient_checkpointing)")
     p.add_argument("--name", default="", help="label of this config in the results")
     p.add_argument("--record", default="", help="append the result as a JSON line to this file")
     add_config_args(p, FinetuneConfig, skip=("output", "steps"))
@@ -149,7 +151,7 @@ def tracked_peak_mib(trainer) -> float:
 def predict(args, cfg, workdir: Path) -> dict:
     from rewardtune.plan import predict_peak_memory
 
-    kw = {}
+    kw = {"vae_block_checkpointing": args.vae_block_checkpointing}
     if args.tiny:
         kw["pipeline_dir"] = cfg.model
         kw["reward_config"] = tiny_clip_config()
@@ -171,7 +173,8 @@ def run(args) -> dict:
     record = {"name": args.name, "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
               "config": {k: getattr(cfg, k) for k in ("method", "k", "resolution", "batch_size", "sample_steps",
                                                       "gradient_checkpointing", "mixed_precision", "attention",
-                                                      "lora_rank", "reward", "vae_fp32", "optimizer", "guidance_scale")},
+                                                      "lora_rank", "reward", "vae_fp32", "optimizer", "guidance_scale")}
+              | {"vae_block_checkpointing": args.vae_block_checkpointing},
               "env": environment(), "error": None}
     prediction = None
     if not args.no_predict:
@@ -185,6 +188,8 @@ def run(args) -> dict:
     ctx = random_pipeline(args.arch, cfg, workdir) if args.arch else contextlib.nullcontext()
     with ctx:
         trainer = Trainer(cfg, reward=reward)
+    if args.vae_block_checkpointing:
+        trainer.pipe.vae.enable_gradient_checkpointing()
     record["setup_seconds"] = time.perf_counter() - t0
     record["resolution"] = trainer.resolution
     dev = trainer.device

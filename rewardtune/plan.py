@@ -192,6 +192,8 @@ class StorageTracker:
         self._refs: dict[int, object] = {}
         self.current = 0
         self.peak = 0
+        self.phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
 
     def add_tensors(self, obj) -> None:
         import weakref
@@ -212,6 +214,7 @@ class StorageTracker:
             self._refs[key] = weakref.ref(st, lambda _, key=key, n=n: self._free(key, n))
             self.current += n
             self.peak = max(self.peak, self.current)
+            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
 
     def _free(self, key: int, n: int) -> None:
         if self._refs.pop(key, None) is not None:
@@ -261,6 +264,36 @@ def _gpu_attention():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def _cuda_autocast_policy():
+    """Run group/layer norm and softmax in fp32 under autocast, as CUDA's autocast does: the trace runs on
+    CPU tensors, whose autocast keeps them in bf16/fp16 and would halve those activations. (Patched at the
+    functional level so that checkpoint recomputation in backward sees it too.)"""
+    import torch.nn.functional as F
+
+    names = ("group_norm", "layer_norm", "softmax", "log_softmax")
+    originals = {n: getattr(F, n) for n in names}
+
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def fp32(fn):
+        def run(*args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return fn(*args, **kwargs)
+            with torch.autocast("cpu", enabled=False):
+                return fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        return run
+
+    for n in names:
+        setattr(F, n, fp32(originals[n]))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(F, n, originals[n])
 
 
 class _Step(int):
@@ -395,11 +428,13 @@ def _optimizer_states(params, name: str) -> list[torch.Tensor]:
     return out
 
 
-def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = None) -> dict:
+def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = None,
+                        vae_block_checkpointing: bool = False) -> dict:
     """Predict the peak GPU memory of one fine-tuning step of ``cfg`` (a ``FinetuneConfig``) before it runs.
 
     Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
-    ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers. Returns MiB/GiB figures.
+    ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
+    checkpoints each VAE decoder block (a benchmark experiment). Returns MiB/GiB figures.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -425,12 +460,14 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
 
         t.cfg = dataclasses.replace(pcfg, attention="sdpa")  # the same kernels' memory as flash/efficient SDPA
     t._setup_models()
+    if vae_block_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()
     t.cfg = pcfg
     t.device = torch.device("cpu")
     modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), reward) if m is not None]
     t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta)
     t.sampler.timesteps = [_Step(int(x)) for x in t.sampler.timesteps.tolist()]
-    with FakeTensorMode(allow_non_fake_inputs=True), _gpu_attention():
+    with FakeTensorMode(allow_non_fake_inputs=True), _gpu_attention(), _cuda_autocast_policy():
         _materialize(modules, {})
         t.reward = reward
         t.unet_train, t.models_train = t.unet, [t.unet, *t.trained_text_encoders]
@@ -442,25 +479,34 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
         tracker.add_tensors(states)
         resident = tracker.current
         with tracker:
-            out = _trace_step(t, trainable, pcfg)
+            out = _trace_step(t, trainable, pcfg, tracker)
     out.update(_summary(cfg, arch, family, t.resolution, weights, resident, tracker.peak, trainable, out))
     return out
 
 
-def _trace_step(t, trainable, cfg) -> dict:
-    """One micro-batch (batch_size prompts) through the Trainer's parts, then the optimizer's transients."""
+def _trace_step(t, trainable, cfg, tracker) -> dict:
+    """One micro-batch (batch_size prompts) through the Trainer's parts, then the optimizer's transients;
+    returns the peak of each part (MiB)."""
     prompts = [PLAN_PROMPT] * cfg.batch_size
     gen = torch.Generator().manual_seed(0)
+    tracker.phase = "sample_prefix"
     state = t.sample_prefix(prompts, gen)
+    tracker.phase = "grad_steps"
     latents, reg, ps = t.grad_steps(state)
-    r = t.score(t.decode(latents), ps)
+    tracker.phase = "decode"
+    images = t.decode(latents)
+    tracker.phase = "reward"
+    r = t.score(images, ps)
     loss = -r.mean() + cfg.reg_weight * reg
+    del images
+    tracker.phase = "backward"
     loss.backward()
     del loss, r, latents, state
+    tracker.phase = "optimizer"
     # AdamW's foreach update holds about two weight-sized fp32 temporaries while the gradients still live.
     temps = [torch.empty(p.shape, dtype=torch.float32) for p in trainable for _ in range(2)]
     del temps
-    return {}
+    return {"part_peaks_mib": {k: v / 2**20 for k, v in tracker.phase_peaks.items()}}
 
 
 def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, extra) -> dict:
