@@ -116,24 +116,26 @@ def tiny_clip_config() -> dict:
 def time_parts(trainer, n: int) -> dict:
     """Each part of one micro-batch, run and timed alone (GPU synchronised around each)."""
     dev, cfg = trainer.device, trainer.cfg
-    parts = {k: [] for k in ("sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer")}
+    names = ("sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer")
+    wall, cpu = {k: [] for k in names}, {k: [] for k in names}
+
+    def part(name, fn):
+        out, w, c = timed(fn, dev)
+        wall[name].append(w)
+        cpu[name].append(c)
+        return out
+
     for i in range(n):
         prompts, gen = trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i)
-        state, t = timed(lambda: trainer.sample_prefix(prompts, gen), dev)
-        parts["sample_prefix"].append(t)
-        (latents, reg, ps), t = timed(lambda: trainer.grad_steps(state), dev)
-        parts["grad_steps"].append(t)
-        images, t = timed(lambda: trainer.decode(latents), dev)
-        parts["decode"].append(t)
-        r, t = timed(lambda: trainer.score(images, ps), dev)
-        parts["reward"].append(t)
+        state = part("sample_prefix", lambda: trainer.sample_prefix(prompts, gen))
+        latents, reg, ps = part("grad_steps", lambda: trainer.grad_steps(state))
+        images = part("decode", lambda: trainer.decode(latents))
+        r = part("reward", lambda: trainer.score(images, ps))
         loss = -r.mean() + cfg.reg_weight * reg
-        _, t = timed(lambda: trainer.backward(loss), dev)
-        parts["backward"].append(t)
+        part("backward", lambda: trainer.backward(loss))
         del loss, r, images, latents, state
-        _, t = timed(lambda: trainer.optimizer_step(), dev)
-        parts["optimizer"].append(t)
-    return {k: median(v) for k, v in parts.items()}
+        part("optimizer", trainer.optimizer_step)
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
 
 
 def tracked_peak_mib(trainer) -> float:
@@ -195,26 +197,31 @@ def run(args) -> dict:
     dev = trainer.device
     for _ in range(args.warmup):
         trainer.step()
-    steps, peaks = [], []
+    steps, cpu_steps, peaks = [], [], []
     kind = None
     for _ in range(args.timed):
         reset_peak(dev)
-        metrics, t = timed(trainer.step, dev)
+        metrics, t, c = timed(trainer.step, dev)
         steps.append(t)
+        cpu_steps.append(c)
         peak, kind = peak_mib(dev)
         peaks.append(peak)
         record["last_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
     images = cfg.batch_size * trainer.accelerator.num_processes * cfg.grad_accum
     step_s = median(steps)
     record.update({"device": str(dev), "step_seconds": steps, "step_seconds_median": step_s,
+                   "step_cpu_seconds_median": median(cpu_steps),
                    "images_per_second": images / step_s if step_s else None,
                    "peak_memory_mib": max(peaks), "peak_memory_kind": kind})
     if not args.no_parts:
         reset_peak(dev)
-        parts = time_parts(trainer, args.timed)
+        parts, cpu_parts = time_parts(trainer, args.timed)
         total = sum(v for v in parts.values() if v is not None)
+        cpu_total = sum(v for v in cpu_parts.values() if v is not None)
         record.update({"parts_seconds": parts, "parts_sum_seconds": total,
-                       "ratio_step_to_parts": step_s / total if total else None})
+                       "ratio_step_to_parts": step_s / total if total else None,
+                       "parts_cpu_seconds": cpu_parts, "parts_cpu_sum_seconds": cpu_total,
+                       "ratio_step_to_parts_cpu": median(cpu_steps) / cpu_total if cpu_total else None})
     if args.track_tensors:
         record["peak_tensor_mib"] = tracked_peak_mib(trainer)
     if prediction and "peak_mib" in prediction:
