@@ -385,20 +385,34 @@ def _meta_pipeline(cfg, pipeline_dir):
         pipe, family = _meta_pipeline_from_dir(Path(source).expanduser(), weight_dtype)
         arch = source
     else:
-        raise UserError(f"plan: --model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) "
+        raise UserError(f"--model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) "
                         f"nor a local diffusers directory; download the model first or plan with sd15/sdxl")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, family, arch
 
 
+def _local_clip_config(cfg) -> dict | None:
+    """The CLIP config of a local reward backbone the user named (--backbone, --ict, --hp), if any."""
+    candidates = [cfg.backbone, cfg.ict, str(Path(cfg.hp) / "hp_backbone") if cfg.hp else ""]
+    for src in candidates:
+        path = Path(src).expanduser() / "config.json" if src else None
+        if path is not None and path.is_file():
+            data = json.loads(path.read_text())
+            if "vision_config" in data and "text_config" in data:
+                return data
+    return None
+
+
 def _meta_reward(cfg, reward_config: dict | None):
-    """The reward's towers on meta: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14) from the shipped config."""
+    """The reward's towers on meta: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14) from the shipped
+    ViT-H-14 config, or from a local backbone's config.json."""
+    reward_config = reward_config or _local_clip_config(cfg)
     name = cfg.reward
     if name == "pickscore":
         name = "ict"  # one ViT-H-14 CLIP scoring cosines, as ICT does
     if name not in ("ict", "hp", "icthp"):
-        raise UserError(f"plan: the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'")
+        raise UserError(f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     return build_reward(name, dtype, "meta", clip_config=reward_config)
 
@@ -550,13 +564,13 @@ def fit_budget(cfg, budget_gib: float, **kw) -> dict:
     import dataclasses
 
     if budget_gib <= 0:
-        raise UserError(f"plan: --budget-gib must be positive, got {budget_gib}")
+        raise UserError(f"--budget-gib must be positive, got {budget_gib}")
     base = predict_peak_memory(cfg, **kw)
     result = {"prediction": base, "budget_gib": budget_gib, "fits": base["peak_gib"] <= budget_gib, "suggestions": []}
     if result["fits"]:
         return result
     if base["resident_mib"] / 1024 > budget_gib:
-        raise UserError(f"plan: a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
+        raise UserError(f"a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
                         f"({base['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA); no setting of this config fits. "
                         f"Use a smaller model or reward, or a larger GPU")
     native = base["resolution"] if not cfg.resolution else cfg.resolution

@@ -72,9 +72,11 @@ def test_fit_budget_suggests_knobs_that_lower_the_peak(tiny_sd):
     assert any(s["fits"] for s in out["suggestions"]) or out["combined"]["changes"]
 
 
-def test_budget_below_the_weights_is_a_clear_error(tiny_sd):
+def test_local_backbone_config_is_planned_and_budget_below_the_weights_is_an_error(tiny_sd, tiny_backbone):
+    cfg = tiny_cfg(tiny_sd, backbone=str(tiny_backbone))  # a user's own CLIP directory, read for its config
+    assert predict_peak_memory(cfg)["weights_mib"] < 100  # not the 3.7 GiB of two ViT-H-14 towers
     with pytest.raises(UserError, match="less than the weights"):
-        fit_budget(tiny_cfg(tiny_sd), 0.001, reward_config=TINY_REWARD)
+        fit_budget(cfg, 0.001)
 
 
 @pytest.mark.parametrize("change, message", [
