@@ -117,16 +117,20 @@ for m in ("diffusers", "transformers", "peft", "accelerate", "open_clip"):
         print(m, "MISSING", e)
 EOF
 
-# Planner predictions in the background, on a few CPU threads, while the GPU measures.
+# Planner predictions in the background, on a few CPU threads, while the GPU measures. The running
+# planner's pid is kept outside $OUT (which may hold 8 files at most) so the end can stop it.
+PRED_PIDFILE="$(mktemp /tmp/gpu_sh_pred.XXXXXX)"
 (
   for entry in "${CONFIGS[@]}"; do
     IFS='|' read -r name _ flags <<<"$entry"
     # shellcheck disable=SC2086
     mapfile -t args < <(translate $flags)
     OMP_NUM_THREADS=4 timeout 240 nice -n 10 "$PY" "$HERE/finetune_step.py" --predict-only --name "$name" \
-      --record "$PRED" "${args[@]}" >>"$OUT/predict_log.txt" 2>&1
+      --record "$PRED" "${args[@]}" &
+    echo $! >"$PRED_PIDFILE"
+    wait $!
   done
-) &
+) >>"$OUT/predict_log.txt" 2>&1 &
 PRED_PID=$!
 
 i=0
@@ -146,8 +150,9 @@ rw "train-hp-bs8-ckpt" 90 --task train-hp --batch-size 8 --precision bf16 --chec
 while kill -0 "$PRED_PID" 2>/dev/null && [ "$(left)" -gt 5 ]; do sleep 2; done
 if kill -0 "$PRED_PID" 2>/dev/null; then
   log "stopping the background planner (budget spent)"
-  kill $(pgrep -P "$PRED_PID") "$PRED_PID" 2>/dev/null
+  kill "$PRED_PID" "$(cat "$PRED_PIDFILE")" 2>/dev/null
 fi
+rm -f "$PRED_PIDFILE"
 report
 log "gpu.sh done: $OUT/gpu_results.md"
 exit 0
