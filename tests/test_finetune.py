@@ -166,13 +166,17 @@ def _pipe_images(pipe, seed=3):
                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family, tmp_path, caplog):
+@pytest.mark.parametrize("family,text_encoder", [("sd", False), ("sdxl", True)])
+def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family, text_encoder, tmp_path, caplog):
+    """pipe.load_lora_weights(dir) (diffusers) and the kohya export give the fine-tuned model's images;
+    --init-lora starts a new run from the same weights. SDXL also trains LoRA on both text encoders."""
     from diffusers import DiffusionPipeline
+    from safetensors import safe_open
 
     from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
 
-    trainer = Trainer(tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0), reward=Brightness())
+    cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder)
+    trainer = Trainer(cfg, reward=Brightness())
     trainer.step()
     trainer.save_lora(tmp_path / "lora")
     export_kohya(tmp_path / "lora", 8.0)
@@ -195,3 +199,10 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
     kohya = fresh()
     load_lora(kohya, tmp_path / "lora" / KOHYA_NAME)
     torch.testing.assert_close(_pipe_images(kohya), tuned, atol=1e-5, rtol=0)
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if text_encoder else {"unet"})
+    again = Trainer(tiny_cfg(models[family], tmp_path, init_lora=str(tmp_path / "lora"), lora_alpha=8.0,
+                             train_text_encoder=text_encoder), reward=Brightness())
+    again.unet.eval()
+    torch.testing.assert_close(_pipe_images(again.pipe), tuned, atol=1e-5, rtol=0)

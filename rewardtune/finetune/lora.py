@@ -23,31 +23,46 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
-    """Add a trainable LoRA adapter (B = 0, so the model starts unchanged) on ``targets``."""
-    from peft import LoraConfig
+    """Add a trainable LoRA adapter named 'default' (B = 0, so the model starts unchanged) on ``targets``.
+
+    diffusers models take it through their ``add_adapter``; text encoders through peft directly (the
+    transformers wrapper refuses some peft versions), recording ``peft_config`` the same way.
+    """
+    from diffusers import ModelMixin
+    from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
     try:
-        if hasattr(model, "add_adapter") and hasattr(model, "disable_adapters"):
+        if isinstance(model, ModelMixin):
             model.add_adapter(config)
         else:
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(config, model)
+            inject_adapter_in_model(config, model, adapter_name="default")
+            model.peft_config = {"default": config}
     except ValueError as exc:
         raise UserError(f"--lora-targets {' '.join(targets)}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def set_adapters_enabled(enabled: bool, *models) -> None:
+    """Switch every LoRA layer of ``models`` on or off (off = the base model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
 
 
 def trainable_parameters(*models) -> list[torch.nn.Parameter]:
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format."""
+def lora_state(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key format; ``state_dict`` is a gathered full state dict
+    (FSDP/DeepSpeed) to take them from instead of the module's own."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=state_dict))
 
 
 def _metadata(model):
@@ -55,21 +70,21 @@ def _metadata(model):
     return config.to_dict() if config is not None else None
 
 
-def save_lora(directory: str | Path, pipe_cls, unet, text_encoders: list | tuple = ()) -> Path:
+def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it.
 
+    ``states``: full state dicts of [unet, *text_encoders_] gathered across processes (optional).
     The file is written next to the target and renamed into place (atomic).
     """
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    kw = {"unet_lora_layers": lora_state(unet), "unet_lora_adapter_metadata": _metadata(unet)}
-    names = ["text_encoder", "text_encoder_2"]
-    for name, te in zip(names, text_encoders):
-        if te is not None and getattr(te, "peft_config", None):
-            kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te)
-            kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
+    states = states or [None] * (1 + len(text_encoders_))
+    kw = {"unet_lora_layers": lora_state(unet, states[0]), "unet_lora_adapter_metadata": _metadata(unet)}
+    for name, te, sd in zip(["text_encoder", "text_encoder_2"], text_encoders_, states[1:]):
+        kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te, state_dict=sd)
+        kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
     try:
         pipe_cls.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **kw)

@@ -57,8 +57,8 @@ def model_family(path: Path) -> str:
     return FAMILIES[cls]
 
 
-def load_pipeline(name: str):
-    """(pipeline, family): fp32 frozen weights and a DDIM scheduler built from the model's config."""
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
+    """(pipeline, family): frozen weights in ``dtype`` and a DDIM scheduler built from the model's config."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = resolve_model(name)
@@ -66,7 +66,7 @@ def load_pipeline(name: str):
     cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
     kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     try:
-        pipe = cls.from_pretrained(path, **kw)
+        pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
     # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type.
@@ -78,6 +78,18 @@ def load_pipeline(name: str):
             module.requires_grad_(False)
             module.eval()
     return pipe, family
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36); pass whichever this version takes."""
+    if dtype == torch.float32:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (only in versions taking dtype=)
+
+        return {"dtype": dtype}
+    except ImportError:
+        return {"torch_dtype": dtype}
 
 
 @dataclass

@@ -70,15 +70,18 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
+        """Every process generates the same images (sharded models need all of them); the main process
+        runs the hook and writes the grid. Returns the metrics (the hook's on the main process only)."""
         t = self.trainer
         images = t.generate(self.prompts, self.seed)
         metrics = {"reward": float(t.score(images, self.prompts).mean())}
         if t.eval_reward is not None:
             with t.accelerator.autocast():
                 metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
-        if self.hook is not None:
-            metrics.update({k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()})
-        self._grid(step, images.cpu())
+        if t.accelerator.is_main_process:
+            if self.hook is not None:
+                metrics.update({k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()})
+            self._grid(step, images.cpu())
         return metrics
 
     def _grid(self, step: int, images: torch.Tensor) -> None:
@@ -112,9 +115,9 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
         raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
     resume_from = _resume_point(out, cfg.resume)
-    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward)
+    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from)
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
-    state = trainer.load_checkpoint(resume_from) if resume_from else {}
+    state = trainer.resume_state
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
@@ -126,14 +129,14 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     try:
         best = _train(trainer, evaluate, log, out, before, best, history)
         after = _eval(evaluate, trainer, log, main)
-        lora_path = trainer.save_lora(out) if main else out / lora_mod.WEIGHT_NAME
+        lora_path = trainer.save_lora(out)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
         _checkpoint(trainer, out, before, best)
     finally:
         log.close()
     summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": cfg.reward,
-               "eval_reward": cfg.eval_reward or None, "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps,
+               "eval_reward": cfg.eval_reward or None, "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
                "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
                "before": before, "after": after, "lora": str(lora_path)}
     if main:
@@ -152,7 +155,7 @@ def _resume_point(out: Path, resume: bool) -> Path | None:
 
 
 def _eval(evaluate: Evaluator, trainer: Trainer, log: RunLog, main: bool) -> dict:
-    metrics = evaluate(trainer.global_step) if main else {}
+    metrics = evaluate(trainer.global_step)
     trainer.accelerator.wait_for_everyone()
     log.log("eval", trainer.global_step, metrics)
     if main:

@@ -30,7 +30,14 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def make_accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != cfg.mixed_precision and state.get("num_processes", 1) == 1:
+        # accelerate keeps one process-wide state; a second run in the same single process (a notebook,
+        # a benchmark sweep) with another precision gets a fresh one instead of an error.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
     try:
         return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     except ValueError as exc:
@@ -38,12 +45,23 @@ def make_accelerator(cfg: FinetuneConfig):
                         f"(on a CPU use bf16 or no)") from None
 
 
+def check_optional_packages(cfg: FinetuneConfig) -> None:
+    """Fail before loading any model when an option needs a package that is not installed."""
+    import importlib.util
+
+    if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw")
+    if cfg.attention == "xformers":
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise UserError("--attention xformers: xformers is not installed (pip install xformers); or use --attention sdpa")
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw") from None
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -57,17 +75,21 @@ class Trainer:
     """Reward fine-tuning of a diffusion model's LoRA; see the module docstring for the parts of ``step``."""
 
     def __init__(self, cfg: FinetuneConfig, reward: torch.nn.Module | None = None,
-                 eval_reward: torch.nn.Module | None = None, accelerator=None):
+                 eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None):
+        """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from."""
         self.cfg = cfg.validate()
+        check_optional_packages(cfg)
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
         self.prompts = load_prompts(cfg.prompts)
-        self.pipe, self.family = load_pipeline(cfg.model)
+        self.pipe, self.family = load_pipeline(cfg.model, self.weight_dtype)
         self.adapter = make_adapter(self.pipe, self.family)
         self.resolution = cfg.resolution or native_resolution(self.pipe)
         self._check_resolution()
         self._setup_models()
+        if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
+            lora_mod.load_into_adapters(resume_from, self.unet, self.trained_text_encoders, f"checkpoint '{resume_from}'")
         self.reward = self._reward(reward, cfg.reward)
         self.eval_reward = self._reward(eval_reward, cfg.eval_reward) if (eval_reward is not None or cfg.eval_reward) else None
         params = lora_mod.trainable_parameters(self.unet, *self.trained_text_encoders)
@@ -79,6 +101,7 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
+        self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
 
     # ----- setup -----------------------------------------------------------------------------
     def _check_resolution(self) -> None:
@@ -91,6 +114,7 @@ class Trainer:
     def _setup_models(self) -> None:
         cfg, pipe = self.cfg, self.pipe
         self.unet = pipe.unet
+        torch.manual_seed(_seed(cfg.seed, "lora"))  # the same initial LoRA A matrices on every run and process
         lora_mod.add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         self.trained_text_encoders = []
         if cfg.train_text_encoder:
@@ -102,20 +126,17 @@ class Trainer:
         # Frozen weights in the training precision; the trainable LoRA weights stay fp32.
         from diffusers.training_utils import cast_training_params
 
-        vae_dtype = torch.float32 if cfg.vae_fp32 else self.weight_dtype
-        for part, dtype in [(self.unet, self.weight_dtype), (pipe.vae, vae_dtype)] + [(te, self.weight_dtype) for te in text_encoders(pipe)]:
-            part.to(self.device) if dtype == torch.float32 else part.to(self.device, dtype=dtype)
+        for part in [self.unet, pipe.vae, *text_encoders(pipe)]:
+            part.to(self.device)
+        if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
+            pipe.vae.to(dtype=torch.float32)
         cast_training_params([self.unet, *self.trained_text_encoders], dtype=torch.float32)
         if cfg.attention == "xformers":
-            from diffusers.utils import is_xformers_available
-
-            if not is_xformers_available():
-                raise UserError("--attention xformers: xformers is not installed (pip install xformers); or use --attention sdpa")
             self.unet.enable_xformers_memory_efficient_attention()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            for te in self.trained_text_encoders:
-                te.gradient_checkpointing_enable()
+            for te in self.trained_text_encoders:  # transformers 5 renamed the method
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         if self.trained_text_encoders:
             for te in self.trained_text_encoders:
                 te.train()
@@ -179,11 +200,8 @@ class Trainer:
     def _base_unet(self, *args, **kwargs):
         """The UNet with its LoRA switched off (the base model), for the regulariser."""
         unet = self.accelerator.unwrap_model(self.unet_train)
-        unet.disable_adapters()
-        try:
+        with _adapters_disabled(unet):
             return unet(*args, **kwargs)
-        finally:
-            unet.enable_adapters()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B,3,H,W) in [0,1], differentiable; checkpointed under gradient checkpointing."""
@@ -225,10 +243,11 @@ class Trainer:
         params = lora_mod.trainable_parameters(*self.models_train)
         if not skip:
             if self.cfg.max_grad_norm > 0:
-                norm = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+                norm = acc.clip_grad_norm_(params, self.cfg.max_grad_norm)  # None under DeepSpeed before its step
+                norm = float("nan") if norm is None else float(norm)
             else:
                 norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
-            if math.isfinite(norm):
+            if math.isfinite(norm) or acc.distributed_type == "DEEPSPEED":
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -278,11 +297,12 @@ class Trainer:
     # ----- generation for evaluation ----------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, lora: bool = True) -> torch.Tensor:
-        """Images (B,3,H,W) in [0,1] from the full sampler without gradients; ``lora=False`` uses the base model."""
-        unet = self.accelerator.unwrap_model(self.unet_train)
+        """Images (B,3,H,W) in [0,1] from the full sampler without gradients; ``lora=False`` uses the base model.
+        Under several processes every process must call it (sharded models run their forward together)."""
+        unet = self.unet_train
         gen = torch.Generator().manual_seed(seed)
         out = []
-        ctx = contextlib.nullcontext() if lora else _adapters_disabled(unet, *self.trained_text_encoders)
+        ctx = contextlib.nullcontext() if lora else _adapters_disabled(self.accelerator.unwrap_model(unet), *self.trained_text_encoders)
         with ctx:
             for i in range(0, len(prompts), self.cfg.batch_size):
                 chunk = prompts[i : i + self.cfg.batch_size]
@@ -300,8 +320,15 @@ class Trainer:
         return unwrap(self.unet_train), tes
 
     def save_lora(self, directory: str | Path) -> Path:
-        unet, tes = self.lora_models()
-        return lora_mod.save_lora(directory, type(self.pipe), unet, tes)
+        """Write the LoRA in diffusers format; every process must call it (weights are gathered), the main one writes."""
+        acc = self.accelerator
+        states = [acc.get_state_dict(m) for m in self.models_train]
+        path = Path(directory) / lora_mod.WEIGHT_NAME
+        if acc.is_main_process:
+            unet, tes = self.lora_models()
+            path = lora_mod.save_lora(directory, type(self.pipe), unet, tes, states)
+        acc.wait_for_everyone()
+        return path
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
         """Optimizer/scaler state (accelerate), the LoRA (diffusers format) and the trainer state, atomically."""
@@ -314,8 +341,8 @@ class Trainer:
         acc.wait_for_everyone()
         with _lora_only_state(acc):
             acc.save_state(str(tmp))
+        self.save_lora(tmp)
         if acc.is_main_process:
-            self.save_lora(tmp)
             state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             if directory.exists():
@@ -323,11 +350,8 @@ class Trainer:
             tmp.rename(directory)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore a ``save_checkpoint`` directory; returns its trainer state."""
-        directory = Path(directory)
-        unet, tes = self.lora_models()
-        lora_mod.load_into_adapters(directory, unet, tes, f"checkpoint '{directory}'")
+    def _load_checkpoint(self, directory: Path) -> dict:
+        """Optimizer/scaler state and step counters of a ``save_checkpoint`` directory (its LoRA is already in)."""
         with _lora_only_state(self.accelerator):
             self.accelerator.load_state(str(directory))
         state = json.loads((directory / "trainer_state.json").read_text())
@@ -346,16 +370,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @contextlib.contextmanager
-def _adapters_disabled(unet, *text_encoders_):
-    unet.disable_adapters()
-    for te in text_encoders_:
-        te.disable_adapters()
+def _adapters_disabled(*models):
+    lora_mod.set_adapters_enabled(False, *models)
     try:
         yield
     finally:
-        unet.enable_adapters()
-        for te in text_encoders_:
-            te.enable_adapters()
+        lora_mod.set_adapters_enabled(True, *models)
 
 
 @contextlib.contextmanager
