@@ -1,0 +1,104 @@
+"""A preference set of the shapes world in the Pick-High layout, labelled by the oracle.
+
+Each triplet, as in Ba et al. (ICCV 2025): an easy prompt (shape and one or two more attributes) and a
+refined prompt (every attribute, plus "highly detailed"); I1 (the loser) shows fewer of the easy
+prompt's attributes than I2 (the winner); I3 shows the whole refined prompt and is the most detailed
+(outlined and shaded). Labels follow the paper with the oracle's score in place of CLIP's:
+C(I,P) = min(oracle(I,P)/theta, 1); E2 = C(I2, P_easy); E1 = min(C(I1, P_easy), E2);
+R2 = E2 * sim(P_easy, P_refined); R1 = E1 * sim, where sim is the prompts' attribute overlap.
+
+Written as ``<root>/<split>.parquet`` with image paths relative to ``<root>``; optionally also the
+published pickle layout ``<root>/Pick-High/<split>.pkl`` (images under ``pick_easy_img/<split>/`` and
+``pick_refine_img/<split>/``, shared by both).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import world
+
+SPLITS = {"train": 0, "val": 1, "test": 2}  # seed offsets, so each split is reproducible on its own
+DETAIL_I1 = (0.6, 0.4, 0.0)  # probabilities of detail 0, 1, 2 for the loser
+DETAIL_I2 = (0.25, 0.75, 0.0)  # and for the winner (never below the loser's)
+
+
+def make_triplet(rng: np.random.Generator, theta: float = 1.0) -> dict:
+    """One triplet: scenes (I1, I2, I3), prompts and the ICT labels E1, E2, R1, R2."""
+    refined = world.random_scene(rng, detail=2)
+    others = [a for a in world.ATTRIBUTES if a != "shape"]
+    easy_attrs = ["shape"] + list(rng.choice(others, size=int(rng.integers(1, 3)), replace=False))
+    full = refined.attributes()
+    easy_prompt = world.make_prompt({a: full[a] for a in easy_attrs})
+    refine_prompt = world.make_prompt(full, detailed=True)
+    n_wrong2 = int(rng.integers(0, len(easy_attrs)))
+    n_wrong1 = int(rng.integers(n_wrong2 + 1, len(easy_attrs) + 1))
+    d1 = int(rng.choice(3, p=DETAIL_I1))
+    d2 = max(d1, int(rng.choice(3, p=DETAIL_I2)))
+    i1 = _variant(rng, refined, easy_attrs, n_wrong1, d1)
+    i2 = _variant(rng, refined, easy_attrs, n_wrong2, d2)
+    images = [world.render(s) for s in (i1, i2, refined)]
+    c = [min(world.oracle_score(im, easy_prompt) / theta, 1.0) for im in images[:2]]
+    e2 = c[1]
+    e1 = min(c[0], e2)
+    sim = world.prompt_overlap(easy_prompt, refine_prompt)
+    return {"scenes": (i1, i2, refined), "images": images, "easy_prompt": easy_prompt, "refine_prompt": refine_prompt,
+            "E1": e1, "E2": e2, "R1": e1 * sim, "R2": e2 * sim}
+
+
+def _variant(rng, scene: world.Scene, easy_attrs: list[str], n_wrong: int, detail: int) -> world.Scene:
+    """A fresh scene that agrees with ``scene`` on all easy attributes but ``n_wrong`` of them."""
+    wrong = list(rng.choice(easy_attrs, size=n_wrong, replace=False)) if n_wrong else []
+    fixed = {a: getattr(scene, a) for a in easy_attrs if a not in wrong}
+    for a in wrong:
+        fixed[a] = str(rng.choice([v for v in world.VALUES[a] if v != getattr(scene, a)]))
+    return world.random_scene(rng, detail=detail, **fixed)
+
+
+def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0):
+    """Render ``n`` triplets of ``split`` under ``root``; returns the pandas DataFrame written."""
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, SPLITS.get(split, len(SPLITS))])
+    easy_dir, refine_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split
+    easy_dir.mkdir(parents=True, exist_ok=True)
+    refine_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        t = make_triplet(rng, theta)
+        names = [f"{i:06d}_0.png", f"{i:06d}_1.png", f"{i:06d}_r.png"]
+        for im, d, name in zip(t["images"], (easy_dir, easy_dir, refine_dir), names):
+            Image.fromarray((im * 255).round().astype(np.uint8)).save(d / name)
+        rows.append({"easy_prompt": t["easy_prompt"], "refine_prompt": t["refine_prompt"],
+                     "easy_image_0": names[0], "easy_image_1": names[1], "refine_image": names[2],
+                     "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "R2": t["R2"]})
+    frame = pd.DataFrame(rows)
+    if pickle:
+        (root / "Pick-High").mkdir(exist_ok=True)
+        _atomic(root / "Pick-High" / f"{split}.pkl", frame.to_pickle)
+    rel = frame.copy()
+    for col, sub in (("easy_image_0", easy_dir), ("easy_image_1", easy_dir), ("refine_image", refine_dir)):
+        rel[col] = [str((sub / name).relative_to(root)) for name in rel[col]]
+    _atomic(root / f"{split}.parquet", lambda p: rel.to_parquet(p, index=False))
+    return rel
+
+
+def write_preference_set(root: str | os.PathLike, sizes: dict[str, int] | None = None, seed: int = 0,
+                         pickle: bool = False, theta: float = 1.0) -> dict[str, int]:
+    """Write the train/val/test splits (default 4000/500/1000 triplets); returns the split sizes."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = sizes or {"train": 4000, "val": 500, "test": 1000}
+    for split, n in sizes.items():
+        write_split(root, split, n, seed, pickle, theta)
+    return dict(sizes)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
