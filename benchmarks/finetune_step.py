@@ -113,7 +113,7 @@ def tiny_clip_config() -> dict:
     return make(49408, **TINY_CLIP).to_dict()
 
 
-def time_parts(trainer, n: int) -> dict:
+def time_parts(trainer, n: int, offset: int = 0) -> dict:
     """Each part of one micro-batch, run and timed alone (GPU synchronised around each)."""
     dev, cfg = trainer.device, trainer.cfg
     names = ("sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer")
@@ -125,7 +125,7 @@ def time_parts(trainer, n: int) -> dict:
         cpu[name].append(c)
         return out
 
-    for i in range(n):
+    for i in range(offset, offset + n):
         prompts, gen = trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i)
         state = part("sample_prefix", lambda: trainer.sample_prefix(prompts, gen))
         latents, reg, ps = part("grad_steps", lambda: trainer.grad_steps(state))
@@ -135,14 +135,14 @@ def time_parts(trainer, n: int) -> dict:
         part("backward", lambda: trainer.backward(loss))
         del loss, r, images, latents, state
         part("optimizer", trainer.optimizer_step)
-    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
+    return wall, cpu
 
 
 def tracked_peak_mib(trainer) -> float:
     """Peak of live tensor storage over one step, counted as the planner counts it (real tensors)."""
     from rewardtune.plan import StorageTracker
 
-    with StorageTracker() as tracker:
+    with StorageTracker(512 if trainer.device.type == "cuda" else 1) as tracker:
         tracker.add_modules(trainer.pipe.unet, trainer.pipe.vae, trainer.reward, *trainer.trained_text_encoders,
                             *[getattr(trainer.pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(trainer.pipe, n, None) is not None])
         tracker.add_optimizer(trainer.optimizer)
@@ -153,7 +153,8 @@ def tracked_peak_mib(trainer) -> float:
 def predict(args, cfg, workdir: Path) -> dict:
     from rewardtune.plan import predict_peak_memory
 
-    kw = {"vae_block_checkpointing": args.vae_block_checkpointing}
+    kw = {"vae_block_checkpointing": args.vae_block_checkpointing,
+          "target": "cuda" if torch.cuda.is_available() else "cpu"}  # the device this benchmark measures
     if args.tiny:
         kw["pipeline_dir"] = cfg.model
         kw["reward_config"] = tiny_clip_config()
@@ -197,9 +198,11 @@ def run(args) -> dict:
     dev = trainer.device
     for _ in range(args.warmup):
         trainer.step()
+    # Whole steps and parts alternate, so a busy machine slows both alike.
     steps, cpu_steps, peaks = [], [], []
+    wall_parts, cpu_parts = {}, {}
     kind = None
-    for _ in range(args.timed):
+    for i in range(args.timed):
         reset_peak(dev)
         metrics, t, c = timed(trainer.step, dev)
         steps.append(t)
@@ -207,6 +210,11 @@ def run(args) -> dict:
         peak, kind = peak_mib(dev)
         peaks.append(peak)
         record["last_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+        if not args.no_parts:
+            w, c = time_parts(trainer, 1, offset=i)
+            for name in w:
+                wall_parts.setdefault(name, []).extend(w[name])
+                cpu_parts.setdefault(name, []).extend(c[name])
     images = cfg.batch_size * trainer.accelerator.num_processes * cfg.grad_accum
     step_s = median(steps)
     record.update({"device": str(dev), "step_seconds": steps, "step_seconds_median": step_s,
@@ -214,13 +222,13 @@ def run(args) -> dict:
                    "images_per_second": images / step_s if step_s else None,
                    "peak_memory_mib": max(peaks), "peak_memory_kind": kind})
     if not args.no_parts:
-        reset_peak(dev)
-        parts, cpu_parts = time_parts(trainer, args.timed)
-        total = sum(v for v in parts.values() if v is not None)
-        cpu_total = sum(v for v in cpu_parts.values() if v is not None)
-        record.update({"parts_seconds": parts, "parts_sum_seconds": total,
+        # The ratio compares like with like: the median whole step to the median of the per-iteration sums.
+        sums = [sum(v[i] for v in wall_parts.values()) for i in range(args.timed)]
+        cpu_sums = [sum(v[i] for v in cpu_parts.values()) for i in range(args.timed)]
+        total, cpu_total = median(sums), median(cpu_sums)
+        record.update({"parts_seconds": {k: median(v) for k, v in wall_parts.items()}, "parts_sum_seconds": total,
                        "ratio_step_to_parts": step_s / total if total else None,
-                       "parts_cpu_seconds": cpu_parts, "parts_cpu_sum_seconds": cpu_total,
+                       "parts_cpu_seconds": {k: median(v) for k, v in cpu_parts.items()}, "parts_cpu_sum_seconds": cpu_total,
                        "ratio_step_to_parts_cpu": median(cpu_steps) / cpu_total if cpu_total else None})
     if args.track_tensors:
         record["peak_tensor_mib"] = tracked_peak_mib(trainer)

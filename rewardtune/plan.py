@@ -177,10 +177,11 @@ class StorageTracker:
     (weights, optimizer states) are added with ``add_modules`` / ``add_tensors``.
     """
 
-    def __init__(self):
+    def __init__(self, block: int = CUDA_BLOCK):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
+        self.block = block
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -210,7 +211,7 @@ class StorageTracker:
             key = st._cdata
             if key in self._refs:
                 continue
-            n = _round(st.nbytes())
+            n = -(-st.nbytes() // self.block) * self.block
             self._refs[key] = weakref.ref(st, lambda _, key=key, n=n: self._free(key, n))
             self.current += n
             self.peak = max(self.peak, self.current)
@@ -362,8 +363,8 @@ def _meta_pipeline_from_dir(directory: Path, dtype: torch.dtype):
     sched_cfg = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
     parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if key in parts:
-            parts[key].requires_grad_(False).eval()
+        if key in parts:  # transformers builds in a config.json's own "dtype"; load_pipeline casts all parts
+            parts[key].to(dtype).requires_grad_(False).eval()
     tok = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
     if family == "sd":
         return StableDiffusionPipeline(**parts, tokenizer=tok, safety_checker=None, feature_extractor=None,
@@ -443,12 +444,13 @@ def _optimizer_states(params, name: str) -> list[torch.Tensor]:
 
 
 def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = None,
-                        vae_block_checkpointing: bool = False) -> dict:
+                        vae_block_checkpointing: bool = False, target: str = "cuda") -> dict:
     """Predict the peak GPU memory of one fine-tuning step of ``cfg`` (a ``FinetuneConfig``) before it runs.
 
     Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
     ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
-    checkpoints each VAE decoder block (a benchmark experiment). Returns MiB/GiB figures.
+    checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
+    instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -481,12 +483,16 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), reward) if m is not None]
     t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta)
     t.sampler.timesteps = [_Step(int(x)) for x in t.sampler.timesteps.tolist()]
-    with FakeTensorMode(allow_non_fake_inputs=True), _gpu_attention(), _cuda_autocast_policy():
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"plan target must be cuda or cpu, got '{target}'")
+    gpu = target == "cuda"
+    with FakeTensorMode(allow_non_fake_inputs=True), (_gpu_attention() if gpu else contextlib.nullcontext()), \
+            (_cuda_autocast_policy() if gpu else contextlib.nullcontext()):
         _materialize(modules, {})
         t.reward = reward
         t.unet_train, t.models_train = t.unet, [t.unet, *t.trained_text_encoders]
         trainable = lora_mod.trainable_parameters(*t.models_train)
-        tracker = StorageTracker()
+        tracker = StorageTracker(CUDA_BLOCK if gpu else 1)
         tracker.add_modules(*modules)
         weights = tracker.current
         states = _optimizer_states(trainable, pcfg.optimizer)
