@@ -115,12 +115,36 @@ def join_predictions(records: list[dict]) -> list[dict]:
     return out
 
 
+def k_growth_lines(records: list[dict]) -> list[str]:
+    """Peak memory from K=1 to K=all steps, per model and checkpointing setting (target: < 10 % with it)."""
+    out = []
+    ok = [r for r in records if r.get("kind") != "reward" and not r.get("error") and r.get("config")]
+    for a in ok:
+        ca = a["config"]
+        if ca.get("k") != 1:
+            continue
+        for b in ok:
+            cb = b["config"]
+            same = all(ca.get(x) == cb.get(x) for x in ("gradient_checkpointing", "resolution", "batch_size", "sample_steps",
+                                                         "mixed_precision", "vae_block_checkpointing"))
+            if b is a or b.get("source") != a.get("source") or not same or cb.get("k") != cb.get("sample_steps"):
+                continue
+            for key in ("peak_memory_mib", "peak_tensor_mib"):
+                if a.get(key) and b.get(key):
+                    g = b[key] / a[key] - 1
+                    verdict = ("met" if g < 0.10 else "MISSED") if ca.get("gradient_checkpointing") else "no target without checkpointing"
+                    out.append(f"- {a.get('source')}, checkpointing {'on' if ca.get('gradient_checkpointing') else 'off'}: {key} "
+                               f"K=1 {a[key]:.1f} -> K={cb.get('k')} {b[key]:.1f} MiB ({g * 100:+.1f}%): {verdict}")
+    return out
+
+
 def render(records: list[dict], title: str) -> tuple[dict, str]:
     records = join_predictions(records)
     fin = [r for r in records if r.get("kind") != "reward"]
     rew = [r for r in records if r.get("kind") == "reward"]
     env = next((r["env"] for r in records if r.get("env")), None) or environment()
-    data = {"title": title, "environment": env, "finetune": fin, "reward": rew, "targets": target_lines(records)}
+    data = {"title": title, "environment": env, "finetune": fin, "reward": rew,
+            "targets": target_lines(records) + k_growth_lines(fin)}
     v = env.get("versions", {})
     md = [f"# {title}", "", f"Measured {env.get('date')} on **{env.get('device')}** (CPU: {env.get('cpu')}, "
           f"{env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads); "
