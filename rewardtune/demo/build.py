@@ -383,7 +383,7 @@ def build(cfg: BuildConfig) -> dict:
     if "unet" in parts:
         timed("unet", lambda: _build_generator(out, work, scenes, images, cfg))
     data_root = work / "preference_set"
-    if "data" in parts or "rewards" in parts:
+    if "data" in parts or ("rewards" in parts and not (data_root / "test.parquet").is_file()):
         from .data import write_preference_set
 
         sizes = {"train": cfg.triplets, "val": 500, "test": 1000}

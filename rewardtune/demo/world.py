@@ -230,7 +230,7 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple]) -> str:
 
 def _hue_name(rgb: np.ndarray) -> str | None:
     h, s, v = colorsys.rgb_to_hsv(*[float(c) for c in rgb])
-    if s < 0.25 or v < 0.2:
+    if s < 0.2 or v < 0.15:
         return None  # grey-ish: no colour
     hue = h * 360
     return min(_HUES, key=lambda k: min(abs(hue - _HUES[k]), 360 - abs(hue - _HUES[k])))
@@ -249,54 +249,64 @@ def _template(shape: str, cx: float, cy: float, r: float, h: int, w: int, sigma:
     return _blur(m[..., None], sigma)[..., 0] if sigma > 0 else m
 
 
-def _shape_name(soft: np.ndarray) -> str:
-    """The shape whose drawing, at the object's centroid and area and blurred as much as fits best,
-    explains the object's soft silhouette with the least squared error."""
+def _fit_shape(soft: np.ndarray) -> tuple[str, float]:
+    """(shape, radius in pixels) whose drawing, at the object's centroid and area and blurred as much
+    as fits best, explains the object's soft silhouette with the least squared error."""
     h, w = soft.shape
     area = float(soft.sum())
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     cx, cy = float((soft * xs).sum() / area), float((soft * ys).sum() / area)
-    best, best_err = "circle", np.inf
+    best, best_r, best_err = "circle", 0.0, np.inf
     for shape in SHAPES:
         r = np.sqrt(area / SHAPE_AREA[shape])
         for sigma in TEMPLATE_BLURS:
             t = _template(shape, cx, cy - SHAPE_CENTROID_DY[shape] * r, r, h, w, sigma)
             err = float(((t - soft) ** 2).sum())
             if err < best_err:
-                best, best_err = shape, err
-    return best
+                best, best_r, best_err = shape, r, err
+    return best, best_r
 
 
 def read_scene(image: np.ndarray) -> dict[str, str | None]:
-    """The attributes an image shows, read from its pixels: (H, W, 3) or (3, H, W) floats in [0, 1]."""
+    """The attributes an image shows, read from its pixels: (H, W, 3) or (3, H, W) floats in [0, 1].
+
+    Background: the median border colour. Object: the largest blob that differs from it. Colour: the hue
+    of the blob's median pixel. Shape and size: the world's drawing that best explains the blob's soft
+    silhouette. Position: the silhouette's centroid."""
     img = np.asarray(image, dtype=np.float32)
     if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
         img = img.transpose(1, 2, 0)
     h, w = img.shape[:2]
+    scale = IMAGE_SIZE / w
     border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
-    out: dict[str, str | None] = {"background": _nearest(bg_rgb, BACKGROUNDS)}
+    out: dict[str, str | None] = {"background": _nearest(bg_rgb, BACKGROUNDS), "colour": None, "shape": None,
+                                  "size": None, "position": None}
     diff = np.linalg.norm(img - bg_rgb, axis=-1)
     peak = np.percentile(diff, 99)
-    threshold = max(0.15, 0.5 * peak)
-    mask = _largest_component(diff > threshold) if peak > 0.15 else np.zeros((h, w), bool)
-    if mask.sum() < 4 * (h * w) / 1024:
-        return {**out, "colour": None, "shape": None, "size": None, "position": None}
+    if peak <= 0.15:
+        return out
+    mask = _largest_component(diff > max(0.12, 0.3 * peak))
+    if mask.sum() < 4 / scale**2:
+        return out
     ys, xs = np.nonzero(mask)
-    # colour from the pixels that differ most from the background (the fill, not the blurred rim)
-    core = diff[ys, xs] >= np.median(diff[ys, xs])
-    out["colour"] = _hue_name(np.median(img[ys[core], xs[core]], axis=0))
-    extent = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) * IMAGE_SIZE / w
-    out["size"] = "large" if extent >= 14 else "small"
-    dx, dy = (xs.mean() + 0.5 - w / 2) * IMAGE_SIZE / w, (ys.mean() + 0.5 - h / 2) * IMAGE_SIZE / h
+    out["colour"] = _hue_name(np.median(img[ys, xs], axis=0))
+    # the silhouette on a crop around the blob (templates are drawn only there)
+    y0, y1 = max(ys.min() - 4, 0), min(ys.max() + 5, h)
+    x0, x1 = max(xs.min() - 4, 0), min(xs.max() + 5, w)
+    region = _dilate(_dilate(mask))[y0:y1, x0:x1]
+    soft = np.clip(diff[y0:y1, x0:x1] / (0.85 * np.median(diff[ys, xs])), 0, 1) * region
+    out["shape"], r = _fit_shape(soft)
+    out["size"] = "large" if r * scale >= (SIZES["small"] + SIZES["large"]) / 2 else "small"
+    gy, gx = np.mgrid[y0:y1, x0:x1] + 0.5
+    dx = (float((soft * gx).sum() / soft.sum()) - w / 2) * scale
+    dy = (float((soft * gy).sum() / soft.sum()) - h / 2) * scale
     if max(abs(dx), abs(dy)) < 3.25:
         out["position"] = "center"
     elif abs(dx) >= abs(dy):
         out["position"] = "left" if dx < 0 else "right"
     else:
         out["position"] = "top" if dy < 0 else "bottom"
-    soft = np.clip(diff / (0.85 * np.percentile(diff[ys, xs], 90)), 0, 1) * _dilate(_dilate(mask))
-    out["shape"] = _shape_name(soft)
     return out
 
 
@@ -307,6 +317,15 @@ def oracle_score(image: np.ndarray, prompt: str) -> float:
         return 1.0
     seen = read_scene(image)
     return sum(seen.get(a) == v for a, v in wanted.items()) / len(wanted)
+
+
+def scene_score(scene: Scene, prompt: str) -> float:
+    """The oracle's score from a scene's known attributes (equal to ``oracle_score(render(scene), prompt)``)."""
+    wanted = parse_prompt(prompt)
+    if not wanted:
+        return 1.0
+    shown = scene.attributes()
+    return sum(shown[a] == v for a, v in wanted.items()) / len(wanted)
 
 
 def oracle_scores(images, prompts: list[str]) -> np.ndarray:
