@@ -481,7 +481,11 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     t.cfg = pcfg
     t.device = torch.device("cpu")
     modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), reward) if m is not None]
-    t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta)
+    import inspect
+
+    # As the Trainer builds it (newer samplers also take the UNet's dtype).
+    extra = {"dtype": weight_dtype} if "dtype" in inspect.signature(TruncatedSampler).parameters else {}
+    t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta, **extra)
     t.sampler.timesteps = [_Step(int(x)) for x in t.sampler.timesteps.tolist()]
     if target not in ("cuda", "cpu"):
         raise UserError(f"plan target must be cuda or cpu, got '{target}'")
