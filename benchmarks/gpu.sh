@@ -96,7 +96,6 @@ MAIN="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-pre
 CONFIGS=(
   "sdxl-1024-k1-ckpt|150|--arch sdxl --resolution 1024 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
   "sd15-512-k1-ckpt|90|--arch sd15 --resolution 512 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
-  "sdxl-1024-k1-ckpt-vaeblocks|120|--arch sdxl --resolution 1024 --k 1 --gradient-checkpointing --vae-block-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sdxl-1024-k4-ckpt|100|--arch sdxl --resolution 1024 --k 4 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
