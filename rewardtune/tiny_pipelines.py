@@ -105,3 +105,59 @@ def save_tiny_pipeline(directory: str | Path, family: str = "sd", seed: int = 0,
     pipe = build_tiny_pipeline(family, seed, tokenizer_dir=directory / "tokenizer", **sizes)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+# Real architectures (the published configs of SD 1.5 and SDXL base 1.0) with random weights: memory and
+# speed benchmarks without downloading the checkpoints. Building SDXL takes a GPU's memory or a long wait.
+_FULL_UNETS = {
+    "sd15": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2),
+    "sdxl": dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+}
+
+
+def _full_text_config(vocab_size: int, hidden: int, layers: int, heads: int, act: str, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=projection_dim,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def save_full_size_pipeline(directory: str | Path, arch: str = "sd15", dtype: torch.dtype = torch.float16,
+                            device: str = "cpu", seed: int = 0) -> Path:
+    """Save a randomly initialised pipeline with the real SD 1.5 (``arch='sd15'``: PNDM scheduler as
+    published) or SDXL base (``'sdxl'``: Euler scheduler) architecture, weights in ``dtype``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    directory = Path(directory)
+    vocab_size = write_clip_tokenizer(directory / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**_FULL_UNETS[arch]).to(dtype)
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            sample_size=1024 if arch == "sdxl" else 512, scaling_factor=0.13025 if arch == "sdxl" else 0.18215,
+                            force_upcast=arch == "sdxl").to(dtype)
+        text_encoder = CLIPTextModel(_full_text_config(vocab_size, 768, 12, 12, "quick_gelu", 768)).to(dtype)
+        if arch == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(_full_text_config(vocab_size, 1280, 32, 20, "gelu", 1280)).to(dtype)
+    if arch == "sd15":
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**betas, timestep_spacing="leading"),
+                                         add_watermarker=False)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -45,7 +45,7 @@ def models(sd_model, sdxl_model):
 def tiny_cfg(model, output, **kw) -> FinetuneConfig:
     base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2, batch_size=2,
                 lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, guidance_scale=3.0, eval_every=0,
-                eval_size=4, checkpoint_every=0)
+                eval_size=4, checkpoint_every=0, gradient_checkpointing=False)  # checkpointing: see the tests that turn it on
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -82,15 +82,25 @@ def test_brightness_rises_and_control_falls(sd_model, tmp_path):
     assert all(x["grad_norm"] > 0 and x["step_time"] > 0 and x["peak_memory_mb"] > 0 for x in lines if x["kind"] == "train")
 
 
+@pytest.fixture(scope="module")
+def trainers(sd_model, sdxl_model, tmp_path_factory):
+    """One trainer per family; the method is read from its config at every step, so tests switch it."""
+    out = tmp_path_factory.mktemp("methods")
+    return {f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=Brightness())
+            for f, m in (("sd", sd_model), ("sdxl", sdxl_model))}
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
-def test_each_method_raises_the_reward_of_its_batch(models, family, method, tmp_path):
+def test_each_method_raises_the_reward_of_its_batch(trainers, family, method):
     """One optimizer step of each method raises the reward on the batch it was computed on."""
-    trainer = Trainer(tiny_cfg(models[family], tmp_path, method=method, k=3, lr=1e-2), reward=Brightness())
+    trainer = trainers[family]
+    trainer.cfg.method = method
+    step = trainer.global_step
 
     def batch_reward():
         with torch.no_grad():
-            state = trainer.sample_prefix(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
+            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
             latents, _, prompts = trainer.grad_steps(state)
             return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
 
@@ -175,7 +185,8 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
 
     from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
 
-    cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder)
+    cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder,
+                   gradient_checkpointing=text_encoder)
     trainer = Trainer(cfg, reward=Brightness())
     trainer.step()
     trainer.save_lora(tmp_path / "lora")
@@ -206,3 +217,52 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
                              train_text_encoder=text_encoder), reward=Brightness())
     again.unet.eval()
     torch.testing.assert_close(_pipe_images(again.pipe), tuned, atol=1e-5, rtol=0)
+
+
+def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path):
+    """A v-prediction SD model saved with a PNDM scheduler, in a directory named like SDXL: the family is
+    read from model_index.json, the sampler steps DDIM on the model's config, x0 honours v-prediction."""
+    from diffusers import PNDMScheduler
+
+    from rewardtune.finetune.models import load_pipeline
+    from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+    d = save_tiny_pipeline(tmp_path / "my-sdxl-finetune", "sd", prediction_type="v_prediction")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+                  skip_prk_steps=True, steps_offset=1).save_pretrained(d / "scheduler")
+    index = json.loads((d / "model_index.json").read_text())
+    (d / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    pipe, family = load_pipeline(str(d))
+    assert family == "sd" and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
+    sampler = TruncatedSampler(pipe.scheduler, 4)
+    x, v = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    _, x0 = sampler.ddim_step(v, 1, x, torch.Generator())
+    a = pipe.scheduler.alphas_cumprod[sampler.timesteps[1]]
+    torch.testing.assert_close(x0, a.sqrt() * x - (1 - a).sqrt() * v)
+
+
+def test_sdxl_conditioning_uses_the_real_sizes(sdxl_model, tmp_path):
+    trainer = Trainer(tiny_cfg(sdxl_model, tmp_path, resolution=48), reward=Brightness())
+    cond = trainer.encode(["a cat", "a dog"])
+    assert cond.hidden.shape[0] == 4 and cond.added["text_embeds"].shape[0] == 4  # guidance: uncond + cond rows
+    assert cond.added["time_ids"].tolist() == [[48, 48, 0, 0, 48, 48]] * 4
+    assert trainer.latent_shape == (4, 6, 6)
+    assert trainer.generate(["a cat"], seed=0).shape == (1, 3, 48, 48)
+
+
+def test_model_errors_name_the_problem(tmp_path, monkeypatch):
+    import json as _json
+
+    from rewardtune.errors import OfflineError, UserError
+    from rewardtune.finetune.models import load_pipeline, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(OfflineError, match="stable-diffusion-xl-base-1.0"):
+        resolve_model("sdxl")
+    with pytest.raises(UserError, match="has no model_index.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(_json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(UserError, match="is a StableDiffusion3Pipeline; finetune supports"):
+        load_pipeline(str(tmp_path))

@@ -69,8 +69,9 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
         pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
-    # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type. Like the SD
+    # pipelines' own config fixes: no x0 clipping (latents are not in [-1, 1]) and steps_offset 1.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)
     pipe.set_progress_bar_config(disable=True)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)

@@ -72,8 +72,10 @@ class SampleState:
 class TruncatedSampler:
     """DDIM with classifier-free guidance over a UNet callable ``unet(x, t, **cond) -> output``."""
 
-    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0):
+    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0, dtype: torch.dtype = torch.float32):
+        """``dtype``: the UNet's weights; latents and step arithmetic stay fp32, the UNet gets its own type."""
         self.scheduler = scheduler
+        self.dtype = dtype
         self.n_steps = n_steps
         self.guidance_scale = guidance_scale
         self.eta = eta
@@ -88,7 +90,7 @@ class TruncatedSampler:
         """The guided model output at step ``i`` (fp32, whatever the UNet's precision)."""
         t = self.timesteps[i].to(x.device)
         inp = torch.cat([x, x]) if cond.guided else x
-        inp = self.scheduler.scale_model_input(inp, t)
+        inp = self.scheduler.scale_model_input(inp, t).to(self.dtype)
         out = unet(inp, t, **cond.unet_kwargs(), return_dict=False)[0].float()
         if not cond.guided:
             return out

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from . import lora as lora_mod
@@ -97,7 +96,7 @@ class Trainer:
         prepared = self.accelerator.prepare(self.unet, *self.trained_text_encoders, optimizer)
         self.unet_train, self.optimizer = prepared[0], prepared[-1]
         self.models_train = list(prepared[:-1])
-        self.sampler = TruncatedSampler(self.pipe.scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta)
+        self.sampler = TruncatedSampler(self.pipe.scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta, self.weight_dtype)
         self.global_step = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
@@ -135,6 +134,7 @@ class Trainer:
             self.unet.enable_xformers_memory_efficient_attention()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+            pipe.vae.enable_gradient_checkpointing()  # the decode with gradients, block by block
             for te in self.trained_text_encoders:  # transformers 5 renamed the method
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         if self.trained_text_encoders:
@@ -204,22 +204,16 @@ class Trainer:
             return unet(*args, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B,3,H,W) in [0,1], differentiable; checkpointed under gradient checkpointing."""
+        """Latents -> images (B,3,H,W) in [0,1], differentiable; under gradient checkpointing the VAE
+        decoder recomputes its blocks in the backward pass instead of keeping their activations."""
         vae = self.pipe.vae
         z = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
         z = z.to(vae.dtype)
-
-        def run(z):
-            return vae.decode(z, return_dict=False)[0]
-
         ctx = torch.autocast(self.device.type, enabled=False) if vae.dtype == torch.float32 else self.accelerator.autocast()
         with ctx:
-            if self.cfg.gradient_checkpointing and z.requires_grad:
-                images = checkpoint(run, z, use_reentrant=False)
-            else:
-                images = run(z)
+            images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
