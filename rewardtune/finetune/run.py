@@ -135,14 +135,19 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
         _checkpoint(trainer, out, before, best)
     finally:
         log.close()
-    summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": cfg.reward,
-               "eval_reward": cfg.eval_reward or None, "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
+    summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": _name(reward, cfg.reward),
+               "eval_reward": _name(eval_reward, cfg.eval_reward or None), "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
                "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
                "before": before, "after": after, "lora": str(lora_path)}
     if main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     acc.wait_for_everyone()
     return summary
+
+
+def _name(module, spec):
+    """The reward's spec, or the class of a module passed in its place."""
+    return spec if module is None else f"{type(module).__name__} (passed in)"
 
 
 def _resume_point(out: Path, resume: bool) -> Path | None:

@@ -107,8 +107,9 @@ class Trainer:
         f = self.pipe.vae_scale_factor
         if self.resolution % f:
             raise UserError(f"--resolution {self.resolution} is not divisible by the VAE's factor {f}")
-        if self.family == "sd" and self.resolution // f < 4:
-            raise UserError(f"--resolution {self.resolution} is too small for this model; use at least {4 * f}")
+        smallest = f * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)  # the UNet halves the latent per level
+        if self.resolution < smallest:
+            raise UserError(f"--resolution {self.resolution} is too small for this model; use at least {smallest}")
 
     def _setup_models(self) -> None:
         cfg, pipe = self.cfg, self.pipe
@@ -198,10 +199,10 @@ class Trainer:
             return self.sampler.run_grad(self.unet_train, state, base_unet=base)
 
     def _base_unet(self, *args, **kwargs):
-        """The UNet with its LoRA switched off (the base model), for the regulariser."""
-        unet = self.accelerator.unwrap_model(self.unet_train)
-        with _adapters_disabled(unet):
-            return unet(*args, **kwargs)
+        """The UNet with its LoRA switched off (the base model), for the regulariser (called without
+        gradients, through the wrapped model so sharded weights are gathered)."""
+        with _adapters_disabled(self.accelerator.unwrap_model(self.unet_train)):
+            return self.unet_train(*args, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B,3,H,W) in [0,1], differentiable; under gradient checkpointing the VAE
