@@ -16,7 +16,6 @@ Records are JSON lines; ``benchmarks/report.py`` turns them into the JSON + Mark
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -67,30 +66,14 @@ def finetune_config(args, workdir: Path):
     return build_config(FinetuneConfig, args, config=args.config, **over)
 
 
-@contextlib.contextmanager
 def random_pipeline(arch: str, cfg, workdir: Path):
-    """Make the Trainer's pipeline loader return a random-weight full-size pipeline built on the GPU."""
+    """A random-weight full-size pipeline built on the GPU (handed to the Trainer instead of a model dir)."""
     from rewardtune import plan
-    from rewardtune.finetune import trainer as trainer_mod
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if cfg.vae_fp32 else dtype
-
-    def load(name, dtype_=None):
-        from diffusers import DDIMScheduler
-
-        pipe = plan.build_pipeline(arch, dtype, device, tokenizer_dir=workdir / "tokenizer", vae_dtype=vae_dtype)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # as load_pipeline does
-        pipe.set_progress_bar_config(disable=True)
-        return pipe, plan.FAMILY_OF[arch]
-
-    original = trainer_mod.load_pipeline
-    trainer_mod.load_pipeline = load
-    try:
-        yield
-    finally:
-        trainer_mod.load_pipeline = original
+    return plan.build_pipeline(arch, dtype, device, tokenizer_dir=workdir / "tokenizer", vae_dtype=vae_dtype)
 
 
 def build_reward(args, cfg, workdir: Path):
@@ -188,9 +171,8 @@ def run(args) -> dict:
     record["prediction"] = prediction
     t0 = time.perf_counter()
     reward = build_reward(args, cfg, workdir)
-    ctx = random_pipeline(args.arch, cfg, workdir) if args.arch else contextlib.nullcontext()
-    with ctx:
-        trainer = Trainer(cfg, reward=reward)
+    pipe = random_pipeline(args.arch, cfg, workdir) if args.arch else None
+    trainer = Trainer(cfg, reward=reward, pipe=pipe)
     if args.vae_block_checkpointing:
         trainer.pipe.vae.enable_gradient_checkpointing()
     record["setup_seconds"] = time.perf_counter() - t0

@@ -266,3 +266,19 @@ def test_model_errors_name_the_problem(tmp_path, monkeypatch):
     (tmp_path / "model_index.json").write_text(_json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(UserError, match="is a StableDiffusion3Pipeline; finetune supports"):
         load_pipeline(str(tmp_path))
+
+
+def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_path):
+    """``Trainer(pipe=...)`` (random full-size weights in the benchmarks) prepares the pipeline exactly as
+    loading ``cfg.model`` does: same family, DDIM from its config, same first step's result."""
+    from diffusers import StableDiffusionPipeline
+
+    from rewardtune.finetune import Trainer
+
+    results = []
+    for pipe in (None, StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False)):
+        t = Trainer(tiny_cfg(sd_model, tmp_path / f"out{len(results)}", steps=1), reward=Brightness(), pipe=pipe)
+        assert t.family == "sd" and type(t.pipe.scheduler).__name__ == "DDIMScheduler"
+        assert t.pipe.scheduler.config.clip_sample is False
+        results.append(t.step()["reward"])
+    assert results[0] == pytest.approx(results[1], rel=1e-5)

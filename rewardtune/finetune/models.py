@@ -59,7 +59,7 @@ def model_family(path: Path) -> str:
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
     """(pipeline, family): frozen weights in ``dtype`` and a DDIM scheduler built from the model's config."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = resolve_model(name)
     family = model_family(path)
@@ -69,6 +69,16 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
         pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
+    return prepare_pipeline(pipe)
+
+
+def prepare_pipeline(pipe):
+    """(pipeline, family) for an already built pipeline: DDIM scheduler, frozen parts, no progress bars."""
+    from diffusers import DDIMScheduler
+
+    family = FAMILIES.get(type(pipe).__name__)
+    if family is None:
+        raise UserError(f"a {type(pipe).__name__} cannot be fine-tuned; supported: {' and '.join(FAMILIES)}")
     # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type. Like the SD
     # pipelines' own config fixes: no x0 clipping (latents are not in [-1, 1]) and steps_offset 1.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)

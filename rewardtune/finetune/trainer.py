@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from . import lora as lora_mod
 from .config import FinetuneConfig
-from .models import load_pipeline, make_adapter, native_resolution, text_encoders
+from .models import load_pipeline, make_adapter, native_resolution, prepare_pipeline, text_encoders
 from .prompts import load_prompts
 from .sampler import SampleState, TruncatedSampler, make_plan
 
@@ -74,15 +74,17 @@ class Trainer:
     """Reward fine-tuning of a diffusion model's LoRA; see the module docstring for the parts of ``step``."""
 
     def __init__(self, cfg: FinetuneConfig, reward: torch.nn.Module | None = None,
-                 eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None):
-        """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from."""
+                 eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None,
+                 pipe=None):
+        """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from. ``pipe``: an
+        already built SD/SDXL pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights)."""
         self.cfg = cfg.validate()
         check_optional_packages(cfg)
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
         self.prompts = load_prompts(cfg.prompts)
-        self.pipe, self.family = load_pipeline(cfg.model, self.weight_dtype)
+        self.pipe, self.family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, self.weight_dtype)
         self.adapter = make_adapter(self.pipe, self.family)
         self.resolution = cfg.resolution or native_resolution(self.pipe)
         self._check_resolution()
