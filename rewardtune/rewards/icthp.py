@@ -71,6 +71,7 @@ class ICTReward(CosineReward):
             tower.model.to(dtype)
         return cls(tower)
 
+
 class HPReward(Reward):
     name = "hp"
     needs_prompts = False
