@@ -3,9 +3,13 @@
 Each triplet, as in Ba et al. (ICCV 2025): an easy prompt (shape and one or two more attributes) and a
 refined prompt (every attribute, plus "highly detailed"); I1 (the loser) shows fewer of the easy
 prompt's attributes than I2 (the winner); I3 shows the whole refined prompt and is the most detailed
-(outlined and shaded). Labels follow the paper with the oracle's score in place of CLIP's:
-C(I,P) = min(oracle(I,P)/theta, 1); E2 = C(I2, P_easy); E1 = min(C(I1, P_easy), E2);
+(shaded, where the others are flat, or blurred and grainy). Labels follow the paper with the oracle's
+score in place of CLIP's: C(I,P) = min(oracle(I,P)/theta, 1); E2 = C(I2, P_easy); E1 = min(C(I1, P_easy), E2);
 R2 = E2 * sim(P_easy, P_refined); R1 = E1 * sim, where sim is the prompts' attribute overlap.
+
+Optionally half the I1/I2 pairs are images of the base generator (ordered by the oracle), and a quarter
+of the losers are junk (stray strokes, speckles, cuts), so that the rewards judge generated images and
+do not take high-frequency junk for detail.
 
 Written as ``<root>/<split>.parquet`` with image paths relative to ``<root>``; optionally also the
 published pickle layout ``<root>/Pick-High/<split>.pkl`` (images under ``pick_easy_img/<split>/`` and
@@ -59,44 +63,108 @@ def _variant(rng, scene: world.Scene, easy_attrs: list[str], n_wrong: int, detai
     return world.random_scene(rng, detail=detail, **fixed)
 
 
-def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0):
-    """Render ``n`` triplets of ``split`` under ``root``; returns the pandas DataFrame written."""
+def relabel(t: dict, theta: float = 1.0) -> dict:
+    """Recompute a triplet's labels from the oracle reading its I1 and I2 pixels (after they changed)."""
+    c1, c2 = (min(world.oracle_score(im, t["easy_prompt"]) / theta, 1.0) for im in t["images"][:2])
+    sim = world.prompt_overlap(t["easy_prompt"], t["refine_prompt"])
+    e1 = min(c1, c2)
+    return {**t, "E1": e1, "E2": c2, "R1": e1 * sim, "R2": c2 * sim}
+
+
+def use_generated(triplets: list[dict], chosen: list[int], images: np.ndarray, theta: float = 1.0) -> int:
+    """Replace I1/I2 of the ``chosen`` triplets by two generated images of their easy prompt (``images``
+    holds 2 per chosen triplet, (2k, H, W, 3)), the oracle's preferred one as the winner; pairs the oracle
+    scores alike keep their rendered images. Returns how many triplets changed."""
+    changed = 0
+    for j, i in enumerate(chosen):
+        t = triplets[i]
+        pair = [images[2 * j], images[2 * j + 1]]
+        scores = [world.oracle_score(im, t["easy_prompt"]) for im in pair]
+        if scores[0] == scores[1]:
+            continue
+        lo, hi = (0, 1) if scores[0] < scores[1] else (1, 0)
+        triplets[i] = relabel({**t, "images": [pair[lo], pair[hi], t["images"][2]], "scenes": None}, theta)
+        changed += 1
+    return changed
+
+
+def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0,
+                generate=None, generated: float = 0.5, junk: float = 0.25) -> "pd.DataFrame":
+    """Write ``n`` triplets of ``split`` under ``root``; returns the pandas DataFrame written.
+
+    With ``generate(prompts, seed) -> (B, H, W, 3)`` (the base pipeline), a ``generated`` fraction of the
+    triplets take I1/I2 from it, as Pick-a-Pic's are generated. A ``junk`` fraction of losers get the
+    strokes and speckles reward hacking produces, so the reward models learn those are no improvement."""
     import pandas as pd
-    from PIL import Image
 
     rng = np.random.default_rng([seed, SPLITS.get(split, len(SPLITS))])
-    easy_dir, refine_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split
-    easy_dir.mkdir(parents=True, exist_ok=True)
-    refine_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    triplets = [make_triplet(rng, theta) for _ in range(n)]
+    if generate is not None:
+        chosen = [i for i in range(n) if rng.random() < generated]
+        prompts = [p for i in chosen for p in (triplets[i]["easy_prompt"],) * 2]
+        if chosen:
+            use_generated(triplets, chosen, generate(prompts, seed * 1000 + SPLITS.get(split, 9)), theta)
     for i in range(n):
-        t = make_triplet(rng, theta)
-        names = [f"{i:06d}_0.png", f"{i:06d}_1.png", f"{i:06d}_r.png"]
-        for im, d, name in zip(t["images"], (easy_dir, easy_dir, refine_dir), names):
-            Image.fromarray((im * 255).round().astype(np.uint8)).save(d / name)
-        rows.append({"easy_prompt": t["easy_prompt"], "refine_prompt": t["refine_prompt"],
-                     "easy_image_0": names[0], "easy_image_1": names[1], "refine_image": names[2],
-                     "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "R2": t["R2"]})
-    frame = pd.DataFrame(rows)
+        if rng.random() < junk:
+            t = triplets[i]
+            triplets[i] = relabel({**t, "images": [world.corrupt(t["images"][0], rng), *t["images"][1:]]}, theta)
+    frame = _write_images(root, split, triplets)
     if pickle:
         (root / "Pick-High").mkdir(exist_ok=True)
         _atomic(root / "Pick-High" / f"{split}.pkl", frame.to_pickle)
     rel = frame.copy()
-    for col, sub in (("easy_image_0", easy_dir), ("easy_image_1", easy_dir), ("refine_image", refine_dir)):
-        rel[col] = [str((sub / name).relative_to(root)) for name in rel[col]]
+    for col, sub in (("easy_image_0", "pick_easy_img"), ("easy_image_1", "pick_easy_img"), ("refine_image", "pick_refine_img")):
+        rel[col] = [f"{sub}/{split}/{name}" for name in rel[col]]
     _atomic(root / f"{split}.parquet", lambda p: rel.to_parquet(p, index=False))
     return rel
 
 
+def _write_images(root: Path, split: str, triplets: list[dict]):
+    """PNG files of every triplet; the table with image names as the published pickle has them."""
+    import pandas as pd
+    from PIL import Image
+
+    easy_dir, refine_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split
+    easy_dir.mkdir(parents=True, exist_ok=True)
+    refine_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, t in enumerate(triplets):
+        names = [f"{i:06d}_0.png", f"{i:06d}_1.png", f"{i:06d}_r.png"]
+        for im, d, name in zip(t["images"], (easy_dir, easy_dir, refine_dir), names):
+            Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)).save(d / name)
+        rows.append({"easy_prompt": t["easy_prompt"], "refine_prompt": t["refine_prompt"],
+                     "easy_image_0": names[0], "easy_image_1": names[1], "refine_image": names[2],
+                     "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "R2": t["R2"]})
+    return pd.DataFrame(rows)
+
+
 def write_preference_set(root: str | os.PathLike, sizes: dict[str, int] | None = None, seed: int = 0,
-                         pickle: bool = False, theta: float = 1.0) -> dict[str, int]:
+                         pickle: bool = False, theta: float = 1.0, generate=None) -> dict[str, int]:
     """Write the train/val/test splits (default 4000/500/1000 triplets); returns the split sizes."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {"train": 4000, "val": 500, "test": 1000}
     for split, n in sizes.items():
-        write_split(root, split, n, seed, pickle, theta)
+        write_split(root, split, n, seed, pickle, theta, generate=generate)
     return dict(sizes)
+
+
+def pipeline_sampler(pipeline_dir: str | os.PathLike, steps: int = 10, guidance: float = 3.0, batch: int = 128):
+    """``generate(prompts, seed) -> (B, H, W, 3)`` float images from a diffusers pipeline directory."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def generate(prompts: list[str], seed: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(seed)
+        out = [pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                    generator=g).images for i in range(0, len(prompts), batch)]
+        return torch.cat(out).permute(0, 2, 3, 1).float().numpy()
+
+    return generate
 
 
 def _atomic(path: Path, write) -> None:

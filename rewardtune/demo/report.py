@@ -13,17 +13,24 @@ import torch
 
 from ..images import make_grid, save_image, to_uint8
 from ..sources import atomic_write_text
+from .world import ATTRIBUTES
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+COLOURS = ["#111111", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 GRID_COLUMNS = 8
+CHART_WIDTH = 560
 GRID_SCALE = 3  # 32 px images, shown larger
 SHOWN_PROMPTS = 16
 
 
-def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: int = 460, height: int = 260) -> str:
+def reward_label(reward: str) -> str:
+    """How the report and the console name the training reward: 'ICT-HP' for icthp, else the spec itself."""
+    return "ICT-HP" if reward == "icthp" else reward
+
+
+def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: int = CHART_WIDTH, height: int = 260) -> str:
     """A line chart of named (x, y) series with axes, ticks and a legend, as an SVG element."""
     pts = [p for s in series.values() for p in s]
-    left, right, top, bottom = 52, 12, 28, 34
+    left, right, top, bottom = 52, 190, 28, 34  # the legend sits on the right
     w, h = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
              f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
@@ -52,8 +59,8 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: i
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
         if len(s) <= 30:
             parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in (px(a, b) for a, b in s)]
-        parts.append(f'<rect x="{left + 8}" y="{top + 6 + 14 * i}" width="10" height="3" fill="{colour}"/>'
-                     f'<text x="{left + 22}" y="{top + 10 + 14 * i}">{html.escape(name)}</text>')
+        parts.append(f'<rect x="{left + w + 10}" y="{top + 6 + 14 * i}" width="10" height="3" fill="{colour}"/>'
+                     f'<text x="{left + w + 24}" y="{top + 10 + 14 * i}">{html.escape(name)}</text>')
     return "".join(parts) + "</svg>"
 
 
@@ -84,10 +91,13 @@ def write_report(out: Path, summary: dict, hook, prompts: list[str], train_rewar
         grid = make_grid(images, ncol=GRID_COLUMNS)
         save_image(torch.nn.functional.interpolate(grid[None], scale_factor=GRID_SCALE, mode="nearest")[0], out / name)
     evals = summary["evaluations"]
+    name = reward_label(summary["config"]["reward"])
     charts = [
-        svg_chart({"oracle (held-out prompts)": [(e["step"], e["oracle"]) for e in evals]}, "Oracle: fraction of attributes shown"),
-        svg_chart({"ICT-HP (held-out prompts)": [(e["step"], e["reward"]) for e in evals if "reward" in e],
-                   "ICT-HP (training batch, smoothed)": smooth(train_rewards)}, "Training reward"),
+        svg_chart({"oracle (mean)": [(e["step"], e["oracle"]) for e in evals],
+                   **{a: [(e["step"], e[f"oracle_{a}"]) for e in evals if f"oracle_{a}" in e] for a in ATTRIBUTES}},
+                  "Oracle on held-out prompts: attributes shown"),
+        svg_chart({f"{name} (held-out prompts)": [(e["step"], e["reward"]) for e in evals if "reward" in e],
+                   f"{name} (training batch, smoothed)": smooth(train_rewards)}, "Training reward"),
         svg_chart({"held-out CLIP": [(e["step"], e["eval_reward"]) for e in evals if "eval_reward" in e]},
                   "Held-out reward (never trained on)"),
     ]
@@ -97,8 +107,8 @@ def write_report(out: Path, summary: dict, hook, prompts: list[str], train_rewar
 
 def _stack_svgs(charts: list[str]) -> str:
     """One SVG with the charts side by side (for viewing outside the report)."""
-    width = 460 * len(charts)
-    inner = "".join(f'<g transform="translate({460 * i},0)">{c}</g>' for i, c in enumerate(charts))
+    width = CHART_WIDTH * len(charts)
+    inner = "".join(f'<g transform="translate({CHART_WIDTH * i},0)">{c}</g>' for i, c in enumerate(charts))
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="260">{inner}</svg>\n'
 
 
@@ -107,12 +117,11 @@ def _html(s: dict, charts: list[str], before, after, scores_before, scores_after
     for i, p in enumerate(prompts[:SHOWN_PROMPTS]):
         rows.append(f"<tr><td>{html.escape(p)}</td><td><img src='{_png_data(before[i], 3)}'></td><td>{scores_before[i]:.2f}</td>"
                     f"<td><img src='{_png_data(after[i], 3)}'></td><td>{scores_after[i]:.2f}</td></tr>")
-    metric_rows = "".join(
-        f"<tr><td>{name}</td><td>{s[a]:.3f}</td><td>{s[b]:.3f}</td><td>{s[b] - s[a]:+.3f}</td></tr>"
-        for name, a, b in [("oracle (fraction of attributes shown)", "oracle_before", "oracle_after"),
-                           ("ICT-HP reward (trained on)", "reward_before", "reward_after"),
-                           ("held-out CLIP (never trained on)", "heldout_reward_before", "heldout_reward_after"),
-                           ("detail (mean gradient magnitude)", "detail_before", "detail_after")])
+    pairs = [("oracle (fraction of attributes shown)", s["oracle_before"], s["oracle_after"]),
+             (f"{reward_label(s['config']['reward'])} reward (trained on)", s["reward_before"], s["reward_after"]),
+             ("held-out CLIP (never trained on)", s["heldout_reward_before"], s["heldout_reward_after"])]
+    pairs += [(f"&nbsp;&nbsp;{a} right", v, s["attributes_after"][a]) for a, v in s["attributes_before"].items() if v is not None]
+    metric_rows = "".join(f"<tr><td>{name}</td><td>{x:.3f}</td><td>{y:.3f}</td><td>{y - x:+.3f}</td></tr>" for name, x, y in pairs)
     cfg = s["config"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>rewardtune demo</title>

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..sources import atomic_write_text
 from . import world
 from .build import MODELS_DIR
+from .report import reward_label, write_report
 
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
 REQUIRED = ["pipeline/model_index.json", "ict/config.json", "hp/hp_backbone/config.json", "heldout_clip/config.json"]
@@ -35,15 +36,20 @@ OUTPUTS = ["summary.json", "report.html", "before.png", "after.png", "curves.svg
 class DemoConfig:
     output: str = option("rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)")
     models: str = option(str(MODELS_DIR), "models directory (default: the bundled rewardtune/demo/models)")
-    steps: int = option(120, "fine-tuning steps")
+    reward: str = option("icthp", "training reward from the bundled ICT and HP: icthp (the paper's ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'")
+    steps: int = option(500, "fine-tuning steps")
     batch_size: int = option(8, "prompts per step")
-    lr: float = option(3e-3, "LoRA learning rate")
+    lr: float = option(1e-3, "LoRA learning rate")
     lora_rank: int = option(8, "LoRA rank")
-    k: int = option(1, "DRaFT-K: denoising steps that carry gradients")
+    lora_targets: list = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA weights")
+    train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder")
+    reg_weight: float = option(0.0, "weight of the penalty on the LoRA moving the noise predictions away from the base model's")
+    k: int = option(10, "DRaFT-K: denoising steps that carry gradients (default all 10: background, colour and layout are "
+                        "decided in the early steps, which K=1 cannot reach)")
     sample_steps: int = option(10, "DDIM sampling steps")
     guidance_scale: float = option(3.0, "classifier-free guidance scale")
-    eval_every: int = option(20, "evaluate (ICT-HP, held-out CLIP, oracle) every N steps")
-    eval_size: int = option(48, "held-out prompts evaluated, one image each, same seeds before and after")
+    eval_every: int = option(50, "evaluate (training reward, held-out CLIP, oracle) every N steps")
+    eval_size: int = option(96, "held-out prompts evaluated, one image each, same seeds before and after")
     train_prompts: int = option(200, "distinct training prompts")
     seed: int = option(0, "random seed (prompts, noise)")
     threads: int = option(2, "torch CPU threads")
@@ -70,7 +76,8 @@ def check_models(models: Path) -> None:
 
 
 def make_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
-    """``n`` distinct full prompts of the world (every content attribute), none of ``exclude``."""
+    """``n`` distinct full prompts of the world (every content attribute, and 'highly detailed' as
+    people write), none of ``exclude``."""
     rng = np.random.default_rng([seed, 500])
     out: list[str] = []
     seen = set(exclude)
@@ -78,7 +85,7 @@ def make_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str
     if n > limit:
         raise UserError(f"demo: asked for {n} distinct prompts but the world has only {limit} left")
     while len(out) < n:
-        p = world.make_prompt(world.random_scene(rng).attributes())
+        p = world.make_prompt(world.random_scene(rng).attributes(), detailed=True)
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -86,7 +93,8 @@ def make_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str
 
 
 class OracleHook:
-    """``eval_hook`` for ``run_finetune``: the oracle's mean score and the images' detail at each evaluation."""
+    """``eval_hook`` for ``run_finetune``: the oracle's mean score, and how often each attribute is right,
+    at each evaluation."""
 
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
@@ -96,11 +104,17 @@ class OracleHook:
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         scores = world.oracle_scores(images, prompts)
-        detail = float(np.mean([world.detail_level(im) for im in images.numpy()]))
         self.images[step], self.scores[step] = images.clone(), scores
-        metrics = {"oracle": float(scores.mean()), "detail": detail}
-        print(f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  detail {detail:.3f}  "
-              f"({time.time() - self.t0:.0f} s)", flush=True)
+        seen = [world.read_scene(im) for im in images.numpy()]
+        wanted = [world.parse_prompt(p) for p in prompts]
+        metrics = {"oracle": float(scores.mean())}
+        for a in world.ATTRIBUTES:
+            asked = [(s[a], w[a]) for s, w in zip(seen, wanted) if a in w]
+            if asked:
+                metrics[f"oracle_{a}"] = float(np.mean([x == y for x, y in asked]))
+        print(f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
+              + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
+              + f")  {time.time() - self.t0:.0f} s", flush=True)
         return metrics
 
 
@@ -119,14 +133,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
     atomic_write_text(out / "prompts_train.txt", "\n".join(train) + "\n")
     atomic_write_text(out / "prompts_heldout.txt", "\n".join(heldout) + "\n")
-    print(f"demo: fine-tuning {models / 'pipeline'} on ICT-HP for {cfg.steps} steps "
+    print(f"demo: fine-tuning {models / 'pipeline'} on {cfg.reward} for {cfg.steps} steps "
           f"({len(train)} training prompts, {len(heldout)} held-out prompts)", flush=True)
-    reward = load_reward("icthp", ict=str(models / "ict"), hp=str(models / "hp"))
+    reward = load_reward(cfg.reward, ict=str(models / "ict"), hp=str(models / "hp"))
     heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
     ft = FinetuneConfig(
-        model=str(models / "pipeline"), reward="icthp", prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
+        model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
         method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lora_rank=cfg.lora_rank,
-        lora_alpha=float(cfg.lora_rank), sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets), train_text_encoder=cfg.train_text_encoder,
+        reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
         gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=0, eval_every=cfg.eval_every,
         eval_prompts=str(out / "prompts_heldout.txt"), eval_size=cfg.eval_size, eval_reward="clip",
         ict=str(models / "ict"), hp=str(models / "hp"), clip=str(models / "heldout_clip"))
@@ -134,8 +149,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = run_finetune(ft, reward=reward, eval_reward=heldout_reward, eval_hook=hook)
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
-    from .report import write_report
-
     train_rewards = [(r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None]
     write_report(out, summary, hook, heldout, train_rewards)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -160,9 +173,10 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "oracle_before": before["oracle"], "oracle_after": after["oracle"],
         "reward_before": before["reward"], "reward_after": after["reward"],
         "heldout_reward_before": before["eval_reward"], "heldout_reward_after": after["eval_reward"],
-        "detail_before": before["detail"], "detail_after": after["detail"],
+        "attributes_before": {a: before.get(f"oracle_{a}") for a in world.ATTRIBUTES},
+        "attributes_after": {a: after.get(f"oracle_{a}") for a in world.ATTRIBUTES},
         "steps": result["steps"], "seconds": round(seconds, 1), "lora": result["lora"],
-        "reward": "icthp (bundled ICT x HP)", "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
+        "reward": f"{cfg.reward} (bundled ICT and HP)", "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
         "evaluations": [{k: v for k, v in e.items() if k != "kind"} for e in evaluations],
         "config": dataclasses.asdict(cfg),
     }
@@ -181,8 +195,10 @@ def _print_summary(s: dict, out: Path) -> None:
 
     print("demo: done in {:.0f} s".format(s["seconds"]))
     print(line("oracle (attributes)", s["oracle_before"], s["oracle_after"]))
-    print(line("ICT-HP reward", s["reward_before"], s["reward_after"]))
+    print(line(f"{reward_label(s['config']['reward'])} reward", s["reward_before"], s["reward_after"]))
     print(line("held-out CLIP", s["heldout_reward_before"], s["heldout_reward_after"]))
-    print(line("detail", s["detail_before"], s["detail_after"]))
+    for a in world.ATTRIBUTES:
+        if s["attributes_before"][a] is not None:
+            print(line(f"  {a} right", s["attributes_before"][a], s["attributes_after"][a]))
     print(f"demo: report {out / 'report.html'}, LoRA {s['lora']}")
     sys.stdout.flush()

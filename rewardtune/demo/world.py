@@ -3,7 +3,7 @@ attributes back from the pixels.
 
 A scene is one shape on a plain background. Content attributes (what a prompt can ask for):
 ``colour``, ``shape``, ``size``, ``position``, ``background``. Besides them every image has a
-``detail`` level that no prompt controls: 0 blurred, 1 flat, 2 outlined and shaded. Detail is the
+``detail`` level that no prompt controls: 0 blurred and grainy, 1 flat, 2 shaded. Detail is the
 image-only quality HP can learn and ICT need not.
 
 The oracle scores an image against a prompt as the fraction of the prompt's attributes it shows,
@@ -170,21 +170,47 @@ def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 4) -> np.nda
     colour = np.array(COLOURS[scene.colour], np.float32) / 255
     mask = _shape_mask(scene.shape, cx, cy, r, xs, ys)
     img[mask] = colour
-    if scene.detail >= 2:
-        inner = _shape_mask(scene.shape, cx, cy, r - 1.3 * scale, xs, ys)
-        img[mask & ~inner] = colour * 0.45  # dark outline
-        hx, hy = cx - 0.3 * r, cy - 0.3 * r + (0.3 * r if scene.shape == "triangle" else 0)
-        shine = inner & ((xs - hx) ** 2 + (ys - hy) ** 2 <= (0.3 * r) ** 2)
-        img[shine] = colour * 0.4 + 0.6  # highlight
+    if scene.detail >= 2:  # soft shading: lit from the upper left, as if the shape had volume
+        g = np.clip(((cx - xs) + (cy - ys)) / (1.4 * r), -1, 1)[mask][:, None]
+        img[mask] = np.where(g > 0, colour + (1 - colour) * 0.45 * g, colour * (1 + 0.45 * g))
     img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
-    if scene.detail <= 0:
+    if scene.detail <= 0:  # low quality: blurred and grainy
         img = _blur(img, 1.0 * scale)
+        grain = np.random.default_rng(int(1e6 * abs(jx) + 1e3 * abs(jy) + 7)).normal(0, 0.04, img.shape)
+        img = img + grain.astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
 def render_batch(scenes: list[Scene], size: int = IMAGE_SIZE) -> np.ndarray:
     """(B, 3, size, size) float32 in [0, 1]."""
     return np.stack([render(s, size) for s in scenes]).transpose(0, 3, 1, 2)
+
+
+def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Junk of the kind reward hacking produces: stray coloured strokes, speckled patches and cuts
+    through the object, on an (H, W, 3) image in [0, 1]. A copy; the input is left alone."""
+    img = np.array(image, dtype=np.float32)
+    h, w = img.shape[:2]
+    palette = [np.array(c, np.float32) / 255 for c in COLOURS.values()] + [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    bg = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
+    kinds = rng.choice(["strokes", "speckle", "cuts"], size=int(rng.integers(1, 4)), replace=False)
+    for kind in kinds:
+        if kind == "speckle":
+            y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
+            ph, pw = rng.integers(6, 13), rng.integers(6, 13)
+            patch = img[y : y + ph, x : x + pw]
+            noise = np.stack([palette[i] for i in rng.integers(0, len(palette), patch.shape[:2]).ravel()]).reshape(patch.shape)
+            img[y : y + ph, x : x + pw] = 0.4 * patch + 0.6 * noise
+            continue
+        for _ in range(int(rng.integers(2, 6))):
+            colour = bg if kind == "cuts" else palette[rng.integers(0, len(palette))]
+            (x0, y0), angle = rng.uniform(0, w, 2), rng.uniform(0, np.pi)
+            length = rng.uniform(6, 20)
+            t = np.linspace(-0.5, 0.5, 40)[:, None] * length
+            pts = np.round(np.array([x0, y0]) + t * np.array([np.cos(angle), np.sin(angle)])).astype(int)
+            ok = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+            img[pts[ok, 1], pts[ok, 0]] = colour
+    return np.clip(img, 0, 1)
 
 
 # ---------------------------------------------------------------- oracle
@@ -332,12 +358,3 @@ def oracle_scores(images, prompts: list[str]) -> np.ndarray:
     """Oracle scores of a batch: images (B, 3, H, W) tensor or array in [0, 1]."""
     arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     return np.array([oracle_score(im, p) for im, p in zip(arr, prompts)], dtype=np.float32)
-
-
-def detail_level(image: np.ndarray) -> float:
-    """Mean gradient magnitude of the image (a sharpness measure; outlined, crisp shapes score higher)."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)
-    gx, gy = np.abs(np.diff(img, axis=1)).sum(-1), np.abs(np.diff(img, axis=0)).sum(-1)
-    return float(gx.mean() + gy.mean())
