@@ -142,11 +142,7 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
         logits = tower.model.logit_scale.exp().clamp(max=100) * img @ txt.T
         contrastive = 0.5 * (_soft_ce(logits, match) + _soft_ce(logits.T, match.T))
         aux = heads.loss(img_raw, batch_scenes, txt_raw, texts)
-        loss = contrastive + aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, contrastive + aux_weight * aux)
         if step % 100 == 0 or step == steps - 1:
             log(f"clip {directory.name} step {step}/{steps} contrastive {contrastive.item():.3f} attributes {aux.item():.3f}")
     tower.model.eval().cpu()
@@ -204,6 +200,16 @@ def _soft_ce(logits: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
 
 
+def _optimizer_step(opt, sched, loss: torch.Tensor, clip_norm: float = 0.0) -> None:
+    """One step of the builders' training loops: backward, optional gradient clipping, optimizer and lr schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_norm)
+    opt.step()
+    sched.step()
+
+
 def _one_cycle(opt, lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
 
@@ -229,11 +235,7 @@ def train_vae(images, steps: int, seed: int, batch: int = 32, lr: float = 3e-3, 
         post = vae.encode(x).latent_dist
         y = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)).sample
         rec = (y - x).abs().mean() + (y - x).pow(2).mean()
-        loss = rec + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, rec + 1e-6 * post.kl().mean())
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} reconstruction {rec.item():.4f}")
     vae.eval()
@@ -297,11 +299,7 @@ def train_unet(latents, scenes, text_encoder, tokenizer, steps: int, seed: int, 
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g).to(device)
         pred = unet(noise_sched.add_noise(x0, eps, t), t, hidden).sample
         loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, clip_norm=1.0)
         decay = min(ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in unet.state_dict().items():
@@ -379,7 +377,7 @@ def calibrate_hp(hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, sp
         x = np.stack([np.asarray(Image.open(data_root / p).convert("RGB"), np.float32) / 255 for p in paths])
         raw.append(hp.logits(torch.from_numpy(x).permute(0, 3, 1, 2)).flatten())
     offset = float(math.log(target / (1 - target)) - torch.cat(raw).mean())
-    head = next(Path(hp_dir, "hp_scorer").glob("mlp_pytorch_model.safetensors"))
+    head = Path(hp_dir, "hp_scorer", "mlp_pytorch_model.safetensors")
     state = load_file(head)
     last = max((k for k in state if k.endswith(".bias")), key=lambda k: int(k.split(".")[1]))
     state[last] = state[last] + offset
