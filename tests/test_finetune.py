@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from rewardtune.errors import UserError
 from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, run_finetune
 from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler
 
@@ -282,3 +283,21 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
         assert t.pipe.scheduler.config.clip_sample is False
         results.append(t.step()["reward"])
     assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path, schedule):
+    from rewardtune.schedules import lr_factor
+
+    cfg = tiny_cfg(sd_model, tmp_path, steps=4, lr=1e-2, lr_schedule=schedule, warmup_steps=1, sample_steps=2, k=1, batch_size=1)
+    trainer = Trainer(cfg, reward=Brightness())
+    lrs = [trainer.step()["lr"] for _ in range(4)]
+    expected = {"constant": [0.5, 1, 1, 1], "linear": [0.5, 1, 2 / 3, 1 / 3],
+                "cosine": [0.5, 1, 0.75, 0.25]}[schedule]
+    assert lrs == pytest.approx([1e-2 * f for f in expected])
+    assert [lr_factor(schedule, 1, 4)(s) for s in range(4)] == pytest.approx(expected)
+
+
+def test_unknown_lr_schedule_is_a_clear_error(sd_model, tmp_path):
+    with pytest.raises(UserError, match="--lr-schedule 'step'"):
+        tiny_cfg(sd_model, tmp_path, lr_schedule="step").validate()

@@ -40,6 +40,7 @@ class DemoConfig:
     steps: int = option(500, "fine-tuning steps")
     batch_size: int = option(8, "prompts per step")
     lr: float = option(1e-3, "LoRA learning rate")
+    lr_schedule: str = option("constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps")
     lora_rank: int = option(8, "LoRA rank")
     lora_targets: list = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA weights")
     train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder")
@@ -139,7 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
     ft = FinetuneConfig(
         model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
-        method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lora_rank=cfg.lora_rank,
+        method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
+        lora_rank=cfg.lora_rank,
         lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets), train_text_encoder=cfg.train_text_encoder,
         reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
         gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=0, eval_every=cfg.eval_every,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..errors import UserError
+from ..schedules import LR_SCHEDULES
 
 METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -30,6 +31,8 @@ class FinetuneConfig:
     batch_size: int = option(1, "prompts per process per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(2e-4, "AdamW learning rate of the LoRA weights")
+    lr_schedule: str = option("constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps", choices=list(LR_SCHEDULES))
+    warmup_steps: int = option(0, "linear lr warmup steps")
     weight_decay: float = option(1e-2, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
     lora_rank: int = option(8, "LoRA rank")
@@ -87,9 +90,12 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum", "sample_steps", "lora_rank", "k", "eval_size", "max_nonfinite", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "lv_samples", "reg_weight", "max_grad_norm", "early_stop_drop", "lr", "eta"):
+        for name in ("checkpoint_every", "eval_every", "lv_samples", "reg_weight", "max_grad_norm", "early_stop_drop", "lr", "eta",
+                     "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
         if self.checkpoints_keep < 1:
             raise UserError(f"--checkpoints-keep must be at least 1, got {self.checkpoints_keep}")
         if self.k > self.sample_steps:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
 from .models import load_pipeline, make_adapter, native_resolution, prepare_pipeline, text_encoders
@@ -98,6 +99,7 @@ class Trainer:
         prepared = self.accelerator.prepare(self.unet, *self.trained_text_encoders, optimizer)
         self.unet_train, self.optimizer = prepared[0], prepared[-1]
         self.models_train = list(prepared[:-1])
+        self.lr_factor = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
         self.sampler = TruncatedSampler(self.pipe.scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta, self.weight_dtype)
         self.global_step = 0
         self.nonfinite_in_row = 0
@@ -245,6 +247,8 @@ class Trainer:
             else:
                 norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
             if math.isfinite(norm) or acc.distributed_type == "DEEPSPEED":
+                for group in self.optimizer.param_groups:  # from the step counter, so a resumed run needs no state
+                    group["lr"] = self.cfg.lr * self.lr_factor(self.global_step)
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from ..config import config_to_yaml
 from ..data import find_split
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
+from ..schedules import lr_factor
 from ..sources import atomic_write_text
 from . import models
 from .config import TrainRewardConfig
@@ -114,17 +114,7 @@ class Stage:
 
 def make_schedule(cfg: TrainRewardConfig):
     """Multiplier of the peak lr at each step: linear warmup, then linear/cosine decay to 0 or constant."""
-    warmup, total, kind = cfg.warmup, cfg.steps, cfg.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    return lr_factor(cfg.lr_schedule, cfg.warmup, cfg.steps)
 
 
 def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: int = 0):
