@@ -364,9 +364,9 @@ def calibrate_hp(hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, sp
     """Shift the HP scorer's last bias so that the ``split``'s I3 images average sigmoid(raw) = ``target``;
     returns the shift."""
     import pandas as pd
-    from PIL import Image
     from safetensors.torch import load_file, save_file
 
+    from ..images import load_image
     from ..rewards import load_reward
 
     frame = pd.read_parquet(data_root / f"{split}.parquet").head(limit)
@@ -374,8 +374,7 @@ def calibrate_hp(hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, sp
     raw = []
     for i in range(0, len(frame), 64):
         paths = frame["refine_image"].iloc[i : i + 64]
-        x = np.stack([np.asarray(Image.open(data_root / p).convert("RGB"), np.float32) / 255 for p in paths])
-        raw.append(hp.logits(torch.from_numpy(x).permute(0, 3, 1, 2)).flatten())
+        raw.append(hp.logits(torch.stack([load_image(data_root / p) for p in paths])).flatten())
     offset = float(math.log(target / (1 - target)) - torch.cat(raw).mean())
     head = Path(hp_dir, "hp_scorer", "mlp_pytorch_model.safetensors")
     state = load_file(head)

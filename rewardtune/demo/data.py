@@ -63,9 +63,12 @@ def _variant(rng, scene: world.Scene, easy_attrs: list[str], n_wrong: int, detai
     return world.random_scene(rng, detail=detail, **fixed)
 
 
-def relabel(t: dict, theta: float = 1.0) -> dict:
-    """Recompute a triplet's labels from the oracle reading its I1 and I2 pixels (after they changed)."""
-    c1, c2 = (min(world.oracle_score(im, t["easy_prompt"]) / theta, 1.0) for im in t["images"][:2])
+def relabel(t: dict, theta: float = 1.0, scores: tuple[float, float] | None = None) -> dict:
+    """Recompute a triplet's labels from the oracle reading its I1 and I2 pixels (after they changed);
+    ``scores``: those readings' easy-prompt scores, when the caller already has them."""
+    if scores is None:
+        scores = tuple(world.oracle_score(im, t["easy_prompt"]) for im in t["images"][:2])
+    c1, c2 = (min(s / theta, 1.0) for s in scores)
     sim = world.prompt_overlap(t["easy_prompt"], t["refine_prompt"])
     e1 = min(c1, c2)
     return {**t, "E1": e1, "E2": c2, "R1": e1 * sim, "R2": c2 * sim}
@@ -83,7 +86,8 @@ def use_generated(triplets: list[dict], chosen: list[int], images: np.ndarray, t
         if scores[0] == scores[1]:
             continue
         lo, hi = (0, 1) if scores[0] < scores[1] else (1, 0)
-        triplets[i] = relabel({**t, "images": [pair[lo], pair[hi], t["images"][2]], "scenes": None}, theta)
+        triplets[i] = relabel({**t, "images": [pair[lo], pair[hi], t["images"][2]], "scenes": None}, theta,
+                              scores=(scores[lo], scores[hi]))
         changed += 1
     return changed
 

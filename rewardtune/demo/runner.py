@@ -104,10 +104,10 @@ class OracleHook:
         self.t0 = time.time()
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
-        scores = world.oracle_scores(images, prompts)
-        self.images[step], self.scores[step] = images.clone(), scores
-        seen = [world.read_scene(im) for im in images.numpy()]
+        seen = [world.read_scene(im) for im in images.numpy()]  # read once: the score and each attribute come from it
         wanted = [world.parse_prompt(p) for p in prompts]
+        scores = np.array([world.shown_fraction(s, w) for s, w in zip(seen, wanted)], dtype=np.float32)
+        self.images[step], self.scores[step] = images.clone(), scores
         metrics = {"oracle": float(scores.mean())}
         for a in world.ATTRIBUTES:
             asked = [(s[a], w[a]) for s, w in zip(seen, wanted) if a in w]
@@ -141,8 +141,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     ft = FinetuneConfig(
         model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
         method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
-        lora_rank=cfg.lora_rank,
-        lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets), train_text_encoder=cfg.train_text_encoder,
+        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets),
+        train_text_encoder=cfg.train_text_encoder,
         reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
         gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=0, eval_every=cfg.eval_every,
         eval_prompts=str(out / "prompts_heldout.txt"), eval_size=cfg.eval_size, eval_reward="clip",

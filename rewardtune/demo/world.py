@@ -336,22 +336,22 @@ def read_scene(image: np.ndarray) -> dict[str, str | None]:
     return out
 
 
+def shown_fraction(shown: dict[str, str | None], wanted: dict[str, str]) -> float:
+    """Fraction of the ``wanted`` attribute values that ``shown`` has, in [0, 1] (1.0 when nothing is wanted)."""
+    if not wanted:
+        return 1.0
+    return sum(shown.get(a) == v for a, v in wanted.items()) / len(wanted)
+
+
 def oracle_score(image: np.ndarray, prompt: str) -> float:
     """Fraction of the prompt's content attributes the image shows, in [0, 1] (1.0 for a prompt asking nothing)."""
     wanted = parse_prompt(prompt)
-    if not wanted:
-        return 1.0
-    seen = read_scene(image)
-    return sum(seen.get(a) == v for a, v in wanted.items()) / len(wanted)
+    return shown_fraction(read_scene(image), wanted) if wanted else 1.0
 
 
 def scene_score(scene: Scene, prompt: str) -> float:
     """The oracle's score from a scene's known attributes (equal to ``oracle_score(render(scene), prompt)``)."""
-    wanted = parse_prompt(prompt)
-    if not wanted:
-        return 1.0
-    shown = scene.attributes()
-    return sum(shown[a] == v for a, v in wanted.items()) / len(wanted)
+    return shown_fraction(scene.attributes(), parse_prompt(prompt))
 
 
 def oracle_scores(images, prompts: list[str]) -> np.ndarray:
