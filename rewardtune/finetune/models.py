@@ -91,6 +91,20 @@ def prepare_pipeline(pipe):
     return pipe, family
 
 
+def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None):
+    """The family's pipeline from built parts (``unet``, ``vae``, ``text_encoder``[``_2``], ``scheduler``), with
+    the settings every rewardtune pipeline has: no safety checker, no watermark, SDXL's zeroed empty prompt."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sd":
+        return StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES.values())}")
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
     """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36); pass whichever this version takes."""
     if dtype == torch.float32:

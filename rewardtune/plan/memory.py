@@ -1,8 +1,4 @@
-"""Full-size architectures without downloads, and the memory planner of ``rewardtune plan``.
-
-The JSON configs in ``rewardtune/configs/`` are the public ``config.json`` files of SD 1.5, SDXL base
-and CLIP ViT-H-14 (the ICT/HP backbone). Random weights built from them cost the same time and memory
-as the released ones, so benchmarks and the planner need no download.
+"""The memory planner of ``rewardtune plan``.
 
 The planner runs one real fine-tuning step (the Trainer's own sampling, gradient steps, decode and
 reward code) on fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes and dtypes,
@@ -18,148 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-# The JSON file of each part of each full-size family.
-ARCHITECTURES = {
-    "sd15": {"unet": "sd15_unet", "vae": "sd15_vae", "text_encoder": "sd15_text_encoder", "scheduler": "sd15_scheduler"},
-    "sdxl": {"unet": "sdxl_unet", "vae": "sdxl_vae", "text_encoder": "sdxl_text_encoder",
-             "text_encoder_2": "sdxl_text_encoder_2", "scheduler": "sdxl_scheduler"},
-}
-FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl"}
-REWARD_BACKBONE = "clip_vit_h14"
-
-
-def arch_config(name: str) -> dict:
-    """A shipped config (``sdxl_unet``, ``clip_vit_h14``, ...) without its bookkeeping keys (``_source``)."""
-    path = CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise UserError(f"no shipped architecture config '{name}'; shipped: {', '.join(names)}")
-    data = json.loads(path.read_text())
-    return {k: v for k, v in data.items() if k not in ("_source", "_class_name")}
-
-
-def config_class_name(name: str) -> str | None:
-    return json.loads((CONFIG_DIR / f"{name}.json").read_text()).get("_class_name")
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules directly in ``dtype`` (no fp32 copy first)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-_TOKENIZERS: dict = {}
-
-
-def _tokenizer(tokenizer_dir: Path | None):
-    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file (once per process)."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    from .tiny import write_clip_tokenizer
-
-    if tokenizer_dir is None and "default" in _TOKENIZERS:
-        return _TOKENIZERS["default"]
-    directory = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="rewardtune-tok-"))
-    if not (directory / "vocab.json").is_file():
-        write_clip_tokenizer(directory)
-    tok = CLIPTokenizer.from_pretrained(str(directory))
-    if tokenizer_dir is None:
-        _TOKENIZERS["default"] = tok
-    return tok
-
-
-def build_parts(arch: str, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None) -> dict:
-    """Random-weight UNet, VAE, text encoder(s) and scheduler of ``arch`` ('sd15' or 'sdxl'), built on ``device``."""
-    import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown architecture '{arch}'; shipped: {', '.join(ARCHITECTURES)}")
-    names = ARCHITECTURES[arch]
-    parts = {}
-    with torch.device(device):
-        with default_dtype(dtype):
-            parts["unet"] = UNet2DConditionModel.from_config(arch_config(names["unet"]))
-            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**arch_config(names["text_encoder"])))
-            if "text_encoder_2" in names:
-                parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch_config(names["text_encoder_2"])))
-        with default_dtype(vae_dtype or dtype):
-            parts["vae"] = AutoencoderKL.from_config(arch_config(names["vae"]))
-    scheduler_cls = getattr(diffusers, config_class_name(names["scheduler"]))
-    parts["scheduler"] = scheduler_cls.from_config(arch_config(names["scheduler"]))
-    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if key in parts:
-            parts[key].requires_grad_(False).eval()
-    return parts
-
-
-def build_pipeline(arch: str, dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
-                   vae_dtype: torch.dtype | None = None):
-    """A random-weight ``StableDiffusionPipeline`` (sd15) or ``StableDiffusionXLPipeline`` (sdxl) in memory."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = build_parts(arch, dtype, device, vae_dtype)
-    tok = _tokenizer(tokenizer_dir)
-    if arch == "sd15":
-        return StableDiffusionPipeline(**parts, tokenizer=tok, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    return StableDiffusionXLPipeline(**parts, tokenizer=tok, tokenizer_2=tok, force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
-
-
-def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:
-    """Write a random-weight full-size pipeline in diffusers format (``from_pretrained`` loads it like the real one)."""
-    directory = Path(directory)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = build_pipeline(arch, dtype, device, tokenizer_dir=directory / "tokenizer")
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return directory
-
-
-def build_clip(dtype: torch.dtype = torch.float32, device="cpu", config: dict | None = None):
-    """A random-weight CLIPModel of ViT-H-14 (or of ``config``: a CLIPConfig dict)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    with torch.device(device), default_dtype(dtype):
-        model = CLIPModel(CLIPConfig(**(config or arch_config(REWARD_BACKBONE))))
-    return model.requires_grad_(False).eval()
-
-
-def build_reward(name: str = "icthp", dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
-                 clip_config: dict | None = None):
-    """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released)."""
-    from .rewards.clip_tower import ClipTower
-    from .rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
-
-    if name not in ("ict", "hp", "icthp"):
-        raise UserError(f"full-size reward '{name}' is not one of ict, hp, icthp")
-    tok = _tokenizer(tokenizer_dir)
-
-    def tower():
-        return ClipTower(build_clip(dtype, device, clip_config), tok)
-
-    ict = ICTReward(tower()) if name in ("ict", "icthp") else None
-    hp = None
-    if name in ("hp", "icthp"):
-        t = tower()
-        with torch.device(device):
-            head = HPHead(t.model.config.projection_dim)
-        hp = HPReward(t, head.to(dtype))
-    reward = {"ict": ict, "hp": hp}.get(name) or ICTHPReward(ict, hp)
-    return reward.to(device).requires_grad_(False).eval()
-
+from ..errors import UserError
+from ..finetune.models import prepare_pipeline
+from .architectures import ARCHITECTURES, build_pipeline, build_reward
 
 # ----- counting memory on fake tensors ------------------------------------------------------------
 
@@ -345,52 +202,14 @@ def _materialize(modules, memo: dict) -> None:
                     m._buffers[name] = memo[id(b)]
 
 
-def _meta_pipeline_from_dir(directory: Path, dtype: torch.dtype):
-    """A pipeline on the meta device from a diffusers directory's configs (weights are never read)."""
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .finetune.models import model_family
-
-    family = model_family(directory)
-    with torch.device("meta"), default_dtype(dtype):
-        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory / "unet")),
-                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(directory / "vae")),
-                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(directory / "text_encoder"))}
-        if family == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(directory / "text_encoder_2"))
-    sched_cfg = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
-    parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if key in parts:  # transformers builds in a config.json's own "dtype"; load_pipeline casts all parts
-            parts[key].to(dtype).requires_grad_(False).eval()
-    tok = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
-    if family == "sd":
-        return StableDiffusionPipeline(**parts, tokenizer=tok, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False), family
-    tok2 = CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2")) if (directory / "tokenizer_2").is_dir() else tok
-    return StableDiffusionXLPipeline(**parts, tokenizer=tok, tokenizer_2=tok2, force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False), family
-
-
 def _meta_pipeline(cfg, pipeline_dir):
     """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped alias or a local directory."""
-    from diffusers import DDIMScheduler
-
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     source = str(pipeline_dir or cfg.model)
-    if source in ARCHITECTURES:
-        pipe, family, arch = build_pipeline(source, weight_dtype, "meta"), FAMILY_OF[source], source
-    elif Path(source).expanduser().is_dir() and (Path(source).expanduser() / "model_index.json").is_file():
-        pipe, family = _meta_pipeline_from_dir(Path(source).expanduser(), weight_dtype)
-        arch = source
-    else:
-        raise UserError(f"--model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) "
-                        f"nor a local diffusers directory; download the model first or plan with sd15/sdxl")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, family, arch
+    if source not in ARCHITECTURES:
+        source = str(Path(source).expanduser())
+    pipe, family = prepare_pipeline(build_pipeline(source, weight_dtype, "meta"))  # the Trainer's scheduler and settings
+    return pipe, family, source
 
 
 def _local_clip_config(cfg) -> dict | None:
@@ -454,10 +273,10 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .finetune.models import make_adapter, native_resolution
-    from .finetune.sampler import TruncatedSampler
-    from .finetune.trainer import DTYPES, Trainer
-    from .finetune import lora as lora_mod
+    from ..finetune.models import make_adapter, native_resolution
+    from ..finetune.sampler import TruncatedSampler
+    from ..finetune.trainer import DTYPES, Trainer
+    from ..finetune import lora as lora_mod
 
     cfg.validate() if cfg.output else _plan_config(cfg).validate()
     pcfg = _plan_config(cfg)
