@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_record, environment, median, peak_mib, reset_peak, timed  # noqa: E402
+from common import append_record, environment, median, peak_mib, reset_peak, sync, timed  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -97,27 +97,25 @@ def tiny_clip_config() -> dict:
 
 
 def time_parts(trainer, n: int, offset: int = 0) -> dict:
-    """Each part of one micro-batch, run and timed alone (GPU synchronised around each)."""
-    dev, cfg = trainer.device, trainer.cfg
-    names = ("sample_prefix", "grad_steps", "decode", "reward", "backward", "optimizer")
-    wall, cpu = {k: [] for k in names}, {k: [] for k in names}
+    """Each part of one micro-batch, timed inside the Trainer's own ``micro_step`` (GPU synchronised at
+    each part's start), and the optimizer step timed alone."""
+    dev = trainer.device
+    wall, cpu = {}, {}
+    clock = {"name": None}
 
-    def part(name, fn):
-        out, w, c = timed(fn, dev)
-        wall[name].append(w)
-        cpu[name].append(c)
-        return out
+    def mark(name):
+        sync(dev)
+        now, now_cpu = time.perf_counter(), time.process_time()
+        if clock["name"] is not None:
+            wall.setdefault(clock["name"], []).append(now - clock["wall"])
+            cpu.setdefault(clock["name"], []).append(now_cpu - clock["cpu"])
+        clock.update(name=name, wall=now, cpu=now_cpu)
 
     for i in range(offset, offset + n):
-        prompts, gen = trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i)
-        state = part("sample_prefix", lambda: trainer.sample_prefix(prompts, gen))
-        latents, reg, ps = part("grad_steps", lambda: trainer.grad_steps(state))
-        images = part("decode", lambda: trainer.decode(latents))
-        r = part("reward", lambda: trainer.score(images, ps))
-        loss = -r.mean() + cfg.reg_weight * reg
-        part("backward", lambda: trainer.backward(loss))
-        del loss, r, images, latents, state
-        part("optimizer", trainer.optimizer_step)
+        trainer.micro_step(trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i), on_part=mark)
+        _, w, c = timed(trainer.optimizer_step, dev)
+        wall.setdefault("optimizer", []).append(w)
+        cpu.setdefault("optimizer", []).append(c)
     return wall, cpu
 
 

@@ -119,7 +119,10 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
 
 @dataclass
 class Conditioning:
-    """What the UNet gets besides the latent; rows are [uncond..., cond...] under guidance."""
+    """What a UNet gets besides the latent; rows are [uncond..., cond...] under guidance.
+
+    Every family's conditioning has ``guided`` and ``call(model, x, t)``: the sampler never needs to know
+    how a family's denoiser is called."""
 
     hidden: torch.Tensor
     added: dict | None
@@ -131,14 +134,60 @@ class Conditioning:
             kw["added_cond_kwargs"] = self.added
         return kw
 
+    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, **self.unet_kwargs(), return_dict=False)[0]
 
-class SDAdapter:
-    """SD 1.x/2.x: one CLIP text encoder; the unconditional rows encode the empty prompt."""
 
-    family = "sd"
+class UNetAdapter:
+    """What the trainer needs to know of a UNet family (SD 1.x/2.x, SDXL): the denoiser that carries the
+    LoRA, its text encoders, latent geometry, the VAE's latent scaling, and (in subclasses) prompt encoding.
+    A flow-matching family implements the same methods for its transformer."""
+
+    family = ""
+    sampler_kind = "ddim"  # which truncated sampler steps this family (sampler.make_sampler)
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def text_encoders(self) -> list:
+        return text_encoders(self.pipe)
+
+    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
+        raise NotImplementedError
+
+    def native_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.pipe.vae_scale_factor
+
+    def check_resolution(self, resolution: int) -> None:
+        f = self.pipe.vae_scale_factor
+        if resolution % f:
+            raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {f}")
+        smallest = f * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)  # the UNet halves the latent per level
+        if resolution < smallest:
+            raise UserError(f"--resolution {resolution} is too small for this model; use at least {smallest}")
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """One sample's latent shape, in the layout the sampler works in."""
+        s = resolution // self.pipe.vae_scale_factor
+        return (self.pipe.unet.config.in_channels, s, s)
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's latents as the VAE decoder takes them (undo the scaling and shift)."""
+        cfg = self.pipe.vae.config
+        z = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        return z
+
+
+class SDAdapter(UNetAdapter):
+    """SD 1.x/2.x: one CLIP text encoder; the unconditional rows encode the empty prompt."""
+
+    family = "sd"
 
     def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
         device = self.pipe.text_encoder.device
@@ -147,14 +196,11 @@ class SDAdapter:
         return Conditioning(hidden, None, guided)
 
 
-class SDXLAdapter:
+class SDXLAdapter(UNetAdapter):
     """SDXL: two text encoders (penultimate states concatenated), the pooled embedding of the second,
     and ``add_time_ids`` from the real original/target sizes (no crop)."""
 
     family = "sdxl"
-
-    def __init__(self, pipe):
-        self.pipe = pipe
 
     def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
         pipe = self.pipe
@@ -169,13 +215,12 @@ class SDXLAdapter:
         return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}, guided)
 
 
+ADAPTERS = {"sd": SDAdapter, "sdxl": SDXLAdapter}
+
+
 def make_adapter(pipe, family: str):
-    return SDAdapter(pipe) if family == "sd" else SDXLAdapter(pipe)
+    return ADAPTERS[family](pipe)
 
 
 def text_encoders(pipe) -> list:
     return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
-
-
-def native_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor

@@ -11,6 +11,10 @@ output (ReFL), and how many re-noised copies of the final step to add (DRaFT-LV)
 
 The step arithmetic is diffusers' ``DDIMScheduler.step`` (it honours the prediction type:
 epsilon, v_prediction or sample); it is plain tensor math, so gradients pass through it.
+
+A sampler is what the Trainer steps: ``guided``, ``initial_latents``, ``run_prefix``, ``run_grad`` and
+``sample``. It calls the denoiser only through the conditioning's ``call(model, x, t)``, so it does not
+know the family; ``make_sampler`` picks the sampler a family's adapter names.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class SampleState:
 
 
 class TruncatedSampler:
-    """DDIM with classifier-free guidance over a UNet callable ``unet(x, t, **cond) -> output``."""
+    """DDIM with classifier-free guidance over a denoiser called as ``cond.call(model, x, t)``."""
 
     def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0, dtype: torch.dtype = torch.float32):
         """``dtype``: the UNet's weights; latents and step arithmetic stay fp32, the UNet gets its own type."""
@@ -91,7 +95,7 @@ class TruncatedSampler:
         t = self.timesteps[i].to(x.device)
         inp = torch.cat([x, x]) if cond.guided else x
         inp = self.scheduler.scale_model_input(inp, t).to(self.dtype)
-        out = unet(inp, t, **cond.unet_kwargs(), return_dict=False)[0].float()
+        out = cond.call(unet, inp, t).float()
         if not cond.guided:
             return out
         uncond, text = out.chunk(2)
@@ -164,3 +168,11 @@ class TruncatedSampler:
         for i in range(self.n_steps):
             x, _ = self.ddim_step(self.predict(unet, x, i, cond), i, x, generator)
         return x
+
+
+SAMPLERS = {"ddim": TruncatedSampler}
+
+
+def make_sampler(kind: str, scheduler, cfg, dtype: torch.dtype = torch.float32):
+    """The truncated sampler of ``kind`` (an adapter's ``sampler_kind``) with ``cfg``'s steps, guidance and eta."""
+    return SAMPLERS[kind](scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta, dtype)

@@ -13,17 +13,19 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UserError
 from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
-from .models import load_pipeline, make_adapter, native_resolution, prepare_pipeline, text_encoders
+from .models import load_pipeline, make_adapter, prepare_pipeline
 from .prompts import load_prompts
-from .sampler import SampleState, TruncatedSampler, make_plan
+from .sampler import SampleState, make_plan, make_sampler
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -71,90 +73,129 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+@dataclass
+class LoraSet:
+    """The models that carry the trained LoRA weights: the denoiser, and the text encoders when they are trained."""
+
+    denoiser: torch.nn.Module
+    text_encoders: list = field(default_factory=list)
+
+    @property
+    def modules(self) -> list:
+        return [self.denoiser, *self.text_encoders]
+
+
+def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
+    """Add the LoRA weights (``cfg.init_lora``'s values if given) to the adapter's denoiser (and text
+    encoders with ``cfg.train_text_encoder``), put the models on ``device`` with frozen weights in their
+    loaded precision and LoRA weights in fp32, and switch on the memory options of ``cfg``."""
+    from diffusers.training_utils import cast_training_params
+
+    denoiser = adapter.denoiser
+    torch.manual_seed(_seed(cfg.seed, "lora"))  # the same initial LoRA A matrices on every run and process
+    lora_mod.add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    trained = []
+    if cfg.train_text_encoder:
+        for te in adapter.text_encoders():
+            lora_mod.add_lora(te, cfg.lora_rank, cfg.lora_alpha, lora_mod.TEXT_TARGETS)
+            trained.append(te)
+    if cfg.init_lora:
+        lora_mod.load_into_adapters(cfg.init_lora, denoiser, trained, "--init-lora")
+    for part in [denoiser, pipe.vae, *adapter.text_encoders()]:
+        part.to(device)
+    if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)
+    cast_training_params([denoiser, *trained], dtype=torch.float32)
+    if cfg.attention == "xformers":
+        denoiser.enable_xformers_memory_efficient_attention()
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        pipe.vae.enable_gradient_checkpointing()  # the decode with gradients, block by block
+        for te in trained:  # transformers 5 renamed the method
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    for model in (denoiser, *trained):
+        model.train()
+    return LoraSet(denoiser, trained)
+
+
+@dataclass
+class TrainerParts:
+    """What a Trainer is assembled from. ``lora`` holds the models as the accelerator prepared (wrapped)
+    them, ``unwrapped`` the same models before wrapping (defaults to ``lora``). ``optimizer`` may be None
+    for a Trainer that only runs micro-steps (the planner)."""
+
+    pipe: object
+    adapter: object
+    sampler: object
+    reward: torch.nn.Module
+    lora: LoraSet
+    accelerator: object
+    optimizer: object = None
+    eval_reward: torch.nn.Module | None = None
+    unwrapped: LoraSet | None = None
+    prompts: list[str] = field(default_factory=list)
+    resolution: int = 0
+
+
 class Trainer:
-    """Reward fine-tuning of a diffusion model's LoRA; see the module docstring for the parts of ``step``."""
+    """Reward fine-tuning of a diffusion model's LoRA; see the module docstring for the parts of ``step``.
+
+    ``Trainer(cfg, ...)`` loads everything ``cfg`` names; ``Trainer.from_parts(cfg, parts)`` assembles one
+    from parts built elsewhere (the planner's models on fake tensors)."""
 
     def __init__(self, cfg: FinetuneConfig, reward: torch.nn.Module | None = None,
                  eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None,
                  pipe=None):
         """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from. ``pipe``: an
         already built SD/SDXL pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights)."""
-        self.cfg = cfg.validate()
+        cfg.validate()
         check_optional_packages(cfg)
-        self.accelerator = accelerator or make_accelerator(cfg)
-        self.device = self.accelerator.device
-        self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
-        self.prompts = load_prompts(cfg.prompts)
-        self.pipe, self.family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, self.weight_dtype)
-        self.adapter = make_adapter(self.pipe, self.family)
-        self.resolution = cfg.resolution or native_resolution(self.pipe)
-        self._check_resolution()
-        self._setup_models()
+        prompts = load_prompts(cfg.prompts)  # a bad prompt file fails before any model loads
+        acc = accelerator or make_accelerator(cfg)
+        dtype = DTYPES[acc.mixed_precision]
+        pipe, family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, dtype)
+        adapter = make_adapter(pipe, family)
+        resolution = cfg.resolution or adapter.native_resolution()
+        adapter.check_resolution(resolution)
+        lora = prepare_models(cfg, pipe, adapter, acc.device)
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
-            lora_mod.load_into_adapters(resume_from, self.unet, self.trained_text_encoders, f"checkpoint '{resume_from}'")
-        self.reward = self._reward(reward, cfg.reward)
-        self.eval_reward = self._reward(eval_reward, cfg.eval_reward) if (eval_reward is not None or cfg.eval_reward) else None
-        params = lora_mod.trainable_parameters(self.unet, *self.trained_text_encoders)
-        optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-        prepared = self.accelerator.prepare(self.unet, *self.trained_text_encoders, optimizer)
-        self.unet_train, self.optimizer = prepared[0], prepared[-1]
-        self.models_train = list(prepared[:-1])
+            lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
+        reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)
+        if eval_reward is not None or cfg.eval_reward:
+            eval_reward = _frozen(eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype),
+                                  acc.device)
+        params = lora_mod.trainable_parameters(*lora.modules)
+        prepared = acc.prepare(*lora.modules, make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay))
+        parts = TrainerParts(pipe, adapter, make_sampler(adapter.sampler_kind, pipe.scheduler, cfg, dtype), reward,
+                             LoraSet(prepared[0], list(prepared[1:-1])), acc, optimizer=prepared[-1],
+                             eval_reward=eval_reward, unwrapped=lora, prompts=prompts,
+                             resolution=resolution)
+        self._assemble(cfg, parts)
+        self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
+
+    @classmethod
+    def from_parts(cls, cfg: FinetuneConfig, parts: TrainerParts) -> "Trainer":
+        """A Trainer over already built parts: no files read, nothing prepared or moved."""
+        trainer = cls.__new__(cls)
+        trainer._assemble(cfg, parts)
+        trainer.resume_state = {}
+        return trainer
+
+    def _assemble(self, cfg: FinetuneConfig, parts: TrainerParts) -> None:
+        self.cfg = cfg
+        self.accelerator, self.device = parts.accelerator, parts.accelerator.device
+        self.weight_dtype = DTYPES[parts.accelerator.mixed_precision]
+        self.pipe, self.adapter, self.family, self.sampler = parts.pipe, parts.adapter, parts.adapter.family, parts.sampler
+        self.prompts = parts.prompts
+        self.resolution = parts.resolution or cfg.resolution or parts.adapter.native_resolution()
+        unwrapped = parts.unwrapped or parts.lora
+        self.unet, self.trained_text_encoders = unwrapped.denoiser, unwrapped.text_encoders  # the LoRA'd models
+        self.unet_train, self.models_train = parts.lora.denoiser, parts.lora.modules  # as the accelerator wrapped them
+        self.reward, self.eval_reward, self.optimizer = parts.reward, parts.eval_reward, parts.optimizer
         self.lr_factor = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
-        self.sampler = TruncatedSampler(self.pipe.scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta, self.weight_dtype)
         self.global_step = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
-        self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
-
-    # ----- setup -----------------------------------------------------------------------------
-    def _check_resolution(self) -> None:
-        f = self.pipe.vae_scale_factor
-        if self.resolution % f:
-            raise UserError(f"--resolution {self.resolution} is not divisible by the VAE's factor {f}")
-        smallest = f * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)  # the UNet halves the latent per level
-        if self.resolution < smallest:
-            raise UserError(f"--resolution {self.resolution} is too small for this model; use at least {smallest}")
-
-    def _setup_models(self) -> None:
-        cfg, pipe = self.cfg, self.pipe
-        self.unet = pipe.unet
-        torch.manual_seed(_seed(cfg.seed, "lora"))  # the same initial LoRA A matrices on every run and process
-        lora_mod.add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        self.trained_text_encoders = []
-        if cfg.train_text_encoder:
-            for te in text_encoders(pipe):
-                lora_mod.add_lora(te, cfg.lora_rank, cfg.lora_alpha, lora_mod.TEXT_TARGETS)
-                self.trained_text_encoders.append(te)
-        if cfg.init_lora:
-            lora_mod.load_into_adapters(cfg.init_lora, self.unet, text_encoders(pipe) if cfg.train_text_encoder else [], "--init-lora")
-        # Frozen weights in the training precision; the trainable LoRA weights stay fp32.
-        from diffusers.training_utils import cast_training_params
-
-        for part in [self.unet, pipe.vae, *text_encoders(pipe)]:
-            part.to(self.device)
-        if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
-            pipe.vae.to(dtype=torch.float32)
-        cast_training_params([self.unet, *self.trained_text_encoders], dtype=torch.float32)
-        if cfg.attention == "xformers":
-            self.unet.enable_xformers_memory_efficient_attention()
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            pipe.vae.enable_gradient_checkpointing()  # the decode with gradients, block by block
-            for te in self.trained_text_encoders:  # transformers 5 renamed the method
-                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-        if self.trained_text_encoders:
-            for te in self.trained_text_encoders:
-                te.train()
-        self.unet.train()
-
-    def _reward(self, module, spec: str):
-        if module is None:
-            from ..rewards import load_reward
-
-            dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
-            module = load_reward(spec, dtype=dtype, **self.cfg.reward_sources())
-        module.requires_grad_(False)
-        return module.eval().to(self.device)
 
     # ----- data and randomness (a function of the step, so a resumed run sees the same) ---------
     def batch_prompts(self, micro: int = 0, step: int | None = None) -> list[str]:
@@ -176,9 +217,8 @@ class Trainer:
 
     # ----- the parts of a step ----------------------------------------------------------------
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        s = self.resolution // self.pipe.vae_scale_factor
-        return (self.unet.config.in_channels, s, s)
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.adapter.latent_shape(self.resolution)
 
     def encode(self, prompts: list[str]):
         """The UNet's conditioning; differentiable when text-encoder LoRA is trained."""
@@ -212,10 +252,7 @@ class Trainer:
         """Latents -> images (B,3,H,W) in [0,1], differentiable; under gradient checkpointing the VAE
         decoder recomputes its blocks in the backward pass instead of keeping their activations."""
         vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        z = z.to(vae.dtype)
+        z = self.adapter.vae_latents(latents).to(vae.dtype)
         ctx = torch.autocast(self.device.type, enabled=False) if vae.dtype == torch.float32 else self.accelerator.autocast()
         with ctx:
             images = vae.decode(z, return_dict=False)[0]
@@ -227,8 +264,9 @@ class Trainer:
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Backpropagate ``loss``; a non-finite loss is replaced by a zero loss over the trainable
-        weights (so every process still takes part in the gradient all-reduce). Returns finiteness."""
-        finite = bool(torch.isfinite(loss).all())
+        weights (so every process still takes part in the gradient all-reduce). Returns finiteness.
+        A fake tensor (the planner's trace) has no values and counts as finite."""
+        finite = is_fake(loss) or bool(torch.isfinite(loss).all())
         if not finite:
             params = lora_mod.trainable_parameters(*self.models_train)
             loss = torch.stack([p.sum() for p in params]).sum() * 0.0
@@ -253,6 +291,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def micro_step(self, prompts: list[str], generator: torch.Generator, on_part=None):
+        """One micro-batch: ``sample_prefix`` -> ``grad_steps`` -> ``decode`` -> ``score`` -> ``backward``.
+        Returns (rewards (B,), regulariser, finite), detached. ``on_part(name)`` is called as each part starts
+        and with None at the end (the planner counts memory per part, the benchmark times them)."""
+        mark = on_part or (lambda name: None)
+        mark("sample_prefix")
+        state = self.sample_prefix(prompts, generator)
+        mark("grad_steps")
+        latents, reg, prompts_out = self.grad_steps(state)
+        mark("decode")
+        images = self.decode(latents)
+        mark("reward")
+        r = self.score(images, prompts_out)
+        loss = -r.mean() + self.cfg.reg_weight * reg
+        del images  # the graph keeps what backward needs
+        mark("backward")
+        finite = self.backward(loss)
+        mark(None)
+        return r.detach(), reg.detach(), finite
+
     def step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg, acc = self.cfg, self.accelerator
@@ -262,13 +320,10 @@ class Trainer:
         rewards, regs, finite = [], [], True
         for micro in range(cfg.grad_accum):
             with acc.accumulate(*self.models_train):
-                state = self.sample_prefix(self.batch_prompts(micro), self.generator(micro))
-                latents, reg, prompts = self.grad_steps(state)
-                r = self.score(self.decode(latents), prompts)
-                loss = -r.mean() + cfg.reg_weight * reg
-                finite &= self.backward(loss)
-                rewards.append(r.detach().mean())
-                regs.append(reg.detach())
+                r, reg, ok = self.micro_step(self.batch_prompts(micro), self.generator(micro))
+                finite &= ok
+                rewards.append(r.mean())
+                regs.append(reg)
         finite_all = bool(acc.gather(torch.tensor([float(finite)], device=self.device)).min() > 0)
         norm = self.optimizer_step(skip=not finite_all)
         applied = finite_all and math.isfinite(norm) and not acc.optimizer_step_was_skipped
@@ -359,6 +414,17 @@ class Trainer:
         self.global_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         return state
+
+
+def _load_reward(spec: str, cfg: FinetuneConfig, dtype: torch.dtype) -> torch.nn.Module:
+    from ..rewards import load_reward
+
+    return load_reward(spec, dtype=None if dtype == torch.float32 else dtype, **cfg.reward_sources())
+
+
+def _frozen(module: torch.nn.Module, device) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.eval().to(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -119,10 +119,10 @@ def build_parts(source: str | Path, dtype: torch.dtype = torch.float32, device="
         with torch.device(device), default_dtype(part_dtype):
             if package == "diffusers":
                 module = cls.from_config(configs[part])
-            else:
-                module = cls(cls.config_class.from_dict({k: v for k, v in configs[part].items() if not k.startswith("_")}))
-        # transformers builds in a config.json's own "dtype": cast every part to the one asked for
-        parts[part] = module.to(part_dtype).requires_grad_(False).eval()
+            else:  # transformers builds in a config.json's own "dtype": cast to the one asked for
+                config = cls.config_class.from_dict({k: v for k, v in configs[part].items() if not k.startswith("_")})
+                module = cls(config).to(part_dtype)
+        parts[part] = module.requires_grad_(False).eval()
     sched = configs["scheduler"]
     parts["scheduler"] = getattr(diffusers, sched["_class_name"]).from_config(sched)
     return parts

@@ -9,6 +9,7 @@ rounds them. See ``docs/performance.md`` for what it models and its known error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -165,12 +166,15 @@ class _Step(int):
 
 
 class _PlanAccelerator:
-    """The single-process slice of ``accelerate.Accelerator`` the Trainer's step parts use, on fake CPU tensors."""
+    """The single-process slice of ``accelerate.Accelerator`` a Trainer's micro-step uses, on fake CPU tensors."""
 
     num_processes, process_index = 1, 0
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, mixed_precision: str):
+        from ..finetune.trainer import DTYPES
+
+        self.mixed_precision = mixed_precision
+        self.dtype = DTYPES[mixed_precision]
         self.device = torch.device("cpu")
 
     def autocast(self):
@@ -180,6 +184,9 @@ class _PlanAccelerator:
 
     def unwrap_model(self, model):
         return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
 
 def _materialize(modules, memo: dict) -> None:
@@ -240,7 +247,6 @@ def _meta_reward(cfg, reward_config: dict | None):
 def _plan_config(cfg):
     """The config traced: the same memory as ``cfg``, with the fewest no-gradient steps (each costs the same
     memory and none is kept) and the worst case of the random methods."""
-    import dataclasses
 
     over = {"output": cfg.output or "/nonexistent-plan-output", "grad_accum": 1, "eval_every": 0}
     k = cfg.k if cfg.method in ("draft-k", "alignprop") else 1
@@ -273,82 +279,61 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..finetune.models import make_adapter, native_resolution
-    from ..finetune.sampler import TruncatedSampler
-    from ..finetune.trainer import DTYPES, Trainer
     from ..finetune import lora as lora_mod
+    from ..finetune.models import make_adapter
+    from ..finetune.sampler import make_sampler
+    from ..finetune.trainer import DTYPES, Trainer, TrainerParts, prepare_models
 
+    if target not in ("cuda", "cpu"):
+        raise UserError(f"plan target must be cuda or cpu, got '{target}'")
     cfg.validate() if cfg.output else _plan_config(cfg).validate()
     pcfg = _plan_config(cfg)
     weight_dtype = DTYPES[pcfg.mixed_precision]
     pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
     reward = _meta_reward(pcfg, reward_config)
-
-    t = Trainer.__new__(Trainer)  # the Trainer's parts, on models we build (no files, no accelerator)
-    t.cfg, t.accelerator, t.device, t.weight_dtype = pcfg, _PlanAccelerator(weight_dtype), torch.device("meta"), weight_dtype
-    t.prompts = [PLAN_PROMPT]
-    t.pipe, t.family, t.adapter = pipe, family, make_adapter(pipe, family)
-    t.resolution = pcfg.resolution or native_resolution(pipe)
-    t._check_resolution()
-    if pcfg.attention == "xformers":
-        import dataclasses
-
-        t.cfg = dataclasses.replace(pcfg, attention="sdpa")  # the same kernels' memory as flash/efficient SDPA
-    t._setup_models()
+    adapter = make_adapter(pipe, family)
+    resolution = pcfg.resolution or adapter.native_resolution()
+    adapter.check_resolution(resolution)
+    # xformers: the same memory as flash/efficient SDPA, which the trace substitutes
+    setup_cfg = dataclasses.replace(pcfg, attention="sdpa") if pcfg.attention == "xformers" else pcfg
+    lora = prepare_models(setup_cfg, pipe, adapter, "meta")
     if vae_block_checkpointing:
         pipe.vae.enable_gradient_checkpointing()
-    t.cfg = pcfg
-    t.device = torch.device("cpu")
-    modules = [m for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), reward) if m is not None]
-    import inspect
-
-    # As the Trainer builds it (newer samplers also take the UNet's dtype).
-    extra = {"dtype": weight_dtype} if "dtype" in inspect.signature(TruncatedSampler).parameters else {}
-    t.sampler = TruncatedSampler(pipe.scheduler, pcfg.sample_steps, pcfg.guidance_scale, pcfg.eta, **extra)
-    t.sampler.timesteps = [_Step(int(x)) for x in t.sampler.timesteps.tolist()]
-    if target not in ("cuda", "cpu"):
-        raise UserError(f"plan target must be cuda or cpu, got '{target}'")
+    sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype)
+    sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
+    parts = TrainerParts(pipe, adapter, sampler, reward, lora, _PlanAccelerator(pcfg.mixed_precision),
+                         prompts=[PLAN_PROMPT], resolution=resolution)
+    modules = [m for m in (adapter.denoiser, pipe.vae, *adapter.text_encoders(), reward) if m is not None]
     gpu = target == "cuda"
     with FakeTensorMode(allow_non_fake_inputs=True), (_gpu_attention() if gpu else contextlib.nullcontext()), \
             (_cuda_autocast_policy() if gpu else contextlib.nullcontext()):
         _materialize(modules, {})
-        t.reward = reward
-        t.unet_train, t.models_train = t.unet, [t.unet, *t.trained_text_encoders]
-        trainable = lora_mod.trainable_parameters(*t.models_train)
+        trainer = Trainer.from_parts(pcfg, parts)
+        trainable = lora_mod.trainable_parameters(*lora.modules)
         tracker = StorageTracker(CUDA_BLOCK if gpu else 1)
         tracker.add_modules(*modules)
         weights = tracker.current
-        states = _optimizer_states(trainable, pcfg.optimizer)
+        states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
         resident = tracker.current
         with tracker:
-            out = _trace_step(t, trainable, pcfg, tracker)
-    out.update(_summary(cfg, arch, family, t.resolution, weights, resident, tracker.peak, trainable, out))
+            out = _trace_step(trainer, trainable, pcfg, tracker)
+        del states
+    out.update(_summary(cfg, arch, family, resolution, weights, resident, tracker.peak, trainable, out))
     return out
 
 
-def _trace_step(t, trainable, cfg, tracker) -> dict:
-    """One micro-batch (batch_size prompts) through the Trainer's parts, then the optimizer's transients;
-    returns the peak of each part (MiB)."""
-    prompts = [PLAN_PROMPT] * cfg.batch_size
-    gen = torch.Generator().manual_seed(0)
-    tracker.phase = "sample_prefix"
-    state = t.sample_prefix(prompts, gen)
-    tracker.phase = "grad_steps"
-    latents, reg, ps = t.grad_steps(state)
-    tracker.phase = "decode"
-    images = t.decode(latents)
-    tracker.phase = "reward"
-    r = t.score(images, ps)
-    loss = -r.mean() + cfg.reg_weight * reg
-    del images
-    tracker.phase = "backward"
-    loss.backward()
-    del loss, r, latents, state
-    tracker.phase = "optimizer"
+def _trace_step(trainer, trainable, cfg, tracker) -> dict:
+    """One micro-batch (batch_size prompts) through the Trainer's own ``micro_step``, then the optimizer's
+    transients; returns the peak of each part (MiB)."""
+    def mark(name):
+        tracker.phase = name or "optimizer"
+
+    # the regulariser stays alive through the optimizer step, as in Trainer.step
+    _, reg, _ = trainer.micro_step([PLAN_PROMPT] * cfg.batch_size, torch.Generator().manual_seed(0), on_part=mark)
     # AdamW's foreach update holds about two weight-sized fp32 temporaries while the gradients still live.
     temps = [torch.empty(p.shape, dtype=torch.float32) for p in trainable for _ in range(2)]
-    del temps
+    del temps, reg
     return {"part_peaks_mib": {k: v / 2**20 for k, v in tracker.phase_peaks.items()}}
 
 
@@ -390,7 +375,6 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
 
 def fit_budget(cfg, budget_gib: float, **kw) -> dict:
     """Predict ``cfg`` and, if it exceeds ``budget_gib``, the knob changes (alone, else combined) that fit."""
-    import dataclasses
 
     if budget_gib <= 0:
         raise UserError(f"--budget-gib must be positive, got {budget_gib}")
