@@ -44,14 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Library load bars and info logs drown our own progress output; keep warnings."""
-    try:
-        import transformers
+    """Library load bars and info logs drown our own progress output; keep warnings. (transformers is
+    imported here, not at the top, so that ``--help`` and argument errors stay fast.)"""
+    from transformers.utils import logging as hf_logging
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_warning()
-    except Exception:  # pragma: no cover - optional quieting only
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
 
 
 if __name__ == "__main__":
