@@ -8,7 +8,6 @@ the loader's ``get(name)`` so the aesthetic head shares the ``clip`` reward's CL
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -18,13 +17,11 @@ from torch import nn
 
 from ..errors import UserError
 from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
-from .base import ClipPreprocess, Reward
-from .clip_tower import ClipTower, CosineReward, normalize
+from .base import Reward
+from .clip_tower import TOKENIZER_FILES, WEIGHT_FILES, ClipPreprocess, ClipTower, CosineReward, normalize
 from .icthp import HPHead
 
 HF_META = ["*.json", "*.txt"]
-HF_WEIGHTS = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
-TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
 HPS_FILES = ["HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "HPS_v2.pt"]
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 HPS_DEFAULT_ARCH = "ViT-H-14"
@@ -96,44 +93,13 @@ class AestheticReward(Reward):
 def _hf_dir(source, what: str) -> Path:
     """An HF model directory; from the hub, safetensors weights are fetched, ``.bin`` only when there are none."""
     directory = resolve(source, what, allow_patterns=HF_META + ["*.safetensors"])
-    if directory.is_dir() and not any((directory / n).is_file() for n in HF_WEIGHTS):
+    if directory.is_dir() and not any((directory / n).is_file() for n in WEIGHT_FILES):
         directory = resolve(source, what, allow_patterns=HF_META + ["*.bin"])
     return directory
 
 
 def _has_tokenizer(directory: Path) -> bool:
     return directory.is_dir() and any((directory / n).is_file() for n in TOKENIZER_FILES)
-
-
-def _clip_model(directory: Path, what: str, dtype):
-    from transformers import CLIPModel
-
-    find_file(directory, ["config.json"], what)
-    find_file(directory, HF_WEIGHTS, what)
-    try:
-        return CLIPModel.from_pretrained(str(directory), dtype=dtype or torch.float32).eval()
-    except Exception as exc:
-        raise UserError(f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
-def _clip_tokenizer(directory: Path, what: str):
-    from transformers import CLIPTokenizer
-
-    find_file(directory, TOKENIZER_FILES, what)
-    try:
-        return CLIPTokenizer.from_pretrained(str(directory))
-    except Exception as exc:
-        raise UserError(f"{what}: could not load the CLIP tokenizer from '{directory}' ({type(exc).__name__})") from None
-
-
-def _image_stats(*directories: Path):
-    """``image_mean``/``image_std`` from the first ``preprocessor_config.json`` found (None: CLIP's)."""
-    for d in directories:
-        pre = d / "preprocessor_config.json"
-        if pre.is_file():
-            cfg = json.loads(pre.read_text())
-            return cfg.get("image_mean"), cfg.get("image_std")
-    return None, None
 
 
 def _clip_tower(source, dtype) -> ClipTower:
@@ -156,10 +122,8 @@ def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScor
         return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype))
     backbone = (sources or {}).get("backbone")
     proc_dir = resolve(backbone or HUB_DEFAULTS["pickscore_processor"], "PickScore processor", allow_patterns=HF_META)
-    model = _clip_model(model_dir, "PickScore model", dtype)
-    tokenizer = _clip_tokenizer(proc_dir, f"PickScore processor (no tokenizer in '{model_dir}')")
-    mean, std = _image_stats(model_dir, proc_dir)
-    return PickScoreReward(ClipTower(model, tokenizer, mean, std))
+    return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype, tokenizer_dir=proc_dir,
+                                              tokenizer_what=f"PickScore processor (no tokenizer in '{model_dir}')"))
 
 
 def _hps_checkpoint(source) -> Path:
