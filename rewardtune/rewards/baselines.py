@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
 from .clip_tower import TOKENIZER_FILES, WEIGHT_FILES, ClipPreprocess, ClipTower, CosineReward, normalize
-from .icthp import HPHead
+from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]
 HPS_FILES = ["HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "HPS_v2.pt"]
@@ -70,21 +70,12 @@ class HPSv2Reward(Reward):
         return (normalize(image) * normalize(text)).sum(-1)
 
 
-class AestheticReward(Reward):
+class AestheticReward(TowerHeadReward):
     """LAION improved aesthetic predictor: a linear MLP on the L2-normalised CLIP ViT-L/14 image embedding,
-    predicting a 1-10 rating. The head is the same MLP shape as HP's (768 -> 1024 -> 128 -> 64 -> 16 -> 1)."""
+    predicting a 1-10 rating (no activation). The head is the same MLP as HP's (768 -> 1024 -> 128 -> 64 -> 16 -> 1)."""
 
     name = "aesthetic"
-    needs_prompts = False
-
-    def __init__(self, tower: ClipTower, head: HPHead):
-        super().__init__()
-        self.tower = tower
-        self.head = head
-
-    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        return self.head(normalize(self.tower.encode_image(images))).squeeze(-1)
+    normalize_embedding = True
 
 
 # ---------------------------------------------------------------- loading helpers
@@ -190,9 +181,7 @@ def build_aesthetic(source=None, dtype=None, sources=None, get=None) -> Aestheti
     head_file = _aesthetic_head_file(source)
     state = load_state_dict(head_file, "aesthetic predictor")
     tower = get("clip").tower if get is not None else _clip_tower((sources or {}).get("clip"), dtype)
-    head = HPHead(input_dim=tower.model.config.projection_dim)
-    apply_state_dict(head, state, f"aesthetic predictor '{head_file}'")
-    return AestheticReward(tower, head.eval())
+    return AestheticReward.from_head_state(tower, state, f"aesthetic predictor '{head_file}'")
 
 
 BUILDERS = {
