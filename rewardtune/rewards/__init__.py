@@ -13,12 +13,13 @@ import torch
 
 from ..errors import UserError
 from .base import Reward
+from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
 REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
 SOURCE_KEYS = ("ict", "hp", "backbone", "clip", "pickscore", "hpsv2", "aesthetic")
 
-__all__ = ["Reward", "REWARD_NAMES", "SOURCE_KEYS", "load_reward", "load_rewards", "parse_spec", "WeightedSum"]
+__all__ = ["Reward", "REWARD_NAMES", "SOURCE_KEYS", "load_reward", "load_rewards", "parse_spec", "score_by_size", "WeightedSum"]
 
 
 def _check_name(name: str) -> None:
