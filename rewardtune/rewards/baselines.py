@@ -1,7 +1,7 @@
 """Baseline rewards from public releases: CLIP, PickScore, HPS v2 / v2.1 and the LAION aesthetic predictor.
 
 Each builder is ``BUILDERS[name](source=None, dtype=None, sources=None, get=None)``: ``source`` is the
-reward's own local directory, file or hub id (default: ``HUB_DEFAULTS[name]``), ``sources`` the other
+reward's own local directory, file or hub id (default: ``REWARD_SOURCES[name].hub``), ``sources`` the other
 sources of the same call (PickScore reads ``backbone``, the aesthetic head reads ``clip``) and ``get``
 the loader's ``get(name)`` so the aesthetic head shares the ``clip`` reward's CLIP when both are loaded.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
+from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
 from .clip_tower import TOKENIZER_FILES, WEIGHT_FILES, ClipPreprocess, ClipTower, CosineReward, normalize
 from .tower_head import TowerHeadReward
@@ -94,31 +94,32 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def _clip_tower(source, dtype) -> ClipTower:
-    return ClipTower.from_dir(_hf_dir(source or HUB_DEFAULTS["clip"], "CLIP model"), "CLIP model", dtype)
+    return ClipTower.from_dir(_hf_dir(source or REWARD_SOURCES["clip"].hub, "CLIP model"), "CLIP model", dtype)
 
 
 # ---------------------------------------------------------------- builders
 
 
 def build_clip(source=None, dtype=None, sources=None, get=None) -> ClipReward:
-    """An HF CLIP directory or hub id (default openai/clip-vit-large-patch14)."""
+    """An HF CLIP directory or hub id (default: ``REWARD_SOURCES["clip"].hub``, OpenAI's ViT-L/14)."""
     return ClipReward(_clip_tower(source, dtype))
 
 
 def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScoreReward:
     """PickScore's CLIPModel; its tokenizer from the model directory if it holds one, else from ``backbone``
-    or the processor it was trained with (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, tokenizer files only)."""
-    model_dir = _hf_dir(source or HUB_DEFAULTS["pickscore"], "PickScore model")
+    or the processor it was trained with (the table's ``tokenizer_hub``, tokenizer files only)."""
+    entry = REWARD_SOURCES["pickscore"]
+    model_dir = _hf_dir(source or entry.hub, "PickScore model")
     if _has_tokenizer(model_dir):
         return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype))
     backbone = (sources or {}).get("backbone")
-    proc_dir = resolve(backbone or HUB_DEFAULTS["pickscore_processor"], "PickScore processor", allow_patterns=HF_META)
+    proc_dir = resolve(backbone or entry.tokenizer_hub, "PickScore processor", allow_patterns=HF_META)
     return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype, tokenizer_dir=proc_dir,
                                               tokenizer_what=f"PickScore processor (no tokenizer in '{model_dir}')"))
 
 
 def _hps_checkpoint(source) -> Path:
-    path = resolve(source or HUB_DEFAULTS["hpsv2"], "HPS v2 checkpoint",
+    path = resolve(source or REWARD_SOURCES["hpsv2"].hub, "HPS v2 checkpoint",
                    allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG])
     return path if path.is_file() else find_file(path, HPS_FILES, "HPS v2 checkpoint")
 
@@ -172,7 +173,7 @@ def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
 
 
 def _aesthetic_head_file(source) -> Path:
-    path = resolve(source or HUB_DEFAULTS["aesthetic"], "aesthetic predictor", allow_patterns=AESTHETIC_FILES)
+    path = resolve(source or REWARD_SOURCES["aesthetic"].hub, "aesthetic predictor", allow_patterns=AESTHETIC_FILES)
     return path if path.is_file() else find_file(path, AESTHETIC_FILES, "aesthetic predictor")
 
 
