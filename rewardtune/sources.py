@@ -8,23 +8,45 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import option
 from .errors import OfflineError, UserError
 
-# Public releases each reward/model defaults to.
-HUB_DEFAULTS = {
-    "ict": "8y/ICT",
-    "hp": "8y/HP",
-    "backbone": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    "pickscore": "yuvalkirstain/PickScore_v1",
-    "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    "clip": "openai/clip-vit-large-patch14",
-    "hpsv2": "xswu/HPSv2",
-    "aesthetic": "camenduru/improved-aesthetic-predictor",
+
+@dataclass(frozen=True)
+class RewardSource:
+    """One reward source option (``--KEY`` of score / eval-reward, ``KEY`` of the finetune config)."""
+
+    hub: str  # the public release used when the option is not given
+    help: str  # what the option names: the flag's help, before its default
+    default_help: str = ""  # how the default is chosen, where that is more than ``hub`` (``{hub}`` is filled in)
+    tokenizer_hub: str = ""  # where the tokenizer comes from when the release has none (PickScore; --backbone overrides)
+
+    def help_text(self) -> str:
+        return f"{self.help} (default: {(self.default_help or '{hub}').format(hub=self.hub)})"
+
+
+# The reward sources, in flag order: the one place their keys, hub defaults and help are written.
+REWARD_SOURCES: dict[str, RewardSource] = {
+    "ict": RewardSource("8y/ICT", "ICT checkpoint: a local directory (released layout or ours) or hub id"),
+    "hp": RewardSource("8y/HP", "HP checkpoint: a directory with hp_backbone/ and hp_scorer/, or hub id"),
+    "backbone": RewardSource("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP backbone the ICT/HP checkpoints lay over",
+                             default_help="the checkpoint dir if it is a full CLIP, else {hub}"),
+    "clip": RewardSource("openai/clip-vit-large-patch14", "CLIP model for the 'clip' reward"),
+    "pickscore": RewardSource("yuvalkirstain/PickScore_v1", "PickScore model",
+                              tokenizer_hub="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "hpsv2": RewardSource("xswu/HPSv2", "HPS v2 checkpoint file or directory"),
+    "aesthetic": RewardSource("camenduru/improved-aesthetic-predictor", "LAION aesthetic predictor directory"),
 }
+
+
+def source_option(key: str):
+    """The config field of reward source ``key`` (default "": the reward's own), its help from the table."""
+    return option("", REWARD_SOURCES[key].help_text())
 
 
 def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | None = None) -> Path:

@@ -178,7 +178,7 @@ def test_missing_split_and_cli_report(pick_root, tmp_path, capsys):
 def test_dataset_preprocesses_like_the_reward(pick_root):
     """The training pixels are exactly what the rewards' torch preprocessing makes of the same files."""
     from rewardtune.images import load_image
-    from rewardtune.rewards.base import ClipPreprocess
+    from rewardtune.rewards.clip_tower import ClipPreprocess
 
     table = load_triplets(pick_root, "train")
     pre = ClipPreprocess(24)

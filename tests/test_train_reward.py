@@ -156,8 +156,7 @@ def test_outputs_score_without_a_backbone_and_match_the_official_export(trained,
 
 def test_training_tokens_pad_to_the_longest_prompt_with_the_same_embeddings(world):
     from rewardtune.reward_training.models import tokenize
-    from rewardtune.rewards.base import embedding
-    from rewardtune.rewards.clip_tower import ClipTower
+    from rewardtune.rewards.clip_tower import ClipTower, embedding
 
     tower = ClipTower.from_dir(world["backbone"], "backbone")
     prompts = ["a red circle", "a blue cross on a purple background"]

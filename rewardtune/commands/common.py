@@ -7,29 +7,22 @@ import argparse
 import torch
 
 from ..errors import UserError
+from ..sources import REWARD_SOURCES
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-SOURCE_HELP = {
-    "ict": "ICT checkpoint: a local directory (released layout or ours) or hub id (default: 8y/ICT)",
-    "hp": "HP checkpoint: a directory with hp_backbone/ and hp_scorer/, or hub id (default: 8y/HP)",
-    "backbone": "CLIP backbone the ICT/HP checkpoints lay over (default: the checkpoint dir if it is a full CLIP, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
-    "clip": "CLIP model for the 'clip' reward (default: openai/clip-vit-large-patch14)",
-    "pickscore": "PickScore model (default: yuvalkirstain/PickScore_v1)",
-    "hpsv2": "HPS v2 checkpoint file or directory (default: xswu/HPSv2)",
-    "aesthetic": "LAION aesthetic predictor directory (default: camenduru/improved-aesthetic-predictor)",
-}
-
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """One ``--KEY`` flag per reward source of ``REWARD_SOURCES`` (stored as ``src_KEY``)."""
     group = parser.add_argument_group("reward sources (local directories or hub ids)")
-    for key, text in SOURCE_HELP.items():
-        group.add_argument(f"--{key}", dest=f"src_{key}", default=None, metavar="SRC", help=text)
+    for key, source in REWARD_SOURCES.items():
+        group.add_argument(f"--{key}", dest=f"src_{key}", default=None, metavar="SRC", help=source.help_text())
 
 
 def sources_from_args(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, f"src_{k}") for k in SOURCE_HELP if getattr(args, f"src_{k}", None) is not None}
+    """The reward source flags that were given, as ``load_reward`` keyword arguments."""
+    return {k: getattr(args, f"src_{k}") for k in REWARD_SOURCES if getattr(args, f"src_{k}", None) is not None}
 
 
 def parse_device(name: str | None) -> torch.device:

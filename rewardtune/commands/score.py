@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
@@ -27,7 +26,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..images import load_image
-    from ..rewards import load_rewards, parse_spec
+    from ..rewards import load_rewards, parse_spec, score_by_size
 
     prompts = list(args.prompt)
     if len(prompts) == 1:
@@ -43,21 +42,11 @@ def run(args) -> int:
     images = [load_image(p) for p in args.images]  # fail on a bad file before loading models
     rewards = load_rewards(names, device=device, dtype=dtype, **sources_from_args(args))
     results = [{"image": str(p), "prompt": t} for p, t in zip(args.images, prompts)]
-    # Batch images of the same size together; order of results follows the input.
-    by_size: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        by_size.setdefault(tuple(im.shape), []).append(i)
-    batches = [idx[s : s + args.batch_size] for idx in by_size.values() for s in range(0, len(idx), args.batch_size)]
-    from tqdm import tqdm
-
     with torch.no_grad():
-        for idx in tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, disable=len(batches) < 2):
-            x = torch.stack([images[i] for i in idx]).to(device)
-            ps = [prompts[i] for i in idx]
-            for name, reward in rewards.items():
-                scores = reward(x, ps).float().cpu().tolist()
-                for i, s in zip(idx, scores):
-                    results[i][name] = s
+        table = score_by_size(lambda x, ps: torch.stack([r(x, ps).float() for r in rewards.values()], -1),
+                              images, prompts, batch_size=args.batch_size, device=device, desc="scoring")
+    for row, scores in zip(results, table.tolist()):
+        row.update(zip(rewards, scores))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from ..config import option
 from ..errors import UserError
 from ..schedules import LR_SCHEDULES
+from ..sources import REWARD_SOURCES, source_option
 
 METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
 PRECISIONS = ("no", "fp16", "bf16")
-
-_SRC = "reward source ({}): a local directory or hub id; as in `rewardtune score`"
 
 
 @dataclass
@@ -64,18 +63,18 @@ class FinetuneConfig:
     max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
     log_every: int = option(1, "log training scalars every N steps")
     export: str = option("none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"])
-    ict: str = option("", _SRC.format("ICT checkpoint; default 8y/ICT"))
-    hp: str = option("", _SRC.format("HP checkpoint; default 8y/HP"))
-    backbone: str = option("", _SRC.format("CLIP backbone of ICT/HP"))
-    clip: str = option("", _SRC.format("clip reward"))
-    pickscore: str = option("", _SRC.format("pickscore reward"))
-    hpsv2: str = option("", _SRC.format("hpsv2 reward"))
-    aesthetic: str = option("", _SRC.format("aesthetic reward"))
+    # reward sources: one field per key of sources.REWARD_SOURCES, in its order
+    ict: str = source_option("ict")
+    hp: str = source_option("hp")
+    backbone: str = source_option("backbone")
+    clip: str = source_option("clip")
+    pickscore: str = source_option("pickscore")
+    hpsv2: str = source_option("hpsv2")
+    aesthetic: str = source_option("aesthetic")
 
     def reward_sources(self) -> dict:
         """The reward source options that were given, as ``load_reward`` keyword arguments."""
-        keys = ("ict", "hp", "backbone", "clip", "pickscore", "hpsv2", "aesthetic")
-        return {k: getattr(self, k) for k in keys if getattr(self, k)}
+        return {k: getattr(self, k) for k in REWARD_SOURCES if getattr(self, k)}
 
     def validate(self) -> "FinetuneConfig":
         """Check values that need no files; raise ``UserError`` naming the flag."""

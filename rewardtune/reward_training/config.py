@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..config import option
 from ..errors import UserError
-from ..sources import HUB_DEFAULTS
+from ..sources import REWARD_SOURCES
 
 STAGE_DEFAULTS = {"ict": {"lr": 3e-5, "freeze_ratio": 0.0}, "hp": {"lr": 3e-6, "freeze_ratio": 0.5}}
 
@@ -18,7 +18,7 @@ class TrainRewardConfig:
                         choices=["ict", "hp"])
     data: str = option("", "data root: <split>.parquet/.jsonl, or the published Pick-High/<split>.pkl layout")
     output: str = option("", "output directory: the trained model, checkpoints/, logs/, config.yaml, metrics.json")
-    backbone: str = option(HUB_DEFAULTS["backbone"], "CLIP to start from (HF directory or hub id); for hp, also the backbone of a released-layout --ict")
+    backbone: str = option(REWARD_SOURCES["backbone"].hub, "CLIP to start from (HF directory or hub id); for hp, also the backbone of a released-layout --ict")
     ict: Optional[str] = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
     steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)")
     batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)")

@@ -12,6 +12,7 @@ import torch
 
 from ..losses import icthp_scores
 from ..rewards.base import Reward
+from ..rewards.batching import score_by_size
 
 PAIRS = {"I2>I1": (1, 0), "I3>I2": (2, 1), "I3>I1": (2, 0)}
 
@@ -26,28 +27,16 @@ def triplet_accuracy(scores: torch.Tensor) -> dict:
     return out
 
 
-def _by_shape(fn, images: list[torch.Tensor], prompts: list[str], device) -> torch.Tensor:
-    """``fn(batch, prompts)`` over images batched by size (rewards take any size, but a batch needs one)."""
-    out = torch.empty(len(images))
-    groups: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape), []).append(i)
-    for idx in groups.values():
-        x = torch.stack([images[i] for i in idx]).to(device)
-        out[idx] = fn(x, [prompts[i] for i in idx]).float().cpu()
-    return out
-
-
 def score_triplets(reward: Reward, images: list[list[torch.Tensor]], prompts: list[str], device=None) -> torch.Tensor:
     """(B, 3) scores of each row's (I1, I2, I3) against its prompt."""
     from ..rewards.icthp import ICTHPReward
 
     columns = [[row[k] for row in images] for k in range(3)]
     if isinstance(reward, ICTHPReward):
-        ict = torch.stack([_by_shape(reward.ict.cosines, c, prompts, device) for c in columns], -1)
-        hp = [_by_shape(lambda x, p: reward.hp.logits(x), c, prompts, device) for c in columns]
+        ict = torch.stack([score_by_size(reward.ict.cosines, c, prompts, device=device) for c in columns], -1)
+        hp = [score_by_size(lambda x, p: reward.hp.logits(x), c, prompts, device=device) for c in columns]
         return icthp_scores(ict, *hp)
-    return torch.stack([_by_shape(reward, c, prompts, device) for c in columns], -1)
+    return torch.stack([score_by_size(reward, c, prompts, device=device) for c in columns], -1)
 
 
 def _device_of(module: torch.nn.Module):

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..rewards.base import embedding
-from ..rewards.clip_tower import ClipTower, normalize
+from ..rewards.clip_tower import ClipTower, embedding, normalize
 from ..rewards.icthp import HPHead, ICTReward
 from ..sources import resolve, save_state_dict
 

@@ -1,8 +1,8 @@
 """Reward registry: ``load_reward(name_or_mix, device=..., dtype=..., **sources)``.
 
 Every reward maps float images ``(B,3,H,W)`` in [0,1] and B prompts to ``(B,)`` scores,
-differentiably in the pixels. Sources are the CLI's: ``ict=``, ``hp=``, ``backbone=``, and one per
-baseline (``clip=``, ``pickscore=``, ``hpsv2=``, ``aesthetic=``), each a local directory or hub id.
+differentiably in the pixels. Sources are the keys of ``sources.REWARD_SOURCES`` (``ict=``, ``hp=``,
+``backbone=``, and one per baseline), each a local directory or hub id.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import difflib
 import torch
 
 from ..errors import UserError
+from ..sources import REWARD_SOURCES
 from .base import Reward
+from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
 REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
-SOURCE_KEYS = ("ict", "hp", "backbone", "clip", "pickscore", "hpsv2", "aesthetic")
 
-__all__ = ["Reward", "REWARD_NAMES", "SOURCE_KEYS", "load_reward", "load_rewards", "parse_spec", "WeightedSum"]
+__all__ = ["Reward", "REWARD_NAMES", "load_reward", "load_rewards", "parse_spec", "score_by_size", "WeightedSum"]
 
 
 def _check_name(name: str) -> None:
@@ -32,9 +33,9 @@ class _Loader:
     """Builds rewards, sharing the ICT and HP models between ``ict``, ``hp`` and ``icthp``."""
 
     def __init__(self, dtype, sources):
-        unknown = sorted(set(sources) - set(SOURCE_KEYS))
+        unknown = sorted(set(sources) - set(REWARD_SOURCES))
         if unknown:
-            raise UserError(f"reward: unknown source(s) {', '.join(unknown)}; valid: {', '.join(SOURCE_KEYS)}")
+            raise UserError(f"reward: unknown source(s) {', '.join(unknown)}; valid: {', '.join(REWARD_SOURCES)}")
         self.dtype = dtype
         self.sources = {k: v for k, v in sources.items() if v is not None}
         self.cache: dict[str, Reward] = {}

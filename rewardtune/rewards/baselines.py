@@ -1,14 +1,13 @@
 """Baseline rewards from public releases: CLIP, PickScore, HPS v2 / v2.1 and the LAION aesthetic predictor.
 
 Each builder is ``BUILDERS[name](source=None, dtype=None, sources=None, get=None)``: ``source`` is the
-reward's own local directory, file or hub id (default: ``HUB_DEFAULTS[name]``), ``sources`` the other
+reward's own local directory, file or hub id (default: ``REWARD_SOURCES[name].hub``), ``sources`` the other
 sources of the same call (PickScore reads ``backbone``, the aesthetic head reads ``clip``) and ``get``
 the loader's ``get(name)`` so the aesthetic head shares the ``clip`` reward's CLIP when both are loaded.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -17,14 +16,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
-from .base import ClipPreprocess, Reward
-from .clip_tower import ClipTower, CosineReward, normalize
-from .icthp import HPHead
+from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
+from .base import Reward
+from .clip_tower import TOKENIZER_FILES, WEIGHT_FILES, ClipPreprocess, ClipTower, CosineReward, normalize
+from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]
-HF_WEIGHTS = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
-TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
 HPS_FILES = ["HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "HPS_v2.pt"]
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 HPS_DEFAULT_ARCH = "ViT-H-14"
@@ -73,21 +70,12 @@ class HPSv2Reward(Reward):
         return (normalize(image) * normalize(text)).sum(-1)
 
 
-class AestheticReward(Reward):
+class AestheticReward(TowerHeadReward):
     """LAION improved aesthetic predictor: a linear MLP on the L2-normalised CLIP ViT-L/14 image embedding,
-    predicting a 1-10 rating. The head is the same MLP shape as HP's (768 -> 1024 -> 128 -> 64 -> 16 -> 1)."""
+    predicting a 1-10 rating (no activation). The head is the same MLP as HP's (768 -> 1024 -> 128 -> 64 -> 16 -> 1)."""
 
     name = "aesthetic"
-    needs_prompts = False
-
-    def __init__(self, tower: ClipTower, head: HPHead):
-        super().__init__()
-        self.tower = tower
-        self.head = head
-
-    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        return self.head(normalize(self.tower.encode_image(images))).squeeze(-1)
+    normalize_embedding = True
 
 
 # ---------------------------------------------------------------- loading helpers
@@ -96,7 +84,7 @@ class AestheticReward(Reward):
 def _hf_dir(source, what: str) -> Path:
     """An HF model directory; from the hub, safetensors weights are fetched, ``.bin`` only when there are none."""
     directory = resolve(source, what, allow_patterns=HF_META + ["*.safetensors"])
-    if directory.is_dir() and not any((directory / n).is_file() for n in HF_WEIGHTS):
+    if directory.is_dir() and not any((directory / n).is_file() for n in WEIGHT_FILES):
         directory = resolve(source, what, allow_patterns=HF_META + ["*.bin"])
     return directory
 
@@ -105,65 +93,33 @@ def _has_tokenizer(directory: Path) -> bool:
     return directory.is_dir() and any((directory / n).is_file() for n in TOKENIZER_FILES)
 
 
-def _clip_model(directory: Path, what: str, dtype):
-    from transformers import CLIPModel
-
-    find_file(directory, ["config.json"], what)
-    find_file(directory, HF_WEIGHTS, what)
-    try:
-        return CLIPModel.from_pretrained(str(directory), dtype=dtype or torch.float32).eval()
-    except Exception as exc:
-        raise UserError(f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
-def _clip_tokenizer(directory: Path, what: str):
-    from transformers import CLIPTokenizer
-
-    find_file(directory, TOKENIZER_FILES, what)
-    try:
-        return CLIPTokenizer.from_pretrained(str(directory))
-    except Exception as exc:
-        raise UserError(f"{what}: could not load the CLIP tokenizer from '{directory}' ({type(exc).__name__})") from None
-
-
-def _image_stats(*directories: Path):
-    """``image_mean``/``image_std`` from the first ``preprocessor_config.json`` found (None: CLIP's)."""
-    for d in directories:
-        pre = d / "preprocessor_config.json"
-        if pre.is_file():
-            cfg = json.loads(pre.read_text())
-            return cfg.get("image_mean"), cfg.get("image_std")
-    return None, None
-
-
 def _clip_tower(source, dtype) -> ClipTower:
-    return ClipTower.from_dir(_hf_dir(source or HUB_DEFAULTS["clip"], "CLIP model"), "CLIP model", dtype)
+    return ClipTower.from_dir(_hf_dir(source or REWARD_SOURCES["clip"].hub, "CLIP model"), "CLIP model", dtype)
 
 
 # ---------------------------------------------------------------- builders
 
 
 def build_clip(source=None, dtype=None, sources=None, get=None) -> ClipReward:
-    """An HF CLIP directory or hub id (default openai/clip-vit-large-patch14)."""
+    """An HF CLIP directory or hub id (default: ``REWARD_SOURCES["clip"].hub``, OpenAI's ViT-L/14)."""
     return ClipReward(_clip_tower(source, dtype))
 
 
 def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScoreReward:
     """PickScore's CLIPModel; its tokenizer from the model directory if it holds one, else from ``backbone``
-    or the processor it was trained with (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, tokenizer files only)."""
-    model_dir = _hf_dir(source or HUB_DEFAULTS["pickscore"], "PickScore model")
+    or the processor it was trained with (the table's ``tokenizer_hub``, tokenizer files only)."""
+    entry = REWARD_SOURCES["pickscore"]
+    model_dir = _hf_dir(source or entry.hub, "PickScore model")
     if _has_tokenizer(model_dir):
         return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype))
     backbone = (sources or {}).get("backbone")
-    proc_dir = resolve(backbone or HUB_DEFAULTS["pickscore_processor"], "PickScore processor", allow_patterns=HF_META)
-    model = _clip_model(model_dir, "PickScore model", dtype)
-    tokenizer = _clip_tokenizer(proc_dir, f"PickScore processor (no tokenizer in '{model_dir}')")
-    mean, std = _image_stats(model_dir, proc_dir)
-    return PickScoreReward(ClipTower(model, tokenizer, mean, std))
+    proc_dir = resolve(backbone or entry.tokenizer_hub, "PickScore processor", allow_patterns=HF_META)
+    return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype, tokenizer_dir=proc_dir,
+                                              tokenizer_what=f"PickScore processor (no tokenizer in '{model_dir}')"))
 
 
 def _hps_checkpoint(source) -> Path:
-    path = resolve(source or HUB_DEFAULTS["hpsv2"], "HPS v2 checkpoint",
+    path = resolve(source or REWARD_SOURCES["hpsv2"].hub, "HPS v2 checkpoint",
                    allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG])
     return path if path.is_file() else find_file(path, HPS_FILES, "HPS v2 checkpoint")
 
@@ -217,7 +173,7 @@ def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
 
 
 def _aesthetic_head_file(source) -> Path:
-    path = resolve(source or HUB_DEFAULTS["aesthetic"], "aesthetic predictor", allow_patterns=AESTHETIC_FILES)
+    path = resolve(source or REWARD_SOURCES["aesthetic"].hub, "aesthetic predictor", allow_patterns=AESTHETIC_FILES)
     return path if path.is_file() else find_file(path, AESTHETIC_FILES, "aesthetic predictor")
 
 
@@ -226,9 +182,7 @@ def build_aesthetic(source=None, dtype=None, sources=None, get=None) -> Aestheti
     head_file = _aesthetic_head_file(source)
     state = load_state_dict(head_file, "aesthetic predictor")
     tower = get("clip").tower if get is not None else _clip_tower((sources or {}).get("clip"), dtype)
-    head = HPHead(input_dim=tower.model.config.projection_dim)
-    apply_state_dict(head, state, f"aesthetic predictor '{head_file}'")
-    return AestheticReward(tower, head.eval())
+    return AestheticReward.from_head_state(tower, state, f"aesthetic predictor '{head_file}'")
 
 
 BUILDERS = {

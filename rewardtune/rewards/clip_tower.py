@@ -1,15 +1,71 @@
-"""An HF CLIP model with its tokenizer and torch preprocessing: text and image embeddings."""
+"""An HF CLIP model with its tokenizer and torch preprocessing: text and image embeddings.
+
+The preprocessing is CLIP's, written in torch so that rewards stay differentiable in the pixels: no PIL
+round trip, no ``no_grad``, no clamp.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..sources import find_file
-from .base import ClipPreprocess, Reward, embedding
+from .base import Reward
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
+
+
+class ClipPreprocess(nn.Module):
+    """CLIP's image preprocessing in torch: resize the shortest edge (bicubic, antialiased), centre crop,
+    normalise with the given mean/std. The resize is skipped when the size already matches, so on
+    ``size``x``size`` inputs this is exactly CLIPImageProcessor's arithmetic on float pixels."""
+
+    def __init__(self, size: int, mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        s = self.size
+        if min(h, w) != s:
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            images = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+            h, w = nh, nw
+        top, left = (h - s) // 2, (w - s) // 2
+        images = images[..., top : top + s, left : left + s]
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+
+def embedding(output) -> torch.Tensor:
+    """The embedding from ``get_text_features``/``get_image_features``: a tensor in transformers 4,
+    an output object whose ``pooler_output`` holds it in transformers 5."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"cannot find an embedding in {type(output).__name__}")
+    return pooled
+
+
+def _image_stats(*directories: Path):
+    """``image_mean``/``image_std`` from the first ``preprocessor_config.json`` found (None: CLIP's)."""
+    for d in directories:
+        pre = d / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            return cfg.get("image_mean"), cfg.get("image_std")
+    return None, None
 
 
 class ClipTower(nn.Module):
@@ -26,29 +82,28 @@ class ClipTower(nn.Module):
         self.preprocess = ClipPreprocess(size, **kw)
 
     @classmethod
-    def from_dir(cls, directory: Path, what: str, dtype: torch.dtype | None = None) -> "ClipTower":
+    def from_dir(cls, directory: Path, what: str, dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None,
+                 tokenizer_what: str | None = None) -> "ClipTower":
+        """An HF CLIP directory; the tokenizer (and, if the model has none, the preprocessor config) may come
+        from ``tokenizer_dir`` instead, for models released without them (PickScore). ``what`` and
+        ``tokenizer_what`` name the two in error messages."""
         from transformers import CLIPModel, CLIPTokenizer
 
         directory = Path(directory)
+        tok_dir = directory if tokenizer_dir is None else Path(tokenizer_dir)
+        tok_what = tokenizer_what or f"{what} tokenizer"
         find_file(directory, ["config.json"], what)
-        find_file(directory, ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                              "pytorch_model.bin.index.json"], what)
-        find_file(directory, ["vocab.json", "tokenizer.json"], f"{what} tokenizer")
+        find_file(directory, WEIGHT_FILES, what)
+        find_file(tok_dir, TOKENIZER_FILES, tok_what)
         try:
             model = CLIPModel.from_pretrained(str(directory), dtype=dtype or torch.float32)
         except Exception as exc:
             raise UserError(f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})") from None
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(str(directory))
+            tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:
-            raise UserError(f"{what}: could not load the CLIP tokenizer from '{directory}' ({type(exc).__name__})") from None
-        mean = std = None
-        pre = directory / "preprocessor_config.json"
-        if pre.is_file():
-            import json
-
-            cfg = json.loads(pre.read_text())
-            mean, std = cfg.get("image_mean"), cfg.get("image_std")
+            raise UserError(f"{tok_what}: could not load the CLIP tokenizer from '{tok_dir}' ({type(exc).__name__})") from None
+        mean, std = _image_stats(directory, tok_dir)
         return cls(model.eval(), tokenizer, mean, std)
 
     @property

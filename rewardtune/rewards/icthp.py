@@ -15,38 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..sources import HUB_DEFAULTS, apply_state_dict, find_file, load_state_dict, resolve
+from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
 from .clip_tower import ClipTower, CosineReward
+from .tower_head import HPHead, TowerHeadReward
+
+__all__ = ["HPHead", "HPReward", "ICTHPReward", "ICTReward"]
 
 ICT_FILES = ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
 HP_BACKBONE_FILES = ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
 HP_HEAD_FILES = ["mlp_pytorch_model.safetensors", "mlp.safetensors", "mlp_pytorch_model.bin"]
-
-
-class HPHead(nn.Module):
-    """The released HP scorer: Linear d→1024, Dropout .2, →128, Dropout .2, →64, Dropout .1, →16, →1.
-    Parameter names (``layers.0`` … ``layers.7``) match ``mlp_pytorch_model.bin``."""
-
-    def __init__(self, input_dim: int = 1024, hidden_dim: int = 1024):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.Dropout(0.2),
-            nn.Linear(hidden_dim, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-        for name, p in self.layers.named_parameters():
-            if name.endswith("weight"):
-                nn.init.normal_(p, std=1.0 / (input_dim + 1))
-            else:
-                nn.init.zeros_(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 def _backbone_dir(backbone, fallback: Path | None) -> Path:
@@ -55,15 +34,17 @@ def _backbone_dir(backbone, fallback: Path | None) -> Path:
         return resolve(backbone, "CLIP backbone")
     if fallback is not None and (fallback / "config.json").is_file() and (fallback / "vocab.json").is_file():
         return fallback
-    return resolve(HUB_DEFAULTS["backbone"], "CLIP backbone")
+    return resolve(REWARD_SOURCES["backbone"].hub, "CLIP backbone")
 
 
 class ICTReward(CosineReward):
+    """ICT: cosine of the ICT CLIP's normalised text and image embeddings (its checkpoint laid over the backbone)."""
+
     name = "ict"
 
     @classmethod
     def load(cls, ict=None, backbone=None, dtype=None) -> "ICTReward":
-        ict_dir = resolve(ict or HUB_DEFAULTS["ict"], "ICT checkpoint", allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"])
+        ict_dir = resolve(ict or REWARD_SOURCES["ict"].hub, "ICT checkpoint", allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"])
         ckpt = ict_dir if ict_dir.is_file() else find_file(ict_dir, ICT_FILES, "ICT checkpoint")
         tower = ClipTower.from_dir(_backbone_dir(backbone, ict_dir if ict_dir.is_dir() else None), "CLIP backbone")
         apply_state_dict(tower.model, load_state_dict(ckpt, "ICT checkpoint"), f"ICT checkpoint '{ckpt}'")
@@ -72,37 +53,26 @@ class ICTReward(CosineReward):
         return cls(tower)
 
 
-class HPReward(Reward):
-    name = "hp"
-    needs_prompts = False
+class HPReward(TowerHeadReward):
+    """HP: sigmoid of the head on the raw (unnormalised) image embedding, as in the released scoring code."""
 
-    def __init__(self, tower: ClipTower, head: HPHead):
-        super().__init__()
-        self.tower = tower
-        self.head = head
+    name = "hp"
 
     @classmethod
     def load(cls, hp=None, backbone=None, dtype=None) -> "HPReward":
-        hp_dir = resolve(hp or HUB_DEFAULTS["hp"], "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"])
+        hp_dir = resolve(hp or REWARD_SOURCES["hp"].hub, "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"])
         bb_dir, head_dir = hp_dir / "hp_backbone", hp_dir / "hp_scorer"
         bb_ckpt = find_file(bb_dir, HP_BACKBONE_FILES, "HP backbone checkpoint (hp_backbone/)")
         head_ckpt = find_file(head_dir, HP_HEAD_FILES, "HP scorer checkpoint (hp_scorer/)")
         tower = ClipTower.from_dir(_backbone_dir(backbone, bb_dir), "CLIP backbone")
         apply_state_dict(tower.model, load_state_dict(bb_ckpt, "HP backbone"), f"HP backbone '{bb_ckpt}'")
-        head = HPHead(input_dim=tower.model.config.projection_dim)
-        apply_state_dict(head, load_state_dict(head_ckpt, "HP scorer"), f"HP scorer '{head_ckpt}'")
-        head.eval()
+        reward = cls.from_head_state(tower, load_state_dict(head_ckpt, "HP scorer"), f"HP scorer '{head_ckpt}'")
         if dtype is not None:
             tower.model.to(dtype)
-        return cls(tower, head)
+        return reward
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw head output (before the sigmoid); what the paper's margin losses rank."""
-        return self.head(self.tower.encode_image(images)).squeeze(-1)
-
-    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
-        self.check_inputs(images, prompts)
-        return torch.sigmoid(self.logits(images))
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
 
 
 class ICTHPReward(Reward):
