@@ -11,8 +11,23 @@ import torch
 from .errors import UserError
 
 
+def _rgb8(im) -> np.ndarray:
+    """Any PIL mode as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16/32-bit greyscale to 255 (an
+    ordinary 16-bit PNG comes out almost white), so those are scaled from their full range instead; float
+    images are taken as [0,1]. Palette, CMYK and greyscale go through Pillow; alpha is dropped, as CLIP's
+    image processors drop it. (16-bit RGB PNGs already open as 8-bit RGB.)"""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" else 65535.0
+        grey = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow warns on palette transparency straight to RGB
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """(3,H,W) float32 in [0,1]."""
+    """(3,H,W) float32 in [0,1], from an image file of any mode (see ``_rgb8``)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -21,7 +36,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = _rgb8(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
