@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """An HF CLIP directory (config, weights, the real CLIP tokenizer, preprocessor), projection dim 1024."""
-    from rewardtune.tiny import save_tiny_clip
+    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("backbone")
     save_tiny_clip(d, seed=0, projection_dim=1024)
@@ -29,7 +29,7 @@ def released_ict(tiny_backbone, tmp_path_factory) -> Path:
     """ICT as released: <dir>/pytorch_model.bin, a CLIPModel state dict laid over the backbone."""
     from transformers import CLIPModel
 
-    from rewardtune.tiny import perturbed_state_dict
+    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("ict")
     base = CLIPModel.from_pretrained(tiny_backbone)
@@ -43,7 +43,7 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
     from transformers import CLIPModel
 
     from rewardtune.rewards.icthp import HPHead
-    from rewardtune.tiny import perturbed_state_dict
+    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("hp")
     (d / "hp_backbone").mkdir()

@@ -26,14 +26,14 @@ class Brightness(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def sd_model(tmp_path_factory):
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), "sd", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sdxl_model(tmp_path_factory):
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
 
@@ -226,7 +226,7 @@ def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path
     from diffusers import PNDMScheduler
 
     from rewardtune.finetune.models import load_pipeline
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     d = save_tiny_pipeline(tmp_path / "my-sdxl-finetune", "sd", prediction_type="v_prediction")
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",

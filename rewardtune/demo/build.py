@@ -27,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..clip_tokenizer import write_clip_tokenizer
 from ..config import option
 from ..errors import UserError
 from ..sources import atomic_write_text
+from ..testing import tiny_clip_config, write_clip_processor
 from . import world
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -116,7 +118,6 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
     from transformers import CLIPModel, CLIPTokenizer
 
     from ..rewards.clip_tower import ClipTower
-    from ..tiny import tiny_clip_config, write_clip_processor
 
     directory = Path(directory)
     vocab = write_tokenizer(directory)
@@ -172,8 +173,6 @@ class AttributeHeads(torch.nn.Module):
 
 def write_tokenizer(directory: Path) -> int:
     """The real CLIP tokenizer restricted to the world's words, with a ``TEXT_LENGTH`` context."""
-    from ..tiny import write_clip_tokenizer
-
     vocab = write_clip_tokenizer(directory, words=world.world_words())
     cfg_path = Path(directory) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
