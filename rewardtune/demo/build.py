@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..clip_tokenizer import write_clip_tokenizer
 from ..config import option
 from ..errors import UserError
+from ..finetune.models import assemble_pipeline
 from ..sources import atomic_write_text
 from ..testing import tiny_clip_config, write_clip_processor
 from . import world
@@ -312,11 +313,11 @@ def train_unet(latents, scenes, text_encoder, tokenizer, steps: int, seed: int, 
 
 def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet) -> None:
     """A diffusers StableDiffusionPipeline directory (no safety checker), with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=DDIMScheduler(**SCHEDULER))
+    pipe = assemble_pipeline("sd", parts, tokenizer)
+
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer(tmp / "tokenizer")  # vocab.json + merges.txt too, for transformers 4.x
