@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .triplets import COLUMNS, IMAGE_COLUMNS
+from .triplets import COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, PROMPT_COLUMNS
 
 FORMATS = ("parquet", "jsonl", "pickle")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
@@ -47,16 +47,17 @@ def write_synthetic_set(root, draw, sizes: dict[str, int], seed: int = 0, format
         raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    return {split: write_split(root, split, draw(split_rng(seed, split), n, split), formats, image_names)
+    return {split: write_triplets(root, split, draw(split_rng(seed, split), n, split), formats, image_names)
             for split, n in sizes.items()}
 
 
-def write_split(root: Path, split: str, triplets: list[dict], formats=("parquet",),
-                image_names: tuple[str, str, str] = IMAGE_NAMES):
-    """The triplets' PNGs and tables: ``Pick-High/<split>.pkl`` with bare image names, as published, and
+def write_triplets(root, split: str, triplets: list[dict], formats=("parquet",),
+                   image_names: tuple[str, str, str] = IMAGE_NAMES):
+    """One split's PNGs and tables: ``Pick-High/<split>.pkl`` with bare image names, as published, and
     ``<split>.parquet`` / ``.jsonl`` with paths relative to ``root``. Returns the relative table."""
     import pandas as pd
 
+    root = Path(root)
     dirs = [root / d / split for d in IMAGE_DIRS]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,7 @@ def write_split(root: Path, split: str, triplets: list[dict], formats=("parquet"
         names = [template.format(i=i) for template in image_names]
         for im, d, name in zip(t["images"], dirs, names):
             Image.fromarray(_uint8(im)).save(d / name)
-        rows.append({**{c: t[c] for c in ("easy_prompt", "refine_prompt", "E1", "E2", "R1", "R2")},
-                     **dict(zip(IMAGE_COLUMNS, names))})
+        rows.append({**{c: t[c] for c in PROMPT_COLUMNS + LABEL_COLUMNS}, **dict(zip(IMAGE_COLUMNS, names))})
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if "pickle" in formats:
         (root / "Pick-High").mkdir(exist_ok=True)
