@@ -91,7 +91,7 @@ def build_reward(args, cfg, workdir: Path):
 
 
 def tiny_clip_config() -> dict:
-    from rewardtune.tiny import tiny_clip_config as make
+    from rewardtune.testing import tiny_clip_config as make
 
     return make(49408, **TINY_CLIP).to_dict()
 
@@ -151,7 +151,7 @@ def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="rewardtune-bench-"))
     cfg = finetune_config(args, workdir)
     if args.tiny:
-        from rewardtune.tiny_pipelines import save_tiny_pipeline
+        from rewardtune.testing import save_tiny_pipeline
 
         cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
     record = {"name": args.name, "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
@@ -227,7 +227,7 @@ def predict_only(args) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="rewardtune-plan-"))
         cfg = finetune_config(args, workdir)
         if args.tiny:
-            from rewardtune.tiny_pipelines import save_tiny_pipeline
+            from rewardtune.testing import save_tiny_pipeline
 
             cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
         record["prediction"] = predict(args, cfg, workdir)

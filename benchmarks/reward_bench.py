@@ -49,7 +49,7 @@ def device() -> torch.device:
 def clip_config(tiny: bool) -> dict | None:
     if not tiny:
         return None
-    from rewardtune.tiny import tiny_clip_config
+    from rewardtune.testing import tiny_clip_config
 
     return tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
 
@@ -75,8 +75,9 @@ def bench_score(args) -> dict:
 
 def save_backbone(directory: Path, tiny: bool) -> Path:
     """A random-weight HF CLIP directory (weights, config, the real CLIP tokenizer, preprocessor)."""
+    from rewardtune.clip_tokenizer import write_clip_tokenizer
     from rewardtune.plan import build_clip
-    from rewardtune.tiny import write_clip_processor, write_clip_tokenizer
+    from rewardtune.testing import write_clip_processor
 
     dev = device()
     model = build_clip(torch.float16 if dev.type == "cuda" else torch.float32, dev, clip_config(tiny))

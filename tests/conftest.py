@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real CLIP models saved the way users' files look. Nothing downloads."""
+"""Shared fixtures: tiny real CLIP models and SD/SDXL pipelines saved the way users' files look, and the
+small pieces the fine-tuning tests share (a reward any generator can move, a tiny run config). Nothing downloads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from rewardtune.finetune import FinetuneConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,7 +20,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """An HF CLIP directory (config, weights, the real CLIP tokenizer, preprocessor), projection dim 1024."""
-    from rewardtune.tiny import save_tiny_clip
+    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("backbone")
     save_tiny_clip(d, seed=0, projection_dim=1024)
@@ -29,7 +32,7 @@ def released_ict(tiny_backbone, tmp_path_factory) -> Path:
     """ICT as released: <dir>/pytorch_model.bin, a CLIPModel state dict laid over the backbone."""
     from transformers import CLIPModel
 
-    from rewardtune.tiny import perturbed_state_dict
+    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("ict")
     base = CLIPModel.from_pretrained(tiny_backbone)
@@ -43,7 +46,7 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
     from transformers import CLIPModel
 
     from rewardtune.rewards.icthp import HPHead
-    from rewardtune.tiny import perturbed_state_dict
+    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("hp")
     (d / "hp_backbone").mkdir()
@@ -74,3 +77,51 @@ def sample_images(tmp_path_factory) -> list[Path]:
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def sd_model(tmp_path_factory) -> Path:
+    """A tiny SD 1.x pipeline directory (diffusers format, the real CLIP tokenizer)."""
+    from rewardtune.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), "sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline directory (two text encoders, text_time conditioning)."""
+    from rewardtune.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
+
+
+class Brightness(torch.nn.Module):
+    """Mean pixel value (times ``sign``): a reward any generator can move."""
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, images, prompts):
+        return self.sign * images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="session")
+def brightness():
+    """``brightness(sign=1.0)``: a differentiable reward, the mean pixel value times ``sign``."""
+    return Brightness
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """``tiny_cfg(model, output, **overrides)``: a FinetuneConfig that trains a tiny pipeline in seconds."""
+
+    def make(model, output, **kw) -> FinetuneConfig:
+        base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2,
+                    batch_size=2, lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, guidance_scale=3.0,
+                    eval_every=0, eval_size=4, checkpoint_every=0,
+                    gradient_checkpointing=False)  # checkpointing: see the tests that turn it on
+        base.update(kw)
+        return FinetuneConfig(**base)
+
+    return make

@@ -60,7 +60,7 @@ class _Evil:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     """openai/clip-vit-large-patch14 in miniature: an HF CLIP directory, projection dim 768."""
-    from rewardtune.tiny import save_tiny_clip
+    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("clip")
     save_tiny_clip(d, seed=11, projection_dim=768)
@@ -72,7 +72,8 @@ def pickscore_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir without tokenizer files, processor dir with the tokenizer and preprocessor config)."""
     from transformers import CLIPModel
 
-    from rewardtune.tiny import save_tiny_clip, write_clip_processor, write_clip_tokenizer
+    from rewardtune.clip_tokenizer import write_clip_tokenizer
+    from rewardtune.testing import save_tiny_clip, write_clip_processor
 
     model_dir = tmp_path_factory.mktemp("pickscore")
     save_tiny_clip(model_dir, seed=12, projection_dim=64)

@@ -86,7 +86,7 @@ def test_build_names_an_unknown_part(tmp_path):
 def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     """``rewardtune data check`` and both ``train-reward`` stages read the generator's set (rendered images only)."""
     from rewardtune.demo.data import write_preference_set
-    from rewardtune.tiny import save_tiny_clip
+    from rewardtune.testing import save_tiny_clip
 
     write_preference_set(tmp_path / "set", {"train": 16, "val": 8}, seed=2)
     save_tiny_clip(tmp_path / "clip", seed=0, words=world.world_words(), projection_dim=32, image_size=32, patch_size=8,

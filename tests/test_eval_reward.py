@@ -27,7 +27,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
     from rewardtune.data.synthetic import WORDS, make_pick_high
     from rewardtune.rewards.icthp import HPHead
-    from rewardtune.tiny import perturbed_state_dict, save_tiny_clip
+    from rewardtune.testing import perturbed_state_dict, save_tiny_clip
 
     d = tmp_path_factory.mktemp("evalworld")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)

@@ -9,46 +9,13 @@ import pytest
 import torch
 
 from rewardtune.errors import UserError
-from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, run_finetune
+from rewardtune.finetune import Trainer, load_lora, run_finetune
 from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler
-
-
-class Brightness(torch.nn.Module):
-    """Mean pixel value (times ``sign``): a reward any generator can move."""
-
-    def __init__(self, sign: float = 1.0):
-        super().__init__()
-        self.sign = sign
-
-    def forward(self, images, prompts):
-        return self.sign * images.mean(dim=(1, 2, 3))
-
-
-@pytest.fixture(scope="session")
-def sd_model(tmp_path_factory):
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), "sd", seed=0)
-
-
-@pytest.fixture(scope="session")
-def sdxl_model(tmp_path_factory):
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
 
 
 @pytest.fixture
 def models(sd_model, sdxl_model):
     return {"sd": sd_model, "sdxl": sdxl_model}
-
-
-def tiny_cfg(model, output, **kw) -> FinetuneConfig:
-    base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2, batch_size=2,
-                lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, guidance_scale=3.0, eval_every=0,
-                eval_size=4, checkpoint_every=0, gradient_checkpointing=False)  # checkpointing: see the tests that turn it on
-    base.update(kw)
-    return FinetuneConfig(**base)
 
 
 def test_tiny_pipelines_are_real_diffusers_pipelines(sd_model, sdxl_model):
@@ -64,10 +31,10 @@ def test_tiny_pipelines_are_real_diffusers_pipelines(sd_model, sdxl_model):
     assert len(ids) == 5 and ids[0] == 49406  # the real CLIP vocabulary: BOS + 3 words + EOS
 
 
-def test_brightness_rises_and_control_falls(sd_model, tmp_path):
+def test_brightness_rises_and_control_falls(sd_model, tmp_path, tiny_cfg, brightness):
     """Training on +brightness raises it on the held-out eval noise; on -brightness it falls."""
-    up = run_finetune(tiny_cfg(sd_model, tmp_path / "up", steps=4, eval_every=2), reward=Brightness(1.0))
-    down = run_finetune(tiny_cfg(sd_model, tmp_path / "down", steps=4), reward=Brightness(-1.0))
+    up = run_finetune(tiny_cfg(sd_model, tmp_path / "up", steps=4, eval_every=2), reward=brightness(1.0))
+    down = run_finetune(tiny_cfg(sd_model, tmp_path / "down", steps=4), reward=brightness(-1.0))
     assert up["after"]["reward"] > up["before"]["reward"]
     assert down["after"]["reward"] > down["before"]["reward"]  # its reward is -brightness
     assert down["before"]["reward"] == pytest.approx(-up["before"]["reward"])
@@ -84,10 +51,10 @@ def test_brightness_rises_and_control_falls(sd_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trainers(sd_model, sdxl_model, tmp_path_factory):
+def trainers(sd_model, sdxl_model, tmp_path_factory, tiny_cfg, brightness):
     """One trainer per family; the method is read from its config at every step, so tests switch it."""
     out = tmp_path_factory.mktemp("methods")
-    return {f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=Brightness())
+    return {f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=brightness())
             for f, m in (("sd", sd_model), ("sdxl", sdxl_model))}
 
 
@@ -148,8 +115,8 @@ def _grads_per_step(trainer, plan):
     return grads
 
 
-def test_k_decides_which_steps_carry_gradients(sd_model, tmp_path):
-    trainer = Trainer(tiny_cfg(sd_model, tmp_path, sample_steps=4, k=1), reward=Brightness())
+def test_k_decides_which_steps_carry_gradients(sd_model, tmp_path, tiny_cfg, brightness):
+    trainer = Trainer(tiny_cfg(sd_model, tmp_path, sample_steps=4, k=1), reward=brightness())
     for k in (1, 2, 4):
         grads = _grads_per_step(trainer, Plan([4 - k] * 2, 4))
         assert [g is not None for g in grads] == [i >= 4 - k for i in range(4)]
@@ -178,7 +145,8 @@ def _pipe_images(pipe, seed=3):
 
 
 @pytest.mark.parametrize("family,text_encoder", [("sd", False), ("sdxl", True)])
-def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family, text_encoder, tmp_path, caplog):
+def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family, text_encoder, tmp_path, caplog, tiny_cfg,
+                                                                 brightness):
     """pipe.load_lora_weights(dir) (diffusers) and the kohya export give the fine-tuned model's images;
     --init-lora starts a new run from the same weights. SDXL also trains LoRA on both text encoders."""
     from diffusers import DiffusionPipeline
@@ -188,7 +156,7 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
 
     cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder,
                    gradient_checkpointing=text_encoder)
-    trainer = Trainer(cfg, reward=Brightness())
+    trainer = Trainer(cfg, reward=brightness())
     trainer.step()
     trainer.save_lora(tmp_path / "lora")
     export_kohya(tmp_path / "lora", 8.0)
@@ -215,7 +183,7 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
         prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if text_encoder else {"unet"})
     again = Trainer(tiny_cfg(models[family], tmp_path, init_lora=str(tmp_path / "lora"), lora_alpha=8.0,
-                             train_text_encoder=text_encoder), reward=Brightness())
+                             train_text_encoder=text_encoder), reward=brightness())
     again.unet.eval()
     torch.testing.assert_close(_pipe_images(again.pipe), tuned, atol=1e-5, rtol=0)
 
@@ -226,7 +194,7 @@ def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path
     from diffusers import PNDMScheduler
 
     from rewardtune.finetune.models import load_pipeline
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     d = save_tiny_pipeline(tmp_path / "my-sdxl-finetune", "sd", prediction_type="v_prediction")
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
@@ -243,8 +211,8 @@ def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path
     torch.testing.assert_close(x0, a.sqrt() * x - (1 - a).sqrt() * v)
 
 
-def test_sdxl_conditioning_uses_the_real_sizes(sdxl_model, tmp_path):
-    trainer = Trainer(tiny_cfg(sdxl_model, tmp_path, resolution=48), reward=Brightness())
+def test_sdxl_conditioning_uses_the_real_sizes(sdxl_model, tmp_path, tiny_cfg, brightness):
+    trainer = Trainer(tiny_cfg(sdxl_model, tmp_path, resolution=48), reward=brightness())
     cond = trainer.encode(["a cat", "a dog"])
     assert cond.hidden.shape[0] == 4 and cond.added["text_embeds"].shape[0] == 4  # guidance: uncond + cond rows
     assert cond.added["time_ids"].tolist() == [[48, 48, 0, 0, 48, 48]] * 4
@@ -269,7 +237,7 @@ def test_model_errors_name_the_problem(tmp_path, monkeypatch):
         load_pipeline(str(tmp_path))
 
 
-def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_path):
+def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_path, tiny_cfg, brightness):
     """``Trainer(pipe=...)`` (random full-size weights in the benchmarks) prepares the pipeline exactly as
     loading ``cfg.model`` does: same family, DDIM from its config, same first step's result."""
     from diffusers import StableDiffusionPipeline
@@ -278,7 +246,7 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
 
     results = []
     for pipe in (None, StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False)):
-        t = Trainer(tiny_cfg(sd_model, tmp_path / f"out{len(results)}", steps=1), reward=Brightness(), pipe=pipe)
+        t = Trainer(tiny_cfg(sd_model, tmp_path / f"out{len(results)}", steps=1), reward=brightness(), pipe=pipe)
         assert t.family == "sd" and type(t.pipe.scheduler).__name__ == "DDIMScheduler"
         assert t.pipe.scheduler.config.clip_sample is False
         results.append(t.step()["reward"])
@@ -286,11 +254,11 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path, schedule):
+def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path, schedule, tiny_cfg, brightness):
     from rewardtune.schedules import lr_factor
 
     cfg = tiny_cfg(sd_model, tmp_path, steps=4, lr=1e-2, lr_schedule=schedule, warmup_steps=1, sample_steps=2, k=1, batch_size=1)
-    trainer = Trainer(cfg, reward=Brightness())
+    trainer = Trainer(cfg, reward=brightness())
     lrs = [trainer.step()["lr"] for _ in range(4)]
     expected = {"constant": [0.5, 1, 1, 1], "linear": [0.5, 1, 2 / 3, 1 / 3],
                 "cosine": [0.5, 1, 0.75, 0.25]}[schedule]
@@ -298,6 +266,6 @@ def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path
     assert [lr_factor(schedule, 1, 4)(s) for s in range(4)] == pytest.approx(expected)
 
 
-def test_unknown_lr_schedule_is_a_clear_error(sd_model, tmp_path):
+def test_unknown_lr_schedule_is_a_clear_error(sd_model, tmp_path, tiny_cfg):
     with pytest.raises(UserError, match="--lr-schedule 'step'"):
         tiny_cfg(sd_model, tmp_path, lr_schedule="step").validate()

@@ -18,19 +18,17 @@ from rewardtune.errors import UserError
 from rewardtune.finetune import Trainer, run_finetune
 from rewardtune.sources import load_state_dict
 
-from test_finetune import Brightness, sd_model, sdxl_model, tiny_cfg  # noqa: F401  (shared fixtures)
-
 
 def _lora(out: Path) -> dict:
     return load_state_dict(out / "pytorch_lora_weights.safetensors")
 
 
-def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(sd_model, tmp_path):
-    first = run_finetune(tiny_cfg(sd_model, tmp_path / "a", steps=2, checkpoint_every=1), reward=Brightness())
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(sd_model, tmp_path, tiny_cfg, brightness):
+    first = run_finetune(tiny_cfg(sd_model, tmp_path / "a", steps=2, checkpoint_every=1), reward=brightness())
     assert first["steps"] == 2
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
-    resumed = run_finetune(tiny_cfg(sd_model, tmp_path / "a", steps=3, resume=True), reward=Brightness())
-    straight = run_finetune(tiny_cfg(sd_model, tmp_path / "b", steps=3), reward=Brightness())
+    resumed = run_finetune(tiny_cfg(sd_model, tmp_path / "a", steps=3, resume=True), reward=brightness())
+    straight = run_finetune(tiny_cfg(sd_model, tmp_path / "b", steps=3), reward=brightness())
     assert resumed["steps"] == 3 and resumed["before"] == first["before"]
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3]
@@ -41,7 +39,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     assert resumed["after"]["reward"] == pytest.approx(straight["after"]["reward"], abs=1e-6)
 
 
-def test_regulariser_eval_reward_hook_and_early_stop(sd_model, tmp_path):
+def test_regulariser_eval_reward_hook_and_early_stop(sd_model, tmp_path, tiny_cfg, brightness):
     """Training on brightness with darkness as the held-out reward: the eval reward falls, the run stops early."""
     seen = []
 
@@ -51,7 +49,7 @@ def test_regulariser_eval_reward_hook_and_early_stop(sd_model, tmp_path):
         return {"oracle": float(images.mean())}
 
     cfg = tiny_cfg(sd_model, tmp_path, steps=6, eval_every=1, eval_size=2, reg_weight=1.0, early_stop_drop=1e-6)
-    summary = run_finetune(cfg, reward=Brightness(), eval_reward=Brightness(-1.0), eval_hook=hook)
+    summary = run_finetune(cfg, reward=brightness(), eval_reward=brightness(-1.0), eval_hook=hook)
     assert summary["stopped_early"] and summary["steps"] < 6
     assert seen == list(range(summary["steps"] + 1)) + [summary["steps"]]  # before, each step, after
     assert summary["before"]["oracle"] == pytest.approx(-summary["before"]["eval_reward"])
@@ -62,8 +60,8 @@ def test_regulariser_eval_reward_hook_and_early_stop(sd_model, tmp_path):
     assert train[0]["reg"] == 0 and all(x["reg"] > 0 for x in train[1:])  # LoRA = base until the first update
 
 
-def test_bf16_keeps_lora_weights_fp32_and_vae_fp32_on_request(sdxl_model, tmp_path):
-    trainer = Trainer(tiny_cfg(sdxl_model, tmp_path, mixed_precision="bf16", vae_fp32=True), reward=Brightness())
+def test_bf16_keeps_lora_weights_fp32_and_vae_fp32_on_request(sdxl_model, tmp_path, tiny_cfg, brightness):
+    trainer = Trainer(tiny_cfg(sdxl_model, tmp_path, mixed_precision="bf16", vae_fp32=True), reward=brightness())
     lora = [p for p in trainer.unet.parameters() if p.requires_grad]
     frozen = [p for p in trainer.unet.parameters() if not p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -88,7 +86,7 @@ class NaNAt(torch.nn.Module):
         return r * float("nan") if bad else r
 
 
-def test_non_finite_loss_skips_the_step_and_many_stop_the_run(sd_model, tmp_path, capsys):
+def test_non_finite_loss_skips_the_step_and_many_stop_the_run(sd_model, tmp_path, capsys, tiny_cfg):
     trainer = Trainer(tiny_cfg(sd_model, tmp_path / "once"), reward=NaNAt(calls={0}))
     lora_b = [p.detach() for n, p in trainer.unet.named_parameters() if "lora_B" in n]
     first = trainer.step()

@@ -14,14 +14,14 @@ import torch
 from rewardtune.errors import UserError
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
-from rewardtune.tiny import tiny_clip_config
+from rewardtune.testing import tiny_clip_config
 
 TINY_REWARD = tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd", family="sd")
 

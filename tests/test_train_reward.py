@@ -29,7 +29,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBL
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP (patch 8, width 32, two layers, the synthetic set's words) and 64/16/32 triplets."""
-    from rewardtune.tiny import save_tiny_clip
+    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("world")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)

@@ -1,8 +1,14 @@
-"""A small synthetic preference set in the published Pick-High layout, for tests, demos and trying the
-pipeline in minutes on a CPU.
+"""Synthetic preference sets in the published Pick-High layout: one writer for any drawn world, and the
+coloured-shapes world of ``rewardtune data synthetic``.
 
-Each triplet draws one coloured shape. Prompts: ``a red circle`` (easy) and ``a red circle on a blue
-background`` (refined). Image quality rises visibly along the triplet: I1 (loser) is faded and very
+A world passes ``draw(rng, n, split) -> triplets``; each triplet is a dict with ``easy_prompt``,
+``refine_prompt``, ``images`` (I1 loser, I2 winner, I3 of the refined prompt; (H, W, 3) uint8 or float in
+[0, 1]) and the ICT labels ``E1, E2, R1, R2``. The writer owns the rest: one seed per split, the image
+folders, the tables and their formats. The demo world's preference set (``rewardtune.demo.data``) is the
+other caller.
+
+Coloured shapes: each triplet draws one shape. Prompts: ``a red circle`` (easy) and ``a red circle on a
+blue background`` (refined). Image quality rises visibly along the triplet: I1 (loser) is faded and very
 noisy, I2 (winner) mildly noisy, I3 clean and on the refined prompt's background. So an image-only
 preference model can learn I3 > I2 > I1, and a text-image model can learn that I3 holds more of the
 refined prompt.
@@ -10,9 +16,86 @@ refined prompt.
 
 from __future__ import annotations
 
+import os
+import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from .triplets import COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, PROMPT_COLUMNS
+
+FORMATS = ("parquet", "jsonl", "pickle")
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+# File names of I1, I2 and I3 of triplet ``i`` under pick_easy_img/<split>/ (I1, I2) and pick_refine_img/<split>/ (I3).
+IMAGE_NAMES = ("{i:05d}_0.png", "{i:05d}_1.png", "{i:05d}.png")
+IMAGE_DIRS = ("pick_easy_img", "pick_easy_img", "pick_refine_img")
+
+
+def split_rng(seed: int, split: str) -> np.random.Generator:
+    """The split's random generator: it depends on the split's name only, so each split can be written alone."""
+    offset = SPLIT_SEEDS[split] if split in SPLIT_SEEDS else zlib.crc32(split.encode())
+    return np.random.default_rng([seed, offset])
+
+
+def write_synthetic_set(root, draw, sizes: dict[str, int], seed: int = 0, formats=("parquet",),
+                        image_names: tuple[str, str, str] = IMAGE_NAMES) -> dict:
+    """Write ``draw(split_rng(seed, split), n, split)`` for each ``split: n`` of ``sizes`` under ``root``;
+    returns each split's table (image paths relative to ``root``)."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return {split: write_triplets(root, split, draw(split_rng(seed, split), n, split), formats, image_names)
+            for split, n in sizes.items()}
+
+
+def write_triplets(root, split: str, triplets: list[dict], formats=("parquet",),
+                   image_names: tuple[str, str, str] = IMAGE_NAMES):
+    """One split's PNGs and tables: ``Pick-High/<split>.pkl`` with bare image names, as published, and
+    ``<split>.parquet`` / ``.jsonl`` with paths relative to ``root``. Returns the relative table."""
+    import pandas as pd
+
+    root = Path(root)
+    dirs = [root / d / split for d in IMAGE_DIRS]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, t in enumerate(triplets):
+        names = [template.format(i=i) for template in image_names]
+        for im, d, name in zip(t["images"], dirs, names):
+            Image.fromarray(_uint8(im)).save(d / name)
+        rows.append({**{c: t[c] for c in PROMPT_COLUMNS + LABEL_COLUMNS}, **dict(zip(IMAGE_COLUMNS, names))})
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    if "pickle" in formats:
+        (root / "Pick-High").mkdir(exist_ok=True)
+        _atomic(root / "Pick-High" / f"{split}.pkl", frame.to_pickle)
+    rel = frame.copy()
+    for col, d in zip(IMAGE_COLUMNS, IMAGE_DIRS):
+        rel[col] = [f"{d}/{split}/{name}" for name in rel[col]]
+    if "parquet" in formats:
+        _atomic(root / f"{split}.parquet", lambda path: rel.to_parquet(path, index=False))
+    if "jsonl" in formats:
+        _atomic(root / f"{split}.jsonl", lambda path: rel.to_json(path, orient="records", lines=True))
+    return rel
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels as they are; floats in [0, 1] rounded to 0..255."""
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``, so a killed run leaves no half-written table."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the coloured-shapes world
 
 SHAPES = ["square", "circle", "triangle", "cross"]
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
@@ -65,35 +148,10 @@ def make_triplet(rng: np.random.Generator, size: int) -> dict:
 
 def make_pick_high(root, splits: dict[str, int] | None = None, size: int = 32, seed: int = 0,
                    formats: tuple[str, ...] = ("pickle",)) -> dict[str, int]:
-    """Write a synthetic set under ``root``: ``formats`` among "pickle" (``Pick-High/<split>.pkl``),
+    """Write a coloured-shapes set under ``root``: ``formats`` among "pickle" (``Pick-High/<split>.pkl``),
     "parquet" and "jsonl" (``<split>.parquet``/``.jsonl``); images always under ``pick_easy_img/<split>/``
     and ``pick_refine_img/<split>/``. Returns rows per split."""
-    import pandas as pd
-    from PIL import Image
-
-    root = Path(root)
     splits = splits or {"train": 64, "val": 16, "test": 32}
-    for k, (split, n) in enumerate(splits.items()):
-        rng = np.random.default_rng([seed, k])
-        easy, refine = root / "pick_easy_img" / split, root / "pick_refine_img" / split
-        easy.mkdir(parents=True, exist_ok=True)
-        refine.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(n):
-            t = make_triplet(rng, size)
-            names = (f"{i:05d}_0.png", f"{i:05d}_1.png", f"{i:05d}.png")
-            for img, d, name in zip(t.pop("images"), (easy, easy, refine), names):
-                Image.fromarray(img).save(d / name)
-            rows.append({**t, "easy_image_0": names[0], "easy_image_1": names[1], "refine_image": names[2]})
-        frame = pd.DataFrame(rows)
-        if "pickle" in formats:
-            (root / "Pick-High").mkdir(exist_ok=True)
-            frame.to_pickle(root / "Pick-High" / f"{split}.pkl")
-        rel = frame.copy()
-        for col, d in (("easy_image_0", "pick_easy_img"), ("easy_image_1", "pick_easy_img"), ("refine_image", "pick_refine_img")):
-            rel[col] = [f"{d}/{split}/{name}" for name in rel[col]]
-        if "parquet" in formats:
-            rel.to_parquet(root / f"{split}.parquet", index=False)
-        if "jsonl" in formats:
-            rel.to_json(root / f"{split}.jsonl", orient="records", lines=True)
-    return dict(splits)
+    tables = write_synthetic_set(root, lambda rng, n, split: [make_triplet(rng, size) for _ in range(n)], splits,
+                                 seed, formats)
+    return {split: len(table) for split, table in tables.items()}

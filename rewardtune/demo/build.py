@@ -27,9 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..clip_tokenizer import write_clip_tokenizer
 from ..config import option
 from ..errors import UserError
+from ..finetune.models import assemble_pipeline
 from ..sources import atomic_write_text
+from ..testing import tiny_clip_config, write_clip_processor
 from . import world
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -116,7 +119,6 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
     from transformers import CLIPModel, CLIPTokenizer
 
     from ..rewards.clip_tower import ClipTower
-    from ..tiny import tiny_clip_config, write_clip_processor
 
     directory = Path(directory)
     vocab = write_tokenizer(directory)
@@ -172,8 +174,6 @@ class AttributeHeads(torch.nn.Module):
 
 def write_tokenizer(directory: Path) -> int:
     """The real CLIP tokenizer restricted to the world's words, with a ``TEXT_LENGTH`` context."""
-    from ..tiny import write_clip_tokenizer
-
     vocab = write_clip_tokenizer(directory, words=world.world_words())
     cfg_path = Path(directory) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -313,11 +313,11 @@ def train_unet(latents, scenes, text_encoder, tokenizer, steps: int, seed: int, 
 
 def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet) -> None:
     """A diffusers StableDiffusionPipeline directory (no safety checker), with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=DDIMScheduler(**SCHEDULER))
+    pipe = assemble_pipeline("sd", parts, tokenizer)
+
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer(tmp / "tokenizer")  # vocab.json + merges.txt too, for transformers 4.x

@@ -11,21 +11,24 @@ Optionally half the I1/I2 pairs are images of the base generator (ordered by the
 of the losers are junk (stray strokes, speckles, cuts), so that the rewards judge generated images and
 do not take high-frequency junk for detail.
 
-Written as ``<root>/<split>.parquet`` with image paths relative to ``<root>``; optionally also the
-published pickle layout ``<root>/Pick-High/<split>.pkl`` (images under ``pick_easy_img/<split>/`` and
-``pick_refine_img/<split>/``, shared by both).
+Written by the synthetic-set writer of ``rewardtune.data.synthetic`` (this module draws the triplets):
+``<root>/<split>.parquet`` with image paths relative to ``<root>``; optionally also the published pickle
+layout ``<root>/Pick-High/<split>.pkl`` (images under ``pick_easy_img/<split>/`` and ``pick_refine_img/<split>/``,
+shared by both).
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from ..data.synthetic import SPLIT_SEEDS, write_synthetic_set
 from . import world
 
-SPLITS = {"train": 0, "val": 1, "test": 2}  # seed offsets, so each split is reproducible on its own
+IMAGE_NAMES = ("{i:06d}_0.png", "{i:06d}_1.png", "{i:06d}_r.png")
 DETAIL_I1 = (0.6, 0.4, 0.0)  # probabilities of detail 0, 1, 2 for the loser
 DETAIL_I2 = (0.25, 0.75, 0.0)  # and for the winner (never below the loser's)
 
@@ -92,65 +95,45 @@ def use_generated(triplets: list[dict], chosen: list[int], images: np.ndarray, t
     return changed
 
 
-def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0,
-                generate=None, generated: float = 0.5, junk: float = 0.25) -> "pd.DataFrame":
-    """Write ``n`` triplets of ``split`` under ``root``; returns the pandas DataFrame written.
+def draw_split(rng: np.random.Generator, n: int, split: str, seed: int = 0, theta: float = 1.0, generate=None,
+               generated: float = 0.5, junk: float = 0.25) -> list[dict]:
+    """``n`` triplets of ``split``, drawn with ``rng`` (the writer's generator of that split).
 
     With ``generate(prompts, seed) -> (B, H, W, 3)`` (the base pipeline), a ``generated`` fraction of the
     triplets take I1/I2 from it, as Pick-a-Pic's are generated. A ``junk`` fraction of losers get the
     strokes and speckles reward hacking produces, so the reward models learn those are no improvement."""
-    import pandas as pd
-
-    rng = np.random.default_rng([seed, SPLITS.get(split, len(SPLITS))])
     triplets = [make_triplet(rng, theta) for _ in range(n)]
     if generate is not None:
         chosen = [i for i in range(n) if rng.random() < generated]
         prompts = [p for i in chosen for p in (triplets[i]["easy_prompt"],) * 2]
         if chosen:
-            use_generated(triplets, chosen, generate(prompts, seed * 1000 + SPLITS.get(split, 9)), theta)
+            use_generated(triplets, chosen, generate(prompts, seed * 1000 + SPLIT_SEEDS.get(split, 9)), theta)
     for i in range(n):
         if rng.random() < junk:
             t = triplets[i]
             triplets[i] = relabel({**t, "images": [world.corrupt(t["images"][0], rng), *t["images"][1:]]}, theta)
-    frame = _write_images(root, split, triplets)
-    if pickle:
-        (root / "Pick-High").mkdir(exist_ok=True)
-        _atomic(root / "Pick-High" / f"{split}.pkl", frame.to_pickle)
-    rel = frame.copy()
-    for col, sub in (("easy_image_0", "pick_easy_img"), ("easy_image_1", "pick_easy_img"), ("refine_image", "pick_refine_img")):
-        rel[col] = [f"{sub}/{split}/{name}" for name in rel[col]]
-    _atomic(root / f"{split}.parquet", lambda p: rel.to_parquet(p, index=False))
-    return rel
+    return triplets
 
 
-def _write_images(root: Path, split: str, triplets: list[dict]):
-    """PNG files of every triplet; the table with image names as the published pickle has them."""
-    import pandas as pd
-    from PIL import Image
-
-    easy_dir, refine_dir = root / "pick_easy_img" / split, root / "pick_refine_img" / split
-    easy_dir.mkdir(parents=True, exist_ok=True)
-    refine_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, t in enumerate(triplets):
-        names = [f"{i:06d}_0.png", f"{i:06d}_1.png", f"{i:06d}_r.png"]
-        for im, d, name in zip(t["images"], (easy_dir, easy_dir, refine_dir), names):
-            Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)).save(d / name)
-        rows.append({"easy_prompt": t["easy_prompt"], "refine_prompt": t["refine_prompt"],
-                     "easy_image_0": names[0], "easy_image_1": names[1], "refine_image": names[2],
-                     "E1": t["E1"], "E2": t["E2"], "R1": t["R1"], "R2": t["R2"]})
-    return pd.DataFrame(rows)
+def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0,
+                generate=None, generated: float = 0.5, junk: float = 0.25):
+    """Write ``n`` triplets of ``split`` under ``root`` (see ``draw_split``); returns the pandas DataFrame
+    written. The same split as ``write_preference_set`` writes for that seed."""
+    draw = partial(draw_split, seed=seed, theta=theta, generate=generate, generated=generated, junk=junk)
+    return write_synthetic_set(root, draw, {split: n}, seed, _formats(pickle), IMAGE_NAMES)[split]
 
 
 def write_preference_set(root: str | os.PathLike, sizes: dict[str, int] | None = None, seed: int = 0,
                          pickle: bool = False, theta: float = 1.0, generate=None) -> dict[str, int]:
     """Write the train/val/test splits (default 4000/500/1000 triplets); returns the split sizes."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {"train": 4000, "val": 500, "test": 1000}
-    for split, n in sizes.items():
-        write_split(root, split, n, seed, pickle, theta, generate=generate)
-    return dict(sizes)
+    draw = partial(draw_split, seed=seed, theta=theta, generate=generate)
+    tables = write_synthetic_set(root, draw, sizes, seed, _formats(pickle), IMAGE_NAMES)
+    return {split: len(table) for split, table in tables.items()}
+
+
+def _formats(pickle: bool) -> tuple[str, ...]:
+    return ("parquet", "pickle") if pickle else ("parquet",)
 
 
 def pipeline_sampler(pipeline_dir: str | os.PathLike, steps: int = 10, guidance: float = 3.0, batch: int = 128):
@@ -169,9 +152,3 @@ def pipeline_sampler(pipeline_dir: str | os.PathLike, steps: int = 10, guidance:
         return torch.cat(out).permute(0, 2, 3, 1).float().numpy()
 
     return generate
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -62,7 +62,7 @@ def _tokenizer(tokenizer_dir: Path | None):
 
     from transformers import CLIPTokenizer
 
-    from ..tiny import write_clip_tokenizer
+    from ..clip_tokenizer import write_clip_tokenizer
 
     if tokenizer_dir is None and "default" in _TOKENIZERS:
         return _TOKENIZERS["default"]

@@ -1,6 +1,6 @@
 """Tiny real Stable Diffusion 1.x and SDXL pipelines built from configs and saved in diffusers format.
 
-Tests, benchmarks and the demo use them as a user's local model: the same ``from_pretrained`` code
+Tests and benchmarks use them as a user's local model: the same ``from_pretrained`` code
 path as ``runwayml/stable-diffusion-v1-5`` or ``stabilityai/stable-diffusion-xl-base-1.0``, with a few
 thousand parameters per part. Nothing here downloads: the tokenizer is CLIP's, derived offline.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny import write_clip_tokenizer
+from ..clip_tokenizer import write_clip_tokenizer
+from ..finetune.models import assemble_pipeline
 
 
 def _clip_text_config(vocab_size: int, hidden: int, layers: int, projection_dim: int | None = None):
@@ -68,7 +69,7 @@ def build_tiny_pipeline(family: str = "sd", seed: int = 0, words: list[str] | No
     """A tiny random ``StableDiffusionPipeline`` (``family='sd'``) or ``StableDiffusionXLPipeline`` (``'sdxl'``).
 
     ``sample_size`` is the UNet's native latent size (images are 8x larger); ``words`` gives the
-    tokenizer a small vocabulary (see ``rewardtune.tiny.write_clip_tokenizer``).
+    tokenizer a small vocabulary (see ``rewardtune.clip_tokenizer.write_clip_tokenizer``).
     """
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -81,21 +82,14 @@ def build_tiny_pipeline(family: str = "sd", seed: int = 0, words: list[str] | No
     torch.manual_seed(seed)
     vae = tiny_vae(vae_channels, groups=vae_groups)
     scheduler = tiny_scheduler(prediction_type, sdxl=family == "sdxl")
-    if family == "sd":
-        from diffusers import StableDiffusionPipeline
-
-        text_encoder = CLIPTextModel(_clip_text_config(vocab_size, text_hidden, text_layers))
-        unet = tiny_unet(text_hidden, unet_channels, sample_size, groups=unet_groups)
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from diffusers import StableDiffusionXLPipeline
-
     text_encoder = CLIPTextModel(_clip_text_config(vocab_size, text_hidden, text_layers))
+    if family == "sd":
+        unet = tiny_unet(text_hidden, unet_channels, sample_size, groups=unet_groups)
+        return assemble_pipeline("sd", dict(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler), tokenizer)
     text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(vocab_size, text_hidden, text_layers, projection_dim=text_hidden))
     unet = tiny_unet(2 * text_hidden, unet_channels, sample_size, sdxl=True, pooled_dim=text_hidden, groups=unet_groups)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
+    parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, unet=unet, scheduler=scheduler)
+    return assemble_pipeline("sdxl", parts, tokenizer)
 
 
 def save_tiny_pipeline(directory: str | Path, family: str = "sd", seed: int = 0, **sizes) -> Path:
