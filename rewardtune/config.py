@@ -27,6 +27,21 @@ def option(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision names, the choices of --mixed-precision
+PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16",
+                    "fp32": "float32", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def precision_dtype(name: str):
+    """The torch dtype of a precision name: accelerate's ``no``/``fp16``/``bf16`` (``--mixed-precision``), or
+    ``fp32``/``float32``/``float16``/``bfloat16``. The one table of these names; torch is imported on use."""
+    import torch
+
+    if name not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision '{name}'; valid: {', '.join(PRECISION_DTYPES)}")
+    return getattr(torch, PRECISION_DTYPES[name])
+
+
 def _base_type(tp):
     origin = typing.get_origin(tp)
     if origin is typing.Union or origin is types.UnionType:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rewardtune.config import add_config_args, build_config, config_to_yaml, option
+from rewardtune.config import add_config_args, build_config, config_to_yaml, option, precision_dtype
 from rewardtune.errors import UserError
 
 
@@ -59,3 +59,12 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(config_to_yaml(cfg))
     assert build_config(Cfg, None, config=str(path)) == cfg
+
+
+def test_precision_names_map_to_one_dtype_table():
+    import torch
+
+    assert [precision_dtype(n) for n in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+    assert precision_dtype("fp32") is precision_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        precision_dtype("fp8")

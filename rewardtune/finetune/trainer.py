@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import precision_dtype
 from ..errors import UserError
 from ..schedules import lr_factor
 from . import lora as lora_mod
@@ -24,8 +25,6 @@ from .config import FinetuneConfig
 from .models import load_pipeline, make_adapter, native_resolution, prepare_pipeline, text_encoders
 from .prompts import load_prompts
 from .sampler import SampleState, TruncatedSampler, make_plan
-
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -83,7 +82,7 @@ class Trainer:
         check_optional_packages(cfg)
         self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
-        self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
+        self.weight_dtype = precision_dtype(self.accelerator.mixed_precision)
         self.prompts = load_prompts(cfg.prompts)
         self.pipe, self.family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, self.weight_dtype)
         self.adapter = make_adapter(self.pipe, self.family)

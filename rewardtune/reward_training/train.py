@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_to_yaml
+from ..config import config_to_yaml, precision_dtype
 from ..data import find_split
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
@@ -58,8 +58,8 @@ class Stage:
     def place_frozen(self) -> None:
         """Move the frozen ICT model (HP stage) to the device, in the mixed-precision dtype."""
         if self.ict is not None:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-            self.ict.to(self.accelerator.device, dtype=dtype)
+            mp = self.accelerator.mixed_precision
+            self.ict.to(self.accelerator.device, dtype=None if mp == "no" else precision_dtype(mp))
 
     def ict_cosines(self, model, tower, batch, key: str) -> torch.Tensor:
         """(B, 3) cosines of the easy prompt with (I1, I2, I3) under a CLIP ``model``."""
