@@ -303,6 +303,8 @@ class Run:
         if start >= cfg.steps:
             raise UserError(f"train-reward: the checkpoint is at step {start}, not before --steps {cfg.steps}; raise --steps to train further")
         acc.init_trackers(cfg.stage, config=_hparams(cfg))
+        if cfg.eval_every == 0 and start == 0:  # 0: only before the first step and after the last
+            self._validate_and_log(0)
         step = self._loop(start)
         self._finish(start, step)
         return self.metrics
@@ -349,13 +351,16 @@ class Run:
             acc.log(logs, step=step)
             self.metrics.update(logs)
             running.clear()
-        if step % cfg.validate_every == 0 or step == cfg.steps:
-            val = self.validate()
-            if val:
-                acc.log(val, step=step)
-                self.metrics.update(val)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(acc, self.out, step, self._plain_metrics(step), cfg.keep_checkpoints)
+        if step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0):
+            self._validate_and_log(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(acc, self.out, step, self._plain_metrics(step), cfg.checkpoints_keep)
+
+    def _validate_and_log(self, step: int) -> None:
+        val = self.validate()
+        if val:
+            self.acc.log(val, step=step)
+            self.metrics.update(val)
 
     def _plain_metrics(self, step: int) -> dict:
         return {**{k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}, "step": step}
