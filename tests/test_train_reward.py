@@ -21,9 +21,13 @@ from rewardtune.cli import main
 from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.errors import UserError
 from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train_reward
-from rewardtune.reward_training.train import checkpoints
+from rewardtune.rundir import RunDir
 
 QUIET = dict(num_workers=0, progress=False)
+
+
+def checkpoints(out: Path) -> list:
+    return RunDir(out).checkpoints()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -182,12 +186,15 @@ def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
                   lr_schedule="constant", warmup_steps=0, eval_split="", **QUIET)
     train_reward(TrainRewardConfig(output=str(tmp_path / "a"), steps=4, checkpoint_every=0, **common))
     train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=2, checkpoint_every=2, **common))
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step_000002"]
+    (ckpts / "step_000002").rename(ckpts / "step-2")  # the name train-reward gave checkpoints before 0.1
     m = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, checkpoint_every=2, resume=True, **common))
     assert (m["start_step"], m["steps_run"], m["step"]) == (2, 2, 4)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-    assert [s for s, _ in checkpoints(tmp_path / "b")] == [2, 4]
+    assert [(s, p.name) for s, p in checkpoints(tmp_path / "b")] == [(2, "step-2"), (4, "step_000004")]
     with pytest.raises(UserError, match="already holds checkpoints"):
         train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=6, **common))
     with pytest.raises(UserError, match="no checkpoint"):
@@ -293,7 +300,7 @@ def test_deprecated_checkpoint_flags_and_keys_still_work(world, tmp_path, capsys
     err = capsys.readouterr().err
     assert "--save-every on the command line is deprecated; use --checkpoint-every" in err
     assert "'keep_checkpoints' in" in err and "is deprecated; use 'checkpoints_keep'" in err
-    assert [(s, p.name) for s, p in checkpoints(out)] == [(2, "step-2")]  # every step, the newest one kept
+    assert [(s, p.name) for s, p in checkpoints(out)] == [(2, "step_000002")]  # every step, the newest one kept
     cfg = TrainRewardConfig(**{k: v for k, v in yaml.safe_load((out / "config.yaml").read_text()).items()})
     assert (cfg.checkpoint_every, cfg.checkpoints_keep) == (1, 1)  # config.yaml speaks the new names
     assert main(_cli(world, tmp_path / "both", "--save-every", "1", "--checkpoint-every", "2")) == 2
