@@ -97,7 +97,8 @@ class RunDir:
             shutil.rmtree(old.path, ignore_errors=True)
 
     def write_text(self, name: str, text: str) -> Path:
-        """Write ``<root>/<name>`` atomically (temp file, then rename): a reader sees the old or the new file."""
+        """Write ``<root>/<name>`` atomically (temp file, then rename; directories made as needed): a reader
+        sees the old file or the new one, never half of one."""
         path = self.root / name
         atomic_write_text(path, text)
         return path
@@ -109,7 +110,6 @@ class RunDir:
         """The resolved config as ``config.yaml``, re-runnable with ``--config``."""
         from .config import config_to_yaml
 
-        self.root.mkdir(parents=True, exist_ok=True)
         return self.write_text("config.yaml", config_to_yaml(cfg))
 
 
