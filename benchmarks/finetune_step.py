@@ -69,9 +69,10 @@ def finetune_config(args, workdir: Path):
 def random_pipeline(arch: str, cfg, workdir: Path):
     """A random-weight full-size pipeline built on the GPU (handed to the Trainer instead of a model dir)."""
     from rewardtune import plan
+    from rewardtune.config import precision_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    dtype = precision_dtype(cfg.mixed_precision)
     vae_dtype = torch.float32 if cfg.vae_fp32 else dtype
     return plan.build_pipeline(arch, dtype, device, tokenizer_dir=workdir / "tokenizer", vae_dtype=vae_dtype)
 
@@ -79,9 +80,10 @@ def random_pipeline(arch: str, cfg, workdir: Path):
 def build_reward(args, cfg, workdir: Path):
     """The reward module handed to the Trainer (None: the Trainer loads ``cfg.reward`` itself)."""
     from rewardtune import plan
+    from rewardtune.config import precision_dtype
 
     name = cfg.reward if cfg.reward in ("ict", "hp", "icthp") else "icthp"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    dtype = precision_dtype(cfg.mixed_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.arch:
         return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer")

@@ -22,7 +22,6 @@ from common import append_record, environment, median, peak_mib, reset_peak, tim
 
 import torch  # noqa: E402
 
-DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS = ["a red bicycle leaning against a stone wall", "two cats asleep on a sofa in the afternoon sun"]
 
 
@@ -55,9 +54,10 @@ def clip_config(tiny: bool) -> dict | None:
 
 
 def bench_score(args) -> dict:
+    from rewardtune.config import precision_dtype
     from rewardtune.plan import build_reward
 
-    dev, dtype = device(), DTYPES[args.precision]
+    dev, dtype = device(), precision_dtype(args.precision)
     reward = build_reward(args.reward, dtype, dev, clip_config=clip_config(args.tiny))
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=dev)
     prompts = [PROMPTS[i % 2] for i in range(args.batch_size)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rewardtune.config import add_config_args, build_config, config_to_yaml, option
+from rewardtune.config import add_config_args, build_config, check_values, config_to_yaml, option, precision_dtype
 from rewardtune.errors import UserError
 
 
@@ -59,3 +59,108 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(config_to_yaml(cfg))
     assert build_config(Cfg, None, config=str(path)) == cfg
+
+
+@dataclass
+class Renamed:
+    checkpoint_every: int = option(100, "save every N steps", min=0, aliases=("save_every",))
+    keep: int = option(2, "checkpoints kept", min=1, aliases=("keep_checkpoints",))
+    lr: float = option(1e-3, "learning rate", positive=True)
+    ratio: float | None = option(None, "a fraction", min=0, max=1)
+    mode: str = option("a", "mode", choices=["a", "b"])
+
+
+def _parse_renamed(argv):
+    p = argparse.ArgumentParser()
+    add_config_args(p, Renamed)
+    return p.parse_args(argv)
+
+
+def test_deprecated_names_work_as_flags_and_recipe_keys_and_warn(tmp_path, capsys):
+    cfg = build_config(Renamed, _parse_renamed(["--save-every", "7"]))
+    assert cfg.checkpoint_every == 7
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rewardtune: warning: --save-every on the command line is deprecated; use --checkpoint-every"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("save_every: 3\nkeep_checkpoints: 5\n")
+    cfg = build_config(Renamed, _parse_renamed(["--keep", "4"]), config=str(recipe))
+    assert (cfg.checkpoint_every, cfg.keep) == (3, 4)  # the flag still overrides the recipe's deprecated key
+    err = capsys.readouterr().err
+    assert f"'save_every' in '{recipe}' is deprecated; use 'checkpoint_every'" in err and "'keep_checkpoints'" in err
+    assert build_config(Renamed, None, save_every=9).checkpoint_every == 9
+    shown = _help(Renamed)  # the old flag is not listed on its own; the new one names it
+    assert "--save-every SAVE_EVERY" not in shown and "[deprecated name: --save-every]" in shown
+
+
+def test_deprecated_and_current_name_together_are_an_error(tmp_path):
+    with pytest.raises(UserError, match="--save-every and --checkpoint-every both given on the command line; --save-every "
+                                        "is the deprecated name of --checkpoint-every: keep only --checkpoint-every"):
+        build_config(Renamed, _parse_renamed(["--save-every", "7", "--checkpoint-every", "8"]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("save_every: 3\ncheckpoint_every: 4\n")
+    with pytest.raises(UserError, match="'save_every' and 'checkpoint_every' both given in"):
+        build_config(Renamed, None, config=str(recipe))
+
+
+def _help(cls) -> str:
+    p = argparse.ArgumentParser()
+    add_config_args(p, cls)
+    return " ".join(p.format_help().split())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"checkpoint_every": -1}, "--checkpoint-every must be 0 or more, got -1"),
+    ({"keep": 0}, "--keep must be at least 1, got 0"),
+    ({"lr": 0.0}, "--lr must be positive, got 0.0"),
+    ({"ratio": 1.5}, r"--ratio must be in \[0, 1\], got 1.5"),
+    ({"mode": "c"}, "--mode 'c' is not one of a, b"),
+])
+def test_declared_ranges_and_choices_are_checked_in_one_place(values, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        build_config(Renamed, None, **values)
+    bad = Renamed(**values)
+    with pytest.raises(UserError, match=message):
+        check_values(bad)
+    check_values(Renamed(ratio=0.0, checkpoint_every=0))  # the bounds themselves are allowed
+
+
+def test_config_ranges_keep_their_messages():
+    from rewardtune.demo.runner import DemoConfig
+    from rewardtune.finetune import FinetuneConfig
+    from rewardtune.reward_training import TrainRewardConfig
+
+    with pytest.raises(UserError, match="^--lora-rank must be at least 1, got 0$"):
+        FinetuneConfig(output="o", lora_rank=0).validate()
+    with pytest.raises(UserError, match="^train-reward: --checkpoints-keep must be at least 1, got 0$"):
+        TrainRewardConfig(data="d", output="o", checkpoints_keep=0).validate()
+    with pytest.raises(UserError, match="^demo: --k must be at least 1, got 0$"):
+        DemoConfig(k=0).validate()
+    with pytest.raises(UserError, match="^--k 3 is more than --sample-steps 2"):  # cross-field checks stay
+        FinetuneConfig(output="o", k=3, sample_steps=2).validate()
+
+
+def test_demo_fields_come_from_the_finetune_config():
+    """The demo's fine-tuning options share FinetuneConfig's help, choices and ranges, with its own defaults."""
+    from dataclasses import fields
+
+    from rewardtune.demo.runner import DemoConfig
+    from rewardtune.finetune import FinetuneConfig
+
+    ft = {f.name: f for f in fields(FinetuneConfig)}
+    demo = {f.name: f for f in fields(DemoConfig)}
+    shared = set(ft) & set(demo)
+    assert {"lr", "lora_rank", "k", "sample_steps", "lr_schedule", "eval_every", "steps"} <= shared
+    for name in shared:
+        for key in ("choices", "min", "max", "positive"):
+            assert demo[name].metadata.get(key) == ft[name].metadata.get(key), (name, key)
+    assert demo["lora_rank"].metadata["help"] == ft["lora_rank"].metadata["help"]
+    assert (DemoConfig().k, DemoConfig().sample_steps, DemoConfig().lr) == (10, 10, 1e-3)
+
+
+def test_precision_names_map_to_one_dtype_table():
+    import torch
+
+    assert [precision_dtype(n) for n in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+    assert precision_dtype("fp32") is precision_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        precision_dtype("fp8")

@@ -14,15 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rewardtune.cli import main
 from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.errors import UserError
 from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train_reward
-from rewardtune.reward_training.train import checkpoints
+from rewardtune.rundir import RunDir
 
 QUIET = dict(num_workers=0, progress=False)
+
+
+def checkpoints(out: Path) -> list:
+    return RunDir(out).checkpoints()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -43,10 +48,10 @@ def trained(world) -> dict:
     root = world["root"]
     ict_metrics = train_reward(TrainRewardConfig(
         stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(root / "ict"),
-        steps=16, batch_size=8, lr=1e-3, eval_every=8, save_every=0, export_official=True, **QUIET))
+        steps=16, batch_size=8, lr=1e-3, eval_every=8, checkpoint_every=0, export_official=True, **QUIET))
     code = main(["train-reward", "--stage", "hp", "--data", str(world["data"]), "--backbone", str(world["backbone"]),
                  "--ict", str(root / "ict"), "--output", str(root / "hp"), "--steps", "48", "--batch-size", "8",
-                 "--lr", "1e-3", "--eval-every", "24", "--save-every", "0", "--num-workers", "0", "--no-progress", "--export-official"])
+                 "--lr", "1e-3", "--eval-every", "24", "--checkpoint-every", "0", "--num-workers", "0", "--no-progress", "--export-official"])
     assert code == 0
     hp_metrics = json.loads((root / "hp" / "metrics.json").read_text())
     return {"ict": root / "ict", "hp": root / "hp", "ict_metrics": ict_metrics, "hp_metrics": hp_metrics}
@@ -169,7 +174,7 @@ def test_training_tokens_pad_to_the_longest_prompt_with_the_same_embeddings(worl
 def test_mixed_precision_accumulation_and_checkpointing_run(world, tmp_path):
     m = train_reward(TrainRewardConfig(
         stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(tmp_path / "o"), steps=2,
-        batch_size=4, grad_accum=2, mixed_precision="bf16", gradient_checkpointing=True, eval_limit=4, save_every=0,
+        batch_size=4, grad_accum=2, mixed_precision="bf16", gradient_checkpointing=True, eval_limit=4, checkpoint_every=0,
         lr_schedule="cosine", **QUIET))
     assert m["step"] == 2 and math.isfinite(m["train/loss"]) and m["val/ict_n"] == 4
 
@@ -178,14 +183,17 @@ def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
     """Optimizer, scheduler and data order all continue: 2 + 2 resumed steps give the 4-step weights."""
     common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), batch_size=8, lr=1e-3,
                   lr_schedule="constant", warmup_steps=0, eval_split="", **QUIET)
-    train_reward(TrainRewardConfig(output=str(tmp_path / "a"), steps=4, save_every=0, **common))
-    train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=2, save_every=2, **common))
-    m = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, save_every=2, resume=True, **common))
+    train_reward(TrainRewardConfig(output=str(tmp_path / "a"), steps=4, checkpoint_every=0, **common))
+    train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=2, checkpoint_every=2, **common))
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step_000002"]
+    (ckpts / "step_000002").rename(ckpts / "step-2")  # the name train-reward gave checkpoints before 0.1
+    m = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, checkpoint_every=2, resume=True, **common))
     assert (m["start_step"], m["steps_run"], m["step"]) == (2, 2, 4)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-    assert [s for s, _ in checkpoints(tmp_path / "b")] == [2, 4]
+    assert [(s, p.name) for s, p in checkpoints(tmp_path / "b")] == [(2, "step-2"), (4, "step_000004")]
     with pytest.raises(UserError, match="already holds checkpoints"):
         train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=6, **common))
     with pytest.raises(UserError, match="no checkpoint"):
@@ -199,7 +207,7 @@ def _cli(world, out: Path, *extra: str) -> list[str]:
 
 def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", "500", "--save-every", "2", "--eval-split", "")]
+    args = [sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", "")]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     try:
@@ -213,7 +221,7 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     step = saved[-1][0]
     assert step < 500 and len(saved) <= 2  # killed mid-run; rotation keeps the newest two
     res = subprocess.run([sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", str(step + 2), "--resume",
-                          "--save-every", "2", "--eval-split", "")], env=ENV, capture_output=True, text=True, timeout=120)
+                          "--checkpoint-every", "2", "--eval-split", "")], env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert (m["start_step"], m["steps_run"], m["step"]) == (step, 2, step + 2)
@@ -231,7 +239,7 @@ def test_two_processes_share_ict_negatives(world, tmp_path):
     out = tmp_path / "ddp"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "-m", "rewardtune.cli", *_cli(world, out, "--steps", "3", "--save-every", "3", "--eval-limit", "6")]
+              "-m", "rewardtune.cli", *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6")]
     res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -261,3 +269,38 @@ def test_recipes_and_user_errors(world, tmp_path, capsys):
     assert "needs --ict" in capsys.readouterr().err
     assert main(_cli(world, tmp_path / "x", "--batch-size", "100", "--steps", "1")) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
+
+
+def _val_steps(out: Path) -> list[int]:
+    """The steps at which validation accuracy was logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return [e.step for e in events.Scalars("val/ict_avg")]
+
+
+def test_eval_every_zero_validates_only_before_and_after(world, tmp_path):
+    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), batch_size=4, lr=1e-3,
+                  eval_limit=4, checkpoint_every=0, **QUIET)
+    m = train_reward(TrainRewardConfig(output=str(tmp_path / "zero"), steps=3, eval_every=0, **common))
+    assert _val_steps(tmp_path / "zero") == [0, 3] and m["val/ict_n"] == 4
+    train_reward(TrainRewardConfig(output=str(tmp_path / "two"), steps=3, eval_every=2, **common))
+    assert _val_steps(tmp_path / "two") == [2, 3]  # every N steps and after the last, none before
+
+
+def test_deprecated_checkpoint_flags_and_keys_still_work(world, tmp_path, capsys):
+    """--save-every / save_every and --keep-checkpoints / keep_checkpoints are the old names of
+    --checkpoint-every / --checkpoints-keep: accepted with a warning; old and new together are an error."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("stage: ict\nkeep_checkpoints: 1\n")
+    out = tmp_path / "run"
+    assert main(_cli(world, out, "--config", str(recipe), "--steps", "2", "--save-every", "1", "--eval-split", "")) == 0
+    err = capsys.readouterr().err
+    assert "--save-every on the command line is deprecated; use --checkpoint-every" in err
+    assert "'keep_checkpoints' in" in err and "is deprecated; use 'checkpoints_keep'" in err
+    assert [(s, p.name) for s, p in checkpoints(out)] == [(2, "step_000002")]  # every step, the newest one kept
+    cfg = TrainRewardConfig(**{k: v for k, v in yaml.safe_load((out / "config.yaml").read_text()).items()})
+    assert (cfg.checkpoint_every, cfg.checkpoints_keep) == (1, 1)  # config.yaml speaks the new names
+    assert main(_cli(world, tmp_path / "both", "--save-every", "1", "--checkpoint-every", "2")) == 2
+    assert "--save-every and --checkpoint-every both given" in capsys.readouterr().err

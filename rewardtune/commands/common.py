@@ -6,11 +6,11 @@ import argparse
 
 import torch
 
+from ..config import precision_dtype
 from ..errors import UserError
 from ..sources import REWARD_SOURCES
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --dtype; config.precision_dtype maps them
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +40,6 @@ def parse_device(name: str | None) -> torch.device:
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name in (None, ""):
         return None
-    if name not in DTYPES:
-        raise UserError(f"--dtype '{name}' is not one of {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise UserError(f"--dtype '{name}' is not one of {', '.join(sorted(DTYPE_NAMES))}")
+    return precision_dtype(name)

@@ -332,7 +332,7 @@ def train_rewards(data_root: Path, backbone: Path, work: Path, out: Path, ict_st
     from ..reward_training import TrainRewardConfig, train_reward
 
     common = dict(data=str(data_root), backbone=str(backbone), batch_size=32, num_workers=0, seed=seed,
-                  save_every=0, progress=False, eval_split="val", log_every=50, lr_schedule="cosine")
+                  checkpoint_every=0, progress=False, eval_split="val", log_every=50, lr_schedule="cosine")
     ict_cfg = TrainRewardConfig(stage="ict", output=str(work / "ict"), steps=ict_steps, lr=1e-4, **common)
     ict_cfg.validate()
     ict_metrics = train_reward(ict_cfg)

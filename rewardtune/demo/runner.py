@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import option
+from ..config import check_values, derived, option
 from ..errors import UserError
+from ..finetune.config import FinetuneConfig
 from ..sources import atomic_write_text
 from . import world
 from .build import MODELS_DIR
@@ -34,36 +35,38 @@ OUTPUTS = ["summary.json", "report.html", "before.png", "after.png", "curves.svg
 
 @dataclass
 class DemoConfig:
+    """The demo's options. The fine-tuning ones are ``FinetuneConfig``'s (help, choices and range said there),
+    with the demo's defaults, and its own help where the demo gives them another meaning."""
+
+    ERROR_PREFIX = "demo: "  # not a field: starts this config's error messages
+
     output: str = option("rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)")
     models: str = option(str(MODELS_DIR), "models directory (default: the bundled rewardtune/demo/models)")
-    reward: str = option("icthp", "training reward from the bundled ICT and HP: icthp (the paper's ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'")
-    steps: int = option(500, "fine-tuning steps")
-    batch_size: int = option(8, "prompts per step")
-    lr: float = option(1e-3, "LoRA learning rate")
-    lr_schedule: str = option("constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps")
-    lora_rank: int = option(8, "LoRA rank")
-    lora_targets: list = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA weights")
-    train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder")
-    reg_weight: float = option(0.0, "weight of the penalty on the LoRA moving the noise predictions away from the base model's")
-    k: int = option(10, "DRaFT-K: denoising steps that carry gradients (default all 10: background, colour and layout are "
-                        "decided in the early steps, which K=1 cannot reach)")
-    sample_steps: int = option(10, "DDIM sampling steps")
-    guidance_scale: float = option(3.0, "classifier-free guidance scale")
-    eval_every: int = option(50, "evaluate (training reward, held-out CLIP, oracle) every N steps")
-    eval_size: int = option(96, "held-out prompts evaluated, one image each, same seeds before and after")
-    train_prompts: int = option(200, "distinct training prompts")
-    seed: int = option(0, "random seed (prompts, noise)")
-    threads: int = option(2, "torch CPU threads")
+    reward: str = derived(FinetuneConfig, "reward", help="training reward from the bundled ICT and HP: icthp (the paper's "
+                          "ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'")
+    steps: int = derived(FinetuneConfig, "steps", 500)
+    batch_size: int = derived(FinetuneConfig, "batch_size", 8)
+    lr: float = derived(FinetuneConfig, "lr", 1e-3)
+    lr_schedule: str = derived(FinetuneConfig, "lr_schedule")
+    lora_rank: int = derived(FinetuneConfig, "lora_rank")
+    lora_targets: list = derived(FinetuneConfig, "lora_targets")
+    train_text_encoder: bool = derived(FinetuneConfig, "train_text_encoder")
+    reg_weight: float = derived(FinetuneConfig, "reg_weight")
+    k: int = derived(FinetuneConfig, "k", 10, help="DRaFT-K: denoising steps that carry gradients (default all 10: background, "
+                     "colour and layout are decided in the early steps, which K=1 cannot reach)")
+    sample_steps: int = derived(FinetuneConfig, "sample_steps", 10)
+    guidance_scale: float = derived(FinetuneConfig, "guidance_scale", 3.0)
+    eval_every: int = derived(FinetuneConfig, "eval_every", 50,
+                              help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)")
+    eval_size: int = derived(FinetuneConfig, "eval_size", 96,
+                             help="held-out prompts evaluated, one image each, same seeds before and after")
+    train_prompts: int = option(200, "distinct training prompts", min=1)
+    seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
+    threads: int = option(2, "torch CPU threads", min=1)
     overwrite: bool = option(False, "replace the outputs of an earlier demo in --output")
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "sample_steps", "eval_size", "train_prompts", "threads", "lora_rank", "k"):
-            if getattr(self, name) < 1:
-                raise UserError(f"demo: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise UserError(f"demo: --eval-every must be 0 or more, got {self.eval_every}")
-        if self.lr <= 0:
-            raise UserError(f"demo: --lr must be positive, got {self.lr}")
+        check_values(self)
 
 
 def check_models(models: Path) -> None:
@@ -121,7 +124,7 @@ class OracleHook:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Fine-tune the bundled pipeline on ICT-HP; write summary.json, report.html, grids and the LoRA."""
-    from ..finetune import FinetuneConfig, run_finetune
+    from ..finetune import run_finetune
     from ..rewards import load_reward
 
     cfg.validate()

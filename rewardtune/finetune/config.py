@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import option
+from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
 from ..schedules import LR_SCHEDULES
 from ..sources import REWARD_SOURCES, source_option
 
 METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -22,27 +21,27 @@ class FinetuneConfig:
     method: str = option("draft-k", "draft-k: gradients through the last K steps; draft-lv: K=1 plus re-noised final-step "
                          "samples; refl: stop at a random step and predict x0; alignprop: K drawn per sample in 1..k",
                          choices=list(METHODS))
-    k: int = option(1, "denoising steps that carry gradients (draft-k), or the largest K drawn (alignprop)")
-    lv_samples: int = option(2, "draft-lv: extra samples re-noised from the final step and denoised again")
+    k: int = option(1, "denoising steps that carry gradients (draft-k), or the largest K drawn (alignprop)", min=1)
+    lv_samples: int = option(2, "draft-lv: extra samples re-noised from the final step and denoised again", min=0)
     refl_min: float = option(0.7, "refl: earliest stop, as a fraction of --sample-steps")
     refl_max: float = option(1.0, "refl: latest stop, as a fraction of --sample-steps")
-    steps: int = option(1000, "optimizer steps")
-    batch_size: int = option(1, "prompts per process per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(2e-4, "AdamW learning rate of the LoRA weights")
+    steps: int = option(1000, "optimizer steps", min=1)
+    batch_size: int = option(1, "prompts per process per micro-batch", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(2e-4, "AdamW learning rate of the LoRA weights", min=0)
     lr_schedule: str = option("constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps", choices=list(LR_SCHEDULES))
-    warmup_steps: int = option(0, "linear lr warmup steps")
+    warmup_steps: int = option(0, "linear lr warmup steps", min=0)
     weight_decay: float = option(1e-2, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)")
-    lora_rank: int = option(8, "LoRA rank")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", min=0)
+    lora_rank: int = option(8, "LoRA rank", min=1)
     lora_alpha: float = option(8.0, "LoRA alpha (the update is scaled by alpha/rank)")
     lora_targets: list = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA weights")
     train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder(s) (q/k/v/out projections)")
     init_lora: str = option("", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros")
     resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
-    sample_steps: int = option(50, "DDIM sampling steps")
+    sample_steps: int = option(50, "DDIM sampling steps", min=1)
     guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance)")
-    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM)")
+    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM)", min=0)
     mixed_precision: str = option("no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32",
                                   choices=list(PRECISIONS))
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
@@ -50,18 +49,18 @@ class FinetuneConfig:
     attention: str = option("sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"])
     optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes)", choices=["adamw", "adamw8bit"])
     reg_weight: float = option(0.0, "weight of the penalty on the distance between the LoRA and base model's noise "
-                               "predictions on the gradient steps (0 = off)")
+                               "predictions on the gradient steps (0 = off)", min=0)
     seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
     resume: bool = option(False, "resume from the latest checkpoint in OUTPUT/checkpoints")
-    checkpoint_every: int = option(100, "save a resumable checkpoint every N steps (0 = only at the end)")
-    checkpoints_keep: int = option(2, "how many checkpoints to keep")
-    eval_every: int = option(100, "evaluate (reward, eval reward, sample grid) every N steps (0 = only before and after)")
+    checkpoint_every: int = option(100, "save a resumable checkpoint every N steps (0 = only at the end)", min=0)
+    checkpoints_keep: int = option(2, "how many checkpoints to keep", min=1)
+    eval_every: int = option(100, "evaluate (reward, eval reward, sample grid) every N steps (0 = only before and after)", min=0)
     eval_prompts: str = option("", "evaluation prompts: a file or builtin:NAME (default: the first --eval-size training prompts)")
-    eval_size: int = option(4, "number of evaluation prompts (one image each)")
+    eval_size: int = option(4, "number of evaluation prompts (one image each)", min=1)
     eval_reward: str = option("", "held-out reward logged at each evaluation, e.g. pickscore while training on icthp")
-    early_stop_drop: float = option(0.0, "stop when the eval reward falls more than this below its best (0 = never)")
-    max_nonfinite: int = option(5, "stop after this many non-finite losses in a row")
-    log_every: int = option(1, "log training scalars every N steps")
+    early_stop_drop: float = option(0.0, "stop when the eval reward falls more than this below its best (0 = never)", min=0)
+    max_nonfinite: int = option(5, "stop after this many non-finite losses in a row", min=1)
+    log_every: int = option(1, "log training scalars every N steps", min=1)
     export: str = option("none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"])
     # reward sources: one field per key of sources.REWARD_SOURCES, in its order
     ict: str = source_option("ict")
@@ -80,23 +79,9 @@ class FinetuneConfig:
         """Check values that need no files; raise ``UserError`` naming the flag."""
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")
-        if self.method not in METHODS:
-            raise UserError(f"--method '{self.method}' is not one of {', '.join(METHODS)}")
-        if self.mixed_precision not in PRECISIONS:
-            raise UserError(f"--mixed-precision '{self.mixed_precision}' is not one of {', '.join(PRECISIONS)}")
+        check_values(self)
         if self.resolution and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}")
-        for name in ("steps", "batch_size", "grad_accum", "sample_steps", "lora_rank", "k", "eval_size", "max_nonfinite", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "lv_samples", "reg_weight", "max_grad_norm", "early_stop_drop", "lr", "eta",
-                     "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"--lr-schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
-        if self.checkpoints_keep < 1:
-            raise UserError(f"--checkpoints-keep must be at least 1, got {self.checkpoints_keep}")
         if self.k > self.sample_steps:
             raise UserError(f"--k {self.k} is more than --sample-steps {self.sample_steps}; gradients can flow through at most every step")
         if not 0 <= self.refl_min <= self.refl_max <= 1:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..config import config_to_yaml
 from ..errors import UserError
 from ..images import make_grid, save_image
+from ..rundir import RunDir
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -93,17 +92,6 @@ class Evaluator:
         save_image(make_grid(torch.cat([before, images]), ncol=n), self.out / "samples" / f"step_{step:06d}.png")
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def _rotate(out: Path, keep: int) -> None:
-    ckpts = sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1]))
-    for p in ckpts[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=None) -> dict:
     """Fine-tune, evaluate and save; returns the summary also written to ``output/summary.json``.
 
@@ -111,28 +99,28 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     ``eval_hook(step, images, prompts) -> dict`` adds metrics at each evaluation.
     """
     cfg.validate()
-    out = Path(cfg.output).expanduser()
+    rundir = RunDir(cfg.output)
+    out = rundir.root
     if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
         raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
-    resume_from = _resume_point(out, cfg.resume)
-    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from)
+    resume_from = rundir.resume_point(cfg.resume)
+    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from and resume_from.path)
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
     state = trainer.resume_state
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+        rundir.write_config(cfg)
     log = RunLog(out, main, trainer.global_step if resume_from else None)
     evaluate = Evaluator(trainer, out, eval_hook)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
     history = {"stopped_early": False}
     try:
-        best = _train(trainer, evaluate, log, out, before, best, history)
+        best = _train(trainer, evaluate, log, rundir, before, best, history)
         after = _eval(evaluate, trainer, log, main)
         lora_path = trainer.save_lora(out)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
-        _checkpoint(trainer, out, before, best)
+        _checkpoint(trainer, rundir, before, best)
     finally:
         log.close()
     summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": _name(reward, cfg.reward),
@@ -140,7 +128,7 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
                "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
                "before": before, "after": after, "lora": str(lora_path)}
     if main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        rundir.write_json("summary.json", summary)
     acc.wait_for_everyone()
     return summary
 
@@ -148,15 +136,6 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
 def _name(module, spec):
     """The reward's spec, or the class of a module passed in its place."""
     return spec if module is None else f"{type(module).__name__} (passed in)"
-
-
-def _resume_point(out: Path, resume: bool) -> Path | None:
-    ckpt = latest_checkpoint(out)
-    if resume and ckpt is None:
-        raise UserError(f"--resume: no checkpoint in '{out / 'checkpoints'}'; run without --resume to start fresh")
-    if not resume and ckpt is not None:
-        raise UserError(f"--output '{out}' already holds a run (checkpoints/); pass --resume to continue it, or a new --output")
-    return ckpt if resume else None
 
 
 def _eval(evaluate: Evaluator, trainer: Trainer, log: RunLog, main: bool) -> dict:
@@ -169,7 +148,7 @@ def _eval(evaluate: Evaluator, trainer: Trainer, log: RunLog, main: bool) -> dic
     return metrics
 
 
-def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, out: Path, before: dict, best, history: dict):
+def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, before: dict, best, history: dict):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
     while trainer.global_step < cfg.steps:
@@ -184,7 +163,7 @@ def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, out: Path, before
                 history["stopped_early"] = True
                 return best
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _checkpoint(trainer, out, before, best)
+            _checkpoint(trainer, rundir, before, best)
     return best
 
 
@@ -201,8 +180,9 @@ def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
     return best, bool(acc.reduce(flag, "sum") > 0) if acc.num_processes > 1 else stop
 
 
-def _checkpoint(trainer: Trainer, out: Path, before: dict, best) -> None:
-    ckpt = out / "checkpoints" / f"step_{trainer.global_step:06d}"
-    trainer.save_checkpoint(ckpt, {"before": before, "best_eval": best})
+def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best) -> None:
+    """A resumable checkpoint after the current step (with the evaluation before training and the best eval
+    reward, which a resumed run continues from); only the newest ``--checkpoints-keep`` stay."""
+    trainer.save_checkpoint(rundir.checkpoint_dir(trainer.global_step), {"before": before, "best_eval": best})
     if trainer.accelerator.is_main_process:
-        _rotate(out, trainer.cfg.checkpoints_keep)
+        rundir.rotate(trainer.cfg.checkpoints_keep)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from ..config import precision_dtype
 from ..errors import UserError
+from ..rundir import load_checkpoint, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -27,19 +28,11 @@ from .models import load_pipeline, make_adapter, prepare_pipeline
 from .prompts import load_prompts
 from .sampler import SampleState, make_plan, make_sampler
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def make_accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != cfg.mixed_precision and state.get("num_processes", 1) == 1:
-        # accelerate keeps one process-wide state; a second run in the same single process (a notebook,
-        # a benchmark sweep) with another precision gets a fresh one instead of an error.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    reset_accelerate(cfg.mixed_precision)  # a second run in this process with another precision (a notebook, a sweep)
     try:
         return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     except ValueError as exc:
@@ -152,7 +145,7 @@ class Trainer:
         check_optional_packages(cfg)
         prompts = load_prompts(cfg.prompts)  # a bad prompt file fails before any model loads
         acc = accelerator or make_accelerator(cfg)
-        dtype = DTYPES[acc.mixed_precision]
+        dtype = precision_dtype(acc.mixed_precision)
         pipe, family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, dtype)
         adapter = make_adapter(pipe, family)
         resolution = cfg.resolution or adapter.native_resolution()
@@ -184,7 +177,7 @@ class Trainer:
     def _assemble(self, cfg: FinetuneConfig, parts: TrainerParts) -> None:
         self.cfg = cfg
         self.accelerator, self.device = parts.accelerator, parts.accelerator.device
-        self.weight_dtype = DTYPES[parts.accelerator.mixed_precision]
+        self.weight_dtype = precision_dtype(parts.accelerator.mixed_precision)
         self.pipe, self.adapter, self.family, self.sampler = parts.pipe, parts.adapter, parts.adapter.family, parts.sampler
         self.prompts = parts.prompts
         self.resolution = parts.resolution or cfg.resolution or parts.adapter.native_resolution()
@@ -388,29 +381,18 @@ class Trainer:
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
         """Optimizer/scaler state (accelerate), the LoRA (diffusers format) and the trainer state, atomically."""
-        import shutil
+        def save(tmp: Path) -> None:
+            with _lora_only_state(self.accelerator):
+                self.accelerator.save_state(str(tmp))
+            self.save_lora(tmp)
 
-        acc, directory = self.accelerator, Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        with _lora_only_state(acc):
-            acc.save_state(str(tmp))
-        self.save_lora(tmp)
-        if acc.is_main_process:
-            state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        acc.wait_for_everyone()
+        state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
+        write_checkpoint(self.accelerator, directory, save, state)
 
     def _load_checkpoint(self, directory: Path) -> dict:
         """Optimizer/scaler state and step counters of a ``save_checkpoint`` directory (its LoRA is already in)."""
         with _lora_only_state(self.accelerator):
-            self.accelerator.load_state(str(directory))
-        state = json.loads((directory / "trainer_state.json").read_text())
+            state = load_checkpoint(self.accelerator, directory)
         self.global_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         return state

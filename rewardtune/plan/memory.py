@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import precision_dtype
 from ..errors import UserError
 from ..finetune.models import prepare_pipeline
 from .architectures import ARCHITECTURES, build_pipeline, build_reward
@@ -171,10 +172,8 @@ class _PlanAccelerator:
     num_processes, process_index = 1, 0
 
     def __init__(self, mixed_precision: str):
-        from ..finetune.trainer import DTYPES
-
         self.mixed_precision = mixed_precision
-        self.dtype = DTYPES[mixed_precision]
+        self.dtype = precision_dtype(mixed_precision)
         self.device = torch.device("cpu")
 
     def autocast(self):
@@ -211,7 +210,7 @@ def _materialize(modules, memo: dict) -> None:
 
 def _meta_pipeline(cfg, pipeline_dir):
     """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped alias or a local directory."""
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    weight_dtype = precision_dtype(cfg.mixed_precision)
     source = str(pipeline_dir or cfg.model)
     if source not in ARCHITECTURES:
         source = str(Path(source).expanduser())
@@ -240,7 +239,7 @@ def _meta_reward(cfg, reward_config: dict | None):
         name = "ict"  # one ViT-H-14 CLIP scoring cosines, as ICT does
     if name not in ("ict", "hp", "icthp"):
         raise UserError(f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    dtype = precision_dtype(cfg.mixed_precision)
     return build_reward(name, dtype, "meta", clip_config=reward_config)
 
 
@@ -282,13 +281,13 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     from ..finetune import lora as lora_mod
     from ..finetune.models import make_adapter
     from ..finetune.sampler import make_sampler
-    from ..finetune.trainer import DTYPES, Trainer, TrainerParts, prepare_models
+    from ..finetune.trainer import Trainer, TrainerParts, prepare_models
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"plan target must be cuda or cpu, got '{target}'")
     cfg.validate() if cfg.output else _plan_config(cfg).validate()
     pcfg = _plan_config(cfg)
-    weight_dtype = DTYPES[pcfg.mixed_precision]
+    weight_dtype = precision_dtype(pcfg.mixed_precision)
     pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
     reward = _meta_reward(pcfg, reward_config)
     adapter = make_adapter(pipe, family)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
-from ..config import option
+from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
 from ..sources import REWARD_SOURCES
 
@@ -14,23 +14,25 @@ STAGE_DEFAULTS = {"ict": {"lr": 3e-5, "freeze_ratio": 0.0}, "hp": {"lr": 3e-6, "
 
 @dataclass
 class TrainRewardConfig:
+    ERROR_PREFIX = "train-reward: "  # not a field: starts this config's error messages
+
     stage: str = option("ict", "which model to train: ict (text-image CLIP) or hp (image-only preference head; needs --ict)",
                         choices=["ict", "hp"])
     data: str = option("", "data root: <split>.parquet/.jsonl, or the published Pick-High/<split>.pkl layout")
     output: str = option("", "output directory: the trained model, checkpoints/, logs/, config.yaml, metrics.json")
     backbone: str = option(REWARD_SOURCES["backbone"].hub, "CLIP to start from (HF directory or hub id); for hp, also the backbone of a released-layout --ict")
     ict: Optional[str] = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
-    steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)")
-    batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)")
-    grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step")
-    lr: Optional[float] = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)")
+    steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)", min=1)
+    batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)", min=1)
+    grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
+    lr: Optional[float] = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)", positive=True)
     weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: Optional[int] = option(None, "linear warmup steps (default: a twentieth of --steps)")
+    warmup_steps: Optional[int] = option(None, "linear warmup steps (default: a twentieth of --steps)", min=0)
     lr_schedule: str = option("linear", "after warmup: linear decay to 0 (as published), cosine, or constant",
                               choices=["linear", "cosine", "constant"])
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     freeze_ratio: Optional[float] = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
-                                        "(default: 0 for ict, 0.5 of the vision layers for hp)")
+                                        "(default: 0 for ict, 0.5 of the vision layers for hp)", min=0, max=1)
     freeze_embeddings: bool = option(False, "also freeze the embeddings below frozen layers (faster backward; "
                                      "the released code trains them)")
     neg_weight: float = option(0.5, "ict: weight of the in-batch negatives term")
@@ -38,17 +40,18 @@ class TrainRewardConfig:
     hp_weight: float = option(1.0, "hp: weight of the HP margin loss")
     icthp_weight: float = option(1.0, "hp: weight of the ICT x softmax(HP) margin loss")
     mixed_precision: Optional[str] = option(None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no",
-                                  choices=["no", "fp16", "bf16"])
+                                  choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(42, "random seed")
-    num_workers: int = option(2, "data loader worker processes per training process")
+    num_workers: int = option(2, "data loader worker processes per training process", min=0)
     train_split: str = option("train", "split to train on")
     eval_split: str = option("val", "split for periodic validation accuracy ('' disables)")
-    eval_every: int = option(0, "validate every N steps (0: five times per run); also after the last step")
-    eval_limit: int = option(0, "validate on the first N triplets only (0: all)")
-    log_every: int = option(10, "log the training loss every N steps")
-    save_every: int = option(1000, "save a resumable checkpoint every N steps (0: never)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    eval_every: Optional[int] = option(None, "validate every N steps and after the last step (default: five times per run; "
+                                       "0: only before the first step and after the last)", min=0)
+    eval_limit: int = option(0, "validate on the first N triplets only (0: all)", min=0)
+    log_every: int = option(10, "log the training loss every N steps", min=1)
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps (0: never)", min=0, aliases=("save_every",))
+    checkpoints_keep: int = option(2, "how many recent checkpoints to keep", min=1, aliases=("keep_checkpoints",))
     resume: bool = option(False, "continue from the latest checkpoint in <output>/checkpoints")
     export_official: bool = option(False, "also write the released layout (pytorch_model.bin; hp_backbone/, hp_scorer/mlp_pytorch_model.bin)")
     trust_pickle: bool = option(False, "allow loading the published .pkl split files (a pickle can run code; prefer 'rewardtune data convert')")
@@ -58,31 +61,13 @@ class TrainRewardConfig:
     progress: bool = option(True, "show a progress bar")
 
     def validate(self) -> None:
-        for name in ("stage", "lr_schedule", "mixed_precision"):
-            choices = next(f.metadata["choices"] for f in fields(self) if f.name == name)
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise UserError(f"train-reward: --{name.replace('_', '-')} '{value}' is not one of {', '.join(choices)}")
+        check_values(self)
         if not self.data:
             raise UserError("train-reward: --data is required (the data root)")
         if not self.output:
             raise UserError("train-reward: --output is required (where the trained model goes)")
         if self.stage == "hp" and not self.ict:
             raise UserError("train-reward: --stage hp needs --ict (the trained ICT model, e.g. the --output of --stage ict)")
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train-reward: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_limit", "save_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"train-reward: --{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise UserError(f"train-reward: --keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
-        if self.freeze_ratio is not None and not 0.0 <= self.freeze_ratio <= 1.0:
-            raise UserError(f"train-reward: --freeze-ratio must be in [0, 1], got {self.freeze_ratio}")
-        if self.lr is not None and self.lr <= 0:
-            raise UserError(f"train-reward: --lr must be positive, got {self.lr}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UserError(f"train-reward: --warmup-steps must be 0 or more, got {self.warmup_steps}")
 
     @property
     def peak_lr(self) -> float:
@@ -97,5 +82,6 @@ class TrainRewardConfig:
         return self.warmup_steps if self.warmup_steps is not None else int(0.05 * self.steps)
 
     @property
-    def validate_every(self) -> int:
-        return self.eval_every or max(1, self.steps // 5)
+    def eval_interval(self) -> int:
+        """Steps between validations (0: none between the first and the last step)."""
+        return max(1, self.steps // 5) if self.eval_every is None else self.eval_every

@@ -8,26 +8,21 @@ loss over it, as the released code does, so ICT's in-batch negatives span all pr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from ..config import config_to_yaml
+from ..config import precision_dtype
 from ..data import find_split
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
+from ..rundir import Checkpoint, RunDir, load_checkpoint, reset_accelerate
 from ..schedules import lr_factor
-from ..sources import atomic_write_text
 from . import models
 from .config import TrainRewardConfig
 from .evaluate import triplet_accuracy
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _split_images(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -58,8 +53,8 @@ class Stage:
     def place_frozen(self) -> None:
         """Move the frozen ICT model (HP stage) to the device, in the mixed-precision dtype."""
         if self.ict is not None:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-            self.ict.to(self.accelerator.device, dtype=dtype)
+            mp = self.accelerator.mixed_precision
+            self.ict.to(self.accelerator.device, dtype=None if mp == "no" else precision_dtype(mp))
 
     def ict_cosines(self, model, tower, batch, key: str) -> torch.Tensor:
         """(B, 3) cosines of the easy prompt with (I1, I2, I3) under a CLIP ``model``."""
@@ -156,50 +151,6 @@ def _batches(accelerator, loader, start_micro: int):
         epoch, skip = epoch + 1, 0
 
 
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``<out>/checkpoints``, oldest first."""
-    found = []
-    for d in (out / "checkpoints").glob("step-*"):
-        m = STEP_DIR.match(d.name)
-        if m and (d / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, out: Path, step: int, metrics: dict, keep: int) -> None:
-    """``accelerator.save_state`` into a temporary directory, renamed to ``step-N`` when complete; keep the newest ``keep``."""
-    root = out / "checkpoints"
-    tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resume_step(accelerator, out: Path, resume: bool) -> int:
-    """Load the latest checkpoint when resuming; refuse to silently start over a run that has some."""
-    found = checkpoints(out)
-    if not resume:
-        if found:
-            raise UserError(f"train-reward: '{out}' already holds checkpoints (latest step {found[-1][0]}); pass --resume "
-                            f"to continue that run, or choose a new --output")
-        return 0
-    if not found:
-        raise UserError(f"train-reward: --resume found no checkpoint under '{out / 'checkpoints'}'; run without --resume to start")
-    step, path = found[-1]
-    accelerator.load_state(str(path))
-    return step
-
-
 def _make_accelerator(cfg: TrainRewardConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
@@ -221,14 +172,6 @@ def _cpu_only_multiprocess() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu
 
 
-def _reset_accelerate() -> None:
-    """Let the next run in this process build its own accelerator (e.g. ICT, then HP, in one script)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
 def _hparams(cfg: TrainRewardConfig) -> dict:
     return {k: ("" if v is None else v) for k, v in dataclasses.asdict(cfg).items()}
 
@@ -236,10 +179,11 @@ def _hparams(cfg: TrainRewardConfig) -> dict:
 class Run:
     """One training run: the loop, validation, logging and checkpoints around a :class:`Stage`."""
 
-    def __init__(self, cfg: TrainRewardConfig):
+    def __init__(self, cfg: TrainRewardConfig, rundir: RunDir, resume_from: Checkpoint | None):
         from accelerate.utils import set_seed
 
-        self.cfg, self.out = cfg, Path(cfg.output).expanduser()
+        self.cfg, self.rundir, self.resume_from = cfg, rundir, resume_from
+        self.out = rundir.root
         self.acc = _make_accelerator(cfg, self.out)
         set_seed(cfg.seed)
         self.stage = Stage(cfg, self.acc)
@@ -295,14 +239,16 @@ class Run:
         return out
 
     def train(self) -> dict:
-        cfg, acc, out = self.cfg, self.acc, self.out
+        cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-        start = resume_step(acc, out, cfg.resume)
-        if start >= cfg.steps:
-            raise UserError(f"train-reward: the checkpoint is at step {start}, not before --steps {cfg.steps}; raise --steps to train further")
+            self.rundir.write_config(cfg)
+        start = 0
+        if self.resume_from is not None:
+            load_checkpoint(acc, self.resume_from.path)
+            start = self.resume_from.step
         acc.init_trackers(cfg.stage, config=_hparams(cfg))
+        if cfg.eval_every == 0 and start == 0:  # 0: only before the first step and after the last
+            self._validate_and_log(0)
         step = self._loop(start)
         self._finish(start, step)
         return self.metrics
@@ -349,13 +295,16 @@ class Run:
             acc.log(logs, step=step)
             self.metrics.update(logs)
             running.clear()
-        if step % cfg.validate_every == 0 or step == cfg.steps:
-            val = self.validate()
-            if val:
-                acc.log(val, step=step)
-                self.metrics.update(val)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(acc, self.out, step, self._plain_metrics(step), cfg.keep_checkpoints)
+        if step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0):
+            self._validate_and_log(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.rundir.save_checkpoint(acc, step, {"metrics": self._plain_metrics(step)}, cfg.checkpoints_keep)
+
+    def _validate_and_log(self, step: int) -> None:
+        val = self.validate()
+        if val:
+            self.acc.log(val, step=step)
+            self.metrics.update(val)
 
     def _plain_metrics(self, step: int) -> dict:
         return {**{k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}, "step": step}
@@ -368,7 +317,7 @@ class Run:
         self.metrics.update({"start_step": start, "steps_run": step - start, "num_processes": acc.num_processes})
         if acc.is_main_process:
             self.stage.write_output(state, self.out)
-            atomic_write_text(self.out / "metrics.json", json.dumps(self.metrics, indent=2))
+            self.rundir.write_json("metrics.json", self.metrics)
         acc.wait_for_everyone()
         acc.end_training()
 
@@ -376,10 +325,10 @@ class Run:
 def train_reward(cfg: TrainRewardConfig) -> dict:
     """Train ICT or HP per ``cfg``; write the model to ``cfg.output``; return the final metrics."""
     cfg.validate()
-    if not cfg.resume:
-        resume_step(None, Path(cfg.output).expanduser(), resume=False)  # fail fast over an earlier run's checkpoints
-    _reset_accelerate()
+    rundir = RunDir(cfg.output, who="train-reward: ")
+    resume_from = rundir.resume_point(cfg.resume, steps=cfg.steps)  # before any model loads: fail fast
+    reset_accelerate()
     try:
-        return Run(cfg).train()
+        return Run(cfg, rundir, resume_from).train()
     finally:
-        _reset_accelerate()
+        reset_accelerate()
