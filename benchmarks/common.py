@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -21,7 +22,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without `pip ins
 
 def environment() -> dict:
     """Device, library versions and date: what every result file records."""
-    import importlib.metadata as md
 
     versions = {}
     for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "open_clip_torch"):

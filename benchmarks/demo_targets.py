@@ -19,6 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from rewardtune.demo.build import MODELS_DIR, machine
+from rewardtune.demo.data import pipeline_sampler, write_split
+from rewardtune.reward_training import evaluate_rewards
+from rewardtune.rewards import load_rewards
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -30,9 +35,6 @@ def load_average() -> list[float]:
 def reward_accuracy(models: Path, seed: int, test_size: int, generated: bool) -> dict:
     """Triplet accuracy of ICT, HP, ICT-HP and the held-out CLIP on a regenerated test split: as the build
     writes it (half the I1/I2 pairs drawn by the base pipeline) or with rendered images only."""
-    from rewardtune.demo.data import pipeline_sampler, write_split
-    from rewardtune.reward_training import evaluate_rewards
-    from rewardtune.rewards import load_rewards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_split(Path(tmp), "test", test_size, seed, generate=pipeline_sampler(models / "pipeline") if generated else None)
@@ -52,8 +54,6 @@ def run_demo(models: Path, extra: list[str]) -> tuple[dict, float]:
 
 
 def main() -> int:
-    from rewardtune.demo.build import MODELS_DIR, machine
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=str(MODELS_DIR), help="models directory (default: the bundled one)")
     p.add_argument("--test-size", type=int, default=1000, help="triplets in the regenerated test split")

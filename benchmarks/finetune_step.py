@@ -24,18 +24,22 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import append_record, environment, median, peak_mib, reset_peak, sync, timed  # noqa: E402
 
-import torch  # noqa: E402
+from rewardtune import plan
+from rewardtune.config import add_config_args, build_config, precision_dtype
+from rewardtune.finetune.config import FinetuneConfig
+from rewardtune.finetune.trainer import Trainer
+from rewardtune.plan import StorageTracker, predict_peak_memory
+from rewardtune.testing import save_tiny_pipeline
+from rewardtune.testing import tiny_clip_config as build_tiny_clip_config
 
 # Tiny reward towers: real CLIP code, full CLIP tokenizer, a few thousand weights.
 TINY_CLIP = dict(hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32)
 
 
 def parse(argv=None):
-    from rewardtune.config import add_config_args
-    from rewardtune.finetune.config import FinetuneConfig
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--arch", choices=["sd15", "sdxl"], help="full-size architecture with random weights, built in memory")
@@ -57,9 +61,6 @@ def parse(argv=None):
 
 
 def finetune_config(args, workdir: Path):
-    from rewardtune.config import build_config
-    from rewardtune.finetune.config import FinetuneConfig
-
     over = {"output": str(workdir / "out"), "steps": args.warmup + 2 * args.timed + 2}
     if args.arch:
         over["model"] = args.arch
@@ -68,8 +69,6 @@ def finetune_config(args, workdir: Path):
 
 def random_pipeline(arch: str, cfg, workdir: Path):
     """A random-weight full-size pipeline built on the GPU (handed to the Trainer instead of a model dir)."""
-    from rewardtune import plan
-    from rewardtune.config import precision_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = precision_dtype(cfg.mixed_precision)
@@ -79,8 +78,6 @@ def random_pipeline(arch: str, cfg, workdir: Path):
 
 def build_reward(args, cfg, workdir: Path):
     """The reward module handed to the Trainer (None: the Trainer loads ``cfg.reward`` itself)."""
-    from rewardtune import plan
-    from rewardtune.config import precision_dtype
 
     name = cfg.reward if cfg.reward in ("ict", "hp", "icthp") else "icthp"
     dtype = precision_dtype(cfg.mixed_precision)
@@ -93,9 +90,7 @@ def build_reward(args, cfg, workdir: Path):
 
 
 def tiny_clip_config() -> dict:
-    from rewardtune.testing import tiny_clip_config as make
-
-    return make(49408, **TINY_CLIP).to_dict()
+    return build_tiny_clip_config(49408, **TINY_CLIP).to_dict()
 
 
 def time_parts(trainer, n: int, offset: int = 0) -> dict:
@@ -123,7 +118,6 @@ def time_parts(trainer, n: int, offset: int = 0) -> dict:
 
 def tracked_peak_mib(trainer) -> float:
     """Peak of live tensor storage over one step, counted as the planner counts it (real tensors)."""
-    from rewardtune.plan import StorageTracker
 
     with StorageTracker(512 if trainer.device.type == "cuda" else 1) as tracker:
         tracker.add_modules(trainer.pipe.unet, trainer.pipe.vae, trainer.reward, *trainer.trained_text_encoders,
@@ -134,8 +128,6 @@ def tracked_peak_mib(trainer) -> float:
 
 
 def predict(args, cfg, workdir: Path) -> dict:
-    from rewardtune.plan import predict_peak_memory
-
     kw = {"vae_block_checkpointing": args.vae_block_checkpointing,
           "target": "cuda" if torch.cuda.is_available() else "cpu"}  # the device this benchmark measures
     if args.tiny:
@@ -148,13 +140,9 @@ def predict(args, cfg, workdir: Path) -> dict:
 
 
 def run(args) -> dict:
-    from rewardtune.finetune.trainer import Trainer
-
     workdir = Path(tempfile.mkdtemp(prefix="rewardtune-bench-"))
     cfg = finetune_config(args, workdir)
     if args.tiny:
-        from rewardtune.testing import save_tiny_pipeline
-
         cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
     record = {"name": args.name, "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
               "config": {k: getattr(cfg, k) for k in ("method", "k", "resolution", "batch_size", "sample_steps",

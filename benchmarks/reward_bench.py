@@ -18,9 +18,15 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import append_record, environment, median, peak_mib, reset_peak, timed  # noqa: E402
 
-import torch  # noqa: E402
+from rewardtune.clip_tokenizer import write_clip_tokenizer
+from rewardtune.config import precision_dtype
+from rewardtune.plan import build_clip, build_reward
+from rewardtune.reward_training.config import TrainRewardConfig
+from rewardtune.reward_training.train import Stage
+from rewardtune.testing import tiny_clip_config, write_clip_processor
 
 PROMPTS = ["a red bicycle leaning against a stone wall", "two cats asleep on a sofa in the afternoon sun"]
 
@@ -48,15 +54,11 @@ def device() -> torch.device:
 def clip_config(tiny: bool) -> dict | None:
     if not tiny:
         return None
-    from rewardtune.testing import tiny_clip_config
 
     return tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
 
 
 def bench_score(args) -> dict:
-    from rewardtune.config import precision_dtype
-    from rewardtune.plan import build_reward
-
     dev, dtype = device(), precision_dtype(args.precision)
     reward = build_reward(args.reward, dtype, dev, clip_config=clip_config(args.tiny))
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=dev)
@@ -75,9 +77,6 @@ def bench_score(args) -> dict:
 
 def save_backbone(directory: Path, tiny: bool) -> Path:
     """A random-weight HF CLIP directory (weights, config, the real CLIP tokenizer, preprocessor)."""
-    from rewardtune.clip_tokenizer import write_clip_tokenizer
-    from rewardtune.plan import build_clip
-    from rewardtune.testing import write_clip_processor
 
     dev = device()
     model = build_clip(torch.float16 if dev.type == "cuda" else torch.float32, dev, clip_config(tiny))
@@ -91,8 +90,6 @@ def save_backbone(directory: Path, tiny: bool) -> Path:
 def bench_train(args) -> dict:
     from accelerate import Accelerator
 
-    from rewardtune.reward_training.config import TrainRewardConfig
-    from rewardtune.reward_training.train import Stage
 
     dev = device()
     work = Path(tempfile.mkdtemp(prefix="rewardtune-rbench-"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -28,7 +29,6 @@ def _rgb8(im) -> np.ndarray:
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """(3,H,W) float32 in [0,1], from an image file of any mode (see ``_rgb8``)."""
-    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -49,8 +49,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp" + path.suffix)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data import convert_pickles, find_split, load_triplets
+from ..data.synthetic import make_pick_high
+from ..errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="convert, check or generate preference triplet data",
@@ -37,17 +41,12 @@ def register(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from ..data import convert_pickles
-
     for path in convert_pickles(args.root, out=args.out, splits=args.split, trust_pickle=args.trust_pickle):
         print(f"wrote {path}")
     return 0
 
 
 def run_check(args) -> int:
-    from ..data import find_split, load_triplets
-    from ..errors import UserError
-
     present = []
     for split in args.split:
         try:
@@ -64,9 +63,6 @@ def run_check(args) -> int:
 
 
 def run_synthetic(args) -> int:
-    from ..data.synthetic import make_pick_high
-    from ..errors import UserError
-
     for name in ("train", "val", "test", "size"):
         if getattr(args, name) < 1:
             raise UserError(f"data synthetic: --{name} must be at least 1")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..config import add_config_args, build_config
+from ..demo.runner import DemoConfig, run_demo
 
 
 def register(sub) -> None:
-    from ..demo.runner import DemoConfig
-
     p = sub.add_parser("demo", help="fine-tune the bundled tiny shapes-world model on ICT-HP and report the oracle's verdict",
                        description="Reward fine-tuning (DRaFT-K, LoRA) of the bundled tiny Stable Diffusion pipeline with the "
                                    "bundled ICT-HP reward, on a CPU in minutes. An oracle reads each image's attributes "
@@ -19,7 +18,5 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo.runner import DemoConfig, run_demo
-
     run_demo(build_config(DemoConfig, args, config=args.config))
     return 0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from ..config import add_config_args, build_config
+from ..finetune import FinetuneConfig, run_finetune
+
 
 def register(sub) -> None:
-    from ..config import add_config_args
-    from ..finetune.config import FinetuneConfig
-
     p = sub.add_parser("finetune", help="reward fine-tuning of SD 1.x/2.x or SDXL with LoRA (DRaFT-K, DRaFT-LV, ReFL, AlignProp)",
                        description="Fine-tune a LoRA of the UNet by backpropagating a differentiable reward through the last "
                                    "denoising steps. Options come from defaults, then --config (a recipe), then flags. "
@@ -19,9 +19,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import build_config
-    from ..finetune import FinetuneConfig, run_finetune
-
     cfg = build_config(FinetuneConfig, args, config=args.config)
     summary = run_finetune(cfg)
     from accelerate import PartialState

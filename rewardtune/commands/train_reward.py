@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 
+from ..config import add_config_args, build_config
+from ..reward_training import TrainRewardConfig, train_reward
+
 
 def register(sub) -> None:
-    from ..config import add_config_args
-    from ..reward_training import TrainRewardConfig
-
     p = sub.add_parser("train-reward", help="train the ICT or HP reward model on preference triplets",
                        description="Train ICT (stage ict) or HP (stage hp, on a trained ICT) on Pick-High or your own "
                                    "triplets. Options come from defaults, then --config, then flags.")
@@ -25,9 +25,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import build_config
-    from ..reward_training import TrainRewardConfig, train_reward
-
     cfg = build_config(TrainRewardConfig, args, config=args.config)
     metrics = train_reward(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

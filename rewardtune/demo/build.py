@@ -12,9 +12,11 @@ Output layout (``rewardtune/demo/models/`` by default):
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -26,14 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..clip_tokenizer import write_clip_tokenizer
-from ..config import option
+from ..config import add_config_args, build_config, option
 from ..errors import UserError
 from ..finetune.models import assemble_pipeline
+from ..images import load_image
+from ..reward_training import TrainRewardConfig, train_reward
+from ..rewards import load_reward
+from ..rewards.clip_tower import ClipTower
 from ..sources import atomic_write_text
 from ..testing import tiny_clip_config, write_clip_processor
 from . import world
+from .data import pipeline_sampler, write_preference_set
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -118,7 +126,6 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
     position, which plain contrastive training of a tiny ViT picks up only after many epochs."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from ..rewards.clip_tower import ClipTower
 
     directory = Path(directory)
     vocab = write_tokenizer(directory)
@@ -329,7 +336,6 @@ def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet) -> None:
 
 def train_rewards(data_root: Path, backbone: Path, work: Path, out: Path, ict_steps: int, hp_steps: int, seed: int) -> dict:
     """ICT then HP through ``rewardtune.reward_training``; copies the results to ``out/ict`` and ``out/hp``."""
-    from ..reward_training import TrainRewardConfig, train_reward
 
     common = dict(data=str(data_root), backbone=str(backbone), batch_size=32, num_workers=0, seed=seed,
                   checkpoint_every=0, progress=False, eval_split="val", log_every=50, lr_schedule="cosine")
@@ -364,10 +370,7 @@ def calibrate_hp(hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, sp
     """Shift the HP scorer's last bias so that the ``split``'s I3 images average sigmoid(raw) = ``target``;
     returns the shift."""
     import pandas as pd
-    from safetensors.torch import load_file, save_file
 
-    from ..images import load_image
-    from ..rewards import load_reward
 
     frame = pd.read_parquet(data_root / f"{split}.parquet").head(limit)
     hp = load_reward("hp", hp=str(hp_dir)).eval()
@@ -455,8 +458,6 @@ def build(cfg: BuildConfig) -> dict:
         timed("unet", lambda: _build_generator(out, work, scenes, images, cfg))
     data_root = work / "preference_set"
     if "data" in parts or ("rewards" in parts and not (data_root / "test.parquet").is_file()):
-        from .data import pipeline_sampler, write_preference_set
-
         sizes = {"train": cfg.triplets, "val": cfg.val_triplets, "test": cfg.test_triplets}
         generate = pipeline_sampler(out / "pipeline") if (out / "pipeline" / "model_index.json").is_file() else None
         if generate is None:
@@ -500,16 +501,12 @@ def _jsonable(obj):
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}".replace("  ", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``scripts/build_demo_models.py``."""
-    import argparse
 
-    from ..config import add_config_args, build_config
 
     parser = argparse.ArgumentParser(description="Regenerate the demo's bundled models from scratch on a CPU.")
     add_config_args(parser, BuildConfig)

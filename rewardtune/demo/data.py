@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.synthetic import SPLIT_SEEDS, write_synthetic_set
 from . import world
@@ -138,7 +139,6 @@ def _formats(pickle: bool) -> tuple[str, ...]:
 
 def pipeline_sampler(pipeline_dir: str | os.PathLike, steps: int = 10, guidance: float = 3.0, batch: int = 128):
     """``generate(prompts, seed) -> (B, H, W, 3)`` float images from a diffusers pipeline directory."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, requires_safety_checker=False)

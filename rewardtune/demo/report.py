@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..images import make_grid, save_image, to_uint8
 from ..sources import atomic_write_text
@@ -74,8 +75,6 @@ def smooth(points: list[tuple[float, float]], window: int = 10) -> list[tuple[fl
 
 
 def _png_data(image: torch.Tensor, scale: int) -> str:
-    from PIL import Image
-
     arr = to_uint8(image)
     im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
     buf = io.BytesIO()

@@ -9,12 +9,18 @@ cost nothing at all.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
+from ..clip_tokenizer import write_clip_tokenizer
 from ..errors import UserError
+from ..finetune.models import assemble_pipeline, model_family
+from ..rewards.clip_tower import ClipTower
+from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -58,11 +64,9 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(tokenizer_dir: Path | None):
     """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file (once per process)."""
-    import tempfile
 
     from transformers import CLIPTokenizer
 
-    from ..clip_tokenizer import write_clip_tokenizer
 
     if tokenizer_dir is None and "default" in _TOKENIZERS:
         return _TOKENIZERS["default"]
@@ -83,7 +87,6 @@ PART_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffuser
 
 def _configs(source: str | Path) -> tuple[str, dict]:
     """(family, {part: config dict}) of a shipped architecture name or of a diffusers directory's configs."""
-    from ..finetune.models import model_family
 
     if str(source) in ARCHITECTURES:
         names = ARCHITECTURES[str(source)]
@@ -105,7 +108,6 @@ def build_parts(source: str | Path, dtype: torch.dtype = torch.float32, device="
                 vae_dtype: torch.dtype | None = None) -> dict:
     """Random-weight UNet, VAE, text encoder(s) and scheduler of ``source`` ('sd15', 'sdxl' or a diffusers
     directory, whose weights are never read), built on ``device`` (``"meta"``: no memory at all)."""
-    import importlib
 
     import diffusers
 
@@ -134,7 +136,6 @@ def build_pipeline(source: str | Path, dtype: torch.dtype = torch.float32, devic
     ``StableDiffusionXLPipeline`` (sdxl), or the family of a diffusers directory (with its own tokenizers)."""
     from transformers import CLIPTokenizer
 
-    from ..finetune.models import assemble_pipeline
 
     family, _ = _configs(source)
     parts = build_parts(source, dtype, device, vae_dtype)
@@ -168,8 +169,6 @@ def build_clip(dtype: torch.dtype = torch.float32, device="cpu", config: dict | 
 def build_reward(name: str = "icthp", dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
                  clip_config: dict | None = None):
     """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released)."""
-    from ..rewards.clip_tower import ClipTower
-    from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
 
     if name not in ("ict", "hp", "icthp"):
         raise UserError(f"full-size reward '{name}' is not one of ict, hp, icthp")

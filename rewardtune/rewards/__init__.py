@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..sources import REWARD_SOURCES
+from . import baselines, icthp
 from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
@@ -47,8 +48,6 @@ class _Loader:
         return self.cache[name]
 
     def _build(self, name: str) -> Reward:
-        from . import icthp
-
         s, dt = self.sources, self.dtype
         if name == "ict":
             return icthp.ICTReward.load(ict=s.get("ict"), backbone=s.get("backbone"), dtype=dt)
@@ -56,7 +55,6 @@ class _Loader:
             return icthp.HPReward.load(hp=s.get("hp"), backbone=s.get("backbone"), dtype=dt)
         if name == "icthp":
             return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
-        from . import baselines
 
         return baselines.BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
 

@@ -16,9 +16,22 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
+from ..sources import (
+    REWARD_SOURCES,
+    apply_state_dict,
+    find_file,
+    load_state_dict,
+    resolve,
+)
 from .base import Reward
-from .clip_tower import TOKENIZER_FILES, WEIGHT_FILES, ClipPreprocess, ClipTower, CosineReward, normalize
+from .clip_tower import (
+    TOKENIZER_FILES,
+    WEIGHT_FILES,
+    ClipPreprocess,
+    ClipTower,
+    CosineReward,
+    normalize,
+)
 from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]

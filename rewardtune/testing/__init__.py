@@ -4,8 +4,20 @@ Real transformers/diffusers models from small configs, with the real CLIP tokeni
 files look so that tests go through the loading code a user hits. Nothing here downloads.
 """
 
-from .clip import perturbed_state_dict, save_tiny_clip, tiny_clip_config, write_clip_processor, write_tiny_reward_world
-from .pipelines import build_tiny_pipeline, save_tiny_pipeline, tiny_scheduler, tiny_unet, tiny_vae
+from .clip import (
+           perturbed_state_dict,
+           save_tiny_clip,
+           tiny_clip_config,
+           write_clip_processor,
+           write_tiny_reward_world,
+)
+from .pipelines import (
+           build_tiny_pipeline,
+           save_tiny_pipeline,
+           tiny_scheduler,
+           tiny_unet,
+           tiny_vae,
+)
 
 __all__ = ["build_tiny_pipeline", "perturbed_state_dict", "save_tiny_clip", "save_tiny_pipeline", "tiny_clip_config",
            "tiny_scheduler", "tiny_unet", "tiny_vae", "write_clip_processor", "write_tiny_reward_world"]
