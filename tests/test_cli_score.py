@@ -92,3 +92,47 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     assert len(err) == 1, r.stderr  # one line, no traceback
     assert re.search(pattern, err[0]), err[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
+    import torch
+    from transformers import CLIPModel, CLIPTokenizerFast
+
+    from rewardtune.rewards.icthp import HPHead
+    from rewardtune.sources import save_state_dict
+    from rewardtune.testing import perturbed_state_dict
+    from rewardtune.testing.clip import write_clip_processor
+
+    base = CLIPModel.from_pretrained(tiny_backbone)
+    tokenizer = CLIPTokenizerFast.from_pretrained(tiny_backbone)
+
+    def clip_dir(d, seed):
+        model = CLIPModel.from_pretrained(tiny_backbone)
+        model.load_state_dict(perturbed_state_dict(base, seed=seed))
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_clip_processor(d, model.config.vision_config.image_size)
+        for name in ("vocab.json", "merges.txt"):
+            (d / name).unlink(missing_ok=True)
+        assert (d / "tokenizer.json").is_file() and (d / "model.safetensors").is_file()
+
+    ict, hp = tmp_path / "ict", tmp_path / "hp"
+    clip_dir(ict, 1)
+    clip_dir(hp / "hp_backbone", 2)
+    torch.manual_seed(3)
+    save_state_dict(HPHead(1024).state_dict(), hp / "hp_scorer" / "mlp_pytorch_model.safetensors")
+    home = tmp_path / "hf_home"  # empty: a hub attempt finds nothing, offline it cannot download
+    home.mkdir()
+    env = {**ENV, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", str(sample_images[0]), "--prompt", "a cat",
+                        "--ict", str(ict), "--hp", str(hp), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    from rewardtune.images import load_image
+    from rewardtune.rewards import load_reward
+
+    with torch.no_grad():
+        want = load_reward("ict", ict=str(ict), backbone=str(ict))(load_image(sample_images[0])[None], ["a cat"]).item()
+    assert row["ict"] == pytest.approx(want, abs=1e-5) and 0 < row["hp"] < 1
+    assert not any(home.rglob("*.safetensors"))
