@@ -94,6 +94,53 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+LONG = "a small red cube on a big blue table " * 12  # about 110 CLIP tokens: past the encoder's 77
+
+
+def _notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("note:")]
+
+
+def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
+    # Four images in four batches, two of them with a prompt past 77 tokens: one note, not one per batch.
+    prompts = ["a cat", LONG, "a dog", LONG + "again"]
+    r = run("score", *sample_images, *[a for p in prompts for a in ("--prompt", p)], *srcs, "--batch-size", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _notes(r.stderr) == ["note: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens "
+                                "(rewards ict, icthp) and are cut there"], r.stderr
+    assert [row["prompt"] for row in json.loads(r.stdout)] == prompts  # reported, still scored
+    r = run("score", *sample_images[:2], "--prompt", "a cat", *srcs, "--reward", "ict,hp", "--json")
+    assert r.returncode == 0 and _notes(r.stderr) == [], r.stderr
+
+
+def test_count_truncated_agrees_with_what_the_tower_cuts(tiny_backbone):
+    from rewardtune.rewards.clip_tower import ClipTower
+
+    tower = ClipTower.from_dir(tiny_backbone, "backbone")
+    words = ["red"] * 200
+    # 75 words + start and end tokens fill the 77 exactly; one more word is cut.
+    prompts = [" ".join(words[:75]), " ".join(words[:76]), LONG, "a cat", ""]
+    assert tower.max_tokens == 77
+    assert tower.count_truncated(prompts) == 2
+    full = tower.tokenizer(prompts, truncation=False)["input_ids"]
+    kept = tower.tokenize(prompts)["attention_mask"].sum(-1).tolist()
+    assert [len(ids) > kept[i] for i, ids in enumerate(full)] == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("prompts, which", [
+    ([""], "--prompt is empty"),
+    (["   "], "--prompt is empty"),
+    (["\u200b"], "--prompt is empty"),  # a zero-width space: nothing to read
+    (["a cat", " ", "a dog"], "--prompt number 2 (for '{img1}') is empty"),
+])
+def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
+    r = run("score", *sample_images[:3], *[a for p in prompts for a in ("--prompt", p)], *srcs)
+    assert r.returncode == 2, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and which.format(img1=sample_images[1]) in err[0], r.stderr
+    assert r.stdout == ""
+
+
 def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
     """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
     import torch

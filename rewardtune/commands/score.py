@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -26,22 +27,26 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..images import load_image
+    from ..prompt_checks import reward_limits, report_long_prompts
     from ..rewards import load_rewards, parse_spec, score_by_size
 
+    paths = [Path(p) for p in args.images]
     prompts = list(args.prompt)
+    check_prompts(prompts, paths)
     if len(prompts) == 1:
-        prompts = prompts * len(args.images)
-    if len(prompts) != len(args.images):
-        raise UserError(f"--prompt: got {len(prompts)} prompts for {len(args.images)} images; give one prompt, or one per image")
+        prompts = prompts * len(paths)
+    if len(prompts) != len(paths):
+        raise UserError(f"--prompt: got {len(prompts)} prompts for {len(paths)} images; give one prompt, or one per image")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     names = [n for n, w in parse_spec(args.reward)]
     if any(w is not None for _, w in parse_spec(args.reward)):
         raise UserError("--reward: score takes plain names (e.g. ict,hp,icthp); weights belong to finetune")
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
-    images = [load_image(p) for p in args.images]  # fail on a bad file before loading models
+    images = [load_image(p) for p in paths]  # fail on a bad file before loading models
     rewards = load_rewards(names, device=device, dtype=dtype, **sources_from_args(args))
-    results = [{"image": str(p), "prompt": t} for p, t in zip(args.images, prompts)]
+    report_long_prompts(prompts, reward_limits(rewards))
+    results = [{"image": str(p), "prompt": t} for p, t in zip(paths, prompts)]
     with torch.no_grad():
         table = score_by_size(lambda x, ps: torch.stack([r(x, ps).float() for r in rewards.values()], -1),
                               images, prompts, batch_size=args.batch_size, device=device, desc="scoring")
@@ -52,6 +57,17 @@ def run(args) -> int:
     else:
         _print_table(results, names)
     return 0
+
+
+def check_prompts(prompts: list[str], paths: list[Path]) -> None:
+    """An empty prompt scores nothing meaningful: refuse it, naming which ``--prompt`` it is."""
+    from ..prompt_checks import is_blank
+
+    for i, text in enumerate(prompts):
+        if is_blank(text):
+            which = "--prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
+            image = f" (for '{paths[i]}')" if len(prompts) == len(paths) > 1 else ""
+            raise UserError(f"{which}{image} is empty ({text!r}); give the text the image should show")
 
 
 def _print_table(results: list[dict], names: list[str]) -> None:

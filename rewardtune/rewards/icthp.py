@@ -87,6 +87,9 @@ class ICTHPReward(Reward):
         self.ict = ict
         self.hp = hp
 
+    def text_limits(self) -> list:
+        return self.ict.text_limits()
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.check_inputs(images, prompts)
         return self.ict(images, prompts) * self.hp(images, prompts)
