@@ -141,6 +141,50 @@ def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
     assert r.stdout == ""
 
 
+def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_path):
+    import shutil
+
+    d = tmp_path / "shots"
+    d.mkdir()
+    for name, src in (("b.png", sample_images[0]), ("a.png", sample_images[1]), ("c.PNG", sample_images[3])):
+        shutil.copyfile(src, d / name)
+    (d / "notes.txt").write_text("not an image")
+    (d / "sub").mkdir()
+    shutil.copyfile(sample_images[2], d / "sub" / "deeper.png")  # not recursed into
+    r = run("score", d, "--prompt", "a red cube", *srcs, "--reward", "ict", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["image"] for row in rows] == [str(d / n) for n in ("a.png", "b.png", "c.PNG")]
+    assert all(row["prompt"] == "a red cube" for row in rows)
+    assert _notes(r.stderr) == [f"note: '{d}': scoring its 3 image files, skipping 2 other entries "
+                                "(not .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"], r.stderr
+    # The same scores as naming the files; a directory mixes with files and takes one prompt per image.
+    files = run("score", sample_images[1], sample_images[0], sample_images[3], "--prompt", "a red cube", *srcs,
+                "--reward", "ict", "--json")
+    assert [row["ict"] for row in json.loads(files.stdout)] == pytest.approx([row["ict"] for row in rows], abs=1e-6)
+    mixed = run("score", sample_images[2], d, *[a for p in "wxyz" for a in ("--prompt", p)], *srcs, "--reward", "ict", "--json")
+    assert mixed.returncode == 0, mixed.stderr
+    assert [row["prompt"] for row in json.loads(mixed.stdout)] == list("wxyz")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ([], "image directory '.*' holds no image files .*; it is empty"),
+    (["readme.txt", "sub/"], "image directory '.*' holds no image files .*; it holds 2 other entries"),
+])
+def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample_images, srcs, tmp_path):
+    import re
+
+    d = tmp_path / "empty"
+    d.mkdir()
+    for name in content:
+        (d / name).mkdir() if name.endswith("/") else (d / name).write_text("x")
+    r = run("score", d, "--prompt", "x", *srcs)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(pattern, err[0]), r.stderr
+    assert "does not exist" not in r.stderr and r.stdout == ""
+
+
 def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
     """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -10,11 +11,15 @@ import torch
 from ..errors import UserError
 from .common import add_source_args, parse_device, parse_dtype, sources_from_args
 
+# What a directory argument contributes: its files with these suffixes (any case), sorted by name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score images with ICT, HP, ICT-HP or a baseline reward",
                        description="Score images against prompts. One --prompt for all images, or one per image.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...) or directories (their image files, sorted by name)")
     p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat it to give one per image")
     p.add_argument("--reward", default="ict,hp,icthp", help="comma-separated reward names (default: ict,hp,icthp)")
     add_source_args(p)
@@ -30,7 +35,7 @@ def run(args) -> int:
     from ..prompt_checks import reward_limits, report_long_prompts
     from ..rewards import load_rewards, parse_spec, score_by_size
 
-    paths = [Path(p) for p in args.images]
+    paths = expand_images(args.images)
     prompts = list(args.prompt)
     check_prompts(prompts, paths)
     if len(prompts) == 1:
@@ -68,6 +73,30 @@ def check_prompts(prompts: list[str], paths: list[Path]) -> None:
             which = "--prompt" if len(prompts) == 1 else f"--prompt number {i + 1}"
             image = f" (for '{paths[i]}')" if len(prompts) == len(paths) > 1 else ""
             raise UserError(f"{which}{image} is empty ({text!r}); give the text the image should show")
+
+
+def expand_images(args: list[str]) -> list[Path]:
+    """The image arguments as files: a directory stands for its image files (by suffix, sorted by name,
+    not recursing); what else it holds is skipped and counted in a note. A directory without images is an error."""
+    out = []
+    for arg in args:
+        path = Path(arg)
+        if not path.is_dir():
+            out.append(path)
+            continue
+        entries = sorted(path.iterdir(), key=lambda p: p.name)
+        found = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        other = len(entries) - len(found)
+        if not found:
+            held = f"it holds {other} other entr{'y' if other == 1 else 'ies'}" if other else "it is empty"
+            raise UserError(f"image directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); {held}; "
+                            f"give a directory of images or the image files")
+        if other:
+            print(f"note: '{path}': scoring its {len(found)} image file{'s' if len(found) > 1 else ''}, skipping "
+                  f"{other} other entr{'y' if other == 1 else 'ies'} (not {'/'.join(IMAGE_SUFFIXES)})",
+                  file=sys.stderr)
+        out.extend(found)
+    return out
 
 
 def _print_table(results: list[dict], names: list[str]) -> None:
