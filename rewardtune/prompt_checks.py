@@ -101,7 +101,8 @@ def long_prompt_notes(prompts: list[str], limits: list[tuple[object, str | None]
         else:
             verb = "is" if n == 1 else "are"
             head = f"{n} of {len(unique)} {what}{where} {verb}"
-        out.append(f"note: {head} longer than the {label}'s {max_tokens} tokens{by} and {verb} cut there")
+        owner = label + ("'" if label.endswith("s") else "'s")
+        out.append(f"note: {head} longer than the {owner} {max_tokens} tokens{by} and {verb} cut there")
     return out
 
 

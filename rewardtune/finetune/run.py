@@ -20,7 +20,7 @@ from ..images import make_grid, save_image
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
-from .prompts import load_prompts
+from .prompts import load_prompts, note_long_prompts
 from .trainer import Trainer
 
 
@@ -114,6 +114,8 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     out = Path(cfg.output).expanduser()
     if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
         raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
+    if cfg.eval_prompts:
+        load_prompts(cfg.eval_prompts, "--eval-prompts")  # a bad file fails before any model loads, as --prompts does
     resume_from = _resume_point(out, cfg.resume)
     trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from)
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
@@ -123,6 +125,7 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
     log = RunLog(out, main, trainer.global_step if resume_from else None)
     evaluate = Evaluator(trainer, out, eval_hook)
+    note_long_prompts(trainer, evaluate.prompts)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
     history = {"stopped_early": False}
