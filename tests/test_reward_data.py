@@ -220,3 +220,12 @@ def test_exact_duplicate_triplets_are_kept_and_noted_once(pick_root, tmp_path, c
     assert main(["data", "check", str(root), "--split", "train"]) == 0
     cap = capsys.readouterr()
     assert "train: 21 triplets OK" in cap.out and cap.err.count("are exact duplicates") == 1
+
+
+def test_an_invisible_prompt_is_a_bad_row(pick_root, tmp_path):
+    def edit(frame):
+        frame.loc[2, "easy_prompt"] = "\u200b "  # a zero-width space: nothing a text encoder could read
+        return frame
+
+    with pytest.raises(UserError, match=r"1 of 12 rows .*row 2: easy_prompt is empty or not text"):
+        load_triplets(edited_copy(pick_root, tmp_path / "d", edit), "train")

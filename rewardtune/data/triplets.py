@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..prompt_checks import is_blank
 
 PROMPT_COLUMNS = ["easy_prompt", "refine_prompt"]
 IMAGE_COLUMNS = ["easy_image_0", "easy_image_1", "refine_image"]
@@ -203,7 +204,7 @@ def _row_problems(frame, paths: list[list[str | None]], check_images: bool) -> d
 
     for col in PROMPT_COLUMNS:
         for i, v in enumerate(frame[col].tolist()):
-            if not isinstance(v, str) or not v.strip():
+            if is_blank(v):
                 note(i, f"{col} is empty or not text ({v!r})")
     for col in LABEL_COLUMNS:
         raw, values = frame[col].tolist(), _to_float(frame[col]).tolist()
