@@ -321,3 +321,22 @@ def test_hpsv2_checkpoint_covering_part_of_the_model_warns(hpsv2_dir, tmp_path):
     (tmp_path / "open_clip_config.json").write_text((hpsv2_dir / "open_clip_config.json").read_text())
     with pytest.warns(UserWarning, match="random init"):
         load_reward("hpsv2", hpsv2=str(tmp_path))
+
+
+def test_each_reward_counts_the_prompts_its_text_encoder_cuts(all_sources):
+    from rewardtune.prompt_checks import long_prompt_notes, reward_limits
+    from rewardtune.rewards import load_rewards
+
+    rewards = load_rewards(["clip", "pickscore", "hpsv2", "aesthetic"], **all_sources)
+    rewards["mix"] = load_reward("clip:1.0,aesthetic:0.5", **all_sources)
+    fits, cut = "red " * 75, "red " * 76  # with the start and end tokens: 77 (fits), 78 (one too many)
+    for name in ("clip", "pickscore", "hpsv2"):
+        (limit,) = rewards[name].text_limits()
+        assert limit.max_tokens == 77 and limit.count_truncated([fits, cut, "a cat", cut + "more"]) == 2, name
+    assert rewards["aesthetic"].text_limits() == []  # reads no prompt
+    assert rewards["mix"].text_limits() == [rewards["mix"].rewards["clip"].tower]
+    notes = long_prompt_notes([fits, cut, cut, "a cat"], reward_limits(rewards))  # repeats count once
+    assert notes == [
+        "note: 1 of 3 prompts is longer than the CLIP text encoder's 77 tokens (rewards clip, pickscore, mix) and is cut there",
+        "note: 1 of 3 prompts is longer than the open_clip text encoder's 77 tokens (reward hpsv2) and is cut there",
+    ]

@@ -92,3 +92,138 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     assert len(err) == 1, r.stderr  # one line, no traceback
     assert re.search(pattern, err[0]), err[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+LONG = "a small red cube on a big blue table " * 12  # about 110 CLIP tokens: past the encoder's 77
+
+
+def _notes(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("note:")]
+
+
+def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
+    # Four images in four batches, two of them with a prompt past 77 tokens: one note, not one per batch.
+    prompts = ["a cat", LONG, "a dog", LONG + "again"]
+    r = run("score", *sample_images, *[a for p in prompts for a in ("--prompt", p)], *srcs, "--batch-size", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _notes(r.stderr) == ["note: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens "
+                                "(rewards ict, icthp) and are cut there"], r.stderr
+    assert [row["prompt"] for row in json.loads(r.stdout)] == prompts  # reported, still scored
+    r = run("score", *sample_images[:2], "--prompt", "a cat", *srcs, "--reward", "ict,hp", "--json")
+    assert r.returncode == 0 and _notes(r.stderr) == [], r.stderr
+
+
+def test_count_truncated_agrees_with_what_the_tower_cuts(tiny_backbone):
+    from rewardtune.rewards.clip_tower import ClipTower
+
+    tower = ClipTower.from_dir(tiny_backbone, "backbone")
+    words = ["red"] * 200
+    # 75 words + start and end tokens fill the 77 exactly; one more word is cut.
+    prompts = [" ".join(words[:75]), " ".join(words[:76]), LONG, "a cat", ""]
+    assert tower.max_tokens == 77
+    assert tower.count_truncated(prompts) == 2
+    full = tower.tokenizer(prompts, truncation=False)["input_ids"]
+    kept = tower.tokenize(prompts)["attention_mask"].sum(-1).tolist()
+    assert [len(ids) > kept[i] for i, ids in enumerate(full)] == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("prompts, which", [
+    ([""], "--prompt is empty"),
+    (["   "], "--prompt is empty"),
+    (["\u200b"], "--prompt is empty"),  # a zero-width space: nothing to read
+    (["a cat", " ", "a dog"], "--prompt number 2 (for '{img1}') is empty"),
+])
+def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
+    r = run("score", *sample_images[:3], *[a for p in prompts for a in ("--prompt", p)], *srcs)
+    assert r.returncode == 2, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and which.format(img1=sample_images[1]) in err[0], r.stderr
+    assert r.stdout == ""
+
+
+def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_path):
+    import shutil
+
+    d = tmp_path / "shots"
+    d.mkdir()
+    for name, src in (("b.png", sample_images[0]), ("a.png", sample_images[1]), ("c.PNG", sample_images[3])):
+        shutil.copyfile(src, d / name)
+    (d / "notes.txt").write_text("not an image")
+    (d / "sub").mkdir()
+    shutil.copyfile(sample_images[2], d / "sub" / "deeper.png")  # not recursed into
+    r = run("score", d, "--prompt", "a red cube", *srcs, "--reward", "ict", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["image"] for row in rows] == [str(d / n) for n in ("a.png", "b.png", "c.PNG")]
+    assert all(row["prompt"] == "a red cube" for row in rows)
+    assert _notes(r.stderr) == [f"note: '{d}': scoring its 3 image files, skipping 2 other entries "
+                                "(not .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"], r.stderr
+    # The same scores as naming the files; a directory mixes with files and takes one prompt per image.
+    files = run("score", sample_images[1], sample_images[0], sample_images[3], "--prompt", "a red cube", *srcs,
+                "--reward", "ict", "--json")
+    assert [row["ict"] for row in json.loads(files.stdout)] == pytest.approx([row["ict"] for row in rows], abs=1e-6)
+    mixed = run("score", sample_images[2], d, *[a for p in "wxyz" for a in ("--prompt", p)], *srcs, "--reward", "ict", "--json")
+    assert mixed.returncode == 0, mixed.stderr
+    assert [row["prompt"] for row in json.loads(mixed.stdout)] == list("wxyz")
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ([], "image directory '.*' holds no image files .*; it is empty"),
+    (["readme.txt", "sub/"], "image directory '.*' holds no image files .*; it holds 2 other entries"),
+])
+def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample_images, srcs, tmp_path):
+    import re
+
+    d = tmp_path / "empty"
+    d.mkdir()
+    for name in content:
+        (d / name).mkdir() if name.endswith("/") else (d / name).write_text("x")
+    r = run("score", d, "--prompt", "x", *srcs)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(pattern, err[0]), r.stderr
+    assert "does not exist" not in r.stderr and r.stdout == ""
+
+
+def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
+    import torch
+    from transformers import CLIPModel, CLIPTokenizerFast
+
+    from rewardtune.rewards.icthp import HPHead
+    from rewardtune.sources import save_state_dict
+    from rewardtune.testing import perturbed_state_dict
+    from rewardtune.testing.clip import write_clip_processor
+
+    base = CLIPModel.from_pretrained(tiny_backbone)
+    tokenizer = CLIPTokenizerFast.from_pretrained(tiny_backbone)
+
+    def clip_dir(d, seed):
+        model = CLIPModel.from_pretrained(tiny_backbone)
+        model.load_state_dict(perturbed_state_dict(base, seed=seed))
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_clip_processor(d, model.config.vision_config.image_size)
+        for name in ("vocab.json", "merges.txt"):
+            (d / name).unlink(missing_ok=True)
+        assert (d / "tokenizer.json").is_file() and (d / "model.safetensors").is_file()
+
+    ict, hp = tmp_path / "ict", tmp_path / "hp"
+    clip_dir(ict, 1)
+    clip_dir(hp / "hp_backbone", 2)
+    torch.manual_seed(3)
+    save_state_dict(HPHead(1024).state_dict(), hp / "hp_scorer" / "mlp_pytorch_model.safetensors")
+    home = tmp_path / "hf_home"  # empty: a hub attempt finds nothing, offline it cannot download
+    home.mkdir()
+    env = {**ENV, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", str(sample_images[0]), "--prompt", "a cat",
+                        "--ict", str(ict), "--hp", str(hp), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    from rewardtune.images import load_image
+    from rewardtune.rewards import load_reward
+
+    with torch.no_grad():
+        want = load_reward("ict", ict=str(ict), backbone=str(ict))(load_image(sample_images[0])[None], ["a cat"]).item()
+    assert row["ict"] == pytest.approx(want, abs=1e-5) and 0 < row["hp"] < 1
+    assert not any(home.rglob("*.safetensors"))

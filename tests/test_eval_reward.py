@@ -156,3 +156,24 @@ def test_user_mistakes_exit_2(world, tmp_path, capsys):
     assert "plain names" in capsys.readouterr().err
     assert main(base + ["--data", str(world["data"]), "--split", "val", "--reward", "ict"]) == 2
     assert "no 'val' split" in capsys.readouterr().err
+
+
+def test_long_prompts_and_duplicates_are_noted_once_and_json_stays_clean(world, tmp_path, capsys):
+    import pandas as pd
+
+    root = tmp_path / "d"
+    shutil.copytree(world["data"], root)
+    frame = pd.read_parquet(root / "test.parquet")
+    frame.loc[[0, 1, 2], "easy_prompt"] = [("a red circle on a blue square " * 12) + str(i) for i in range(3)]
+    frame.loc[3, "refine_prompt"] = "a red circle " * 40  # the refined prompt is not scored by eval-reward
+    pd.concat([frame, frame.iloc[:2]], ignore_index=True).to_parquet(root / "test.parquet")
+    args = ["eval-reward", "--data", str(root), "--split", "test", "--reward", "ict,hp,icthp", "--ict", str(world["ict"]),
+            "--hp", str(world["hp"]), "--backbone", str(world["backbone"]), "--num-workers", "0", "--batch-size", "4", "--json"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["ict"]["n"] == 18
+    notes = [line for line in cap.err.splitlines() if line.startswith("note:")]
+    distinct = len(set(frame["easy_prompt"]))
+    assert notes[0].startswith("note: 2 of 18 triplets in split 'test'") and "exact duplicates" in notes[0]
+    assert notes[1:] == [f"note: 3 of {distinct} prompts in split 'test' are longer than the CLIP text encoder's 77 tokens "
+                         "(rewards ict, icthp) and are cut there"], cap.err

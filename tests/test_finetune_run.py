@@ -135,17 +135,22 @@ def test_bundled_recipes_build_valid_configs(recipe, tmp_path):
     assert cfg.model in ("sd15", "sdxl") and cfg.reward == "icthp"
 
 
-@pytest.mark.parametrize("case", ["alias", "empty_prompts", "resolution", "not_a_lora", "resume_nothing", "offline_reward",
-                                  "adamw8bit", "xformers"])
+@pytest.mark.parametrize("case", ["alias", "empty_prompts", "invisible_prompts", "blank_prompts_flag", "blank_eval_prompts_flag",
+                                  "resolution", "not_a_lora", "resume_nothing", "offline_reward", "adamw8bit", "xformers"])
 def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
+    invisible = tmp_path / "invisible.txt"
+    invisible.write_text("\ufeff\n\u200b\n \u2060 \n", encoding="utf-8")  # a byte-order mark, zero-width spaces
     (tmp_path / "notlora").mkdir()
     (tmp_path / "notlora" / "readme.txt").write_text("hi")
     base = ["--model", sd_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2]
     args, expect = {
         "alias": (["--model", "sd16", "--output", tmp_path / "out"], "'sd16' is not an alias (sd15, sd21, sdxl)"),
         "empty_prompts": (base + ["--prompts", empty], "holds no prompts"),
+        "invisible_prompts": (base + ["--prompts", invisible], "holds no prompts"),
+        "blank_prompts_flag": (base + ["--prompts", " "], "--prompts is empty (' ')"),
+        "blank_eval_prompts_flag": (base + ["--eval-prompts", "  "], "--eval-prompts is empty ('  ')"),
         "resolution": (base + ["--resolution", 36], "--resolution must be a positive multiple of 8"),
         "not_a_lora": (base + ["--init-lora", tmp_path / "notlora"], "is not a LoRA"),
         "resume_nothing": (base + ["--resume"], "--resume: no checkpoint"),
@@ -193,3 +198,52 @@ def test_two_process_accelerate_launch_completes(sd_model, released_ict, release
     assert summary["processes"] == 2 and summary["steps"] == 2 and (out / "checkpoints" / "step_000002").is_dir()
     assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert len(_lora(out)) > 0
+
+
+def test_prompt_files_never_yield_an_empty_prompt(tmp_path):
+    from rewardtune.finetune.prompts import load_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_text("\ufeffa red cube\n\u200b\n  a blue ball  \n\n\t\n", encoding="utf-8")
+    assert load_prompts(str(f)) == ["a red cube", "a blue ball"]  # no byte-order mark in the first prompt
+
+
+def test_long_prompts_are_noted_once_for_the_model_and_each_reward(sd_model, released_ict, tiny_backbone, tmp_path, capfd):
+    long = "a small red cube on a big blue table " * 12  # about 110 tokens
+    prompts, held_out = tmp_path / "train.txt", tmp_path / "eval.txt"
+    prompts.write_text(f"a cat\n{long}one\na dog\n{long}two\n")
+    held_out.write_text(f"{long}three\na bird\n")
+    args = ["--model", sd_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone,
+            "--eval-reward", "clip", "--clip", tiny_backbone, "--prompts", prompts, "--eval-prompts", held_out,
+            "--output", tmp_path / "run", "--steps", 2, "--sample-steps", 2, "--k", 1, "--resolution", 32,
+            "--batch-size", 2, "--eval-size", 2, "--lora-rank", 2, "--no-gradient-checkpointing"]
+    assert main(["finetune", *map(str, args)]) == 0
+    err = capfd.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 2 of 4 training prompts are longer than the diffusion model's text encoder's 77 tokens and are cut there",
+        "note: 2 of 4 training prompts are longer than the CLIP text encoder's 77 tokens (reward ict) and are cut there",
+        "note: 1 of 2 evaluation prompts is longer than the diffusion model's text encoder's 77 tokens and is cut there",
+        "note: 1 of 2 evaluation prompts is longer than the CLIP text encoder's 77 tokens (rewards ict, clip) and is cut there",
+    ], err
+    assert "input was truncated" not in err  # diffusers' warning at every batch, said once above instead
+
+
+def test_sdxl_counts_a_prompt_that_either_text_encoder_cuts(sdxl_model, tiny_backbone, capsys):
+    from types import SimpleNamespace
+
+    from rewardtune.finetune.models import load_pipeline
+    from rewardtune.finetune.prompts import note_long_prompts
+    from rewardtune.rewards import load_reward
+
+    pipe, _ = load_pipeline(str(sdxl_model))
+    pipe.tokenizer_2.model_max_length = 40  # a second encoder that reads less: what it cuts counts too
+    run = SimpleNamespace(pipe=pipe, prompts=["a cat", "red " * 50, "red " * 100, "a dog"], eval_reward=None,
+                          reward=load_reward("clip", clip=str(tiny_backbone)), cfg=SimpleNamespace(eval_prompts=""),
+                          accelerator=SimpleNamespace(is_main_process=True))
+    capsys.readouterr()  # the loading bars
+    note_long_prompts(run, run.prompts[:2])
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 2 of 4 training prompts are longer than the diffusion model's text encoders' 40 tokens and are cut there",
+        "note: 1 of 4 training prompts is longer than the CLIP text encoder's 77 tokens (reward clip) and is cut there",
+    ]

@@ -197,3 +197,35 @@ def test_synthetic_cli_writes_a_loadable_set(tmp_path, capsys):
     table = load_triplets(tmp_path / "s", "test")
     assert len(table) == 2 and set(pd.read_parquet(tmp_path / "s" / "test.parquet").columns) >= set(COLUMNS)
     assert json.loads(json.dumps(table.easy_prompt))[0].startswith("a ")
+
+
+def _repeat_rows(frame):
+    """Rows 0-3 twice more (8 exact duplicates), and row 5 again with another refine prompt (not one)."""
+    other = frame.iloc[[5]].copy()
+    other["refine_prompt"] = "a different refined prompt"
+    return pd.concat([frame, frame.iloc[:4], frame.iloc[:4], other], ignore_index=True)
+
+
+def test_exact_duplicate_triplets_are_kept_and_noted_once(pick_root, tmp_path, capsys):
+    root = edited_copy(pick_root, tmp_path / "d", _repeat_rows)
+    table = load_triplets(root, "train")
+    assert len(table) == 21  # reported, not dropped
+    assert table.duplicates() == [(12, 0), (13, 1), (14, 2), (15, 3), (16, 0), (17, 1), (18, 2), (19, 3)]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 8 of 21 triplets in split 'train' ('{root / 'train.jsonl'}') are exact duplicates of an "
+                     "earlier row (same prompts and images; first: row 12 = row 0); each copy counts again in training "
+                     "and accuracy, so drop them unless that is meant"]
+    assert load_triplets(pick_root, "train").duplicates() == [] and "note:" not in capsys.readouterr().err
+    # `data check` says it once, beside its OK line.
+    assert main(["data", "check", str(root), "--split", "train"]) == 0
+    cap = capsys.readouterr()
+    assert "train: 21 triplets OK" in cap.out and cap.err.count("are exact duplicates") == 1
+
+
+def test_an_invisible_prompt_is_a_bad_row(pick_root, tmp_path):
+    def edit(frame):
+        frame.loc[2, "easy_prompt"] = "\u200b "  # a zero-width space: nothing a text encoder could read
+        return frame
+
+    with pytest.raises(UserError, match=r"1 of 12 rows .*row 2: easy_prompt is empty or not text"):
+        load_triplets(edited_copy(pick_root, tmp_path / "d", edit), "train")

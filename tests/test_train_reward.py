@@ -304,3 +304,19 @@ def test_deprecated_checkpoint_flags_and_keys_still_work(world, tmp_path, capsys
     assert (cfg.checkpoint_every, cfg.checkpoints_keep) == (1, 1)  # config.yaml speaks the new names
     assert main(_cli(world, tmp_path / "both", "--save-every", "1", "--checkpoint-every", "2")) == 2
     assert "--save-every and --checkpoint-every both given" in capsys.readouterr().err
+
+
+def test_duplicated_triplets_are_noted_once_by_train_reward(world, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    frame = pd.read_parquet(data / "train.parquet")
+    pd.concat([frame, frame, frame], ignore_index=True).to_parquet(data / "train.parquet")  # each triplet three times
+    out = tmp_path / "run"
+    assert main(["train-reward", "--data", str(data), "--backbone", str(world["backbone"]), "--output", str(out),
+                 "--batch-size", "4", "--num-workers", "0", "--no-progress", "--steps", "1", "--eval-split", ""]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: 128 of 192 triplets in split 'train'") == 1 and err.count("exact duplicates") == 1, err

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..prompt_checks import is_blank
 
 PROMPT_COLUMNS = ["easy_prompt", "refine_prompt"]
 IMAGE_COLUMNS = ["easy_image_0", "easy_image_1", "refine_image"]
@@ -107,6 +108,17 @@ class TripletTable:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def duplicates(self) -> list[tuple[int, int]]:
+        """(row, earlier row) for each triplet with the same two prompts and three images as an earlier one."""
+        first: dict[tuple, int] = {}
+        out = []
+        for i, key in enumerate(zip(self.easy_prompt, self.refine_prompt, self.images)):
+            if key in first:
+                out.append((self.rows[i], self.rows[first[key]]))
+            else:
+                first[key] = i
+        return out
+
     def head(self, n: int) -> "TripletTable":
         n = min(n, len(self))
         return TripletTable(self.path, self.easy_prompt[:n], self.refine_prompt[:n], self.images[:n],
@@ -117,7 +129,8 @@ def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool =
                   check_images: bool = True, limit: int | None = None) -> TripletTable:
     """Read and validate ``split`` under ``root``. Bad rows raise one report; ``skip_bad`` drops them instead.
 
-    ``limit`` keeps the first N rows (before validation, so a huge split is not checked in full).
+    ``limit`` keeps the first N rows (before validation, so a huge split is not checked in full). Exact
+    duplicate triplets are kept, and counted in a note on stderr.
     """
     path = find_split(root, split)
     frame = read_frame(path, trust_pickle)
@@ -143,7 +156,7 @@ def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool =
         print(f"warning: {bad_report(path, problems, len(frame))}; skipping them (--skip-bad)", file=sys.stderr)
     keep = [i for i in range(len(frame)) if i not in problems]
     labels = torch.tensor(frame[LABEL_COLUMNS].apply(_to_float).to_numpy(dtype="float32")[keep]).reshape(-1, 4)
-    return TripletTable(
+    table = TripletTable(
         path=path,
         easy_prompt=[str(frame["easy_prompt"].iloc[i]) for i in keep],
         refine_prompt=[str(frame["refine_prompt"].iloc[i]) for i in keep],
@@ -152,6 +165,13 @@ def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool =
         rows=keep,
         skipped=len(bad),
     )
+    dups = table.duplicates()
+    if dups:
+        row, earlier = dups[0]
+        print(f"note: {len(dups)} of {len(table)} triplets in split '{split}' ('{path}') are exact duplicates of an "
+              f"earlier row (same prompts and images; first: row {row} = row {earlier}); each copy counts again in "
+              f"training and accuracy, so drop them unless that is meant", file=sys.stderr)
+    return table
 
 
 def bad_report(path: Path, problems: dict[int, str], total: int) -> str:
@@ -184,7 +204,7 @@ def _row_problems(frame, paths: list[list[str | None]], check_images: bool) -> d
 
     for col in PROMPT_COLUMNS:
         for i, v in enumerate(frame[col].tolist()):
-            if not isinstance(v, str) or not v.strip():
+            if is_blank(v):
                 note(i, f"{col} is empty or not text ({v!r})")
     for col in LABEL_COLUMNS:
         raw, values = frame[col].tolist(), _to_float(frame[col]).tolist()

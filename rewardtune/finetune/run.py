@@ -19,7 +19,7 @@ from ..rundir import RunDir
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
-from .prompts import load_prompts
+from .prompts import load_prompts, note_long_prompts
 from .trainer import Trainer
 
 
@@ -103,6 +103,8 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     out = rundir.root
     if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
         raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
+    if cfg.eval_prompts:
+        load_prompts(cfg.eval_prompts, "--eval-prompts")  # a bad file fails before any model loads, as --prompts does
     resume_from = rundir.resume_point(cfg.resume)
     trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from and resume_from.path)
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
@@ -111,6 +113,7 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
         rundir.write_config(cfg)
     log = RunLog(out, main, trainer.global_step if resume_from else None)
     evaluate = Evaluator(trainer, out, eval_hook)
+    note_long_prompts(trainer, evaluate.prompts)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
     history = {"stopped_early": False}

@@ -54,9 +54,11 @@ def evaluate_rewards(data_root, split: str, rewards: dict[str, Reward], batch_si
     from tqdm import tqdm
 
     from ..data import TripletDataset, collate, load_triplets
+    from ..prompt_checks import report_long_prompts, reward_limits
 
     table = load_triplets(data_root, split, trust_pickle=trust_pickle, skip_bad=skip_bad, check_images=check_images,
                           limit=limit or None)
+    report_long_prompts(table.easy_prompt, reward_limits(rewards), where=f" in split '{split}'")
     loader = DataLoader(TripletDataset(table), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
     for batch in tqdm(loader, desc=f"evaluating on {split}", unit="batch", file=sys.stderr,

@@ -18,6 +18,10 @@ class Reward(nn.Module):
     name: str = "reward"
     needs_prompts: bool = True
 
+    def text_limits(self) -> list:
+        """The text encoders this reward reads prompts with, as ``prompt_checks`` limits (none by default)."""
+        return []
+
     def check_inputs(self, images: torch.Tensor, prompts: list[str] | None) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise UserError(f"{self.name}: images must be (B,3,H,W), got shape {tuple(images.shape)}")

@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..sources import (
-    REWARD_SOURCES,
-    apply_state_dict,
-    find_file,
-    load_state_dict,
-    resolve,
-)
+from ..prompt_checks import OpenClipLimit
+from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
 from .clip_tower import (
     TOKENIZER_FILES,
@@ -73,6 +68,10 @@ class HPSv2Reward(Reward):
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        self.limit = OpenClipLimit(tokenizer)
+
+    def text_limits(self) -> list:
+        return [self.limit]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.check_inputs(images, prompts)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..prompt_checks import hf_token_counts
 from ..sources import find_file
 from .base import Reward
 
@@ -69,7 +70,10 @@ def _image_stats(*directories: Path):
 
 
 class ClipTower(nn.Module):
-    """Wraps ``transformers.CLIPModel``: ``encode_text(prompts)``, ``encode_image(images in [0,1])``."""
+    """Wraps ``transformers.CLIPModel``: ``encode_text(prompts)``, ``encode_image(images in [0,1])``.
+    Prompts longer than ``max_tokens`` are cut there; ``count_truncated`` says how many would be."""
+
+    label = "CLIP text encoder"
 
     def __init__(self, model, tokenizer, mean=None, std=None):
         super().__init__()
@@ -114,10 +118,19 @@ class ClipTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the text encoder reads (special tokens included): the tokenizer's and the model's limit."""
+        return min(int(getattr(self.tokenizer, "model_max_length", 77) or 77),
+                   self.model.config.text_config.max_position_embeddings)
+
+    def count_truncated(self, prompts: list[str]) -> int:
+        """How many of ``prompts`` ``tokenize`` cuts."""
+        limit = self.max_tokens
+        return sum(n > limit for n in hf_token_counts(self.tokenizer, list(prompts)))
+
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        max_len = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77),
-                      self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt")
         return {"input_ids": tok["input_ids"].to(self.device), "attention_mask": tok["attention_mask"].to(self.device)}
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -138,6 +151,9 @@ class CosineReward(Reward):
     def __init__(self, tower: ClipTower):
         super().__init__()
         self.tower = tower
+
+    def text_limits(self) -> list:
+        return [self.tower]
 
     def cosines(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return (normalize(self.tower.encode_text(prompts)) * normalize(self.tower.encode_image(images))).sum(-1)

@@ -39,6 +39,9 @@ class WeightedSum(Reward):
         self.weights = dict(weights)
         self.name = ",".join(f"{k}:{w:g}" for k, w in self.weights.items())
 
+    def text_limits(self) -> list:
+        return [limit for reward in self.rewards.values() for limit in reward.text_limits()]
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = 0
         for key, reward in self.rewards.items():

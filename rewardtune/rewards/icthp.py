@@ -18,7 +18,7 @@ import torch
 
 from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
 from .base import Reward
-from .clip_tower import ClipTower, CosineReward
+from .clip_tower import TOKENIZER_FILES, ClipTower, CosineReward
 from .tower_head import HPHead, TowerHeadReward
 
 __all__ = ["HPHead", "HPReward", "ICTHPReward", "ICTReward"]
@@ -29,10 +29,12 @@ HP_HEAD_FILES = ["mlp_pytorch_model.safetensors", "mlp.safetensors", "mlp_pytorc
 
 
 def _backbone_dir(backbone, fallback: Path | None) -> Path:
-    """``--backbone`` if given; else a checkpoint directory that is itself a full HF CLIP; else the hub default."""
+    """``--backbone`` if given; else a checkpoint directory that is itself a full HF CLIP (a config and a
+    tokenizer in either format: transformers 5 saves only ``tokenizer.json``); else the hub default."""
     if backbone is not None:
         return resolve(backbone, "CLIP backbone")
-    if fallback is not None and (fallback / "config.json").is_file() and (fallback / "vocab.json").is_file():
+    if (fallback is not None and (fallback / "config.json").is_file()
+            and any((fallback / name).is_file() for name in TOKENIZER_FILES)):
         return fallback
     return resolve(REWARD_SOURCES["backbone"].hub, "CLIP backbone")
 
@@ -84,6 +86,9 @@ class ICTHPReward(Reward):
         super().__init__()
         self.ict = ict
         self.hp = hp
+
+    def text_limits(self) -> list:
+        return self.ict.text_limits()
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.check_inputs(images, prompts)
