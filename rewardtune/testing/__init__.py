@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos: tiny real models built offline."""
