@@ -3,6 +3,7 @@ format (offline, CPU). References are diffusers' own pipelines, never a second c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -314,7 +315,7 @@ def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, release
 
 
 @pytest.mark.parametrize("case", ["flux_resolution", "eta", "schnell_guidance", "turbo_guidance", "defaults_family",
-                                  "export", "sequence_length"])
+                                  "export", "sequence_length", "quantize"])
 def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys):
     base = ["--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2, "--max-sequence-length", 8]
     args, expect = {
@@ -329,7 +330,11 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
         "export": (["--model", flow_models["flux"], *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
         "sequence_length": (["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
                             "--max-sequence-length must be at most 512"),
+        "quantize": (["--model", flow_models["flux"], *base, "--quantize-base", "nf4"],
+                     "needs bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "needs a CUDA GPU"),
     }[case]
+    if case == "quantize" and importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        pytest.skip("bitsandbytes and a GPU are here: nothing to refuse")
     rc = main(["finetune", *map(str, args)])
     err = capsys.readouterr().err
     assert rc == 2

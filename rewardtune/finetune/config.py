@@ -56,6 +56,9 @@ class FinetuneConfig:
                                              "FLUX-dev 512, FLUX-schnell 256)")
     mixed_precision: str = option("no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32",
                                   choices=list(PRECISIONS))
+    quantize_base: str = option("none", "load the frozen UNet/transformer weights in 4-bit NF4 or 8-bit through bitsandbytes "
+                                "(QLoRA-style: LoRA weights stay fp32; CUDA only), for cards where the bf16 base does not fit",
+                                choices=["none", "nf4", "int8"])
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
     gradient_checkpointing: bool = option(True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)")
     attention: str = option("sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"])
@@ -105,6 +108,8 @@ class FinetuneConfig:
                      "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.quantize_base not in ("none", "nf4", "int8"):
+            raise UserError(f"--quantize-base '{self.quantize_base}' is not one of none, nf4, int8")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule '{self.lr_schedule}' is not one of {', '.join(LR_SCHEDULES)}")
         if self.checkpoints_keep < 1:

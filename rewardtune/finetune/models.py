@@ -75,9 +75,10 @@ def pipeline_class(family: str):
     return getattr(diffusers, name)
 
 
-def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None):
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, quantize: str = "none"):
     """(pipeline, family): frozen weights in ``dtype`` and the training scheduler built from the model's config.
-    ``check(family)`` runs once the family is known, before any weights load (option errors fail fast)."""
+    ``check(family)`` runs once the family is known, before any weights load (option errors fail fast).
+    ``quantize`` 'nf4' or 'int8': the UNet/transformer loaded through bitsandbytes (compute in ``dtype``)."""
     path = resolve_model(name)
     family = model_family(path)
     if check is not None:
@@ -85,6 +86,8 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None):
     cls = pipeline_class(family)
     kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     try:
+        if quantize != "none":
+            kw.update(_quantized_denoiser(path, family, quantize, dtype))
         pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
@@ -141,6 +144,20 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tok
     if family == "flux":
         return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES.values())}")
+
+
+def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dtype) -> dict:
+    """{component name: the denoiser loaded in 4-bit NF4 or 8-bit} (bitsandbytes, through diffusers)."""
+    import diffusers
+    from diffusers import BitsAndBytesConfig
+
+    name = "unet" if family in ("sd", "sdxl") else "transformer"
+    model_cls = getattr(diffusers, json.loads((path / "model_index.json").read_text())[name][1])
+    if quantize == "nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {name: model_cls.from_pretrained(path, subfolder=name, quantization_config=config, **_dtype_kwarg(dtype))}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -52,6 +52,13 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
     """Fail before loading any model when an option needs a package that is not installed."""
     import importlib.util
 
+    if cfg.quantize_base != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes (CUDA only), "
+                            f"or use --quantize-base none")
+        if not torch.cuda.is_available():
+            raise UserError(f"--quantize-base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); "
+                            f"on a CPU use --quantize-base none")
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw")
     if cfg.attention == "xformers":
@@ -156,9 +163,12 @@ class Trainer:
         acc = accelerator or make_accelerator(cfg)
         dtype = DTYPES[acc.mixed_precision]
         if pipe is not None:
+            if cfg.quantize_base != "none":
+                raise UserError("--quantize-base applies when loading --model; quantize the pipeline you pass in yourself")
             pipe, family = prepare_pipeline(pipe)
         else:
-            pipe, family = load_pipeline(cfg.model, dtype, check=lambda family: check_family_options(cfg, family))
+            pipe, family = load_pipeline(cfg.model, dtype, check=lambda family: check_family_options(cfg, family),
+                                         quantize=cfg.quantize_base)
         resolve_defaults(cfg, pipe, family)
         adapter = make_adapter(pipe, family, cfg)
         resolution = cfg.resolution or adapter.native_resolution()
@@ -167,8 +177,9 @@ class Trainer:
         lora = prepare_models(cfg, pipe, adapter, acc.device)
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
             lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
+        eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
         with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator
-            adapter.cache_prompts(prompts + (load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []))
+            adapter.cache_prompts(prompts + eval_prompts)
         reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)
         if eval_reward is not None or cfg.eval_reward:
             eval_reward = _frozen(eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype),
