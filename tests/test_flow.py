@@ -98,6 +98,35 @@ def test_sample_returns_the_pipelines_latents(flow_models, name, cases):
         assert float((sample(pipe, PROMPTS, latents=noise, **kw) - ref).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(family, tmp_path):
+    """SD/SDXL: ``sample`` equals the stock pipeline once it samples with ``training_scheduler(pipe)`` (DDIM), at
+    eta 0 and, from the same generator, at eta 1."""
+    try:  # the tiny SD builders are moving into rewardtune.testing
+        from rewardtune.testing.tiny_pipelines import save_tiny_pipeline
+    except ImportError:
+        from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+    pipe = _load(save_tiny_pipeline(tmp_path, family))
+    pipe.scheduler = training_scheduler(pipe)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    for eta in (0.0, 1.0):
+        kw = dict(num_inference_steps=3, guidance_scale=3.0, height=32, width=48, eta=eta)
+        ref = pipe(PROMPTS, generator=_gen(0), output_type="latent", **kw).images
+        assert float((sample(pipe, PROMPTS, generator=_gen(0), **kw) - ref).abs().max()) <= 1e-4
+
+
+def test_assemble_pipeline_builds_the_flow_pipelines(flow_models):
+    from rewardtune.finetune.models import assemble_pipeline, pipeline_family
+
+    for name in ("sd3", "flux"):
+        pipe = _load(flow_models[name])
+        parts = {k: v for k, v in pipe.components.items() if k.startswith(("transformer", "vae", "text_encoder", "scheduler"))}
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, getattr(pipe, "tokenizer_3", None)]
+        built = assemble_pipeline(pipeline_family(pipe), parts, *tokenizers)
+        assert type(built) is type(pipe) and built.tokenizer_2 is pipe.tokenizer_2
+
+
 def test_flow_schedules_are_the_pipelines(flow_models):
     """SD3: the static shift 3 of its scheduler config (4 steps: 1, 0.858, 0.602, 0.0089, 0). FLUX: sigmas
     linspace(1, 1/N, N) shifted with mu from the packed image tokens, (H/16)(W/16): 0.63 at 512², 1.15 at 1024²."""
