@@ -165,6 +165,7 @@ def run(args) -> dict:
         trainer.pipe.vae.enable_gradient_checkpointing()
     record["setup_seconds"] = time.perf_counter() - t0
     record["resolution"] = trainer.resolution
+    record["config"].update({k: getattr(trainer.cfg, k) for k in ("sample_steps", "guidance_scale")})  # the model's defaults if unset
     dev = trainer.device
     for _ in range(args.warmup):
         trainer.step()

@@ -232,8 +232,8 @@ def test_model_errors_name_the_problem(tmp_path, monkeypatch):
         resolve_model("sdxl")
     with pytest.raises(UserError, match="has no model_index.json"):
         resolve_model(str(tmp_path))
-    (tmp_path / "model_index.json").write_text(_json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(UserError, match="is a StableDiffusion3Pipeline; finetune supports"):
+    (tmp_path / "model_index.json").write_text(_json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UserError, match="is a KandinskyPipeline; finetune supports"):
         load_pipeline(str(tmp_path))
 
 

@@ -146,7 +146,7 @@ def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
     (tmp_path / "notlora" / "readme.txt").write_text("hi")
     base = ["--model", sd_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2]
     args, expect = {
-        "alias": (["--model", "sd16", "--output", tmp_path / "out"], "'sd16' is not an alias (sd15, sd21, sdxl)"),
+        "alias": (["--model", "sd16", "--output", tmp_path / "out"], "'sd16' is not an alias (sd15, sd21, sdxl, "),
         "empty_prompts": (base + ["--prompts", empty], "holds no prompts"),
         "invisible_prompts": (base + ["--prompts", invisible], "holds no prompts"),
         "blank_prompts_flag": (base + ["--prompts", " "], "--prompts is empty (' ')"),

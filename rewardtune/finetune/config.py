@@ -14,7 +14,10 @@ METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
 
 @dataclass
 class FinetuneConfig:
-    model: str = option("sd15", "diffusion model: alias sd15, sd21 or sdxl, a diffusers-format directory, or a hub id")
+    model: str = option("sd15", "diffusion model: alias sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, sd35-large-turbo, "
+                        "flux-dev or flux-schnell, a diffusers-format directory, or a hub id")
+    defaults_from: str = option("", "take an alias's defaults (steps, guidance, ...) for a local copy of that model, e.g. "
+                                "sd35-large-turbo (a local directory otherwise gets its family's)")
     reward: str = option("icthp", "training reward: a registry name (icthp, ict, hp, pickscore, ...) or a mix 'ict:1.0,hp:0.5'")
     prompts: str = option("builtin:simple", "training prompts: a text file (one prompt a line) or builtin:NAME (simple, animals, detailed)")
     output: str = option("", "output directory (LoRA, config.yaml, checkpoints, logs, sample grids, summary.json)")
@@ -35,15 +38,26 @@ class FinetuneConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", min=0)
     lora_rank: int = option(8, "LoRA rank", min=1)
     lora_alpha: float = option(8.0, "LoRA alpha (the update is scaled by alpha/rank)")
-    lora_targets: list = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA weights")
+    lora_targets: list | None = option(None, "denoiser modules that get LoRA weights (default: the family's: SD/SDXL "
+                                       "to_q to_k to_v to_out.0; SD3 and FLUX: their attention projections, FLUX also the "
+                                       "feed-forwards)")
     train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder(s) (q/k/v/out projections)")
     init_lora: str = option("", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros")
     resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
-    sample_steps: int = option(50, "DDIM sampling steps", min=1)
-    guidance_scale: float = option(7.5, "classifier-free guidance scale (1 = no guidance)")
-    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM)", min=0)
+    sample_steps: int | None = option(None, "sampling steps (default: the model's: SD/SDXL 50 DDIM steps; SD3 28, "
+                                      "SD3.5-Medium 40, SD3.5-Large 28, its Turbo 4, FLUX-dev 28, FLUX-schnell 4 Euler steps)",
+                                      min=1)
+    guidance_scale: float | None = option(None, "guidance (default: the model's: SD/SDXL 7.5, SD3 7, SD3.5-Medium 4.5, "
+                                          "SD3.5-Large 3.5 classifier-free, 1 = none; FLUX-dev 3.5 as its guidance "
+                                          "embedding; Turbo/schnell none)")
+    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM; flow-matching models take none)", min=0)
+    max_sequence_length: int | None = option(None, "T5 tokens per prompt of SD3/FLUX (default: the model's: SD3 256, "
+                                             "FLUX-dev 512, FLUX-schnell 256)", min=1, max=512)
     mixed_precision: str = option("no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32",
                                   choices=list(PRECISIONS))
+    quantize_base: str = option("none", "load the frozen UNet/transformer weights in 4-bit NF4 or 8-bit through bitsandbytes "
+                                "(QLoRA-style: LoRA weights stay fp32; CUDA only), for cards where the bf16 base does not fit",
+                                choices=["none", "nf4", "int8"])
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
     gradient_checkpointing: bool = option(True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)")
     attention: str = option("sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"])
@@ -82,10 +96,10 @@ class FinetuneConfig:
         check_values(self)
         if self.resolution and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}")
-        if self.k > self.sample_steps:
+        if self.sample_steps is not None and self.k > self.sample_steps:
             raise UserError(f"--k {self.k} is more than --sample-steps {self.sample_steps}; gradients can flow through at most every step")
         if not 0 <= self.refl_min <= self.refl_max <= 1:
             raise UserError(f"--refl-min/--refl-max must satisfy 0 <= min <= max <= 1, got {self.refl_min}, {self.refl_max}")
-        if not self.lora_targets:
+        if self.lora_targets is not None and not self.lora_targets:
             raise UserError("--lora-targets is empty; name the UNet modules to adapt, e.g. to_q to_k to_v to_out.0")
         return self

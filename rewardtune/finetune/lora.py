@@ -70,9 +70,17 @@ def _metadata(model):
     return config.to_dict() if config is not None else None
 
 
+def denoiser_name(model) -> str:
+    """'unet' or 'transformer': the denoiser's component name, the prefix of its keys in a LoRA file."""
+    from diffusers import UNet2DConditionModel
+
+    return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
+
+
 def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it.
 
+    ``unet``: the denoiser (a UNet, or the SD3/FLUX transformer, whose peft keys the loaders take as they are).
     ``states``: full state dicts of [unet, *text_encoders_] gathered across processes (optional).
     The file is written next to the target and renamed into place (atomic).
     """
@@ -81,7 +89,9 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     states = states or [None] * (1 + len(text_encoders_))
-    kw = {"unet_lora_layers": lora_state(unet, states[0]), "unet_lora_adapter_metadata": _metadata(unet)}
+    name = denoiser_name(unet)
+    layers = lora_state(unet, states[0]) if name == "unet" else get_peft_model_state_dict(unet, state_dict=states[0])
+    kw = {f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": _metadata(unet)}
     for name, te, sd in zip(["text_encoder", "text_encoder_2"], text_encoders_, states[1:]):
         kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te, state_dict=sd)
         kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
@@ -173,7 +183,7 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
                  for c, names in pipe.get_list_adapters().items() if name in names)
     if name is None or loaded != expected:
         raise UserError(f"{what}: only {loaded} of the {expected} tensors in '{p}' match this model's modules; "
-                        f"was it trained for another model (SD 1.x vs 2.x vs SDXL)?")
+                        f"was it trained for another model (SD 1.x vs 2.x vs SDXL vs SD3 vs FLUX)?")
     return name
 
 
@@ -188,7 +198,7 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
     from ..sources import load_state_dict
 
     state = load_state_dict(check_lora_dir(path, what), what)
-    parts = {"unet": unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
+    parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
     used = 0
     for prefix, model in parts.items():
         sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}

@@ -3,6 +3,7 @@
 The adapters are the only place SD 1.x/2.x and SDXL differ: how prompts become the UNet's
 conditioning (SD: one text encoder; SDXL: two, pooled embeddings and ``add_time_ids``). They use the
 pipelines' own ``encode_prompt`` so the fine-tuned model sees exactly what ``pipe(...)`` feeds it.
+The flow-matching families (SD3/SD3.5, FLUX.1) have theirs in ``flow_models``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,26 @@ import torch
 
 from ..errors import OfflineError, UserError
 from ..sources import resolve
+from .flow_models import FLOW_ADAPTERS
 
 # The public base checkpoints. runwayml's SD 1.5 repo was taken down; its mirror comes first.
 ALIASES = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
     "sd21": ("stabilityai/stable-diffusion-2-1",),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
+    "sd3-medium": ("stabilityai/stable-diffusion-3-medium-diffusers",),
+    "sd35-medium": ("stabilityai/stable-diffusion-3.5-medium",),
+    "sd35-large": ("stabilityai/stable-diffusion-3.5-large",),
+    "sd35-large-turbo": ("stabilityai/stable-diffusion-3.5-large-turbo",),
+    "flux-dev": ("black-forest-labs/FLUX.1-dev",),
+    "flux-schnell": ("black-forest-labs/FLUX.1-schnell",),
 }
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-# What a training run needs from a hub snapshot: configs, tokenizers, full-precision safetensors weights.
-ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+            "FluxPipeline": "flux"}
+# What a training run needs from a hub snapshot: configs, tokenizers, full-precision safetensors weights
+# (the transformers and T5 of SD3/FLUX come in shards).
+ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/diffusion_pytorch_model.safetensors",
+                  "*/model.safetensors", "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors"]
 
 
 def resolve_model(name: str) -> Path:
@@ -46,44 +57,69 @@ def resolve_model(name: str) -> Path:
 
 
 def model_family(path: Path) -> str:
-    """'sd' or 'sdxl', read from ``model_index.json``'s ``_class_name`` (never guessed from the name)."""
+    """'sd', 'sdxl', 'sd3' or 'flux', read from ``model_index.json``'s ``_class_name`` (never guessed from the name)."""
     try:
         cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"--model: '{path / 'model_index.json'}' is unreadable ({type(exc).__name__}); re-download the model") from None
     if cls not in FAMILIES:
         raise UserError(f"--model: '{path}' is a {cls or 'unknown pipeline'}; finetune supports "
-                        f"{' and '.join(FAMILIES)} (SD 1.x/2.x and SDXL base)")
+                        f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)")
     return FAMILIES[cls]
 
 
-def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
-    """(pipeline, family): frozen weights in ``dtype`` and a DDIM scheduler built from the model's config."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class(family: str):
+    import diffusers
 
+    name = {v: k for k, v in FAMILIES.items()}[family]
+    return getattr(diffusers, name)
+
+
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, quantize: str = "none"):
+    """(pipeline, family): frozen weights in ``dtype`` and the training scheduler built from the model's config.
+    ``check(family)`` runs once the family is known, before any weights load (option errors fail fast).
+    ``quantize`` 'nf4' or 'int8': the UNet/transformer loaded through bitsandbytes (compute in ``dtype``)."""
     path = resolve_model(name)
     family = model_family(path)
-    cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
+    if check is not None:
+        check(family)
+    cls = pipeline_class(family)
     kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     try:
+        if quantize != "none":
+            kw.update(_quantized_denoiser(path, family, quantize, dtype))
         pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
     return prepare_pipeline(pipe)
 
 
-def prepare_pipeline(pipe):
-    """(pipeline, family) for an already built pipeline: DDIM scheduler, frozen parts, no progress bars."""
-    from diffusers import DDIMScheduler
-
+def pipeline_family(pipe) -> str:
     family = FAMILIES.get(type(pipe).__name__)
     if family is None:
-        raise UserError(f"a {type(pipe).__name__} cannot be fine-tuned; supported: {' and '.join(FAMILIES)}")
-    # DDIM step arithmetic on the model's own betas, timestep spacing and prediction type. Like the SD
-    # pipelines' own config fixes: no x0 clipping (latents are not in [-1, 1]) and steps_offset 1.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)
+        raise UserError(f"a {type(pipe).__name__} cannot be fine-tuned; supported: {', '.join(FAMILIES)}")
+    return family
+
+
+def training_scheduler(pipe):
+    """The scheduler the trainer samples ``pipe`` with, built from its scheduler's config (a new object).
+
+    SD/SDXL: DDIM on the model's own betas, timestep spacing and prediction type, with the SD pipelines' own
+    config fixes (no x0 clipping, latents are not in [-1, 1]; steps_offset 1). SD3/FLUX: the flow-matching
+    Euler scheduler their pipelines ship (shift, dynamic shifting as configured)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if pipeline_family(pipe) in FLOW_ADAPTERS:
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)
+
+
+def prepare_pipeline(pipe):
+    """(pipeline, family) for an already built pipeline: the training scheduler, frozen parts, no progress bars."""
+    family = pipeline_family(pipe)
+    pipe.scheduler = training_scheduler(pipe)
     pipe.set_progress_bar_config(disable=True)
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, part, None)
         if module is not None:
             module.requires_grad_(False)
@@ -91,10 +127,11 @@ def prepare_pipeline(pipe):
     return pipe, family
 
 
-def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None):
-    """The family's pipeline from built parts (``unet``, ``vae``, ``text_encoder``[``_2``], ``scheduler``), with
-    the settings every rewardtune pipeline has: no safety checker, no watermark, SDXL's zeroed empty prompt."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
+    """The family's pipeline from built parts (``unet`` or ``transformer``, ``vae``, ``text_encoder``[``_2``,
+    ``_3``], ``scheduler``), with the settings every rewardtune pipeline has: no safety checker, no watermark,
+    SDXL's zeroed empty prompt. Tokenizers: SD3 CLIP-L, CLIP-G, T5; FLUX CLIP-L, T5."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if family == "sd":
         return StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
@@ -102,7 +139,25 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None):
     if family == "sdxl":
         return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer,
                                          force_zeros_for_empty_prompt=True, add_watermarker=False)
+    if family == "sd3":
+        return StableDiffusion3Pipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer, tokenizer_3=tokenizer_3)
+    if family == "flux":
+        return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES.values())}")
+
+
+def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dtype) -> dict:
+    """{component name: the denoiser loaded in 4-bit NF4 or 8-bit} (bitsandbytes, through diffusers)."""
+    import diffusers
+    from diffusers import BitsAndBytesConfig
+
+    name = "unet" if family in ("sd", "sdxl") else "transformer"
+    model_cls = getattr(diffusers, json.loads((path / "model_index.json").read_text())[name][1])
+    if quantize == "nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {name: model_cls.from_pretrained(path, subfolder=name, quantization_config=config, **_dtype_kwarg(dtype))}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -145,8 +200,10 @@ class UNetAdapter:
 
     family = ""
     sampler_kind = "ddim"  # which truncated sampler steps this family (sampler.make_sampler)
+    guidance_kind = "cfg"  # classifier-free guidance rows when --guidance-scale > 1
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, **options):
+        """``options`` (guidance_scale, max_sequence_length) matter to the flow families only."""
         self.pipe = pipe
 
     @property
@@ -155,6 +212,9 @@ class UNetAdapter:
 
     def text_encoders(self) -> list:
         return text_encoders(self.pipe)
+
+    def cache_prompts(self, prompts: list[str]) -> None:
+        """Nothing to cache: the SD/SDXL text encoders are small and stay beside the UNet."""
 
     def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
         raise NotImplementedError
@@ -215,11 +275,15 @@ class SDXLAdapter(UNetAdapter):
         return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}, guided)
 
 
-ADAPTERS = {"sd": SDAdapter, "sdxl": SDXLAdapter}
+ADAPTERS = {"sd": SDAdapter, "sdxl": SDXLAdapter, **FLOW_ADAPTERS}
 
 
-def make_adapter(pipe, family: str):
-    return ADAPTERS[family](pipe)
+def make_adapter(pipe, family: str, cfg=None):
+    """The family's adapter; ``cfg`` (a FinetuneConfig or anything with its option names) gives the options
+    adapters take (FLUX's guidance embedding value, T5's sequence length)."""
+    if cfg is None:
+        return ADAPTERS[family](pipe)
+    return ADAPTERS[family](pipe, guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None))
 
 
 def text_encoders(pipe) -> list:

@@ -10,7 +10,8 @@ output (ReFL), and how many re-noised copies of the final step to add (DRaFT-LV)
 - AlignProp: grad_from = N-K_j with K_j drawn in 1..k for each sample j.
 
 The step arithmetic is diffusers' ``DDIMScheduler.step`` (it honours the prediction type:
-epsilon, v_prediction or sample); it is plain tensor math, so gradients pass through it.
+epsilon, v_prediction or sample); it is plain tensor math, so gradients pass through it. Flow-matching
+families (SD3, FLUX) use ``flow.FlowMatchSampler``, the same loop with Euler steps (``step``, ``renoise``).
 
 A sampler is what the Trainer steps: ``guided``, ``initial_latents``, ``run_prefix``, ``run_grad`` and
 ``sample``. It calls the denoiser only through the conditioning's ``call(model, x, t)``, so it does not
@@ -110,6 +111,14 @@ class TruncatedSampler:
         res = self.scheduler.step(out, t, x, eta=self.eta, variance_noise=noise)
         return res.prev_sample, res.pred_original_sample
 
+    def step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
+        """(x_{i+1}, x0 prediction): the step every loop below takes (a subclass swaps the arithmetic)."""
+        return self.ddim_step(out, i, x, generator)
+
+    def renoise(self, final: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """``final`` noised back to step ``i``'s noise level (DRaFT-LV)."""
+        return self.scheduler.add_noise(final, noise, self.timesteps[i].view(1))
+
     def initial_latents(self, shape: tuple, generator: torch.Generator, device) -> torch.Tensor:
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
         return (x * self.scheduler.init_noise_sigma).to(device)
@@ -119,7 +128,7 @@ class TruncatedSampler:
         """Denoise without gradients up to the first step that carries any."""
         x = state.latents
         for i in range(state.step, state.plan.first_grad_step):
-            x, _ = self.ddim_step(self.predict(unet, x, i, state.cond), i, x, state.generator)
+            x, _ = self.step(self.predict(unet, x, i, state.cond), i, x, state.generator)
         state.latents, state.step = x, state.plan.first_grad_step
         return state
 
@@ -127,7 +136,7 @@ class TruncatedSampler:
         """The steps with gradients: returns (latents, regulariser, prompts), with the DRaFT-LV copies
         appended to the batch. ``base_unet`` (adapters off) enables the regulariser."""
         plan, x = state.plan, state.latents.detach()
-        grad_from = torch.tensor(plan.grad_from, device=x.device).view(-1, 1, 1, 1)
+        grad_from = torch.tensor(plan.grad_from, device=x.device).view(-1, *[1] * (x.dim() - 1))
         regs = []
         out = x
         for i in range(state.step, plan.stop):
@@ -135,7 +144,7 @@ class TruncatedSampler:
             pred = self.predict(unet, x, i, state.cond)
             if base_unet is not None:
                 regs.append(self._distance(base_unet, x, i, state.cond, pred))
-            x_next, x0 = self.ddim_step(pred, i, x, state.generator)
+            x_next, x0 = self.step(pred, i, x, state.generator)
             out = x0 if (plan.x0_at_stop and i == plan.stop - 1) else x_next
             x = x_next
         latents, prompts = [out], list(state.prompts)
@@ -148,13 +157,12 @@ class TruncatedSampler:
     def _renoised_last_step(self, unet, final, state, base_unet, regs):
         """DRaFT-LV: noise the (detached) result back to the last timestep, denoise it again with gradients."""
         i = self.n_steps - 1
-        t = self.timesteps[i]
         noise = torch.randn(final.shape, generator=state.generator, dtype=torch.float32).to(final.device)
-        x = self.scheduler.add_noise(final.detach(), noise, t.view(1))
+        x = self.renoise(final.detach(), noise, i)
         pred = self.predict(unet, x, i, state.cond)
         if base_unet is not None:
             regs.append(self._distance(base_unet, x, i, state.cond, pred))
-        return self.ddim_step(pred, i, x, state.generator)[0]
+        return self.step(pred, i, x, state.generator)[0]
 
     def _distance(self, base_unet, x, i, cond, pred):
         with torch.no_grad():
@@ -166,13 +174,21 @@ class TruncatedSampler:
         """Plain sampling, all steps without gradients (evaluation)."""
         x = latents
         for i in range(self.n_steps):
-            x, _ = self.ddim_step(self.predict(unet, x, i, cond), i, x, generator)
+            x, _ = self.step(self.predict(unet, x, i, cond), i, x, generator)
         return x
 
 
-SAMPLERS = {"ddim": TruncatedSampler}
+from .flow import FlowMatchSampler  # noqa: E402  (a TruncatedSampler subclass: imported once the base exists)
+
+SAMPLERS = {"ddim": TruncatedSampler, "flow": FlowMatchSampler}
 
 
-def make_sampler(kind: str, scheduler, cfg, dtype: torch.dtype = torch.float32):
-    """The truncated sampler of ``kind`` (an adapter's ``sampler_kind``) with ``cfg``'s steps, guidance and eta."""
-    return SAMPLERS[kind](scheduler, cfg.sample_steps, cfg.guidance_scale, cfg.eta, dtype)
+def make_sampler(kind: str, scheduler, cfg, dtype: torch.dtype = torch.float32, adapter=None, resolution=None):
+    """The truncated sampler of ``kind`` (an adapter's ``sampler_kind``) with ``cfg``'s steps, guidance and eta.
+
+    With ``adapter`` and ``resolution`` (pixels, or (height, width)), the adapter's ``sampler_options`` for that
+    size are added: FLUX's resolution-dependent shift and packed noise, which guidance its model takes."""
+    options = dict(guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+    if adapter is not None and hasattr(adapter, "sampler_options"):
+        options.update(adapter.sampler_options(resolution))
+    return SAMPLERS[kind](scheduler, cfg.sample_steps, dtype=dtype, **options)

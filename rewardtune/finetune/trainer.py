@@ -24,6 +24,7 @@ from ..rundir import load_checkpoint, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
+from .defaults import check_family_options, resolve_defaults
 from .models import load_pipeline, make_adapter, prepare_pipeline
 from .prompts import load_prompts
 from .sampler import SampleState, make_plan, make_sampler
@@ -44,6 +45,13 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
     """Fail before loading any model when an option needs a package that is not installed."""
     import importlib.util
 
+    if cfg.quantize_base != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes (CUDA only), "
+                            f"or use --quantize-base none")
+        if not torch.cuda.is_available():
+            raise UserError(f"--quantize-base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); "
+                            f"on a CPU use --quantize-base none")
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw")
     if cfg.attention == "xformers":
@@ -140,26 +148,39 @@ class Trainer:
                  eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None,
                  pipe=None):
         """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from. ``pipe``: an
-        already built SD/SDXL pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights)."""
+        already built pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights).
+        Options of ``cfg`` left unset (None) are filled in place with the model's defaults (``defaults``)."""
         cfg.validate()
         check_optional_packages(cfg)
         prompts = load_prompts(cfg.prompts)  # a bad prompt file fails before any model loads
         acc = accelerator or make_accelerator(cfg)
         dtype = precision_dtype(acc.mixed_precision)
-        pipe, family = prepare_pipeline(pipe) if pipe is not None else load_pipeline(cfg.model, dtype)
-        adapter = make_adapter(pipe, family)
+        if pipe is not None:
+            if cfg.quantize_base != "none":
+                raise UserError("--quantize-base applies when loading --model; quantize the pipeline you pass in yourself")
+            pipe, family = prepare_pipeline(pipe)
+        else:
+            pipe, family = load_pipeline(cfg.model, dtype, check=lambda family: check_family_options(cfg, family),
+                                         quantize=cfg.quantize_base)
+        resolve_defaults(cfg, pipe, family)
+        adapter = make_adapter(pipe, family, cfg)
         resolution = cfg.resolution or adapter.native_resolution()
         adapter.check_resolution(resolution)
+        cfg.resolution = resolution
         lora = prepare_models(cfg, pipe, adapter, acc.device)
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
             lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
+        eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
+        with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator
+            adapter.cache_prompts(prompts + eval_prompts)
         reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)
         if eval_reward is not None or cfg.eval_reward:
             eval_reward = _frozen(eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype),
                                   acc.device)
         params = lora_mod.trainable_parameters(*lora.modules)
         prepared = acc.prepare(*lora.modules, make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay))
-        parts = TrainerParts(pipe, adapter, make_sampler(adapter.sampler_kind, pipe.scheduler, cfg, dtype), reward,
+        sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, cfg, dtype, adapter=adapter, resolution=resolution)
+        parts = TrainerParts(pipe, adapter, sampler, reward,
                              LoraSet(prepared[0], list(prepared[1:-1])), acc, optimizer=prepared[-1],
                              eval_reward=eval_reward, unwrapped=lora, prompts=prompts,
                              resolution=resolution)

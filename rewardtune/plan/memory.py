@@ -251,7 +251,7 @@ def _plan_config(cfg):
     k = cfg.k if cfg.method in ("draft-k", "alignprop") else 1
     if cfg.method in ("alignprop", "refl"):
         over.update(method="draft-k", k=k)  # alignprop's largest draw; refl has one gradient step
-    over["sample_steps"] = min(cfg.sample_steps, k + 1)
+    over["sample_steps"] = min(cfg.sample_steps or k + 1, k + 1)  # unset: the model's default, more than k + 1
     return dataclasses.replace(cfg, **over)
 
 
@@ -279,6 +279,7 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..finetune import lora as lora_mod
+    from ..finetune.defaults import resolve_defaults
     from ..finetune.models import make_adapter
     from ..finetune.sampler import make_sampler
     from ..finetune.trainer import Trainer, TrainerParts, prepare_models
@@ -289,8 +290,9 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     pcfg = _plan_config(cfg)
     weight_dtype = precision_dtype(pcfg.mixed_precision)
     pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
+    resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
     reward = _meta_reward(pcfg, reward_config)
-    adapter = make_adapter(pipe, family)
+    adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
     adapter.check_resolution(resolution)
     # xformers: the same memory as flash/efficient SDPA, which the trace substitutes

@@ -11,6 +11,7 @@ from .clip import (
            write_clip_processor,
            write_tiny_reward_world,
 )
+from .flow_pipelines import build_tiny_flow_pipeline, save_tiny_flow_pipeline
 from .pipelines import (
            build_tiny_pipeline,
            save_tiny_pipeline,
@@ -19,5 +20,5 @@ from .pipelines import (
            tiny_vae,
 )
 
-__all__ = ["build_tiny_pipeline", "perturbed_state_dict", "save_tiny_clip", "save_tiny_pipeline", "tiny_clip_config",
+__all__ = ["build_tiny_flow_pipeline", "build_tiny_pipeline", "save_tiny_flow_pipeline", "perturbed_state_dict", "save_tiny_clip", "save_tiny_pipeline", "tiny_clip_config",
            "tiny_scheduler", "tiny_unet", "tiny_vae", "write_clip_processor", "write_tiny_reward_world"]

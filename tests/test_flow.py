@@ -1,0 +1,423 @@
+"""Flow-matching models (SD3/SD3.5, FLUX.1) in rewardtune finetune, on tiny real pipelines saved in diffusers
+format (offline, CPU). References are diffusers' own pipelines, never a second copy of our code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rewardtune.cli import main
+from rewardtune.finetune import FinetuneConfig, Trainer, sample, training_scheduler
+from rewardtune.finetune.sampler import Plan, SampleState
+
+PROMPTS = ["a red apple", "a cat"]
+MSL = 16  # T5 tokens per prompt: keeps the tiny transformers' text sequences short (the real default is 256/512)
+
+
+class Brightness(torch.nn.Module):
+    """Mean pixel value: a reward any generator can move."""
+
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="session")
+def flow_models(tmp_path_factory):
+    """Tiny SD3.5-Medium-like, FLUX.1-dev-like and FLUX.1-schnell-like pipeline directories."""
+    from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
+
+    return {name: save_tiny_flow_pipeline(tmp_path_factory.mktemp(f"tiny_{name}"), family, variant)
+            for name, family, variant in (("sd3", "sd3", ""), ("flux", "flux", ""), ("schnell", "flux", "schnell"))}
+
+
+def _load(path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def flow_cfg(model, output, **kw) -> FinetuneConfig:
+    base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2, batch_size=2,
+                lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, eval_every=0, eval_size=2,
+                checkpoint_every=0, gradient_checkpointing=False, max_sequence_length=MSL)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_tiny_flow_pipelines_are_real_diffusers_pipelines(flow_models):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from rewardtune.finetune.models import model_family
+
+    sd3 = StableDiffusion3Pipeline.from_pretrained(flow_models["sd3"])
+    flux = FluxPipeline.from_pretrained(flow_models["flux"])
+    schnell = FluxPipeline.from_pretrained(flow_models["schnell"])
+    assert model_family(flow_models["sd3"]) == "sd3" and model_family(flow_models["schnell"]) == "flux"
+    assert sd3.vae.config.latent_channels == 16 and sd3.vae.config.shift_factor == pytest.approx(0.0609)
+    assert flux.vae.config.scaling_factor == pytest.approx(0.3611) and flux.transformer.config.in_channels == 64
+    assert flux.transformer.config.guidance_embeds and not schnell.transformer.config.guidance_embeds
+    assert flux.scheduler.config.use_dynamic_shifting and not schnell.scheduler.config.use_dynamic_shifting
+    assert sd3.scheduler.config.shift == 3.0
+    assert any(".attn2." in n for n, _ in sd3.transformer.named_modules())  # SD3.5-Medium's dual attention
+    tokens = sd3.tokenizer.convert_ids_to_tokens(sd3.tokenizer("a red apple").input_ids)
+    assert tokens == ["<|startoftext|>", "a</w>", "red</w>", "apple</w>", "<|endoftext|>"]  # CLIP's BPE
+    ids = flux.tokenizer_2("a red apple").input_ids
+    assert len(ids) == 4 and ids[-1] == 1  # three whole-word T5 pieces and </s>
+
+
+# ----- sampling: the trainer's sampler is the pipeline's ---------------------------------------------
+@pytest.mark.parametrize("name,cases", [("sd3", [(32, 3.0), (64, 1.0)]), ("flux", [(32, 3.5), (64, 2.0)]),
+                                        ("schnell", [(48, 0.0)])])
+def test_sample_returns_the_pipelines_latents(flow_models, name, cases):
+    """``sample`` equals ``pipe(..., output_type='latent')`` from the same generator and from the same latents
+    (FLUX: packed), with and without guidance, and FLUX at two resolutions (two dynamic shifts)."""
+    pipe = _load(flow_models[name])
+    for res, g in cases:
+        kw = dict(num_inference_steps=3, guidance_scale=g, height=res, width=res, max_sequence_length=MSL)
+        ref = pipe(PROMPTS, generator=_gen(0), output_type="latent", **kw).images
+        ours = sample(pipe, PROMPTS, generator=_gen(0), **kw)
+        assert ours.shape == ref.shape and float((ours - ref).abs().max()) <= 1e-4
+        noise = torch.randn(ref.shape, generator=_gen(1))
+        ref = pipe(PROMPTS, latents=noise, output_type="latent", **kw).images
+        assert float((sample(pipe, PROMPTS, latents=noise, **kw) - ref).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(family, tmp_path):
+    """SD/SDXL: ``sample`` equals the stock pipeline once it samples with ``training_scheduler(pipe)`` (DDIM), at
+    eta 0 and, from the same generator, at eta 1."""
+    try:  # the tiny SD builders are moving into rewardtune.testing
+        from rewardtune.testing.tiny_pipelines import save_tiny_pipeline
+    except ImportError:
+        from rewardtune.tiny_pipelines import save_tiny_pipeline
+
+    pipe = _load(save_tiny_pipeline(tmp_path, family))
+    pipe.scheduler = training_scheduler(pipe)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    for eta in (0.0, 1.0):
+        kw = dict(num_inference_steps=3, guidance_scale=3.0, height=32, width=48, eta=eta)
+        ref = pipe(PROMPTS, generator=_gen(0), output_type="latent", **kw).images
+        assert float((sample(pipe, PROMPTS, generator=_gen(0), **kw) - ref).abs().max()) <= 1e-4
+
+
+def test_assemble_pipeline_builds_the_flow_pipelines(flow_models):
+    from rewardtune.finetune.models import assemble_pipeline, pipeline_family
+
+    for name in ("sd3", "flux"):
+        pipe = _load(flow_models[name])
+        parts = {k: v for k, v in pipe.components.items() if k.startswith(("transformer", "vae", "text_encoder", "scheduler"))}
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, getattr(pipe, "tokenizer_3", None)]
+        built = assemble_pipeline(pipeline_family(pipe), parts, *tokenizers)
+        assert type(built) is type(pipe) and built.tokenizer_2 is pipe.tokenizer_2
+
+
+def test_flow_schedules_are_the_pipelines(flow_models):
+    """SD3: the static shift 3 of its scheduler config (4 steps: 1, 0.858, 0.602, 0.0089, 0). FLUX: sigmas
+    linspace(1, 1/N, N) shifted with mu from the packed image tokens, (H/16)(W/16): 0.63 at 512², 1.15 at 1024²."""
+    from rewardtune.finetune.flow import FlowMatchSampler
+    from rewardtune.finetune.models import make_adapter
+
+    sd3 = _load(flow_models["sd3"])
+    sampler = FlowMatchSampler(training_scheduler(sd3), 4, **make_adapter(sd3, "sd3").sampler_options(32))
+    assert sampler.sigmas.tolist() == pytest.approx([1.0, 0.858, 0.602, 0.0089, 0.0], abs=5e-4)
+    torch.testing.assert_close(sampler.timesteps, sampler.sigmas[:-1] * 1000)
+    flux = _load(flow_models["flux"])
+    adapter = make_adapter(flux, "flux")
+    for res, mu in ((512, 0.63), (1024, 1.15)):
+        sampler = FlowMatchSampler(training_scheduler(flux), 4, **adapter.sampler_options(res))
+        t = np.linspace(1.0, 1 / 4, 4)
+        expected = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        assert sampler.sigmas[:-1].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+        assert adapter.latent_shape(res) == ((res // 16) ** 2, 64)
+
+
+# ----- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flow_trainers(flow_models, tmp_path_factory):
+    """One trainer per family; the method is read from its config at every step, so tests switch it. SD3 samples
+    with classifier-free guidance, FLUX with its guidance embedding. ReFL stops before SD3's last step, whose
+    sigma (0.009) leaves its x0 estimate almost without gradient (see test_turbo_schedule_...)."""
+    out = tmp_path_factory.mktemp("flow_methods")
+    return {name: Trainer(flow_cfg(flow_models[name], out / name, k=2, lr=1e-2, refl_min=0.0, refl_max=0.6,
+                                   guidance_scale=3.0 if name == "sd3" else None, gradient_checkpointing=name == "flux"),
+                          reward=Brightness())
+            for name in ("sd3", "flux")}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
+def test_each_method_raises_the_reward_of_its_batch(flow_trainers, name, method):
+    trainer = flow_trainers[name]
+    trainer.cfg.method = method
+    step = trainer.global_step
+
+    def batch_reward():
+        with torch.no_grad():
+            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
+            latents, _, prompts = trainer.grad_steps(state)
+            return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
+
+    before, n = batch_reward()
+    # a fresh optimizer state: Adam's momentum from the previous test's batch would otherwise outweigh a step whose
+    # own gradient is tiny (SD3's last step, sigma 0.009: DRaFT-LV, AlignProp with K_j = 1)
+    trainer.optimizer.state.clear()
+    metrics = trainer.step()
+    after, _ = batch_reward()
+    assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
+    assert after > before
+    assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies
+
+
+def test_trainer_resolves_the_models_defaults_and_caches_prompts(flow_trainers):
+    """Unset options took the family's defaults; prompt embeddings were computed once: a step calls no text encoder."""
+    from rewardtune.finetune.defaults import FLUX_TARGETS, SD3_TARGETS
+
+    sd3, flux = flow_trainers["sd3"], flow_trainers["flux"]
+    assert sd3.cfg.lora_targets == SD3_TARGETS and flux.cfg.lora_targets == FLUX_TARGETS
+    assert flux.cfg.guidance_scale == 3.5 and not flux.sampler.guided and sd3.sampler.guided
+    assert any("attn2.to_q.lora_A" in n for n, _ in sd3.unet.named_parameters())
+    calls = []
+    encoders = [t.adapter.t5 for t in (sd3, flux)] + [te for t in (sd3, flux) for te in t.adapter.text_encoders()]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in encoders]
+    try:
+        sd3.step()
+        flux.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [] and all(m.device.type == "cpu" for m in encoders)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a transformer; keeps each call's output so tests can read the reward's gradient w.r.t. it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.outputs = model, []
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        if out[0].requires_grad:
+            out[0].retain_grad()
+        self.outputs.append(out[0])
+        return out
+
+
+def _grads_per_step(trainer, plan):
+    """Per denoising step, the size of d(reward)/d(model output) for each sample (None: no gradient)."""
+    rec = Recorder(trainer.unet)
+    prompts = trainer.batch_prompts(0, step=0)
+    gen = trainer.generator(0, step=0)
+    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
+    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
+    trainer.sampler.run_prefix(rec, state)
+    out, _, _ = trainer.sampler.run_grad(rec, state)
+    trainer.score(trainer.decode(out), prompts).sum().backward()
+    grads = []
+    for y in rec.outputs:
+        if y.grad is None:
+            grads.append(None)
+            continue
+        g = y.grad.abs().flatten(1).sum(dim=1)
+        if len(g) == 2 * len(prompts):  # classifier-free guidance rows
+            g = g[: len(prompts)] + g[len(prompts) :]
+        grads.append(g.tolist())
+    return grads
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_k_decides_which_steps_carry_gradients(flow_trainers, name):
+    trainer = flow_trainers[name]
+    for k in (1, 3):
+        grads = _grads_per_step(trainer, Plan([3 - k] * 2, 3))
+        assert [g is not None for g in grads] == [i >= 3 - k for i in range(3)]
+        assert all(min(g) > 0 for g in grads if g is not None)
+    grads = _grads_per_step(trainer, Plan([2, 0], 3))  # AlignProp: each sample its own truncation point
+    assert grads[0][0] == 0 and grads[0][1] > 0 and grads[1][0] == 0 and grads[1][1] > 0
+    assert grads[2][0] > 0 and grads[2][1] > 0
+    trainer.unet.zero_grad(set_to_none=True)
+
+
+# ----- the LoRA a user loads ------------------------------------------------------------------------
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("name,text_encoder", [("sd3", True), ("flux", False)])
+def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(flow_models, name, text_encoder, tmp_path):
+    """``pipe.load_lora_weights(dir)`` on a fresh pipeline loads every tensor without a warning (captured on the
+    diffusers and peft loggers themselves), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
+    makes the trainer's own images. SD3 also trains LoRA on both CLIP encoders (T5 stays cached)."""
+    from safetensors import safe_open
+
+    from rewardtune.finetune import load_lora
+
+    g = 3.0 if name == "sd3" else 3.5
+    cfg = flow_cfg(flow_models[name], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder, guidance_scale=g,
+                   gradient_checkpointing=text_encoder)
+    trainer = Trainer(cfg, reward=Brightness())
+    t5_calls = []
+    hook = trainer.adapter.t5.register_forward_hook(lambda *a: t5_calls.append(1))
+    trainer.step()
+    hook.remove()
+    assert t5_calls == []
+    trainer.save_lora(tmp_path / "lora")
+    for m in (trainer.unet, *trainer.trained_text_encoders):
+        m.eval()
+    trained = trainer.generate(PROMPTS, seed=5)
+    kw = dict(num_inference_steps=3, guidance_scale=g, height=32, width=32, max_sequence_length=MSL)
+    pipe = _load(flow_models[name])
+    base = pipe(PROMPTS, generator=_gen(5), output_type="pt", **kw).images
+    handler = _Capture()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        pipe.load_lora_weights(tmp_path / "lora")  # the plain diffusers call a user makes
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    # a transformer-only LoRA: diffusers says (at warning level) that the CLIP encoder got none, which is no lost key
+    assert [m for m in handler.messages if not (m.startswith("No LoRA keys associated to CLIPTextModel") and not text_encoder)] == []
+    loaded = pipe(PROMPTS, generator=_gen(5), output_type="pt", **kw).images
+    assert float((trained - base).abs().max()) > 1e-3  # the LoRA changed the model
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    latents = pipe(PROMPTS, generator=_gen(6), output_type="latent", **kw).images
+    torch.testing.assert_close(sample(pipe, PROMPTS, generator=_gen(6), **kw), latents, atol=1e-4, rtol=0)
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+    assert {k.split(".")[0] for k in keys} == ({"transformer", "text_encoder", "text_encoder_2"} if text_encoder else {"transformer"})
+    assert any(".attn2." in k for k in keys) == (name == "sd3") and any(".ff.net.2." in k for k in keys) == (name == "flux")
+    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
+    load_lora(_load(flow_models[name]), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
+
+
+# ----- the command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, released_ict, tiny_backbone, tmp_path):
+    """A real ``rewardtune finetune`` process on the tiny directory, then ``--resume`` to one more step. The
+    resolved model defaults are in config.yaml (SD3 with --defaults-from sd35-large-turbo: 4 steps, no guidance)."""
+    out = tmp_path / "run"
+    args = ["--model", flow_models[name], "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone,
+            "--output", out, "--resolution", 32, "--batch-size", 1, "--eval-size", 1, "--lora-rank", 2, "--k", 2,
+            "--max-sequence-length", 8, "--checkpoint-every", 1, "--no-gradient-checkpointing"]
+    args += ["--defaults-from", "sd35-large-turbo"] if name == "sd3" else ["--sample-steps", 2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+    def run(*extra):
+        res = subprocess.run([sys.executable, "-m", "rewardtune.cli", "finetune", *map(str, args), *map(str, extra)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    first = run("--steps", 1)
+    assert first["family"] == name and first["steps"] == 1
+    resumed = run("--steps", 2, "--resume")
+    assert resumed["steps"] == 2 and resumed["before"] == first["before"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    expected = {"sd3": dict(sample_steps=4, guidance_scale=0.0), "flux": dict(sample_steps=2, guidance_scale=3.5)}[name]
+    assert {k: saved[k] for k in expected} == expected and saved["resolution"] == 32 and saved["lora_targets"]
+
+
+@pytest.mark.parametrize("case", ["flux_resolution", "eta", "schnell_guidance", "turbo_guidance", "defaults_family",
+                                  "export", "sequence_length", "quantize"])
+def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys):
+    base = ["--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2, "--max-sequence-length", 8]
+    args, expect = {
+        "flux_resolution": (["--model", flow_models["flux"], *base, "--resolution", 40], "--resolution 40: FLUX packs 2x2 latent patches"),
+        "eta": (["--model", flow_models["sd3"], *base, "--eta", 0.5], "--eta 0.5: sd3 is a flow-matching model"),
+        "schnell_guidance": (["--model", flow_models["schnell"], *base, "--guidance-scale", 3.5],
+                             "--guidance-scale 3.5: this FLUX model (no guidance embedding) is distilled to sample without guidance"),
+        "turbo_guidance": (["--model", flow_models["sd3"], "--defaults-from", "sd35-large-turbo", *base, "--guidance-scale", 5],
+                           "'sd35-large-turbo' is distilled to sample without guidance"),
+        "defaults_family": (["--model", flow_models["flux"], "--defaults-from", "sd35-large", *base],
+                            "--defaults-from sd35-large is a sd3 model"),
+        "export": (["--model", flow_models["flux"], *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
+        "sequence_length": (["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
+                            "--max-sequence-length must be at most 512"),
+        "quantize": (["--model", flow_models["flux"], *base, "--quantize-base", "nf4"],
+                     "needs bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "needs a CUDA GPU"),
+    }[case]
+    if case == "quantize" and importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        pytest.skip("bitsandbytes and a GPU are here: nothing to refuse")
+    rc = main(["finetune", *map(str, args)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]  # above it, at most the pipeline loading progress bar
+    assert last.startswith("rewardtune finetune: error: ") and expect in last and "Traceback" not in err
+
+
+def test_flow_aliases_name_the_public_models(tmp_path, monkeypatch):
+    from rewardtune.errors import OfflineError
+    from rewardtune.finetune.models import ALIASES, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    assert ALIASES["sd35-large-turbo"] == ("stabilityai/stable-diffusion-3.5-large-turbo",)
+    for alias, hub_id in (("flux-dev", "black-forest-labs/FLUX.1-dev"), ("sd35-medium", "stabilityai/stable-diffusion-3.5-medium")):
+        with pytest.raises(OfflineError, match=f"'{hub_id}' is not in the local cache"):
+            resolve_model(alias)
+
+
+def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
+    """Per alias (SD3.5-Large vs its Turbo: the same files), per family for a local directory, --defaults-from."""
+    from rewardtune.finetune.defaults import resolve_defaults
+
+    sd3, flux, schnell = _load(flow_models["sd3"]), _load(flow_models["flux"]), _load(flow_models["schnell"])
+
+    def resolved(pipe, family, **kw):
+        cfg = FinetuneConfig(output=str(tmp_path), **kw)
+        resolve_defaults(cfg, pipe, family)
+        return cfg.sample_steps, cfg.guidance_scale, cfg.max_sequence_length
+
+    assert resolved(sd3, "sd3", model="sd35-large") == (28, 3.5, 256)
+    assert resolved(sd3, "sd3", model="sd35-large-turbo") == (4, 0.0, 256)
+    assert resolved(sd3, "sd3", model=str(flow_models["sd3"])) == (28, 7.0, 256)
+    assert resolved(sd3, "sd3", model=str(flow_models["sd3"]), defaults_from="sd35-medium", sample_steps=10) == (10, 4.5, 256)
+    assert resolved(schnell, "flux", model=str(flow_models["schnell"])) == (4, 0.0, 256)
+    assert resolved(flux, "flux", model="flux-dev") == (28, 3.5, 512)
+    assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
+
+
+def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path):
+    """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
+    0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
+    |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
+    trainer = Trainer(flow_cfg(flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=4,
+                               guidance_scale=None), reward=Brightness())
+    assert trainer.cfg.sample_steps == 4 and not trainer.sampler.guided
+    dt = (trainer.sampler.sigmas[1:] - trainer.sampler.sigmas[:-1]).abs()
+    assert float(dt[-1]) == pytest.approx(0.0089, abs=1e-4)
+    grads = [sum(g) for g in _grads_per_step(trainer, Plan([0, 0], 4))]
+    assert grads[3] < grads[2] / 20 and grads[3] < grads[0] / 5
+
+
+def test_turbo_recipe_builds_a_valid_config(tmp_path):
+    from rewardtune.config import build_config
+
+    cfg = build_config(FinetuneConfig, config="sd35l_turbo_icthp_draftk", output=str(tmp_path))
+    assert cfg.model == "sd35-large-turbo" and cfg.method == "draft-k" and cfg.k >= 2 and cfg.guidance_scale == 0
