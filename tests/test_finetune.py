@@ -85,13 +85,14 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet, self.outputs = unet, []
+        self.unet, self.outputs, self.recording = unet, [], True
 
     def forward(self, x, t, **kw):
         out = self.unet(x, t, **kw)
-        if out[0].requires_grad:
-            out[0].retain_grad()
-        self.outputs.append(out[0])
+        if self.recording:  # not the backward pass's recomputation of checkpointed calls
+            if out[0].requires_grad:
+                out[0].retain_grad()
+            self.outputs.append(out[0])
         return out
 
 
@@ -104,6 +105,7 @@ def _grads_per_step(trainer, plan):
     state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
     trainer.sampler.run_prefix(rec, state)
     out, _, _ = trainer.sampler.run_grad(rec, state)
+    rec.recording = False
     trainer.score(trainer.decode(out), prompts).sum().backward()
     grads = []
     for y in rec.outputs:

@@ -102,10 +102,7 @@ def test_sample_returns_the_pipelines_latents(flow_models, name, cases):
 def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(family, tmp_path):
     """SD/SDXL: ``sample`` equals the stock pipeline once it samples with ``training_scheduler(pipe)`` (DDIM), at
     eta 0 and, from the same generator, at eta 1."""
-    try:  # the tiny SD builders are moving into rewardtune.testing
-        from rewardtune.testing.tiny_pipelines import save_tiny_pipeline
-    except ImportError:
-        from rewardtune.tiny_pipelines import save_tiny_pipeline
+    from rewardtune.testing import save_tiny_pipeline
 
     pipe = _load(save_tiny_pipeline(tmp_path, family))
     pipe.scheduler = training_scheduler(pipe)
@@ -209,13 +206,14 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.outputs = model, []
+        self.model, self.outputs, self.recording = model, [], True
 
     def forward(self, **kw):
         out = self.model(**kw)
-        if out[0].requires_grad:
-            out[0].retain_grad()
-        self.outputs.append(out[0])
+        if self.recording:  # not the backward pass's recomputation of checkpointed calls
+            if out[0].requires_grad:
+                out[0].retain_grad()
+            self.outputs.append(out[0])
         return out
 
 
@@ -228,6 +226,7 @@ def _grads_per_step(trainer, plan):
     state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
     trainer.sampler.run_prefix(rec, state)
     out, _, _ = trainer.sampler.run_grad(rec, state)
+    rec.recording = False
     trainer.score(trainer.decode(out), prompts).sum().backward()
     grads = []
     for y in rec.outputs:
@@ -358,7 +357,7 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
                             "--defaults-from sd35-large is a sd3 model"),
         "export": (["--model", flow_models["flux"], *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
         "sequence_length": (["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
-                            "--max-sequence-length must be at most 512"),
+                            "--max-sequence-length must be in [1, 512]"),
         "quantize": (["--model", flow_models["flux"], *base, "--quantize-base", "nf4"],
                      "needs bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "needs a CUDA GPU"),
     }[case]

@@ -60,6 +60,9 @@ class FinetuneConfig:
                                 choices=["none", "nf4", "int8"])
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
     gradient_checkpointing: bool = option(True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)")
+    checkpoint_calls: bool = option(True, "checkpoint each whole denoising call on the gradient steps but the last: only "
+                                    "its inputs are kept and it is recomputed in the backward pass, so memory stays flat "
+                                    "in K (--gradient-checkpointing still checkpoints the model's blocks inside it)")
     attention: str = option("sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"])
     optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes)", choices=["adamw", "adamw8bit"])
     reg_weight: float = option(0.0, "weight of the penalty on the distance between the LoRA and base model's noise "

@@ -26,7 +26,7 @@ class FlowMatchSampler(TruncatedSampler):
     unpacked latent and packs it, as its pipeline does)."""
 
     def __init__(self, scheduler, n_steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
-                 dtype: torch.dtype = torch.float32, schedule=None, noise=None):
+                 dtype: torch.dtype = torch.float32, schedule=None, noise=None, checkpoint_calls: bool = False):
         if eta > 0:
             raise UserError(f"--eta {eta}: flow-matching models are sampled with the deterministic Euler ODE "
                             f"sampler; eta has no meaning there, leave it at 0")
@@ -35,6 +35,7 @@ class FlowMatchSampler(TruncatedSampler):
         self.n_steps = n_steps
         self.guidance_scale = guidance_scale
         self.eta = 0.0
+        self.checkpoint_calls = checkpoint_calls
         self.noise = noise
         scheduler.set_timesteps(n_steps, **(schedule(n_steps) if schedule else {}))
         self.timesteps = scheduler.timesteps.clone()  # σ·1000, fp32
@@ -50,7 +51,7 @@ class FlowMatchSampler(TruncatedSampler):
         uncond, text = out.chunk(2)
         return uncond + self.guidance_scale * (text - uncond)
 
-    def step(self, v: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
+    def step(self, v: torch.Tensor, i: int, x: torch.Tensor, noise: torch.Tensor | None = None):
         """(x at σ_{i+1}, x0 estimate): one Euler step of the ODE; no randomness."""
         sigma, sigma_next = self.sigmas[i].to(x.device), self.sigmas[i + 1].to(x.device)
         return x + (sigma_next - sigma) * v, x - sigma * v

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .models import Conditioning
 
@@ -77,13 +78,16 @@ class SampleState:
 class TruncatedSampler:
     """DDIM with classifier-free guidance over a denoiser called as ``cond.call(model, x, t)``."""
 
-    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0, dtype: torch.dtype = torch.float32):
-        """``dtype``: the UNet's weights; latents and step arithmetic stay fp32, the UNet gets its own type."""
+    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0, dtype: torch.dtype = torch.float32,
+                 checkpoint_calls: bool = False):
+        """``dtype``: the UNet's weights; latents and step arithmetic stay fp32, the UNet gets its own type.
+        ``checkpoint_calls``: keep only each gradient call's inputs and recompute the call in the backward pass."""
         self.scheduler = scheduler
         self.dtype = dtype
         self.n_steps = n_steps
         self.guidance_scale = guidance_scale
         self.eta = eta
+        self.checkpoint_calls = checkpoint_calls
         scheduler.set_timesteps(n_steps)
         self.timesteps = scheduler.timesteps.clone()
 
@@ -103,17 +107,21 @@ class TruncatedSampler:
         return uncond + self.guidance_scale * (text - uncond)
 
     def ddim_step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
-        """(x_{i+1}, x0 prediction) by the scheduler's arithmetic; fresh noise only when eta > 0."""
+        """(x_{i+1}, x0 prediction) by the scheduler's arithmetic, drawing the step's noise from ``generator``."""
+        return self.step(out, i, x, self.step_noise(x, generator))
+
+    def step_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """The fresh noise of one step (DDIM with eta > 0), or None. Drawn by the loops below before the model
+        call and outside any checkpointed code, so a recomputed call replays exactly the same noise."""
+        if self.eta <= 0:
+            return None
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+
+    def step(self, out: torch.Tensor, i: int, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """(x_{i+1}, x0 prediction): the step every loop below takes (a subclass swaps the arithmetic)."""
         t = self.timesteps[i].to(x.device)
-        noise = None
-        if self.eta > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         res = self.scheduler.step(out, t, x, eta=self.eta, variance_noise=noise)
         return res.prev_sample, res.pred_original_sample
-
-    def step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
-        """(x_{i+1}, x0 prediction): the step every loop below takes (a subclass swaps the arithmetic)."""
-        return self.ddim_step(out, i, x, generator)
 
     def renoise(self, final: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         """``final`` noised back to step ``i``'s noise level (DRaFT-LV)."""
@@ -128,53 +136,64 @@ class TruncatedSampler:
         """Denoise without gradients up to the first step that carries any."""
         x = state.latents
         for i in range(state.step, state.plan.first_grad_step):
-            x, _ = self.step(self.predict(unet, x, i, state.cond), i, x, state.generator)
+            noise = self.step_noise(x, state.generator)
+            x, _ = self.step(self.predict(unet, x, i, state.cond), i, x, noise)
         state.latents, state.step = x, state.plan.first_grad_step
         return state
 
     def run_grad(self, unet, state: SampleState, base_unet=None):
         """The steps with gradients: returns (latents, regulariser, prompts), with the DRaFT-LV copies
-        appended to the batch. ``base_unet`` (adapters off) enables the regulariser."""
+        appended to the batch. ``base_unet`` (adapters off) enables the regulariser.
+
+        With ``checkpoint_calls`` every gradient call but the last keeps only its inputs (latent, noise, the base
+        model's prediction) and is recomputed in the backward pass: memory stays flat in the number of steps."""
         plan, x = state.plan, state.latents.detach()
         grad_from = torch.tensor(plan.grad_from, device=x.device).view(-1, *[1] * (x.dim() - 1))
-        regs = []
-        out = x
-        for i in range(state.step, plan.stop):
+        calls = plan.stop - state.step + plan.lv
+        regs, out = [], x
+        for n, i in enumerate(range(state.step, plan.stop)):
             x = torch.where(grad_from >= i, x.detach(), x)  # cut each sample's graph at its truncation point
-            pred = self.predict(unet, x, i, state.cond)
-            if base_unet is not None:
-                regs.append(self._distance(base_unet, x, i, state.cond, pred))
-            x_next, x0 = self.step(pred, i, x, state.generator)
+            x_next, x0, reg = self._grad_call(unet, x, i, state, base_unet, checkpointed=n < calls - 1)
+            regs.append(reg)
             out = x0 if (plan.x0_at_stop and i == plan.stop - 1) else x_next
             x = x_next
         latents, prompts = [out], list(state.prompts)
-        for _ in range(plan.lv):
-            latents.append(self._renoised_last_step(unet, out, state, base_unet, regs))
+        i = self.n_steps - 1
+        for n in range(plan.lv):  # DRaFT-LV: the detached result noised back to the last step, denoised again
+            noise = torch.randn(out.shape, generator=state.generator, dtype=torch.float32).to(out.device)
+            renoised = self.renoise(out.detach(), noise, i)
+            x_next, _, reg = self._grad_call(unet, renoised, i, state, base_unet, checkpointed=n < plan.lv - 1)
+            latents.append(x_next)
+            regs.append(reg)
             prompts += state.prompts
-        reg = torch.stack(regs).mean() if regs else out.new_zeros(())
+        reg = torch.stack(regs).mean() if base_unet is not None else out.new_zeros(())
         return torch.cat(latents), reg, prompts
 
-    def _renoised_last_step(self, unet, final, state, base_unet, regs):
-        """DRaFT-LV: noise the (detached) result back to the last timestep, denoise it again with gradients."""
-        i = self.n_steps - 1
-        noise = torch.randn(final.shape, generator=state.generator, dtype=torch.float32).to(final.device)
-        x = self.renoise(final.detach(), noise, i)
-        pred = self.predict(unet, x, i, state.cond)
+    def _grad_call(self, unet, x, i, state: SampleState, base_unet, checkpointed: bool):
+        """One denoising step with gradients: (x_{i+1}, x0, regulariser term). Its randomness and the base
+        model's prediction (no gradients) are computed first, outside the (maybe) checkpointed call."""
+        noise = self.step_noise(x, state.generator)
+        base = None
         if base_unet is not None:
-            regs.append(self._distance(base_unet, x, i, state.cond, pred))
-        return self.step(pred, i, x, state.generator)[0]
+            with torch.no_grad():
+                base = self.predict(base_unet, x.detach(), i, state.cond)
+        if checkpointed and self.checkpoint_calls:
+            return checkpoint(self._call, unet, x, i, state.cond, noise, base, use_reentrant=False)
+        return self._call(unet, x, i, state.cond, noise, base)
 
-    def _distance(self, base_unet, x, i, cond, pred):
-        with torch.no_grad():
-            base = self.predict(base_unet, x.detach(), i, cond)
-        return (pred - base).pow(2).mean()
+    def _call(self, unet, x, i, cond, noise, base):
+        pred = self.predict(unet, x, i, cond)
+        x_next, x0 = self.step(pred, i, x, noise)
+        reg = (pred - base).pow(2).mean() if base is not None else pred.new_zeros(())
+        return x_next, x0, reg
 
     @torch.no_grad()
     def sample(self, unet, cond: Conditioning, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Plain sampling, all steps without gradients (evaluation)."""
         x = latents
         for i in range(self.n_steps):
-            x, _ = self.step(self.predict(unet, x, i, cond), i, x, generator)
+            noise = self.step_noise(x, generator)
+            x, _ = self.step(self.predict(unet, x, i, cond), i, x, noise)
         return x
 
 
@@ -188,7 +207,7 @@ def make_sampler(kind: str, scheduler, cfg, dtype: torch.dtype = torch.float32, 
 
     With ``adapter`` and ``resolution`` (pixels, or (height, width)), the adapter's ``sampler_options`` for that
     size are added: FLUX's resolution-dependent shift and packed noise, which guidance its model takes."""
-    options = dict(guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+    options = dict(guidance_scale=cfg.guidance_scale, eta=cfg.eta, checkpoint_calls=cfg.checkpoint_calls)
     if adapter is not None and hasattr(adapter, "sampler_options"):
         options.update(adapter.sampler_options(resolution))
     return SAMPLERS[kind](scheduler, cfg.sample_steps, dtype=dtype, **options)

@@ -32,7 +32,8 @@ def sample(pipe, prompts, *, latents: torch.Tensor | None = None, num_inference_
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     family = pipeline_family(pipe)
     opts = SimpleNamespace(sample_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                           max_sequence_length=max_sequence_length, defaults_from="", export="none")
+                           max_sequence_length=max_sequence_length, defaults_from="", export="none",
+                           checkpoint_calls=False)  # no gradients here
     check_family_options(opts, family)
     adapter = make_adapter(pipe, family, opts)
     model = adapter.denoiser

@@ -351,6 +351,8 @@ def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, 
 def _variants(cfg, native: int) -> list[tuple[str, dict]]:
     """Single-knob changes that lower memory, cheapest in quality/speed first."""
     out = []
+    if not cfg.checkpoint_calls and cfg.k > 1:
+        out.append(("--checkpoint-calls", {"checkpoint_calls": True}))
     if not cfg.gradient_checkpointing:
         out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if cfg.optimizer == "adamw":
