@@ -49,13 +49,18 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write an image file atomically, its format from the suffix (PNG if unknown); a failed write (full disk,
+    read-only path) is a one-line ``UserError``."""
+    import io
+
     from PIL import Image
 
+    from .sources import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    Image.fromarray(to_uint8(image)).save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+    atomic_write_bytes(path, buf.getvalue(), "image")
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:
