@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -22,6 +23,9 @@ import yaml
 from .errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+MAX_RECIPE_DEPTH = 8  # levels of nested mappings and lists in a recipe (a recipe needs 2)
+MAX_RECIPE_VALUES = 10_000  # values in a recipe once its YAML aliases are expanded
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), min=None, max=None,
@@ -85,6 +89,9 @@ def check_values(cfg) -> None:
         choices = meta.get("choices")
         if choices is not None and value not in choices:
             raise UserError(f"{prefix}{flag_name(f.name)} '{value}' is not one of {', '.join(map(str, choices))}")
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            beyond = "" if not math.isfinite(value) else " (beyond float32's range, which torch computes in)"
+            raise UserError(f"{prefix}{flag_name(f.name)} must be a finite number, got {value}{beyond}")
         if isinstance(value, (int, float)):
             problem = _range_problem(value, meta.get("min"), meta.get("max"), meta.get("positive", False))
             if problem:
@@ -104,6 +111,12 @@ def precision_dtype(name: str):
     if name not in PRECISION_DTYPES:
         raise ValueError(f"unknown precision '{name}'; valid: {', '.join(PRECISION_DTYPES)}")
     return getattr(torch, PRECISION_DTYPES[name])
+
+
+def _optional(tp) -> bool:
+    """Whether the annotation ``tp`` admits None (``X | None``, ``Optional[X]``)."""
+    origin = typing.get_origin(tp)
+    return (origin is typing.Union or origin is types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _base_type(tp):
@@ -178,13 +191,70 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_yaml(path: Path) -> dict:
+    """A recipe's mapping. Nesting deeper than ``MAX_RECIPE_DEPTH`` or more than ``MAX_RECIPE_VALUES`` values
+    once aliases are expanded (an alias bomb) is refused before anything is built from it."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config: '{path}' is not a text (UTF-8) file; a recipe is YAML text") from None
+    except OSError as exc:
+        raise UserError(f"config: cannot read '{path}' ({exc.strerror or exc})") from None
+    try:
+        _check_nesting(text, path)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _measure(node, 1, {}, set(), path)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config: '{path}' is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"config: '{path}' must hold a mapping of option names to values")
     return data
+
+
+def _too_deep(path) -> UserError:
+    return UserError(f"config: '{path}' nests values deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a mapping of "
+                     f"option names to values (numbers, text, lists of them)")
+
+
+def _check_nesting(text: str, path) -> None:
+    """Refuse deep nesting from the parser's events, before any tree is built (building one recurses)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise _too_deep(path)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _measure(node, depth: int, memo: dict, path_ids: set, path) -> tuple[int, int]:
+    """(values, levels) of a YAML node with its aliases expanded, counted without expanding them (a node
+    reached by several aliases is counted once and multiplied). Refuses too many, too deep, or a cycle."""
+    if depth > MAX_RECIPE_DEPTH:
+        raise _too_deep(path)
+    key = id(node)
+    if key in path_ids:
+        raise UserError(f"config: '{path}' holds a YAML alias inside its own anchor (a recursive value); write the values out")
+    if key not in memo:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        path_ids.add(key)
+        sizes = [_measure(c, depth + 1, memo, path_ids, path) for c in children]
+        path_ids.discard(key)
+        memo[key] = (1 + sum(n for n, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+    values, levels = memo[key]
+    if depth - 1 + levels > MAX_RECIPE_DEPTH:
+        raise _too_deep(path)
+    if values > MAX_RECIPE_VALUES:
+        raise UserError(f"config: '{path}' expands to more than {MAX_RECIPE_VALUES} values through its YAML aliases; "
+                        f"a recipe is a short mapping of option names to values: write them out")
+    return values, levels
 
 
 def check_keys(cls, keys, where: str) -> None:
@@ -198,28 +268,87 @@ def check_keys(cls, keys, where: str) -> None:
         raise UserError(f"config: unknown key(s) in {where}: {', '.join(parts)}; valid keys: {', '.join(valid)}")
 
 
+_SCALARS = (str, int, float)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value) -> str:
+    return {dict: "a mapping ", list: "a list ", tuple: "a list ", set: "a set "}.get(type(value), "")
+
+
 def _coerce(cls, key, value):
+    """``value`` as the type of field ``key``; a one-line ``UserError`` naming the key for a value of the wrong
+    kind (a list where a number belongs, nested lists, a mapping where text belongs, 2.5 steps)."""
     tp = _base_type(typing.get_type_hints(cls)[key])
     if value is None:
         return None
-    try:
-        if tp is bool and not isinstance(value, bool):
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if tp in (int, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return tp(value)
-        if tp is list:
-            return list(value) if isinstance(value, (list, tuple)) else [value]
-        if tp is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config: '{key}' must be {tp.__name__}, got {value!r}") from None
+
+    def wrong(what: str) -> UserError:
+        return UserError(f"config: '{key}' must be {what}, got {_kind(value)}{_shown(value)}")
+
+    if tp is list:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, dict) or not all(isinstance(v, _SCALARS) and not isinstance(v, bool) for v in items):
+            raise wrong("a list of names or numbers (not nested, no mappings, no empty items)")
+        return items
+    if isinstance(value, (list, tuple, dict, set)):
+        raise wrong(getattr(tp, "__name__", str(tp)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise wrong("bool (true or false)")
+    if tp is str:
+        if isinstance(value, bool):  # YAML reads an unquoted no/yes/off/on as a boolean
+            raise UserError(f"config: '{key}' must be str, got the boolean {str(value).lower()} (YAML reads unquoted "
+                            f"yes/no/on/off so); quote it if you mean the word, e.g. {key}: 'no'")
+        return str(value)
+    if tp is int:
+        return _whole_number(value, wrong)
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong("float")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise wrong("float") from None
     return value
+
+
+def _whole_number(value, wrong) -> int:
+    """An int from an int, its text, or a whole float (YAML reads 1e3 as text, 1000.0 as a float)."""
+    if isinstance(value, bool):
+        raise wrong("int (a whole number)")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise wrong("int (a whole number)") from None
+    if not number.is_integer():  # also NaN and the infinities
+        raise wrong("int (a whole number)")
+    return int(number)
+
+
+def _check_given(cls, values: dict, where: str) -> None:
+    """An option given without a value (``eta:`` in a recipe reads as None) is an error, unless None is one of
+    its values (an Optional field, where it means 'the default')."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if value is None and key in hints and not _optional(hints[key]):
+            raise UserError(f"config: '{key}' {where} has no value; give it one or remove the line")
 
 
 def build_config(cls, args: argparse.Namespace | None = None, config: str | None = None, **overrides):
@@ -230,6 +359,7 @@ def build_config(cls, args: argparse.Namespace | None = None, config: str | None
         path = recipe_path(config)
         data = rename_aliases(cls, load_yaml(path), f"in '{path}'")
         check_keys(cls, data, f"'{path}'")
+        _check_given(cls, data, f"in '{path}'")
         values.update(data)
     names = {f.name for f in dataclasses.fields(cls)} | set(aliases_of(cls))
     if args is not None:
@@ -237,6 +367,7 @@ def build_config(cls, args: argparse.Namespace | None = None, config: str | None
         values.update(rename_aliases(cls, given, "on the command line", as_flags=True))
     overrides = rename_aliases(cls, overrides, "in the overrides")
     check_keys(cls, overrides, "overrides")
+    _check_given(cls, overrides, "in the overrides")
     values.update(overrides)
     cfg = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
     if hasattr(cfg, "validate"):

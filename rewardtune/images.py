@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
+from .sources import atomic_write_bytes
 
 
 def _rgb8(im) -> np.ndarray:
@@ -49,11 +51,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write an image file atomically, its format from the suffix (PNG if unknown); a failed write (full disk,
+    read-only path) is a one-line ``UserError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    Image.fromarray(to_uint8(image)).save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+    atomic_write_bytes(path, buf.getvalue(), "image")
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:

@@ -6,8 +6,12 @@ Checkpoints are untrusted. Safetensors is preferred; pickled ``.bin``/``.pt`` fi
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,20 +154,95 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     return len(matched)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write safetensors atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "weights",
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors atomically (temp file, then rename); a failed write is a one-line ``UserError``."""
+    from safetensors.torch import save
 
+    data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    atomic_write_bytes(path, data, what)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> None:
+    """Write ``text`` atomically (temp file, then rename; directories made as needed): a reader sees the old
+    file or the new one, never half of one. A failed write is a one-line ``UserError``; the temp file goes."""
+    atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file") -> None:
+    """``atomic_write_text`` for bytes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with writing(path, what, cleanup=tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_bytes(tmp, data)
+        os.replace(tmp, path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_bytes(path: Path, data: bytes) -> None:
+    """The one low-level write of the helpers above (tests make it fail as a full disk would)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# Why a write failed, by errno, and what to do about it.
+WRITE_FAILURES = {
+    errno.ENOSPC: ("no space left on the device", "free space there or write to another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota or write elsewhere"),
+    errno.EFBIG: ("the file is larger than the file system or the process's file size limit (ulimit -f) allows",
+                  "write to another file system or raise the limit"),
+    errno.EROFS: ("the file system is read-only", "choose a writable location"),
+    errno.EACCES: ("permission denied", "choose a location you may write to"),
+    errno.EPERM: ("operation not permitted", "choose a location you may write to"),
+    errno.ENOTDIR: ("a file is in the way where a directory is needed", "move that file or choose another location"),
+    errno.EIO: ("an input/output error of the device", "check the disk, or write elsewhere"),
+}
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The OS error behind a failed write, if it is one of ``WRITE_FAILURES``: an ``OSError`` anywhere in the
+    exception's chain (torch.save wraps it in a RuntimeError), or safetensors' '(os error N)' message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None:
+            m = re.search(r"\(os error (\d+)\)", str(exc))
+            code = int(m.group(1)) if m else None
+        if code in WRITE_FAILURES:
+            return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(exc: BaseException, what: str, path: str | os.PathLike) -> UserError | None:
+    """The one-line ``UserError`` for a write of ``what`` to ``path`` that failed with ``exc``; None when
+    ``exc`` is not an environment error of the write (a bug, which should keep its traceback)."""
+    code = write_errno(exc)
+    if code is None:
+        return None
+    reason, action = WRITE_FAILURES[code]
+    return UserError(f"could not write {what} '{path}': {reason}; {action} (nothing was replaced)")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str, cleanup: str | os.PathLike | None = None):
+    """Around a write of ``what`` to ``path``: on any failure remove ``cleanup`` (a temp file or a staging
+    directory), and turn a full disk, read-only or forbidden path into a one-line ``UserError``."""
+    try:
+        yield
+    except BaseException as exc:
+        if cleanup is not None:
+            _remove(Path(cleanup))
+        error = write_failed(exc, what, path) if isinstance(exc, Exception) and not isinstance(exc, UserError) else None
+        if error is None:
+            raise
+        raise error from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
+from ..nonfinite import max_nonfinite_option
 from ..schedules import LR_SCHEDULES
 from ..sources import REWARD_SOURCES, source_option
 
@@ -76,7 +77,7 @@ class FinetuneConfig:
     eval_size: int = option(4, "number of evaluation prompts (one image each)", min=1)
     eval_reward: str = option("", "held-out reward logged at each evaluation, e.g. pickscore while training on icthp")
     early_stop_drop: float = option(0.0, "stop when the eval reward falls more than this below its best (0 = never)", min=0)
-    max_nonfinite: int = option(5, "stop after this many non-finite losses in a row", min=1)
+    max_nonfinite: int = max_nonfinite_option()
     log_every: int = option(1, "log training scalars every N steps", min=1)
     export: str = option("none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"])
     # reward sources: one field per key of sources.REWARD_SOURCES, in its order
@@ -97,6 +98,11 @@ class FinetuneConfig:
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")
         check_values(self)
+        from ..rewards.compose import parse_spec  # a bad reward spec ('ict:nan') fails before any model loads
+
+        parse_spec(self.reward)
+        if self.eval_reward:
+            parse_spec(self.eval_reward)
         if self.resolution and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}")
         if self.sample_steps is not None and self.k > self.sample_steps:

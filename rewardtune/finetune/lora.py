@@ -86,8 +86,10 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     """
     from peft.utils import get_peft_model_state_dict
 
+    from ..nonfinite import check_finite_weights
+    from ..sources import writing
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     states = states or [None] * (1 + len(text_encoders_))
     name = denoiser_name(unet)
     layers = lora_state(unet, states[0]) if name == "unet" else get_peft_model_state_dict(unet, state_dict=states[0])
@@ -95,12 +97,16 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     for name, te, sd in zip(["text_encoder", "text_encoder_2"], text_encoders_, states[1:]):
         kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te, state_dict=sd)
         kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
-    try:
-        pipe_cls.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **kw)
-        os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    layers = {f"{k[: -len('_lora_layers')]}.{n}": t for k, v in kw.items() if k.endswith("_lora_layers") for n, t in v.items()}
+    check_finite_weights(layers, f"the LoRA for '{directory / WEIGHT_NAME}'")
+    with writing(directory / WEIGHT_NAME, "the LoRA"):
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
+        try:
+            pipe_cls.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **kw)
+            os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory / WEIGHT_NAME
 
 
@@ -118,7 +124,7 @@ def export_kohya(directory: str | Path, alpha: float) -> Path:
     state = load_file(str(directory / WEIGHT_NAME))
     kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
     kohya = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
-    save_state_dict(kohya, directory / KOHYA_NAME)
+    save_state_dict(kohya, directory / KOHYA_NAME, "the kohya LoRA")
     return directory / KOHYA_NAME
 
 

@@ -109,8 +109,6 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from and resume_from.path)
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
     state = trainer.resume_state
-    if main:
-        rundir.write_config(cfg)
     log = RunLog(out, main, trainer.global_step if resume_from else None)
     evaluate = Evaluator(trainer, out, eval_hook)
     note_long_prompts(trainer, evaluate.prompts)
@@ -120,7 +118,10 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     try:
         best = _train(trainer, evaluate, log, rundir, before, best, history)
         after = _eval(evaluate, trainer, log, main)
+        _check_final(after, trainer)
         lora_path = trainer.save_lora(out)
+        if main:  # config.yaml goes with the outputs, so a run that fails before them leaves a finished run's as it was
+            rundir.write_config(cfg)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
         _checkpoint(trainer, rundir, before, best)
@@ -149,6 +150,15 @@ def _eval(evaluate: Evaluator, trainer: Trainer, log: RunLog, main: bool) -> dic
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"finetune: eval at step {trainer.global_step}: {shown}", flush=True)
     return metrics
+
+
+def _check_final(after: dict, trainer: Trainer) -> None:
+    """A run whose final evaluation is NaN or infinite fails, and its LoRA is not published."""
+    bad = {k: v for k, v in after.items() if k in ("reward", "eval_reward") and not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise UserError(f"the evaluation after step {trainer.global_step} gave {shown}: the training diverged and the "
+                        f"LoRA was not saved; try a lower --lr")
 
 
 def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, before: dict, best, history: dict):
@@ -189,3 +199,4 @@ def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best) -> None:
     trainer.save_checkpoint(rundir.checkpoint_dir(trainer.global_step), {"before": before, "best_eval": best})
     if trainer.accelerator.is_main_process:
         rundir.rotate(trainer.cfg.checkpoints_keep)
+        rundir.write_config(trainer.cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..config import precision_dtype
 from ..errors import UserError
+from .. import nonfinite
+from ..nonfinite import NonFiniteRule, check_finite_params
 from ..rundir import load_checkpoint, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
@@ -208,8 +209,17 @@ class Trainer:
         self.reward, self.eval_reward, self.optimizer = parts.reward, parts.eval_reward, parts.optimizer
         self.lr_factor = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
         self.global_step = 0
-        self.nonfinite_in_row = 0
-        self.skipped_steps = 0
+        say = (lambda line: print(line, flush=True)) if getattr(parts.accelerator, "is_main_process", True) else None
+        self.nonfinite = NonFiniteRule(cfg.max_nonfinite, "finetune: ", say)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient, in the whole run."""
+        return self.nonfinite.skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self.nonfinite.skipped = n
 
     # ----- data and randomness (a function of the step, so a resumed run sees the same) ---------
     def batch_prompts(self, micro: int = 0, step: int | None = None) -> list[str]:
@@ -280,30 +290,17 @@ class Trainer:
         """Backpropagate ``loss``; a non-finite loss is replaced by a zero loss over the trainable
         weights (so every process still takes part in the gradient all-reduce). Returns finiteness.
         A fake tensor (the planner's trace) has no values and counts as finite."""
-        finite = is_fake(loss) or bool(torch.isfinite(loss).all())
-        if not finite:
-            params = lora_mod.trainable_parameters(*self.models_train)
-            loss = torch.stack([p.sum() for p in params]).sum() * 0.0
-        self.accelerator.backward(loss)
-        return finite
-
-    def optimizer_step(self, skip: bool = False) -> float:
-        """Clip, step and zero the gradients; ``skip`` (or a non-finite norm) drops this step's update.
-        Returns the gradient norm before clipping (nan when skipped)."""
-        acc, norm = self.accelerator, float("nan")
         params = lora_mod.trainable_parameters(*self.models_train)
-        if not skip:
-            if self.cfg.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_(params, self.cfg.max_grad_norm)  # None under DeepSpeed before its step
-                norm = float("nan") if norm is None else float(norm)
-            else:
-                norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
-            if math.isfinite(norm) or acc.distributed_type == "DEEPSPEED":
-                for group in self.optimizer.param_groups:  # from the step counter, so a resumed run needs no state
-                    group["lr"] = self.cfg.lr * self.lr_factor(self.global_step)
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return nonfinite.backward(self.accelerator, loss, params, finite=True if is_fake(loss) else None)
+
+    def optimizer_step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip, step and zero the gradients (``nonfinite.optimizer_step``); ``skip`` (a non-finite loss on
+        some process) or a non-finite gradient drops this step's update. Returns (the gradient norm before
+        clipping, NaN when skipped or not known; whether the update was applied)."""
+        for group in self.optimizer.param_groups:  # from the step counter, so a resumed run needs no state
+            group["lr"] = self.cfg.lr * self.lr_factor(self.global_step)
+        params = lora_mod.trainable_parameters(*self.models_train)
+        return nonfinite.optimizer_step(self.accelerator, self.optimizer, params, self.cfg.max_grad_norm, not skip)
 
     def micro_step(self, prompts: list[str], generator: torch.Generator, on_part=None):
         """One micro-batch: ``sample_prefix`` -> ``grad_steps`` -> ``decode`` -> ``score`` -> ``backward``.
@@ -338,9 +335,7 @@ class Trainer:
                 finite &= ok
                 rewards.append(r.mean())
                 regs.append(reg)
-        finite_all = bool(acc.gather(torch.tensor([float(finite)], device=self.device)).min() > 0)
-        norm = self.optimizer_step(skip=not finite_all)
-        applied = finite_all and math.isfinite(norm) and not acc.optimizer_step_was_skipped
+        norm, applied = self.optimizer_step(skip=not nonfinite.all_agree(acc, finite))
         self._count(applied)
         self.global_step += 1
         reward = acc.reduce(torch.stack(rewards).mean().float(), "mean")
@@ -350,19 +345,11 @@ class Trainer:
                 "skipped": not applied, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _count(self, applied: bool) -> None:
-        if applied:
-            self.nonfinite_in_row = 0
-            return
-        self.skipped_steps += 1
-        self.nonfinite_in_row += 1
-        if self.accelerator.is_main_process:
-            print(f"finetune: step {self.global_step + 1}: non-finite loss or gradient; update skipped "
-                  f"({self.nonfinite_in_row} in a row)", flush=True)
-        if self.nonfinite_in_row >= self.cfg.max_nonfinite:
-            hint = "try --mixed-precision bf16" if self.weight_dtype == torch.float16 else "try a lower --lr"
-            if self.family == "sdxl" and not self.cfg.vae_fp32 and self.weight_dtype != torch.float32:
-                hint += " or --vae-fp32 (SDXL's VAE overflows in fp16)"
-            raise UserError(f"stopped: {self.nonfinite_in_row} non-finite losses in a row at step {self.global_step + 1}; {hint}")
+        """The shared ``--max-nonfinite`` rule (``nonfinite.NonFiniteRule``), with a hint for this model."""
+        hint = "try --mixed-precision bf16" if self.weight_dtype == torch.float16 else "try a lower --lr"
+        if self.family == "sdxl" and not self.cfg.vae_fp32 and self.weight_dtype != torch.float32:
+            hint += " or --vae-fp32 (SDXL's VAE overflows in fp16)"
+        self.nonfinite.count(applied, self.global_step + 1, hint)
 
     # ----- generation for evaluation ----------------------------------------------------------
     @torch.no_grad()
@@ -392,6 +379,7 @@ class Trainer:
     def save_lora(self, directory: str | Path) -> Path:
         """Write the LoRA in diffusers format; every process must call it (weights are gathered), the main one writes."""
         acc = self.accelerator
+        check_finite_params(acc, lora_mod.trainable_parameters(*self.models_train), f"the LoRA to be saved in '{directory}'")
         states = [acc.get_state_dict(m) for m in self.models_train]
         path = Path(directory) / lora_mod.WEIGHT_NAME
         if acc.is_main_process:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -379,8 +380,8 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
 def fit_budget(cfg, budget_gib: float, **kw) -> dict:
     """Predict ``cfg`` and, if it exceeds ``budget_gib``, the knob changes (alone, else combined) that fit."""
 
-    if budget_gib <= 0:
-        raise UserError(f"--budget-gib must be positive, got {budget_gib}")
+    if not math.isfinite(budget_gib) or budget_gib <= 0:
+        raise UserError(f"--budget-gib must be a positive finite number of GiB, got {budget_gib}")
     base = predict_peak_memory(cfg, **kw)
     result = {"prediction": base, "budget_gib": budget_gib, "fits": base["peak_gib"] <= budget_gib, "suggestions": []}
     if result["fits"]:

@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
+from ..nonfinite import max_nonfinite_option
 from ..sources import REWARD_SOURCES
 
 STAGE_DEFAULTS = {"ict": {"lr": 3e-5, "freeze_ratio": 0.0}, "hp": {"lr": 3e-6, "freeze_ratio": 0.5}}
@@ -30,7 +31,8 @@ class TrainRewardConfig:
     warmup_steps: Optional[int] = option(None, "linear warmup steps (default: a twentieth of --steps)", min=0)
     lr_schedule: str = option("linear", "after warmup: linear decay to 0 (as published), cosine, or constant",
                               choices=["linear", "cosine", "constant"])
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)", min=0)
+    max_nonfinite: int = max_nonfinite_option()
     freeze_ratio: Optional[float] = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
                                         "(default: 0 for ict, 0.5 of the vision layers for hp)", min=0, max=1)
     freeze_embeddings: bool = option(False, "also freeze the embeddings below frozen layers (faster backward; "

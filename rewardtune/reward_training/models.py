@@ -19,7 +19,8 @@ from torch import nn
 
 from ..rewards.clip_tower import ClipTower, embedding, normalize
 from ..rewards.icthp import HPHead, ICTReward
-from ..sources import resolve, save_state_dict
+from ..nonfinite import check_finite_weights
+from ..sources import resolve, save_state_dict, writing
 
 # Files of an HF CLIP directory besides the weights: tokenizer and image preprocessor.
 SIDECAR_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -148,25 +149,37 @@ def write_clip_dir(clip, state: dict[str, torch.Tensor], source_dir: Path, direc
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, directory / name)
     if official:
-        torch.save(state, directory / "pytorch_model.bin")
+        _torch_save(state, directory / "pytorch_model.bin")
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through an open file, so a failed write keeps its OSError (a path gives a bare RuntimeError)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def write_ict(clip, state, source_dir: Path, out: Path, official: bool) -> None:
+    """The ICT model (a full CLIP directory) in ``out``: staged in ``out/.staging``, then moved into place."""
+    check_finite_weights(state, f"the ICT model for '{out}'")
     staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    write_clip_dir(clip, split_state(state, "clip"), source_dir, staging, official)
-    publish(staging, out)
+    with writing(out, "the ICT model", cleanup=staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        write_clip_dir(clip, split_state(state, "clip"), source_dir, staging, official)
+        publish(staging, out)
 
 
 def write_hp(clip, state, source_dir: Path, out: Path, official: bool) -> None:
+    """The HP model (``hp_backbone/``, ``hp_scorer/``) in ``out``: staged in ``out/.staging``, then moved."""
+    check_finite_weights(state, f"the HP model for '{out}'")
     staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    write_clip_dir(clip, split_state(state, "clip"), source_dir, staging / "hp_backbone", official)
-    head = split_state(state, "head")
-    save_state_dict(head, staging / "hp_scorer" / "mlp_pytorch_model.safetensors")
-    if official:
-        torch.save(head, staging / "hp_scorer" / "mlp_pytorch_model.bin")
-    publish(staging, out)
+    with writing(out, "the HP model", cleanup=staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        write_clip_dir(clip, split_state(state, "clip"), source_dir, staging / "hp_backbone", official)
+        head = split_state(state, "head")
+        save_state_dict(head, staging / "hp_scorer" / "mlp_pytorch_model.safetensors", "the HP head")
+        if official:
+            _torch_save(head, staging / "hp_scorer" / "mlp_pytorch_model.bin")
+        publish(staging, out)
 
 
 def publish(staging: Path, out: Path) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+from .. import nonfinite
 from ..config import precision_dtype
 from ..data import find_split
 from ..errors import UserError
@@ -234,14 +236,17 @@ class Run:
         self.trainee.train()
         out = {}
         for key, chunks in parts.items():
-            for name, value in triplet_accuracy(torch.cat(chunks)).items():
+            scores = torch.cat(chunks)
+            bad = int((~torch.isfinite(scores)).any(-1).sum())
+            if bad:  # NaN compares false: accuracy would read 0, not "broken"
+                raise UserError(f"train-reward: validation: {key} scores of {bad} of {len(scores)} triplets are NaN or "
+                                f"infinite; the model diverged: {self._hint()}")
+            for name, value in triplet_accuracy(scores).items():
                 out[f"val/{key}_{name}"] = value
         return out
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        if acc.is_main_process:
-            self.rundir.write_config(cfg)
         start = 0
         if self.resume_from is not None:
             load_checkpoint(acc, self.resume_from.path)
@@ -259,32 +264,45 @@ class Run:
         cfg, acc = self.cfg, self.acc
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr,
                    disable=not (cfg.progress and acc.is_local_main_process))
-        step, running, micro = start, [], []
+        step, running, micro, finite = start, [], [], True
+        say = (lambda line: print(line, flush=True)) if acc.is_main_process else None
+        self.nonfinite = nonfinite.NonFiniteRule(cfg.max_nonfinite, "train-reward: ", say, prefix="train-reward: ")
         params = [p for p in self.trainee.parameters() if p.requires_grad]
         for batch in _batches(acc, self.train_loader, start * cfg.grad_accum):
             with acc.accumulate(self.trainee):
                 loss, info = self.stage.loss(self.trainee, batch)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            micro.append(loss.item())
+                # every process computes the loss over the gathered global batch: they skip together
+                finite &= nonfinite.backward(acc, loss, params, agree=True)
+                micro.append(loss.item())
+                if acc.sync_gradients:
+                    info["grad_norm"], applied = nonfinite.optimizer_step(acc, self.optimizer, params, cfg.max_grad_norm, finite)
             if not acc.sync_gradients:
                 continue
             info["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
-            self.scheduler.step()
+            with warnings.catch_warnings():  # a skipped update is no reason for torch's "scheduler before optimizer"
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                self.scheduler.step()
             step += 1
+            self.nonfinite.count(applied, step, self._hint())
             running.append(sum(micro) / len(micro))
-            micro = []
+            micro, finite = [], True
             self.metrics.update({k: v for k, v in info.items() if isinstance(v, int)})
+            self.metrics["skipped_steps"] = self.nonfinite.skipped
             bar.update(1)
             bar.set_postfix(loss=f"{running[-1]:.4f}")
             self._periodic(step, running, info)
             if step >= cfg.steps:
                 break
         bar.close()
+        nonfinite.check_finite_params(acc, self.trainee, f"train-reward: the {cfg.stage.upper()} model after step {step}",
+                                      hint=self._hint())
         return step
+
+    def _hint(self) -> str:
+        """What to try when the training diverges."""
+        cfg = self.cfg
+        hint = "try a lower --lr" + (" or gradient clipping (--max-grad-norm 1)" if cfg.max_grad_norm <= 0 else "")
+        return hint + (" or --mixed-precision bf16" if self.acc.mixed_precision == "fp16" else "")
 
     def _periodic(self, step: int, running: list, info: dict) -> None:
         cfg, acc = self.cfg, self.acc
@@ -298,7 +316,10 @@ class Run:
         if step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0):
             self._validate_and_log(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            nonfinite.check_finite_params(acc, self.trainee, f"train-reward: the checkpoint at step {step}", hint=self._hint())
             self.rundir.save_checkpoint(acc, step, {"metrics": self._plain_metrics(step)}, cfg.checkpoints_keep)
+            if acc.is_main_process:  # config.yaml is written with the run's outputs (a checkpoint, the model), so a
+                self.rundir.write_config(cfg)  # run that fails before any leaves a finished run's config.yaml as it was
 
     def _validate_and_log(self, step: int) -> None:
         val = self.validate()
@@ -317,6 +338,7 @@ class Run:
         self.metrics.update({"start_step": start, "steps_run": step - start, "num_processes": acc.num_processes})
         if acc.is_main_process:
             self.stage.write_output(state, self.out)
+            self.rundir.write_config(self.cfg)
             self.rundir.write_json("metrics.json", self.metrics)
         acc.wait_for_everyone()
         acc.end_training()
