@@ -65,7 +65,7 @@ def run_one(work: Path, model: Path, world: Path, k: int, calls: bool, blocks: b
 
 def report(records: list[dict], meta: dict) -> str:
     by = {(r["k"], r["checkpoint_calls"], r["gradient_checkpointing"]): r for r in records}
-    lines = [f"# Whole-call checkpointing: peak RSS and step time against K (issue #13)", "",
+    lines = ["# Whole-call checkpointing: peak RSS and step time against K (issue #13)", "",
              f"Commit `{meta['commit']}`, {meta['env']['date']}, {meta['env']['cpu']} ({meta['env']['cpu_count']} cores), "
              f"torch {meta['env']['versions']['torch']}. `python benchmarks/checkpoint_calls.py`; tiny SD 1.x "
              f"({json.dumps(PIPELINE)}), 64 px, 20 DDIM steps, guidance 5, eta 1, batch 2, LoRA rank 4, fp32, tiny ICT-HP, "
