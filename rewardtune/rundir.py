@@ -313,9 +313,13 @@ class RunDir:
         return self.write_text(name, json.dumps(data, indent=2))
 
     def write_config(self, cfg) -> Path:
-        """The resolved config as ``config.yaml``, re-runnable with ``--config``."""
+        """The resolved config as ``config.yaml``, re-runnable with ``--config``; without ``resume`` and
+        ``overwrite``, which act on a directory (a re-run from it never overwrites by surprise)."""
         from .config import config_to_yaml
 
+        if dataclasses.is_dataclass(cfg):
+            names = {f.name for f in dataclasses.fields(cfg)}
+            cfg = dataclasses.replace(cfg, **{k: False for k in ("resume", "overwrite") if k in names})
         return self.write_text("config.yaml", config_to_yaml(cfg))
 
 

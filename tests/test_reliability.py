@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rewardtune.errors import UserError
 from rewardtune.finetune import run_finetune
@@ -145,6 +146,7 @@ def test_finetune_resume_never_runs_planted_pickles_and_records_allowed_changes(
     assert "never loaded" in cap.err and "with changed settings: --steps 2 -> 3, --lr 0.03 -> 0.01, --seed 0 -> 5" in cap.out
     history = [json.loads(x) for x in (extra / "runs.jsonl").read_text().splitlines()]
     assert [h["action"] for h in history] == ["fresh", "continue"]
+    assert yaml.safe_load((extra / "config.yaml").read_text())["resume"] is False
     assert history[-1]["changed"] == {"--steps": [2, 3], "--lr": [0.03, 0.01], "--seed": [0, 5], "--checkpoint-minutes": [1e-9, 0.0]}
 
 
@@ -213,16 +215,23 @@ def test_a_finished_reward_model_is_not_replaced_without_overwrite(reward_world,
         train_reward(TrainRewardConfig(output=str(done), steps=3, resume=True, **reward_world["cfg"]))
     m = train_reward(TrainRewardConfig(output=str(done), steps=1, overwrite=True, checkpoint_every=0, **reward_world["cfg"]))
     assert m["step"] == 1 and (done / "model.safetensors").read_bytes() != model
+    assert yaml.safe_load((done / "config.yaml").read_text())["overwrite"] is False  # re-run from it: no surprise
     # a job script that always passes --resume survives a kill before the first checkpoint
     fresh = train_reward(TrainRewardConfig(output=str(tmp_path / "new"), steps=1, resume=True, **reward_world["cfg"]))
     assert fresh["start_step"] == 0 and "no checkpoint in" in capsys.readouterr().out
 
 
-def test_finetune_finished_resume_at_the_same_steps_has_nothing_to_do(ft_run, sd_model, tiny_cfg, tmp_path, capsys):
+def test_finetune_finished_resume_at_the_same_steps_has_nothing_to_do(ft_run, sd_model, tiny_cfg, tmp_path, brightness, capsys):
     done = _copy(ft_run, tmp_path, "done")
     summary = run_finetune(tiny_cfg(sd_model, done, steps=2, resume=True))
     assert summary["nothing_to_do"] and summary["steps"] == 2
     assert "nothing to do: the run in" in capsys.readouterr().out
+    # killed after its last checkpoint, before summary.json: --resume only redoes the end, evaluation logged once
+    (done / "summary.json").unlink()
+    again = run_finetune(tiny_cfg(sd_model, done, steps=2, resume=True, eval_size=2), reward=brightness())
+    assert again["steps"] == 2 and again["after"] == summary["after"]
+    rows = [json.loads(x) for x in (done / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
 
 
 # ----- case 5: resume checks what it resumes ---------------------------------------------------------------

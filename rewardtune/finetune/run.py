@@ -27,14 +27,18 @@ from .trainer import Trainer
 class RunLog:
     """TensorBoard scalars and ``metrics.jsonl`` lines (main process only)."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None, redo_eval: bool = False):
+        """``resume_step``: keep the lines up to the checkpoint resumed from (``redo_eval``: not its evaluation,
+        which the resumed run repeats: a checkpoint at ``--steps`` whose run ended before its summary)."""
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint we resume from
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            rows = [(ln, json.loads(ln)) for ln in self.path.read_text().splitlines() if ln.strip()]
+            lines = [ln for ln, r in rows if r["step"] < resume_step or (r["step"] == resume_step
+                                                                         and not (redo_eval and r["kind"] == "eval"))]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
         elif self.path.exists():
             self.path.unlink()
@@ -139,7 +143,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
     cfg, out = trainer.cfg, rundir.root
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
     state = trainer.resume_state
-    log = RunLog(out, main, trainer.global_step if start.checkpoint is not None else None)
+    log = RunLog(out, main, trainer.global_step if start.checkpoint is not None else None,
+                 redo_eval=trainer.global_step >= cfg.steps)
     evaluate = Evaluator(trainer, out, eval_hook)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
