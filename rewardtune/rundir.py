@@ -1,16 +1,29 @@
-"""The output directory of a training run, for both ``train-reward`` and ``finetune``: checkpoint names,
-which checkpoints exist, rotation, the rules for starting over or resuming, atomic writes, and the reset
-of accelerate's process-wide state between runs in one process.
+"""The output directory of a training run, shared by ``train-reward``, ``finetune`` and ``demo``: checkpoint
+names and listing, rotation, the lock that keeps one run per directory, what a run does with what it finds
+there (start, resume, continue, nothing to do, refuse), checkpoints written whole with a manifest and
+verified before use, the comparison of a resumed run's settings with its checkpoint's, the checkpoint
+cadence, and the reset of accelerate's process-wide state between runs in one process.
 
 Layout: ``<output>/checkpoints/step_000123/`` (``step-123/`` of train-reward before 0.1 is still found),
-each complete one holding ``trainer_state.json``; written into ``.step_000123.tmp/`` and renamed.
+each complete one holding ``trainer_state.json`` and ``manifest.json`` (size and sha256 of every file);
+written into ``.step_000123.tmp/`` and renamed. ``<output>/.rewardtune.lock`` is held while a run lives;
+``<output>/runs.jsonl`` records each start and resume. The table of what a run does with each state of the
+directory is in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
+import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -19,7 +32,13 @@ from .sources import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+LOCK = ".rewardtune.lock"
+HISTORY = "runs.jsonl"
+SAFE_FORMAT = "safe"  # runstate.SAFE, repeated so that this module imports without torch's state code
 _STEP = re.compile(r"^step[_-](\d+)$")  # step_000123; step-123 is what train-reward wrote before
+# Settings a resumed run may change; every other difference is recorded (the fixed ones refuse).
+_NOT_COMPARED = ("resume", "overwrite", "output", "progress")
 
 
 class Checkpoint(NamedTuple):
@@ -27,24 +46,61 @@ class Checkpoint(NamedTuple):
     path: Path
 
 
+class Start(NamedTuple):
+    """What a run does with its output directory (``RunDir.plan``). ``action``: ``fresh`` (from step 0),
+    ``overwrite`` (from step 0, the old run's files removed as it starts), ``resume`` (a run in progress,
+    from ``checkpoint``), ``continue`` (a finished run, further, from ``checkpoint``), ``done`` (a finished
+    run already at ``--steps``: nothing to do; ``record`` is its finished record)."""
+
+    action: str
+    checkpoint: Checkpoint | None = None
+    state: dict = {}
+    record: dict | None = None
+    damaged: tuple = ()
+
+    @property
+    def path(self) -> Path | None:
+        return self.checkpoint.path if self.checkpoint is not None else None
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.step if self.checkpoint is not None else 0
+
+
 def checkpoint_name(step: int) -> str:
     """The directory name of the checkpoint after ``step`` optimizer steps (sorts by name up to 999999)."""
     return f"step_{step:06d}"
 
 
+def is_main_process() -> bool:
+    """The process that owns the output directory: global rank 0 (``RANK`` is set by accelerate/torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RunDir:
-    """One run's output directory. ``who`` starts the error messages (``"train-reward: "``, or ``""``).
+    """One run's output directory. ``who`` starts the error messages (``"train-reward: "``, or ``""``);
+    ``command`` names the run in printed lines and in the lock. What makes a run of this command:
+    ``finished`` (the file written last, whose ``done_key`` is the steps done), ``outputs`` (files a run
+    would replace: present without a finished record or checkpoint, they are not overwritten without
+    --overwrite), ``scratch`` (the run's own bookkeeping, removed when a run starts from step 0) and
+    ``clear`` (more of its files, removed by --overwrite); all glob patterns under the root.
 
     Every process may read; the main process writes (``write_checkpoint`` is the exception: every process
-    takes part in it, as in accelerate's ``save_state``)."""
+    takes part in it)."""
 
-    def __init__(self, root: str | Path, who: str = ""):
+    def __init__(self, root: str | Path, who: str = "", *, command: str = "", finished: str = "summary.json",
+                 done_key: str = "steps", outputs: tuple = (), scratch: tuple = (), clear: tuple = (),
+                 checkpoints_dir: str | Path | None = None):
         self.root = Path(root).expanduser()
-        self.who = who
+        self.who, self.command = who, command or who.rstrip(": ") or "run"
+        self.finished, self.done_key = finished, done_key
+        self.outputs, self.scratch, self.clear = tuple(outputs), tuple(scratch), tuple(clear)
+        self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
+        self.settings: dict | None = None  # set by ``begin``; stored in every checkpoint
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.root / CHECKPOINTS
+        return self._checkpoints_dir or self.root / CHECKPOINTS
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / checkpoint_name(step)
@@ -63,29 +119,178 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def resume_point(self, resume: bool, steps: int | None = None) -> Checkpoint | None:
-        """The checkpoint to continue from, or None to start afresh. A directory that holds checkpoints is
-        never started over silently (``--resume`` or another ``--output``); ``--resume`` with none is an
-        error; with ``steps`` (train-reward), so is a checkpoint already at or past it."""
-        latest = self.latest()
-        if not resume:
-            if latest is not None:
-                raise UserError(f"{self.who}--output '{self.root}' already holds checkpoints (latest step {latest.step}); "
-                                f"pass --resume to continue that run, or choose a new --output")
-            return None
-        if latest is None:
-            raise UserError(f"{self.who}--resume: no checkpoint in '{self.checkpoints_dir}'; run without --resume to start fresh")
-        if steps is not None and latest.step >= steps:
-            raise UserError(f"{self.who}the checkpoint is at step {latest.step}, not before --steps {steps}; "
-                            f"raise --steps to train further")
-        return latest
+    # ----- messages ---------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if is_main_process():
+            print(f"{self.command}: {text}", flush=True)
 
+    def warn(self, text: str) -> None:
+        if is_main_process():
+            print(f"{self.command}: warning: {text}", file=sys.stderr, flush=True)
+
+    # ----- one run per directory --------------------------------------------------------------
+    def lock(self) -> "RunLock":
+        """A context manager holding ``<root>/.rewardtune.lock`` for the run's life (main process only)."""
+        return RunLock(self)
+
+    # ----- what a run does with the directory it finds ----------------------------------------
+    def finished_record(self) -> dict | None:
+        """The finished run's record (``{}`` when unreadable), or None when no run finished here."""
+        path = self.root / self.finished
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _present(self, patterns) -> list[str]:
+        return sorted({p.name for pattern in patterns for p in self.root.glob(pattern)}) if self.root.is_dir() else []
+
+    def plan(self, resume: bool, overwrite: bool, steps: int, trust_pickle: bool = False) -> Start:
+        """Decide from what the directory holds and the flags; the table in docs/reliability.md. Refusals
+        are one-line ``UserError``s; nothing is written here (``begin`` does, once the run is built)."""
+        where = f"--output '{self.root}'"
+        if resume and overwrite:
+            raise UserError(f"{self.who}--resume continues the run in '{self.root}' and --overwrite starts it over; pass one of them")
+        if overwrite:
+            return Start("overwrite")
+        record, found = self.finished_record(), self.checkpoints()
+        if record is not None:
+            done = _count(record.get(self.done_key))
+            if record.get("stopped_early") and _count(record.get("steps_planned")) is not None and done is not None:
+                done = max(done, record["steps_planned"])  # an early stop finished the run it planned
+            shown = f"{done} steps" if done is not None else f"its {self.finished} is unreadable"
+            if not resume:
+                raise UserError(f"{self.who}{where} holds a finished run ({shown}); pass --overwrite to replace it, "
+                                f"--resume with a larger --steps to train it further, or choose a new --output")
+            if done is not None and steps <= done:
+                return Start("done", record=record)
+            if not found:
+                raise UserError(f"{self.who}--resume: the finished run in '{self.root}' kept no checkpoint to continue from; "
+                                f"pass --overwrite to start over, or choose a new --output")
+            return self._pick(found, steps, trust_pickle)._replace(action="continue")
+        if found:
+            if not resume:
+                raise UserError(f"{self.who}{where} holds a run in progress (latest checkpoint: step {found[-1].step}); "
+                                f"pass --resume to continue it, --overwrite to start over, or choose a new --output")
+            return self._pick(found, steps, trust_pickle)
+        taken = self._present(self.outputs)
+        if taken:
+            raise UserError(f"{self.who}{where} holds {', '.join(taken)} but no finished run or checkpoint of "
+                            f"'{self.command}'; pass --overwrite to replace them, or choose a new --output")
+        if resume:
+            self.say(f"--resume: no checkpoint in '{self.checkpoints_dir}' yet; starting from the beginning")
+        return Start("fresh")
+
+    def _pick(self, found: list[Checkpoint], steps: int, trust_pickle: bool) -> Start:
+        """The newest intact checkpoint (damaged newer ones are reported and set aside by ``begin``)."""
+        damaged = []
+        for ckpt in reversed(found):
+            problem, state, extra = verify_checkpoint(ckpt)
+            if problem is not None:
+                damaged.append((ckpt, problem))
+                continue
+            if state.get("format") != SAFE_FORMAT and not trust_pickle:
+                raise UserError(f"{self.who}--resume: checkpoint '{ckpt.path}' keeps its state in pickle files "
+                                f"(e.g. '{_pickled_file(ckpt.path)}'), which can run code when loaded ("
+                                f"{_pickle_origin(state)}); pass --trust-pickle only if you wrote it yourself, "
+                                f"or --overwrite to start over")
+            if ckpt.step > steps:
+                raise UserError(f"{self.who}--resume: the checkpoint is at step {ckpt.step}, past --steps {steps}; "
+                                f"raise --steps to train further")
+            for bad, problem in damaged:
+                self.warn(f"checkpoint '{bad.path}' is damaged ({problem}); it is set aside as '{bad.path.name}.damaged' "
+                          f"and the run resumes from '{ckpt.path.name}' (step {ckpt.step})")
+            if extra:
+                self.warn(f"ignoring {', '.join(extra)} in '{ckpt.path}': not written with the checkpoint (never loaded)")
+            if state.get("format") != SAFE_FORMAT and MANIFEST not in os.listdir(ckpt.path):
+                self.warn(f"checkpoint '{ckpt.path}' was written before manifests (not verified); loading its pickles "
+                          f"as --trust-pickle allows")
+            return Start("resume", ckpt, state, damaged=tuple(bad for bad, _ in damaged))
+        listed = "; ".join(f"{c.path.name}: {p}" for c, p in damaged)
+        raise UserError(f"{self.who}--resume: no intact checkpoint in '{self.checkpoints_dir}' ({listed}); "
+                        f"pass --overwrite to start over, or choose a new --output")
+
+    def check_settings(self, start: Start, settings: dict) -> dict:
+        """Compare a resumed run's settings with its checkpoint's. ``settings``: ``fixed`` (flag -> value, the
+        settings that change what the weights mean: any difference refuses, listed in one line) and ``config``
+        (every option: differences are allowed, printed, and recorded by ``begin``). Returns the allowed
+        changes as {flag: [checkpoint's, now]}."""
+        if start.checkpoint is None:
+            return {}
+        saved = start.state.get("settings")
+        if not isinstance(saved, dict):
+            self.warn(f"checkpoint '{start.path}' records no settings (written before 0.1); they are not compared")
+            return {}
+        now = _plain(settings)
+        before_fixed, before_cfg = saved.get("fixed") or {}, saved.get("config") or {}
+        diffs = [_describe(flag, before_fixed.get(flag), value) for flag, value in now["fixed"].items()
+                 if before_fixed.get(flag) != value]
+        if diffs:
+            raise UserError(f"{self.who}--resume: {'; '.join(diffs)}: these change what the checkpoint's weights mean; "
+                            f"resume with the checkpoint's values (in '{start.path / STATE_FILE}'), or start over with "
+                            f"--overwrite or a new --output")
+        changed = {_flag(k): [before_cfg.get(k), v] for k, v in now["config"].items()
+                   if k not in _NOT_COMPARED and k in before_cfg and before_cfg.get(k) != v}
+        if changed:
+            shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            self.say(f"resuming from step {start.step} with changed settings: {shown} (recorded in {HISTORY})")
+        return changed
+
+    def begin(self, start: Start, cfg, settings: dict, changed: dict | None = None) -> None:
+        """The run is built and starts: clear what the plan replaces, set damaged checkpoints aside, record the
+        start in ``runs.jsonl`` and the resolved config in ``config.yaml`` (main process)."""
+        self.settings = _plain(settings)
+        if not is_main_process():
+            return
+        if start.action == "overwrite":
+            self._remove([str(self.checkpoints_dir.relative_to(self.root)) if self.checkpoints_dir.is_relative_to(self.root)
+                          else None, self.finished, *self.outputs, *self.scratch, *self.clear])
+        elif start.action == "fresh":
+            self._remove([*self.scratch])
+            if self.checkpoints_dir.is_dir():  # only unfinished writes (.step_N.tmp) can be there
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+        elif start.action == "continue":
+            self._remove([self.finished])  # until it finishes again, the directory holds a run in progress
+        for bad in start.damaged:
+            aside = bad.path.with_name(bad.path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            bad.path.rename(aside)
+        entry = {"time": _now(), "action": start.action, "from_step": start.step, "pid": os.getpid(),
+                 "host": socket.gethostname(), "argv": sys.argv[1:], "changed": changed or {}}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / HISTORY).open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.write_config(cfg)
+
+    def abandon(self) -> None:
+        """Undo ``begin`` of a run from step 0 that failed before it trained (a failed start leaves nothing):
+        its scratch files and config.yaml, and its line of runs.jsonl."""
+        if not is_main_process():
+            return
+        self._remove([*self.scratch, "config.yaml"])
+        history = self.root / HISTORY
+        if history.is_file():
+            lines = history.read_text().splitlines(keepends=True)[:-1]
+            atomic_write_text(history, "".join(lines)) if lines else history.unlink()
+
+    def _remove(self, patterns) -> None:
+        for pattern in patterns:
+            if not pattern:
+                continue
+            for p in self.root.glob(pattern):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    # ----- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, accelerator, step: int, state: dict, keep: int,
-                        save: Callable[[Path], None] | None = None) -> Path:
-        """``write_checkpoint`` into ``checkpoints/step_N`` (``save``: accelerate's ``save_state`` unless
-        given), then keep only the newest ``keep``. Every process calls it."""
+                        save: Callable[[Path], str | None] | None = None) -> Path:
+        """``write_checkpoint`` into ``checkpoints/step_N`` (with the run's settings), then keep only the newest
+        ``keep``. ``save(tmp)`` writes the state files on every process and returns their format. Every process calls it."""
         save = save or (lambda tmp: accelerator.save_state(str(tmp)))
-        path = write_checkpoint(accelerator, self.checkpoint_dir(step), save, {"step": step, **state})
+        full = {"step": step, **state, **({"settings": self.settings} if self.settings is not None else {})}
+        path = write_checkpoint(accelerator, self.checkpoint_dir(step), save, full)
         if accelerator.is_main_process:
             self.rotate(keep)
         accelerator.wait_for_everyone()
@@ -96,6 +301,7 @@ class RunDir:
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
 
+    # ----- files ------------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> Path:
         """Write ``<root>/<name>`` atomically (temp file, then rename; directories made as needed): a reader
         sees the old file or the new one, never half of one."""
@@ -107,26 +313,138 @@ class RunDir:
         return self.write_text(name, json.dumps(data, indent=2))
 
     def write_config(self, cfg) -> Path:
-        """The resolved config as ``config.yaml``, re-runnable with ``--config``."""
+        """The resolved config as ``config.yaml``, re-runnable with ``--config``; without ``resume`` and
+        ``overwrite``, which act on a directory (a re-run from it never overwrites by surprise)."""
         from .config import config_to_yaml
 
+        if dataclasses.is_dataclass(cfg):
+            names = {f.name for f in dataclasses.fields(cfg)}
+            cfg = dataclasses.replace(cfg, **{k: False for k in ("resume", "overwrite") if k in names})
         return self.write_text("config.yaml", config_to_yaml(cfg))
 
 
-def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], None], state: dict) -> Path:
+class RunLock:
+    """``<root>/.rewardtune.lock``, an exclusive ``flock`` held by the main process for the run's life and
+    naming it (pid, host, command, start time). The kernel drops the lock when its process dies, so a lock
+    left by a killed run is taken over; a live holder is named in a one-line refusal. On release the file is
+    removed, and so are the directories the lock made, when the run left nothing in them (a failed start)."""
+
+    def __init__(self, rundir: RunDir):
+        self.rundir = rundir
+        self.path = rundir.root / LOCK
+        self.fd: int | None = None
+        self.created: list[Path] = []
+        self.previous: dict | None = None  # what a dead holder left in the file
+
+    def __enter__(self) -> "RunLock":
+        if not is_main_process():
+            return self
+        run, root = self.rundir, self.rundir.root
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{run.who}--output '{root}' is a file; pass a directory")
+        missing = root
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        except OSError as exc:
+            self._cleanup()
+            raise UserError(f"{run.who}cannot write in --output '{root}' ({exc.strerror or exc}); choose a writable directory") from None
+        except UserError:
+            self._cleanup()
+            raise
+        if self.previous and self.previous.get("pid") != os.getpid():
+            p = self.previous
+            run.say(f"took over the lock of pid {p.get('pid')} on {p.get('host')} in '{root}' (that run ended without releasing it)")
+        return self
+
+    def _acquire(self) -> None:
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserError(f"{self.rundir.who}--output '{self.rundir.root}' is in use by another run ({_show_holder(holder)}); "
+                                f"wait for it to end, or choose another --output") from None
+            try:  # its last holder may have removed the file between our open and our lock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self.fd, self.previous = fd, _read_holder(fd)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.rundir.command, "started": _now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            return
+        raise UserError(f"{self.rundir.who}could not take the lock '{self.path}' (it keeps being replaced); try again")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Remove the directories this lock made, deepest first, where nothing was written in them."""
+        for d in self.created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self.created = []
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        data = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        holder = json.loads(data) if data else None
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _show_holder(holder: dict | None) -> str:
+    if not holder:
+        return "its lock file names no process yet"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, {holder.get('command', 'a run')} started "
+            f"{holder.get('started', 'at an unknown time')}")
+
+
+def _count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ----- checkpoints: written whole, with a manifest, and verified ----------------------------------
+def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], str | None], state: dict) -> Path:
     """Write a checkpoint as a whole or not at all: every process runs ``save(tmp)`` into a temporary
-    sibling directory; the main process adds ``trainer_state.json`` (which marks it complete) and renames it
-    to ``directory``, replacing an older one of that name only once the new one is complete."""
+    sibling directory (returning the format written, recorded as ``format``); the main process adds
+    ``trainer_state.json`` (which marks it complete) and ``manifest.json`` (size and sha256 of every file) and
+    renames it to ``directory``, replacing an older one of that name only once the new one is complete."""
     directory = Path(directory)
     tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save(tmp)
+    fmt = save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             directory.rename(old)
@@ -136,16 +454,167 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
     return directory
 
 
-def load_checkpoint(accelerator, directory: str | Path) -> dict:
-    """Restore accelerate's state (models, optimizer, scheduler, random states) from a checkpoint directory;
-    return its ``trainer_state.json``."""
-    accelerator.load_state(str(directory))
-    return read_state(directory)
+def verify_checkpoint(ckpt: Checkpoint) -> tuple[str | None, dict, list[str]]:
+    """(what is wrong or None, its trainer_state.json, files it holds that its manifest does not list).
+    A checkpoint of the safe format must match its manifest file by file (size, then sha256); one written
+    before manifests (accelerate's pickles) passes unverified, to be refused without --trust-pickle."""
+    d = ckpt.path
+    try:
+        state = read_state(d)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{STATE_FILE} is unreadable", {}, []
+    if not isinstance(state, dict) or state.get("step") != ckpt.step:
+        return f"{STATE_FILE} does not describe step {ckpt.step}", {}, []
+    if not (d / MANIFEST).is_file():
+        return (f"{MANIFEST} is missing", {}, []) if state.get("format") == SAFE_FORMAT else (None, state, [])
+    try:
+        files = json.loads((d / MANIFEST).read_text())["files"]
+        entries = [(str(rel), int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable", {}, []
+    for rel, size, digest in entries:
+        p = d / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{MANIFEST} names a file outside the checkpoint ({rel})", {}, []
+        if not p.is_file():
+            return f"{rel} is missing", {}, []
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} were written", {}, []
+        if _sha256(p) != digest:
+            return f"{rel} does not match its checksum", {}, []
+    listed = {rel for rel, _, _ in entries}
+    if STATE_FILE not in listed:
+        return f"{MANIFEST} does not cover {STATE_FILE}", {}, []
+    extra = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and str(p.relative_to(d)) not in listed | {MANIFEST})
+    return None, state, extra
 
 
 def read_state(directory: str | Path) -> dict:
     """The ``trainer_state.json`` of a checkpoint directory (``step`` and what the trainer added)."""
     return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pickled_file(directory: Path) -> Path:
+    """A file of an accelerate-format checkpoint that only pickle reads (to name in the refusal)."""
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.suffix not in (".json", ".safetensors"):
+            return p
+    return directory
+
+
+def _pickle_origin(state: dict) -> str:
+    if state.get("format") == "accelerate":
+        return "FSDP and DeepSpeed keep sharded state only that way"
+    return "a checkpoint written before 0.1"
+
+
+# ----- settings a resumed run must share with its checkpoint ---------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+
+
+def weights_identity(path: str | Path) -> dict:
+    """What a model is, cheaply: a hub snapshot by its revision; a local directory (or file) by each weight
+    and config file's name, size, safetensors header and 16 samples of 64 KiB spread over it (a different
+    model of the same architecture differs in those; a full hash of gigabytes is not needed)."""
+    path = Path(path).expanduser().resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return {"hub": path.parent.parent.name[len("models--"):].replace("--", "/"), "revision": path.name}
+    if path.is_file():
+        return {"files": {path.name: _fingerprint(path)}}
+    files = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES + (".json",) and not any(s.startswith(".") for s in rel.parts):
+            files[str(rel)] = _fingerprint(p)
+    return {"files": files}
+
+
+def _fingerprint(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _SAMPLES * _SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            if path.suffix == ".safetensors":  # the header: every tensor's name, dtype, shape and offsets
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))
+            for i in range(_SAMPLES):
+                f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                h.update(f.read(_SAMPLE_BYTES))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+def _describe(flag: str, before, now) -> str:
+    if isinstance(before, dict) and isinstance(now, dict) and ("files" in before or "files" in now):
+        a, b = before.get("files") or {}, now.get("files") or {}
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return f"{flag} is another model ({len(differ)} file(s) differ, e.g. {differ[0] if differ else '?'})"
+    if isinstance(before, dict) or isinstance(now, dict):
+        return f"{flag} is another model (checkpoint: {_short(before)}, now: {_short(now)})"
+    return f"{flag} {_short(before)} (checkpoint) vs {_short(now)} (now)"
+
+
+def _short(value) -> str:
+    if isinstance(value, dict) and "revision" in value:
+        return f"{value.get('hub')}@{str(value.get('revision'))[:12]}"
+    if isinstance(value, dict):
+        return "a local model"
+    return "unset" if value is None else str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (tuples become lists), so a saved and a fresh value compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_settings(cfg, fixed: dict) -> dict:
+    """The ``settings`` of ``check_settings``/``begin``: ``fixed`` and every option of the config dataclass."""
+    return {"fixed": fixed, "config": dataclasses.asdict(cfg)}
+
+
+# ----- when to checkpoint ---------------------------------------------------------------------------
+class Cadence:
+    """Checkpoint every ``every`` steps and/or every ``minutes`` of wall time since the last one (so a killed
+    run loses at most that much). Under several processes the main process's clock decides for all."""
+
+    def __init__(self, every: int, minutes: float, accelerator=None):
+        self.every, self.seconds, self.accelerator = every, minutes * 60.0, accelerator
+        self.last = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.seconds > 0
+
+    def due(self, step: int) -> bool:
+        if self.every and step % self.every == 0:
+            return True
+        if self.seconds <= 0:
+            return False
+        late = time.monotonic() - self.last >= self.seconds
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            late = bool(broadcast(torch.tensor([float(late)], device=acc.device), from_process=0).item() > 0)
+        return late
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def reset_accelerate(mixed_precision: str | None = None) -> None:

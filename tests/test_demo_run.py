@@ -94,6 +94,10 @@ def test_demo_cli_writes_every_output(tmp_path):
     # a second run into the same directory is refused without --overwrite
     again = rewardtune(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    # a job script that always passes --resume: a finished demo at its --steps has nothing to do
+    rerun = rewardtune(*args, "--resume")
+    assert rerun.returncode == 0 and "demo: nothing to do" in rerun.stdout, rerun.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def test_demo_names_a_missing_models_directory(tmp_path):

@@ -136,7 +136,7 @@ def test_bundled_recipes_build_valid_configs(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["alias", "empty_prompts", "invisible_prompts", "blank_prompts_flag", "blank_eval_prompts_flag",
-                                  "resolution", "not_a_lora", "resume_nothing", "offline_reward", "adamw8bit", "xformers"])
+                                  "resolution", "not_a_lora", "resume_overwrite", "offline_reward", "adamw8bit", "xformers"])
 def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -153,7 +153,7 @@ def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
         "blank_eval_prompts_flag": (base + ["--eval-prompts", "  "], "--eval-prompts is empty ('  ')"),
         "resolution": (base + ["--resolution", 36], "--resolution must be a positive multiple of 8"),
         "not_a_lora": (base + ["--init-lora", tmp_path / "notlora"], "is not a LoRA"),
-        "resume_nothing": (base + ["--resume"], "--resume: no checkpoint"),
+        "resume_overwrite": (base + ["--resume", "--overwrite"], "pass one of them"),
         "offline_reward": (base + ["--reward", "icthp"], "'8y/ICT' is not in the local cache"),
         "adamw8bit": (base + ["--optimizer", "adamw8bit", "--reward", "ict", "--ict", tmp_path], "needs bitsandbytes"),
         "xformers": (base + ["--attention", "xformers"], "xformers is not installed"),
@@ -196,7 +196,9 @@ def test_two_process_accelerate_launch_completes(sd_model, released_ict, release
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and (out / "checkpoints" / "step_000002").is_dir()
-    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    ckpt = out / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.safetensors", "random_states_1.safetensors"]
+    assert not [p for p in ckpt.iterdir() if p.suffix not in (".safetensors", ".json")]  # nothing that needs pickle
     assert len(_lora(out)) > 0
 
 

@@ -27,7 +27,7 @@ def register(sub) -> None:
 def run(args) -> int:
     cfg = build_config(TrainRewardConfig, args, config=args.config)
     metrics = train_reward(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not metrics.get("nothing_to_do"):
         shown = {k: v for k, v in metrics.items() if k.startswith("val/") and k.endswith("_avg")}
         print(f"trained {cfg.stage} to step {metrics['step']}; model in {cfg.output}")
         if shown:

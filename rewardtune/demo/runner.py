@@ -2,14 +2,14 @@
 
 The same code paths as a real run: ``run_finetune`` (DRaFT-K, LoRA) on the bundled diffusers pipeline
 with the bundled ICT-HP reward; a held-out CLIP the training never sees, and the oracle reading each
-evaluation image's attributes from its pixels, tell real improvement from reward hacking.
+evaluation image's attributes from its pixels, tell real improvement from reward hacking. Its output
+directory follows the same table as finetune's and train-reward's (``rundir``; docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ import torch
 from ..config import check_values, derived, option
 from ..errors import UserError
 from ..finetune.config import FinetuneConfig
-from ..sources import atomic_write_text
+from ..rundir import HISTORY, RunDir, Start, config_settings
+from ..sources import atomic_write_text, load_state_dict
 from . import world
 from .build import MODELS_DIR
 from .report import reward_label, write_report
@@ -29,8 +30,8 @@ from .report import reward_label, write_report
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
 REQUIRED = ["pipeline/model_index.json", "ict/config.json", "hp/hp_backbone/config.json", "heldout_clip/config.json"]
 HP_HEADS = ["hp/hp_scorer/mlp_pytorch_model.safetensors", "hp/hp_scorer/mlp_pytorch_model.bin"]
-OUTPUTS = ["summary.json", "report.html", "before.png", "after.png", "curves.svg", "prompts_train.txt",
-           "prompts_heldout.txt", "finetune"]
+OUTPUTS = ("report.html", "before.png", "after.png", "curves.svg")  # besides summary.json, written last
+SCRATCH = ("prompts_train.txt", "prompts_heldout.txt", "finetune")
 
 
 @dataclass
@@ -63,7 +64,11 @@ class DemoConfig:
     train_prompts: int = option(200, "distinct training prompts", min=1)
     seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
     threads: int = option(2, "torch CPU threads", min=1)
-    overwrite: bool = option(False, "replace the outputs of an earlier demo in --output")
+    checkpoint_every: int = derived(FinetuneConfig, "checkpoint_every", 0)
+    checkpoint_minutes: float = derived(FinetuneConfig, "checkpoint_minutes")
+    resume: bool = derived(FinetuneConfig, "resume", help="continue the demo in --output from its newest intact checkpoint "
+                           "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)")
+    overwrite: bool = option(False, "replace a finished demo or a demo in progress in --output")
 
     def validate(self) -> None:
         check_values(self)
@@ -107,6 +112,14 @@ class OracleHook:
         self.t0 = time.time()
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
+        metrics = self.record(step, images, prompts)
+        print(f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
+              + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
+              + f")  {time.time() - self.t0:.0f} s", flush=True)
+        return metrics
+
+    def record(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
+        """Score and keep one evaluation's images (without printing: a resumed demo's earlier ones)."""
         seen = [world.read_scene(im) for im in images.numpy()]  # read once: the score and each attribute come from it
         wanted = [world.parse_prompt(p) for p in prompts]
         scores = np.array([world.shown_fraction(s, w) for s, w in zip(seen, wanted)], dtype=np.float32)
@@ -116,42 +129,78 @@ class OracleHook:
             asked = [(s[a], w[a]) for s, w in zip(seen, wanted) if a in w]
             if asked:
                 metrics[f"oracle_{a}"] = float(np.mean([x == y for x, y in asked]))
-        print(f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
-              + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
-              + f")  {time.time() - self.t0:.0f} s", flush=True)
         return metrics
+
+
+def run_dir(out: Path) -> RunDir:
+    """The demo's output directory: finished when ``summary.json`` is there; in progress while its fine-tuning
+    run (``finetune/``) holds checkpoints."""
+    return RunDir(out, who="demo: ", command="demo", finished="summary.json", done_key="steps", outputs=OUTPUTS,
+                  scratch=SCRATCH, checkpoints_dir=out / "finetune" / "checkpoints")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Fine-tune the bundled pipeline on ICT-HP; write summary.json, report.html, grids and the LoRA."""
-    from ..finetune import run_finetune
     from ..rewards import load_reward
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
     check_models(models)
-    _prepare_output(out, cfg.overwrite)
-    t0 = time.time()
-    heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
-    train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
-    atomic_write_text(out / "prompts_train.txt", "\n".join(train) + "\n")
-    atomic_write_text(out / "prompts_heldout.txt", "\n".join(heldout) + "\n")
-    print(f"demo: fine-tuning {models / 'pipeline'} on {cfg.reward} for {cfg.steps} steps "
-          f"({len(train)} training prompts, {len(heldout)} held-out prompts)", flush=True)
-    reward = load_reward(cfg.reward, ict=str(models / "ict"), hp=str(models / "hp"))
-    heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
+    ft = _finetune_config(cfg, models, out)  # a bad option fails here, before anything is written
+    rundir = run_dir(out)
+    with rundir.lock():
+        start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps)
+        if start.action == "done":
+            rundir.say(f"nothing to do: the demo in '{out}' already trained {start.record.get('steps')} steps "
+                       f"(--steps {cfg.steps}); raise --steps to train further")
+            return {**start.record, "nothing_to_do": True}
+        t0 = time.time()
+        heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
+        train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
+        reward = load_reward(cfg.reward, ict=str(models / "ict"), hp=str(models / "hp"))
+        heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
+        rundir.begin(start, cfg, config_settings(cfg, {}))
+        try:
+            return _run(cfg, dataclasses.replace(ft, resume=start.action in ("resume", "continue")), start, out,
+                        train, heldout, reward, heldout_reward, t0)
+        except BaseException:
+            if start.checkpoint is None and not (out / "finetune" / HISTORY).is_file():
+                rundir.abandon()  # the fine-tuning never started: leave nothing behind
+            raise
+
+
+def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig:
+    """The fine-tuning run of the demo (validated)."""
     ft = FinetuneConfig(
         model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
         method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
         lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets),
         train_text_encoder=cfg.train_text_encoder,
         reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-        gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=0, eval_every=cfg.eval_every,
+        gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+        checkpoint_minutes=cfg.checkpoint_minutes, eval_every=cfg.eval_every,
         eval_prompts=str(out / "prompts_heldout.txt"), eval_size=cfg.eval_size, eval_reward="clip",
         ict=str(models / "ict"), hp=str(models / "hp"), clip=str(models / "heldout_clip"))
+    return ft.validate()
+
+
+def _run(cfg: DemoConfig, ft: FinetuneConfig, start: Start, out: Path, train: list[str], heldout: list[str],
+         reward, heldout_reward, t0: float) -> dict:
+    from ..finetune import run_finetune
+
+    atomic_write_text(out / "prompts_train.txt", "\n".join(train) + "\n")
+    atomic_write_text(out / "prompts_heldout.txt", "\n".join(heldout) + "\n")
+    if start.action == "resume":  # a fine-tuning that finished without its report: redo its last evaluation
+        (out / "finetune" / "summary.json").unlink(missing_ok=True)
+    verb = {"resume": f"resuming from step {start.step}", "continue": f"continuing from step {start.step}"}.get(start.action, "fine-tuning")
+    print(f"demo: {verb}: {ft.model} on {cfg.reward} for {cfg.steps} steps "
+          f"({len(train)} training prompts, {len(heldout)} held-out prompts)", flush=True)
     hook = OracleHook(cfg.steps)
     result = run_finetune(ft, reward=reward, eval_reward=heldout_reward, eval_hook=hook)
+    before_images = out / "finetune" / "samples" / "before.safetensors"
+    if 0 not in hook.images and before_images.is_file():  # resumed: step 0's images are the saved ones
+        hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
     train_rewards = [(r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None]
@@ -159,17 +208,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)
     return summary
-
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    taken = [name for name in OUTPUTS if (out / name).exists()]
-    if taken and not overwrite:
-        raise UserError(f"demo: '{out}' already holds a demo run ({', '.join(taken)}); pass --overwrite to replace it, "
-                        f"or a new --output")
-    for name in taken:
-        p = out / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: float) -> dict:

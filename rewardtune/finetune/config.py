@@ -69,8 +69,14 @@ class FinetuneConfig:
     reg_weight: float = option(0.0, "weight of the penalty on the distance between the LoRA and base model's noise "
                                "predictions on the gradient steps (0 = off)", min=0)
     seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
-    resume: bool = option(False, "resume from the latest checkpoint in OUTPUT/checkpoints")
+    resume: bool = option(False, "continue the run in OUTPUT from its newest intact checkpoint (with none yet: start "
+                          "from the beginning; a finished run: train on to a larger --steps)")
+    overwrite: bool = option(False, "replace a finished run or a run in progress in OUTPUT (its checkpoints, logs and LoRA)")
+    trust_pickle: bool = option(False, "allow resuming a checkpoint whose state is pickled (written under FSDP/DeepSpeed "
+                                "or before 0.1); a pickle can run code")
     checkpoint_every: int = option(100, "save a resumable checkpoint every N steps (0 = only at the end)", min=0)
+    checkpoint_minutes: float = option(0.0, "also save a checkpoint when this many minutes have passed since the last one "
+                                       "(0 = off), so a killed run loses at most that much", min=0)
     checkpoints_keep: int = option(2, "how many checkpoints to keep", min=1)
     eval_every: int = option(100, "evaluate (reward, eval reward, sample grid) every N steps (0 = only before and after)", min=0)
     eval_prompts: str = option("", "evaluation prompts: a file or builtin:NAME (default: the first --eval-size training prompts)")

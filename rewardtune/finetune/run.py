@@ -2,7 +2,8 @@
 
 Outputs in ``cfg.output``: ``pytorch_lora_weights.safetensors`` (diffusers), ``config.yaml`` (re-runnable
 with ``--config``), ``checkpoints/step_N/``, ``tb/`` (TensorBoard), ``metrics.jsonl``, ``samples/``
-(before/after grids at each evaluation) and ``summary.json``.
+(before/after grids at each evaluation), ``summary.json`` (written last: a finished run) and ``runs.jsonl``. The
+directory's rules (lock, resume, overwrite, settings a resume must keep) are ``rundir``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..images import make_grid, save_image
-from ..rundir import RunDir
+from ..rundir import Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -26,14 +27,18 @@ from .trainer import Trainer
 class RunLog:
     """TensorBoard scalars and ``metrics.jsonl`` lines (main process only)."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None, redo_eval: bool = False):
+        """``resume_step``: keep the lines up to the checkpoint resumed from (``redo_eval``: not its evaluation,
+        which the resumed run repeats: a checkpoint at ``--steps`` whose run ended before its summary)."""
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint we resume from
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            rows = [(ln, json.loads(ln)) for ln in self.path.read_text().splitlines() if ln.strip()]
+            lines = [ln for ln, r in rows if r["step"] < resume_step or (r["step"] == resume_step
+                                                                         and not (redo_eval and r["kind"] == "eval"))]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
         elif self.path.exists():
             self.path.unlink()
@@ -92,31 +97,64 @@ class Evaluator:
         save_image(make_grid(torch.cat([before, images]), ncol=n), self.out / "samples" / f"step_{step:06d}.png")
 
 
+def run_dir(output: str | Path) -> RunDir:
+    """finetune's output directory: finished when ``summary.json`` (written last) is there."""
+    return RunDir(output, command="finetune", finished="summary.json", done_key="steps",
+                  outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME),
+                  scratch=("config.yaml", "metrics.jsonl", "tb", "samples", ".lora-*"))
+
+
+def run_settings(cfg: FinetuneConfig, reward=None) -> dict:
+    """The settings a resumed run must share with its checkpoint (they decide what the LoRA means), and all."""
+    from .models import resolve_model
+
+    spec = cfg.reward if reward is None else f"{cfg.reward} ({type(reward).__name__} passed in)"
+    fixed = {"--model": weights_identity(resolve_model(cfg.model)), "--lora-rank": cfg.lora_rank,
+             "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets),
+             "--train-text-encoder": cfg.train_text_encoder, "--reward": spec, "--method": cfg.method}
+    return config_settings(cfg, fixed)
+
+
 def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=None) -> dict:
-    """Fine-tune, evaluate and save; returns the summary also written to ``output/summary.json``.
+    """Fine-tune, evaluate and save; returns the summary also written to ``output/summary.json`` (or, when
+    ``--resume`` finds the run already finished at ``--steps``, that summary with ``nothing_to_do: True``).
 
     ``reward``/``eval_reward`` are built modules overriding ``cfg.reward``/``cfg.eval_reward``;
     ``eval_hook(step, images, prompts) -> dict`` adds metrics at each evaluation.
     """
     cfg.validate()
-    rundir = RunDir(cfg.output)
-    out = rundir.root
     if cfg.early_stop_drop > 0 and not (cfg.eval_reward or eval_reward is not None):
         raise UserError("--early-stop-drop needs --eval-reward: early stopping watches the held-out reward")
     if cfg.eval_prompts:
         load_prompts(cfg.eval_prompts, "--eval-prompts")  # a bad file fails before any model loads, as --prompts does
-    resume_from = rundir.resume_point(cfg.resume)
-    trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=resume_from and resume_from.path)
+    rundir = run_dir(cfg.output)
+    with rundir.lock():
+        start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps, cfg.trust_pickle)
+        if start.action == "done":
+            rundir.say(f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('steps')} steps "
+                       f"(--steps {cfg.steps}); raise --steps to train further")
+            return {**start.record, "nothing_to_do": True}
+        settings = run_settings(cfg, reward)
+        changed = rundir.check_settings(start, settings)
+        trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=start.path)
+        rundir.begin(start, cfg, settings, changed)
+        return _run(trainer, rundir, start, reward, eval_reward, eval_hook)
+
+
+def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, eval_hook) -> dict:
+    cfg, out = trainer.cfg, rundir.root
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
     state = trainer.resume_state
-    log = RunLog(out, main, trainer.global_step if resume_from else None)
+    log = RunLog(out, main, trainer.global_step if start.checkpoint is not None else None,
+                 redo_eval=trainer.global_step >= cfg.steps)
     evaluate = Evaluator(trainer, out, eval_hook)
     note_long_prompts(trainer, evaluate.prompts)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
     history = {"stopped_early": False}
+    cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, acc)
     try:
-        best = _train(trainer, evaluate, log, rundir, before, best, history)
+        best = _train(trainer, evaluate, log, rundir, before, best, history, cadence)
         after = _eval(evaluate, trainer, log, main)
         _check_final(after, trainer)
         lora_path = trainer.save_lora(out)
@@ -128,7 +166,7 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     finally:
         log.close()
     summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": _name(reward, cfg.reward),
-               "eval_reward": _name(eval_reward, cfg.eval_reward or None), "steps": trainer.global_step, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
+               "eval_reward": _name(eval_reward, cfg.eval_reward or None), "steps": trainer.global_step, "steps_planned": cfg.steps, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
                "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
                "before": before, "after": after, "lora": str(lora_path)}
     if main:
@@ -161,7 +199,8 @@ def _check_final(after: dict, trainer: Trainer) -> None:
                         f"LoRA was not saved; try a lower --lr")
 
 
-def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, before: dict, best, history: dict):
+def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, before: dict, best, history: dict,
+           cadence: Cadence):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
     while trainer.global_step < cfg.steps:
@@ -175,8 +214,9 @@ def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, b
             if stop:
                 history["stopped_early"] = True
                 return best
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if step < cfg.steps and cadence.due(step):
             _checkpoint(trainer, rundir, before, best)
+            cadence.saved()
     return best
 
 
@@ -196,7 +236,8 @@ def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
 def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best) -> None:
     """A resumable checkpoint after the current step (with the evaluation before training and the best eval
     reward, which a resumed run continues from); only the newest ``--checkpoints-keep`` stay."""
-    trainer.save_checkpoint(rundir.checkpoint_dir(trainer.global_step), {"before": before, "best_eval": best})
+    trainer.save_checkpoint(rundir.checkpoint_dir(trainer.global_step),
+                            {"before": before, "best_eval": best, "settings": rundir.settings})
     if trainer.accelerator.is_main_process:
         rundir.rotate(trainer.cfg.checkpoints_keep)
         rundir.write_config(trainer.cfg)

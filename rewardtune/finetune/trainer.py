@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .. import runstate
 from ..config import precision_dtype
 from ..errors import UserError
 from .. import nonfinite
 from ..nonfinite import NonFiniteRule, check_finite_params
-from ..rundir import load_checkpoint, reset_accelerate, write_checkpoint
+from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -389,19 +390,27 @@ class Trainer:
         return path
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
-        """Optimizer/scaler state (accelerate), the LoRA (diffusers format) and the trainer state, atomically."""
-        def save(tmp: Path) -> None:
+        """Optimizer, scaler and random generator state (safetensors and JSON, see ``runstate``; accelerate's
+        pickles under FSDP/DeepSpeed), the LoRA (diffusers format) and the trainer state, atomically."""
+        def save(tmp: Path) -> str:
             with _lora_only_state(self.accelerator):
-                self.accelerator.save_state(str(tmp))
+                fmt = runstate.save_training_state(self.accelerator, tmp, self.optimizer)
             self.save_lora(tmp)
+            return fmt
 
         state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
         write_checkpoint(self.accelerator, directory, save, state)
 
     def _load_checkpoint(self, directory: Path) -> dict:
-        """Optimizer/scaler state and step counters of a ``save_checkpoint`` directory (its LoRA is already in)."""
+        """Optimizer/scaler/random state and step counters of a ``save_checkpoint`` directory (its LoRA is
+        already in). Never unpickles, unless the checkpoint is accelerate's and ``--trust-pickle`` is given."""
+        state = read_state(directory)
+        fmt = state.get("format")
+        if fmt != runstate.SAFE and not self.cfg.trust_pickle:
+            raise UserError(f"--resume: checkpoint '{directory}' keeps its state in pickle files, which can run code "
+                            f"when loaded; pass --trust-pickle only if you wrote it yourself")
         with _lora_only_state(self.accelerator):
-            state = load_checkpoint(self.accelerator, directory)
+            runstate.load_training_state(self.accelerator, directory, fmt, self.optimizer)
         self.global_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         return state

@@ -52,11 +52,17 @@ class TrainRewardConfig:
                                        "0: only before the first step and after the last)", min=0)
     eval_limit: int = option(0, "validate on the first N triplets only (0: all)", min=0)
     log_every: int = option(10, "log the training loss every N steps", min=1)
-    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps (0: never)", min=0, aliases=("save_every",))
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps and after the last one (0 and no "
+                                   "--checkpoint-minutes: never)", min=0, aliases=("save_every",))
     checkpoints_keep: int = option(2, "how many recent checkpoints to keep", min=1, aliases=("keep_checkpoints",))
-    resume: bool = option(False, "continue from the latest checkpoint in <output>/checkpoints")
+    checkpoint_minutes: float = option(0.0, "also save a checkpoint when this many minutes have passed since the last one "
+                                       "(0: off), so a killed run loses at most that much", min=0)
+    resume: bool = option(False, "continue the run in <output> from its newest intact checkpoint (with none yet: start "
+                          "from the beginning; a finished run: train on to a larger --steps)")
+    overwrite: bool = option(False, "replace a finished run or a run in progress in <output> (its checkpoints, logs and model)")
     export_official: bool = option(False, "also write the released layout (pytorch_model.bin; hp_backbone/, hp_scorer/mlp_pytorch_model.bin)")
-    trust_pickle: bool = option(False, "allow loading the published .pkl split files (a pickle can run code; prefer 'rewardtune data convert')")
+    trust_pickle: bool = option(False, "allow loading pickles: the published .pkl split files (prefer 'rewardtune data convert'), "
+                                "and checkpoints written under FSDP/DeepSpeed or before 0.1 (a pickle can run code)")
     check_images: bool = option(True, "open every image once before training to report missing or corrupt files "
                                 "(--no-check-images for a large set already checked with 'rewardtune data check')")
     skip_bad: bool = option(False, "drop bad rows (missing/corrupt images, labels outside [0,1]) instead of stopping")

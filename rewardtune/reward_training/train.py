@@ -1,5 +1,6 @@
 """``train_reward(cfg)``: the ICT or HP training run on accelerate (CPU, one or many GPUs, DDP or
-DeepSpeed), with periodic validation, resumable checkpoints and TensorBoard logs.
+DeepSpeed), with periodic validation, resumable checkpoints and TensorBoard logs. The output directory's
+rules (lock, resume, overwrite, checkpoints without pickles) are ``rundir``'s and ``runstate``'s.
 
 Under data parallelism every process gathers the whole global batch (with gradients) and computes the
 loss over it, as the released code does, so ICT's in-batch negatives span all processes.
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from .. import nonfinite
+from .. import runstate
 from ..config import precision_dtype
 from ..data import find_split
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
-from ..rundir import Checkpoint, RunDir, load_checkpoint, reset_accelerate
+from ..rundir import Cadence, RunDir, Start, config_settings, reset_accelerate, weights_identity
 from ..schedules import lr_factor
+from ..sources import resolve
 from . import models
 from .config import TrainRewardConfig
 from .evaluate import triplet_accuracy
@@ -178,15 +181,41 @@ def _hparams(cfg: TrainRewardConfig) -> dict:
     return {k: ("" if v is None else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def run_dir(output: str | Path) -> RunDir:
+    """train-reward's output directory: finished when ``metrics.json`` (written last) is there."""
+    return RunDir(output, who="train-reward: ", command="train-reward", finished="metrics.json", done_key="step",
+                  outputs=("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "hp_backbone", "hp_scorer"),
+                  scratch=("config.yaml", "logs", ".staging"),
+                  clear=("config.json", "model.safetensors.index.json", *models.SIDECAR_FILES))
+
+
+def run_settings(cfg: TrainRewardConfig) -> dict:
+    """The settings a resumed run must share with its checkpoint (they decide what the weights are), and all."""
+    fixed = {"--stage": cfg.stage, "--backbone": weights_identity(resolve(cfg.backbone, "CLIP backbone")),
+             "--freeze-ratio": cfg.frozen_fraction, "--freeze-embeddings": cfg.freeze_embeddings,
+             "--ict": weights_identity(resolve(cfg.ict, "ICT model (--ict)")) if cfg.stage == "hp" else None}
+    return config_settings(cfg, fixed)
+
+
+def _sampler(loader):
+    """The data loader's seedable sampler (its ``initial_seed`` fixes the order of every epoch), if any."""
+    sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
+    return sampler if hasattr(sampler, "initial_seed") else None
+
+
 class Run:
     """One training run: the loop, validation, logging and checkpoints around a :class:`Stage`."""
 
-    def __init__(self, cfg: TrainRewardConfig, rundir: RunDir, resume_from: Checkpoint | None):
+    def __init__(self, cfg: TrainRewardConfig, rundir: RunDir, start: Start, settings: dict | None = None,
+                 changed: dict | None = None):
         from accelerate.utils import set_seed
 
-        self.cfg, self.rundir, self.resume_from = cfg, rundir, resume_from
+        self.cfg, self.rundir, self.start = cfg, rundir, start
+        self.settings, self.changed = settings or config_settings(cfg, {}), changed or {}
         self.out = rundir.root
         self.acc = _make_accelerator(cfg, self.out)
+        self.cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, self.acc)
+        self.last_saved = None
         set_seed(cfg.seed)
         self.stage = Stage(cfg, self.acc)
         self.metrics: dict = {}
@@ -248,15 +277,40 @@ class Run:
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
         start = 0
-        if self.resume_from is not None:
-            load_checkpoint(acc, self.resume_from.path)
-            start = self.resume_from.step
+        if self.start.checkpoint is not None:
+            self._load(self.start)
+            start = self.start.step
+        self.rundir.begin(self.start, cfg, self.settings, self.changed)
         acc.init_trackers(cfg.stage, config=_hparams(cfg))
         if cfg.eval_every == 0 and start == 0:  # 0: only before the first step and after the last
             self._validate_and_log(0)
-        step = self._loop(start)
+        step = self._loop(start) if start < cfg.steps else start  # a checkpoint at --steps: only the output is left
         self._finish(start, step)
         return self.metrics
+
+    def _load(self, start: Start) -> None:
+        """Weights, optimizer, scheduler, scaler and random generators of a checkpoint; its data order and metrics."""
+        runstate.load_training_state(self.acc, start.path, start.state.get("format"), self.optimizer,
+                                     model=self.trainee, scheduler=self.scheduler)
+        sampler, data = _sampler(self.train_loader), start.state.get("data") or {}
+        if sampler is not None and isinstance(data.get("sampler_seed"), int):
+            sampler.initial_seed = data["sampler_seed"]
+        self.metrics.update({k: v for k, v in (start.state.get("metrics") or {}).items() if isinstance(v, (int, float))})
+        self.last_saved = start.step
+
+    def _checkpoint(self, step: int) -> None:
+        """A resumable checkpoint after ``step`` in files that cannot run code (rundir/runstate); every process calls it."""
+        nonfinite.check_finite_params(self.acc, self.trainee, f"train-reward: the checkpoint at step {step}", hint=self._hint())
+        sampler = _sampler(self.train_loader)
+        data = {"micro_batches": step * self.cfg.grad_accum, "sampler_seed": sampler.initial_seed if sampler else None}
+
+        def save(tmp: Path) -> str:
+            return runstate.save_training_state(self.acc, tmp, self.optimizer, model=self.trainee, scheduler=self.scheduler)
+
+        self.rundir.save_checkpoint(self.acc, step, {"metrics": self._plain_metrics(step), "data": data},
+                                    self.cfg.checkpoints_keep, save=save)
+        self.cadence.saved()
+        self.last_saved = step
 
     def _loop(self, start: int) -> int:
         from tqdm import tqdm
@@ -315,11 +369,8 @@ class Run:
             running.clear()
         if step == cfg.steps or (cfg.eval_interval and step % cfg.eval_interval == 0):
             self._validate_and_log(step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            nonfinite.check_finite_params(acc, self.trainee, f"train-reward: the checkpoint at step {step}", hint=self._hint())
-            self.rundir.save_checkpoint(acc, step, {"metrics": self._plain_metrics(step)}, cfg.checkpoints_keep)
-            if acc.is_main_process:  # config.yaml is written with the run's outputs (a checkpoint, the model), so a
-                self.rundir.write_config(cfg)  # run that fails before any leaves a finished run's config.yaml as it was
+        if self.cadence.due(step):
+            self._checkpoint(step)
 
     def _validate_and_log(self, step: int) -> None:
         val = self.validate()
@@ -331,7 +382,11 @@ class Run:
         return {**{k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}, "step": step}
 
     def _finish(self, start: int, step: int) -> None:
+        """A last checkpoint (unless checkpoints are off: then a finished run cannot be continued), the model,
+        and ``metrics.json``, written last: its presence marks the run finished."""
         acc = self.acc
+        if self.cadence.enabled and self.last_saved != step:
+            self._checkpoint(step)
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.trainee)
         self.metrics.update(self._plain_metrics(step))
@@ -345,12 +400,20 @@ class Run:
 
 
 def train_reward(cfg: TrainRewardConfig) -> dict:
-    """Train ICT or HP per ``cfg``; write the model to ``cfg.output``; return the final metrics."""
+    """Train ICT or HP per ``cfg``; write the model to ``cfg.output``; return the final metrics (with
+    ``nothing_to_do: True`` when ``--resume`` finds the run already finished at ``--steps``)."""
     cfg.validate()
-    rundir = RunDir(cfg.output, who="train-reward: ")
-    resume_from = rundir.resume_point(cfg.resume, steps=cfg.steps)  # before any model loads: fail fast
-    reset_accelerate()
-    try:
-        return Run(cfg, rundir, resume_from).train()
-    finally:
+    rundir = run_dir(cfg.output)
+    with rundir.lock():
+        start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps, cfg.trust_pickle)  # before any model loads: fail fast
+        if start.action == "done":
+            rundir.say(f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('step')} steps "
+                       f"(--steps {cfg.steps}); raise --steps to train further")
+            return {**start.record, "nothing_to_do": True}
+        settings = run_settings(cfg)
+        changed = rundir.check_settings(start, settings)
         reset_accelerate()
+        try:
+            return Run(cfg, rundir, start, settings, changed).train()
+        finally:
+            reset_accelerate()
