@@ -218,8 +218,6 @@ def predict_only(args) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="rewardtune-plan-"))
         cfg = finetune_config(args, workdir)
         if args.tiny:
-            from rewardtune.testing import save_tiny_pipeline
-
             cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
         record["prediction"] = predict(args, cfg, workdir)
     except Exception as exc:

@@ -18,6 +18,7 @@ import types
 import typing
 from pathlib import Path
 
+import torch
 import yaml
 
 from .errors import UserError
@@ -106,7 +107,6 @@ PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16",
 def precision_dtype(name: str):
     """The torch dtype of a precision name: accelerate's ``no``/``fp16``/``bf16`` (``--mixed-precision``), or
     ``fp32``/``float32``/``float16``/``bfloat16``. The one table of these names; torch is imported on use."""
-    import torch
 
     if name not in PRECISION_DTYPES:
         raise ValueError(f"unknown precision '{name}'; valid: {', '.join(PRECISION_DTYPES)}")

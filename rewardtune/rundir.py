@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import torch
+
+from .config import config_to_yaml
 from .errors import UserError
 from .sources import atomic_write_text
 
@@ -315,7 +319,6 @@ class RunDir:
     def write_config(self, cfg) -> Path:
         """The resolved config as ``config.yaml``, re-runnable with ``--config``; without ``resume`` and
         ``overwrite``, which act on a directory (a re-run from it never overwrites by surprise)."""
-        from .config import config_to_yaml
 
         if dataclasses.is_dataclass(cfg):
             names = {f.name for f in dataclasses.fields(cfg)}
@@ -361,8 +364,6 @@ class RunLock:
         return self
 
     def _acquire(self) -> None:
-        import fcntl
-
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -607,7 +608,6 @@ class Cadence:
         late = time.monotonic() - self.last >= self.seconds
         acc = self.accelerator
         if acc is not None and acc.num_processes > 1:
-            import torch
             from accelerate.utils import broadcast
 
             late = bool(broadcast(torch.tensor([float(late)], device=acc.device), from_process=0).item() > 0)

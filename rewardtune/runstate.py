@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
 
 from .errors import UserError
 
@@ -79,7 +81,6 @@ def _decode(node, tensors: dict):
 def write_tree(obj, path: str | Path, what: str) -> None:
     """``obj`` as ``path``: safetensors (tensors, the tree in its metadata), or JSON for a ``.json`` path
     (no tensors allowed). ``what`` names the object if it holds something neither format can."""
-    from safetensors.torch import save_file
 
     tensors: dict = {}
     try:
@@ -97,7 +98,6 @@ def write_tree(obj, path: str | Path, what: str) -> None:
 
 def read_tree(path: str | Path, what: str):
     """The object ``write_tree`` wrote; a one-line ``UserError`` naming the file when it is not one."""
-    from safetensors import safe_open
 
     path = Path(path)
     try:
@@ -147,8 +147,6 @@ def save_training_state(accelerator, directory: str | Path, optimizer, model=Non
         return ACCELERATE
     if accelerator.is_main_process:
         if model is not None:
-            from safetensors.torch import save_model
-
             save_model(accelerator.unwrap_model(model), str(directory / MODEL))
         write_tree(optimizer.state_dict(), directory / OPTIMIZER, "optimizer state")
         if scheduler is not None:
@@ -168,8 +166,6 @@ def load_training_state(accelerator, directory: str | Path, fmt: str, optimizer,
         return
     where = f"checkpoint '{directory}'"
     if model is not None:
-        from safetensors.torch import load_model
-
         try:
             load_model(accelerator.unwrap_model(model), str(directory / MODEL))
         except Exception as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from .config import option
 from .errors import OfflineError, UserError
@@ -101,8 +102,6 @@ def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     if not path.is_file():
         raise UserError(f"{what}: file '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:
@@ -157,7 +156,6 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "weights",
                     metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically (temp file, then rename); a failed write is a one-line ``UserError``."""
-    from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
     atomic_write_bytes(path, data, what)

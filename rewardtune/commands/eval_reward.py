@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+from ..data import find_split
 from ..errors import UserError
+from ..reward_training import evaluate_rewards
+from ..rewards import load_rewards, parse_spec
 from .common import add_source_args, parse_device, parse_dtype, sources_from_args
 
 
@@ -30,16 +33,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..reward_training import evaluate_rewards
-    from ..rewards import load_rewards, parse_spec
-
     spec = parse_spec(args.reward)
     if any(w is not None for _, w in spec):
         raise UserError("--reward: eval-reward takes plain names (e.g. ict,hp,icthp), each evaluated on its own")
     for flag in ("batch_size", "num_workers", "limit"):
         if getattr(args, flag) < (1 if flag == "batch_size" else 0):
             raise UserError(f"--{flag.replace('_', '-')} must be {'at least 1' if flag == 'batch_size' else '0 or more'}")
-    from ..data import find_split
 
     find_split(args.data, args.split)  # a wrong path fails before any model loads
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)

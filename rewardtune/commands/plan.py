@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+from ..config import add_config_args, build_config
+from ..finetune.config import FinetuneConfig
+from ..plan import fit_budget, predict_peak_memory
+
 
 def register(sub) -> None:
-    from ..config import add_config_args
-    from ..finetune.config import FinetuneConfig
-
     p = sub.add_parser("plan", help="predict the peak GPU memory of a finetune config; what fits a budget",
                        description="Predict the peak GPU memory of one `rewardtune finetune` step before running it "
                                    "(a trace of the real step on fake tensors: nothing is allocated or downloaded). "
@@ -23,10 +24,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import build_config
-    from ..finetune.config import FinetuneConfig
-    from ..plan import fit_budget, predict_peak_memory
-
     cfg = build_config(FinetuneConfig, args, config=args.config, output="(plan)")
     if args.budget_gib is not None:
         result = fit_budget(cfg, args.budget_gib)

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..images import load_image
+from ..prompt_checks import is_blank, report_long_prompts, reward_limits
+from ..rewards import load_rewards, parse_spec, score_by_size
 from .common import add_source_args, parse_device, parse_dtype, sources_from_args
 
 # What a directory argument contributes: its files with these suffixes (any case), sorted by name.
@@ -31,10 +34,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..images import load_image
-    from ..prompt_checks import reward_limits, report_long_prompts
-    from ..rewards import load_rewards, parse_spec, score_by_size
-
     paths = expand_images(args.images)
     prompts = list(args.prompt)
     check_prompts(prompts, paths)
@@ -66,7 +65,6 @@ def run(args) -> int:
 
 def check_prompts(prompts: list[str], paths: list[Path]) -> None:
     """An empty prompt scores nothing meaningful: refuse it, naming which ``--prompt`` it is."""
-    from ..prompt_checks import is_blank
 
     for i, text in enumerate(prompts):
         if is_blank(text):

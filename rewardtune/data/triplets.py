@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..images import load_image
 from ..prompt_checks import is_blank
 
 PROMPT_COLUMNS = ["easy_prompt", "refine_prompt"]
@@ -230,7 +232,6 @@ def _row_problems(frame, paths: list[list[str | None]], check_images: bool) -> d
 
 def _image_problem(path: str) -> str | None:
     """Why ``path`` is not a usable image, or None."""
-    from PIL import Image
 
     if not os.path.isfile(path):
         return "is missing"
@@ -254,8 +255,6 @@ class TripletDataset(Dataset):
         return len(self.table)
 
     def __getitem__(self, i: int) -> dict:
-        from ..images import load_image
-
         t = self.table
         images = [load_image(p) for p in t.images[i]]
         item = {"easy_prompt": t.easy_prompt[i], "refine_prompt": t.refine_prompt[i], "labels": t.labels[i], "index": i}

@@ -20,7 +20,9 @@ import torch
 
 from ..config import check_values, derived, option
 from ..errors import UserError
+from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
+from ..rewards import load_reward
 from ..rundir import HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
@@ -141,7 +143,6 @@ def run_dir(out: Path) -> RunDir:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Fine-tune the bundled pipeline on ICT-HP; write summary.json, report.html, grids and the LoRA."""
-    from ..rewards import load_reward
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
@@ -187,8 +188,6 @@ def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig
 
 def _run(cfg: DemoConfig, ft: FinetuneConfig, start: Start, out: Path, train: list[str], heldout: list[str],
          reward, heldout_reward, t0: float) -> dict:
-    from ..finetune import run_finetune
-
     atomic_write_text(out / "prompts_train.txt", "\n".join(train) + "\n")
     atomic_write_text(out / "prompts_heldout.txt", "\n".join(heldout) + "\n")
     if start.action == "resume":  # a fine-tuning that finished without its report: redo its last evaluation

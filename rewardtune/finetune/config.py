@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
 from ..nonfinite import max_nonfinite_option
+from ..rewards.compose import parse_spec
 from ..schedules import LR_SCHEDULES
 from ..sources import REWARD_SOURCES, source_option
 
@@ -104,7 +105,6 @@ class FinetuneConfig:
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")
         check_values(self)
-        from ..rewards.compose import parse_spec  # a bad reward spec ('ict:nan') fails before any model loads
 
         parse_spec(self.reward)
         if self.eval_reward:

@@ -20,6 +20,7 @@ from ..rundir import Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
+from .models import resolve_model
 from .prompts import load_prompts, note_long_prompts
 from .trainer import Trainer
 
@@ -106,7 +107,6 @@ def run_dir(output: str | Path) -> RunDir:
 
 def run_settings(cfg: FinetuneConfig, reward=None) -> dict:
     """The settings a resumed run must share with its checkpoint (they decide what the LoRA means), and all."""
-    from .models import resolve_model
 
     spec = cfg.reward if reward is None else f"{cfg.reward} ({type(reward).__name__} passed in)"
     fixed = {"--model": weights_identity(resolve_model(cfg.model)), "--lora-rank": cfg.lora_rank,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,11 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .. import runstate
+from .. import nonfinite, runstate
 from ..config import precision_dtype
 from ..errors import UserError
-from .. import nonfinite
 from ..nonfinite import NonFiniteRule, check_finite_params
+from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
@@ -45,7 +47,6 @@ def make_accelerator(cfg: FinetuneConfig):
 
 def check_optional_packages(cfg: FinetuneConfig) -> None:
     """Fail before loading any model when an option needs a package that is not installed."""
-    import importlib.util
 
     if cfg.quantize_base != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -417,8 +418,6 @@ class Trainer:
 
 
 def _load_reward(spec: str, cfg: FinetuneConfig, dtype: torch.dtype) -> torch.nn.Module:
-    from ..rewards import load_reward
-
     return load_reward(spec, dtype=None if dtype == torch.float32 else dtype, **cfg.reward_sources())
 
 
@@ -431,7 +430,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory of this step (CUDA), or the process's peak resident memory (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

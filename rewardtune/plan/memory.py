@@ -12,13 +12,22 @@ import contextlib
 import dataclasses
 import json
 import math
+import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..config import precision_dtype
 from ..errors import UserError
-from ..finetune.models import prepare_pipeline
+from ..finetune import lora as lora_mod
+from ..finetune.defaults import resolve_defaults
+from ..finetune.models import make_adapter, prepare_pipeline
+from ..finetune.sampler import make_sampler
+from ..finetune.trainer import Trainer, TrainerParts, prepare_models
 from .architectures import ARCHITECTURES, build_pipeline, build_reward
 
 # ----- counting memory on fake tensors ------------------------------------------------------------
@@ -38,8 +47,6 @@ class StorageTracker:
     """
 
     def __init__(self, block: int = CUDA_BLOCK):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         tracker = self
         self.block = block
 
@@ -57,10 +64,6 @@ class StorageTracker:
         self.phase_peaks: dict[str, int] = {}
 
     def add_tensors(self, obj) -> None:
-        import weakref
-
-        from torch.utils._pytree import tree_leaves
-
         for t in tree_leaves(obj):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -117,8 +120,6 @@ def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 @contextlib.contextmanager
 def _gpu_attention():
-    import torch.nn.functional as F
-
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _flash_sdpa
     try:
@@ -132,7 +133,6 @@ def _cuda_autocast_policy():
     """Run group/layer norm and softmax in fp32 under autocast, as CUDA's autocast does: the trace runs on
     CPU tensors, whose autocast keeps them in bf16/fp16 and would halve those activations. (Patched at the
     functional level so that checkpoint recomputation in backward sees it too.)"""
-    import torch.nn.functional as F
 
     names = ("group_norm", "layer_norm", "softmax", "log_softmax")
     originals = {n: getattr(F, n) for n in names}
@@ -277,13 +277,7 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
     instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..finetune import lora as lora_mod
-    from ..finetune.defaults import resolve_defaults
-    from ..finetune.models import make_adapter
-    from ..finetune.sampler import make_sampler
-    from ..finetune.trainer import Trainer, TrainerParts, prepare_models
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"plan target must be cuda or cpu, got '{target}'")

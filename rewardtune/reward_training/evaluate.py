@@ -9,10 +9,15 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from ..data import TripletDataset, collate, load_triplets
 from ..losses import icthp_scores
+from ..prompt_checks import report_long_prompts, reward_limits
 from ..rewards.base import Reward
 from ..rewards.batching import score_by_size
+from ..rewards.icthp import ICTHPReward
 
 PAIRS = {"I2>I1": (1, 0), "I3>I2": (2, 1), "I3>I1": (2, 0)}
 
@@ -29,7 +34,6 @@ def triplet_accuracy(scores: torch.Tensor) -> dict:
 
 def score_triplets(reward: Reward, images: list[list[torch.Tensor]], prompts: list[str], device=None) -> torch.Tensor:
     """(B, 3) scores of each row's (I1, I2, I3) against its prompt."""
-    from ..rewards.icthp import ICTHPReward
 
     columns = [[row[k] for row in images] for k in range(3)]
     if isinstance(reward, ICTHPReward):
@@ -50,11 +54,7 @@ def evaluate_rewards(data_root, split: str, rewards: dict[str, Reward], batch_si
                      num_workers: int = 0, progress: bool = True) -> dict[str, dict]:
     """Triplet accuracy of each reward on ``split`` under ``data_root``:
     ``{name: {"I2>I1": a, "I3>I2": a, "I3>I1": a, "avg": a, "n": n}}`` with accuracies in [0, 1]."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
-    from ..data import TripletDataset, collate, load_triplets
-    from ..prompt_checks import report_long_prompts, reward_limits
 
     table = load_triplets(data_root, split, trust_pickle=trust_pickle, skip_bad=skip_bad, check_images=check_images,
                           limit=limit or None)

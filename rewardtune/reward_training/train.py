@@ -15,11 +15,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from .. import nonfinite
-from .. import runstate
+from .. import nonfinite, runstate
 from ..config import precision_dtype
-from ..data import find_split
+from ..data import TripletDataset, collate, find_split, load_triplets
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
 from ..rundir import Cadence, RunDir, Start, config_settings, reset_accelerate, weights_identity
@@ -121,7 +122,6 @@ def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: i
     """Validate ``split`` once on the main process and hand the same table (or the same error) to all."""
     from accelerate.utils import broadcast_object_list
 
-    from ..data import load_triplets
 
     payload = [None]
     if accelerator.is_main_process:
@@ -138,10 +138,6 @@ def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: i
 
 
 def _loader(table, preprocess, cfg: TrainRewardConfig, train: bool):
-    from torch.utils.data import DataLoader
-
-    from ..data import TripletDataset, collate
-
     return DataLoader(TripletDataset(table, preprocess), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
                       num_workers=cfg.num_workers, collate_fn=collate,
                       persistent_workers=train and cfg.num_workers > 0)
@@ -313,8 +309,6 @@ class Run:
         self.last_saved = step
 
     def _loop(self, start: int) -> int:
-        from tqdm import tqdm
-
         cfg, acc = self.cfg, self.acc
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr,
                    disable=not (cfg.progress and acc.is_local_main_process))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..clip_tokenizer import write_clip_tokenizer
+from ..finetune.prompts import BUILTIN_DIR
 
 # The hub's scheduler configs (FlowMatchEulerDiscreteScheduler) of the real models.
 SCHEDULERS = {
@@ -36,7 +37,6 @@ T5_SPECIAL = ["<pad>", "</s>", "<unk>"]
 
 def prompt_words(extra: list[str] | None = None) -> list[str]:
     """The lower-case words of the bundled prompt sets (and ``extra``): the tiny tokenizers' vocabulary."""
-    from ..finetune.prompts import BUILTIN_DIR
 
     text = " ".join(p.read_text() for p in sorted(BUILTIN_DIR.glob("*.txt")))
     text += " " + " ".join(extra or [])
