@@ -144,7 +144,6 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
 
 def _noise_png(path: Path, h: int, w: int, channel: int, rng) -> Path:
     """Random pixels with one channel saturated in the top half: the hardest case for resampling."""
-    import numpy as np
     from PIL import Image
 
     arr = (rng.random((h, w, 3)) * 255).astype("uint8")
