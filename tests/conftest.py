@@ -1,20 +1,94 @@
-"""Shared fixtures: tiny real CLIP models and SD/SDXL pipelines saved the way users' files look, and the
-small pieces the fine-tuning tests share (a reward any generator can move, a tiny run config). Nothing downloads."""
+"""Shared fixtures: tiny real CLIP models and SD/SDXL pipelines saved the way users' files look, the small pieces
+the fine-tuning tests share (a reward any generator can move, a tiny run config), and the capture of what the
+model libraries log. Nothing downloads: the hub is off and its cache is a fresh empty directory for the session."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
-import pytest
-import torch
-
-from rewardtune.finetune import FinetuneConfig
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Hermetic hub, before anything imports huggingface_hub (it reads these once, at import): offline whatever the
+# developer's shell says, and a cache no developer's download lives in. Variables that would point the caches
+# elsewhere are dropped.
+_HF_HOME = tempfile.mkdtemp(prefix="rewardtune-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+             "PYTORCH_PRETRAINED_BERT_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "DIFFUSERS_CACHE"):
+    os.environ.pop(_var, None)
+os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rewardtune.finetune import FinetuneConfig  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    """The session's empty hub cache (``HF_HOME``)."""
+    return Path(_HF_HOME)
+
+
+class LibraryLog:
+    """What diffusers, peft and transformers logged at WARNING or above, and the Python warnings, while captured."""
+
+    LOGGERS = ("diffusers", "peft", "transformers")
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def key_problems(self) -> list[str]:
+        """Messages about weights that found no module or modules that got no weights."""
+        return [m for m in self.messages if "unexpected keys" in m.lower() or "missing keys" in m.lower()]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record):
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+@pytest.fixture
+def library_log():
+    """``with library_log() as log: ...`` captures the model libraries' warnings into ``log`` (a ``LibraryLog``).
+
+    The handler sits on the libraries' own loggers: diffusers' logger does not propagate to the root logger, where
+    ``caplog`` listens (pytest 9 also attaches it to non-propagating loggers, but only to those that exist when the
+    test phase starts; older pytest not at all). Loggers set quieter than WARNING are opened for the capture."""
+
+    @contextlib.contextmanager
+    def capture():
+        log = LibraryLog()
+        handler = _Collect(log.messages)
+        loggers = [logging.getLogger(name) for name in LibraryLog.LOGGERS]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.addHandler(handler)
+            if lg.getEffectiveLevel() > logging.WARNING:
+                lg.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield log
+            log.messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.removeHandler(handler)
+                lg.setLevel(level)
+
+    return capture
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +114,18 @@ def released_ict(tiny_backbone, tmp_path_factory) -> Path:
     return d
 
 
+# The released HP scorer's parameters (hp_scorer/mlp_pytorch_model.bin): an nn.Sequential named ``layers`` of
+# Linear 1024→1024, Dropout, →128, Dropout, →64, Dropout, →16, →1, so the Linear layers are layers.0/2/4/6/7.
+RELEASED_HP_LINEARS = {0: (1024, 1024), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+
+
 @pytest.fixture(scope="session")
 def released_hp(tiny_backbone, tmp_path_factory) -> Path:
-    """HP as released: hp_backbone/pytorch_model.bin and hp_scorer/mlp_pytorch_model.bin."""
+    """HP as released: hp_backbone/pytorch_model.bin and hp_scorer/mlp_pytorch_model.bin, the scorer written by its
+    released key names (not through rewardtune's HPHead). Its weights are larger than an initialisation's, so the
+    scores of different images spread far beyond the parity tests' tolerances."""
     from transformers import CLIPModel
 
-    from rewardtune.rewards.icthp import HPHead
     from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("hp")
@@ -53,30 +133,41 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
     (d / "hp_scorer").mkdir()
     base = CLIPModel.from_pretrained(tiny_backbone)
     torch.save(perturbed_state_dict(base, seed=2), d / "hp_backbone" / "pytorch_model.bin")
-    torch.manual_seed(3)
-    head = HPHead(1024)
-    for p in head.parameters():  # larger weights than the init so scores spread visibly
-        torch.nn.init.normal_(p, std=0.05)
-    torch.save(head.state_dict(), d / "hp_scorer" / "mlp_pytorch_model.bin")
+    g = torch.Generator().manual_seed(3)
+    scorer = {}
+    for i, (out, inp) in RELEASED_HP_LINEARS.items():
+        scorer[f"layers.{i}.weight"] = torch.randn(out, inp, generator=g) * 0.1
+        scorer[f"layers.{i}.bias"] = torch.randn(out, generator=g) * 0.1
+    torch.save(scorer, d / "hp_scorer" / "mlp_pytorch_model.bin")
     return d
+
+
+def _noise_png(path: Path, h: int, w: int, channel: int, rng) -> Path:
+    """Random pixels with one channel saturated in the top half: the hardest case for resampling."""
+    from PIL import Image
+
+    arr = (rng.random((h, w, 3)) * 255).astype("uint8")
+    arr[: h // 2, :, channel] = 255
+    Image.fromarray(arr).save(path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> list[Path]:
     """Three 224x224 PNGs (so CLIP's resize is the identity) and one 300x200 PNG."""
     import numpy as np
-    from PIL import Image
 
     d = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(224, 224), (224, 224), (224, 224), (200, 300)]):
-        arr = (rng.random((h, w, 3)) * 255).astype("uint8")
-        arr[: h // 2, :, i % 3] = 255
-        p = d / f"img{i}.png"
-        Image.fromarray(arr).save(p)
-        paths.append(p)
-    return paths
+    return [_noise_png(d / f"img{i}.png", h, w, i % 3, rng) for i, (h, w) in enumerate([(224, 224)] * 3 + [(200, 300)])]
+
+
+@pytest.fixture(scope="session")
+def large_image(tmp_path_factory) -> Path:
+    """A 512x512 PNG: downscaled by CLIP's preprocessing, as SD 1.x's images are."""
+    import numpy as np
+
+    return _noise_png(tmp_path_factory.mktemp("images") / "img512.png", 512, 512, 1, np.random.default_rng(4))
 
 
 @pytest.fixture(scope="session")

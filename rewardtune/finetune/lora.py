@@ -1,14 +1,15 @@
 """LoRA through peft and diffusers: add adapters, save them in diffusers format, export kohya, load.
 
 Formats are the libraries' own: ``get_peft_model_state_dict`` + ``convert_state_dict_to_diffusers`` +
-``save_lora_weights`` (with the adapter config as metadata, so alpha survives), and diffusers'
-``convert_state_dict_to_kohya`` for ComfyUI / A1111.
+``save_lora_weights`` (with the adapter config as metadata, so alpha survives); the kohya export for
+ComfyUI, A1111 and kohya-ss/sd-scripts writes the names their loaders map (``kohya_state``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -110,21 +111,68 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     return directory / WEIGHT_NAME
 
 
-def export_kohya(directory: str | Path, alpha: float) -> Path:
-    """Convert the saved diffusers LoRA to kohya keys (``lora_unet_...``, ``lora_te1_...``) for ComfyUI/A1111.
+# Kohya names, as ComfyUI (comfy/lora.py), kohya-ss/sd-scripts (networks/lora.py) and A1111
+# (extensions-builtin/Lora/networks.py) map them (tests/test_lora_export.py holds each loader's rule):
+# ``<prefix>_<module path with "_" for ".">`` + ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+# One text encoder (SD 1.x/2.x) is ``lora_te``, SDXL's two ``lora_te1`` / ``lora_te2``; a text encoder's
+# path starts at ``text_model.`` as in transformers 4's CLIPTextModel (transformers 5 dropped that level
+# from CLIPTextModel but not from CLIPTextModelWithProjection, so it is put back where missing).
+_KOHYA_TE_PREFIX = {1: {"text_encoder": "lora_te"}, 2: {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+_KOHYA_WEIGHT = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_KOHYA_TE_MODULE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])")
 
-    diffusers' converter writes alpha = rank; the trained scale is alpha/rank, so the real alpha is set.
+
+def kohya_state(state: dict[str, torch.Tensor], alpha: float, text_encoders: int | None = None,
+                what: str = "LoRA") -> dict[str, torch.Tensor]:
+    """``state`` (peft keys: ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` + module + ``.lora_A/B.weight``)
+    in kohya names with one ``.alpha`` per module. ``text_encoders``: how many the model has (1: SD 1.x/2.x,
+    2: SDXL); None: 2 if the state holds ``text_encoder_2`` keys, else 1."""
+    if text_encoders is None:
+        text_encoders = 2 if any(k.startswith("text_encoder_2.") for k in state) else 1
+    prefixes = {"unet": "lora_unet", **_KOHYA_TE_PREFIX[text_encoders]}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        part, _, rest = key.partition(".")
+        module, _, weight = rest.partition(".lora_")
+        weight = "lora_" + weight
+        if part not in prefixes or weight not in _KOHYA_WEIGHT:
+            raise UserError(f"{what}: key '{key}' has no kohya name (the kohya export covers LoRA on SD 1.x/2.x and SDXL: "
+                            f"{', '.join(f'{p}.*' for p in prefixes)} with lora_A/lora_B weights)")
+        if part != "unet":
+            module = module if module.startswith("text_model.") else "text_model." + module
+            if not _KOHYA_TE_MODULE.fullmatch(module):
+                raise UserError(f"{what}: text encoder module '{module}' (key '{key}') is not one the kohya loaders map "
+                                f"(encoder layers' self_attn q/k/v/out_proj and mlp fc1/fc2)")
+        name = f"{prefixes[part]}_{module.replace('.', '_')}"
+        out[f"{name}.{_KOHYA_WEIGHT[weight]}"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_kohya(directory: str | Path, alpha: float, family: str | None = None) -> Path:
+    """Write the saved diffusers LoRA with kohya names (see ``kohya_state``) for ComfyUI, A1111 and kohya-ss/sd-scripts.
+
+    ``alpha`` is the trained one (the scale is alpha/rank); ``family`` ('sd' or 'sdxl') says how many text
+    encoders the model has; without it, a file with ``text_encoder_2`` keys is SDXL's.
     """
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
     from safetensors.torch import load_file
 
     from ..sources import save_state_dict
 
+    if family not in (None, "sd", "sdxl"):
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
     directory = Path(directory)
-    state = load_file(str(directory / WEIGHT_NAME))
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state))
-    kohya = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
-    save_state_dict(kohya, directory / KOHYA_NAME, "the kohya LoRA")
+    src = directory / WEIGHT_NAME
+    what = f"--export kohya ('{src}')"
+    state = load_file(str(src))
+    other = sorted({k.split(".")[0] for k in state} - {"unet", "text_encoder", "text_encoder_2"})
+    if other:
+        raise UserError(f"{what}: the kohya export covers LoRA on SD 1.x/2.x and SDXL (unet, text_encoder, "
+                        f"text_encoder_2); this file also has '{other[0]}' weights")
+    state = convert_all_state_dict_to_peft(state)  # diffusers' own lora.down/up keys to lora_A/B
+    count = None if family is None else {"sd": 1, "sdxl": 2}[family]
+    save_state_dict(kohya_state(state, alpha, count, what), directory / KOHYA_NAME, "the kohya LoRA")
     return directory / KOHYA_NAME
 
 
