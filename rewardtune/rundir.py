@@ -25,14 +25,15 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .config import config_to_yaml
 from .errors import UserError
-from .sources import atomic_write_text
+from .sources import atomic_write_text, writing
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -133,7 +134,7 @@ class RunDir:
             print(f"{self.command}: warning: {text}", file=sys.stderr, flush=True)
 
     # ----- one run per directory --------------------------------------------------------------
-    def lock(self) -> "RunLock":
+    def lock(self) -> RunLock:
         """A context manager holding ``<root>/.rewardtune.lock`` for the run's life (main process only)."""
         return RunLock(self)
 
@@ -245,13 +246,14 @@ class RunDir:
 
     def begin(self, start: Start, cfg, settings: dict, changed: dict | None = None) -> None:
         """The run is built and starts: clear what the plan replaces, set damaged checkpoints aside, record the
-        start in ``runs.jsonl`` and the resolved config in ``config.yaml`` (main process)."""
+        start in ``runs.jsonl`` (main process)."""
         self.settings = _plain(settings)
         if not is_main_process():
             return
-        if start.action == "overwrite":
+        if start.action == "overwrite":  # the finished outputs and their config.yaml stay until the new run
+            # replaces them (each written atomically): a new run that fails leaves them as they were
             self._remove([str(self.checkpoints_dir.relative_to(self.root)) if self.checkpoints_dir.is_relative_to(self.root)
-                          else None, self.finished, *self.outputs, *self.scratch, *self.clear])
+                          else None, self.finished, *[p for p in self.scratch if p != "config.yaml"]])
         elif start.action == "fresh":
             self._remove([*self.scratch])
             if self.checkpoints_dir.is_dir():  # only unfinished writes (.step_N.tmp) can be there
@@ -267,7 +269,8 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / HISTORY).open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        self.write_config(cfg)
+        # config.yaml is written with the run's outputs (its first checkpoint, the final model), so a run that
+        # fails before any of them leaves the config.yaml of what the directory holds as it was
 
     def abandon(self) -> None:
         """Undo ``begin`` of a run from step 0 that failed before it trained (a failed start leaves nothing):
@@ -339,7 +342,7 @@ class RunLock:
         self.created: list[Path] = []
         self.previous: dict | None = None  # what a dead holder left in the file
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if not is_main_process():
             return self
         run, root = self.rundir, self.rundir.root
@@ -439,13 +442,15 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    fmt = save(tmp)
+    with writing(directory, "the checkpoint", cleanup=tmp):  # a full disk: one line, no half checkpoint left
+        fmt = save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
-        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        with writing(directory, "the checkpoint", cleanup=tmp):
+            (tmp / STATE_FILE).write_text(json.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
+            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             directory.rename(old)

@@ -7,12 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
 
+import rewardtune.config as config
+from rewardtune.demo.runner import run_dir as demo_dir
 from rewardtune.errors import UserError
-from rewardtune.rundir import (Cadence, RunDir, checkpoint_name, read_state, reset_accelerate, verify_checkpoint,
-                               weights_identity, write_checkpoint)
+from rewardtune.finetune.run import run_dir as finetune_dir
+from rewardtune.reward_training.train import run_dir as reward_dir
+from rewardtune.rundir import (
+    Cadence,
+    Checkpoint,
+    RunDir,
+    Start,
+    checkpoint_name,
+    read_state,
+    reset_accelerate,
+    verify_checkpoint,
+    weights_identity,
+    write_checkpoint,
+)
 
 
 def _fake_checkpoint(path, step):
@@ -22,8 +40,6 @@ def _fake_checkpoint(path, step):
 
 @pytest.fixture(scope="module")
 def acc():
-    from accelerate import Accelerator
-
     reset_accelerate()
     yield Accelerator(cpu=True)
     reset_accelerate()
@@ -73,7 +89,7 @@ def test_write_checkpoint_replaces_whole_rotates_and_writes_a_manifest(tmp_path,
     with pytest.raises(OSError):
         write_checkpoint(acc, run.checkpoint_dir(4), fail, {"step": 4})
     assert run.latest().step == 3  # the half-written one never counts
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step_000004.tmp", "step_000002", "step_000003"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # no half one
 
 
 @pytest.mark.parametrize("damage", ["truncated_optimizer", "bad_trainer_state", "truncated_rng", "missing_file",
@@ -117,17 +133,11 @@ class _Cfg:
 
 @pytest.fixture(autouse=True)
 def _plain_config(monkeypatch):
-    import rewardtune.config as config
-
     real = config.config_to_yaml
     monkeypatch.setattr(config, "config_to_yaml", lambda cfg: "{}\n" if isinstance(cfg, _Cfg) else real(cfg))
 
 
 def _layouts():
-    from rewardtune.demo.runner import run_dir as demo_dir
-    from rewardtune.finetune.run import run_dir as finetune_dir
-    from rewardtune.reward_training.train import run_dir as reward_dir
-
     return {"train-reward": reward_dir, "finetune": finetune_dir, "demo": demo_dir}
 
 
@@ -187,11 +197,11 @@ def test_output_directory_table(command, state, flag, tmp_path, acc, capsys):
                 assert f"{command}: --resume: no checkpoint" in out and "yet; starting from the beginning" in out
             run.begin(start, _Cfg(), {"fixed": {}, "config": {}})
             left = sorted(p.name for p in run.root.iterdir())
-            if start.action == "overwrite":  # the old run's files are gone once the new run starts
-                assert not run.checkpoints() and run.finished not in left and run.outputs[0] not in left
+            if start.action == "overwrite":  # the old run's checkpoints are gone; its outputs stay until replaced
+                assert not run.checkpoints() and run.finished not in left
             if start.action == "continue":
                 assert run.finished not in left and run.outputs[0] in left  # in progress again until it finishes
-            assert "runs.jsonl" in left and "config.yaml" in left and ".rewardtune.lock" in left
+            assert "runs.jsonl" in left and ".rewardtune.lock" in left  # config.yaml comes with the outputs
 
     try:
         if expect.startswith("refused: "):
@@ -232,8 +242,6 @@ def test_a_failed_start_leaves_no_directory_and_the_lock_is_released(tmp_path):
 
 
 def test_settings_fixed_ones_refuse_others_are_recorded(tmp_path, acc, capsys):
-    from rewardtune.rundir import Start
-
     run = RunDir(tmp_path, command="finetune")
     saved = {"fixed": {"--lora-alpha": 4.0, "--lora-targets": ["to_q", "to_k"], "--model": {"files": {"unet/w.safetensors": "1:a"}}},
              "config": {"lr": 0.1, "steps": 2, "seed": 0, "resume": False}}
@@ -251,17 +259,10 @@ def test_settings_fixed_ones_refuse_others_are_recorded(tmp_path, acc, capsys):
 
 
 def _ck(tmp_path, step):
-    from rewardtune.rundir import Checkpoint
-
     return Checkpoint(step, tmp_path / "checkpoints" / checkpoint_name(step))
 
 
 def test_weights_identity_tells_same_architecture_models_apart_but_not_moved_copies(tmp_path):
-    import shutil
-
-    from safetensors.torch import save_file
-    import torch
-
     a = tmp_path / "a"
     (a / "unet").mkdir(parents=True)
     save_file({"w": torch.zeros(300_000)}, str(a / "unet" / "diffusion_pytorch_model.safetensors"))  # > 1 MiB: sampled

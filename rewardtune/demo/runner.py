@@ -176,7 +176,7 @@ def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig
     ft = FinetuneConfig(
         model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
         method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
-        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=list(cfg.lora_targets),
+        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=None if cfg.lora_targets is None else list(cfg.lora_targets),
         train_text_encoder=cfg.train_text_encoder,
         reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
         gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,

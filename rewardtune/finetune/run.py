@@ -110,7 +110,7 @@ def run_settings(cfg: FinetuneConfig, reward=None) -> dict:
 
     spec = cfg.reward if reward is None else f"{cfg.reward} ({type(reward).__name__} passed in)"
     fixed = {"--model": weights_identity(resolve_model(cfg.model)), "--lora-rank": cfg.lora_rank,
-             "--lora-alpha": cfg.lora_alpha, "--lora-targets": list(cfg.lora_targets),
+             "--lora-alpha": cfg.lora_alpha, "--lora-targets": None if cfg.lora_targets is None else list(cfg.lora_targets),
              "--train-text-encoder": cfg.train_text_encoder, "--reward": spec, "--method": cfg.method}
     return config_settings(cfg, fixed)
 
