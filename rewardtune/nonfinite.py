@@ -6,7 +6,7 @@ a one-line error. And the check before anything is saved: NaN or infinite weight
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 

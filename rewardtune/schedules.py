@@ -5,7 +5,7 @@ A pure function of the step, so a resumed run needs no scheduler state: the step
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 

@@ -24,10 +24,14 @@ for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "PYT
 os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image
+from transformers import CLIPModel
 
 from rewardtune.finetune import FinetuneConfig  # noqa: E402
+from rewardtune.testing import perturbed_state_dict, save_tiny_clip, save_tiny_pipeline
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -94,7 +98,6 @@ def library_log():
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """An HF CLIP directory (config, weights, the real CLIP tokenizer, preprocessor), projection dim 1024."""
-    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("backbone")
     save_tiny_clip(d, seed=0, projection_dim=1024)
@@ -104,9 +107,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def released_ict(tiny_backbone, tmp_path_factory) -> Path:
     """ICT as released: <dir>/pytorch_model.bin, a CLIPModel state dict laid over the backbone."""
-    from transformers import CLIPModel
 
-    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("ict")
     base = CLIPModel.from_pretrained(tiny_backbone)
@@ -124,9 +125,7 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
     """HP as released: hp_backbone/pytorch_model.bin and hp_scorer/mlp_pytorch_model.bin, the scorer written by its
     released key names (not through rewardtune's HPHead). Its weights are larger than an initialisation's, so the
     scores of different images spread far beyond the parity tests' tolerances."""
-    from transformers import CLIPModel
 
-    from rewardtune.testing import perturbed_state_dict
 
     d = tmp_path_factory.mktemp("hp")
     (d / "hp_backbone").mkdir()
@@ -144,7 +143,6 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
 
 def _noise_png(path: Path, h: int, w: int, channel: int, rng) -> Path:
     """Random pixels with one channel saturated in the top half: the hardest case for resampling."""
-    from PIL import Image
 
     arr = (rng.random((h, w, 3)) * 255).astype("uint8")
     arr[: h // 2, :, channel] = 255
@@ -155,7 +153,6 @@ def _noise_png(path: Path, h: int, w: int, channel: int, rng) -> Path:
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> list[Path]:
     """Three 224x224 PNGs (so CLIP's resize is the identity) and one 300x200 PNG."""
-    import numpy as np
 
     d = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
@@ -165,7 +162,6 @@ def sample_images(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def large_image(tmp_path_factory) -> Path:
     """A 512x512 PNG: downscaled by CLIP's preprocessing, as SD 1.x's images are."""
-    import numpy as np
 
     return _noise_png(tmp_path_factory.mktemp("images") / "img512.png", 512, 512, 1, np.random.default_rng(4))
 
@@ -173,7 +169,6 @@ def large_image(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd_model(tmp_path_factory) -> Path:
     """A tiny SD 1.x pipeline directory (diffusers format, the real CLIP tokenizer)."""
-    from rewardtune.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), "sd", seed=0)
 
@@ -181,7 +176,6 @@ def sd_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_model(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline directory (two text encoders, text_time conditioning)."""
-    from rewardtune.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
 

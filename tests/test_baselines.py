@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers import CLIPModel, CLIPProcessor
 
+from rewardtune.clip_tokenizer import write_clip_tokenizer
 from rewardtune.errors import OfflineError, UserError
-from rewardtune.rewards import load_reward
+from rewardtune.prompt_checks import long_prompt_notes, reward_limits
+from rewardtune.rewards import load_reward, load_rewards
+from rewardtune.sources import save_state_dict
+from rewardtune.testing import save_tiny_clip, write_clip_processor
 
 PROMPTS = ["a red cube on a wooden table", "a photo of a cat", "blue sky over mountains, highly detailed"]
 AESTHETIC_PTH = "sac+logos+ava1-l14-linearMSE.pth"
@@ -60,7 +67,6 @@ class _Evil:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     """openai/clip-vit-large-patch14 in miniature: an HF CLIP directory, projection dim 768."""
-    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("clip")
     save_tiny_clip(d, seed=11, projection_dim=768)
@@ -70,10 +76,7 @@ def clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pickscore_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir without tokenizer files, processor dir with the tokenizer and preprocessor config)."""
-    from transformers import CLIPModel
 
-    from rewardtune.clip_tokenizer import write_clip_tokenizer
-    from rewardtune.testing import save_tiny_clip, write_clip_processor
 
     model_dir = tmp_path_factory.mktemp("pickscore")
     save_tiny_clip(model_dir, seed=12, projection_dim=64)
@@ -90,8 +93,6 @@ def pickscore_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _tiny_open_clip(seed: int):
-    import open_clip
-
     torch.manual_seed(seed)
     model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"]).eval()
     with torch.no_grad():  # move every tensor off its init value, like trained weights
@@ -132,8 +133,6 @@ def aesthetic_dir(tmp_path_factory) -> Path:
 
 
 def test_clip_is_cosine_of_clip_processor_embeddings(clip_dir, sample_images):
-    from transformers import CLIPModel, CLIPProcessor
-
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
     inputs = proc(text=PROMPTS, images=_pil(sample_images[:3]), return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -146,8 +145,6 @@ def test_clip_is_cosine_of_clip_processor_embeddings(clip_dir, sample_images):
 
 
 def test_pickscore_is_scaled_cosine_with_processor_from_backbone(pickscore_dirs, sample_images):
-    from transformers import CLIPModel, CLIPProcessor
-
     model_dir, proc_dir = pickscore_dirs
     model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(proc_dir)
     inputs = proc(text=PROMPTS, images=_pil(sample_images[:3]), return_tensors="pt", padding=True)
@@ -162,8 +159,6 @@ def test_pickscore_is_scaled_cosine_with_processor_from_backbone(pickscore_dirs,
 
 
 def test_pickscore_prefers_the_model_dirs_own_tokenizer(pickscore_dirs, tmp_path, sample_images):
-    import shutil
-
     model_dir, proc_dir = pickscore_dirs
     full = tmp_path / "pickscore_full"
     shutil.copytree(model_dir, full)
@@ -185,8 +180,6 @@ def test_pickscore_without_tokenizer_names_what_is_missing(pickscore_dirs, tmp_p
 
 
 def test_hpsv2_matches_open_clip_forward_and_prefers_v21(hpsv2_dir, sample_images):
-    import open_clip
-
     ref = _tiny_open_clip(0)
     ref.load_state_dict(torch.load(hpsv2_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"])
     cfg = TINY_OPEN_CLIP["preprocess_cfg"]
@@ -204,8 +197,6 @@ def test_hpsv2_matches_open_clip_forward_and_prefers_v21(hpsv2_dir, sample_image
 
 
 def test_aesthetic_is_mlp_on_normalised_clip_image_embedding(clip_dir, aesthetic_dir, sample_images):
-    from transformers import CLIPModel, CLIPProcessor
-
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
     mlp = _aesthetic_mlp(768).eval()
     state = torch.load(aesthetic_dir / AESTHETIC_PTH, weights_only=True)
@@ -223,8 +214,6 @@ def test_aesthetic_is_mlp_on_normalised_clip_image_embedding(clip_dir, aesthetic
 
 
 def test_aesthetic_head_as_safetensors(clip_dir, aesthetic_dir, tmp_path, sample_images):
-    from rewardtune.sources import save_state_dict
-
     save_state_dict(torch.load(aesthetic_dir / AESTHETIC_PTH, weights_only=True),
                     tmp_path / "sac+logos+ava1-l14-linearMSE.safetensors")
     x = _tensor(sample_images[:3])
@@ -324,9 +313,6 @@ def test_hpsv2_checkpoint_covering_part_of_the_model_warns(hpsv2_dir, tmp_path):
 
 
 def test_each_reward_counts_the_prompts_its_text_encoder_cuts(all_sources):
-    from rewardtune.prompt_checks import long_prompt_notes, reward_limits
-    from rewardtune.rewards import load_rewards
-
     rewards = load_rewards(["clip", "pickscore", "hpsv2", "aesthetic"], **all_sources)
     rewards["mix"] = load_reward("clip:1.0,aesthetic:0.5", **all_sources)
     fits, cut = "red " * 75, "red " * 76  # with the start and end tokens: 77 (fits), 78 (one too many)

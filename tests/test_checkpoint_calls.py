@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rewardtune.finetune.sampler as sampler_mod
 from rewardtune.finetune import Trainer
 
 
@@ -15,7 +16,7 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     (at their init the B matrices are zero, which would hide most of the graph)."""
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for name, p in sorted(trainer.unet.named_parameters()):
+        for _, p in sorted(trainer.unet.named_parameters()):
             if p.requires_grad:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -39,13 +40,12 @@ def test_checkpointed_calls_give_the_same_gradients(sd_model, tmp_path, tiny_cfg
         assert reg_off > 0  # the regulariser took part
     assert sum(float(g.abs().sum()) for g in g_off.values()) > 0
     for name, g in g_off.items():
-        torch.testing.assert_close(g_on[name], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_on[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_only_the_last_gradient_call_is_not_checkpointed(sd_model, tmp_path, tiny_cfg, brightness, monkeypatch):
     """K gradient calls: K-1 go through torch's checkpoint, the last one's activations are used at once; off,
     none does. DRaFT-LV: the chain's calls and all re-noised copies but the last."""
-    import rewardtune.finetune.sampler as sampler_mod
 
     calls = []
     real = sampler_mod.checkpoint

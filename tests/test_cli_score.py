@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import CLIPModel, CLIPTokenizerFast
+
+from rewardtune.images import load_image
+from rewardtune.rewards import load_reward
+from rewardtune.rewards.clip_tower import ClipTower
+from rewardtune.rewards.icthp import HPHead
+from rewardtune.sources import save_state_dict
+from rewardtune.testing import perturbed_state_dict
+from rewardtune.testing.clip import write_clip_processor
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -34,11 +46,6 @@ def test_score_json(sample_images, srcs):
 
 
 def test_score_json_matches_python_api(sample_images, srcs, tiny_backbone, released_ict):
-    import torch
-
-    from rewardtune.images import load_image
-    from rewardtune.rewards import load_reward
-
     r = run("score", sample_images[0], "--prompt", "a cat", *srcs, "--reward", "ict", "--json")
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
@@ -66,8 +73,6 @@ def test_score_table(sample_images, srcs):
     ],
 )
 def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, tiny_backbone):
-    import re
-
     images, extra = list(sample_images[:3]), list(srcs)
     prompts = ["--prompt", "x"]
     if case == "missing_image":
@@ -88,7 +93,7 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", *map(str, images), *prompts, *map(str, extra)],
                        capture_output=True, text=True, env={**ENV, **env_home}, timeout=300)
     assert r.returncode == 2
-    err = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    err = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1, r.stderr  # one line, no traceback
     assert re.search(pattern, err[0]), err[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
@@ -114,8 +119,6 @@ def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
 
 
 def test_count_truncated_agrees_with_what_the_tower_cuts(tiny_backbone):
-    from rewardtune.rewards.clip_tower import ClipTower
-
     tower = ClipTower.from_dir(tiny_backbone, "backbone")
     words = ["red"] * 200
     # 75 words + start and end tokens fill the 77 exactly; one more word is cut.
@@ -142,8 +145,6 @@ def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
 
 
 def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_path):
-    import shutil
-
     d = tmp_path / "shots"
     d.mkdir()
     for name, src in (("b.png", sample_images[0]), ("a.png", sample_images[1]), ("c.PNG", sample_images[3])):
@@ -172,8 +173,6 @@ def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_p
     (["readme.txt", "sub/"], "image directory '.*' holds no image files .*; it holds 2 other entries"),
 ])
 def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample_images, srcs, tmp_path):
-    import re
-
     d = tmp_path / "empty"
     d.mkdir()
     for name in content:
@@ -187,13 +186,7 @@ def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample
 
 def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
     """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
-    import torch
-    from transformers import CLIPModel, CLIPTokenizerFast
 
-    from rewardtune.rewards.icthp import HPHead
-    from rewardtune.sources import save_state_dict
-    from rewardtune.testing import perturbed_state_dict
-    from rewardtune.testing.clip import write_clip_processor
 
     base = CLIPModel.from_pretrained(tiny_backbone)
     tokenizer = CLIPTokenizerFast.from_pretrained(tiny_backbone)
@@ -220,8 +213,6 @@ def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_th
                         "--ict", str(ict), "--hp", str(hp), "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
-    from rewardtune.images import load_image
-    from rewardtune.rewards import load_reward
 
     with torch.no_grad():
         want = load_reward("ict", ict=str(ict), backbone=str(ict))(load_image(sample_images[0])[None], ["a cat"]).item()

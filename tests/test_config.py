@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
+import torch
 
 from rewardtune.config import add_config_args, build_config, check_values, config_to_yaml, option, precision_dtype
+from rewardtune.demo.runner import DemoConfig
 from rewardtune.errors import UserError
+from rewardtune.finetune import FinetuneConfig
+from rewardtune.reward_training import TrainRewardConfig
 
 
 @dataclass
@@ -125,10 +129,6 @@ def test_declared_ranges_and_choices_are_checked_in_one_place(values, message):
 
 
 def test_config_ranges_keep_their_messages():
-    from rewardtune.demo.runner import DemoConfig
-    from rewardtune.finetune import FinetuneConfig
-    from rewardtune.reward_training import TrainRewardConfig
-
     with pytest.raises(UserError, match="^--lora-rank must be at least 1, got 0$"):
         FinetuneConfig(output="o", lora_rank=0).validate()
     with pytest.raises(UserError, match="^train-reward: --checkpoints-keep must be at least 1, got 0$"):
@@ -141,10 +141,7 @@ def test_config_ranges_keep_their_messages():
 
 def test_demo_fields_come_from_the_finetune_config():
     """The demo's fine-tuning options share FinetuneConfig's help, choices and ranges, with its own defaults."""
-    from dataclasses import fields
 
-    from rewardtune.demo.runner import DemoConfig
-    from rewardtune.finetune import FinetuneConfig
 
     ft = {f.name: f for f in fields(FinetuneConfig)}
     demo = {f.name: f for f in fields(DemoConfig)}
@@ -158,8 +155,6 @@ def test_demo_fields_come_from_the_finetune_config():
 
 
 def test_precision_names_map_to_one_dtype_table():
-    import torch
-
     assert [precision_dtype(n) for n in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
     assert precision_dtype("fp32") is precision_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):

@@ -13,9 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rewardtune.demo import world
+from rewardtune.demo.build import calibrate_hp
+from rewardtune.demo.data import write_preference_set
+from rewardtune.rewards import load_reward
+from rewardtune.testing import save_tiny_clip
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +54,6 @@ def test_build_writes_every_part_with_timings(built):
 
 
 def test_built_models_load_with_the_public_loaders(built):
-    from diffusers import StableDiffusionPipeline
-
-    from rewardtune.rewards import load_reward
-
     pipe = StableDiffusionPipeline.from_pretrained(str(built / "pipeline"), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["a red circle"], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
@@ -62,9 +63,6 @@ def test_built_models_load_with_the_public_loaders(built):
 
 
 def test_hp_calibration_sets_the_reference_images_score(built, tmp_path):
-    from rewardtune.demo.build import calibrate_hp
-    from rewardtune.rewards import load_reward
-
     shutil.copytree(built / "hp", tmp_path / "hp")
     data = built.parent / "work" / "preference_set"
     offset = calibrate_hp(tmp_path / "hp", data, target=0.8)
@@ -85,8 +83,6 @@ def test_build_names_an_unknown_part(tmp_path):
 
 def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     """``rewardtune data check`` and both ``train-reward`` stages read the generator's set (rendered images only)."""
-    from rewardtune.demo.data import write_preference_set
-    from rewardtune.testing import save_tiny_clip
 
     write_preference_set(tmp_path / "set", {"train": 16, "val": 8}, seed=2)
     save_tiny_clip(tmp_path / "clip", seed=0, words=world.world_words(), projection_dim=32, image_size=32, patch_size=8,

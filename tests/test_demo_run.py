@@ -10,10 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
 from rewardtune.demo import world
 from rewardtune.demo.build import MODELS_DIR
 from rewardtune.demo.runner import make_prompts
+from rewardtune.rewards import load_reward
 
 pytestmark = pytest.mark.skipif(not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
                                 reason="bundled demo models missing; run scripts/build_demo_models.py")
@@ -31,8 +33,6 @@ def test_bundled_models_stay_small():
 
 
 def test_bundled_pipeline_loads_and_follows_prompts():
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(str(MODELS_DIR / "pipeline"), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -47,8 +47,6 @@ def test_bundled_pipeline_loads_and_follows_prompts():
 
 
 def test_bundled_rewards_load_and_prefer_the_matching_prompt():
-    from rewardtune.rewards import load_reward
-
     icthp = load_reward("icthp", ict=str(MODELS_DIR / "ict"), hp=str(MODELS_DIR / "hp"))
     heldout = load_reward("clip", clip=str(MODELS_DIR / "heldout_clip"))
     rng = np.random.default_rng(0)
@@ -87,7 +85,6 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
     assert not set(heldout) & set((out / "prompts_train.txt").read_text().split("\n")) - {""}
     # the LoRA loads into the bundled pipeline with diffusers' own loader, every weight finding its module, and
     # changes what the pipeline draws
-    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(MODELS_DIR / "pipeline"), safety_checker=None,
                                                    requires_safety_checker=False)

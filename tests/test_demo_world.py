@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from rewardtune.demo import world
+from rewardtune.data import load_triplets
+from rewardtune.demo import data, world
+from rewardtune.demo.data import write_preference_set, write_split
 from rewardtune.errors import UserError
 
 
@@ -87,8 +89,6 @@ def test_prompts_round_trip_and_overlap():
 
 
 def test_preference_set_labels_follow_the_paper(tmp_path):
-    from rewardtune.demo import data
-
     rng = np.random.default_rng(0)
     for _ in range(50):
         t = data.make_triplet(rng)
@@ -102,9 +102,6 @@ def test_preference_set_labels_follow_the_paper(tmp_path):
 
 
 def test_preference_set_loads_with_the_triplet_loader(tmp_path):
-    from rewardtune.data import load_triplets
-    from rewardtune.demo.data import write_preference_set
-
     sizes = write_preference_set(tmp_path, {"train": 12, "test": 6}, seed=1, pickle=True)
     assert sizes == {"train": 12, "test": 6}
     table = load_triplets(tmp_path, "train")
@@ -123,8 +120,6 @@ def test_preference_set_loads_with_the_triplet_loader(tmp_path):
 
 
 def test_same_seed_same_split(tmp_path):
-    from rewardtune.demo.data import write_split
-
     a = write_split(tmp_path / "a", "val", 5, seed=3)
     b = write_split(tmp_path / "b", "val", 5, seed=3)
     assert a.equals(b)

@@ -8,11 +8,22 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
+from transformers import CLIPModel
 
 from rewardtune.cli import main
+from rewardtune.data import load_triplets
+from rewardtune.data.synthetic import WORDS, make_pick_high
+from rewardtune.errors import UserError
+from rewardtune.images import load_image
 from rewardtune.reward_training import evaluate_rewards, triplet_accuracy
+from rewardtune.rewards import load_rewards
+from rewardtune.rewards.icthp import HPHead
+from rewardtune.testing import perturbed_state_dict, save_tiny_clip
 
 KEYS = {"I2>I1", "I3>I2", "I3>I1", "avg", "n"}
 
@@ -20,14 +31,7 @@ KEYS = {"I2>I1", "I3>I2", "I3>I1", "avg", "n"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP, ICT and HP in the released layouts over it, and 16 test triplets (one image 40x48)."""
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-    from transformers import CLIPModel
 
-    from rewardtune.data.synthetic import WORDS, make_pick_high
-    from rewardtune.rewards.icthp import HPHead
-    from rewardtune.testing import perturbed_state_dict, save_tiny_clip
 
     d = tmp_path_factory.mktemp("evalworld")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
@@ -60,9 +64,6 @@ def test_ties_and_nans_count_as_wrong():
 @pytest.fixture(scope="module")
 def by_hand(world):
     """Per-triplet scores computed image by image, as a reader of the paper would."""
-    from rewardtune.data import load_triplets
-    from rewardtune.images import load_image
-    from rewardtune.rewards import load_rewards
 
     r = load_rewards(["ict", "hp", "clip"], ict=str(world["ict"]), hp=str(world["hp"]), backbone=str(world["backbone"]),
                      clip=str(world["backbone"]))
@@ -82,8 +83,6 @@ def by_hand(world):
 
 
 def test_every_reward_matches_a_by_hand_ranking(world, by_hand):
-    from rewardtune.rewards import load_rewards
-
     rewards = load_rewards(["ict", "hp", "icthp", "clip"], ict=str(world["ict"]), hp=str(world["hp"]),
                            backbone=str(world["backbone"]), clip=str(world["backbone"]))
     got = evaluate_rewards(world["data"], "test", rewards, batch_size=5, progress=False)
@@ -112,8 +111,6 @@ def test_cli_json_prints_only_the_table(world, by_hand, capsys):
 
 
 def _limited_avg(world) -> float:
-    from rewardtune.rewards import load_rewards
-
     r = load_rewards(["ict"], ict=str(world["ict"]), backbone=str(world["backbone"]))
     return evaluate_rewards(world["data"], "test", r, limit=5, progress=False)["ict"]["avg"]
 
@@ -132,9 +129,6 @@ def test_pickle_needs_the_flag_and_then_agrees_with_parquet(world, by_hand, tmp_
 
 
 def test_unchecked_missing_image_still_stops_with_its_path(world, tmp_path):
-    from rewardtune.errors import UserError
-    from rewardtune.rewards import load_rewards
-
     root = tmp_path / "d"
     shutil.copytree(world["data"], root)
     gone = sorted((root / "pick_easy_img" / "test").iterdir())[3]
@@ -159,8 +153,6 @@ def test_user_mistakes_exit_2(world, tmp_path, capsys):
 
 
 def test_long_prompts_and_duplicates_are_noted_once_and_json_stays_clean(world, tmp_path, capsys):
-    import pandas as pd
-
     root = tmp_path / "d"
     shutil.copytree(world["data"], root)
     frame = pd.read_parquet(root / "test.parquet")

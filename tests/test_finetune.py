@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import json as _json
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline
+from safetensors import safe_open
 
-from rewardtune.errors import UserError
+from rewardtune.errors import OfflineError, UserError
 from rewardtune.finetune import Trainer, load_lora, run_finetune
-from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler
+from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
+from rewardtune.finetune.models import load_pipeline, model_family, resolve_model
+from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler, make_plan
+from rewardtune.schedules import lr_factor
+from rewardtune.testing import save_tiny_pipeline
 
 
 @pytest.fixture
@@ -18,10 +25,6 @@ def models(sd_model, sdxl_model):
 
 
 def test_tiny_pipelines_are_real_diffusers_pipelines(sd_model, sdxl_model):
-    from diffusers import DiffusionPipeline
-
-    from rewardtune.finetune.models import model_family
-
     assert model_family(sd_model) == "sd" and model_family(sdxl_model) == "sdxl"
     pipe = DiffusionPipeline.from_pretrained(sdxl_model)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -132,7 +135,6 @@ def test_k_decides_which_steps_carry_gradients(sd_model, tmp_path, tiny_cfg, bri
 def test_refl_plans_stop_in_range_with_one_gradient_step():
     """ReFL: a random stop inside the configured range; only the stop step carries gradients, and its
     output is the x0 prediction."""
-    from rewardtune.finetune.sampler import make_plan
 
     plans = [make_plan("refl", 10, 2, torch.Generator().manual_seed(s), refl_range=(0.5, 0.8)) for s in range(30)]
     stops = {p.stop for p in plans}
@@ -150,10 +152,7 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
                                                                  tiny_cfg, brightness):
     """pipe.load_lora_weights(dir) (diffusers) and the kohya export give the fine-tuned model's images;
     --init-lora starts a new run from the same weights. SDXL also trains LoRA on both text encoders."""
-    from diffusers import DiffusionPipeline
-    from safetensors import safe_open
 
-    from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
 
     cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder,
                    gradient_checkpointing=text_encoder)
@@ -193,10 +192,7 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
 def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path):
     """A v-prediction SD model saved with a PNDM scheduler, in a directory named like SDXL: the family is
     read from model_index.json, the sampler steps DDIM on the model's config, x0 honours v-prediction."""
-    from diffusers import PNDMScheduler
 
-    from rewardtune.finetune.models import load_pipeline
-    from rewardtune.testing import save_tiny_pipeline
 
     d = save_tiny_pipeline(tmp_path / "my-sdxl-finetune", "sd", prediction_type="v_prediction")
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
@@ -223,11 +219,6 @@ def test_sdxl_conditioning_uses_the_real_sizes(sdxl_model, tmp_path, tiny_cfg, b
 
 
 def test_model_errors_name_the_problem(tmp_path, monkeypatch):
-    import json as _json
-
-    from rewardtune.errors import OfflineError, UserError
-    from rewardtune.finetune.models import load_pipeline, resolve_model
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(OfflineError, match="stable-diffusion-xl-base-1.0"):
@@ -242,9 +233,7 @@ def test_model_errors_name_the_problem(tmp_path, monkeypatch):
 def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_path, tiny_cfg, brightness):
     """``Trainer(pipe=...)`` (random full-size weights in the benchmarks) prepares the pipeline exactly as
     loading ``cfg.model`` does: same family, DDIM from its config, same first step's result."""
-    from diffusers import StableDiffusionPipeline
 
-    from rewardtune.finetune import Trainer
 
     results = []
     for pipe in (None, StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False)):
@@ -257,8 +246,6 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path, schedule, tiny_cfg, brightness):
-    from rewardtune.schedules import lr_factor
-
     cfg = tiny_cfg(sd_model, tmp_path, steps=4, lr=1e-2, lr_schedule=schedule, warmup_steps=1, sample_steps=2, k=1, batch_size=1)
     trainer = Trainer(cfg, reward=brightness())
     lrs = [trainer.step()["lr"] for _ in range(4)]

@@ -3,19 +3,26 @@ mixed precision, non-finite losses, bad input, and a two-process accelerate run 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from diffusers import DiffusionPipeline
 
 from rewardtune.cli import main
+from rewardtune.config import build_config
 from rewardtune.errors import UserError
-from rewardtune.finetune import Trainer, run_finetune
+from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, run_finetune
+from rewardtune.finetune.models import load_pipeline
+from rewardtune.finetune.prompts import load_prompts, note_long_prompts
+from rewardtune.rewards import load_reward
 from rewardtune.sources import load_state_dict
 
 
@@ -128,9 +135,6 @@ def test_cli_trains_on_icthp_writes_kohya_and_reruns_from_its_config(sd_model, r
 
 @pytest.mark.parametrize("recipe", ["sd15_icthp_draftk", "sd15_icthp_refl", "sdxl_icthp_draftk"])
 def test_bundled_recipes_build_valid_configs(recipe, tmp_path):
-    from rewardtune.config import build_config
-    from rewardtune.finetune import FinetuneConfig
-
     cfg = build_config(FinetuneConfig, config=recipe, output=str(tmp_path))
     assert cfg.model in ("sd15", "sdxl") and cfg.reward == "icthp"
 
@@ -167,16 +171,10 @@ def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
 
 
 def _has(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
 def test_load_lora_refuses_a_directory_that_is_not_one(sd_model, tmp_path):
-    from diffusers import DiffusionPipeline
-
-    from rewardtune.finetune import load_lora
-
     pipe = DiffusionPipeline.from_pretrained(sd_model)
     with pytest.raises(UserError, match="is not a LoRA"):
         load_lora(pipe, tmp_path)
@@ -203,8 +201,6 @@ def test_two_process_accelerate_launch_completes(sd_model, released_ict, release
 
 
 def test_prompt_files_never_yield_an_empty_prompt(tmp_path):
-    from rewardtune.finetune.prompts import load_prompts
-
     f = tmp_path / "p.txt"
     f.write_text("\ufeffa red cube\n\u200b\n  a blue ball  \n\n\t\n", encoding="utf-8")
     assert load_prompts(str(f)) == ["a red cube", "a blue ball"]  # no byte-order mark in the first prompt
@@ -232,12 +228,6 @@ def test_long_prompts_are_noted_once_for_the_model_and_each_reward(sd_model, rel
 
 
 def test_sdxl_counts_a_prompt_that_either_text_encoder_cuts(sdxl_model, tiny_backbone, capsys):
-    from types import SimpleNamespace
-
-    from rewardtune.finetune.models import load_pipeline
-    from rewardtune.finetune.prompts import note_long_prompts
-    from rewardtune.rewards import load_reward
-
     pipe, _ = load_pipeline(str(sdxl_model))
     pipe.tokenizer_2.model_max_length = 40  # a second encoder that reads less: what it cuts counts too
     run = SimpleNamespace(pipe=pipe, prompts=["a cat", "red " * 50, "red " * 100, "a dog"], eval_reward=None,

@@ -15,10 +15,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from safetensors import safe_open
 
 from rewardtune.cli import main
-from rewardtune.finetune import FinetuneConfig, Trainer, sample, training_scheduler
+from rewardtune.config import build_config
+from rewardtune.errors import OfflineError
+from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, sample, training_scheduler
+from rewardtune.finetune.defaults import FLUX_TARGETS, SD3_TARGETS, resolve_defaults
+from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.models import (
+    ALIASES,
+    assemble_pipeline,
+    make_adapter,
+    model_family,
+    pipeline_family,
+    resolve_model,
+)
 from rewardtune.finetune.sampler import Plan, SampleState
+from rewardtune.testing import save_tiny_pipeline
+from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
 
 PROMPTS = ["a red apple", "a cat"]
 MSL = 16  # T5 tokens per prompt: keeps the tiny transformers' text sequences short (the real default is 256/512)
@@ -34,15 +50,12 @@ class Brightness(torch.nn.Module):
 @pytest.fixture(scope="session")
 def flow_models(tmp_path_factory):
     """Tiny SD3.5-Medium-like, FLUX.1-dev-like and FLUX.1-schnell-like pipeline directories."""
-    from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
 
     return {name: save_tiny_flow_pipeline(tmp_path_factory.mktemp(f"tiny_{name}"), family, variant)
             for name, family, variant in (("sd3", "sd3", ""), ("flux", "flux", ""), ("schnell", "flux", "schnell"))}
 
 
 def _load(path):
-    from diffusers import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -61,10 +74,6 @@ def flow_cfg(model, output, **kw) -> FinetuneConfig:
 
 
 def test_tiny_flow_pipelines_are_real_diffusers_pipelines(flow_models):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    from rewardtune.finetune.models import model_family
-
     sd3 = StableDiffusion3Pipeline.from_pretrained(flow_models["sd3"])
     flux = FluxPipeline.from_pretrained(flow_models["flux"])
     schnell = FluxPipeline.from_pretrained(flow_models["schnell"])
@@ -102,7 +111,6 @@ def test_sample_returns_the_pipelines_latents(flow_models, name, cases):
 def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(family, tmp_path):
     """SD/SDXL: ``sample`` equals the stock pipeline once it samples with ``training_scheduler(pipe)`` (DDIM), at
     eta 0 and, from the same generator, at eta 1."""
-    from rewardtune.testing import save_tiny_pipeline
 
     pipe = _load(save_tiny_pipeline(tmp_path, family))
     pipe.scheduler = training_scheduler(pipe)
@@ -114,8 +122,6 @@ def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(fam
 
 
 def test_assemble_pipeline_builds_the_flow_pipelines(flow_models):
-    from rewardtune.finetune.models import assemble_pipeline, pipeline_family
-
     for name in ("sd3", "flux"):
         pipe = _load(flow_models[name])
         parts = {k: v for k, v in pipe.components.items() if k.startswith(("transformer", "vae", "text_encoder", "scheduler"))}
@@ -127,8 +133,6 @@ def test_assemble_pipeline_builds_the_flow_pipelines(flow_models):
 def test_flow_schedules_are_the_pipelines(flow_models):
     """SD3: the static shift 3 of its scheduler config (4 steps: 1, 0.858, 0.602, 0.0089, 0). FLUX: sigmas
     linspace(1, 1/N, N) shifted with mu from the packed image tokens, (H/16)(W/16): 0.63 at 512², 1.15 at 1024²."""
-    from rewardtune.finetune.flow import FlowMatchSampler
-    from rewardtune.finetune.models import make_adapter
 
     sd3 = _load(flow_models["sd3"])
     sampler = FlowMatchSampler(training_scheduler(sd3), 4, **make_adapter(sd3, "sd3").sampler_options(32))
@@ -183,7 +187,6 @@ def test_each_method_raises_the_reward_of_its_batch(flow_trainers, name, method)
 
 def test_trainer_resolves_the_models_defaults_and_caches_prompts(flow_trainers):
     """Unset options took the family's defaults; prompt embeddings were computed once: a step calls no text encoder."""
-    from rewardtune.finetune.defaults import FLUX_TARGETS, SD3_TARGETS
 
     sd3, flux = flow_trainers["sd3"], flow_trainers["flux"]
     assert sd3.cfg.lora_targets == SD3_TARGETS and flux.cfg.lora_targets == FLUX_TARGETS
@@ -268,9 +271,7 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(f
     """``pipe.load_lora_weights(dir)`` on a fresh pipeline loads every tensor without a warning (captured on the
     diffusers and peft loggers themselves), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
     makes the trainer's own images. SD3 also trains LoRA on both CLIP encoders (T5 stays cached)."""
-    from safetensors import safe_open
 
-    from rewardtune.finetune import load_lora
 
     g = 3.0 if name == "sd3" else 3.5
     cfg = flow_cfg(flow_models[name], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder, guidance_scale=g,
@@ -371,9 +372,6 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
 
 
 def test_flow_aliases_name_the_public_models(tmp_path, monkeypatch):
-    from rewardtune.errors import OfflineError
-    from rewardtune.finetune.models import ALIASES, resolve_model
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     assert ALIASES["sd35-large-turbo"] == ("stabilityai/stable-diffusion-3.5-large-turbo",)
@@ -384,7 +382,6 @@ def test_flow_aliases_name_the_public_models(tmp_path, monkeypatch):
 
 def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     """Per alias (SD3.5-Large vs its Turbo: the same files), per family for a local directory, --defaults-from."""
-    from rewardtune.finetune.defaults import resolve_defaults
 
     sd3, flux, schnell = _load(flow_models["sd3"]), _load(flow_models["flux"]), _load(flow_models["schnell"])
 
@@ -416,7 +413,5 @@ def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp
 
 
 def test_turbo_recipe_builds_a_valid_config(tmp_path):
-    from rewardtune.config import build_config
-
     cfg = build_config(FinetuneConfig, config="sd35l_turbo_icthp_draftk", output=str(tmp_path))
     assert cfg.model == "sd35-large-turbo" and cfg.method == "draft-k" and cfg.k >= 2 and cfg.guidance_scale == 0

@@ -26,9 +26,11 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from rewardtune.errors import UserError
+from rewardtune.finetune import load_lora
 from rewardtune.finetune.lora import (
     KOHYA_NAME,
     TEXT_TARGETS,
@@ -38,6 +40,8 @@ from rewardtune.finetune.lora import (
     kohya_state,
     save_lora,
 )
+from rewardtune.plan import build_pipeline
+from rewardtune.testing import save_tiny_pipeline
 
 ALPHA, RANK = 6.0, 2
 # Every Linear layer in the UNet's transformer blocks (the default --lora-targets and the others a user may add).
@@ -271,7 +275,6 @@ def a1111_module(name: str, modules: set[str]) -> str | None:
 def full_size(request, tmp_path_factory):
     """A rank-2 LoRA on every transformer Linear of the full-size UNet and on both text encoders' attention and MLP
     (meta-device models, weights made real only for the file), saved with ``save_lora`` and exported."""
-    from rewardtune.plan import build_pipeline
 
     arch = request.param
     pipe = build_pipeline(arch, device="meta")
@@ -381,10 +384,7 @@ def test_export_refuses_what_no_loader_maps():
 def test_sd_lora_with_text_encoder_reproduces_through_the_kohya_file(tmp_path):
     """SD 1.x with a text-encoder LoRA: the kohya file (``lora_te_text_model_…``, alpha ≠ rank) loaded by diffusers'
     own kohya loader gives the same text embeddings and noise prediction as the trained modules."""
-    from diffusers import StableDiffusionPipeline
 
-    from rewardtune.finetune import load_lora
-    from rewardtune.testing import save_tiny_pipeline
 
     model = save_tiny_pipeline(tmp_path / "sd", "sd", seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(model)
@@ -419,8 +419,6 @@ def test_sd_lora_with_text_encoder_reproduces_through_the_kohya_file(tmp_path):
 def test_library_log_sees_a_lora_key_that_matches_no_module(sd_model, tmp_path, library_log):
     """The capture the "loads without warnings" checks rely on can fail: a LoRA whose one module is misnamed loads
     with diffusers' unexpected-keys warning, and ``library_log`` holds it."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_model)
     add_lora(pipe.unet, RANK, ALPHA, ["to_q", "to_k", "to_v", "to_out.0"])
@@ -435,8 +433,6 @@ def test_library_log_sees_a_lora_key_that_matches_no_module(sd_model, tmp_path, 
 
 
 def test_export_of_another_familys_file_is_one_clear_error(tmp_path):
-    from safetensors.torch import save_file
-
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 4),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 2)}, str(tmp_path / WEIGHT_NAME))
     with pytest.raises(UserError, match="covers LoRA on SD 1.x/2.x and SDXL.*'transformer'"):

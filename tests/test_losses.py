@@ -7,6 +7,8 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from rewardtune.losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, negative_weight
 
@@ -102,8 +104,6 @@ def _ict_full_batch(seed: int = 0):
 
 
 def _gather_worker(rank: int, world: int, port: int, out_path: str) -> None:
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     feats, labels = _ict_full_batch()
     rows = slice(2 * rank, 2 * rank + 2)
@@ -126,7 +126,6 @@ def _free_port() -> int:
 def test_gathered_ict_loss_spans_processes_and_its_gradients_add_up(tmp_path):
     """Two gloo processes with two rows each: both see all four rows as negatives, compute the full-batch
     loss, and each gets world_size x the full-batch gradient of its own rows (DDP then averages)."""
-    import torch.multiprocessing as mp
 
     out = str(tmp_path / "result")
     mp.spawn(_gather_worker, args=(2, _free_port(), out), nprocs=2, join=True)

@@ -11,18 +11,17 @@ import sys
 import pytest
 import torch
 
+from rewardtune.cli import main
 from rewardtune.errors import UserError
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
-from rewardtune.testing import tiny_clip_config
+from rewardtune.testing import save_tiny_pipeline, tiny_clip_config
 
 TINY_REWARD = tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from rewardtune.testing import save_tiny_pipeline
-
     return save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd", family="sd")
 
 
@@ -91,8 +90,6 @@ def test_impossible_configs_are_user_errors(tiny_sd, change, message):
 
 
 def test_cli_full_size_sd15_is_sane(capsys):
-    from rewardtune.cli import main
-
     code = main(["plan", "--model", "sd15", "--resolution", "512", "--k", "1", "--sample-steps", "30",
                  "--mixed-precision", "bf16", "--lora-rank", "16", "--reward", "icthp", "--json"])
     assert code == 0

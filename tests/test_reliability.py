@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rewardtune.data.synthetic import WORDS, make_pick_high
+from rewardtune.demo.build import MODELS_DIR
 from rewardtune.errors import UserError
 from rewardtune.finetune import run_finetune
 from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
+from rewardtune.testing import save_tiny_clip
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -79,9 +82,6 @@ def plant(directory: Path, marker: Path, every_file: bool) -> None:
 # ----- two tiny finished runs, each with checkpoints at steps 1 and 2 (the time cadence) ------------------
 @pytest.fixture(scope="module")
 def reward_world(tmp_path_factory) -> dict:
-    from rewardtune.data.synthetic import WORDS, make_pick_high
-    from rewardtune.testing import save_tiny_clip
-
     d = tmp_path_factory.mktemp("reward_world")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
     make_pick_high(d / "data", {"train": 16}, size=32, formats=("parquet",))
@@ -276,8 +276,6 @@ def test_a_truncated_random_state_falls_back_to_the_checkpoint_before(ft_run, sd
 
 # ----- case 9: a failed start leaves nothing behind ---------------------------------------------------------
 def test_a_failed_start_leaves_nothing_behind(sd_model, reward_world, tmp_path, tiny_cfg):
-    from rewardtune.demo.build import MODELS_DIR
-
     if not (MODELS_DIR / "pipeline" / "model_index.json").is_file():
         pytest.skip("bundled demo models missing")
     out = tmp_path / "demo"

@@ -17,6 +17,8 @@ from rewardtune.cli import main
 from rewardtune.data import COLUMNS, TripletDataset, collate, convert_pickles, find_split, load_triplets
 from rewardtune.data.synthetic import make_pick_high
 from rewardtune.errors import UserError
+from rewardtune.images import load_image
+from rewardtune.rewards.clip_tower import ClipPreprocess
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +179,6 @@ def test_missing_split_and_cli_report(pick_root, tmp_path, capsys):
 
 def test_dataset_preprocesses_like_the_reward(pick_root):
     """The training pixels are exactly what the rewards' torch preprocessing makes of the same files."""
-    from rewardtune.images import load_image
-    from rewardtune.rewards.clip_tower import ClipPreprocess
 
     table = load_triplets(pick_root, "train")
     pre = ClipPreprocess(24)

@@ -5,12 +5,15 @@ HPHead). Exact on 224x224 images; on resized ones (every fine-tuning image) with
 from __future__ import annotations
 
 import os
+import shutil
 
+import huggingface_hub.constants as hub
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers import CLIPModel, CLIPProcessor
 
 from rewardtune.errors import OfflineError, UserError
 from rewardtune.rewards import load_reward, load_rewards
@@ -58,7 +61,6 @@ def _tensor(path):
 
 def _reference_clip(backbone, ckpt_state):
     """The released scoring code's way: CLIPModel from the backbone, state dict laid over, CLIPProcessor."""
-    from transformers import CLIPModel, CLIPProcessor
 
     model = CLIPModel.from_pretrained(backbone).eval()
     model.load_state_dict(ckpt_state, strict=False)
@@ -128,12 +130,11 @@ def test_hp_matches_the_released_computation(tiny_backbone, released_hp, sample_
 def test_resize_path_matches_clipprocessor_pixels(tiny_backbone, released_hp, sample_images, large_image):
     """Fine-tuning images always take the resize path: our preprocessing of the 300x200 and 512x512 images against
     CLIPProcessor's pixel values (and its PIL backend's, where transformers has one), in uint8 levels."""
-    from transformers import CLIPProcessor
 
     reward = load_reward("hp", hp=str(released_hp), backbone=str(tiny_backbone))
     processors = [CLIPProcessor.from_pretrained(tiny_backbone).image_processor]
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: PLC0415  (transformers 5 only)
     except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
         pass
     else:
@@ -185,9 +186,7 @@ def test_batch_order_invariance(tiny_backbone, released_ict, released_hp, sample
 
 def test_safetensors_layout_and_self_contained_dir(tiny_backbone, released_ict, tmp_path, sample_images):
     """Our own ICT output is a full HF CLIP dir with safetensors: usable without --backbone."""
-    import shutil
 
-    from transformers import CLIPModel
 
     d = tmp_path / "ict_ours"
     model = CLIPModel.from_pretrained(tiny_backbone)
@@ -224,7 +223,6 @@ def test_unknown_reward_lists_valid_names():
 def test_hub_is_offline_and_its_cache_is_the_sessions_empty_one(hf_home):
     """conftest makes the hub hermetic before huggingface_hub is imported: no test reads a developer's cache or
     reaches the hub, whatever the shell sets."""
-    import huggingface_hub.constants as hub
 
     assert hub.HF_HUB_OFFLINE and os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert os.path.realpath(hub.HF_HOME) == os.path.realpath(hf_home)

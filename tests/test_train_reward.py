@@ -6,22 +6,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import CLIPModel
 
 from rewardtune.cli import main
+from rewardtune.config import build_config
+from rewardtune.data import TripletDataset, collate, load_triplets
 from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.errors import UserError
+from rewardtune.images import load_image
+from rewardtune.losses import ict_loss
 from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train_reward
+from rewardtune.reward_training.models import ICTTrainee, setup_hp, setup_ict, tokenize
+from rewardtune.rewards import load_reward, load_rewards
+from rewardtune.rewards.clip_tower import ClipTower, embedding
 from rewardtune.rundir import RunDir
+from rewardtune.testing import save_tiny_clip
 
 QUIET = dict(num_workers=0, progress=False)
 
@@ -34,7 +46,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBL
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP (patch 8, width 32, two layers, the synthetic set's words) and 64/16/32 triplets."""
-    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("world")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
@@ -59,10 +70,6 @@ def trained(world) -> dict:
 
 def _ict_batch_loss(ict_dir: Path, data: Path) -> float:
     """The paper's ICT loss of a CLIP directory on the first 16 training triplets."""
-    from rewardtune.data import TripletDataset, collate, load_triplets
-    from rewardtune.losses import ict_loss
-    from rewardtune.reward_training.models import ICTTrainee
-    from rewardtune.rewards.clip_tower import ClipTower
 
     tower = ClipTower.from_dir(ict_dir, "ICT")
     table = load_triplets(data, "train").head(16)
@@ -87,8 +94,6 @@ def test_ict_training_lowers_the_ict_loss_and_writes_a_full_clip_dir(trained, wo
 
 
 def test_hp_accuracy_on_held_out_split_is_well_above_chance(trained, world):
-    from rewardtune.rewards import load_rewards
-
     m = trained["hp_metrics"]
     assert m["step"] == 48 and math.isfinite(m["train/loss"]) and math.isfinite(m["train/icthp_loss"])
     rewards = load_rewards(["hp", "icthp"], ict=str(trained["ict"]), hp=str(trained["hp"]))
@@ -120,10 +125,6 @@ def test_hp_output_layouts_and_what_stayed_frozen(trained, world):
 
 
 def test_freeze_options_choose_what_trains(world):
-    from transformers import CLIPModel
-
-    from rewardtune.reward_training.models import setup_hp, setup_ict
-
     def trainable(trainee):
         return {n.split(".")[1] + "." + n.split(".")[2] for n, p in trainee.named_parameters() if p.requires_grad and n.startswith("clip.")}
 
@@ -143,9 +144,6 @@ def test_freeze_options_choose_what_trains(world):
 
 
 def test_outputs_score_without_a_backbone_and_match_the_official_export(trained, world, tmp_path):
-    from rewardtune.images import load_image
-    from rewardtune.rewards import load_reward
-
     img = load_image(world["data"] / "pick_refine_img" / "test" / "00000.png")[None]
     ours = load_reward("icthp", ict=str(trained["ict"]), hp=str(trained["hp"]))
     # The released layout alone (pytorch_model.bin files), laid over the backbone as the authors load it.
@@ -160,9 +158,6 @@ def test_outputs_score_without_a_backbone_and_match_the_official_export(trained,
 
 
 def test_training_tokens_pad_to_the_longest_prompt_with_the_same_embeddings(world):
-    from rewardtune.reward_training.models import tokenize
-    from rewardtune.rewards.clip_tower import ClipTower, embedding
-
     tower = ClipTower.from_dir(world["backbone"], "backbone")
     prompts = ["a red circle", "a blue cross on a purple background"]
     short = tokenize(tower, prompts)
@@ -253,8 +248,6 @@ def test_two_processes_share_ict_negatives(world, tmp_path):
 
 
 def test_recipes_and_user_errors(world, tmp_path, capsys):
-    from rewardtune.config import build_config
-
     ict = build_config(TrainRewardConfig, None, config="train_ict", data="d", output="o")
     hp = build_config(TrainRewardConfig, None, config="train_hp", data="d", output="o", ict="i")
     assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == ("ict", 3e-5, 32, "bf16", 0.0)
@@ -274,7 +267,6 @@ def test_recipes_and_user_errors(world, tmp_path, capsys):
 
 def _val_steps(out: Path) -> list[int]:
     """The steps at which validation accuracy was logged to TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
@@ -308,10 +300,6 @@ def test_deprecated_checkpoint_flags_and_keys_still_work(world, tmp_path, capsys
 
 
 def test_duplicated_triplets_are_noted_once_by_train_reward(world, tmp_path, capsys):
-    import shutil
-
-    import pandas as pd
-
     data = tmp_path / "data"
     shutil.copytree(world["data"], data)
     frame = pd.read_parquet(data / "train.parquet")

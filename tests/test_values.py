@@ -21,11 +21,21 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import CLIPModel
 
+from rewardtune import sources
 from rewardtune.config import build_config
+from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.errors import UserError
+from rewardtune.finetune import FinetuneConfig, Trainer, lora
+from rewardtune.images import save_image
+from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
+from rewardtune.testing import save_tiny_clip
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = dict(num_workers=0, progress=False)
@@ -50,8 +60,6 @@ def _one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP (patch 8, width 32, two layers) and a 16/8-triplet coloured-shapes set."""
-    from rewardtune.data.synthetic import WORDS, make_pick_high
-    from rewardtune.testing import save_tiny_clip
 
     d = tmp_path_factory.mktemp("values_world")
     save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
@@ -60,8 +68,6 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def _reward_cfg(world, out: Path, **kw):
-    from rewardtune.reward_training import TrainRewardConfig
-
     base = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(out), steps=2,
                 batch_size=4, lr=1e-3, eval_limit=4, checkpoint_every=0, **QUIET)
     base.update(kw)
@@ -71,8 +77,6 @@ def _reward_cfg(world, out: Path, **kw):
 
 
 def _reward_cli(world, out: Path, *extra) -> list:
-    from rewardtune.reward_training import TrainRewardConfig
-
     over = ["--overwrite"] if "overwrite" in {f.name for f in dataclasses.fields(TrainRewardConfig)} else []
     return ["train-reward", "--data", world["data"], "--backbone", world["backbone"], "--output", out, "--batch-size", 4,
             "--num-workers", 0, "--no-progress", *over, *extra]
@@ -93,7 +97,6 @@ def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp
 def test_reward_training_skips_non_finite_steps_and_stops_after_max_nonfinite(world, tmp_path, monkeypatch, capsys):
     """One rule as in finetune: a NaN loss skips its update and is counted; --max-nonfinite in a row stop the
     run; weights that overflowed are refused before the checkpoint is written."""
-    from rewardtune.reward_training import train, train_reward
 
     real_loss, calls = train.Stage.loss, []
 
@@ -140,8 +143,6 @@ def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_
 
 
 def test_non_finite_lora_weights_are_never_saved(sd_model, tmp_path, tiny_cfg, brightness):
-    from rewardtune.finetune import Trainer, lora
-
     trainer = Trainer(tiny_cfg(sd_model, tmp_path / "run"), reward=brightness())
     trainer.save_lora(tmp_path / "good")
     good = (tmp_path / "good" / lora.WEIGHT_NAME).read_bytes()
@@ -157,10 +158,6 @@ def test_non_finite_lora_weights_are_never_saved(sd_model, tmp_path, tiny_cfg, b
 
 
 def test_non_finite_reward_model_weights_are_never_written(world, tmp_path):
-    from transformers import CLIPModel
-
-    from rewardtune.reward_training import models
-
     clip = CLIPModel.from_pretrained(world["backbone"])
     state = {f"clip.{k}": v for k, v in clip.state_dict().items()}
     state["clip.text_projection.weight"] = state["clip.text_projection.weight"].clone().fill_(float("nan"))
@@ -192,8 +189,6 @@ def test_non_finite_reward_model_weights_are_never_written(world, tmp_path):
     ("lora_targets: &x [to_q, *x]\n", "config: '{path}' holds a YAML alias inside its own anchor"),
 ])
 def test_bad_recipe_values_are_one_line_errors_naming_the_option(recipe, message, tmp_path):
-    from rewardtune.finetune import FinetuneConfig
-
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
     start = time.perf_counter()
@@ -205,7 +200,6 @@ def test_bad_recipe_values_are_one_line_errors_naming_the_option(recipe, message
 
 def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
     """Building a tree this deep recurses (RecursionError after seconds); the parser's events are counted first."""
-    from rewardtune.finetune import FinetuneConfig
 
     path = tmp_path / "deep.yaml"
     path.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")
@@ -216,9 +210,6 @@ def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
 
 
 def test_values_that_are_fine_still_pass(tmp_path):
-    from rewardtune.finetune import FinetuneConfig
-    from rewardtune.reward_training import TrainRewardConfig
-
     path = tmp_path / "ok.yaml"
     path.write_text("steps: 1e3\nlr: 1.0e-4\nlora_targets: [to_q, to_v]\nreward: 'ict:1.0,hp:-0.5'\nmixed_precision: 'no'\n")
     cfg = build_config(FinetuneConfig, None, config=str(path), output="o")
@@ -265,8 +256,6 @@ def test_write_helpers_turn_os_errors_into_one_line_and_keep_the_old_file(code, 
     """The low-level write fails as a full disk, a read-only file system, a forbidden directory or a used-up
     quota makes it fail. (The tests run as root, for whom chmod does not stop a write: a read-only directory is
     simulated with EROFS at the write call, as a full disk is with ENOSPC.)"""
-    from rewardtune import sources
-    from rewardtune.images import save_image
 
     text, weights, image = tmp_path / "config.yaml", tmp_path / "w.safetensors", tmp_path / "grid.png"
     sources.atomic_write_text(text, "old: 1\n")
@@ -293,19 +282,11 @@ def test_write_helpers_turn_os_errors_into_one_line_and_keep_the_old_file(code, 
 
 def _safetensors_full_disk(*args, **kwargs):
     """What safetensors' Rust writer raises when the disk fills up."""
-    from safetensors import SafetensorError
 
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def test_lora_and_reward_model_writes_on_a_full_disk_leave_no_staging(world, sd_model, tmp_path, tiny_cfg, brightness, monkeypatch):
-    import safetensors.torch
-    import transformers.modeling_utils
-    from transformers import CLIPModel
-
-    from rewardtune.finetune import Trainer, lora
-    from rewardtune.reward_training import models
-
     trainer = Trainer(tiny_cfg(sd_model, tmp_path / "run"), reward=brightness())
     out = trainer.save_lora(tmp_path / "lora")
     old_lora = out.read_bytes()
@@ -337,7 +318,6 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     a file size limit below the model's size, EFBIG, at the write inside safetensors): one line, exit 2; the
     finished model and its config.yaml stay as they were and no .staging is left. Before, config.yaml was
     rewritten at the start, and the failure was a traceback."""
-    from rewardtune.reward_training import train_reward
 
     out = tmp_path / "run"
     train_reward(_reward_cfg(world, out, eval_split=""))
@@ -345,6 +325,6 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     assert (out / "model.safetensors").stat().st_size > 128 * 1024 and "config.yaml" in kept
     res = _cli(*_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
                preexec_fn=_file_size_limit(128 * 1024))
-    _one_line_error(res, "train-reward", f"could not write the ICT model '{out}'", "file size limit")
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+    _one_line_error(res, "train-reward", "could not write the ", "file size limit")  # its checkpoint or model
+    assert all((out / name).read_bytes() == kept[name] for name in ("model.safetensors", "config.yaml"))
     assert not (out / ".staging").exists()

@@ -121,7 +121,7 @@ class TripletTable:
                 first[key] = i
         return out
 
-    def head(self, n: int) -> "TripletTable":
+    def head(self, n: int) -> TripletTable:
         n = min(n, len(self))
         return TripletTable(self.path, self.easy_prompt[:n], self.refine_prompt[:n], self.images[:n],
                             self.labels[:n], self.rows[:n], self.skipped)

@@ -100,7 +100,7 @@ class FinetuneConfig:
         """The reward source options that were given, as ``load_reward`` keyword arguments."""
         return {k: getattr(self, k) for k in REWARD_SOURCES if getattr(self, k)}
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         """Check values that need no files; raise ``UserError`` naming the flag."""
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")

@@ -15,8 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import UserError
+from ..nonfinite import check_finite_weights
+from ..sources import load_state_dict, save_state_dict, writing
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -87,8 +91,6 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     """
     from peft.utils import get_peft_model_state_dict
 
-    from ..nonfinite import check_finite_weights
-    from ..sources import writing
 
     directory = Path(directory)
     states = states or [None] * (1 + len(text_encoders_))
@@ -156,9 +158,7 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
     encoders the model has; without it, a file with ``text_encoder_2`` keys is SDXL's.
     """
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
-    from safetensors.torch import load_file
 
-    from ..sources import save_state_dict
 
     if family not in (None, "sd", "sdxl"):
         raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
@@ -183,7 +183,6 @@ def check_lora_dir(path: str | Path, what: str = "LoRA") -> Path:
         p = p / WEIGHT_NAME
     if not p.is_file():
         raise UserError(f"{what}: '{path}' is not a LoRA; expected a directory holding {WEIGHT_NAME} (as written by rewardtune finetune)")
-    from safetensors import safe_open
 
     try:
         with safe_open(str(p), "pt") as f:
@@ -211,7 +210,6 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
     without a word, so the loaded tensors are counted, and a warning about keys is an error too.
     """
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
 
     p = check_lora_dir(path, what)
     with safe_open(str(p), "pt") as f:
@@ -249,7 +247,6 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    from ..sources import load_state_dict
 
     state = load_state_dict(check_lora_dir(path, what), what)
     parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}

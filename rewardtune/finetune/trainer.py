@@ -191,7 +191,7 @@ class Trainer:
         self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
 
     @classmethod
-    def from_parts(cls, cfg: FinetuneConfig, parts: TrainerParts) -> "Trainer":
+    def from_parts(cls, cfg: FinetuneConfig, parts: TrainerParts) -> Trainer:
         """A Trainer over already built parts: no files read, nothing prepared or moved."""
         trainer = cls.__new__(cls)
         trainer._assemble(cfg, parts)

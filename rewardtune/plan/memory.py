@@ -92,7 +92,7 @@ class StorageTracker:
     def add_optimizer(self, optimizer) -> None:
         self.add_tensors([v for s in optimizer.state.values() for v in s.values()])
 
-    def __enter__(self) -> "StorageTracker":
+    def __enter__(self) -> StorageTracker:
         self._mode.__enter__()
         return self
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
@@ -22,18 +21,18 @@ class TrainRewardConfig:
     data: str = option("", "data root: <split>.parquet/.jsonl, or the published Pick-High/<split>.pkl layout")
     output: str = option("", "output directory: the trained model, checkpoints/, logs/, config.yaml, metrics.json")
     backbone: str = option(REWARD_SOURCES["backbone"].hub, "CLIP to start from (HF directory or hub id); for hp, also the backbone of a released-layout --ict")
-    ict: Optional[str] = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
+    ict: str | None = option(None, "trained ICT model for --stage hp (our --output, or the released layout / hub id)")
     steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)", min=1)
     batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)", min=1)
     grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
-    lr: Optional[float] = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)", positive=True)
+    lr: float | None = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)", positive=True)
     weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: Optional[int] = option(None, "linear warmup steps (default: a twentieth of --steps)", min=0)
+    warmup_steps: int | None = option(None, "linear warmup steps (default: a twentieth of --steps)", min=0)
     lr_schedule: str = option("linear", "after warmup: linear decay to 0 (as published), cosine, or constant",
                               choices=["linear", "cosine", "constant"])
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)", min=0)
     max_nonfinite: int = max_nonfinite_option()
-    freeze_ratio: Optional[float] = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
+    freeze_ratio: float | None = option(None, "fraction of each trained CLIP tower's layers frozen from the bottom "
                                         "(default: 0 for ict, 0.5 of the vision layers for hp)", min=0, max=1)
     freeze_embeddings: bool = option(False, "also freeze the embeddings below frozen layers (faster backward; "
                                      "the released code trains them)")
@@ -41,14 +40,14 @@ class TrainRewardConfig:
     margin: float = option(0.3, "hp: margin of the ranking losses")
     hp_weight: float = option(1.0, "hp: weight of the HP margin loss")
     icthp_weight: float = option(1.0, "hp: weight of the ICT x softmax(HP) margin loss")
-    mixed_precision: Optional[str] = option(None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no",
+    mixed_precision: str | None = option(None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no",
                                   choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(42, "random seed")
     num_workers: int = option(2, "data loader worker processes per training process", min=0)
     train_split: str = option("train", "split to train on")
     eval_split: str = option("val", "split for periodic validation accuracy ('' disables)")
-    eval_every: Optional[int] = option(None, "validate every N steps and after the last step (default: five times per run; "
+    eval_every: int | None = option(None, "validate every N steps and after the last step (default: five times per run; "
                                        "0: only before the first step and after the last)", min=0)
     eval_limit: int = option(0, "validate on the first N triplets only (0: all)", min=0)
     log_every: int = option(10, "log the training loss every N steps", min=1)

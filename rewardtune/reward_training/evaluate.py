@@ -26,7 +26,7 @@ def triplet_accuracy(scores: torch.Tensor) -> dict:
     """``scores`` (N, 3) for (I1, I2, I3) -> accuracy of each pair, their mean ``avg``, and ``n``."""
     scores = scores.float()
     n = scores.shape[0]
-    out = {k: int((scores[:, w] > scores[:, l]).sum()) / n for k, (w, l) in PAIRS.items()}
+    out = {k: int((scores[:, win] > scores[:, lose]).sum()) / n for k, (win, lose) in PAIRS.items()}
     out["avg"] = sum(out[k] for k in PAIRS) / len(PAIRS)
     out["n"] = int(n)
     return out

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nonfinite import check_finite_weights
 from ..rewards.clip_tower import ClipTower, embedding, normalize
 from ..rewards.icthp import HPHead, ICTReward
-from ..nonfinite import check_finite_weights
 from ..sources import resolve, save_state_dict, writing
 
 # Files of an HF CLIP directory besides the weights: tokenizer and image preprocessor.

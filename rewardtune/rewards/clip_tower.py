@@ -87,7 +87,7 @@ class ClipTower(nn.Module):
 
     @classmethod
     def from_dir(cls, directory: Path, what: str, dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None,
-                 tokenizer_what: str | None = None) -> "ClipTower":
+                 tokenizer_what: str | None = None) -> ClipTower:
         """An HF CLIP directory; the tokenizer (and, if the model has none, the preprocessor config) may come
         from ``tokenizer_dir`` instead, for models released without them (PickScore). ``what`` and
         ``tokenizer_what`` name the two in error messages."""

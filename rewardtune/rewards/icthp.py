@@ -45,7 +45,7 @@ class ICTReward(CosineReward):
     name = "ict"
 
     @classmethod
-    def load(cls, ict=None, backbone=None, dtype=None) -> "ICTReward":
+    def load(cls, ict=None, backbone=None, dtype=None) -> ICTReward:
         ict_dir = resolve(ict or REWARD_SOURCES["ict"].hub, "ICT checkpoint", allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"])
         ckpt = ict_dir if ict_dir.is_file() else find_file(ict_dir, ICT_FILES, "ICT checkpoint")
         tower = ClipTower.from_dir(_backbone_dir(backbone, ict_dir if ict_dir.is_dir() else None), "CLIP backbone")
@@ -61,7 +61,7 @@ class HPReward(TowerHeadReward):
     name = "hp"
 
     @classmethod
-    def load(cls, hp=None, backbone=None, dtype=None) -> "HPReward":
+    def load(cls, hp=None, backbone=None, dtype=None) -> HPReward:
         hp_dir = resolve(hp or REWARD_SOURCES["hp"].hub, "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"])
         bb_dir, head_dir = hp_dir / "hp_backbone", hp_dir / "hp_scorer"
         bb_ckpt = find_file(bb_dir, HP_BACKBONE_FILES, "HP backbone checkpoint (hp_backbone/)")

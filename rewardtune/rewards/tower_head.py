@@ -49,7 +49,7 @@ class TowerHeadReward(Reward):
         self.head = head
 
     @classmethod
-    def from_head_state(cls, tower: ClipTower, state: dict[str, torch.Tensor], what: str) -> "TowerHeadReward":
+    def from_head_state(cls, tower: ClipTower, state: dict[str, torch.Tensor], what: str) -> TowerHeadReward:
         """This reward over ``tower`` with a head sized to its projection and loaded from ``state``."""
         head = HPHead(input_dim=tower.model.config.projection_dim)
         apply_state_dict(head, state, what)
