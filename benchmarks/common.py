@@ -43,10 +43,16 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"device": dev, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "versions": versions,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {
+        "device": dev,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def sync(device) -> None:

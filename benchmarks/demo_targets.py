@@ -37,7 +37,9 @@ def reward_accuracy(models: Path, seed: int, test_size: int, generated: bool) ->
     writes it (half the I1/I2 pairs drawn by the base pipeline) or with rendered images only."""
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_split(Path(tmp), "test", test_size, seed, generate=pipeline_sampler(models / "pipeline") if generated else None)
+        write_split(
+            Path(tmp), "test", test_size, seed, generate=pipeline_sampler(models / "pipeline") if generated else None
+        )
         rewards = load_rewards(["ict", "hp", "icthp"], ict=str(models / "ict"), hp=str(models / "hp"))
         rewards["heldout_clip"] = load_rewards(["clip"], clip=str(models / "heldout_clip"))["clip"]
         return evaluate_rewards(tmp, "test", rewards, batch_size=64, progress=False)
@@ -46,7 +48,17 @@ def reward_accuracy(models: Path, seed: int, test_size: int, generated: bool) ->
 def run_demo(models: Path, extra: list[str]) -> tuple[dict, float]:
     """The default demo as a user runs it (a subprocess); (summary, wall seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "rewardtune.cli", "demo", "--models", str(models), "--output", tmp + "/demo", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rewardtune.cli",
+            "demo",
+            "--models",
+            str(models),
+            "--output",
+            tmp + "/demo",
+            *extra,
+        ]
         t0 = time.time()
         subprocess.run(cmd, check=True)
         seconds = time.time() - t0
@@ -71,13 +83,34 @@ def main() -> int:
     summary, demo_seconds = run_demo(models, args.demo_args)
     s = summary
     results = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-        "load_average_before": load_before, "load_average_after": load_average(),
-        "build": {"date": build.get("date"), "seconds": build.get("seconds"), "total_seconds": build.get("total_seconds")},
-        "reward_accuracy": accuracy, "reward_accuracy_rendered_only": rendered, "reward_accuracy_seconds": round(accuracy_seconds, 1),
-        "demo": {k: s[k] for k in ("oracle_before", "oracle_after", "reward_before", "reward_after", "heldout_reward_before",
-                                   "heldout_reward_after", "attributes_before", "attributes_after", "steps")},
-        "demo_config": s["config"], "demo_seconds": round(demo_seconds, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "build": {
+            "date": build.get("date"),
+            "seconds": build.get("seconds"),
+            "total_seconds": build.get("total_seconds"),
+        },
+        "reward_accuracy": accuracy,
+        "reward_accuracy_rendered_only": rendered,
+        "reward_accuracy_seconds": round(accuracy_seconds, 1),
+        "demo": {
+            k: s[k]
+            for k in (
+                "oracle_before",
+                "oracle_after",
+                "reward_before",
+                "reward_after",
+                "heldout_reward_before",
+                "heldout_reward_after",
+                "attributes_before",
+                "attributes_after",
+                "steps",
+            )
+        },
+        "demo_config": s["config"],
+        "demo_seconds": round(demo_seconds, 1),
     }
     results["targets"] = {
         "icthp_accuracy >= 0.9": accuracy["icthp"]["avg"] >= 0.9,
@@ -98,15 +131,20 @@ def markdown(r: dict) -> str:
     d, a = r["demo"], r["reward_accuracy"]
 
     def table(acc_by_reward: dict) -> str:
-        return "\n".join(f"| {name} | {acc['I2>I1']:.3f} | {acc['I3>I2']:.3f} | {acc['I3>I1']:.3f} | {acc['avg']:.3f} |"
-                         for name, acc in acc_by_reward.items())
+        return "\n".join(
+            f"| {name} | {acc['I2>I1']:.3f} | {acc['I3>I2']:.3f} | {acc['I3>I1']:.3f} | {acc['avg']:.3f} |"
+            for name, acc in acc_by_reward.items()
+        )
 
-    attribute_rows = "\n".join(f"| {a} right | {v:.3f} | {d['attributes_after'][a]:.3f} | {d['attributes_after'][a] - v:+.3f} |"
-                               for a, v in d["attributes_before"].items() if v is not None)
+    attribute_rows = "\n".join(
+        f"| {a} right | {v:.3f} | {d['attributes_after'][a]:.3f} | {d['attributes_after'][a] - v:+.3f} |"
+        for a, v in d["attributes_before"].items()
+        if v is not None
+    )
     targets = "\n".join(f"| {k} | {'met' if v else 'MISSED'} |" for k, v in r["targets"].items())
     return f"""# Demo targets
 
-Measured {r['date']} on {r['machine']}; load average {r['load_average_before']} before, {r['load_average_after']} after
+Measured {r["date"]} on {r["machine"]}; load average {r["load_average_before"]} before, {r["load_average_after"]} after
 (the machine is shared; a load above the core count slows every timing here).
 
 ## Targets
@@ -115,7 +153,7 @@ Measured {r['date']} on {r['machine']}; load average {r['load_average_before']} 
 |---|---|
 {targets}
 
-## Reward models on the generated test split ({a['icthp']['n']} triplets)
+## Reward models on the generated test split ({a["icthp"]["n"]} triplets)
 
 As the build writes it: half the I1/I2 pairs drawn by the base pipeline and ordered by the oracle, a quarter
 of the losers with junk strokes.
@@ -128,18 +166,18 @@ The same split with rendered images only:
 
 | reward | I2>I1 | I3>I2 | I3>I1 | avg |
 |---|---|---|---|---|
-{table(r['reward_accuracy_rendered_only'])}
+{table(r["reward_accuracy_rendered_only"])}
 
-## Default `rewardtune demo` ({d['steps']} steps, {r['demo_seconds']:.0f} s wall clock)
+## Default `rewardtune demo` ({d["steps"]} steps, {r["demo_seconds"]:.0f} s wall clock)
 
 | metric | before | after | change |
 |---|---|---|---|
-| oracle (fraction of attributes shown) | {d['oracle_before']:.3f} | {d['oracle_after']:.3f} | {d['oracle_after'] - d['oracle_before']:+.3f} |
-| {r['demo_config']['reward']} reward (trained on) | {d['reward_before']:.3f} | {d['reward_after']:.3f} | {d['reward_after'] - d['reward_before']:+.3f} |
-| held-out CLIP (never trained on) | {d['heldout_reward_before']:.3f} | {d['heldout_reward_after']:.3f} | {d['heldout_reward_after'] - d['heldout_reward_before']:+.3f} |
+| oracle (fraction of attributes shown) | {d["oracle_before"]:.3f} | {d["oracle_after"]:.3f} | {d["oracle_after"] - d["oracle_before"]:+.3f} |
+| {r["demo_config"]["reward"]} reward (trained on) | {d["reward_before"]:.3f} | {d["reward_after"]:.3f} | {d["reward_after"] - d["reward_before"]:+.3f} |
+| held-out CLIP (never trained on) | {d["heldout_reward_before"]:.3f} | {d["heldout_reward_after"]:.3f} | {d["heldout_reward_after"] - d["heldout_reward_before"]:+.3f} |
 {attribute_rows}
 
-Bundled models built {r['build']['date']} in {r['build']['total_seconds']} s: {r['build']['seconds']}.
+Bundled models built {r["build"]["date"]} in {r["build"]["total_seconds"]} s: {r["build"]["seconds"]}.
 """
 
 

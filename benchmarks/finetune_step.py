@@ -40,20 +40,32 @@ TINY_CLIP = dict(hidden=32, layers=2, heads=4, projection_dim=1024, image_size=2
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--arch", choices=["sd15", "sdxl"], help="full-size architecture with random weights, built in memory")
-    src.add_argument("--tiny", choices=["sd", "sdxl"], help="a tiny real pipeline and tiny reward towers (CPU smoke runs)")
+    src.add_argument(
+        "--arch", choices=["sd15", "sdxl"], help="full-size architecture with random weights, built in memory"
+    )
+    src.add_argument(
+        "--tiny", choices=["sd", "sdxl"], help="a tiny real pipeline and tiny reward towers (CPU smoke runs)"
+    )
     p.add_argument("--config", help="a finetune recipe (YAML) the flags override")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--timed", type=int, default=3, help="timed steps (default 3)")
     p.add_argument("--no-parts", action="store_true", help="skip timing the parts of the step alone")
     p.add_argument("--no-predict", action="store_true", help="skip the planner's prediction")
     p.add_argument("--predict-only", action="store_true", help="only the planner's prediction (a 'prediction' record)")
-    p.add_argument("--track-tensors", action="store_true",
-                   help="also count the peak of live tensor storage over one extra step (CPU: RSS includes the interpreter)")
-    p.add_argument("--vae-block-checkpointing", action="store_true",
-                   help="experiment: also checkpoint each VAE decoder block (diffusers' vae.enable_gradient_checkpointing)")
+    p.add_argument(
+        "--track-tensors",
+        action="store_true",
+        help="also count the peak of live tensor storage over one extra step (CPU: RSS includes the interpreter)",
+    )
+    p.add_argument(
+        "--vae-block-checkpointing",
+        action="store_true",
+        help="experiment: also checkpoint each VAE decoder block (diffusers' vae.enable_gradient_checkpointing)",
+    )
     p.add_argument("--name", default="", help="label of this config in the results")
     p.add_argument("--record", default="", help="append the result as a JSON line to this file")
     add_config_args(p, FinetuneConfig, skip=("output", "steps"))
@@ -85,7 +97,9 @@ def build_reward(args, cfg, workdir: Path):
     if args.arch:
         return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer")
     if args.tiny:
-        return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer", clip_config=tiny_clip_config())
+        return plan.build_reward(
+            name, dtype, device, tokenizer_dir=workdir / "tokenizer", clip_config=tiny_clip_config()
+        )
     return None
 
 
@@ -109,7 +123,9 @@ def time_parts(trainer, n: int, offset: int = 0) -> dict:
         clock.update(name=name, wall=now, cpu=now_cpu)
 
     for i in range(offset, offset + n):
-        trainer.micro_step(trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i), on_part=mark)
+        trainer.micro_step(
+            trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i), on_part=mark
+        )
         _, w, c = timed(trainer.optimizer_step, dev)
         wall.setdefault("optimizer", []).append(w)
         cpu.setdefault("optimizer", []).append(c)
@@ -120,16 +136,27 @@ def tracked_peak_mib(trainer) -> float:
     """Peak of live tensor storage over one step, counted as the planner counts it (real tensors)."""
 
     with StorageTracker(512 if trainer.device.type == "cuda" else 1) as tracker:
-        tracker.add_modules(trainer.pipe.unet, trainer.pipe.vae, trainer.reward, *trainer.trained_text_encoders,
-                            *[getattr(trainer.pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(trainer.pipe, n, None) is not None])
+        tracker.add_modules(
+            trainer.pipe.unet,
+            trainer.pipe.vae,
+            trainer.reward,
+            *trainer.trained_text_encoders,
+            *[
+                getattr(trainer.pipe, n)
+                for n in ("text_encoder", "text_encoder_2")
+                if getattr(trainer.pipe, n, None) is not None
+            ],
+        )
         tracker.add_optimizer(trainer.optimizer)
         trainer.step()
     return tracker.peak / 2**20
 
 
 def predict(args, cfg, workdir: Path) -> dict:
-    kw = {"vae_block_checkpointing": args.vae_block_checkpointing,
-          "target": "cuda" if torch.cuda.is_available() else "cpu"}  # the device this benchmark measures
+    kw = {
+        "vae_block_checkpointing": args.vae_block_checkpointing,
+        "target": "cuda" if torch.cuda.is_available() else "cpu",
+    }  # the device this benchmark measures
     if args.tiny:
         kw["pipeline_dir"] = cfg.model
         kw["reward_config"] = tiny_clip_config()
@@ -144,12 +171,31 @@ def run(args) -> dict:
     cfg = finetune_config(args, workdir)
     if args.tiny:
         cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
-    record = {"name": args.name, "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
-              "config": {k: getattr(cfg, k) for k in ("method", "k", "resolution", "batch_size", "sample_steps",
-                                                      "gradient_checkpointing", "mixed_precision", "attention",
-                                                      "lora_rank", "reward", "vae_fp32", "optimizer", "guidance_scale")}
-              | {"vae_block_checkpointing": args.vae_block_checkpointing},
-              "env": environment(), "error": None}
+    record = {
+        "name": args.name,
+        "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "method",
+                "k",
+                "resolution",
+                "batch_size",
+                "sample_steps",
+                "gradient_checkpointing",
+                "mixed_precision",
+                "attention",
+                "lora_rank",
+                "reward",
+                "vae_fp32",
+                "optimizer",
+                "guidance_scale",
+            )
+        }
+        | {"vae_block_checkpointing": args.vae_block_checkpointing},
+        "env": environment(),
+        "error": None,
+    }
     prediction = None
     if not args.no_predict:
         try:
@@ -165,7 +211,9 @@ def run(args) -> dict:
         trainer.pipe.vae.enable_gradient_checkpointing()
     record["setup_seconds"] = time.perf_counter() - t0
     record["resolution"] = trainer.resolution
-    record["config"].update({k: getattr(trainer.cfg, k) for k in ("sample_steps", "guidance_scale")})  # the model's defaults if unset
+    record["config"].update(
+        {k: getattr(trainer.cfg, k) for k in ("sample_steps", "guidance_scale")}
+    )  # the model's defaults if unset
     dev = trainer.device
     for _ in range(args.warmup):
         trainer.step()
@@ -188,19 +236,32 @@ def run(args) -> dict:
                 cpu_parts.setdefault(name, []).extend(c[name])
     images = cfg.batch_size * trainer.accelerator.num_processes * cfg.grad_accum
     step_s = median(steps)
-    record.update({"device": str(dev), "step_seconds": steps, "step_seconds_median": step_s,
-                   "step_cpu_seconds_median": median(cpu_steps),
-                   "images_per_second": images / step_s if step_s else None,
-                   "peak_memory_mib": max(peaks), "peak_memory_kind": kind})
+    record.update(
+        {
+            "device": str(dev),
+            "step_seconds": steps,
+            "step_seconds_median": step_s,
+            "step_cpu_seconds_median": median(cpu_steps),
+            "images_per_second": images / step_s if step_s else None,
+            "peak_memory_mib": max(peaks),
+            "peak_memory_kind": kind,
+        }
+    )
     if not args.no_parts:
         # The ratio compares like with like: the median whole step to the median of the per-iteration sums.
         sums = [sum(v[i] for v in wall_parts.values()) for i in range(args.timed)]
         cpu_sums = [sum(v[i] for v in cpu_parts.values()) for i in range(args.timed)]
         total, cpu_total = median(sums), median(cpu_sums)
-        record.update({"parts_seconds": {k: median(v) for k, v in wall_parts.items()}, "parts_sum_seconds": total,
-                       "ratio_step_to_parts": step_s / total if total else None,
-                       "parts_cpu_seconds": {k: median(v) for k, v in cpu_parts.items()}, "parts_cpu_sum_seconds": cpu_total,
-                       "ratio_step_to_parts_cpu": median(cpu_steps) / cpu_total if cpu_total else None})
+        record.update(
+            {
+                "parts_seconds": {k: median(v) for k, v in wall_parts.items()},
+                "parts_sum_seconds": total,
+                "ratio_step_to_parts": step_s / total if total else None,
+                "parts_cpu_seconds": {k: median(v) for k, v in cpu_parts.items()},
+                "parts_cpu_sum_seconds": cpu_total,
+                "ratio_step_to_parts_cpu": median(cpu_steps) / cpu_total if cpu_total else None,
+            }
+        )
     if args.track_tensors:
         record["peak_tensor_mib"] = tracked_peak_mib(trainer)
     if prediction and "peak_mib" in prediction:
@@ -238,13 +299,20 @@ def main(argv=None) -> int:
         record = run(args)
     except Exception as exc:
         traceback.print_exc()
-        record = {"name": args.name, "source": args.arch or args.tiny or args.model, "error": f"{type(exc).__name__}: {exc}"[:1000],
-                  "oom": isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower(), "env": environment()}
+        record = {
+            "name": args.name,
+            "source": args.arch or args.tiny or args.model,
+            "error": f"{type(exc).__name__}: {exc}"[:1000],
+            "oom": isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower(),
+            "env": environment(),
+        }
         if torch.cuda.is_available():
             record["peak_memory_mib"], record["peak_memory_kind"] = peak_mib("cuda")
     if args.record:
         append_record(args.record, record)
-    summary = {k: record.get(k) for k in ("name", "step_seconds_median", "peak_memory_mib", "ratio_step_to_parts", "error")}
+    summary = {
+        k: record.get(k) for k in ("name", "step_seconds_median", "peak_memory_mib", "ratio_step_to_parts", "error")
+    }
     if record.get("prediction"):
         summary["predicted_peak_mib"] = record["prediction"].get("peak_mib")
     print("RESULT", summary, flush=True)

@@ -1,6 +1,6 @@
 """Turn benchmark records (JSON lines) into the results files: one JSON and one Markdown table.
 
-    python benchmarks/report.py RECORDS.jsonl --json results/x.json --md results/x.md [--title T]
+python benchmarks/report.py RECORDS.jsonl --json results/x.json --md results/x.md [--title T]
 """
 
 from __future__ import annotations
@@ -22,21 +22,41 @@ def _f(x, fmt="{:.3g}"):
 
 
 def finetune_table(records: list[dict]) -> list[str]:
-    rows = ["| config | model | res | K | ckpt | prec | batch | steps | s/step | img/s | peak MiB | peak kind | "
-            "predicted MiB | pred. err | parts sum s | step/parts | step/parts (CPU s) | error |",
-            "|" + "---|" * 18]
+    rows = [
+        "| config | model | res | K | ckpt | prec | batch | steps | s/step | img/s | peak MiB | peak kind | "
+        "predicted MiB | pred. err | parts sum s | step/parts | step/parts (CPU s) | error |",
+        "|" + "---|" * 18,
+    ]
     for r in records:
         c = r.get("config") or {}
         pred = (r.get("prediction") or {}).get("peak_mib")
         err = r.get("prediction_error")
-        rows.append("| " + " | ".join([
-            r.get("name") or "", str(r.get("source", "")), str(r.get("resolution", c.get("resolution", ""))),
-            str(c.get("k", "")), "on" if c.get("gradient_checkpointing") else "off", str(c.get("mixed_precision", "")),
-            str(c.get("batch_size", "")), str(c.get("sample_steps", "")), _f(r.get("step_seconds_median")),
-            _f(r.get("images_per_second")), _f(r.get("peak_memory_mib"), "{:.0f}"), r.get("peak_memory_kind") or "",
-            _f(pred, "{:.0f}"), _f(err * 100 if err is not None else None, "{:+.1f}%"), _f(r.get("parts_sum_seconds")),
-            _f(r.get("ratio_step_to_parts"), "{:.3f}"), _f(r.get("ratio_step_to_parts_cpu"), "{:.3f}"),
-            (r.get("error") or "")[:80].replace("|", "/")]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.get("name") or "",
+                    str(r.get("source", "")),
+                    str(r.get("resolution", c.get("resolution", ""))),
+                    str(c.get("k", "")),
+                    "on" if c.get("gradient_checkpointing") else "off",
+                    str(c.get("mixed_precision", "")),
+                    str(c.get("batch_size", "")),
+                    str(c.get("sample_steps", "")),
+                    _f(r.get("step_seconds_median")),
+                    _f(r.get("images_per_second")),
+                    _f(r.get("peak_memory_mib"), "{:.0f}"),
+                    r.get("peak_memory_kind") or "",
+                    _f(pred, "{:.0f}"),
+                    _f(err * 100 if err is not None else None, "{:+.1f}%"),
+                    _f(r.get("parts_sum_seconds")),
+                    _f(r.get("ratio_step_to_parts"), "{:.3f}"),
+                    _f(r.get("ratio_step_to_parts_cpu"), "{:.3f}"),
+                    (r.get("error") or "")[:80].replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
     return rows
 
 
@@ -47,21 +67,40 @@ def parts_table(records: list[dict]) -> list[str]:
         p = r.get("parts_seconds")
         if not p:
             continue
-        rows.append(f"| {r.get('name')} | " + " | ".join(_f(p.get(n)) for n in names)
-                    + f" | {_f(r.get('parts_sum_seconds'))} | {_f(r.get('step_seconds_median'))} |")
+        rows.append(
+            f"| {r.get('name')} | "
+            + " | ".join(_f(p.get(n)) for n in names)
+            + f" | {_f(r.get('parts_sum_seconds'))} | {_f(r.get('step_seconds_median'))} |"
+        )
     return rows
 
 
 def reward_table(records: list[dict]) -> list[str]:
-    rows = ["| config | task | backbone | batch | precision | ckpt | s/batch | items/s | unit | peak MiB | peak kind | error |",
-            "|" + "---|" * 12]
+    rows = [
+        "| config | task | backbone | batch | precision | ckpt | s/batch | items/s | unit | peak MiB | peak kind | error |",
+        "|" + "---|" * 12,
+    ]
     for r in records:
-        rows.append("| " + " | ".join([
-            r.get("name") or "", r.get("task", ""), r.get("backbone", ""), str(r.get("batch_size", "")),
-            str(r.get("precision", "")), "on" if r.get("gradient_checkpointing") else "off",
-            _f(r.get("seconds_median")), _f(r.get("items_per_second")), r.get("unit", ""),
-            _f(r.get("peak_memory_mib"), "{:.0f}"), r.get("peak_memory_kind") or "",
-            (r.get("error") or "")[:80].replace("|", "/")]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.get("name") or "",
+                    r.get("task", ""),
+                    r.get("backbone", ""),
+                    str(r.get("batch_size", "")),
+                    str(r.get("precision", "")),
+                    "on" if r.get("gradient_checkpointing") else "off",
+                    _f(r.get("seconds_median")),
+                    _f(r.get("items_per_second")),
+                    r.get("unit", ""),
+                    _f(r.get("peak_memory_mib"), "{:.0f}"),
+                    r.get("peak_memory_kind") or "",
+                    (r.get("error") or "")[:80].replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
     return rows
 
 
@@ -77,7 +116,9 @@ def target_lines(records: list[dict]) -> list[str]:
             key = {"sdxl": "sdxl_peak_gib", "sd15": "sd15_peak_gib"}.get(r.get("source"))
             if key and peak:
                 ok = peak / 1024 <= TARGETS[key]
-                out.append(f"- {r['name']}: peak {peak / 1024:.2f} GiB vs target <= {TARGETS[key]:.0f} GiB: {'met' if ok else 'MISSED'}")
+                out.append(
+                    f"- {r['name']}: peak {peak / 1024:.2f} GiB vs target <= {TARGETS[key]:.0f} GiB: {'met' if ok else 'MISSED'}"
+                )
         if r.get("ratio_step_to_parts") is not None:
             ok = r["ratio_step_to_parts"] <= TARGETS["ratio"]
             line = f"- {r['name']}: step/parts {r['ratio_step_to_parts']:.3f} (wall)"
@@ -87,8 +128,10 @@ def target_lines(records: list[dict]) -> list[str]:
             out.append(line + f" vs <= {TARGETS['ratio']}: {'met' if ok else 'MISSED'} (wall)")
         if r.get("prediction_error") is not None:
             ok = abs(r["prediction_error"]) <= TARGETS["prediction_error"]
-            out.append(f"- {r['name']}: planner error {r['prediction_error'] * 100:+.1f}% ({r.get('prediction_compared_to')}) "
-                       f"vs within 15%: {'met' if ok else 'MISSED'}")
+            out.append(
+                f"- {r['name']}: planner error {r['prediction_error'] * 100:+.1f}% ({r.get('prediction_compared_to')}) "
+                f"vs within 15%: {'met' if ok else 'MISSED'}"
+            )
     return out
 
 
@@ -104,14 +147,28 @@ def join_predictions(records: list[dict]) -> list[dict]:
             r = dict(r, prediction=p.get("prediction") or {"error": p.get("error")})
         pred = (r.get("prediction") or {}).get("peak_mib")
         if pred and r.get("prediction_error") is None and not r.get("error"):
-            measured = r.get("peak_tensor_mib") if r.get("peak_memory_kind") == "cpu_peak_rss" else r.get("peak_memory_mib")
+            measured = (
+                r.get("peak_tensor_mib") if r.get("peak_memory_kind") == "cpu_peak_rss" else r.get("peak_memory_mib")
+            )
             if measured:
                 r["prediction_error"] = pred / measured - 1
-                r["prediction_compared_to"] = "peak_tensor_mib" if r.get("peak_memory_kind") == "cpu_peak_rss" else "peak_memory_mib"
+                r["prediction_compared_to"] = (
+                    "peak_tensor_mib" if r.get("peak_memory_kind") == "cpu_peak_rss" else "peak_memory_mib"
+                )
         out.append(r)
     names = {r.get("name") for r in out}
-    out += [dict(kind="finetune", name=n, source="(not measured)", config={}, error=p.get("error") or "not measured",
-                 prediction=p.get("prediction")) for n, p in preds.items() if n not in names]
+    out += [
+        dict(
+            kind="finetune",
+            name=n,
+            source="(not measured)",
+            config={},
+            error=p.get("error") or "not measured",
+            prediction=p.get("prediction"),
+        )
+        for n, p in preds.items()
+        if n not in names
+    ]
     return out
 
 
@@ -125,16 +182,31 @@ def k_growth_lines(records: list[dict]) -> list[str]:
             continue
         for b in ok:
             cb = b["config"]
-            same = all(ca.get(x) == cb.get(x) for x in ("gradient_checkpointing", "resolution", "batch_size", "sample_steps",
-                                                         "mixed_precision", "vae_block_checkpointing"))
+            same = all(
+                ca.get(x) == cb.get(x)
+                for x in (
+                    "gradient_checkpointing",
+                    "resolution",
+                    "batch_size",
+                    "sample_steps",
+                    "mixed_precision",
+                    "vae_block_checkpointing",
+                )
+            )
             if b is a or b.get("source") != a.get("source") or not same or cb.get("k") != cb.get("sample_steps"):
                 continue
             for key in ("peak_memory_mib", "peak_tensor_mib"):
                 if a.get(key) and b.get(key):
                     g = b[key] / a[key] - 1
-                    verdict = ("met" if g < 0.10 else "MISSED") if ca.get("gradient_checkpointing") else "no target without checkpointing"
-                    out.append(f"- {a.get('source')}, checkpointing {'on' if ca.get('gradient_checkpointing') else 'off'}: {key} "
-                               f"K=1 {a[key]:.1f} -> K={cb.get('k')} {b[key]:.1f} MiB ({g * 100:+.1f}%): {verdict}")
+                    verdict = (
+                        ("met" if g < 0.10 else "MISSED")
+                        if ca.get("gradient_checkpointing")
+                        else "no target without checkpointing"
+                    )
+                    out.append(
+                        f"- {a.get('source')}, checkpointing {'on' if ca.get('gradient_checkpointing') else 'off'}: {key} "
+                        f"K=1 {a[key]:.1f} -> K={cb.get('k')} {b[key]:.1f} MiB ({g * 100:+.1f}%): {verdict}"
+                    )
     return out
 
 
@@ -143,15 +215,34 @@ def render(records: list[dict], title: str) -> tuple[dict, str]:
     fin = [r for r in records if r.get("kind") != "reward"]
     rew = [r for r in records if r.get("kind") == "reward"]
     env = next((r["env"] for r in records if r.get("env")), None) or environment()
-    data = {"title": title, "environment": env, "finetune": fin, "reward": rew,
-            "targets": target_lines(records) + k_growth_lines(fin)}
+    data = {
+        "title": title,
+        "environment": env,
+        "finetune": fin,
+        "reward": rew,
+        "targets": target_lines(records) + k_growth_lines(fin),
+    }
     v = env.get("versions", {})
-    md = [f"# {title}", "", f"Measured {env.get('date')} on **{env.get('device')}** (CPU: {env.get('cpu')}, "
-          f"{env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads); "
-          + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; CUDA {env.get('cuda')}.", ""]
+    md = [
+        f"# {title}",
+        "",
+        f"Measured {env.get('date')} on **{env.get('device')}** (CPU: {env.get('cpu')}, "
+        f"{env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads); "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + f"; CUDA {env.get('cuda')}.",
+        "",
+    ]
     if fin:
-        md += ["## Fine-tuning steps", "", *finetune_table(fin), "", "### Parts of the step, each timed alone (median s)", "",
-               *parts_table(fin), ""]
+        md += [
+            "## Fine-tuning steps",
+            "",
+            *finetune_table(fin),
+            "",
+            "### Parts of the step, each timed alone (median s)",
+            "",
+            *parts_table(fin),
+            "",
+        ]
     if rew:
         md += ["## Reward models: scoring and training", "", *reward_table(rew), ""]
     if data["targets"]:

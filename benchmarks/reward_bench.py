@@ -55,7 +55,9 @@ def clip_config(tiny: bool) -> dict | None:
     if not tiny:
         return None
 
-    return tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
+    return tiny_clip_config(
+        49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
+    ).to_dict()
 
 
 def bench_score(args) -> dict:
@@ -90,14 +92,20 @@ def save_backbone(directory: Path, tiny: bool) -> Path:
 def bench_train(args) -> dict:
     from accelerate import Accelerator
 
-
     dev = device()
     work = Path(tempfile.mkdtemp(prefix="rewardtune-rbench-"))
     backbone = save_backbone(work / "clip", args.tiny)
     stage_name = args.task.split("-")[1]
-    cfg = TrainRewardConfig(stage=stage_name, data=str(work), output=str(work / "out"), backbone=str(backbone),
-                            ict=str(backbone) if stage_name == "hp" else None, batch_size=args.batch_size,
-                            mixed_precision=args.precision, gradient_checkpointing=args.checkpointing)
+    cfg = TrainRewardConfig(
+        stage=stage_name,
+        data=str(work),
+        output=str(work / "out"),
+        backbone=str(backbone),
+        ict=str(backbone) if stage_name == "hp" else None,
+        batch_size=args.batch_size,
+        mixed_precision=args.precision,
+        gradient_checkpointing=args.checkpointing,
+    )
     acc = Accelerator(mixed_precision=args.precision, cpu=dev.type == "cpu")
     stage = Stage(cfg, acc)
     trainee = stage.trainee.to(acc.device)
@@ -106,9 +114,12 @@ def bench_train(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-6)
     size = stage.tower.model.config.vision_config.image_size
     b = args.batch_size
-    batch = {f"pixels_{stage_name}": torch.randn(b, 3, 3, size, size, device=acc.device),
-             "easy_prompt": [PROMPTS[i % 2] for i in range(b)], "refine_prompt": [PROMPTS[(i + 1) % 2] + ", detailed" for i in range(b)],
-             "labels": torch.rand(b, 4, device=acc.device)}
+    batch = {
+        f"pixels_{stage_name}": torch.randn(b, 3, 3, size, size, device=acc.device),
+        "easy_prompt": [PROMPTS[i % 2] for i in range(b)],
+        "refine_prompt": [PROMPTS[(i + 1) % 2] + ", detailed" for i in range(b)],
+        "labels": torch.rand(b, 4, device=acc.device),
+    }
     if stage_name == "hp" and "ict" in stage.preprocess:
         batch["pixels_ict"] = batch["pixels_hp"]
 
@@ -128,9 +139,17 @@ def bench_train(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    record = {"kind": "reward", "name": args.name or f"{args.task}-{args.reward if args.task == 'score' else ''}",
-              "task": args.task, "backbone": "tiny-clip" if args.tiny else "ViT-H-14", "batch_size": args.batch_size,
-              "precision": args.precision, "gradient_checkpointing": args.checkpointing, "env": environment(), "error": None}
+    record = {
+        "kind": "reward",
+        "name": args.name or f"{args.task}-{args.reward if args.task == 'score' else ''}",
+        "task": args.task,
+        "backbone": "tiny-clip" if args.tiny else "ViT-H-14",
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "gradient_checkpointing": args.checkpointing,
+        "env": environment(),
+        "error": None,
+    }
     if args.task == "score":
         record["reward"] = args.reward
         record["image_size"] = args.image_size
@@ -145,7 +164,11 @@ def main(argv=None) -> int:
         record["oom"] = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
     if args.record:
         append_record(args.record, record)
-    print("RESULT", {k: record.get(k) for k in ("name", "seconds_median", "items_per_second", "peak_memory_mib", "error")}, flush=True)
+    print(
+        "RESULT",
+        {k: record.get(k) for k in ("name", "seconds_median", "items_per_second", "peak_memory_mib", "error")},
+        flush=True,
+    )
     return 0 if record["error"] is None else 1
 
 

@@ -16,7 +16,9 @@ COMMANDS = ["score", "train_reward", "eval_reward", "data", "finetune", "plan", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rewardtune", description="Reward models (ICT, HP) and reward fine-tuning of diffusion models.")
+    parser = argparse.ArgumentParser(
+        prog="rewardtune", description="Reward models (ICT, HP) and reward fine-tuning of diffusion models."
+    )
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

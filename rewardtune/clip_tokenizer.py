@@ -17,7 +17,9 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 def bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte alphabet in vocabulary order: printable bytes as themselves, then the rest as code
     points >= 256 (the first 256 tokens of CLIP's vocabulary)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in keep:

@@ -29,8 +29,17 @@ MAX_RECIPE_VALUES = 10_000  # values in a recipe once its YAML aliases are expan
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), min=None, max=None,
-           positive: bool = False, cli: bool = True):
+def option(
+    default,
+    help: str,
+    *,
+    choices=None,
+    aliases: tuple[str, ...] = (),
+    min=None,
+    max=None,
+    positive: bool = False,
+    cli: bool = True,
+):
     """A config field and everything about it, said once: ``help`` (the flag's documentation), ``choices``,
     the inclusive range ``min``..``max`` (``positive``: above 0, for values where 0 makes no sense), and
     ``aliases``, deprecated names still accepted as flags and recipe keys. ``cli=False``: no flag."""
@@ -100,8 +109,15 @@ def check_values(cfg) -> None:
 
 
 PRECISIONS = ("no", "fp16", "bf16")  # accelerate's mixed-precision names, the choices of --mixed-precision
-PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16",
-                    "fp32": "float32", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+PRECISION_DTYPES = {
+    "no": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
 
 
 def precision_dtype(name: str):
@@ -138,7 +154,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
             continue
         tp = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         if default not in (None, [], ""):
             help_text += f" (default: {default})"
         aliases = f.metadata.get("aliases", ())
@@ -170,8 +190,10 @@ def rename_aliases(cls, values: dict, where: str, as_flags: bool = False) -> dic
             continue
         shown_old, shown_new = (flag_name(old), flag_name(new)) if as_flags else (f"'{old}'", f"'{new}'")
         if new in out:
-            raise UserError(f"config: {shown_old} and {shown_new} both given {where}; {shown_old} is the deprecated "
-                            f"name of {shown_new}: keep only {shown_new}")
+            raise UserError(
+                f"config: {shown_old} and {shown_new} both given {where}; {shown_old} is the deprecated "
+                f"name of {shown_new}: keep only {shown_new}"
+            )
         out[new] = out.pop(old)
         if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
             print(f"rewardtune: warning: {shown_old} {where} is deprecated; use {shown_new}", file=sys.stderr)
@@ -187,7 +209,9 @@ def recipe_path(name_or_path: str) -> Path:
         if cand.is_file():
             return cand
     names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise UserError(f"config: '{name_or_path}' is neither a file nor a bundled recipe; bundled: {', '.join(names) or 'none'}")
+    raise UserError(
+        f"config: '{name_or_path}' is neither a file nor a bundled recipe; bundled: {', '.join(names) or 'none'}"
+    )
 
 
 def load_yaml(path: Path) -> dict:
@@ -213,8 +237,10 @@ def load_yaml(path: Path) -> dict:
 
 
 def _too_deep(path) -> UserError:
-    return UserError(f"config: '{path}' nests values deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a mapping of "
-                     f"option names to values (numbers, text, lists of them)")
+    return UserError(
+        f"config: '{path}' nests values deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a mapping of "
+        f"option names to values (numbers, text, lists of them)"
+    )
 
 
 def _check_nesting(text: str, path) -> None:
@@ -236,7 +262,9 @@ def _measure(node, depth: int, memo: dict, path_ids: set, path) -> tuple[int, in
         raise _too_deep(path)
     key = id(node)
     if key in path_ids:
-        raise UserError(f"config: '{path}' holds a YAML alias inside its own anchor (a recursive value); write the values out")
+        raise UserError(
+            f"config: '{path}' holds a YAML alias inside its own anchor (a recursive value); write the values out"
+        )
     if key not in memo:
         if isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
@@ -252,8 +280,10 @@ def _measure(node, depth: int, memo: dict, path_ids: set, path) -> tuple[int, in
     if depth - 1 + levels > MAX_RECIPE_DEPTH:
         raise _too_deep(path)
     if values > MAX_RECIPE_VALUES:
-        raise UserError(f"config: '{path}' expands to more than {MAX_RECIPE_VALUES} values through its YAML aliases; "
-                        f"a recipe is a short mapping of option names to values: write them out")
+        raise UserError(
+            f"config: '{path}' expands to more than {MAX_RECIPE_VALUES} values through its YAML aliases; "
+            f"a recipe is a short mapping of option names to values: write them out"
+        )
     return values, levels
 
 
@@ -307,8 +337,10 @@ def _coerce(cls, key, value):
         raise wrong("bool (true or false)")
     if tp is str:
         if isinstance(value, bool):  # YAML reads an unquoted no/yes/off/on as a boolean
-            raise UserError(f"config: '{key}' must be str, got the boolean {str(value).lower()} (YAML reads unquoted "
-                            f"yes/no/on/off so); quote it if you mean the word, e.g. {key}: 'no'")
+            raise UserError(
+                f"config: '{key}' must be str, got the boolean {str(value).lower()} (YAML reads unquoted "
+                f"yes/no/on/off so); quote it if you mean the word, e.g. {key}: 'no'"
+            )
         return str(value)
     if tp is int:
         return _whole_number(value, wrong)

@@ -40,7 +40,9 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
             im.load()
             arr = _rgb8(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it") from None
+        raise UserError(
+            f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it"
+        ) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -67,5 +69,7 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> to
     grid = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
     for i in range(b):
         r, col = divmod(i, ncol)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i].detach().float().cpu()
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            images[i].detach().float().cpu()
+        )
     return grid

@@ -42,7 +42,9 @@ def triplet_cosines(text, img_lose, img_win, img_refine) -> torch.Tensor:
     return torch.stack([(text.float() * img.float()).sum(-1) for img in (img_lose, img_win, img_refine)], -1)
 
 
-def ict_loss(text_easy, text_refine, img_lose, img_win, img_refine, e1, e2, r1, r2, neg_weight: float = 0.5) -> torch.Tensor:
+def ict_loss(
+    text_easy, text_refine, img_lose, img_win, img_refine, e1, e2, r1, r2, neg_weight: float = 0.5
+) -> torch.Tensor:
     """ICT loss: MSE of the easy prompt's cosines with (I1, I2, I3) to (E1, E2, 1), the same for the
     refined prompt with (R1, R2, 1), plus ``neg_weight`` times the weighted mean squared cosine of each
     prompt with every other row's three images (pulled to 0)."""
@@ -50,7 +52,8 @@ def ict_loss(text_easy, text_refine, img_lose, img_win, img_refine, e1, e2, r1, 
     easy = triplet_cosines(text_easy, img_lose, img_win, img_refine)
     refine = triplet_cosines(text_refine, img_lose, img_win, img_refine)
     pos = F.mse_loss(easy, torch.stack([_flat(e1), _flat(e2), ones], -1)) + F.mse_loss(
-        refine, torch.stack([_flat(r1), _flat(r2), ones], -1))
+        refine, torch.stack([_flat(r1), _flat(r2), ones], -1)
+    )
     images = torch.cat([img_lose, img_win, img_refine], 0)
     neg = _negative_term(text_easy, images) + _negative_term(text_refine, images)
     return pos + neg_weight * neg
@@ -60,7 +63,9 @@ def hp_margin_loss(hp_lose, hp_win, hp_refine, margin: float = 0.3) -> torch.Ten
     """Mean margin ranking of I2 over I1 plus that of I3 over I2, on raw HP scores."""
     lose, win, refine = _flat(hp_lose), _flat(hp_win), _flat(hp_refine)
     one = torch.ones_like(win)
-    return F.margin_ranking_loss(win, lose, one, margin=margin) + F.margin_ranking_loss(refine, win, one, margin=margin)
+    return F.margin_ranking_loss(win, lose, one, margin=margin) + F.margin_ranking_loss(
+        refine, win, one, margin=margin
+    )
 
 
 def icthp_scores(ict: torch.Tensor, hp_lose, hp_win, hp_refine) -> torch.Tensor:

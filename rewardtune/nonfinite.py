@@ -16,8 +16,12 @@ from .errors import UserError
 
 def max_nonfinite_option():
     """The ``--max-nonfinite`` field of both trainers' configs, declared once."""
-    return option(5, "stop after this many optimizer steps in a row whose loss or gradient is NaN or infinite "
-                  "(each such step is skipped: no update)", min=1)
+    return option(
+        5,
+        "stop after this many optimizer steps in a row whose loss or gradient is NaN or infinite "
+        "(each such step is skipped: no update)",
+        min=1,
+    )
 
 
 class NonFiniteRule:
@@ -39,8 +43,10 @@ class NonFiniteRule:
         if self.say is not None:
             self.say(f"{self.who}step {step}: non-finite loss or gradient; update skipped ({self.in_row} in a row)")
         if self.in_row >= self.limit:
-            raise UserError(f"{self.prefix}stopped: {self.in_row} non-finite losses in a row at step {step} "
-                            f"(--max-nonfinite {self.limit}); the training diverged: {hint}")
+            raise UserError(
+                f"{self.prefix}stopped: {self.in_row} non-finite losses in a row at step {step} "
+                f"(--max-nonfinite {self.limit}); the training diverged: {hint}"
+            )
 
 
 def all_agree(accelerator, ok: bool) -> bool:
@@ -103,8 +109,11 @@ def finite_number(x: float | None) -> bool:
 def nonfinite_names(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an infinity."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    return [name for name, t in items
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    return [
+        name
+        for name, t in items
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def check_finite_weights(tensors: Mapping[str, torch.Tensor], what: str, hint: str = "lower --lr") -> None:
@@ -112,8 +121,10 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor], what: str, hint: s
     and the first; nothing is written."""
     bad = nonfinite_names(tensors)
     if bad:
-        raise UserError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values (first: '{bad[0]}'); "
-                        f"not saved: the training diverged, {hint}")
+        raise UserError(
+            f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values (first: '{bad[0]}'); "
+            f"not saved: the training diverged, {hint}"
+        )
 
 
 def check_finite_params(accelerator, module_or_params, what: str, hint: str = "lower --lr") -> None:
@@ -130,5 +141,6 @@ def check_finite_params(accelerator, module_or_params, what: str, hint: str = "l
     if not n_bad:
         return
     first = f" (first: '{bad[0]}')" if bad else ""
-    raise UserError(f"{what}: {n_bad} weight tensors hold NaN or infinite values{first}; "
-                    f"not saved: the training diverged, {hint}")
+    raise UserError(
+        f"{what}: {n_bad} weight tensors hold NaN or infinite values{first}; not saved: the training diverged, {hint}"
+    )

@@ -75,8 +75,9 @@ def reward_limits(rewards: dict) -> list[tuple[object, str]]:
     return out
 
 
-def long_prompt_notes(prompts: list[str], limits: list[tuple[object, str | None]], what: str = "prompts",
-                      where: str = "") -> list[str]:
+def long_prompt_notes(
+    prompts: list[str], limits: list[tuple[object, str | None]], what: str = "prompts", where: str = ""
+) -> list[str]:
     """One line per limit that cuts some of ``prompts`` (counted once each, repeats aside). ``limits`` are
     (limit, who) pairs; a limit shared by several rewards is counted once and lists them all; ``who`` may
     be None (the diffusion model's own encoder). ``what`` is the plural noun the note uses ("training
@@ -106,8 +107,9 @@ def long_prompt_notes(prompts: list[str], limits: list[tuple[object, str | None]
     return out
 
 
-def report_long_prompts(prompts: list[str], limits: list[tuple[object, str | None]], what: str = "prompts",
-                        where: str = "") -> int:
+def report_long_prompts(
+    prompts: list[str], limits: list[tuple[object, str | None]], what: str = "prompts", where: str = ""
+) -> int:
     """Print ``long_prompt_notes`` on stderr; returns how many lines were printed."""
     lines = long_prompt_notes(prompts, limits, what, where)
     for line in lines:

@@ -93,9 +93,19 @@ class RunDir:
     Every process may read; the main process writes (``write_checkpoint`` is the exception: every process
     takes part in it)."""
 
-    def __init__(self, root: str | Path, who: str = "", *, command: str = "", finished: str = "summary.json",
-                 done_key: str = "steps", outputs: tuple = (), scratch: tuple = (), clear: tuple = (),
-                 checkpoints_dir: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        who: str = "",
+        *,
+        command: str = "",
+        finished: str = "summary.json",
+        done_key: str = "steps",
+        outputs: tuple = (),
+        scratch: tuple = (),
+        clear: tuple = (),
+        checkpoints_dir: str | Path | None = None,
+    ):
         self.root = Path(root).expanduser()
         self.who, self.command = who, command or who.rstrip(": ") or "run"
         self.finished, self.done_key = finished, done_key
@@ -158,7 +168,9 @@ class RunDir:
         are one-line ``UserError``s; nothing is written here (``begin`` does, once the run is built)."""
         where = f"--output '{self.root}'"
         if resume and overwrite:
-            raise UserError(f"{self.who}--resume continues the run in '{self.root}' and --overwrite starts it over; pass one of them")
+            raise UserError(
+                f"{self.who}--resume continues the run in '{self.root}' and --overwrite starts it over; pass one of them"
+            )
         if overwrite:
             return Start("overwrite")
         record, found = self.finished_record(), self.checkpoints()
@@ -168,23 +180,31 @@ class RunDir:
                 done = max(done, record["steps_planned"])  # an early stop finished the run it planned
             shown = f"{done} steps" if done is not None else f"its {self.finished} is unreadable"
             if not resume:
-                raise UserError(f"{self.who}{where} holds a finished run ({shown}); pass --overwrite to replace it, "
-                                f"--resume with a larger --steps to train it further, or choose a new --output")
+                raise UserError(
+                    f"{self.who}{where} holds a finished run ({shown}); pass --overwrite to replace it, "
+                    f"--resume with a larger --steps to train it further, or choose a new --output"
+                )
             if done is not None and steps <= done:
                 return Start("done", record=record)
             if not found:
-                raise UserError(f"{self.who}--resume: the finished run in '{self.root}' kept no checkpoint to continue from; "
-                                f"pass --overwrite to start over, or choose a new --output")
+                raise UserError(
+                    f"{self.who}--resume: the finished run in '{self.root}' kept no checkpoint to continue from; "
+                    f"pass --overwrite to start over, or choose a new --output"
+                )
             return self._pick(found, steps, trust_pickle)._replace(action="continue")
         if found:
             if not resume:
-                raise UserError(f"{self.who}{where} holds a run in progress (latest checkpoint: step {found[-1].step}); "
-                                f"pass --resume to continue it, --overwrite to start over, or choose a new --output")
+                raise UserError(
+                    f"{self.who}{where} holds a run in progress (latest checkpoint: step {found[-1].step}); "
+                    f"pass --resume to continue it, --overwrite to start over, or choose a new --output"
+                )
             return self._pick(found, steps, trust_pickle)
         taken = self._present(self.outputs)
         if taken:
-            raise UserError(f"{self.who}{where} holds {', '.join(taken)} but no finished run or checkpoint of "
-                            f"'{self.command}'; pass --overwrite to replace them, or choose a new --output")
+            raise UserError(
+                f"{self.who}{where} holds {', '.join(taken)} but no finished run or checkpoint of "
+                f"'{self.command}'; pass --overwrite to replace them, or choose a new --output"
+            )
         if resume:
             self.say(f"--resume: no checkpoint in '{self.checkpoints_dir}' yet; starting from the beginning")
         return Start("fresh")
@@ -198,25 +218,37 @@ class RunDir:
                 damaged.append((ckpt, problem))
                 continue
             if state.get("format") != SAFE_FORMAT and not trust_pickle:
-                raise UserError(f"{self.who}--resume: checkpoint '{ckpt.path}' keeps its state in pickle files "
-                                f"(e.g. '{_pickled_file(ckpt.path)}'), which can run code when loaded ("
-                                f"{_pickle_origin(state)}); pass --trust-pickle only if you wrote it yourself, "
-                                f"or --overwrite to start over")
+                raise UserError(
+                    f"{self.who}--resume: checkpoint '{ckpt.path}' keeps its state in pickle files "
+                    f"(e.g. '{_pickled_file(ckpt.path)}'), which can run code when loaded ("
+                    f"{_pickle_origin(state)}); pass --trust-pickle only if you wrote it yourself, "
+                    f"or --overwrite to start over"
+                )
             if ckpt.step > steps:
-                raise UserError(f"{self.who}--resume: the checkpoint is at step {ckpt.step}, past --steps {steps}; "
-                                f"raise --steps to train further")
+                raise UserError(
+                    f"{self.who}--resume: the checkpoint is at step {ckpt.step}, past --steps {steps}; "
+                    f"raise --steps to train further"
+                )
             for bad, problem in damaged:
-                self.warn(f"checkpoint '{bad.path}' is damaged ({problem}); it is set aside as '{bad.path.name}.damaged' "
-                          f"and the run resumes from '{ckpt.path.name}' (step {ckpt.step})")
+                self.warn(
+                    f"checkpoint '{bad.path}' is damaged ({problem}); it is set aside as '{bad.path.name}.damaged' "
+                    f"and the run resumes from '{ckpt.path.name}' (step {ckpt.step})"
+                )
             if extra:
-                self.warn(f"ignoring {', '.join(extra)} in '{ckpt.path}': not written with the checkpoint (never loaded)")
+                self.warn(
+                    f"ignoring {', '.join(extra)} in '{ckpt.path}': not written with the checkpoint (never loaded)"
+                )
             if state.get("format") != SAFE_FORMAT and MANIFEST not in os.listdir(ckpt.path):
-                self.warn(f"checkpoint '{ckpt.path}' was written before manifests (not verified); loading its pickles "
-                          f"as --trust-pickle allows")
+                self.warn(
+                    f"checkpoint '{ckpt.path}' was written before manifests (not verified); loading its pickles "
+                    f"as --trust-pickle allows"
+                )
             return Start("resume", ckpt, state, damaged=tuple(bad for bad, _ in damaged))
         listed = "; ".join(f"{c.path.name}: {p}" for c, p in damaged)
-        raise UserError(f"{self.who}--resume: no intact checkpoint in '{self.checkpoints_dir}' ({listed}); "
-                        f"pass --overwrite to start over, or choose a new --output")
+        raise UserError(
+            f"{self.who}--resume: no intact checkpoint in '{self.checkpoints_dir}' ({listed}); "
+            f"pass --overwrite to start over, or choose a new --output"
+        )
 
     def check_settings(self, start: Start, settings: dict) -> dict:
         """Compare a resumed run's settings with its checkpoint's. ``settings``: ``fixed`` (flag -> value, the
@@ -231,14 +263,22 @@ class RunDir:
             return {}
         now = _plain(settings)
         before_fixed, before_cfg = saved.get("fixed") or {}, saved.get("config") or {}
-        diffs = [_describe(flag, before_fixed.get(flag), value) for flag, value in now["fixed"].items()
-                 if before_fixed.get(flag) != value]
+        diffs = [
+            _describe(flag, before_fixed.get(flag), value)
+            for flag, value in now["fixed"].items()
+            if before_fixed.get(flag) != value
+        ]
         if diffs:
-            raise UserError(f"{self.who}--resume: {'; '.join(diffs)}: these change what the checkpoint's weights mean; "
-                            f"resume with the checkpoint's values (in '{start.path / STATE_FILE}'), or start over with "
-                            f"--overwrite or a new --output")
-        changed = {_flag(k): [before_cfg.get(k), v] for k, v in now["config"].items()
-                   if k not in _NOT_COMPARED and k in before_cfg and before_cfg.get(k) != v}
+            raise UserError(
+                f"{self.who}--resume: {'; '.join(diffs)}: these change what the checkpoint's weights mean; "
+                f"resume with the checkpoint's values (in '{start.path / STATE_FILE}'), or start over with "
+                f"--overwrite or a new --output"
+            )
+        changed = {
+            _flag(k): [before_cfg.get(k), v]
+            for k, v in now["config"].items()
+            if k not in _NOT_COMPARED and k in before_cfg and before_cfg.get(k) != v
+        }
         if changed:
             shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             self.say(f"resuming from step {start.step} with changed settings: {shown} (recorded in {HISTORY})")
@@ -252,8 +292,15 @@ class RunDir:
             return
         if start.action == "overwrite":  # the finished outputs and their config.yaml stay until the new run
             # replaces them (each written atomically): a new run that fails leaves them as they were
-            self._remove([str(self.checkpoints_dir.relative_to(self.root)) if self.checkpoints_dir.is_relative_to(self.root)
-                          else None, self.finished, *[p for p in self.scratch if p != "config.yaml"]])
+            self._remove(
+                [
+                    str(self.checkpoints_dir.relative_to(self.root))
+                    if self.checkpoints_dir.is_relative_to(self.root)
+                    else None,
+                    self.finished,
+                    *[p for p in self.scratch if p != "config.yaml"],
+                ]
+            )
         elif start.action == "fresh":
             self._remove([*self.scratch])
             if self.checkpoints_dir.is_dir():  # only unfinished writes (.step_N.tmp) can be there
@@ -264,8 +311,15 @@ class RunDir:
             aside = bad.path.with_name(bad.path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
             bad.path.rename(aside)
-        entry = {"time": _now(), "action": start.action, "from_step": start.step, "pid": os.getpid(),
-                 "host": socket.gethostname(), "argv": sys.argv[1:], "changed": changed or {}}
+        entry = {
+            "time": _now(),
+            "action": start.action,
+            "from_step": start.step,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "argv": sys.argv[1:],
+            "changed": changed or {},
+        }
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / HISTORY).open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -291,8 +345,9 @@ class RunDir:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     # ----- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, accelerator, step: int, state: dict, keep: int,
-                        save: Callable[[Path], str | None] | None = None) -> Path:
+    def save_checkpoint(
+        self, accelerator, step: int, state: dict, keep: int, save: Callable[[Path], str | None] | None = None
+    ) -> Path:
         """``write_checkpoint`` into ``checkpoints/step_N`` (with the run's settings), then keep only the newest
         ``keep``. ``save(tmp)`` writes the state files on every process and returns their format. Every process calls it."""
         save = save or (lambda tmp: accelerator.save_state(str(tmp)))
@@ -357,13 +412,17 @@ class RunLock:
             self._acquire()
         except OSError as exc:
             self._cleanup()
-            raise UserError(f"{run.who}cannot write in --output '{root}' ({exc.strerror or exc}); choose a writable directory") from None
+            raise UserError(
+                f"{run.who}cannot write in --output '{root}' ({exc.strerror or exc}); choose a writable directory"
+            ) from None
         except UserError:
             self._cleanup()
             raise
         if self.previous and self.previous.get("pid") != os.getpid():
             p = self.previous
-            run.say(f"took over the lock of pid {p.get('pid')} on {p.get('host')} in '{root}' (that run ended without releasing it)")
+            run.say(
+                f"took over the lock of pid {p.get('pid')} on {p.get('host')} in '{root}' (that run ended without releasing it)"
+            )
         return self
 
     def _acquire(self) -> None:
@@ -374,8 +433,10 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise UserError(f"{self.rundir.who}--output '{self.rundir.root}' is in use by another run ({_show_holder(holder)}); "
-                                f"wait for it to end, or choose another --output") from None
+                raise UserError(
+                    f"{self.rundir.who}--output '{self.rundir.root}' is in use by another run ({_show_holder(holder)}); "
+                    f"wait for it to end, or choose another --output"
+                ) from None
             try:  # its last holder may have removed the file between our open and our lock: lock the new one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -384,7 +445,12 @@ class RunLock:
                 os.close(fd)
                 continue
             self.fd, self.previous = fd, _read_holder(fd)
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.rundir.command, "started": _now()}
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": self.rundir.command,
+                "started": _now(),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             return
@@ -418,8 +484,10 @@ def _read_holder(fd: int) -> dict | None:
 def _show_holder(holder: dict | None) -> str:
     if not holder:
         return "its lock file names no process yet"
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, {holder.get('command', 'a run')} started "
-            f"{holder.get('started', 'at an unknown time')}")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, {holder.get('command', 'a run')} started "
+        f"{holder.get('started', 'at an unknown time')}"
+    )
 
 
 def _count(value) -> int | None:
@@ -448,8 +516,11 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
     if accelerator.is_main_process:
         with writing(directory, "the checkpoint", cleanup=tmp):
             (tmp / STATE_FILE).write_text(json.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
-            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {
+                str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
@@ -491,7 +562,9 @@ def verify_checkpoint(ckpt: Checkpoint) -> tuple[str | None, dict, list[str]]:
     listed = {rel for rel, _, _ in entries}
     if STATE_FILE not in listed:
         return f"{MANIFEST} does not cover {STATE_FILE}", {}, []
-    extra = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and str(p.relative_to(d)) not in listed | {MANIFEST})
+    extra = sorted(
+        str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and str(p.relative_to(d)) not in listed | {MANIFEST}
+    )
     return None, state, extra
 
 
@@ -533,7 +606,7 @@ def weights_identity(path: str | Path) -> dict:
     model of the same architecture differs in those; a full hash of gigabytes is not needed)."""
     path = Path(path).expanduser().resolve()
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        return {"hub": path.parent.parent.name[len("models--"):].replace("--", "/"), "revision": path.name}
+        return {"hub": path.parent.parent.name[len("models--") :].replace("--", "/"), "revision": path.name}
     if path.is_file():
         return {"files": {path.name: _fingerprint(path)}}
     files = {}

@@ -66,7 +66,7 @@ def _decode(node, tensors: dict):
         return [_decode(v, tensors) for v in node]
     if not isinstance(node, dict):
         return node
-    (tag, value), = node.items()
+    ((tag, value),) = node.items()
     if tag == "tensor":
         return tensors[value]
     if tag == "float":
@@ -114,8 +114,11 @@ def read_tree(path: str | Path, what: str):
 def rng_state() -> dict:
     """Python's, numpy's and torch's (CPU and every CUDA device's) generator states."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,7 +137,11 @@ def set_rng_state(state: dict) -> None:
 # ----- a whole training state --------------------------------------------------------------------
 def is_sharded(accelerator) -> bool:
     """FSDP / DeepSpeed / Megatron: optimizer and model state live in shards that accelerate writes with pickle."""
-    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+    return str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) in (
+        "FSDP",
+        "DEEPSPEED",
+        "MEGATRON_LM",
+    )
 
 
 def save_training_state(accelerator, directory: str | Path, optimizer, model=None, scheduler=None) -> str:
@@ -169,7 +176,9 @@ def load_training_state(accelerator, directory: str | Path, fmt: str, optimizer,
         try:
             load_model(accelerator.unwrap_model(model), str(directory / MODEL))
         except Exception as exc:
-            raise UserError(f"{where}: '{MODEL}' does not fit this model ({type(exc).__name__}: {str(exc)[:160]})") from None
+            raise UserError(
+                f"{where}: '{MODEL}' does not fit this model ({type(exc).__name__}: {str(exc)[:160]})"
+            ) from None
     try:
         optimizer.load_state_dict(read_tree(directory / OPTIMIZER, where))
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -182,5 +191,8 @@ def load_training_state(accelerator, directory: str | Path, fmt: str, optimizer,
     if rng.is_file():
         set_rng_state(read_tree(rng, where))
     elif accelerator.is_main_process:
-        print(f"warning: {where} has no random generator state for process {accelerator.process_index} "
-              f"(written with another number of processes); continuing with fresh ones", flush=True)
+        print(
+            f"warning: {where} has no random generator state for process {accelerator.process_index} "
+            f"(written with another number of processes); continuing with fresh ones",
+            flush=True,
+        )

@@ -29,7 +29,9 @@ class RewardSource:
     hub: str  # the public release used when the option is not given
     help: str  # what the option names: the flag's help, before its default
     default_help: str = ""  # how the default is chosen, where that is more than ``hub`` (``{hub}`` is filled in)
-    tokenizer_hub: str = ""  # where the tokenizer comes from when the release has none (PickScore; --backbone overrides)
+    tokenizer_hub: str = (
+        ""  # where the tokenizer comes from when the release has none (PickScore; --backbone overrides)
+    )
 
     def help_text(self) -> str:
         return f"{self.help} (default: {(self.default_help or '{hub}').format(hub=self.hub)})"
@@ -39,11 +41,15 @@ class RewardSource:
 REWARD_SOURCES: dict[str, RewardSource] = {
     "ict": RewardSource("8y/ICT", "ICT checkpoint: a local directory (released layout or ours) or hub id"),
     "hp": RewardSource("8y/HP", "HP checkpoint: a directory with hp_backbone/ and hp_scorer/, or hub id"),
-    "backbone": RewardSource("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP backbone the ICT/HP checkpoints lay over",
-                             default_help="the checkpoint dir if it is a full CLIP, else {hub}"),
+    "backbone": RewardSource(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        "CLIP backbone the ICT/HP checkpoints lay over",
+        default_help="the checkpoint dir if it is a full CLIP, else {hub}",
+    ),
     "clip": RewardSource("openai/clip-vit-large-patch14", "CLIP model for the 'clip' reward"),
-    "pickscore": RewardSource("yuvalkirstain/PickScore_v1", "PickScore model",
-                              tokenizer_hub="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "pickscore": RewardSource(
+        "yuvalkirstain/PickScore_v1", "PickScore model", tokenizer_hub="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    ),
     "hpsv2": RewardSource("xswu/HPSv2", "HPS v2 checkpoint file or directory"),
     "aesthetic": RewardSource("camenduru/improved-aesthetic-predictor", "LAION aesthetic predictor directory"),
 }
@@ -71,7 +77,9 @@ def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | No
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
-        raise UserError(f"{what}: huggingface_hub is not installed; pass a local directory instead of '{src}'") from exc
+        raise UserError(
+            f"{what}: huggingface_hub is not installed; pass a local directory instead of '{src}'"
+        ) from exc
     try:
         return Path(snapshot_download(src, allow_patterns=allow_patterns, local_files_only=_offline()))
     except Exception as exc:  # network errors, missing repo, offline mode
@@ -93,7 +101,9 @@ def find_file(directory: Path, names: list[str], what: str) -> Path:
         if p.is_file():
             return p
     listed = ", ".join(names)
-    raise UserError(f"{what}: none of [{listed}] found in '{directory}'; point to the directory that holds one of them")
+    raise UserError(
+        f"{what}: none of [{listed}] found in '{directory}'; point to the directory that holds one of them"
+    )
 
 
 def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -105,7 +115,9 @@ def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise UserError(f"{what}: '{path}' is not a readable safetensors file ({exc}); re-download or re-export it") from None
+            raise UserError(
+                f"{what}: '{path}' is not a readable safetensors file ({exc}); re-download or re-export it"
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -115,7 +127,9 @@ def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
             f"({first[:160]}); convert it to safetensors where you trust it"
         ) from None
     except Exception as exc:
-        raise UserError(f"{what}: '{path}' is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise UserError(
+            f"{what}: '{path}' is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -123,7 +137,9 @@ def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     return obj
 
 
-def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, strip_prefixes=("module.",)) -> int:
+def apply_state_dict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, strip_prefixes=("module.",)
+) -> int:
     """Load ``state`` over ``module`` non-strictly, like the released code, but refuse a checkpoint that
     matches none of the module's keys (that would silently leave a random or base model).
 
@@ -134,7 +150,7 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     for k, v in state.items():
         for p in strip_prefixes:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         cleaned[k] = v
     matched = [k for k in cleaned if k in own]
     if not matched:
@@ -153,8 +169,12 @@ def apply_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     return len(matched)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, what: str = "weights",
-                    metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    what: str = "weights",
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write safetensors atomically (temp file, then rename); a failed write is a one-line ``UserError``."""
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
@@ -187,8 +207,10 @@ def _write_bytes(path: Path, data: bytes) -> None:
 WRITE_FAILURES = {
     errno.ENOSPC: ("no space left on the device", "free space there or write to another disk"),
     errno.EDQUOT: ("the disk quota is exceeded", "free space within the quota or write elsewhere"),
-    errno.EFBIG: ("the file is larger than the file system or the process's file size limit (ulimit -f) allows",
-                  "write to another file system or raise the limit"),
+    errno.EFBIG: (
+        "the file is larger than the file system or the process's file size limit (ulimit -f) allows",
+        "write to another file system or raise the limit",
+    ),
     errno.EROFS: ("the file system is read-only", "choose a writable location"),
     errno.EACCES: ("permission denied", "choose a location you may write to"),
     errno.EPERM: ("operation not permitted", "choose a location you may write to"),
@@ -232,7 +254,9 @@ def writing(path: str | os.PathLike, what: str, cleanup: str | os.PathLike | Non
     except BaseException as exc:
         if cleanup is not None:
             _remove(Path(cleanup))
-        error = write_failed(exc, what, path) if isinstance(exc, Exception) and not isinstance(exc, UserError) else None
+        error = (
+            write_failed(exc, what, path) if isinstance(exc, Exception) and not isinstance(exc, UserError) else None
+        )
         if error is None:
             raise
         raise error from None

@@ -18,8 +18,16 @@ from pathlib import Path
 # elsewhere are dropped.
 _HF_HOME = tempfile.mkdtemp(prefix="rewardtune-tests-hf-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
-for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
-             "PYTORCH_PRETRAINED_BERT_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "DIFFUSERS_CACHE"):
+for _var in (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "TRANSFORMERS_CACHE",
+    "PYTORCH_TRANSFORMERS_CACHE",
+    "PYTORCH_PRETRAINED_BERT_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "DIFFUSERS_CACHE",
+):
     os.environ.pop(_var, None)
 os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,7 +116,6 @@ def tiny_backbone(tmp_path_factory) -> Path:
 def released_ict(tiny_backbone, tmp_path_factory) -> Path:
     """ICT as released: <dir>/pytorch_model.bin, a CLIPModel state dict laid over the backbone."""
 
-
     d = tmp_path_factory.mktemp("ict")
     base = CLIPModel.from_pretrained(tiny_backbone)
     torch.save(perturbed_state_dict(base, seed=1), d / "pytorch_model.bin")
@@ -125,7 +132,6 @@ def released_hp(tiny_backbone, tmp_path_factory) -> Path:
     """HP as released: hp_backbone/pytorch_model.bin and hp_scorer/mlp_pytorch_model.bin, the scorer written by its
     released key names (not through rewardtune's HPHead). Its weights are larger than an initialisation's, so the
     scores of different images spread far beyond the parity tests' tolerances."""
-
 
     d = tmp_path_factory.mktemp("hp")
     (d / "hp_backbone").mkdir()
@@ -156,7 +162,9 @@ def sample_images(tmp_path_factory) -> list[Path]:
 
     d = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    return [_noise_png(d / f"img{i}.png", h, w, i % 3, rng) for i, (h, w) in enumerate([(224, 224)] * 3 + [(200, 300)])]
+    return [
+        _noise_png(d / f"img{i}.png", h, w, i % 3, rng) for i, (h, w) in enumerate([(224, 224)] * 3 + [(200, 300)])
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -202,10 +210,25 @@ def tiny_cfg():
     """``tiny_cfg(model, output, **overrides)``: a FinetuneConfig that trains a tiny pipeline in seconds."""
 
     def make(model, output, **kw) -> FinetuneConfig:
-        base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2,
-                    batch_size=2, lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, guidance_scale=3.0,
-                    eval_every=0, eval_size=4, checkpoint_every=0,
-                    gradient_checkpointing=False)  # checkpointing: see the tests that turn it on
+        base = dict(
+            model=str(model),
+            prompts="builtin:simple",
+            output=str(output),
+            method="draft-k",
+            k=2,
+            steps=2,
+            batch_size=2,
+            lr=3e-2,
+            lora_rank=4,
+            lora_alpha=4.0,
+            resolution=32,
+            sample_steps=3,
+            guidance_scale=3.0,
+            eval_every=0,
+            eval_size=4,
+            checkpoint_every=0,
+            gradient_checkpointing=False,
+        )  # checkpointing: see the tests that turn it on
         base.update(kw)
         return FinetuneConfig(**base)
 

@@ -77,7 +77,6 @@ def clip_dir(tmp_path_factory) -> Path:
 def pickscore_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir without tokenizer files, processor dir with the tokenizer and preprocessor config)."""
 
-
     model_dir = tmp_path_factory.mktemp("pickscore")
     save_tiny_clip(model_dir, seed=12, projection_dim=64)
     model = CLIPModel.from_pretrained(model_dir)
@@ -114,8 +113,16 @@ def hpsv2_dir(tmp_path_factory) -> Path:
 
 def _aesthetic_mlp(dim: int) -> nn.Sequential:
     """The predictor's MLP as its README defines it (no activations), written out independently."""
-    return nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+    return nn.Sequential(
+        nn.Linear(dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +160,9 @@ def test_pickscore_is_scaled_cosine_with_processor_from_backbone(pickscore_dirs,
         i = _emb(model.get_image_features(pixel_values=inputs["pixel_values"]))
         t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
         expected = model.logit_scale.exp() * (t * i).sum(-1)  # PickScore's model card formula
-        got = load_reward("pickscore", pickscore=str(model_dir), backbone=str(proc_dir))(_tensor(sample_images[:3]), PROMPTS)
+        got = load_reward("pickscore", pickscore=str(model_dir), backbone=str(proc_dir))(
+            _tensor(sample_images[:3]), PROMPTS
+        )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert abs(model.logit_scale.exp().item() - np.exp(3.3)) < 1e-4
 
@@ -189,7 +198,9 @@ def test_hpsv2_matches_open_clip_forward_and_prefers_v21(hpsv2_dir, sample_image
         image_features, text_features, _ = ref(image, open_clip.tokenize(PROMPTS))
         expected = torch.diagonal(image_features @ text_features.T)  # what hpsv2.score reports
         got = load_reward("hpsv2", hpsv2=str(hpsv2_dir))(_tensor(sample_images[:3]), PROMPTS)
-        from_file = load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2.1_compressed.pt"))(_tensor(sample_images[:3]), PROMPTS)
+        from_file = load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2.1_compressed.pt"))(
+            _tensor(sample_images[:3]), PROMPTS
+        )
         v2 = load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2_compressed.pt"))(_tensor(sample_images[:3]), PROMPTS)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(from_file, got)
@@ -205,17 +216,22 @@ def test_aesthetic_is_mlp_on_normalised_clip_image_embedding(clip_dir, aesthetic
     with torch.no_grad():
         emb = _emb(model.get_image_features(pixel_values=pixels))
         expected = mlp(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1)
-        got = load_reward("aesthetic", aesthetic=str(aesthetic_dir), clip=str(clip_dir))(_tensor(sample_images[:3]), PROMPTS)
+        got = load_reward("aesthetic", aesthetic=str(aesthetic_dir), clip=str(clip_dir))(
+            _tensor(sample_images[:3]), PROMPTS
+        )
         from_file = load_reward("aesthetic", aesthetic=str(aesthetic_dir / AESTHETIC_PTH), clip=str(clip_dir))(
-            _tensor(sample_images[:3]), None)
+            _tensor(sample_images[:3]), None
+        )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(from_file, got)
     assert got.std() > 1e-4, "aesthetic scores should differ between images"
 
 
 def test_aesthetic_head_as_safetensors(clip_dir, aesthetic_dir, tmp_path, sample_images):
-    save_state_dict(torch.load(aesthetic_dir / AESTHETIC_PTH, weights_only=True),
-                    tmp_path / "sac+logos+ava1-l14-linearMSE.safetensors")
+    save_state_dict(
+        torch.load(aesthetic_dir / AESTHETIC_PTH, weights_only=True),
+        tmp_path / "sac+logos+ava1-l14-linearMSE.safetensors",
+    )
     x = _tensor(sample_images[:3])
     with torch.no_grad():
         a = load_reward("aesthetic", aesthetic=str(tmp_path), clip=str(clip_dir))(x, None)
@@ -228,8 +244,13 @@ def test_aesthetic_head_as_safetensors(clip_dir, aesthetic_dir, tmp_path, sample
 
 @pytest.fixture(scope="module")
 def all_sources(clip_dir, pickscore_dirs, hpsv2_dir, aesthetic_dir) -> dict[str, str]:
-    return {"clip": str(clip_dir), "pickscore": str(pickscore_dirs[0]), "backbone": str(pickscore_dirs[1]),
-            "hpsv2": str(hpsv2_dir), "aesthetic": str(aesthetic_dir)}
+    return {
+        "clip": str(clip_dir),
+        "pickscore": str(pickscore_dirs[0]),
+        "backbone": str(pickscore_dirs[1]),
+        "hpsv2": str(hpsv2_dir),
+        "aesthetic": str(aesthetic_dir),
+    }
 
 
 @pytest.mark.parametrize("name", ["clip", "pickscore", "hpsv2", "aesthetic"])
@@ -306,7 +327,10 @@ def test_hub_default_offline_is_a_clear_error():
 
 def test_hpsv2_checkpoint_covering_part_of_the_model_warns(hpsv2_dir, tmp_path):
     state = torch.load(hpsv2_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
-    torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("visual.")}}, tmp_path / "HPS_v2.1_compressed.pt")
+    torch.save(
+        {"state_dict": {k: v for k, v in state.items() if k.startswith("visual.")}},
+        tmp_path / "HPS_v2.1_compressed.pt",
+    )
     (tmp_path / "open_clip_config.json").write_text((hpsv2_dir / "open_clip_config.json").read_text())
     with pytest.warns(UserWarning, match="random init"):
         load_reward("hpsv2", hpsv2=str(tmp_path))

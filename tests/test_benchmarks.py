@@ -13,15 +13,35 @@ BENCH = ROOT / "benchmarks"
 
 
 def run(script: str, *args, timeout=240):
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
 
 
 def test_finetune_step_on_a_tiny_pipeline_writes_results(tmp_path):
     rec = tmp_path / "records.jsonl"
-    run("finetune_step.py", "--tiny", "sd", "--k", "2", "--sample-steps", "2", "--mixed-precision", "bf16", "--warmup", "0",
-        "--timed", "1", "--track-tensors", "--name", "tiny-sd-k2", "--record", str(rec))
+    run(
+        "finetune_step.py",
+        "--tiny",
+        "sd",
+        "--k",
+        "2",
+        "--sample-steps",
+        "2",
+        "--mixed-precision",
+        "bf16",
+        "--warmup",
+        "0",
+        "--timed",
+        "1",
+        "--track-tensors",
+        "--name",
+        "tiny-sd-k2",
+        "--record",
+        str(rec),
+    )
     [r] = [json.loads(line) for line in rec.read_text().splitlines()]
     assert r["error"] is None and r["name"] == "tiny-sd-k2" and r["config"]["k"] == 2
     assert r["step_seconds_median"] > 0 and r["images_per_second"] > 0
@@ -47,17 +67,34 @@ def test_reward_benchmarks_score_and_train_on_tiny_towers(tmp_path):
     assert [r["task"] for r in records] == ["score", "train-ict"]
     for r in records:
         assert r["error"] is None and r["kind"] == "reward" and r["items_per_second"] > 0 and r["peak_memory_mib"] > 0
-    assert records[0]["unit"] == "images/s" and records[1]["unit"] == "triplets/s" and records[1]["trainable_params"] > 0
+    assert (
+        records[0]["unit"] == "images/s" and records[1]["unit"] == "triplets/s" and records[1]["trainable_params"] > 0
+    )
 
 
 def test_report_keeps_failures_and_joins_predictions(tmp_path):
     rec, pred = tmp_path / "rec.jsonl", tmp_path / "pred.jsonl"
-    rec.write_text(json.dumps({"name": "a", "error": "timeout after 90s (rc 124)", "source": "timeout"}) + "\n"
-                   + json.dumps({"name": "b", "source": "sdxl", "config": {"k": 1, "gradient_checkpointing": True},
-                                 "peak_memory_mib": 20000.0, "peak_memory_kind": "cuda_max_allocated", "error": None,
-                                 "step_seconds_median": 2.0, "parts_sum_seconds": 1.9, "ratio_step_to_parts": 2.0 / 1.9})
-                   + "\n{\"name\": \"cut sh")  # a line cut short by a kill
-    pred.write_text(json.dumps({"kind": "prediction", "name": "b", "prediction": {"peak_mib": 21000.0}, "error": None}) + "\n")
+    rec.write_text(
+        json.dumps({"name": "a", "error": "timeout after 90s (rc 124)", "source": "timeout"})
+        + "\n"
+        + json.dumps(
+            {
+                "name": "b",
+                "source": "sdxl",
+                "config": {"k": 1, "gradient_checkpointing": True},
+                "peak_memory_mib": 20000.0,
+                "peak_memory_kind": "cuda_max_allocated",
+                "error": None,
+                "step_seconds_median": 2.0,
+                "parts_sum_seconds": 1.9,
+                "ratio_step_to_parts": 2.0 / 1.9,
+            }
+        )
+        + '\n{"name": "cut sh'
+    )  # a line cut short by a kill
+    pred.write_text(
+        json.dumps({"kind": "prediction", "name": "b", "prediction": {"peak_mib": 21000.0}, "error": None}) + "\n"
+    )
     run("report.py", str(rec), str(pred), "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md"))
     data = json.loads((tmp_path / "r.json").read_text())
     by_name = {r["name"]: r for r in data["finetune"]}

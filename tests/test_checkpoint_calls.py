@@ -22,17 +22,33 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     trainer.optimizer.zero_grad(set_to_none=True)
     r, reg, finite = trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
     assert finite
-    return {n: p.grad.clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}, float(r.mean()), float(reg)
+    return (
+        {n: p.grad.clone() for n, p in trainer.unet.named_parameters() if p.requires_grad},
+        float(r.mean()),
+        float(reg),
+    )
 
 
-@pytest.mark.parametrize("method,extra", [("draft-k", {"k": 4, "eta": 1.0, "reg_weight": 0.5}),
-                                          ("draft-lv", {"lv_samples": 2, "eta": 1.0}),
-                                          ("alignprop", {"k": 4})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("draft-k", {"k": 4, "eta": 1.0, "reg_weight": 0.5}),
+        ("draft-lv", {"lv_samples": 2, "eta": 1.0}),
+        ("alignprop", {"k": 4}),
+    ],
+)
 def test_checkpointed_calls_give_the_same_gradients(sd_model, tmp_path, tiny_cfg, brightness, method, extra):
     results = {}
     for on in (False, True):
-        cfg = tiny_cfg(sd_model, tmp_path / f"out{on}", method=method, sample_steps=4, checkpoint_calls=on,
-                       gradient_checkpointing=on, **extra)
+        cfg = tiny_cfg(
+            sd_model,
+            tmp_path / f"out{on}",
+            method=method,
+            sample_steps=4,
+            checkpoint_calls=on,
+            gradient_checkpointing=on,
+            **extra,
+        )
         results[on] = _grads(Trainer(cfg, reward=brightness()))
     (g_off, r_off, reg_off), (g_on, r_on, reg_on) = results[False], results[True]
     assert r_on == pytest.approx(r_off, rel=1e-6) and reg_on == pytest.approx(reg_off, rel=1e-6)
@@ -55,14 +71,21 @@ def test_only_the_last_gradient_call_is_not_checkpointed(sd_model, tmp_path, tin
         return real(fn, *args, **kw)
 
     monkeypatch.setattr(sampler_mod, "checkpoint", counting)
-    for method, extra, expected in [("draft-k", {"k": 3}, [1, 2]), ("draft-lv", {"lv_samples": 2}, [3, 3]),
-                                    ("draft-k", {"k": 1}, [])]:
+    for method, extra, expected in [
+        ("draft-k", {"k": 3}, [1, 2]),
+        ("draft-lv", {"lv_samples": 2}, [3, 3]),
+        ("draft-k", {"k": 1}, []),
+    ]:
         calls.clear()
-        trainer = Trainer(tiny_cfg(sd_model, tmp_path / method / str(extra), method=method, sample_steps=4, **extra),
-                          reward=brightness())
+        trainer = Trainer(
+            tiny_cfg(sd_model, tmp_path / method / str(extra), method=method, sample_steps=4, **extra),
+            reward=brightness(),
+        )
         trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
         assert calls == expected, (method, extra, calls)
     calls.clear()
-    trainer = Trainer(tiny_cfg(sd_model, tmp_path / "off", sample_steps=4, k=4, checkpoint_calls=False), reward=brightness())
+    trainer = Trainer(
+        tiny_cfg(sd_model, tmp_path / "off", sample_steps=4, k=4, checkpoint_calls=False), reward=brightness()
+    )
     trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
     assert calls == []

@@ -25,7 +25,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rewardtune.cli", *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,9 @@ def test_score_json_matches_python_api(sample_images, srcs, tiny_backbone, relea
     r = run("score", sample_images[0], "--prompt", "a cat", *srcs, "--reward", "ict", "--json")
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
-        want = load_reward("ict", ict=str(released_ict), backbone=str(tiny_backbone))(load_image(sample_images[0])[None], ["a cat"]).item()
+        want = load_reward("ict", ict=str(released_ict), backbone=str(tiny_backbone))(
+            load_image(sample_images[0])[None], ["a cat"]
+        ).item()
     assert abs(json.loads(r.stdout)[0]["ict"] - want) < 1e-5
 
 
@@ -90,8 +99,13 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     elif case == "prompt_count":
         prompts = ["--prompt", "a", "--prompt", "b"]
     env_home = {"HF_HOME": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", *map(str, images), *prompts, *map(str, extra)],
-                       capture_output=True, text=True, env={**ENV, **env_home}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", "score", *map(str, images), *prompts, *map(str, extra)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **env_home},
+        timeout=300,
+    )
     assert r.returncode == 2
     err = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1, r.stderr  # one line, no traceback
@@ -109,10 +123,13 @@ def _notes(stderr: str) -> list[str]:
 def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
     # Four images in four batches, two of them with a prompt past 77 tokens: one note, not one per batch.
     prompts = ["a cat", LONG, "a dog", LONG + "again"]
-    r = run("score", *sample_images, *[a for p in prompts for a in ("--prompt", p)], *srcs, "--batch-size", "1", "--json")
+    r = run(
+        "score", *sample_images, *[a for p in prompts for a in ("--prompt", p)], *srcs, "--batch-size", "1", "--json"
+    )
     assert r.returncode == 0, r.stderr
-    assert _notes(r.stderr) == ["note: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens "
-                                "(rewards ict, icthp) and are cut there"], r.stderr
+    assert _notes(r.stderr) == [
+        "note: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens (rewards ict, icthp) and are cut there"
+    ], r.stderr
     assert [row["prompt"] for row in json.loads(r.stdout)] == prompts  # reported, still scored
     r = run("score", *sample_images[:2], "--prompt", "a cat", *srcs, "--reward", "ict,hp", "--json")
     assert r.returncode == 0 and _notes(r.stderr) == [], r.stderr
@@ -130,12 +147,15 @@ def test_count_truncated_agrees_with_what_the_tower_cuts(tiny_backbone):
     assert [len(ids) > kept[i] for i, ids in enumerate(full)] == [False, True, True, False, False]
 
 
-@pytest.mark.parametrize("prompts, which", [
-    ([""], "--prompt is empty"),
-    (["   "], "--prompt is empty"),
-    (["\u200b"], "--prompt is empty"),  # a zero-width space: nothing to read
-    (["a cat", " ", "a dog"], "--prompt number 2 (for '{img1}') is empty"),
-])
+@pytest.mark.parametrize(
+    "prompts, which",
+    [
+        ([""], "--prompt is empty"),
+        (["   "], "--prompt is empty"),
+        (["\u200b"], "--prompt is empty"),  # a zero-width space: nothing to read
+        (["a cat", " ", "a dog"], "--prompt number 2 (for '{img1}') is empty"),
+    ],
+)
 def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
     r = run("score", *sample_images[:3], *[a for p in prompts for a in ("--prompt", p)], *srcs)
     assert r.returncode == 2, r.stderr
@@ -157,21 +177,38 @@ def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_p
     rows = json.loads(r.stdout)
     assert [row["image"] for row in rows] == [str(d / n) for n in ("a.png", "b.png", "c.PNG")]
     assert all(row["prompt"] == "a red cube" for row in rows)
-    assert _notes(r.stderr) == [f"note: '{d}': scoring its 3 image files, skipping 2 other entries "
-                                "(not .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"], r.stderr
+    assert _notes(r.stderr) == [
+        f"note: '{d}': scoring its 3 image files, skipping 2 other entries "
+        "(not .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"
+    ], r.stderr
     # The same scores as naming the files; a directory mixes with files and takes one prompt per image.
-    files = run("score", sample_images[1], sample_images[0], sample_images[3], "--prompt", "a red cube", *srcs,
-                "--reward", "ict", "--json")
+    files = run(
+        "score",
+        sample_images[1],
+        sample_images[0],
+        sample_images[3],
+        "--prompt",
+        "a red cube",
+        *srcs,
+        "--reward",
+        "ict",
+        "--json",
+    )
     assert [row["ict"] for row in json.loads(files.stdout)] == pytest.approx([row["ict"] for row in rows], abs=1e-6)
-    mixed = run("score", sample_images[2], d, *[a for p in "wxyz" for a in ("--prompt", p)], *srcs, "--reward", "ict", "--json")
+    mixed = run(
+        "score", sample_images[2], d, *[a for p in "wxyz" for a in ("--prompt", p)], *srcs, "--reward", "ict", "--json"
+    )
     assert mixed.returncode == 0, mixed.stderr
     assert [row["prompt"] for row in json.loads(mixed.stdout)] == list("wxyz")
 
 
-@pytest.mark.parametrize("content, pattern", [
-    ([], "image directory '.*' holds no image files .*; it is empty"),
-    (["readme.txt", "sub/"], "image directory '.*' holds no image files .*; it holds 2 other entries"),
-])
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ([], "image directory '.*' holds no image files .*; it is empty"),
+        (["readme.txt", "sub/"], "image directory '.*' holds no image files .*; it holds 2 other entries"),
+    ],
+)
 def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample_images, srcs, tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
@@ -184,9 +221,10 @@ def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample
     assert "does not exist" not in r.stderr and r.stdout == ""
 
 
-def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(tiny_backbone, sample_images, tmp_path):
+def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_the_hub(
+    tiny_backbone, sample_images, tmp_path
+):
     """transformers 5 saves a tokenizer as tokenizer.json alone; such an output is a full CLIP all the same."""
-
 
     base = CLIPModel.from_pretrained(tiny_backbone)
     tokenizer = CLIPTokenizerFast.from_pretrained(tiny_backbone)
@@ -209,12 +247,32 @@ def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_th
     home = tmp_path / "hf_home"  # empty: a hub attempt finds nothing, offline it cannot download
     home.mkdir()
     env = {**ENV, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "rewardtune.cli", "score", str(sample_images[0]), "--prompt", "a cat",
-                        "--ict", str(ict), "--hp", str(hp), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rewardtune.cli",
+            "score",
+            str(sample_images[0]),
+            "--prompt",
+            "a cat",
+            "--ict",
+            str(ict),
+            "--hp",
+            str(hp),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
 
     with torch.no_grad():
-        want = load_reward("ict", ict=str(ict), backbone=str(ict))(load_image(sample_images[0])[None], ["a cat"]).item()
+        want = load_reward("ict", ict=str(ict), backbone=str(ict))(
+            load_image(sample_images[0])[None], ["a cat"]
+        ).item()
     assert row["ict"] == pytest.approx(want, abs=1e-5) and 0 < row["hp"] < 1
     assert not any(home.rglob("*.safetensors"))

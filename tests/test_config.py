@@ -97,8 +97,11 @@ def test_deprecated_names_work_as_flags_and_recipe_keys_and_warn(tmp_path, capsy
 
 
 def test_deprecated_and_current_name_together_are_an_error(tmp_path):
-    with pytest.raises(UserError, match="--save-every and --checkpoint-every both given on the command line; --save-every "
-                                        "is the deprecated name of --checkpoint-every: keep only --checkpoint-every"):
+    with pytest.raises(
+        UserError,
+        match="--save-every and --checkpoint-every both given on the command line; --save-every "
+        "is the deprecated name of --checkpoint-every: keep only --checkpoint-every",
+    ):
         build_config(Renamed, _parse_renamed(["--save-every", "7", "--checkpoint-every", "8"]))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("save_every: 3\ncheckpoint_every: 4\n")
@@ -112,13 +115,16 @@ def _help(cls) -> str:
     return " ".join(p.format_help().split())
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"checkpoint_every": -1}, "--checkpoint-every must be 0 or more, got -1"),
-    ({"keep": 0}, "--keep must be at least 1, got 0"),
-    ({"lr": 0.0}, "--lr must be positive, got 0.0"),
-    ({"ratio": 1.5}, r"--ratio must be in \[0, 1\], got 1.5"),
-    ({"mode": "c"}, "--mode 'c' is not one of a, b"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"checkpoint_every": -1}, "--checkpoint-every must be 0 or more, got -1"),
+        ({"keep": 0}, "--keep must be at least 1, got 0"),
+        ({"lr": 0.0}, "--lr must be positive, got 0.0"),
+        ({"ratio": 1.5}, r"--ratio must be in \[0, 1\], got 1.5"),
+        ({"mode": "c"}, "--mode 'c' is not one of a, b"),
+    ],
+)
 def test_declared_ranges_and_choices_are_checked_in_one_place(values, message):
     with pytest.raises(UserError, match=f"^{message}$"):
         build_config(Renamed, None, **values)
@@ -141,7 +147,6 @@ def test_config_ranges_keep_their_messages():
 
 def test_demo_fields_come_from_the_finetune_config():
     """The demo's fine-tuning options share FinetuneConfig's help, choices and ranges, with its own defaults."""
-
 
     ft = {f.name: f for f in fields(FinetuneConfig)}
     demo = {f.name: f for f in fields(DemoConfig)}

@@ -22,7 +22,13 @@ from rewardtune.demo.data import write_preference_set
 from rewardtune.rewards import load_reward
 from rewardtune.testing import save_tiny_clip
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,19 +40,59 @@ def run(*args, timeout=600) -> subprocess.CompletedProcess:
 def built(tmp_path_factory) -> Path:
     """Every part of the bundle, from scratch, with a few steps each (the real script as a subprocess)."""
     d = tmp_path_factory.mktemp("build")
-    done = run("scripts/build_demo_models.py", "--output", str(d / "models"), "--work", str(d / "work"), "--pool", "96",
-               "--clip-steps", "3", "--heldout-steps", "3", "--vae-steps", "3", "--unet-steps", "3", "--ict-steps", "2",
-               "--hp-steps", "2", "--triplets", "40", "--val-triplets", "12", "--test-triplets", "4", "--threads", "1")
+    done = run(
+        "scripts/build_demo_models.py",
+        "--output",
+        str(d / "models"),
+        "--work",
+        str(d / "work"),
+        "--pool",
+        "96",
+        "--clip-steps",
+        "3",
+        "--heldout-steps",
+        "3",
+        "--vae-steps",
+        "3",
+        "--unet-steps",
+        "3",
+        "--ict-steps",
+        "2",
+        "--hp-steps",
+        "2",
+        "--triplets",
+        "40",
+        "--val-triplets",
+        "12",
+        "--test-triplets",
+        "4",
+        "--threads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return d / "models"
 
 
 def test_build_writes_every_part_with_timings(built):
-    for f in ("pipeline/model_index.json", "pipeline/unet/diffusion_pytorch_model.safetensors", "ict/model.safetensors",
-              "hp/hp_backbone/model.safetensors", "hp/hp_scorer/mlp_pytorch_model.safetensors", "heldout_clip/model.safetensors"):
+    for f in (
+        "pipeline/model_index.json",
+        "pipeline/unet/diffusion_pytorch_model.safetensors",
+        "ict/model.safetensors",
+        "hp/hp_backbone/model.safetensors",
+        "hp/hp_scorer/mlp_pytorch_model.safetensors",
+        "heldout_clip/model.safetensors",
+    ):
         assert (built / f).is_file(), f
     record = json.loads((built / "build.json").read_text())
-    assert set(record["seconds"]) == {"render_pool", "world_clip", "heldout_clip", "vae", "unet", "preference_set", "rewards"}
+    assert set(record["seconds"]) == {
+        "render_pool",
+        "world_clip",
+        "heldout_clip",
+        "vae",
+        "unet",
+        "preference_set",
+        "rewards",
+    }
     assert record["total_seconds"] == pytest.approx(sum(record["seconds"].values()), abs=0.5)
     assert record["config"]["unet_steps"] == 3
     # nothing but safetensors weights (no pickles) in the bundle
@@ -54,9 +100,13 @@ def test_build_writes_every_part_with_timings(built):
 
 
 def test_built_models_load_with_the_public_loaders(built):
-    pipe = StableDiffusionPipeline.from_pretrained(str(built / "pipeline"), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(built / "pipeline"), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(["a red circle"], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        ["a red circle"], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     assert images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     scores = load_reward("icthp", ict=str(built / "ict"), hp=str(built / "hp"))(images, ["a red circle"])
     assert torch.isfinite(scores).all()
@@ -67,8 +117,9 @@ def test_hp_calibration_sets_the_reference_images_score(built, tmp_path):
     data = built.parent / "work" / "preference_set"
     offset = calibrate_hp(tmp_path / "hp", data, target=0.8)
     frame = pd.read_parquet(data / "val.parquet")
-    x = torch.from_numpy(np.stack([np.asarray(Image.open(data / p).convert("RGB"), np.float32) / 255
-                                   for p in frame["refine_image"]])).permute(0, 3, 1, 2)
+    x = torch.from_numpy(
+        np.stack([np.asarray(Image.open(data / p).convert("RGB"), np.float32) / 255 for p in frame["refine_image"]])
+    ).permute(0, 3, 1, 2)
     with torch.no_grad():
         after = load_reward("hp", hp=str(tmp_path / "hp")).logits(x).flatten()
         before = load_reward("hp", hp=str(built / "hp")).logits(x).flatten()
@@ -85,16 +136,48 @@ def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     """``rewardtune data check`` and both ``train-reward`` stages read the generator's set (rendered images only)."""
 
     write_preference_set(tmp_path / "set", {"train": 16, "val": 8}, seed=2)
-    save_tiny_clip(tmp_path / "clip", seed=0, words=world.world_words(), projection_dim=32, image_size=32, patch_size=8,
-                   hidden=32, layers=2, heads=4)
+    save_tiny_clip(
+        tmp_path / "clip",
+        seed=0,
+        words=world.world_words(),
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
     check = run("-m", "rewardtune.cli", "data", "check", str(tmp_path / "set"), "--split", "train")
     assert check.returncode == 0, check.stderr[-2000:]
-    common = ["--data", str(tmp_path / "set"), "--backbone", str(tmp_path / "clip"), "--steps", "2", "--batch-size", "4",
-              "--num-workers", "0", "--save-every", "0", "--no-progress"]
+    common = [
+        "--data",
+        str(tmp_path / "set"),
+        "--backbone",
+        str(tmp_path / "clip"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--save-every",
+        "0",
+        "--no-progress",
+    ]
     ict = run("-m", "rewardtune.cli", "train-reward", "--stage", "ict", "--output", str(tmp_path / "ict"), *common)
     assert ict.returncode == 0, ict.stderr[-2000:]
-    hp = run("-m", "rewardtune.cli", "train-reward", "--stage", "hp", "--ict", str(tmp_path / "ict"),
-             "--output", str(tmp_path / "hp"), *common)
+    hp = run(
+        "-m",
+        "rewardtune.cli",
+        "train-reward",
+        "--stage",
+        "hp",
+        "--ict",
+        str(tmp_path / "ict"),
+        "--output",
+        str(tmp_path / "hp"),
+        *common,
+    )
     assert hp.returncode == 0, hp.stderr[-2000:]
     metrics = json.loads((tmp_path / "hp" / "metrics.json").read_text())
     assert metrics["step"] == 2 and 0 <= metrics["val/icthp_avg"] <= 1

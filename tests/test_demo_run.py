@@ -17,14 +17,17 @@ from rewardtune.demo.build import MODELS_DIR
 from rewardtune.demo.runner import make_prompts
 from rewardtune.rewards import load_reward
 
-pytestmark = pytest.mark.skipif(not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
-                                reason="bundled demo models missing; run scripts/build_demo_models.py")
+pytestmark = pytest.mark.skipif(
+    not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
+    reason="bundled demo models missing; run scripts/build_demo_models.py",
+)
 
 
 def rewardtune(*args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "rewardtune.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_bundled_models_stay_small():
@@ -33,13 +36,19 @@ def test_bundled_models_stay_small():
 
 
 def test_bundled_pipeline_loads_and_follows_prompts():
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS_DIR / "pipeline"), safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
     prompts = make_prompts(16, seed=123)
-    images = pipe(prompts, num_inference_steps=10, guidance_scale=3.0, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (16, 3, 32, 32)
     own = world.oracle_scores(images, prompts).mean()
     shuffled = world.oracle_scores(images, prompts[1:] + prompts[:1]).mean()
@@ -65,19 +74,46 @@ def test_bundled_rewards_load_and_prefer_the_matching_prompt():
 
 def test_demo_cli_writes_every_output(tmp_path, library_log):
     out = tmp_path / "demo"
-    args = ["demo", "--output", str(out), "--steps", "2", "--eval-every", "1", "--eval-size", "4", "--batch-size", "2",
-            "--train-prompts", "8"]
+    args = [
+        "demo",
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--train-prompts",
+        "8",
+    ]
     done = rewardtune(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("oracle_before", "oracle_after", "reward_before", "reward_after", "heldout_reward_before",
-                "heldout_reward_after"):
+    for key in (
+        "oracle_before",
+        "oracle_after",
+        "reward_before",
+        "reward_after",
+        "heldout_reward_before",
+        "heldout_reward_after",
+    ):
         assert isinstance(summary[key], float) and np.isfinite(summary[key])
     assert 0 <= summary["oracle_before"] <= 1 and summary["steps"] == 2
     assert [e["step"] for e in summary["evaluations"]] == [0, 1, 2]
-    for name in ("report.html", "before.png", "after.png", "curves.svg", "prompts_train.txt", "prompts_heldout.txt",
-                 "finetune/pytorch_lora_weights.safetensors", "finetune/metrics.jsonl"):
+    for name in (
+        "report.html",
+        "before.png",
+        "after.png",
+        "curves.svg",
+        "prompts_train.txt",
+        "prompts_heldout.txt",
+        "finetune/pytorch_lora_weights.safetensors",
+        "finetune/metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 3 and "before.png" in html
@@ -86,13 +122,19 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
     # the LoRA loads into the bundled pipeline with diffusers' own loader, every weight finding its module, and
     # changes what the pipeline draws
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS_DIR / "pipeline"), safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def draw():
-        return pipe(make_prompts(4, seed=7), num_inference_steps=10, guidance_scale=3.0, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            make_prompts(4, seed=7),
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     base = draw()
     with library_log() as log:

@@ -82,10 +82,14 @@ def test_prompts_round_trip_and_overlap():
         assert world.parse_prompt(world.make_prompt(attrs, detailed=True)) == attrs
         part = {"shape": attrs["shape"], "colour": attrs["colour"]}
         assert world.parse_prompt(world.make_prompt(part)) == part
-    assert world.prompt_overlap("a red circle", "a small red circle on the left on a white background") == pytest.approx(2 / 5)
+    assert world.prompt_overlap(
+        "a red circle", "a small red circle on the left on a white background"
+    ) == pytest.approx(2 / 5)
     assert world.prompt_overlap("a red circle", "a blue square") == 0.0
     words = set(world.world_words())
-    assert all(w in words for w in "a large purple triangle at the bottom on a gray background highly detailed".split())
+    assert all(
+        w in words for w in "a large purple triangle at the bottom on a gray background highly detailed".split()
+    )
 
 
 def test_preference_set_labels_follow_the_paper(tmp_path):

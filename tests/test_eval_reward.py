@@ -32,9 +32,18 @@ KEYS = {"I2>I1", "I3>I2", "I3>I1", "avg", "n"}
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP, ICT and HP in the released layouts over it, and 16 test triplets (one image 40x48)."""
 
-
     d = tmp_path_factory.mktemp("evalworld")
-    save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+    save_tiny_clip(
+        d / "backbone",
+        seed=0,
+        words=WORDS,
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
     base = CLIPModel.from_pretrained(d / "backbone")
     (d / "ict").mkdir()
     torch.save(perturbed_state_dict(base, seed=1, scale=0.3), d / "ict" / "pytorch_model.bin")
@@ -53,7 +62,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_ties_and_nans_count_as_wrong():
-    scores = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 1.0], [float("nan"), 1.0, 2.0]])
+    scores = torch.tensor(
+        [[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [2.0, 1.0, 0.0], [0.0, 1.0, 1.0], [float("nan"), 1.0, 2.0]]
+    )
     acc = triplet_accuracy(scores)
     # I2>I1: right on rows 0 and 3 (row 1 ties, row 4 has a NaN); I3>I2: rows 0 and 4 (row 3 ties); I3>I1: rows 0, 3
     assert (acc["I2>I1"], acc["I3>I2"], acc["I3>I1"], acc["n"]) == (0.4, 0.4, 0.4, 5)
@@ -65,8 +76,13 @@ def test_ties_and_nans_count_as_wrong():
 def by_hand(world):
     """Per-triplet scores computed image by image, as a reader of the paper would."""
 
-    r = load_rewards(["ict", "hp", "clip"], ict=str(world["ict"]), hp=str(world["hp"]), backbone=str(world["backbone"]),
-                     clip=str(world["backbone"]))
+    r = load_rewards(
+        ["ict", "hp", "clip"],
+        ict=str(world["ict"]),
+        hp=str(world["hp"]),
+        backbone=str(world["backbone"]),
+        clip=str(world["backbone"]),
+    )
     table = load_triplets(world["data"], "test")
     rows = {"ict": [], "hp": [], "clip": [], "icthp": []}
     with torch.no_grad():
@@ -83,8 +99,13 @@ def by_hand(world):
 
 
 def test_every_reward_matches_a_by_hand_ranking(world, by_hand):
-    rewards = load_rewards(["ict", "hp", "icthp", "clip"], ict=str(world["ict"]), hp=str(world["hp"]),
-                           backbone=str(world["backbone"]), clip=str(world["backbone"]))
+    rewards = load_rewards(
+        ["ict", "hp", "icthp", "clip"],
+        ict=str(world["ict"]),
+        hp=str(world["hp"]),
+        backbone=str(world["backbone"]),
+        clip=str(world["backbone"]),
+    )
     got = evaluate_rewards(world["data"], "test", rewards, batch_size=5, progress=False)
     expected = by_hand
     assert list(got) == ["ict", "hp", "icthp", "clip"]
@@ -96,9 +117,27 @@ def test_every_reward_matches_a_by_hand_ranking(world, by_hand):
 
 
 def test_cli_json_prints_only_the_table(world, by_hand, capsys):
-    args = ["eval-reward", "--data", str(world["data"]), "--split", "test", "--reward", "ict,icthp,clip", "--ict", str(world["ict"]),
-            "--hp", str(world["hp"]), "--backbone", str(world["backbone"]), "--clip", str(world["backbone"]),
-            "--num-workers", "0", "--batch-size", "4"]
+    args = [
+        "eval-reward",
+        "--data",
+        str(world["data"]),
+        "--split",
+        "test",
+        "--reward",
+        "ict,icthp,clip",
+        "--ict",
+        str(world["ict"]),
+        "--hp",
+        str(world["hp"]),
+        "--backbone",
+        str(world["backbone"]),
+        "--clip",
+        str(world["backbone"]),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+    ]
     assert main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     expected = by_hand
@@ -118,8 +157,20 @@ def _limited_avg(world) -> float:
 def test_pickle_needs_the_flag_and_then_agrees_with_parquet(world, by_hand, tmp_path, capsys):
     root = tmp_path / "pkl"
     shutil.copytree(world["data"], root, ignore=shutil.ignore_patterns("*.parquet"))
-    args = ["eval-reward", "--data", str(root), "--reward", "ict", "--ict", str(world["ict"]), "--backbone",
-            str(world["backbone"]), "--num-workers", "0", "--json"]
+    args = [
+        "eval-reward",
+        "--data",
+        str(root),
+        "--reward",
+        "ict",
+        "--ict",
+        str(world["ict"]),
+        "--backbone",
+        str(world["backbone"]),
+        "--num-workers",
+        "0",
+        "--json",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--trust-pickle" in err and "rewardtune data convert" in err and "Traceback" not in err
@@ -159,13 +210,33 @@ def test_long_prompts_and_duplicates_are_noted_once_and_json_stays_clean(world, 
     frame.loc[[0, 1, 2], "easy_prompt"] = [("a red circle on a blue square " * 12) + str(i) for i in range(3)]
     frame.loc[3, "refine_prompt"] = "a red circle " * 40  # the refined prompt is not scored by eval-reward
     pd.concat([frame, frame.iloc[:2]], ignore_index=True).to_parquet(root / "test.parquet")
-    args = ["eval-reward", "--data", str(root), "--split", "test", "--reward", "ict,hp,icthp", "--ict", str(world["ict"]),
-            "--hp", str(world["hp"]), "--backbone", str(world["backbone"]), "--num-workers", "0", "--batch-size", "4", "--json"]
+    args = [
+        "eval-reward",
+        "--data",
+        str(root),
+        "--split",
+        "test",
+        "--reward",
+        "ict,hp,icthp",
+        "--ict",
+        str(world["ict"]),
+        "--hp",
+        str(world["hp"]),
+        "--backbone",
+        str(world["backbone"]),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--json",
+    ]
     assert main(args) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)["ict"]["n"] == 18
     notes = [line for line in cap.err.splitlines() if line.startswith("note:")]
     distinct = len(set(frame["easy_prompt"]))
     assert notes[0].startswith("note: 2 of 18 triplets in split 'test'") and "exact duplicates" in notes[0]
-    assert notes[1:] == [f"note: 3 of {distinct} prompts in split 'test' are longer than the CLIP text encoder's 77 tokens "
-                         "(rewards ict, icthp) and are cut there"], cap.err
+    assert notes[1:] == [
+        f"note: 3 of {distinct} prompts in split 'test' are longer than the CLIP text encoder's 77 tokens "
+        "(rewards ict, icthp) and are cut there"
+    ], cap.err

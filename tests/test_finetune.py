@@ -41,23 +41,34 @@ def test_brightness_rises_and_control_falls(sd_model, tmp_path, tiny_cfg, bright
     assert down["after"]["reward"] > down["before"]["reward"]  # its reward is -brightness
     assert down["before"]["reward"] == pytest.approx(-up["before"]["reward"])
     out = tmp_path / "up"
-    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "summary.json", "metrics.jsonl",
-                 "samples/step_000000.png", "samples/step_000002.png", "samples/step_000004.png"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "config.yaml",
+        "summary.json",
+        "metrics.jsonl",
+        "samples/step_000000.png",
+        "samples/step_000002.png",
+        "samples/step_000004.png",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert json.loads((out / "summary.json").read_text())["after"] == up["after"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4]
     assert [x["step"] for x in lines if x["kind"] == "eval"] == [0, 2, 4]
-    assert all(x["grad_norm"] > 0 and x["step_time"] > 0 and x["peak_memory_mb"] > 0 for x in lines if x["kind"] == "train")
+    assert all(
+        x["grad_norm"] > 0 and x["step_time"] > 0 and x["peak_memory_mb"] > 0 for x in lines if x["kind"] == "train"
+    )
 
 
 @pytest.fixture(scope="module")
 def trainers(sd_model, sdxl_model, tmp_path_factory, tiny_cfg, brightness):
     """One trainer per family; the method is read from its config at every step, so tests switch it."""
     out = tmp_path_factory.mktemp("methods")
-    return {f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=brightness())
-            for f, m in (("sd", sd_model), ("sdxl", sdxl_model))}
+    return {
+        f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=brightness())
+        for f, m in (("sd", sd_model), ("sdxl", sdxl_model))
+    }
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -143,19 +154,32 @@ def test_refl_plans_stop_in_range_with_one_gradient_step():
 
 
 def _pipe_images(pipe, seed=3):
-    return pipe(["a red apple", "a cat"], num_inference_steps=3, height=32, width=32, guidance_scale=3.0,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return pipe(
+        ["a red apple", "a cat"],
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
 
 
 @pytest.mark.parametrize("family,text_encoder", [("sd", False), ("sdxl", True)])
-def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family, text_encoder, tmp_path, library_log,
-                                                                 tiny_cfg, brightness):
+def test_saved_lora_loads_without_warnings_and_reproduces_images(
+    models, family, text_encoder, tmp_path, library_log, tiny_cfg, brightness
+):
     """pipe.load_lora_weights(dir) (diffusers) and the kohya export give the fine-tuned model's images;
     --init-lora starts a new run from the same weights. SDXL also trains LoRA on both text encoders."""
 
-
-    cfg = tiny_cfg(models[family], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder,
-                   gradient_checkpointing=text_encoder)
+    cfg = tiny_cfg(
+        models[family],
+        tmp_path,
+        lr=5e-2,
+        lora_alpha=8.0,
+        train_text_encoder=text_encoder,
+        gradient_checkpointing=text_encoder,
+    )
     trainer = Trainer(cfg, reward=brightness())
     trainer.step()
     trainer.save_lora(tmp_path / "lora")
@@ -183,8 +207,12 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(models, family,
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if text_encoder else {"unet"})
-    again = Trainer(tiny_cfg(models[family], tmp_path, init_lora=str(tmp_path / "lora"), lora_alpha=8.0,
-                             train_text_encoder=text_encoder), reward=brightness())
+    again = Trainer(
+        tiny_cfg(
+            models[family], tmp_path, init_lora=str(tmp_path / "lora"), lora_alpha=8.0, train_text_encoder=text_encoder
+        ),
+        reward=brightness(),
+    )
     again.unet.eval()
     torch.testing.assert_close(_pipe_images(again.pipe), tuned, atol=1e-5, rtol=0)
 
@@ -193,10 +221,15 @@ def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path
     """A v-prediction SD model saved with a PNDM scheduler, in a directory named like SDXL: the family is
     read from model_index.json, the sampler steps DDIM on the model's config, x0 honours v-prediction."""
 
-
     d = save_tiny_pipeline(tmp_path / "my-sdxl-finetune", "sd", prediction_type="v_prediction")
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
-                  skip_prk_steps=True, steps_offset=1).save_pretrained(d / "scheduler")
+    PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        skip_prk_steps=True,
+        steps_offset=1,
+    ).save_pretrained(d / "scheduler")
     index = json.loads((d / "model_index.json").read_text())
     (d / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
     pipe, family = load_pipeline(str(d))
@@ -234,9 +267,11 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
     """``Trainer(pipe=...)`` (random full-size weights in the benchmarks) prepares the pipeline exactly as
     loading ``cfg.model`` does: same family, DDIM from its config, same first step's result."""
 
-
     results = []
-    for pipe in (None, StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False)):
+    for pipe in (
+        None,
+        StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False),
+    ):
         t = Trainer(tiny_cfg(sd_model, tmp_path / f"out{len(results)}", steps=1), reward=brightness(), pipe=pipe)
         assert t.family == "sd" and type(t.pipe.scheduler).__name__ == "DDIMScheduler"
         assert t.pipe.scheduler.config.clip_sample is False
@@ -246,11 +281,12 @@ def test_trainer_takes_an_in_memory_pipeline_like_a_loaded_one(sd_model, tmp_pat
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path, schedule, tiny_cfg, brightness):
-    cfg = tiny_cfg(sd_model, tmp_path, steps=4, lr=1e-2, lr_schedule=schedule, warmup_steps=1, sample_steps=2, k=1, batch_size=1)
+    cfg = tiny_cfg(
+        sd_model, tmp_path, steps=4, lr=1e-2, lr_schedule=schedule, warmup_steps=1, sample_steps=2, k=1, batch_size=1
+    )
     trainer = Trainer(cfg, reward=brightness())
     lrs = [trainer.step()["lr"] for _ in range(4)]
-    expected = {"constant": [0.5, 1, 1, 1], "linear": [0.5, 1, 2 / 3, 1 / 3],
-                "cosine": [0.5, 1, 0.75, 0.25]}[schedule]
+    expected = {"constant": [0.5, 1, 1, 1], "linear": [0.5, 1, 2 / 3, 1 / 3], "cosine": [0.5, 1, 0.75, 0.25]}[schedule]
     assert lrs == pytest.approx([1e-2 * f for f in expected])
     assert [lr_factor(schedule, 1, 4)(s) for s in range(4)] == pytest.approx(expected)
 

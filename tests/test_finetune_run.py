@@ -30,7 +30,9 @@ def _lora(out: Path) -> dict:
     return load_state_dict(out / "pytorch_lora_weights.safetensors")
 
 
-def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(sd_model, tmp_path, tiny_cfg, brightness):
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
+    sd_model, tmp_path, tiny_cfg, brightness
+):
     first = run_finetune(tiny_cfg(sd_model, tmp_path / "a", steps=2, checkpoint_every=1), reward=brightness())
     assert first["steps"] == 2
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
@@ -111,20 +113,60 @@ def _cli(args, capsys):
     return rc, capsys.readouterr()
 
 
-def test_cli_trains_on_icthp_writes_kohya_and_reruns_from_its_config(sd_model, released_ict, released_hp, tiny_backbone, tmp_path, capsys):
+def test_cli_trains_on_icthp_writes_kohya_and_reruns_from_its_config(
+    sd_model, released_ict, released_hp, tiny_backbone, tmp_path, capsys
+):
     out = tmp_path / "run"
-    args = ["--model", sd_model, "--reward", "icthp", "--ict", released_ict, "--hp", released_hp, "--backbone", tiny_backbone,
-            "--eval-reward", "ict", "--prompts", "builtin:animals", "--output", out, "--steps", 1, "--sample-steps", 2,
-            "--k", 1, "--resolution", 32, "--batch-size", 1, "--eval-size", 2, "--lora-rank", 2, "--export", "kohya",
-            "--no-gradient-checkpointing"]
+    args = [
+        "--model",
+        sd_model,
+        "--reward",
+        "icthp",
+        "--ict",
+        released_ict,
+        "--hp",
+        released_hp,
+        "--backbone",
+        tiny_backbone,
+        "--eval-reward",
+        "ict",
+        "--prompts",
+        "builtin:animals",
+        "--output",
+        out,
+        "--steps",
+        1,
+        "--sample-steps",
+        2,
+        "--k",
+        1,
+        "--resolution",
+        32,
+        "--batch-size",
+        1,
+        "--eval-size",
+        2,
+        "--lora-rank",
+        2,
+        "--export",
+        "kohya",
+        "--no-gradient-checkpointing",
+    ]
     rc, cap = _cli(args, capsys)
     assert rc == 0, cap.err
-    printed = json.loads(cap.out[cap.out.index("{"):])
+    printed = json.loads(cap.out[cap.out.index("{") :])
     assert printed["steps"] == 1 and set(printed["after"]) == {"reward", "eval_reward"}
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "config.yaml", "summary.json"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_kohya.safetensors",
+        "config.yaml",
+        "summary.json",
+    ):
         assert (out / name).is_file()
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["reward"] == "icthp" and saved["gradient_checkpointing"] is False and saved["ict"] == str(released_ict)
+    assert (
+        saved["reward"] == "icthp" and saved["gradient_checkpointing"] is False and saved["ict"] == str(released_ict)
+    )
     rc, cap = _cli(["--config", out / "config.yaml", "--output", tmp_path / "again"], capsys)
     assert rc == 0, cap.err
     again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
@@ -139,8 +181,22 @@ def test_bundled_recipes_build_valid_configs(recipe, tmp_path):
     assert cfg.model in ("sd15", "sdxl") and cfg.reward == "icthp"
 
 
-@pytest.mark.parametrize("case", ["alias", "empty_prompts", "invisible_prompts", "blank_prompts_flag", "blank_eval_prompts_flag",
-                                  "resolution", "not_a_lora", "resume_overwrite", "offline_reward", "adamw8bit", "xformers"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "alias",
+        "empty_prompts",
+        "invisible_prompts",
+        "blank_prompts_flag",
+        "blank_eval_prompts_flag",
+        "resolution",
+        "not_a_lora",
+        "resume_overwrite",
+        "offline_reward",
+        "adamw8bit",
+        "xformers",
+    ],
+)
 def test_bad_input_gives_one_clear_line(case, sd_model, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -184,18 +240,67 @@ def test_two_process_accelerate_launch_completes(sd_model, released_ict, release
     out = tmp_path / "ddp"
     # accelerate's --cpu flag launches one process unless mpirun is set up; torchrun processes on CPUs
     # (ACCELERATE_USE_CPU=1) are its multi-CPU route.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rewardtune.cli", "finetune",
-           "--model", sd_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone, "--output", out,
-           "--steps", 2, "--k", 2, "--sample-steps", 2, "--resolution", 32, "--batch-size", 1, "--eval-size", 2,
-           "--checkpoint-every", 1, "--lora-rank", 2, "--reg-weight", 0.1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "rewardtune.cli",
+        "finetune",
+        "--model",
+        sd_model,
+        "--reward",
+        "ict",
+        "--ict",
+        released_ict,
+        "--backbone",
+        tiny_backbone,
+        "--output",
+        out,
+        "--steps",
+        2,
+        "--k",
+        2,
+        "--sample-steps",
+        2,
+        "--resolution",
+        32,
+        "--batch-size",
+        1,
+        "--eval-size",
+        2,
+        "--checkpoint-every",
+        1,
+        "--lora-rank",
+        2,
+        "--reg-weight",
+        0.1,
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and (out / "checkpoints" / "step_000002").is_dir()
     ckpt = out / "checkpoints" / "step_000002"
-    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.safetensors", "random_states_1.safetensors"]
+    assert sorted(p.name for p in ckpt.glob("random_states_*")) == [
+        "random_states_0.safetensors",
+        "random_states_1.safetensors",
+    ]
     assert not [p for p in ckpt.iterdir() if p.suffix not in (".safetensors", ".json")]  # nothing that needs pickle
     assert len(_lora(out)) > 0
 
@@ -206,15 +311,48 @@ def test_prompt_files_never_yield_an_empty_prompt(tmp_path):
     assert load_prompts(str(f)) == ["a red cube", "a blue ball"]  # no byte-order mark in the first prompt
 
 
-def test_long_prompts_are_noted_once_for_the_model_and_each_reward(sd_model, released_ict, tiny_backbone, tmp_path, capfd):
+def test_long_prompts_are_noted_once_for_the_model_and_each_reward(
+    sd_model, released_ict, tiny_backbone, tmp_path, capfd
+):
     long = "a small red cube on a big blue table " * 12  # about 110 tokens
     prompts, held_out = tmp_path / "train.txt", tmp_path / "eval.txt"
     prompts.write_text(f"a cat\n{long}one\na dog\n{long}two\n")
     held_out.write_text(f"{long}three\na bird\n")
-    args = ["--model", sd_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone,
-            "--eval-reward", "clip", "--clip", tiny_backbone, "--prompts", prompts, "--eval-prompts", held_out,
-            "--output", tmp_path / "run", "--steps", 2, "--sample-steps", 2, "--k", 1, "--resolution", 32,
-            "--batch-size", 2, "--eval-size", 2, "--lora-rank", 2, "--no-gradient-checkpointing"]
+    args = [
+        "--model",
+        sd_model,
+        "--reward",
+        "ict",
+        "--ict",
+        released_ict,
+        "--backbone",
+        tiny_backbone,
+        "--eval-reward",
+        "clip",
+        "--clip",
+        tiny_backbone,
+        "--prompts",
+        prompts,
+        "--eval-prompts",
+        held_out,
+        "--output",
+        tmp_path / "run",
+        "--steps",
+        2,
+        "--sample-steps",
+        2,
+        "--k",
+        1,
+        "--resolution",
+        32,
+        "--batch-size",
+        2,
+        "--eval-size",
+        2,
+        "--lora-rank",
+        2,
+        "--no-gradient-checkpointing",
+    ]
     assert main(["finetune", *map(str, args)]) == 0
     err = capfd.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
@@ -230,9 +368,14 @@ def test_long_prompts_are_noted_once_for_the_model_and_each_reward(sd_model, rel
 def test_sdxl_counts_a_prompt_that_either_text_encoder_cuts(sdxl_model, tiny_backbone, capsys):
     pipe, _ = load_pipeline(str(sdxl_model))
     pipe.tokenizer_2.model_max_length = 40  # a second encoder that reads less: what it cuts counts too
-    run = SimpleNamespace(pipe=pipe, prompts=["a cat", "red " * 50, "red " * 100, "a dog"], eval_reward=None,
-                          reward=load_reward("clip", clip=str(tiny_backbone)), cfg=SimpleNamespace(eval_prompts=""),
-                          accelerator=SimpleNamespace(is_main_process=True))
+    run = SimpleNamespace(
+        pipe=pipe,
+        prompts=["a cat", "red " * 50, "red " * 100, "a dog"],
+        eval_reward=None,
+        reward=load_reward("clip", clip=str(tiny_backbone)),
+        cfg=SimpleNamespace(eval_prompts=""),
+        accelerator=SimpleNamespace(is_main_process=True),
+    )
     capsys.readouterr()  # the loading bars
     note_long_prompts(run, run.prompts[:2])
     assert capsys.readouterr().err.splitlines() == [

@@ -51,8 +51,10 @@ class Brightness(torch.nn.Module):
 def flow_models(tmp_path_factory):
     """Tiny SD3.5-Medium-like, FLUX.1-dev-like and FLUX.1-schnell-like pipeline directories."""
 
-    return {name: save_tiny_flow_pipeline(tmp_path_factory.mktemp(f"tiny_{name}"), family, variant)
-            for name, family, variant in (("sd3", "sd3", ""), ("flux", "flux", ""), ("schnell", "flux", "schnell"))}
+    return {
+        name: save_tiny_flow_pipeline(tmp_path_factory.mktemp(f"tiny_{name}"), family, variant)
+        for name, family, variant in (("sd3", "sd3", ""), ("flux", "flux", ""), ("schnell", "flux", "schnell"))
+    }
 
 
 def _load(path):
@@ -66,9 +68,25 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def flow_cfg(model, output, **kw) -> FinetuneConfig:
-    base = dict(model=str(model), prompts="builtin:simple", output=str(output), method="draft-k", k=2, steps=2, batch_size=2,
-                lr=3e-2, lora_rank=4, lora_alpha=4.0, resolution=32, sample_steps=3, eval_every=0, eval_size=2,
-                checkpoint_every=0, gradient_checkpointing=False, max_sequence_length=MSL)
+    base = dict(
+        model=str(model),
+        prompts="builtin:simple",
+        output=str(output),
+        method="draft-k",
+        k=2,
+        steps=2,
+        batch_size=2,
+        lr=3e-2,
+        lora_rank=4,
+        lora_alpha=4.0,
+        resolution=32,
+        sample_steps=3,
+        eval_every=0,
+        eval_size=2,
+        checkpoint_every=0,
+        gradient_checkpointing=False,
+        max_sequence_length=MSL,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -91,8 +109,9 @@ def test_tiny_flow_pipelines_are_real_diffusers_pipelines(flow_models):
 
 
 # ----- sampling: the trainer's sampler is the pipeline's ---------------------------------------------
-@pytest.mark.parametrize("name,cases", [("sd3", [(32, 3.0), (64, 1.0)]), ("flux", [(32, 3.5), (64, 2.0)]),
-                                        ("schnell", [(48, 0.0)])])
+@pytest.mark.parametrize(
+    "name,cases", [("sd3", [(32, 3.0), (64, 1.0)]), ("flux", [(32, 3.5), (64, 2.0)]), ("schnell", [(48, 0.0)])]
+)
 def test_sample_returns_the_pipelines_latents(flow_models, name, cases):
     """``sample`` equals ``pipe(..., output_type='latent')`` from the same generator and from the same latents
     (FLUX: packed), with and without guidance, and FLUX at two resolutions (two dynamic shifts)."""
@@ -124,7 +143,11 @@ def test_sample_returns_the_sd_pipelines_latents_with_the_training_scheduler(fam
 def test_assemble_pipeline_builds_the_flow_pipelines(flow_models):
     for name in ("sd3", "flux"):
         pipe = _load(flow_models[name])
-        parts = {k: v for k, v in pipe.components.items() if k.startswith(("transformer", "vae", "text_encoder", "scheduler"))}
+        parts = {
+            k: v
+            for k, v in pipe.components.items()
+            if k.startswith(("transformer", "vae", "text_encoder", "scheduler"))
+        }
         tokenizers = [pipe.tokenizer, pipe.tokenizer_2, getattr(pipe, "tokenizer_3", None)]
         built = assemble_pipeline(pipeline_family(pipe), parts, *tokenizers)
         assert type(built) is type(pipe) and built.tokenizer_2 is pipe.tokenizer_2
@@ -155,10 +178,22 @@ def flow_trainers(flow_models, tmp_path_factory):
     with classifier-free guidance, FLUX with its guidance embedding. ReFL stops before SD3's last step, whose
     sigma (0.009) leaves its x0 estimate almost without gradient (see test_turbo_schedule_...)."""
     out = tmp_path_factory.mktemp("flow_methods")
-    return {name: Trainer(flow_cfg(flow_models[name], out / name, k=2, lr=1e-2, refl_min=0.0, refl_max=0.6,
-                                   guidance_scale=3.0 if name == "sd3" else None, gradient_checkpointing=name == "flux"),
-                          reward=Brightness())
-            for name in ("sd3", "flux")}
+    return {
+        name: Trainer(
+            flow_cfg(
+                flow_models[name],
+                out / name,
+                k=2,
+                lr=1e-2,
+                refl_min=0.0,
+                refl_max=0.6,
+                guidance_scale=3.0 if name == "sd3" else None,
+                gradient_checkpointing=name == "flux",
+            ),
+            reward=Brightness(),
+        )
+        for name in ("sd3", "flux")
+    }
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -267,15 +302,23 @@ class _Capture(logging.Handler):
 
 
 @pytest.mark.parametrize("name,text_encoder", [("sd3", True), ("flux", False)])
-def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(flow_models, name, text_encoder, tmp_path):
+def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
+    flow_models, name, text_encoder, tmp_path
+):
     """``pipe.load_lora_weights(dir)`` on a fresh pipeline loads every tensor without a warning (captured on the
     diffusers and peft loggers themselves), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
     makes the trainer's own images. SD3 also trains LoRA on both CLIP encoders (T5 stays cached)."""
 
-
     g = 3.0 if name == "sd3" else 3.5
-    cfg = flow_cfg(flow_models[name], tmp_path, lr=5e-2, lora_alpha=8.0, train_text_encoder=text_encoder, guidance_scale=g,
-                   gradient_checkpointing=text_encoder)
+    cfg = flow_cfg(
+        flow_models[name],
+        tmp_path,
+        lr=5e-2,
+        lora_alpha=8.0,
+        train_text_encoder=text_encoder,
+        guidance_scale=g,
+        gradient_checkpointing=text_encoder,
+    )
     trainer = Trainer(cfg, reward=Brightness())
     t5_calls = []
     hook = trainer.adapter.t5.register_forward_hook(lambda *a: t5_calls.append(1))
@@ -299,7 +342,11 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(f
         for lg in loggers:
             lg.removeHandler(handler)
     # a transformer-only LoRA: diffusers says (at warning level) that the CLIP encoder got none, which is no lost key
-    assert [m for m in handler.messages if not (m.startswith("No LoRA keys associated to CLIPTextModel") and not text_encoder)] == []
+    assert [
+        m
+        for m in handler.messages
+        if not (m.startswith("No LoRA keys associated to CLIPTextModel") and not text_encoder)
+    ] == []
     loaded = pipe(PROMPTS, generator=_gen(5), output_type="pt", **kw).images
     assert float((trained - base).abs().max()) > 1e-3  # the LoRA changed the model
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
@@ -308,8 +355,12 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(f
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
         metadata = f.metadata()
-    assert {k.split(".")[0] for k in keys} == ({"transformer", "text_encoder", "text_encoder_2"} if text_encoder else {"transformer"})
-    assert any(".attn2." in k for k in keys) == (name == "sd3") and any(".ff.net.2." in k for k in keys) == (name == "flux")
+    assert {k.split(".")[0] for k in keys} == (
+        {"transformer", "text_encoder", "text_encoder_2"} if text_encoder else {"transformer"}
+    )
+    assert any(".attn2." in k for k in keys) == (name == "sd3") and any(".ff.net.2." in k for k in keys) == (
+        name == "flux"
+    )
     assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
     load_lora(_load(flow_models[name]), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
 
@@ -320,15 +371,44 @@ def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, release
     """A real ``rewardtune finetune`` process on the tiny directory, then ``--resume`` to one more step. The
     resolved model defaults are in config.yaml (SD3 with --defaults-from sd35-large-turbo: 4 steps, no guidance)."""
     out = tmp_path / "run"
-    args = ["--model", flow_models[name], "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone,
-            "--output", out, "--resolution", 32, "--batch-size", 1, "--eval-size", 1, "--lora-rank", 2, "--k", 2,
-            "--max-sequence-length", 8, "--checkpoint-every", 1, "--no-gradient-checkpointing"]
+    args = [
+        "--model",
+        flow_models[name],
+        "--reward",
+        "ict",
+        "--ict",
+        released_ict,
+        "--backbone",
+        tiny_backbone,
+        "--output",
+        out,
+        "--resolution",
+        32,
+        "--batch-size",
+        1,
+        "--eval-size",
+        1,
+        "--lora-rank",
+        2,
+        "--k",
+        2,
+        "--max-sequence-length",
+        8,
+        "--checkpoint-every",
+        1,
+        "--no-gradient-checkpointing",
+    ]
     args += ["--defaults-from", "sd35-large-turbo"] if name == "sd3" else ["--sample-steps", 2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
-        res = subprocess.run([sys.executable, "-m", "rewardtune.cli", "finetune", *map(str, args), *map(str, extra)],
-                             capture_output=True, text=True, env=env, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-m", "rewardtune.cli", "finetune", *map(str, args), *map(str, extra)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads((out / "summary.json").read_text())
 
@@ -339,28 +419,54 @@ def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, release
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    expected = {"sd3": dict(sample_steps=4, guidance_scale=0.0), "flux": dict(sample_steps=2, guidance_scale=3.5)}[name]
+    expected = {"sd3": dict(sample_steps=4, guidance_scale=0.0), "flux": dict(sample_steps=2, guidance_scale=3.5)}[
+        name
+    ]
     assert {k: saved[k] for k in expected} == expected and saved["resolution"] == 32 and saved["lora_targets"]
 
 
-@pytest.mark.parametrize("case", ["flux_resolution", "eta", "schnell_guidance", "turbo_guidance", "defaults_family",
-                                  "export", "sequence_length", "quantize"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flux_resolution",
+        "eta",
+        "schnell_guidance",
+        "turbo_guidance",
+        "defaults_family",
+        "export",
+        "sequence_length",
+        "quantize",
+    ],
+)
 def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys):
     base = ["--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2, "--max-sequence-length", 8]
     args, expect = {
-        "flux_resolution": (["--model", flow_models["flux"], *base, "--resolution", 40], "--resolution 40: FLUX packs 2x2 latent patches"),
+        "flux_resolution": (
+            ["--model", flow_models["flux"], *base, "--resolution", 40],
+            "--resolution 40: FLUX packs 2x2 latent patches",
+        ),
         "eta": (["--model", flow_models["sd3"], *base, "--eta", 0.5], "--eta 0.5: sd3 is a flow-matching model"),
-        "schnell_guidance": (["--model", flow_models["schnell"], *base, "--guidance-scale", 3.5],
-                             "--guidance-scale 3.5: this FLUX model (no guidance embedding) is distilled to sample without guidance"),
-        "turbo_guidance": (["--model", flow_models["sd3"], "--defaults-from", "sd35-large-turbo", *base, "--guidance-scale", 5],
-                           "'sd35-large-turbo' is distilled to sample without guidance"),
-        "defaults_family": (["--model", flow_models["flux"], "--defaults-from", "sd35-large", *base],
-                            "--defaults-from sd35-large is a sd3 model"),
+        "schnell_guidance": (
+            ["--model", flow_models["schnell"], *base, "--guidance-scale", 3.5],
+            "--guidance-scale 3.5: this FLUX model (no guidance embedding) is distilled to sample without guidance",
+        ),
+        "turbo_guidance": (
+            ["--model", flow_models["sd3"], "--defaults-from", "sd35-large-turbo", *base, "--guidance-scale", 5],
+            "'sd35-large-turbo' is distilled to sample without guidance",
+        ),
+        "defaults_family": (
+            ["--model", flow_models["flux"], "--defaults-from", "sd35-large", *base],
+            "--defaults-from sd35-large is a sd3 model",
+        ),
         "export": (["--model", flow_models["flux"], *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
-        "sequence_length": (["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
-                            "--max-sequence-length must be in [1, 512]"),
-        "quantize": (["--model", flow_models["flux"], *base, "--quantize-base", "nf4"],
-                     "needs bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "needs a CUDA GPU"),
+        "sequence_length": (
+            ["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
+            "--max-sequence-length must be in [1, 512]",
+        ),
+        "quantize": (
+            ["--model", flow_models["flux"], *base, "--quantize-base", "nf4"],
+            "needs bitsandbytes" if importlib.util.find_spec("bitsandbytes") is None else "needs a CUDA GPU",
+        ),
     }[case]
     if case == "quantize" and importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
         pytest.skip("bitsandbytes and a GPU are here: nothing to refuse")
@@ -375,7 +481,10 @@ def test_flow_aliases_name_the_public_models(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     assert ALIASES["sd35-large-turbo"] == ("stabilityai/stable-diffusion-3.5-large-turbo",)
-    for alias, hub_id in (("flux-dev", "black-forest-labs/FLUX.1-dev"), ("sd35-medium", "stabilityai/stable-diffusion-3.5-medium")):
+    for alias, hub_id in (
+        ("flux-dev", "black-forest-labs/FLUX.1-dev"),
+        ("sd35-medium", "stabilityai/stable-diffusion-3.5-medium"),
+    ):
         with pytest.raises(OfflineError, match=f"'{hub_id}' is not in the local cache"):
             resolve_model(alias)
 
@@ -393,7 +502,11 @@ def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     assert resolved(sd3, "sd3", model="sd35-large") == (28, 3.5, 256)
     assert resolved(sd3, "sd3", model="sd35-large-turbo") == (4, 0.0, 256)
     assert resolved(sd3, "sd3", model=str(flow_models["sd3"])) == (28, 7.0, 256)
-    assert resolved(sd3, "sd3", model=str(flow_models["sd3"]), defaults_from="sd35-medium", sample_steps=10) == (10, 4.5, 256)
+    assert resolved(sd3, "sd3", model=str(flow_models["sd3"]), defaults_from="sd35-medium", sample_steps=10) == (
+        10,
+        4.5,
+        256,
+    )
     assert resolved(schnell, "flux", model=str(flow_models["schnell"])) == (4, 0.0, 256)
     assert resolved(flux, "flux", model="flux-dev") == (28, 3.5, 512)
     assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
@@ -403,8 +516,12 @@ def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp
     """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
     0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
     |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
-    trainer = Trainer(flow_cfg(flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=4,
-                               guidance_scale=None), reward=Brightness())
+    trainer = Trainer(
+        flow_cfg(
+            flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=4, guidance_scale=None
+        ),
+        reward=Brightness(),
+    )
     assert trainer.cfg.sample_steps == 4 and not trainer.sampler.guided
     dt = (trainer.sampler.sigmas[1:] - trainer.sampler.sigmas[:-1]).abs()
     assert float(dt[-1]) == pytest.approx(0.0089, abs=1e-4)

@@ -22,7 +22,9 @@ def _png16_rgb(path, arr: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def _pixel(path, y=0, x=0) -> list[int]:
@@ -69,8 +71,9 @@ def test_16_bit_rgb_palette_cmyk_and_rgba(tmp_path):
     assert _pixel(tmp_path / "rgba.png") == [0, 0, 255]
 
 
-@pytest.mark.parametrize("mode,value,expected", [("L", 77, [77, 77, 77]), ("LA", (77, 0), [77, 77, 77]),
-                                                 ("1", 1, [255, 255, 255])])
+@pytest.mark.parametrize(
+    "mode,value,expected", [("L", 77, [77, 77, 77]), ("LA", (77, 0), [77, 77, 77]), ("1", 1, [255, 255, 255])]
+)
 def test_8_bit_and_binary_greyscale(tmp_path, mode, value, expected):
     Image.new(mode, (2, 2), value).save(tmp_path / "x.png")
     assert _pixel(tmp_path / "x.png") == expected

@@ -48,8 +48,18 @@ ALPHA, RANK = 6.0, 2
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TE_TARGETS = TEXT_TARGETS + ["fc1", "fc2"]
 LORA_PARTS = {"lora_up.weight", "lora_down.weight", "alpha"}  # what all three read for a plain LoRA module
-BLOCK_LEAVES = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+BLOCK_LEAVES = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+]
 CLIP_LEAVES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,19 +69,36 @@ CLIP_LEAVES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 # depth 2 at level 1, 10 at level 2 and in the middle). input_blocks.0 is conv_in, every third block after it a
 # downsampler; output_blocks run from the deepest level up, three per level.
 LDM_TRANSFORMERS = {
-    "sd15": {**{f"input_blocks.{n}.1": 1 for n in (1, 2, 4, 5, 7, 8)}, "middle_block.1": 1,
-             **{f"output_blocks.{n}.1": 1 for n in range(3, 12)}},
-    "sdxl": {"input_blocks.4.1": 2, "input_blocks.5.1": 2, "input_blocks.7.1": 10, "input_blocks.8.1": 10,
-             "middle_block.1": 10, **{f"output_blocks.{n}.1": 10 for n in (0, 1, 2)},
-             **{f"output_blocks.{n}.1": 2 for n in (3, 4, 5)}},
+    "sd15": {
+        **{f"input_blocks.{n}.1": 1 for n in (1, 2, 4, 5, 7, 8)},
+        "middle_block.1": 1,
+        **{f"output_blocks.{n}.1": 1 for n in range(3, 12)},
+    },
+    "sdxl": {
+        "input_blocks.4.1": 2,
+        "input_blocks.5.1": 2,
+        "input_blocks.7.1": 10,
+        "input_blocks.8.1": 10,
+        "middle_block.1": 10,
+        **{f"output_blocks.{n}.1": 10 for n in (0, 1, 2)},
+        **{f"output_blocks.{n}.1": 2 for n in (3, 4, 5)},
+    },
 }
 # What ComfyUI's detect_unet_config reads from those checkpoints (transformer_depth per input res block,
 # transformer_depth_output per output block listed from the last output block to the first).
 COMFY_UNET_CONFIG = {
-    "sd15": dict(num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                 transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1),
-    "sdxl": dict(num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10],
-                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10),
+    "sd15": dict(
+        num_res_blocks=[2, 2, 2, 2],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1] * 9 + [0] * 3,
+        transformer_depth_middle=1,
+    ),
+    "sdxl": dict(
+        num_res_blocks=[2, 2, 2],
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10,
+    ),
 }
 FAMILY = {"sd15": "sd", "sdxl": "sdxl"}
 
@@ -86,12 +113,17 @@ def ldm_modules(arch: str) -> set[str]:
 
 
 def te_layers(pipe) -> list[int]:
-    return [te.config.num_hidden_layers for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    return [
+        te.config.num_hidden_layers
+        for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        if te is not None
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ComfyUI: a name is loaded when it is a key of the map model_lora_keys_unet / model_lora_keys_clip build, and the
 # file holds <name>.lora_up.weight and <name>.lora_down.weight (+ <name>.alpha); every other key is only warned about.
+
 
 def comfyui_names(arch: str, layers: list[int]) -> set[str]:
     cfg = COMFY_UNET_CONFIG[arch]
@@ -124,8 +156,12 @@ def comfyui_names(arch: str, layers: list[int]) -> set[str]:
     # lora_te2_ when clip_l is present; always text_model_encoder_layers_<b>_<leaf>
     encoders = [["lora_te", "lora_te1"]] if len(layers) == 1 else [["lora_te", "lora_te1"], ["lora_te2"]]
     for prefixes, n in zip(encoders, layers, strict=True):
-        names |= {f"{p}_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}" for p in prefixes for b in range(n)
-                  for leaf in CLIP_LEAVES}
+        names |= {
+            f"{p}_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}"
+            for p in prefixes
+            for b in range(n)
+            for leaf in CLIP_LEAVES
+        }
     return names
 
 
@@ -135,6 +171,7 @@ def comfyui_names(arch: str, layers: list[int]) -> set[str]:
 # CLIPAttention / CLIPSdpaAttention / CLIPMLP in a text encoder, named (prefix + "." + parent + "." + child) with
 # "_" for "."; prefix lora_unet, lora_te (one text encoder) or lora_te1 / lora_te2. The file's weights load into
 # those modules non-strictly: a name that is not among them is dropped without a word.
+
 
 def sd_scripts_te_names(text_encoders) -> set[str]:
     prefixes = ["lora_te"] if len(text_encoders) == 1 else ["lora_te1", "lora_te2"]
@@ -176,8 +213,14 @@ def sd_scripts_sdxl_conversion() -> list[tuple[str, str]]:
         layer.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.2."))
     layer.append(("mid_block.attentions.0.", "middle_block.1."))
     layer += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
-    resnet = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
-              ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+    resnet = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("conv_shortcut.", "skip_connection."),
+    ]
     pairs = []
     for hf, sai in layer:
         pairs += [(hf + h, sai + s) for h, s in resnet] if "resnets" in hf else [(hf, sai)]
@@ -189,7 +232,7 @@ def sd_scripts_sdxl_conversion() -> list[tuple[str, str]]:
 def sd_scripts_sdxl_unet_name(name: str) -> str | None:
     """convert_diffusers_to_sai_if_needed on one lora_unet_ name: the first pair whose diffusers part occurs in it
     is substituted; None where none does (sd-scripts then logs a warning, or fails on the first key)."""
-    body = name[len("lora_unet_"):]
+    body = name[len("lora_unet_") :]
     for hf, sai in sd_scripts_sdxl_conversion():
         if hf in body:
             return "lora_unet_" + body.replace(hf, sai)
@@ -202,7 +245,9 @@ def sd_scripts_loaded(arch: str, pipe, text_encoders, names: set[str]) -> set[st
         modules = sd_scripts_unet_names_sd1(pipe.unet) | te_names
         return {n for n in names if n in modules}
     modules = {"lora_unet_" + m.replace(".", "_") for m in ldm_modules(arch)} | te_names  # sdxl_original_unet.py
-    return {n for n in names if n in te_names or (n.startswith("lora_unet_") and sd_scripts_sdxl_unet_name(n) in modules)}
+    return {
+        n for n in names if n in te_names or (n.startswith("lora_unet_") and sd_scripts_sdxl_unet_name(n) in modules)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +257,12 @@ def sd_scripts_loaded(arch: str, pipe, text_encoders, names: set[str]) -> set[st
 # diffusion_model, lora_te1_text_model -> 0_transformer_text_model, then -> transformer_text_model. Unmatched
 # names are skipped (only logged).
 
-A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+A1111_RESNET = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def a1111_convert(key: str, is_sd2: bool = False) -> str:
@@ -243,13 +293,22 @@ def a1111_modules(arch: str, layers: list[int]) -> set[str]:
     """The webui model's module names (network_layer_mapping) the LoRA could land on."""
     names = {"diffusion_model_" + m.replace(".", "_") for m in ldm_modules(arch)}
     if arch == "sd15":  # FrozenCLIPEmbedder: a transformers CLIPTextModel (4.x names) as .transformer
-        names |= {f"transformer_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}" for b in range(layers[0])
-                  for leaf in CLIP_LEAVES}
+        names |= {
+            f"transformer_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}"
+            for b in range(layers[0])
+            for leaf in CLIP_LEAVES
+        }
     else:  # conditioner.embedders 0 (the same CLIP-L) and 1 (open_clip ViT-bigG: resblocks with a MultiheadAttention)
-        names |= {f"0_transformer_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}" for b in range(layers[0])
-                  for leaf in CLIP_LEAVES}
-        names |= {f"1_model_transformer_resblocks_{b}_{leaf}" for b in range(layers[1])
-                  for leaf in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj")}
+        names |= {
+            f"0_transformer_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}"
+            for b in range(layers[0])
+            for leaf in CLIP_LEAVES
+        }
+        names |= {
+            f"1_model_transformer_resblocks_{b}_{leaf}"
+            for b in range(layers[1])
+            for leaf in ("attn", "attn_out_proj", "mlp_c_fc", "mlp_c_proj")
+        }
     return names
 
 
@@ -271,6 +330,7 @@ def a1111_module(name: str, modules: set[str]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def full_size(request, tmp_path_factory):
     """A rank-2 LoRA on every transformer Linear of the full-size UNet and on both text encoders' attention and MLP
@@ -279,18 +339,33 @@ def full_size(request, tmp_path_factory):
     arch = request.param
     pipe = build_pipeline(arch, device="meta")
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
-    shapes = {f"{part}.{n}": (m.out_features, m.in_features) if hasattr(m, "in_features") else (m.out_channels, m.in_channels)
-              for part, model in [("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
-                                  ("text_encoder_2", getattr(pipe, "text_encoder_2", None))] if model is not None
-              for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    shapes = {
+        f"{part}.{n}": (m.out_features, m.in_features)
+        if hasattr(m, "in_features")
+        else (m.out_channels, m.in_channels)
+        for part, model in [
+            ("unet", pipe.unet),
+            ("text_encoder", pipe.text_encoder),
+            ("text_encoder_2", getattr(pipe, "text_encoder_2", None)),
+        ]
+        if model is not None
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
     with torch.device("meta"):
         add_lora(pipe.unet, RANK, ALPHA, UNET_TARGETS)
         for te in tes:
             add_lora(te, RANK, ALPHA, TE_TARGETS)
     g = torch.Generator().manual_seed(0)
-    states = [{k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k} for m in [pipe.unet, *tes]]
-    trained = {k.split(".lora_")[0] for part, st in zip(["unet", "text_encoder", "text_encoder_2"][: len(states)], states, strict=True)
-               for k in (f"{part}.{x}" for x in st)}
+    states = [
+        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
+        for m in [pipe.unet, *tes]
+    ]
+    trained = {
+        k.split(".lora_")[0]
+        for part, st in zip(["unet", "text_encoder", "text_encoder_2"][: len(states)], states, strict=True)
+        for k in (f"{part}.{x}" for x in st)
+    }
     out = tmp_path_factory.mktemp(f"lora_{arch}")
     save_lora(out, type(pipe), pipe.unet, tes, states)
     state = load_file(str(export_kohya(out, ALPHA)))
@@ -298,8 +373,17 @@ def full_size(request, tmp_path_factory):
     for key, value in state.items():
         name, _, part = key.partition(".")
         modules.setdefault(name, {})[part] = value
-    return dict(arch=arch, pipe=pipe, tes=tes, layers=te_layers(pipe), state=state, modules=modules, trained=trained,
-                shapes=shapes, dir=out)
+    return dict(
+        arch=arch,
+        pipe=pipe,
+        tes=tes,
+        layers=te_layers(pipe),
+        state=state,
+        modules=modules,
+        trained=trained,
+        shapes=shapes,
+        dir=out,
+    )
 
 
 def test_ldm_layouts_written_here_are_the_real_architectures(full_size):
@@ -315,7 +399,9 @@ def test_ldm_layouts_written_here_are_the_real_architectures(full_size):
 def test_every_trained_module_is_exported_once_with_its_alpha(full_size):
     """One kohya module per trained module, each with lora_down (rank × in), lora_up (out × rank) and alpha."""
     modules = full_size["modules"]
-    assert len(modules) == len(full_size["trained"]) == len(ldm_modules(full_size["arch"])) + 6 * sum(full_size["layers"])
+    assert (
+        len(modules) == len(full_size["trained"]) == len(ldm_modules(full_size["arch"])) + 6 * sum(full_size["layers"])
+    )
     for name, parts in modules.items():
         assert set(parts) == LORA_PARTS, name
         assert parts["alpha"].numel() == 1 and parts["alpha"].item() == ALPHA, name
@@ -353,10 +439,15 @@ def test_the_rules_reject_what_the_loaders_reject(full_size):
     old = "lora_te1_encoder_layers_0_self_attn_q_proj"
     typo = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_qq"
     assert old not in comfyui_names(arch, layers) and typo not in comfyui_names(arch, layers)
-    assert a1111_module(old, a1111_modules(arch, layers)) is None and a1111_module(typo, a1111_modules(arch, layers)) is None
+    assert (
+        a1111_module(old, a1111_modules(arch, layers)) is None
+        and a1111_module(typo, a1111_modules(arch, layers)) is None
+    )
     assert not sd_scripts_loaded(arch, full_size["pipe"], full_size["tes"], {old, typo})
     if arch == "sd15":
-        assert not sd_scripts_loaded(arch, full_size["pipe"], full_size["tes"], {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj"})
+        assert not sd_scripts_loaded(
+            arch, full_size["pipe"], full_size["tes"], {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj"}
+        )
 
 
 def test_diffusers_file_is_not_read_by_comfyui_or_a1111_for_the_unet(full_size):
@@ -385,7 +476,6 @@ def test_sd_lora_with_text_encoder_reproduces_through_the_kohya_file(tmp_path):
     """SD 1.x with a text-encoder LoRA: the kohya file (``lora_te_text_model_…``, alpha ≠ rank) loaded by diffusers'
     own kohya loader gives the same text embeddings and noise prediction as the trained modules."""
 
-
     model = save_tiny_pipeline(tmp_path / "sd", "sd", seed=0)
     pipe = StableDiffusionPipeline.from_pretrained(model)
     add_lora(pipe.unet, RANK, ALPHA, ["to_q", "to_k", "to_v", "to_out.0"])
@@ -397,10 +487,15 @@ def test_sd_lora_with_text_encoder_reproduces_through_the_kohya_file(tmp_path):
                 torch.nn.init.normal_(p, std=0.5)
     save_lora(tmp_path / "lora", type(pipe), pipe.unet, [pipe.text_encoder])
     export_kohya(tmp_path / "lora", ALPHA, family="sd")
-    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in load_file(str(tmp_path / "lora" / KOHYA_NAME)))
+    assert all(
+        k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_"))
+        for k in load_file(str(tmp_path / "lora" / KOHYA_NAME))
+    )
 
     def outputs(p):
-        ids = p.tokenizer(["a red apple"], padding="max_length", max_length=p.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = p.tokenizer(
+            ["a red apple"], padding="max_length", max_length=p.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             text = p.text_encoder(ids)[0]
             noise = p.unet(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=text).sample
@@ -425,16 +520,25 @@ def test_library_log_sees_a_lora_key_that_matches_no_module(sd_model, tmp_path, 
     save_lora(tmp_path, type(pipe), pipe.unet)
     state = load_file(str(tmp_path / WEIGHT_NAME))
     wrong = sorted(k for k in state if ".attn1.to_q." in k)[0].split(".attn1.to_q.")[0] + ".attn1.to_q."
-    state = {k.replace(wrong, wrong.replace("transformer_blocks.0", "transformer_blocks.7")): v for k, v in state.items()}
+    state = {
+        k.replace(wrong, wrong.replace("transformer_blocks.0", "transformer_blocks.7")): v for k, v in state.items()
+    }
     save_file(state, str(tmp_path / "wrong.safetensors"))
     with library_log() as log:
-        StableDiffusionPipeline.from_pretrained(sd_model).load_lora_weights(str(tmp_path), weight_name="wrong.safetensors")
+        StableDiffusionPipeline.from_pretrained(sd_model).load_lora_weights(
+            str(tmp_path), weight_name="wrong.safetensors"
+        )
     assert log.key_problems() and "transformer_blocks.7" in log.key_problems()[0], log.messages
 
 
 def test_export_of_another_familys_file_is_one_clear_error(tmp_path):
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 4),
-               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 2)}, str(tmp_path / WEIGHT_NAME))
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 4),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 2),
+        },
+        str(tmp_path / WEIGHT_NAME),
+    )
     with pytest.raises(UserError, match="covers LoRA on SD 1.x/2.x and SDXL.*'transformer'"):
         export_kohya(tmp_path, 1.0)
     assert not (tmp_path / KOHYA_NAME).exists()

@@ -25,7 +25,10 @@ def ict_example():
         img_lose=_t([[1, 0], [1, 0]]),
         img_win=_t([[0.6, 0.8], [0, 1]]),
         img_refine=_t([[0, 1], [0.6, 0.8]]),
-        e1=_t([0.5, 0.2]), e2=_t([0.6, 0.9]), r1=_t([0.3, 0.1]), r2=_t([0.4, 0.5]),
+        e1=_t([0.5, 0.2]),
+        e2=_t([0.6, 0.9]),
+        r1=_t([0.3, 0.1]),
+        r2=_t([0.4, 0.5]),
     )
 
 
@@ -42,7 +45,9 @@ def test_ict_loss_matches_hand_computation():
     expected = easy + refine + 0.5 * (neg_easy + neg_refine)
     assert ict_loss(**ict_example()).item() == pytest.approx(expected, abs=1e-6)
     assert ict_loss(**ict_example(), neg_weight=0.0).item() == pytest.approx(easy + refine, abs=1e-6)
-    assert ict_loss(**ict_example(), neg_weight=2.0).item() == pytest.approx(easy + refine + 2 * (neg_easy + neg_refine), abs=1e-6)
+    assert ict_loss(**ict_example(), neg_weight=2.0).item() == pytest.approx(
+        easy + refine + 2 * (neg_easy + neg_refine), abs=1e-6
+    )
 
 
 def test_negative_weight_is_the_papers_smooth_step():
@@ -97,8 +102,10 @@ def test_gather_with_grad_is_identity_without_a_process_group():
 
 def _ict_full_batch(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    feats = {k: torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
-             for k in ("text_easy", "text_refine", "img_lose", "img_win", "img_refine")}
+    feats = {
+        k: torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+        for k in ("text_easy", "text_refine", "img_lose", "img_win", "img_refine")
+    }
     labels = {k: torch.rand(4, generator=g) for k in ("e1", "e2", "r1", "r2")}
     return feats, labels
 
@@ -112,8 +119,10 @@ def _gather_worker(rank: int, world: int, port: int, out_path: str) -> None:
     gathered_labels = {k: gather_with_grad(v[rows]) for k, v in labels.items()}
     loss = ict_loss(**gathered, **gathered_labels)
     loss.backward()
-    torch.save({"rows": gathered["text_easy"].shape[0], "loss": loss.item(),
-                "grads": {k: v.grad for k, v in local.items()}}, f"{out_path}.{rank}")
+    torch.save(
+        {"rows": gathered["text_easy"].shape[0], "loss": loss.item(), "grads": {k: v.grad for k, v in local.items()}},
+        f"{out_path}.{rank}",
+    )
     dist.destroy_process_group()
 
 

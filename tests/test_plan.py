@@ -17,7 +17,9 @@ from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
 from rewardtune.testing import save_tiny_pipeline, tiny_clip_config
 
-TINY_REWARD = tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32).to_dict()
+TINY_REWARD = tiny_clip_config(
+    49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
+).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +80,41 @@ def test_local_backbone_config_is_planned_and_budget_below_the_weights_is_an_err
         fit_budget(cfg, 0.001)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"k": 9}, "--k 9 is more than --sample-steps 2"),
-    ({"resolution": 100}, "multiple of 8"),
-    ({"model": "no/such-model-here"}, "neither a shipped architecture"),
-    ({"reward": "aesthetic"}, "ViT-H-14 rewards"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"k": 9}, "--k 9 is more than --sample-steps 2"),
+        ({"resolution": 100}, "multiple of 8"),
+        ({"model": "no/such-model-here"}, "neither a shipped architecture"),
+        ({"reward": "aesthetic"}, "ViT-H-14 rewards"),
+    ],
+)
 def test_impossible_configs_are_user_errors(tiny_sd, change, message):
     with pytest.raises(UserError, match=message):
         predict_peak_memory(dataclasses.replace(tiny_cfg(tiny_sd), **change), reward_config=TINY_REWARD)
 
 
 def test_cli_full_size_sd15_is_sane(capsys):
-    code = main(["plan", "--model", "sd15", "--resolution", "512", "--k", "1", "--sample-steps", "30",
-                 "--mixed-precision", "bf16", "--lora-rank", "16", "--reward", "icthp", "--json"])
+    code = main(
+        [
+            "plan",
+            "--model",
+            "sd15",
+            "--resolution",
+            "512",
+            "--k",
+            "1",
+            "--sample-steps",
+            "30",
+            "--mixed-precision",
+            "bf16",
+            "--lora-rank",
+            "16",
+            "--reward",
+            "icthp",
+            "--json",
+        ]
+    )
     assert code == 0
     pred = json.loads(capsys.readouterr().out)["prediction"]
     # bf16 weights alone: UNet 1.7 GB + VAE + text encoder + two ViT-H-14 towers 3.9 GB, about 5.7 GiB.
@@ -100,8 +123,12 @@ def test_cli_full_size_sd15_is_sane(capsys):
 
 
 def test_cli_impossible_config_exits_2_with_one_line():
-    out = subprocess.run([sys.executable, "-m", "rewardtune.cli", "plan", "--model", "sd15", "--k", "40", "--sample-steps", "30"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", "plan", "--model", "sd15", "--k", "40", "--sample-steps", "30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "--k 40 is more than --sample-steps 30" in out.stderr
     assert "Traceback" not in out.stderr

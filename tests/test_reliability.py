@@ -25,8 +25,14 @@ from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
 from rewardtune.testing import save_tiny_clip
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 QUIET = dict(num_workers=0, progress=False, eval_split="", batch_size=4, lr=1e-3)
 
 
@@ -83,7 +89,17 @@ def plant(directory: Path, marker: Path, every_file: bool) -> None:
 @pytest.fixture(scope="module")
 def reward_world(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("reward_world")
-    save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+    save_tiny_clip(
+        d / "backbone",
+        seed=0,
+        words=WORDS,
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
     make_pick_high(d / "data", {"train": 16}, size=32, formats=("parquet",))
     cfg = dict(stage="ict", data=str(d / "data"), backbone=str(d / "backbone"), **QUIET)
     train_reward(TrainRewardConfig(output=str(d / "run"), steps=2, checkpoint_every=0, checkpoint_minutes=1e-9, **cfg))
@@ -93,7 +109,9 @@ def reward_world(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def ft_run(sd_model, tmp_path_factory, tiny_cfg, brightness) -> Path:
     out = tmp_path_factory.mktemp("ft") / "run"
-    run_finetune(tiny_cfg(sd_model, out, steps=2, checkpoint_every=0, checkpoint_minutes=1e-9, eval_size=2), reward=brightness())
+    run_finetune(
+        tiny_cfg(sd_model, out, steps=2, checkpoint_every=0, checkpoint_minutes=1e-9, eval_size=2), reward=brightness()
+    )
     return out
 
 
@@ -116,8 +134,25 @@ def test_train_reward_resume_never_runs_planted_pickles(reward_world, tmp_path, 
     marker = tmp_path / "pwned"
     every = _copy(reward_world["run"], tmp_path, "every")
     plant(every, marker, every_file=True)
-    res = rewardtune("train-reward", "--data", reward_world["data"], "--backbone", reward_world["backbone"], "--output", every,
-                     "--resume", "--steps", 3, "--num-workers", 0, "--no-progress", "--batch-size", 4, "--eval-split", "")
+    res = rewardtune(
+        "train-reward",
+        "--data",
+        reward_world["data"],
+        "--backbone",
+        reward_world["backbone"],
+        "--output",
+        every,
+        "--resume",
+        "--steps",
+        3,
+        "--num-workers",
+        0,
+        "--no-progress",
+        "--batch-size",
+        4,
+        "--eval-split",
+        "",
+    )
     last = one_line_error(res, "train-reward")
     assert "no intact checkpoint" in last and "step_000002: " in last and "--overwrite" in last
     assert not marker.exists()
@@ -129,25 +164,49 @@ def test_train_reward_resume_never_runs_planted_pickles(reward_world, tmp_path, 
     assert "never loaded" in capsys.readouterr().err
 
 
-def test_finetune_resume_never_runs_planted_pickles_and_records_allowed_changes(ft_run, sd_model, tmp_path, tiny_cfg,
-                                                                                brightness, capsys):
+def test_finetune_resume_never_runs_planted_pickles_and_records_allowed_changes(
+    ft_run, sd_model, tmp_path, tiny_cfg, brightness, capsys
+):
     marker = tmp_path / "pwned"
     every = _copy(ft_run, tmp_path, "every")
     plant(every, marker, every_file=True)
-    res = rewardtune("finetune", "--model", sd_model, "--output", every, "--resume", "--steps", 3, "--resolution", 32,
-                     "--sample-steps", 3, "--trust-pickle")
+    res = rewardtune(
+        "finetune",
+        "--model",
+        sd_model,
+        "--output",
+        every,
+        "--resume",
+        "--steps",
+        3,
+        "--resolution",
+        32,
+        "--sample-steps",
+        3,
+        "--trust-pickle",
+    )
     last = one_line_error(res, "finetune")
     assert "no intact checkpoint" in last and not marker.exists()
     extra = _copy(ft_run, tmp_path, "extra")
     plant(extra, marker, every_file=False)
-    summary = run_finetune(tiny_cfg(sd_model, extra, steps=3, resume=True, eval_size=2, lr=1e-2, seed=5), reward=brightness())
+    summary = run_finetune(
+        tiny_cfg(sd_model, extra, steps=3, resume=True, eval_size=2, lr=1e-2, seed=5), reward=brightness()
+    )
     assert summary["steps"] == 3 and not marker.exists()
     cap = capsys.readouterr()
-    assert "never loaded" in cap.err and "with changed settings: --steps 2 -> 3, --lr 0.03 -> 0.01, --seed 0 -> 5" in cap.out
+    assert (
+        "never loaded" in cap.err
+        and "with changed settings: --steps 2 -> 3, --lr 0.03 -> 0.01, --seed 0 -> 5" in cap.out
+    )
     history = [json.loads(x) for x in (extra / "runs.jsonl").read_text().splitlines()]
     assert [h["action"] for h in history] == ["fresh", "continue"]
     assert yaml.safe_load((extra / "config.yaml").read_text())["resume"] is False
-    assert history[-1]["changed"] == {"--steps": [2, 3], "--lr": [0.03, 0.01], "--seed": [0, 5], "--checkpoint-minutes": [1e-9, 0.0]}
+    assert history[-1]["changed"] == {
+        "--steps": [2, 3],
+        "--lr": [0.03, 0.01],
+        "--seed": [0, 5],
+        "--checkpoint-minutes": [1e-9, 0.0],
+    }
 
 
 def test_pickled_checkpoints_resume_only_with_trust_pickle(ft_run, reward_world, sd_model, tmp_path, tiny_cfg):
@@ -163,8 +222,11 @@ def test_pickled_checkpoints_resume_only_with_trust_pickle(ft_run, reward_world,
             (ckpt.path / "manifest.json").unlink()
             (ckpt.path / "optimizer.safetensors").unlink()
             (ckpt.path / "optimizer.bin").write_bytes(payload(marker))
-        with pytest.raises(UserError, match=r"keeps its state in pickle files \(e.g. '.*step_000002/optimizer.bin'\), which "
-                                            r"can run code .*pass --trust-pickle only if you wrote it yourself"):
+        with pytest.raises(
+            UserError,
+            match=r"keeps its state in pickle files \(e.g. '.*step_000002/optimizer.bin'\), which "
+            r"can run code .*pass --trust-pickle only if you wrote it yourself",
+        ):
             if name == "ft":
                 run_finetune(tiny_cfg(sd_model, legacy, steps=3, resume=True))
             else:
@@ -173,19 +235,35 @@ def test_pickled_checkpoints_resume_only_with_trust_pickle(ft_run, reward_world,
 
 
 # ----- case 3: one run per output directory ------------------------------------------------------------
-HOLD = ("import sys, time\nfrom rewardtune.rundir import RunDir\nlock = RunDir(sys.argv[1], command='finetune').lock()\n"
-        "lock.__enter__()\nprint('locked', flush=True)\ntime.sleep(600)\n")
+HOLD = (
+    "import sys, time\nfrom rewardtune.rundir import RunDir\nlock = RunDir(sys.argv[1], command='finetune').lock()\n"
+    "lock.__enter__()\nprint('locked', flush=True)\ntime.sleep(600)\n"
+)
 
 
-def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(sd_model, reward_world, tmp_path):
+def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
+    sd_model, reward_world, tmp_path
+):
     out = tmp_path / "shared"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        runs = {"finetune": rewardtune("finetune", "--model", sd_model, "--output", out, "--steps", 1, wait=False),
-                "train-reward": rewardtune("train-reward", "--data", reward_world["data"], "--backbone", reward_world["backbone"],
-                                           "--output", out, "--steps", 1, wait=False),
-                "demo": rewardtune("demo", "--output", out, "--steps", 1, wait=False)}
+        runs = {
+            "finetune": rewardtune("finetune", "--model", sd_model, "--output", out, "--steps", 1, wait=False),
+            "train-reward": rewardtune(
+                "train-reward",
+                "--data",
+                reward_world["data"],
+                "--backbone",
+                reward_world["backbone"],
+                "--output",
+                out,
+                "--steps",
+                1,
+                wait=False,
+            ),
+            "demo": rewardtune("demo", "--output", out, "--steps", 1, wait=False),
+        }
         for command, proc in runs.items():
             stdout, stderr = proc.communicate(timeout=300)
             last = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), command)
@@ -194,9 +272,19 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert json.loads((out / ".rewardtune.lock").read_text())["pid"] == holder.pid  # left behind by the killed run
-    printed = subprocess.run([sys.executable, "-c", "import sys\nfrom rewardtune.rundir import RunDir\n"
-                              "with RunDir(sys.argv[1], command='finetune').lock(): pass\n", str(out)],
-                             env=ENV, capture_output=True, text=True, timeout=120)
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom rewardtune.rundir import RunDir\n"
+            "with RunDir(sys.argv[1], command='finetune').lock(): pass\n",
+            str(out),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert printed.returncode == 0 and f"took over the lock of pid {holder.pid}" in printed.stdout
     assert not (out / ".rewardtune.lock").exists()
 
@@ -207,13 +295,27 @@ def test_a_finished_reward_model_is_not_replaced_without_overwrite(reward_world,
     done = _copy(reward_world["run"], tmp_path, "done")
     shutil.rmtree(done / "checkpoints")
     model = (done / "model.safetensors").read_bytes()
-    res = rewardtune("train-reward", "--data", reward_world["data"], "--backbone", reward_world["backbone"], "--output", done,
-                     "--steps", 1, "--num-workers", 0, "--no-progress")
+    res = rewardtune(
+        "train-reward",
+        "--data",
+        reward_world["data"],
+        "--backbone",
+        reward_world["backbone"],
+        "--output",
+        done,
+        "--steps",
+        1,
+        "--num-workers",
+        0,
+        "--no-progress",
+    )
     assert "holds a finished run (2 steps); pass --overwrite to replace it" in one_line_error(res, "train-reward")
     assert (done / "model.safetensors").read_bytes() == model
     with pytest.raises(UserError, match="kept no checkpoint to continue from; pass --overwrite"):
         train_reward(TrainRewardConfig(output=str(done), steps=3, resume=True, **reward_world["cfg"]))
-    m = train_reward(TrainRewardConfig(output=str(done), steps=1, overwrite=True, checkpoint_every=0, **reward_world["cfg"]))
+    m = train_reward(
+        TrainRewardConfig(output=str(done), steps=1, overwrite=True, checkpoint_every=0, **reward_world["cfg"])
+    )
     assert m["step"] == 1 and (done / "model.safetensors").read_bytes() != model
     assert yaml.safe_load((done / "config.yaml").read_text())["overwrite"] is False  # re-run from it: no surprise
     # a job script that always passes --resume survives a kill before the first checkpoint
@@ -221,7 +323,9 @@ def test_a_finished_reward_model_is_not_replaced_without_overwrite(reward_world,
     assert fresh["start_step"] == 0 and "no checkpoint in" in capsys.readouterr().out
 
 
-def test_finetune_finished_resume_at_the_same_steps_has_nothing_to_do(ft_run, sd_model, tiny_cfg, tmp_path, brightness, capsys):
+def test_finetune_finished_resume_at_the_same_steps_has_nothing_to_do(
+    ft_run, sd_model, tiny_cfg, tmp_path, brightness, capsys
+):
     done = _copy(ft_run, tmp_path, "done")
     summary = run_finetune(tiny_cfg(sd_model, done, steps=2, resume=True))
     assert summary["nothing_to_do"] and summary["steps"] == 2
@@ -235,8 +339,9 @@ def test_finetune_finished_resume_at_the_same_steps_has_nothing_to_do(ft_run, sd
 
 
 # ----- case 5: resume checks what it resumes ---------------------------------------------------------------
-def test_resume_refuses_settings_that_change_what_the_weights_mean(ft_run, sd_model, reward_world, tmp_path, tiny_cfg,
-                                                                   brightness):
+def test_resume_refuses_settings_that_change_what_the_weights_mean(
+    ft_run, sd_model, reward_world, tmp_path, tiny_cfg, brightness
+):
     run = _copy(ft_run, tmp_path, "run")
     other = Path(shutil.copytree(sd_model, tmp_path / "other_model"))  # same architecture, other weights
     weights = other / "unet" / "diffusion_pytorch_model.safetensors"
@@ -244,25 +349,64 @@ def test_resume_refuses_settings_that_change_what_the_weights_mean(ft_run, sd_mo
     data[-8:] = bytes(8)
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError) as err:
-        run_finetune(tiny_cfg(other, run, steps=3, resume=True, lora_alpha=8.0, method="refl", reward="ict",
-                              train_text_encoder=True), reward=brightness())
+        run_finetune(
+            tiny_cfg(
+                other, run, steps=3, resume=True, lora_alpha=8.0, method="refl", reward="ict", train_text_encoder=True
+            ),
+            reward=brightness(),
+        )
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("--resume: --model is another model (1 file(s) differ, e.g. unet/")
-    for part in ("--lora-alpha 4.0 (checkpoint) vs 8.0 (now)", "--train-text-encoder False (checkpoint) vs True (now)",
-                 "--reward icthp (Brightness passed in) (checkpoint) vs ict (Brightness passed in) (now)", "--method draft-k (checkpoint) vs refl (now)"):
+    for part in (
+        "--lora-alpha 4.0 (checkpoint) vs 8.0 (now)",
+        "--train-text-encoder False (checkpoint) vs True (now)",
+        "--reward icthp (Brightness passed in) (checkpoint) vs ict (Brightness passed in) (now)",
+        "--method draft-k (checkpoint) vs refl (now)",
+    ):
         assert part in msg
     # --train-text-encoder on resume was a traceback
-    res = rewardtune("finetune", "--model", sd_model, "--output", run, "--resume", "--steps", 3, "--resolution", 32,
-                     "--sample-steps", 3, "--lora-rank", 4, "--lora-alpha", 4, "--k", 2, "--train-text-encoder")
+    res = rewardtune(
+        "finetune",
+        "--model",
+        sd_model,
+        "--output",
+        run,
+        "--resume",
+        "--steps",
+        3,
+        "--resolution",
+        32,
+        "--sample-steps",
+        3,
+        "--lora-rank",
+        4,
+        "--lora-alpha",
+        4,
+        "--k",
+        2,
+        "--train-text-encoder",
+    )
     assert "--train-text-encoder False (checkpoint) vs True (now)" in one_line_error(res, "finetune")
     reward = _copy(reward_world["run"], tmp_path, "reward")
-    with pytest.raises(UserError, match=r"--freeze-ratio 0.0 \(checkpoint\) vs 0.5 \(now\); --freeze-embeddings False"):
-        train_reward(TrainRewardConfig(output=str(reward), steps=3, resume=True, freeze_ratio=0.5, freeze_embeddings=True,
-                                       **reward_world["cfg"]))
+    with pytest.raises(
+        UserError, match=r"--freeze-ratio 0.0 \(checkpoint\) vs 0.5 \(now\); --freeze-embeddings False"
+    ):
+        train_reward(
+            TrainRewardConfig(
+                output=str(reward),
+                steps=3,
+                resume=True,
+                freeze_ratio=0.5,
+                freeze_embeddings=True,
+                **reward_world["cfg"],
+            )
+        )
 
 
 # ----- case 6: a damaged latest checkpoint ----------------------------------------------------------------
-def test_a_truncated_random_state_falls_back_to_the_checkpoint_before(ft_run, sd_model, tmp_path, tiny_cfg, brightness, capsys):
+def test_a_truncated_random_state_falls_back_to_the_checkpoint_before(
+    ft_run, sd_model, tmp_path, tiny_cfg, brightness, capsys
+):
     run = _copy(ft_run, tmp_path, "run")
     rng = run / "checkpoints" / "step_000002" / "random_states_0.safetensors"
     rng.write_bytes(rng.read_bytes()[:-100])
@@ -279,12 +423,25 @@ def test_a_failed_start_leaves_nothing_behind(sd_model, reward_world, tmp_path, 
     if not (MODELS_DIR / "pipeline" / "model_index.json").is_file():
         pytest.skip("bundled demo models missing")
     out = tmp_path / "demo"
-    res = rewardtune("demo", "--output", out, "--steps", 1, "--lora-targets", "no_such_module", "--eval-size", 2,
-                     "--train-prompts", 2)
+    res = rewardtune(
+        "demo",
+        "--output",
+        out,
+        "--steps",
+        1,
+        "--lora-targets",
+        "no_such_module",
+        "--eval-size",
+        2,
+        "--train-prompts",
+        2,
+    )
     assert "--lora-targets no_such_module" in one_line_error(res, "demo")
     assert not out.exists()  # no prompts_*.txt, no finetune/: the next run needs no --overwrite
     with pytest.raises(UserError, match="does not exist"):
         run_finetune(tiny_cfg(tmp_path / "no_model", tmp_path / "ft"))
     with pytest.raises(UserError):
-        train_reward(TrainRewardConfig(output=str(tmp_path / "tr"), steps=1, **{**reward_world["cfg"], "data": str(tmp_path)}))
+        train_reward(
+            TrainRewardConfig(output=str(tmp_path / "tr"), steps=1, **{**reward_world["cfg"], "data": str(tmp_path)})
+        )
     assert not (tmp_path / "ft").exists() and not (tmp_path / "tr").exists()

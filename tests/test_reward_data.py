@@ -57,8 +57,9 @@ def test_formats_agree(pick_root, tmp_path):
     assert jsonl.path.suffix == ".jsonl" and pkl.path.suffix == ".pkl"
     for other, root in ((jsonl, tmp_path / "j"), (pkl, tmp_path / "p")):
         assert other.easy_prompt == parquet.easy_prompt and other.refine_prompt == parquet.refine_prompt
-        assert [[os.path.relpath(p, root) for p in row] for row in other.images] == \
-            [[os.path.relpath(p, pick_root) for p in row] for row in parquet.images]
+        assert [[os.path.relpath(p, root) for p in row] for row in other.images] == [
+            [os.path.relpath(p, pick_root) for p in row] for row in parquet.images
+        ]
         assert all(Path(p).is_file() for row in other.images for p in row)
         torch.testing.assert_close(other.labels, parquet.labels)
 
@@ -68,7 +69,9 @@ def test_e2_comes_from_the_e2_column(pick_root):
     table = load_triplets(pick_root, "train")
     assert table.labels[:, 1].tolist() == pytest.approx(frame["E2"].tolist())
     assert table.labels[:, 1].tolist() != pytest.approx(frame["R1"].tolist())
-    torch.testing.assert_close(table.labels, torch.tensor(frame[["E1", "E2", "R1", "R2"]].to_numpy(), dtype=torch.float32))
+    torch.testing.assert_close(
+        table.labels, torch.tensor(frame[["E1", "E2", "R1", "R2"]].to_numpy(), dtype=torch.float32)
+    )
 
 
 def test_pickle_is_refused_without_the_flag_and_never_unpickled(pick_root, tmp_path):
@@ -84,7 +87,12 @@ def test_pickle_is_refused_without_the_flag_and_never_unpickled(pick_root, tmp_p
     with pytest.raises(UserError) as err:
         load_triplets(root, "val")
     msg = str(err.value)
-    assert "val.pkl" in msg and "run arbitrary code" in msg and "--trust-pickle" in msg and "rewardtune data convert" in msg
+    assert (
+        "val.pkl" in msg
+        and "run arbitrary code" in msg
+        and "--trust-pickle" in msg
+        and "rewardtune data convert" in msg
+    )
     assert not marker.exists()
     # With the flag the published format is read with pandas, as published (which is why it needs trust).
     with pytest.raises(UserError, match="not a pandas DataFrame"):
@@ -116,7 +124,9 @@ def test_convert_writes_parquet_equal_to_the_pickle(pick_root, tmp_path, capsys)
     out = tmp_path / "elsewhere"
     convert_pickles(root, out=out, splits=["val"], trust_pickle=True)
     moved = load_triplets(out, "val")
-    assert [Path(p).resolve() for p in moved.images[0]] == [Path(p).resolve() for p in load_triplets(root, "val").images[0]]
+    assert [Path(p).resolve() for p in moved.images[0]] == [
+        Path(p).resolve() for p in load_triplets(root, "val").images[0]
+    ]
 
 
 def test_missing_columns_are_one_report(pick_root, tmp_path):
@@ -144,8 +154,14 @@ def test_bad_rows_are_one_report_and_skip_bad_keeps_the_rest(pick_root, tmp_path
         load_triplets(root, "train")
     msg = str(err.value)
     assert "6 of 12 rows" in msg and "train.jsonl" in msg and "--skip-bad" in msg
-    for part in ("row 1: E1=1.5 is outside [0,1]", "row 3: R2=-0.1 is outside [0,1]", "row 4: E2='high' is not a number",
-                 "row 6: easy_image_1", "is missing", "row 8: refine_prompt is empty"):
+    for part in (
+        "row 1: E1=1.5 is outside [0,1]",
+        "row 3: R2=-0.1 is outside [0,1]",
+        "row 4: E2='high' is not a number",
+        "row 6: easy_image_1",
+        "is missing",
+        "row 8: refine_prompt is empty",
+    ):
         assert part in msg, part
     assert "and 1 more" in msg and "\n" not in msg  # first five named, the sixth counted
     table = load_triplets(root, "train", skip_bad=True)
@@ -192,7 +208,10 @@ def test_dataset_preprocesses_like_the_reward(pick_root):
 
 
 def test_synthetic_cli_writes_a_loadable_set(tmp_path, capsys):
-    assert main(["data", "synthetic", str(tmp_path / "s"), "--train", "3", "--val", "2", "--test", "2", "--size", "16"]) == 0
+    assert (
+        main(["data", "synthetic", str(tmp_path / "s"), "--train", "3", "--val", "2", "--test", "2", "--size", "16"])
+        == 0
+    )
     assert "7 triplets" in capsys.readouterr().out
     table = load_triplets(tmp_path / "s", "test")
     assert len(table) == 2 and set(pd.read_parquet(tmp_path / "s" / "test.parquet").columns) >= set(COLUMNS)
@@ -212,9 +231,11 @@ def test_exact_duplicate_triplets_are_kept_and_noted_once(pick_root, tmp_path, c
     assert len(table) == 21  # reported, not dropped
     assert table.duplicates() == [(12, 0), (13, 1), (14, 2), (15, 3), (16, 0), (17, 1), (18, 2), (19, 3)]
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: 8 of 21 triplets in split 'train' ('{root / 'train.jsonl'}') are exact duplicates of an "
-                     "earlier row (same prompts and images; first: row 12 = row 0); each copy counts again in training "
-                     "and accuracy, so drop them unless that is meant"]
+    assert notes == [
+        f"note: 8 of 21 triplets in split 'train' ('{root / 'train.jsonl'}') are exact duplicates of an "
+        "earlier row (same prompts and images; first: row 12 = row 0); each copy counts again in training "
+        "and accuracy, so drop them unless that is meant"
+    ]
     assert load_triplets(pick_root, "train").duplicates() == [] and "note:" not in capsys.readouterr().err
     # `data check` says it once, beside its OK line.
     assert main(["data", "check", str(root), "--split", "train"]) == 0

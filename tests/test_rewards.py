@@ -33,8 +33,13 @@ EXACT = dict(atol=1e-5, rtol=0)
 PIXEL_MEAN_LEVELS, PIXEL_P99_LEVELS = 0.5, 4.0
 RESIZED_HP = dict(atol=4e-3, rtol=0)
 RESIZED_ICT = dict(atol=2e-4, rtol=0)
-PROMPTS = ["a red cube on a wooden table", "a photo of a cat", "blue sky over mountains, highly detailed",
-           "two green apples", "a lighthouse at night"]
+PROMPTS = [
+    "a red cube on a wooden table",
+    "a photo of a cat",
+    "blue sky over mountains, highly detailed",
+    "two green apples",
+    "a lighthouse at night",
+]
 
 
 class ReleasedMLP(nn.Module):
@@ -43,8 +48,16 @@ class ReleasedMLP(nn.Module):
 
     def __init__(self, input_size: int = 1024):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -84,9 +97,13 @@ def _released_ict(backbone, ict_dir, paths, prompts):
 
 
 def _released_hp(backbone, hp_dir, paths):
-    model, proc = _reference_clip(backbone, torch.load(hp_dir / "hp_backbone" / "pytorch_model.bin", weights_only=True))
+    model, proc = _reference_clip(
+        backbone, torch.load(hp_dir / "hp_backbone" / "pytorch_model.bin", weights_only=True)
+    )
     head = ReleasedMLP(1024).eval()
-    head.load_state_dict(torch.load(hp_dir / "hp_scorer" / "mlp_pytorch_model.bin", weights_only=True))  # strict: the names
+    head.load_state_dict(
+        torch.load(hp_dir / "hp_scorer" / "mlp_pytorch_model.bin", weights_only=True)
+    )  # strict: the names
     scores = []
     for path in paths:
         pixels = proc(images=_pil([path]), return_tensors="pt")["pixel_values"]
@@ -160,7 +177,10 @@ def test_icthp_and_mixes_match_the_released_scores(tiny_backbone, released_ict, 
     r = load_rewards(["ict", "hp", "icthp"], **kw)
     assert r["icthp"].ict is r["ict"] and r["icthp"].hp is r["hp"]
     paths, prompts = sample_images[:3], PROMPTS[:3]
-    ict, hp = _released_ict(tiny_backbone, released_ict, paths, prompts), _released_hp(tiny_backbone, released_hp, paths)
+    ict, hp = (
+        _released_ict(tiny_backbone, released_ict, paths, prompts),
+        _released_hp(tiny_backbone, released_hp, paths),
+    )
     torch.testing.assert_close(_ours(r["icthp"], paths, prompts), ict * hp, **EXACT)
     torch.testing.assert_close(_ours(load_reward("ict:1.0,hp:0.5", **kw), paths, prompts), ict + 0.5 * hp, **EXACT)
 
@@ -187,12 +207,17 @@ def test_batch_order_invariance(tiny_backbone, released_ict, released_hp, sample
 def test_safetensors_layout_and_self_contained_dir(tiny_backbone, released_ict, tmp_path, sample_images):
     """Our own ICT output is a full HF CLIP dir with safetensors: usable without --backbone."""
 
-
     d = tmp_path / "ict_ours"
     model = CLIPModel.from_pretrained(tiny_backbone)
     model.load_state_dict(torch.load(released_ict / "pytorch_model.bin", weights_only=True), strict=False)
     model.save_pretrained(d)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+    for f in (
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    ):
         shutil.copy(tiny_backbone / f, d / f)
     x = torch.cat([_tensor(p) for p in sample_images[:3]])
     with torch.no_grad():

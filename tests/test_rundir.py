@@ -89,11 +89,16 @@ def test_write_checkpoint_replaces_whole_rotates_and_writes_a_manifest(tmp_path,
     with pytest.raises(OSError):
         write_checkpoint(acc, run.checkpoint_dir(4), fail, {"step": 4})
     assert run.latest().step == 3  # the half-written one never counts
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000003"]  # no half one
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000002",
+        "step_000003",
+    ]  # no half one
 
 
-@pytest.mark.parametrize("damage", ["truncated_optimizer", "bad_trainer_state", "truncated_rng", "missing_file",
-                                    "flipped_byte", "no_manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated_optimizer", "bad_trainer_state", "truncated_rng", "missing_file", "flipped_byte", "no_manifest"],
+)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, acc, capsys):
     """Issue #11 case 6: damage of each kind is found by the manifest; the run resumes from the one before."""
     run = RunDir(tmp_path, command="finetune")
@@ -105,7 +110,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage,
     elif damage == "bad_trainer_state":
         (latest / "trainer_state.json").write_text('{"step": 4,')
     elif damage == "truncated_rng":
-        (latest / "random_states_0.safetensors").write_bytes((latest / "random_states_0.safetensors").read_bytes()[:-1])
+        (latest / "random_states_0.safetensors").write_bytes(
+            (latest / "random_states_0.safetensors").read_bytes()[:-1]
+        )
     elif damage == "missing_file":
         (latest / "optimizer.safetensors").unlink()
     elif damage == "flipped_byte":
@@ -123,7 +130,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage,
     assert (tmp_path / "checkpoints" / "step_000004.damaged").is_dir() and run.latest().step == 2  # set aside, kept
     # none intact: one line naming each and what to do
     (run.checkpoint_dir(2) / "optimizer.safetensors").write_bytes(b"")
-    with pytest.raises(UserError, match=r"^--resume: no intact checkpoint in .*\(step_000002: optimizer.safetensors has 0 bytes"):
+    with pytest.raises(
+        UserError, match=r"^--resume: no intact checkpoint in .*\(step_000002: optimizer.safetensors has 0 bytes"
+    ):
         run.plan(resume=True, overwrite=False, steps=6)
 
 
@@ -148,11 +157,17 @@ TABLE = {
     ("empty", "none"): "fresh",
     ("empty", "resume"): "fresh, says: no checkpoint .* yet; starting from the beginning",
     ("empty", "overwrite"): "overwrite",
-    ("in_progress", "none"): "refused: holds a run in progress \\(latest checkpoint: step 4\\); pass --resume to continue it, "
-                             "--overwrite to start over",
+    (
+        "in_progress",
+        "none",
+    ): "refused: holds a run in progress \\(latest checkpoint: step 4\\); pass --resume to continue it, "
+    "--overwrite to start over",
     ("in_progress", "resume"): "resume from 4",
     ("in_progress", "overwrite"): "overwrite",
-    ("finished", "none"): "refused: holds a finished run \\(4 steps\\); pass --overwrite to replace it, --resume with a larger --steps",
+    (
+        "finished",
+        "none",
+    ): "refused: holds a finished run \\(4 steps\\); pass --overwrite to replace it, --resume with a larger --steps",
     ("finished", "resume"): "continue from 4 (steps 6); done (steps 4)",
     ("finished", "overwrite"): "overwrite",
     ("locked", "none"): "refused: is in use by another run \\(pid \\d+ on",
@@ -206,7 +221,7 @@ def test_output_directory_table(command, state, flag, tmp_path, acc, capsys):
     try:
         if expect.startswith("refused: "):
             before = sorted(str(p) for p in run.root.rglob("*"))
-            with pytest.raises(UserError, match=expect[len("refused: "):]) as err:
+            with pytest.raises(UserError, match=expect[len("refused: ") :]) as err:
                 attempt()
             assert "\n" not in str(err.value)
             assert sorted(str(p) for p in run.root.rglob("*")) == before  # a refusal changes nothing
@@ -223,7 +238,9 @@ def test_outputs_without_a_finished_record_are_not_replaced_and_flags_conflict(c
     run = _layouts()[command](tmp_path / "out")
     run.root.mkdir()
     (run.root / run.outputs[0]).write_text("someone's file")
-    with pytest.raises(UserError, match=f"holds {run.outputs[0]} but no finished run or checkpoint of '{command}'; pass --overwrite"):
+    with pytest.raises(
+        UserError, match=f"holds {run.outputs[0]} but no finished run or checkpoint of '{command}'; pass --overwrite"
+    ):
         run.plan(resume=False, overwrite=False, steps=3)
     with pytest.raises(UserError, match="pass one of them"):
         run.plan(resume=True, overwrite=True, steps=3)
@@ -243,14 +260,33 @@ def test_a_failed_start_leaves_no_directory_and_the_lock_is_released(tmp_path):
 
 def test_settings_fixed_ones_refuse_others_are_recorded(tmp_path, acc, capsys):
     run = RunDir(tmp_path, command="finetune")
-    saved = {"fixed": {"--lora-alpha": 4.0, "--lora-targets": ["to_q", "to_k"], "--model": {"files": {"unet/w.safetensors": "1:a"}}},
-             "config": {"lr": 0.1, "steps": 2, "seed": 0, "resume": False}}
+    saved = {
+        "fixed": {
+            "--lora-alpha": 4.0,
+            "--lora-targets": ["to_q", "to_k"],
+            "--model": {"files": {"unet/w.safetensors": "1:a"}},
+        },
+        "config": {"lr": 0.1, "steps": 2, "seed": 0, "resume": False},
+    }
     start = Start("resume", _ck(tmp_path, 2), {"step": 2, "settings": saved})
-    same = {"fixed": {"--lora-alpha": 4.0, "--lora-targets": ("to_q", "to_k"), "--model": {"files": {"unet/w.safetensors": "1:a"}}},
-            "config": {"lr": 0.2, "steps": 5, "seed": 0, "resume": True}}
+    same = {
+        "fixed": {
+            "--lora-alpha": 4.0,
+            "--lora-targets": ("to_q", "to_k"),
+            "--model": {"files": {"unet/w.safetensors": "1:a"}},
+        },
+        "config": {"lr": 0.2, "steps": 5, "seed": 0, "resume": True},
+    }
     assert run.check_settings(start, same) == {"--lr": [0.1, 0.2], "--steps": [2, 5]}
     assert "with changed settings: --lr 0.1 -> 0.2, --steps 2 -> 5 (recorded in runs.jsonl)" in capsys.readouterr().out
-    other = {**same, "fixed": {"--lora-alpha": 8.0, "--lora-targets": ["to_q"], "--model": {"files": {"unet/w.safetensors": "1:b"}}}}
+    other = {
+        **same,
+        "fixed": {
+            "--lora-alpha": 8.0,
+            "--lora-targets": ["to_q"],
+            "--model": {"files": {"unet/w.safetensors": "1:b"}},
+        },
+    }
     with pytest.raises(UserError) as err:
         run.check_settings(start, other)
     msg = str(err.value)
@@ -270,7 +306,9 @@ def test_weights_identity_tells_same_architecture_models_apart_but_not_moved_cop
     shutil.copytree(a, tmp_path / "moved")
     assert weights_identity(a) == weights_identity(tmp_path / "moved")
     shutil.copytree(a, tmp_path / "tuned")
-    save_file({"w": torch.full((300_000,), 1e-3)}, str(tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {"w": torch.full((300_000,), 1e-3)}, str(tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors")
+    )
     assert weights_identity(tmp_path / "tuned") != weights_identity(a)  # same names, sizes and header, other weights
     snap = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
     snap.mkdir(parents=True)

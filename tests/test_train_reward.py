@@ -40,7 +40,15 @@ QUIET = dict(num_workers=0, progress=False)
 
 def checkpoints(out: Path) -> list:
     return RunDir(out).checkpoints()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,17 @@ def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP (patch 8, width 32, two layers, the synthetic set's words) and 64/16/32 triplets."""
 
     d = tmp_path_factory.mktemp("world")
-    save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+    save_tiny_clip(
+        d / "backbone",
+        seed=0,
+        words=WORDS,
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
     make_pick_high(d / "data", {"train": 64, "val": 16, "test": 32}, size=32, formats=("parquet",))
     return {"backbone": d / "backbone", "data": d / "data", "root": d}
 
@@ -57,12 +75,50 @@ def world(tmp_path_factory) -> dict[str, Path]:
 def trained(world) -> dict:
     """ICT through the Python API, then HP on it through the CLI."""
     root = world["root"]
-    ict_metrics = train_reward(TrainRewardConfig(
-        stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(root / "ict"),
-        steps=16, batch_size=8, lr=1e-3, eval_every=8, checkpoint_every=0, export_official=True, **QUIET))
-    code = main(["train-reward", "--stage", "hp", "--data", str(world["data"]), "--backbone", str(world["backbone"]),
-                 "--ict", str(root / "ict"), "--output", str(root / "hp"), "--steps", "48", "--batch-size", "8",
-                 "--lr", "1e-3", "--eval-every", "24", "--checkpoint-every", "0", "--num-workers", "0", "--no-progress", "--export-official"])
+    ict_metrics = train_reward(
+        TrainRewardConfig(
+            stage="ict",
+            data=str(world["data"]),
+            backbone=str(world["backbone"]),
+            output=str(root / "ict"),
+            steps=16,
+            batch_size=8,
+            lr=1e-3,
+            eval_every=8,
+            checkpoint_every=0,
+            export_official=True,
+            **QUIET,
+        )
+    )
+    code = main(
+        [
+            "train-reward",
+            "--stage",
+            "hp",
+            "--data",
+            str(world["data"]),
+            "--backbone",
+            str(world["backbone"]),
+            "--ict",
+            str(root / "ict"),
+            "--output",
+            str(root / "hp"),
+            "--steps",
+            "48",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "24",
+            "--checkpoint-every",
+            "0",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--export-official",
+        ]
+    )
     assert code == 0
     hp_metrics = json.loads((root / "hp" / "metrics.json").read_text())
     return {"ict": root / "ict", "hp": root / "hp", "ict_metrics": ict_metrics, "hp_metrics": hp_metrics}
@@ -83,8 +139,16 @@ def _ict_batch_loss(ict_dir: Path, data: Path) -> float:
 
 def test_ict_training_lowers_the_ict_loss_and_writes_a_full_clip_dir(trained, world):
     out = trained["ict"]
-    for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt", "preprocessor_config.json",
-                 "pytorch_model.bin", "config.yaml", "metrics.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+        "config.yaml",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     m = trained["ict_metrics"]
@@ -106,9 +170,15 @@ def test_hp_accuracy_on_held_out_split_is_well_above_chance(trained, world):
 
 def test_hp_output_layouts_and_what_stayed_frozen(trained, world):
     hp = trained["hp"]
-    for name in ("hp_backbone/model.safetensors", "hp_backbone/config.json", "hp_backbone/vocab.json",
-                 "hp_backbone/preprocessor_config.json", "hp_scorer/mlp_pytorch_model.safetensors",
-                 "hp_backbone/pytorch_model.bin", "hp_scorer/mlp_pytorch_model.bin"):
+    for name in (
+        "hp_backbone/model.safetensors",
+        "hp_backbone/config.json",
+        "hp_backbone/vocab.json",
+        "hp_backbone/preprocessor_config.json",
+        "hp_scorer/mlp_pytorch_model.safetensors",
+        "hp_backbone/pytorch_model.bin",
+        "hp_scorer/mlp_pytorch_model.bin",
+    ):
         assert (hp / name).is_file(), name
     head = load_file(hp / "hp_scorer" / "mlp_pytorch_model.safetensors")
     assert set(head) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
@@ -126,7 +196,11 @@ def test_hp_output_layouts_and_what_stayed_frozen(trained, world):
 
 def test_freeze_options_choose_what_trains(world):
     def trainable(trainee):
-        return {n.split(".")[1] + "." + n.split(".")[2] for n, p in trainee.named_parameters() if p.requires_grad and n.startswith("clip.")}
+        return {
+            n.split(".")[1] + "." + n.split(".")[2]
+            for n, p in trainee.named_parameters()
+            if p.requires_grad and n.startswith("clip.")
+        }
 
     clip = CLIPModel.from_pretrained(world["backbone"])
     hp = setup_hp(clip, 0.5, freeze_embeddings=True)
@@ -138,9 +212,23 @@ def test_freeze_options_choose_what_trains(world):
     assert sum(p.numel() for p in ict.parameters() if p.requires_grad) == sum(p.numel() for p in ict.parameters()) - 1
     ict = setup_ict(CLIPModel.from_pretrained(world["backbone"]), 1.0)
     names = {n for n, p in ict.clip.named_parameters() if p.requires_grad}
-    assert {"text_projection.weight", "visual_projection.weight", "vision_model.embeddings.patch_embedding.weight"} <= names
-    assert all(n.startswith(("text_model.embeddings", "vision_model.embeddings", "vision_model.pre_layrnorm",
-                             "text_projection", "visual_projection")) for n in names)
+    assert {
+        "text_projection.weight",
+        "visual_projection.weight",
+        "vision_model.embeddings.patch_embedding.weight",
+    } <= names
+    assert all(
+        n.startswith(
+            (
+                "text_model.embeddings",
+                "vision_model.embeddings",
+                "vision_model.pre_layrnorm",
+                "text_projection",
+                "visual_projection",
+            )
+        )
+        for n in names
+    )
 
 
 def test_outputs_score_without_a_backbone_and_match_the_official_export(trained, world, tmp_path):
@@ -152,7 +240,9 @@ def test_outputs_score_without_a_backbone_and_match_the_official_export(trained,
     for sub, name in (("hp_backbone", "pytorch_model.bin"), ("hp_scorer", "mlp_pytorch_model.bin")):
         (tmp_path / "hp" / sub).mkdir(parents=True)
         os.link(trained["hp"] / sub / name, tmp_path / "hp" / sub / name)
-    released = load_reward("icthp", ict=str(tmp_path / "ict"), hp=str(tmp_path / "hp"), backbone=str(world["backbone"]))
+    released = load_reward(
+        "icthp", ict=str(tmp_path / "ict"), hp=str(tmp_path / "hp"), backbone=str(world["backbone"])
+    )
     with torch.no_grad():
         torch.testing.assert_close(ours(img, ["a red circle"]), released(img, ["a red circle"]))
 
@@ -167,17 +257,39 @@ def test_training_tokens_pad_to_the_longest_prompt_with_the_same_embeddings(worl
 
 
 def test_mixed_precision_accumulation_and_checkpointing_run(world, tmp_path):
-    m = train_reward(TrainRewardConfig(
-        stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(tmp_path / "o"), steps=2,
-        batch_size=4, grad_accum=2, mixed_precision="bf16", gradient_checkpointing=True, eval_limit=4, checkpoint_every=0,
-        lr_schedule="cosine", **QUIET))
+    m = train_reward(
+        TrainRewardConfig(
+            stage="ict",
+            data=str(world["data"]),
+            backbone=str(world["backbone"]),
+            output=str(tmp_path / "o"),
+            steps=2,
+            batch_size=4,
+            grad_accum=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            eval_limit=4,
+            checkpoint_every=0,
+            lr_schedule="cosine",
+            **QUIET,
+        )
+    )
     assert m["step"] == 2 and math.isfinite(m["train/loss"]) and m["val/ict_n"] == 4
 
 
 def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
     """Optimizer, scheduler and data order all continue: 2 + 2 resumed steps give the 4-step weights."""
-    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), batch_size=8, lr=1e-3,
-                  lr_schedule="constant", warmup_steps=0, eval_split="", **QUIET)
+    common = dict(
+        stage="ict",
+        data=str(world["data"]),
+        backbone=str(world["backbone"]),
+        batch_size=8,
+        lr=1e-3,
+        lr_schedule="constant",
+        warmup_steps=0,
+        eval_split="",
+        **QUIET,
+    )
     train_reward(TrainRewardConfig(output=str(tmp_path / "a"), steps=4, checkpoint_every=0, **common))
     train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=2, checkpoint_every=2, **common))
     ckpts = tmp_path / "b" / "checkpoints"
@@ -192,17 +304,39 @@ def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
     with pytest.raises(UserError, match=r"holds a finished run \(4 steps\); pass --overwrite to replace it, --resume"):
         train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=6, **common))
     again = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, resume=True, **common))
-    assert again["nothing_to_do"] and again["step"] == 4  # a job script that always passes --resume, rerun after the end
+    assert (
+        again["nothing_to_do"] and again["step"] == 4
+    )  # a job script that always passes --resume, rerun after the end
 
 
 def _cli(world, out: Path, *extra: str) -> list[str]:
-    return ["train-reward", "--data", str(world["data"]), "--backbone", str(world["backbone"]), "--output", str(out),
-            "--batch-size", "4", "--lr", "1e-3", "--num-workers", "0", "--no-progress", *extra]
+    return [
+        "train-reward",
+        "--data",
+        str(world["data"]),
+        "--backbone",
+        str(world["backbone"]),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", "")]
+    args = [
+        sys.executable,
+        "-m",
+        "rewardtune.cli",
+        *_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", ""),
+    ]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     try:
@@ -215,8 +349,18 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     assert saved, err[-2000:]
     step = saved[-1][0]
     assert step < 500 and len(saved) <= 2  # killed mid-run; rotation keeps the newest two
-    res = subprocess.run([sys.executable, "-m", "rewardtune.cli", *_cli(world, out, "--steps", str(step + 2), "--resume",
-                          "--checkpoint-every", "2", "--eval-split", "")], env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rewardtune.cli",
+            *_cli(world, out, "--steps", str(step + 2), "--resume", "--checkpoint-every", "2", "--eval-split", ""),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert (m["start_step"], m["steps_run"], m["step"]) == (step, 2, step + 2)
@@ -232,9 +376,25 @@ def _free_port() -> int:
 def test_two_processes_share_ict_negatives(world, tmp_path):
     """``accelerate launch`` with two CPU processes (gloo): each sees the other's rows as negatives."""
     out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "-m", "rewardtune.cli", *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6")]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "rewardtune.cli",
+        *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6"),
+    ]
     res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -250,7 +410,13 @@ def test_two_processes_share_ict_negatives(world, tmp_path):
 def test_recipes_and_user_errors(world, tmp_path, capsys):
     ict = build_config(TrainRewardConfig, None, config="train_ict", data="d", output="o")
     hp = build_config(TrainRewardConfig, None, config="train_hp", data="d", output="o", ict="i")
-    assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == ("ict", 3e-5, 32, "bf16", 0.0)
+    assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == (
+        "ict",
+        3e-5,
+        32,
+        "bf16",
+        0.0,
+    )
     assert (hp.stage, hp.peak_lr, hp.steps, hp.margin, hp.frozen_fraction) == ("hp", 3e-6, 50000, 0.3, 0.5)
     assert "CLIP-ViT-H-14" in ict.backbone == hp.backbone
     with pytest.raises(UserError, match="--stage 'ictt' is not one of ict, hp"):
@@ -274,8 +440,16 @@ def _val_steps(out: Path) -> list[int]:
 
 
 def test_eval_every_zero_validates_only_before_and_after(world, tmp_path):
-    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), batch_size=4, lr=1e-3,
-                  eval_limit=4, checkpoint_every=0, **QUIET)
+    common = dict(
+        stage="ict",
+        data=str(world["data"]),
+        backbone=str(world["backbone"]),
+        batch_size=4,
+        lr=1e-3,
+        eval_limit=4,
+        checkpoint_every=0,
+        **QUIET,
+    )
     m = train_reward(TrainRewardConfig(output=str(tmp_path / "zero"), steps=3, eval_every=0, **common))
     assert _val_steps(tmp_path / "zero") == [0, 3] and m["val/ict_n"] == 4
     train_reward(TrainRewardConfig(output=str(tmp_path / "two"), steps=3, eval_every=2, **common))
@@ -288,7 +462,9 @@ def test_deprecated_checkpoint_flags_and_keys_still_work(world, tmp_path, capsys
     recipe = tmp_path / "old.yaml"
     recipe.write_text("stage: ict\nkeep_checkpoints: 1\n")
     out = tmp_path / "run"
-    assert main(_cli(world, out, "--config", str(recipe), "--steps", "2", "--save-every", "1", "--eval-split", "")) == 0
+    assert (
+        main(_cli(world, out, "--config", str(recipe), "--steps", "2", "--save-every", "1", "--eval-split", "")) == 0
+    )
     err = capsys.readouterr().err
     assert "--save-every on the command line is deprecated; use --checkpoint-every" in err
     assert "'keep_checkpoints' in" in err and "is deprecated; use 'checkpoints_keep'" in err
@@ -305,7 +481,28 @@ def test_duplicated_triplets_are_noted_once_by_train_reward(world, tmp_path, cap
     frame = pd.read_parquet(data / "train.parquet")
     pd.concat([frame, frame, frame], ignore_index=True).to_parquet(data / "train.parquet")  # each triplet three times
     out = tmp_path / "run"
-    assert main(["train-reward", "--data", str(data), "--backbone", str(world["backbone"]), "--output", str(out),
-                 "--batch-size", "4", "--num-workers", "0", "--no-progress", "--steps", "1", "--eval-split", ""]) == 0
+    assert (
+        main(
+            [
+                "train-reward",
+                "--data",
+                str(data),
+                "--backbone",
+                str(world["backbone"]),
+                "--output",
+                str(out),
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--no-progress",
+                "--steps",
+                "1",
+                "--eval-split",
+                "",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("note: 128 of 192 triplets in split 'train'") == 1 and err.count("exact duplicates") == 1, err

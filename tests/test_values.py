@@ -37,13 +37,25 @@ from rewardtune.images import save_image
 from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
 from rewardtune.testing import save_tiny_clip
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 QUIET = dict(num_workers=0, progress=False)
 
 
 def _cli(*args, preexec_fn=None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rewardtune.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 def _one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str) -> str:
@@ -62,34 +74,79 @@ def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px CLIP (patch 8, width 32, two layers) and a 16/8-triplet coloured-shapes set."""
 
     d = tmp_path_factory.mktemp("values_world")
-    save_tiny_clip(d / "backbone", seed=0, words=WORDS, projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+    save_tiny_clip(
+        d / "backbone",
+        seed=0,
+        words=WORDS,
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
     make_pick_high(d / "data", {"train": 16, "val": 8}, size=32, formats=("parquet",))
     return {"backbone": d / "backbone", "data": d / "data"}
 
 
 def _reward_cfg(world, out: Path, **kw):
-    base = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), output=str(out), steps=2,
-                batch_size=4, lr=1e-3, eval_limit=4, checkpoint_every=0, **QUIET)
+    base = dict(
+        stage="ict",
+        data=str(world["data"]),
+        backbone=str(world["backbone"]),
+        output=str(out),
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        eval_limit=4,
+        checkpoint_every=0,
+        **QUIET,
+    )
     base.update(kw)
     if "overwrite" in {f.name for f in dataclasses.fields(TrainRewardConfig)}:
-        base.setdefault("overwrite", True)  # where finished runs are kept unless asked (issue #11, the run-directory half)
+        base.setdefault(
+            "overwrite", True
+        )  # where finished runs are kept unless asked (issue #11, the run-directory half)
     return TrainRewardConfig(**base)
 
 
 def _reward_cli(world, out: Path, *extra) -> list:
     over = ["--overwrite"] if "overwrite" in {f.name for f in dataclasses.fields(TrainRewardConfig)} else []
-    return ["train-reward", "--data", world["data"], "--backbone", world["backbone"], "--output", out, "--batch-size", 4,
-            "--num-workers", 0, "--no-progress", *over, *extra]
+    return [
+        "train-reward",
+        "--data",
+        world["data"],
+        "--backbone",
+        world["backbone"],
+        "--output",
+        out,
+        "--batch-size",
+        4,
+        "--num-workers",
+        0,
+        "--no-progress",
+        *over,
+        *extra,
+    ]
 
 
 # ----- divergence (case 2) ------------------------------------------------------------------------------------
 
+
 def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp_path):
     """The issue's repro: --lr 1e6 without clipping. Before: "trained", exit 0, a model 77 of 78 tensors NaN."""
     out = tmp_path / "run"
-    res = _cli(*_reward_cli(world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0))
-    _one_line_error(res, "train-reward", "validation: ict scores of 4 of 4 triplets are NaN or infinite", "diverged", "--lr")
-    assert "step 3: non-finite loss or gradient; update skipped (2 in a row)" in res.stdout  # skipped and logged on the way
+    res = _cli(
+        *_reward_cli(
+            world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0
+        )
+    )
+    _one_line_error(
+        res, "train-reward", "validation: ict scores of 4 of 4 triplets are NaN or infinite", "diverged", "--lr"
+    )
+    assert (
+        "step 3: non-finite loss or gradient; update skipped (2 in a row)" in res.stdout
+    )  # skipped and logged on the way
     assert not (out / "model.safetensors").exists() and not (out / "config.yaml").exists()
     assert not (out / ".staging").exists()
 
@@ -113,8 +170,12 @@ def test_reward_training_skips_non_finite_steps_and_stops_after_max_nonfinite(wo
     assert all(torch.isfinite(v).all() for v in model.values())
     monkeypatch.setattr(train.Stage, "loss", real_loss)
 
-    with pytest.raises(UserError, match=r"^train-reward: stopped: 2 non-finite losses in a row at step 3 \(--max-nonfinite 2\)"):
-        train_reward(_reward_cfg(world, tmp_path / "stop", steps=6, lr=1e6, max_grad_norm=0.0, eval_split="", max_nonfinite=2))
+    with pytest.raises(
+        UserError, match=r"^train-reward: stopped: 2 non-finite losses in a row at step 3 \(--max-nonfinite 2\)"
+    ):
+        train_reward(
+            _reward_cfg(world, tmp_path / "stop", steps=6, lr=1e6, max_grad_norm=0.0, eval_split="", max_nonfinite=2)
+        )
     assert not (tmp_path / "stop" / "model.safetensors").exists()
     # an update that overflows a weight although loss and gradient were finite: refused before the checkpoint
     real_step = train.nonfinite.optimizer_step
@@ -126,7 +187,9 @@ def test_reward_training_skips_non_finite_steps_and_stops_after_max_nonfinite(wo
         return out
 
     monkeypatch.setattr(train.nonfinite, "optimizer_step", overflowing_step)
-    with pytest.raises(UserError, match=r"^train-reward: the checkpoint at step 1: 1 weight tensors hold NaN or infinite values"):
+    with pytest.raises(
+        UserError, match=r"^train-reward: the checkpoint at step 1: 1 weight tensors hold NaN or infinite values"
+    ):
         train_reward(_reward_cfg(world, tmp_path / "inf", eval_split="", checkpoint_every=1))
     assert not list((tmp_path / "inf").glob("checkpoints/step_*"))
 
@@ -134,9 +197,36 @@ def test_reward_training_skips_non_finite_steps_and_stops_after_max_nonfinite(wo
 def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_backbone, tmp_path):
     """The issue's repro: finetune --lr 1e6 --steps 3. Before: exit 0, a LoRA of max 9.7e5, evaluation reward NaN."""
     out = tmp_path / "run"
-    res = _cli("finetune", "--model", sd_model, "--reward", "clip", "--clip", tiny_backbone, "--output", out, "--steps", 3,
-               "--lr", "1e6", "--resolution", 32, "--sample-steps", 2, "--k", 1, "--eval-size", 2, "--batch-size", 1,
-               "--lora-rank", 2, "--checkpoint-every", 0, "--no-gradient-checkpointing")
+    res = _cli(
+        "finetune",
+        "--model",
+        sd_model,
+        "--reward",
+        "clip",
+        "--clip",
+        tiny_backbone,
+        "--output",
+        out,
+        "--steps",
+        3,
+        "--lr",
+        "1e6",
+        "--resolution",
+        32,
+        "--sample-steps",
+        2,
+        "--k",
+        1,
+        "--eval-size",
+        2,
+        "--batch-size",
+        1,
+        "--lora-rank",
+        2,
+        "--checkpoint-every",
+        0,
+        "--no-gradient-checkpointing",
+    )
     _one_line_error(res, "finetune", "the evaluation after step 3 gave reward nan", "LoRA was not saved", "--lr")
     for name in ("pytorch_lora_weights.safetensors", "summary.json", "config.yaml"):
         assert not (out / name).exists(), name
@@ -152,7 +242,9 @@ def test_non_finite_lora_weights_are_never_saved(sd_model, tmp_path, tiny_cfg, b
     with pytest.raises(UserError, match="hold NaN or infinite values .*not saved: the training diverged"):
         trainer.save_lora(tmp_path / "good")
     assert (tmp_path / "good" / lora.WEIGHT_NAME).read_bytes() == good  # the earlier LoRA stays
-    with pytest.raises(UserError, match=r"the LoRA for .*: 1 of \d+ tensors hold NaN or infinite values \(first: 'unet\."):
+    with pytest.raises(
+        UserError, match=r"the LoRA for .*: 1 of \d+ tensors hold NaN or infinite values \(first: 'unet\."
+    ):
         lora.save_lora(tmp_path / "direct", type(trainer.pipe), trainer.unet)  # the writer itself checks too
     assert not (tmp_path / "direct").exists()
 
@@ -161,33 +253,46 @@ def test_non_finite_reward_model_weights_are_never_written(world, tmp_path):
     clip = CLIPModel.from_pretrained(world["backbone"])
     state = {f"clip.{k}": v for k, v in clip.state_dict().items()}
     state["clip.text_projection.weight"] = state["clip.text_projection.weight"].clone().fill_(float("nan"))
-    with pytest.raises(UserError, match=r"the ICT model for .*: 1 of \d+ tensors hold NaN .*'clip.text_projection.weight'"):
+    with pytest.raises(
+        UserError, match=r"the ICT model for .*: 1 of \d+ tensors hold NaN .*'clip.text_projection.weight'"
+    ):
         models.write_ict(clip, state, world["backbone"], tmp_path / "ict", official=False)
     assert not (tmp_path / "ict").exists()
 
 
 # ----- numbers and recipe values (case 8) ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe, message", [
-    ("lr: .nan\n", "--lr must be a finite number, got nan"),
-    ("lr: -.inf\n", "--lr must be a finite number, got -inf"),
-    ("guidance_scale: nan\n", "--guidance-scale must be a finite number, got nan"),
-    ("lr: 1.0e+39\n", "--lr must be a finite number, got 1e+39 (beyond float32's range"),
-    ("eta:\n", "config: 'eta' in '{path}' has no value; give it one or remove the line"),
-    ("lr: [0.1, 0.2]\n", "config: 'lr' must be float, got a list [0.1, 0.2]"),
-    ("steps: 2.5\n", "config: 'steps' must be int (a whole number), got 2.5"),
-    ("steps: .inf\n", "config: 'steps' must be int (a whole number), got inf"),
-    ("lora_targets: [[to_q, to_k], to_v]\n", "config: 'lora_targets' must be a list of names or numbers (not nested"),
-    ("lora_targets: {to_q: 1}\n", "config: 'lora_targets' must be a list of names or numbers"),
-    ("model: {id: sd15}\n", "config: 'model' must be str, got a mapping {'id': 'sd15'}"),
-    ("mixed_precision: no\n", "config: 'mixed_precision' must be str, got the boolean false"),
-    ("reward: 'ict:nan'\n", "reward: weight 'nan' of 'ict' is not a finite number"),
-    ("eval_reward: 'ict:1,hp:inf'\n", "reward: weight 'inf' of 'hp' is not a finite number"),
-    ("lora_targets: " + "[" * 9 + "to_q" + "]" * 9 + "\n", "config: '{path}' nests values deeper than 8 levels"),
-    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefg", "bcdefgh"))
-     + "model: *h\n", "config: '{path}' expands to more than 10000 values through its YAML aliases"),
-    ("lora_targets: &x [to_q, *x]\n", "config: '{path}' holds a YAML alias inside its own anchor"),
-])
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("lr: .nan\n", "--lr must be a finite number, got nan"),
+        ("lr: -.inf\n", "--lr must be a finite number, got -inf"),
+        ("guidance_scale: nan\n", "--guidance-scale must be a finite number, got nan"),
+        ("lr: 1.0e+39\n", "--lr must be a finite number, got 1e+39 (beyond float32's range"),
+        ("eta:\n", "config: 'eta' in '{path}' has no value; give it one or remove the line"),
+        ("lr: [0.1, 0.2]\n", "config: 'lr' must be float, got a list [0.1, 0.2]"),
+        ("steps: 2.5\n", "config: 'steps' must be int (a whole number), got 2.5"),
+        ("steps: .inf\n", "config: 'steps' must be int (a whole number), got inf"),
+        (
+            "lora_targets: [[to_q, to_k], to_v]\n",
+            "config: 'lora_targets' must be a list of names or numbers (not nested",
+        ),
+        ("lora_targets: {to_q: 1}\n", "config: 'lora_targets' must be a list of names or numbers"),
+        ("model: {id: sd15}\n", "config: 'model' must be str, got a mapping {'id': 'sd15'}"),
+        ("mixed_precision: no\n", "config: 'mixed_precision' must be str, got the boolean false"),
+        ("reward: 'ict:nan'\n", "reward: weight 'nan' of 'ict' is not a finite number"),
+        ("eval_reward: 'ict:1,hp:inf'\n", "reward: weight 'inf' of 'hp' is not a finite number"),
+        ("lora_targets: " + "[" * 9 + "to_q" + "]" * 9 + "\n", "config: '{path}' nests values deeper than 8 levels"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefg", "bcdefgh"))
+            + "model: *h\n",
+            "config: '{path}' expands to more than 10000 values through its YAML aliases",
+        ),
+        ("lora_targets: &x [to_q, *x]\n", "config: '{path}' holds a YAML alias inside its own anchor"),
+    ],
+)
 def test_bad_recipe_values_are_one_line_errors_naming_the_option(recipe, message, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
@@ -211,7 +316,9 @@ def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
 
 def test_values_that_are_fine_still_pass(tmp_path):
     path = tmp_path / "ok.yaml"
-    path.write_text("steps: 1e3\nlr: 1.0e-4\nlora_targets: [to_q, to_v]\nreward: 'ict:1.0,hp:-0.5'\nmixed_precision: 'no'\n")
+    path.write_text(
+        "steps: 1e3\nlr: 1.0e-4\nlora_targets: [to_q, to_v]\nreward: 'ict:1.0,hp:-0.5'\nmixed_precision: 'no'\n"
+    )
     cfg = build_config(FinetuneConfig, None, config=str(path), output="o")
     assert (cfg.steps, cfg.lr, cfg.lora_targets, cfg.mixed_precision) == (1000, 1e-4, ["to_q", "to_v"], "no")
     hp = tmp_path / "hp.yaml"
@@ -220,12 +327,27 @@ def test_values_that_are_fine_still_pass(tmp_path):
     assert cfg.lr is None and cfg.peak_lr == 3e-6
 
 
-@pytest.mark.parametrize("args, command, expect", [
-    (["finetune", "--output", "o", "--lr", "nan"], "finetune", "--lr must be a finite number, got nan"),
-    (["finetune", "--output", "o", "--reward", "ict:nan"], "finetune", "reward: weight 'nan' of 'ict' is not a finite number"),
-    (["train-reward", "--data", "d", "--output", "o", "--margin", "inf"], "train-reward", "--margin must be a finite number, got inf"),
-    (["plan", "--model", "sd15", "--budget-gib", "nan"], "plan", "--budget-gib must be a positive finite number of GiB, got nan"),
-])
+@pytest.mark.parametrize(
+    "args, command, expect",
+    [
+        (["finetune", "--output", "o", "--lr", "nan"], "finetune", "--lr must be a finite number, got nan"),
+        (
+            ["finetune", "--output", "o", "--reward", "ict:nan"],
+            "finetune",
+            "reward: weight 'nan' of 'ict' is not a finite number",
+        ),
+        (
+            ["train-reward", "--data", "d", "--output", "o", "--margin", "inf"],
+            "train-reward",
+            "--margin must be a finite number, got inf",
+        ),
+        (
+            ["plan", "--model", "sd15", "--budget-gib", "nan"],
+            "plan",
+            "--budget-gib must be a positive finite number of GiB, got nan",
+        ),
+    ],
+)
 def test_cli_non_finite_numbers_exit_2_with_one_line(args, command, expect):
     """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s."""
     start = time.perf_counter()
@@ -238,17 +360,27 @@ def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
     empty, nested = tmp_path / "empty.yaml", tmp_path / "nested.yaml"
     empty.write_text("model: sd15\neta:\n")
     nested.write_text("lora_targets:\n  - [to_q, to_k]\n")
-    _one_line_error(_cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60), "finetune",
-                    f"config: 'eta' in '{empty}' has no value")
-    _one_line_error(_cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60), "finetune",
-                    "config: 'lora_targets' must be a list of names or numbers")
+    _one_line_error(
+        _cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60),
+        "finetune",
+        f"config: 'eta' in '{empty}' has no value",
+    )
+    _one_line_error(
+        _cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60),
+        "finetune",
+        "config: 'lora_targets' must be a list of names or numbers",
+    )
     assert not (tmp_path / "o").exists()
 
 
 # ----- disk full, read-only paths (case 8) --------------------------------------------------------------------
 
-WRITE_ERRORS = [(errno.ENOSPC, "no space left on the device"), (errno.EROFS, "the file system is read-only"),
-                (errno.EACCES, "permission denied"), (errno.EDQUOT, "the disk quota is exceeded")]
+WRITE_ERRORS = [
+    (errno.ENOSPC, "no space left on the device"),
+    (errno.EROFS, "the file system is read-only"),
+    (errno.EACCES, "permission denied"),
+    (errno.EDQUOT, "the disk quota is exceeded"),
+]
 
 
 @pytest.mark.parametrize("code, reason", WRITE_ERRORS)
@@ -268,9 +400,11 @@ def test_write_helpers_turn_os_errors_into_one_line_and_keep_the_old_file(code, 
         raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr(sources, "_write_bytes", fail)
-    for write, path, what in [(lambda: sources.atomic_write_text(text, "new: 2\n", "the config"), text, "the config"),
-                              (lambda: sources.save_state_dict({"a": torch.zeros(2)}, weights), weights, "weights"),
-                              (lambda: save_image(torch.ones(3, 8, 8), image), image, "image")]:
+    for write, path, what in [
+        (lambda: sources.atomic_write_text(text, "new: 2\n", "the config"), text, "the config"),
+        (lambda: sources.save_state_dict({"a": torch.zeros(2)}, weights), weights, "weights"),
+        (lambda: save_image(torch.ones(3, 8, 8), image), image, "image"),
+    ]:
         with pytest.raises(UserError) as info:
             write()
         msg = str(info.value)
@@ -286,7 +420,9 @@ def _safetensors_full_disk(*args, **kwargs):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-def test_lora_and_reward_model_writes_on_a_full_disk_leave_no_staging(world, sd_model, tmp_path, tiny_cfg, brightness, monkeypatch):
+def test_lora_and_reward_model_writes_on_a_full_disk_leave_no_staging(
+    world, sd_model, tmp_path, tiny_cfg, brightness, monkeypatch
+):
     trainer = Trainer(tiny_cfg(sd_model, tmp_path / "run"), reward=brightness())
     out = trainer.save_lora(tmp_path / "lora")
     old_lora = out.read_bytes()
@@ -301,7 +437,9 @@ def test_lora_and_reward_model_writes_on_a_full_disk_leave_no_staging(world, sd_
     assert out.read_bytes() == old_lora and sorted(p.name for p in out.parent.iterdir()) == [lora.WEIGHT_NAME]
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _safetensors_full_disk)  # transformers' writer
-    with pytest.raises(UserError, match=f"^could not write the ICT model '{tmp_path / 'ict'}': no space left on the device"):
+    with pytest.raises(
+        UserError, match=f"^could not write the ICT model '{tmp_path / 'ict'}': no space left on the device"
+    ):
         models.write_ict(clip, state, world["backbone"], tmp_path / "ict", official=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ict").iterdir()} == old_ict  # and no .staging
 
@@ -310,6 +448,7 @@ def _file_size_limit(limit: int):
     def apply():  # in the child: writes past ``limit`` bytes fail with EFBIG, as a full disk fails them with ENOSPC
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -323,8 +462,10 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     train_reward(_reward_cfg(world, out, eval_split=""))
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert (out / "model.safetensors").stat().st_size > 128 * 1024 and "config.yaml" in kept
-    res = _cli(*_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
-               preexec_fn=_file_size_limit(128 * 1024))
+    res = _cli(
+        *_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
+        preexec_fn=_file_size_limit(128 * 1024),
+    )
     _one_line_error(res, "train-reward", "could not write the ", "file size limit")  # its checkpoint or model
     assert all((out / name).read_bytes() == kept[name] for name in ("model.safetensors", "config.yaml"))
     assert not (out / ".staging").exists()

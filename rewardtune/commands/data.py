@@ -10,21 +10,35 @@ from ..errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="convert, check or generate preference triplet data",
-                       description="Preference triplet data: convert the published Pick-High pickles to Parquet, "
-                                   "check a data root, or write a small synthetic set.")
+    p = sub.add_parser(
+        "data",
+        help="convert, check or generate preference triplet data",
+        description="Preference triplet data: convert the published Pick-High pickles to Parquet, "
+        "check a data root, or write a small synthetic set.",
+    )
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     c = actions.add_parser("convert", help="write <split>.parquet from the published Pick-High/<split>.pkl, once")
     c.add_argument("root", help="data root holding Pick-High/ (and pick_easy_img/, pick_refine_img/)")
-    c.add_argument("--out", default=None, help="where the Parquet files go (default: the root; image paths are written relative to it)")
+    c.add_argument(
+        "--out",
+        default=None,
+        help="where the Parquet files go (default: the root; image paths are written relative to it)",
+    )
     c.add_argument("--split", nargs="+", default=None, help="splits to convert (default: every Pick-High/*.pkl)")
-    c.add_argument("--trust-pickle", action="store_true", help="required: converting reads the pickles, and a pickle can run code")
+    c.add_argument(
+        "--trust-pickle", action="store_true", help="required: converting reads the pickles, and a pickle can run code"
+    )
     c.set_defaults(func=run_convert)
 
     k = actions.add_parser("check", help="validate splits up front: columns, images, labels")
     k.add_argument("root", help="data root")
-    k.add_argument("--split", nargs="+", default=["train", "val", "test"], help="splits to check (default: train val test, those present)")
+    k.add_argument(
+        "--split",
+        nargs="+",
+        default=["train", "val", "test"],
+        help="splits to check (default: train val test, those present)",
+    )
     k.add_argument("--trust-pickle", action="store_true", help="allow the published .pkl split files")
     k.set_defaults(func=run_check)
 
@@ -35,8 +49,13 @@ def register(sub) -> None:
     s.add_argument("--test", type=int, default=32, help="test triplets (default: 32)")
     s.add_argument("--size", type=int, default=32, help="image side in pixels (default: 32)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    s.add_argument("--format", nargs="+", default=["parquet"], choices=["parquet", "jsonl", "pickle"],
-                   help="table formats to write (default: parquet)")
+    s.add_argument(
+        "--format",
+        nargs="+",
+        default=["parquet"],
+        choices=["parquet", "jsonl", "pickle"],
+        help="table formats to write (default: parquet)",
+    )
     s.set_defaults(func=run_synthetic)
 
 
@@ -66,7 +85,14 @@ def run_synthetic(args) -> int:
     for name in ("train", "val", "test", "size"):
         if getattr(args, name) < 1:
             raise UserError(f"data synthetic: --{name} must be at least 1")
-    counts = make_pick_high(Path(args.out), {"train": args.train, "val": args.val, "test": args.test},
-                            size=args.size, seed=args.seed, formats=tuple(args.format))
-    print(f"wrote {sum(counts.values())} triplets ({', '.join(f'{k} {v}' for k, v in counts.items())}) under {args.out}")
+    counts = make_pick_high(
+        Path(args.out),
+        {"train": args.train, "val": args.val, "test": args.test},
+        size=args.size,
+        seed=args.seed,
+        formats=tuple(args.format),
+    )
+    print(
+        f"wrote {sum(counts.values())} triplets ({', '.join(f'{k} {v}' for k, v in counts.items())}) under {args.out}"
+    )
     return 0

@@ -7,11 +7,14 @@ from ..demo.runner import DemoConfig, run_demo
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune the bundled tiny shapes-world model on ICT-HP and report the oracle's verdict",
-                       description="Reward fine-tuning (DRaFT-K, LoRA) of the bundled tiny Stable Diffusion pipeline with the "
-                                   "bundled ICT-HP reward, on a CPU in minutes. An oracle reads each image's attributes "
-                                   "from its pixels, and a held-out CLIP the training never sees, so real improvement "
-                                   "shows apart from reward hacking.")
+    p = sub.add_parser(
+        "demo",
+        help="fine-tune the bundled tiny shapes-world model on ICT-HP and report the oracle's verdict",
+        description="Reward fine-tuning (DRaFT-K, LoRA) of the bundled tiny Stable Diffusion pipeline with the "
+        "bundled ICT-HP reward, on a CPU in minutes. An oracle reads each image's attributes "
+        "from its pixels, and a held-out CLIP the training never sees, so real improvement "
+        "shows apart from reward hacking.",
+    )
     p.add_argument("--config", default=None, help="YAML file of these options (flags override it)")
     add_config_args(p, DemoConfig)
     p.set_defaults(func=run)

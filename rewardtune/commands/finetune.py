@@ -9,11 +9,19 @@ from ..finetune import FinetuneConfig, run_finetune
 
 
 def register(sub) -> None:
-    p = sub.add_parser("finetune", help="reward fine-tuning of SD 1.x/2.x or SDXL with LoRA (DRaFT-K, DRaFT-LV, ReFL, AlignProp)",
-                       description="Fine-tune a LoRA of the UNet by backpropagating a differentiable reward through the last "
-                                   "denoising steps. Options come from defaults, then --config (a recipe), then flags. "
-                                   "Many GPUs: accelerate launch -m rewardtune.cli finetune ...")
-    p.add_argument("--config", default=None, metavar="RECIPE", help="a YAML recipe (a path or a bundled name such as sd15_icthp_draftk)")
+    p = sub.add_parser(
+        "finetune",
+        help="reward fine-tuning of SD 1.x/2.x or SDXL with LoRA (DRaFT-K, DRaFT-LV, ReFL, AlignProp)",
+        description="Fine-tune a LoRA of the UNet by backpropagating a differentiable reward through the last "
+        "denoising steps. Options come from defaults, then --config (a recipe), then flags. "
+        "Many GPUs: accelerate launch -m rewardtune.cli finetune ...",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="RECIPE",
+        help="a YAML recipe (a path or a bundled name such as sd15_icthp_draftk)",
+    )
     add_config_args(p, FinetuneConfig)
     p.set_defaults(func=run)
 

@@ -11,13 +11,18 @@ from ..plan import fit_budget, predict_peak_memory
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="predict the peak GPU memory of a finetune config; what fits a budget",
-                       description="Predict the peak GPU memory of one `rewardtune finetune` step before running it "
-                                   "(a trace of the real step on fake tensors: nothing is allocated or downloaded). "
-                                   "--model sd15/sdxl use the shipped architecture configs; a local diffusers "
-                                   "directory is read for its configs only.")
+    p = sub.add_parser(
+        "plan",
+        help="predict the peak GPU memory of a finetune config; what fits a budget",
+        description="Predict the peak GPU memory of one `rewardtune finetune` step before running it "
+        "(a trace of the real step on fake tensors: nothing is allocated or downloaded). "
+        "--model sd15/sdxl use the shipped architecture configs; a local diffusers "
+        "directory is read for its configs only.",
+    )
     p.add_argument("--config", default=None, help="a finetune recipe (YAML file or bundled name); flags override it")
-    p.add_argument("--budget-gib", type=float, default=None, help="GPU memory to fit in (GiB); suggests knobs if exceeded")
+    p.add_argument(
+        "--budget-gib", type=float, default=None, help="GPU memory to fit in (GiB); suggests knobs if exceeded"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_config_args(p, FinetuneConfig, skip=("output",))
     p.set_defaults(func=run)
@@ -38,13 +43,17 @@ def run(args) -> int:
 
 def _print(cfg, result: dict) -> None:
     p = result["prediction"]
-    print(f"model {p['architecture']} ({p['family']}), {p['resolution']}x{p['resolution']}, {cfg.method} K={cfg.k}, "
-          f"batch {cfg.batch_size}, {cfg.mixed_precision} (VAE {'fp32' if cfg.vae_fp32 else 'same'}), "
-          f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}, LoRA rank {cfg.lora_rank}, "
-          f"reward {cfg.reward}")
+    print(
+        f"model {p['architecture']} ({p['family']}), {p['resolution']}x{p['resolution']}, {cfg.method} K={cfg.k}, "
+        f"batch {cfg.batch_size}, {cfg.mixed_precision} (VAE {'fp32' if cfg.vae_fp32 else 'same'}), "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}, LoRA rank {cfg.lora_rank}, "
+        f"reward {cfg.reward}"
+    )
     print(f"predicted peak GPU memory: {p['peak_gib']:.2f} GiB")
-    print(f"  weights (frozen model, reward, LoRA): {p['weights_mib'] / 1024:.2f} GiB; with optimizer states "
-          f"{p['resident_mib'] / 1024:.2f} GiB; step activations and temporaries at the peak {p['activations_mib'] / 1024:.2f} GiB")
+    print(
+        f"  weights (frozen model, reward, LoRA): {p['weights_mib'] / 1024:.2f} GiB; with optimizer states "
+        f"{p['resident_mib'] / 1024:.2f} GiB; step activations and temporaries at the peak {p['activations_mib'] / 1024:.2f} GiB"
+    )
     if "budget_gib" not in result:
         return
     if result["fits"]:

@@ -19,10 +19,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def register(sub) -> None:
-    p = sub.add_parser("score", help="score images with ICT, HP, ICT-HP or a baseline reward",
-                       description="Score images against prompts. One --prompt for all images, or one per image.")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (PNG, JPEG, ...) or directories (their image files, sorted by name)")
+    p = sub.add_parser(
+        "score",
+        help="score images with ICT, HP, ICT-HP or a baseline reward",
+        description="Score images against prompts. One --prompt for all images, or one per image.",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (PNG, JPEG, ...) or directories (their image files, sorted by name)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="the prompt; repeat it to give one per image")
     p.add_argument("--reward", default="ict,hp,icthp", help="comma-separated reward names (default: ict,hp,icthp)")
     add_source_args(p)
@@ -40,7 +47,9 @@ def run(args) -> int:
     if len(prompts) == 1:
         prompts = prompts * len(paths)
     if len(prompts) != len(paths):
-        raise UserError(f"--prompt: got {len(prompts)} prompts for {len(paths)} images; give one prompt, or one per image")
+        raise UserError(
+            f"--prompt: got {len(prompts)} prompts for {len(paths)} images; give one prompt, or one per image"
+        )
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     names = [n for n, w in parse_spec(args.reward)]
@@ -52,8 +61,14 @@ def run(args) -> int:
     report_long_prompts(prompts, reward_limits(rewards))
     results = [{"image": str(p), "prompt": t} for p, t in zip(paths, prompts)]
     with torch.no_grad():
-        table = score_by_size(lambda x, ps: torch.stack([r(x, ps).float() for r in rewards.values()], -1),
-                              images, prompts, batch_size=args.batch_size, device=device, desc="scoring")
+        table = score_by_size(
+            lambda x, ps: torch.stack([r(x, ps).float() for r in rewards.values()], -1),
+            images,
+            prompts,
+            batch_size=args.batch_size,
+            device=device,
+            desc="scoring",
+        )
     for row, scores in zip(results, table.tolist()):
         row.update(zip(rewards, scores))
     if args.json:
@@ -87,12 +102,16 @@ def expand_images(args: list[str]) -> list[Path]:
         other = len(entries) - len(found)
         if not found:
             held = f"it holds {other} other entr{'y' if other == 1 else 'ies'}" if other else "it is empty"
-            raise UserError(f"image directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); {held}; "
-                            f"give a directory of images or the image files")
+            raise UserError(
+                f"image directory '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)}); {held}; "
+                f"give a directory of images or the image files"
+            )
         if other:
-            print(f"note: '{path}': scoring its {len(found)} image file{'s' if len(found) > 1 else ''}, skipping "
-                  f"{other} other entr{'y' if other == 1 else 'ies'} (not {'/'.join(IMAGE_SUFFIXES)})",
-                  file=sys.stderr)
+            print(
+                f"note: '{path}': scoring its {len(found)} image file{'s' if len(found) > 1 else ''}, skipping "
+                f"{other} other entr{'y' if other == 1 else 'ies'} (not {'/'.join(IMAGE_SUFFIXES)})",
+                file=sys.stderr,
+            )
         out.extend(found)
     return out
 

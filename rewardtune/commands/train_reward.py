@@ -15,11 +15,18 @@ from ..reward_training import TrainRewardConfig, train_reward
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-reward", help="train the ICT or HP reward model on preference triplets",
-                       description="Train ICT (stage ict) or HP (stage hp, on a trained ICT) on Pick-High or your own "
-                                   "triplets. Options come from defaults, then --config, then flags.")
-    p.add_argument("--config", default=None, metavar="RECIPE",
-                   help="YAML recipe: a path or a bundled name (train_ict, train_hp); keys are the option names below, with underscores")
+    p = sub.add_parser(
+        "train-reward",
+        help="train the ICT or HP reward model on preference triplets",
+        description="Train ICT (stage ict) or HP (stage hp, on a trained ICT) on Pick-High or your own "
+        "triplets. Options come from defaults, then --config, then flags.",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="RECIPE",
+        help="YAML recipe: a path or a bundled name (train_ict, train_hp); keys are the option names below, with underscores",
+    )
     add_config_args(p, TrainRewardConfig)
     p.set_defaults(func=run)
 

@@ -27,7 +27,9 @@ def convert_pickles(root, out=None, splits: list[str] | None = None, trust_pickl
     for split in splits:
         src = root / "Pick-High" / f"{split}.pkl"
         if not src.is_file():
-            raise UserError(f"data convert: '{src}' does not exist; splits found: {', '.join(pickle_splits(root)) or 'none'}")
+            raise UserError(
+                f"data convert: '{src}' does not exist; splits found: {', '.join(pickle_splits(root)) or 'none'}"
+            )
         frame = read_frame(src, trust_pickle).copy()
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:

@@ -38,8 +38,14 @@ def split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, offset])
 
 
-def write_synthetic_set(root, draw, sizes: dict[str, int], seed: int = 0, formats=("parquet",),
-                        image_names: tuple[str, str, str] = IMAGE_NAMES) -> dict:
+def write_synthetic_set(
+    root,
+    draw,
+    sizes: dict[str, int],
+    seed: int = 0,
+    formats=("parquet",),
+    image_names: tuple[str, str, str] = IMAGE_NAMES,
+) -> dict:
     """Write ``draw(split_rng(seed, split), n, split)`` for each ``split: n`` of ``sizes`` under ``root``;
     returns each split's table (image paths relative to ``root``)."""
     unknown = sorted(set(formats) - set(FORMATS))
@@ -47,12 +53,15 @@ def write_synthetic_set(root, draw, sizes: dict[str, int], seed: int = 0, format
         raise ValueError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    return {split: write_triplets(root, split, draw(split_rng(seed, split), n, split), formats, image_names)
-            for split, n in sizes.items()}
+    return {
+        split: write_triplets(root, split, draw(split_rng(seed, split), n, split), formats, image_names)
+        for split, n in sizes.items()
+    }
 
 
-def write_triplets(root, split: str, triplets: list[dict], formats=("parquet",),
-                   image_names: tuple[str, str, str] = IMAGE_NAMES):
+def write_triplets(
+    root, split: str, triplets: list[dict], formats=("parquet",), image_names: tuple[str, str, str] = IMAGE_NAMES
+):
     """One split's PNGs and tables: ``Pick-High/<split>.pkl`` with bare image names, as published, and
     ``<split>.parquet`` / ``.jsonl`` with paths relative to ``root``. Returns the relative table."""
     import pandas as pd
@@ -99,7 +108,12 @@ def _atomic(path: Path, write) -> None:
 
 SHAPES = ["square", "circle", "triangle", "cross"]
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
-BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "purple": (0.55, 0.2, 0.7), "orange": (1.0, 0.55, 0.1)}
+BACKGROUNDS = {
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+    "purple": (0.55, 0.2, 0.7),
+    "orange": (1.0, 0.55, 0.1),
+}
 WORDS = ["a", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS]
 GREY = 0.5
 NOISE = (0.35, 0.12, 0.0)  # noise std of I1, I2, I3
@@ -142,16 +156,25 @@ def make_triplet(rng: np.random.Generator, size: int) -> dict:
     e2 = float(rng.uniform(0.55, 0.85))
     e1 = e2 * float(rng.uniform(0.6, 0.95))
     sim = float(rng.uniform(0.6, 0.9))  # stands in for CLIP(P_easy, P_refined)
-    return {"easy_prompt": f"a {color} {shape}", "refine_prompt": f"a {color} {shape} on a {bg} background",
-            "images": images, "E1": e1, "E2": e2, "R1": e1 * sim, "R2": e2 * sim}
+    return {
+        "easy_prompt": f"a {color} {shape}",
+        "refine_prompt": f"a {color} {shape} on a {bg} background",
+        "images": images,
+        "E1": e1,
+        "E2": e2,
+        "R1": e1 * sim,
+        "R2": e2 * sim,
+    }
 
 
-def make_pick_high(root, splits: dict[str, int] | None = None, size: int = 32, seed: int = 0,
-                   formats: tuple[str, ...] = ("pickle",)) -> dict[str, int]:
+def make_pick_high(
+    root, splits: dict[str, int] | None = None, size: int = 32, seed: int = 0, formats: tuple[str, ...] = ("pickle",)
+) -> dict[str, int]:
     """Write a coloured-shapes set under ``root``: ``formats`` among "pickle" (``Pick-High/<split>.pkl``),
     "parquet" and "jsonl" (``<split>.parquet``/``.jsonl``); images always under ``pick_easy_img/<split>/``
     and ``pick_refine_img/<split>/``. Returns rows per split."""
     splits = splits or {"train": 64, "val": 16, "test": 32}
-    tables = write_synthetic_set(root, lambda rng, n, split: [make_triplet(rng, size) for _ in range(n)], splits,
-                                 seed, formats)
+    tables = write_synthetic_set(
+        root, lambda rng, n, split: [make_triplet(rng, size) for _ in range(n)], splits, seed, formats
+    )
     return {split: len(table) for split, table in tables.items()}

@@ -41,21 +41,26 @@ def find_split(root: str | os.PathLike, split: str) -> Path:
     """The file holding ``split`` under ``root``: Parquet, then JSONL, then the published pickle."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"data: '{root}' is not a directory; pass the data root (holding <split>.parquet or Pick-High/)")
+        raise UserError(
+            f"data: '{root}' is not a directory; pass the data root (holding <split>.parquet or Pick-High/)"
+        )
     for cand in (root / f"{split}.parquet", root / f"{split}.jsonl", root / "Pick-High" / f"{split}.pkl"):
         if cand.is_file():
             return cand
     if root.name == "Pick-High" and (root / f"{split}.pkl").is_file():
         return root / f"{split}.pkl"
-    raise UserError(f"data: no '{split}' split under '{root}'; expected {split}.parquet, {split}.jsonl or "
-                    f"Pick-High/{split}.pkl there")
+    raise UserError(
+        f"data: no '{split}' split under '{root}'; expected {split}.parquet, {split}.jsonl or "
+        f"Pick-High/{split}.pkl there"
+    )
 
 
 def pickle_refusal(path: Path) -> UserError:
     return UserError(
         f"data: '{path}' is a pickle, and loading a pickle can run arbitrary code; pass --trust-pickle if you "
         f"trust where it came from, or convert it once with 'rewardtune data convert {_pickle_root(path)} "
-        f"--trust-pickle' and use the Parquet files it writes")
+        f"--trust-pickle' and use the Parquet files it writes"
+    )
 
 
 def _pickle_root(path: Path) -> Path:
@@ -73,7 +78,9 @@ def read_frame(path: Path, trust_pickle: bool = False):
         if path.suffix == ".jsonl":
             return pd.read_json(path, lines=True, dtype=False)
     except Exception as exc:
-        raise UserError(f"data: '{path}' is not a readable {path.suffix[1:]} file ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise UserError(
+            f"data: '{path}' is not a readable {path.suffix[1:]} file ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     if path.suffix != ".pkl":
         raise UserError(f"data: '{path}' has an unknown format; use .parquet, .jsonl or the published .pkl")
     if not trust_pickle:
@@ -81,7 +88,9 @@ def read_frame(path: Path, trust_pickle: bool = False):
     try:
         frame = pd.read_pickle(path)  # the published format; only ever reached with --trust-pickle
     except Exception as exc:
-        raise UserError(f"data: '{path}' is not a readable pickled DataFrame ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise UserError(
+            f"data: '{path}' is not a readable pickled DataFrame ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     if not isinstance(frame, pd.DataFrame):
         raise UserError(f"data: '{path}' holds a {type(frame).__name__}, not a pandas DataFrame of triplets")
     return frame
@@ -123,12 +132,25 @@ class TripletTable:
 
     def head(self, n: int) -> TripletTable:
         n = min(n, len(self))
-        return TripletTable(self.path, self.easy_prompt[:n], self.refine_prompt[:n], self.images[:n],
-                            self.labels[:n], self.rows[:n], self.skipped)
+        return TripletTable(
+            self.path,
+            self.easy_prompt[:n],
+            self.refine_prompt[:n],
+            self.images[:n],
+            self.labels[:n],
+            self.rows[:n],
+            self.skipped,
+        )
 
 
-def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool = False,
-                  check_images: bool = True, limit: int | None = None) -> TripletTable:
+def load_triplets(
+    root,
+    split: str,
+    trust_pickle: bool = False,
+    skip_bad: bool = False,
+    check_images: bool = True,
+    limit: int | None = None,
+) -> TripletTable:
     """Read and validate ``split`` under ``root``. Bad rows raise one report; ``skip_bad`` drops them instead.
 
     ``limit`` keeps the first N rows (before validation, so a huge split is not checked in full). Exact
@@ -139,19 +161,25 @@ def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool =
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         have = ", ".join(map(str, frame.columns)) or "none"
-        raise UserError(f"data: '{path}' lacks column(s) {', '.join(missing)} (it has: {have}); "
-                        f"triplet data needs {', '.join(COLUMNS)}")
+        raise UserError(
+            f"data: '{path}' lacks column(s) {', '.join(missing)} (it has: {have}); "
+            f"triplet data needs {', '.join(COLUMNS)}"
+        )
     if limit:
         frame = frame.iloc[:limit]
     if len(frame) == 0:
         raise UserError(f"data: '{path}' has no rows")
     easy_dir, refine_dir = image_dirs(path, split)
-    paths = [[_abspath(v, d) for v in frame[c].tolist()]
-             for c, d in zip(IMAGE_COLUMNS, (easy_dir, easy_dir, refine_dir))]
+    paths = [
+        [_abspath(v, d) for v in frame[c].tolist()] for c, d in zip(IMAGE_COLUMNS, (easy_dir, easy_dir, refine_dir))
+    ]
     problems = _row_problems(frame, paths, check_images)
     bad = sorted(problems)
     if bad and not skip_bad:
-        raise UserError(bad_report(path, problems, len(frame)) + f"; fix or drop them, or pass --skip-bad to use the other {len(frame) - len(bad)}")
+        raise UserError(
+            bad_report(path, problems, len(frame))
+            + f"; fix or drop them, or pass --skip-bad to use the other {len(frame) - len(bad)}"
+        )
     if bad:
         if len(bad) == len(frame):
             raise UserError(bad_report(path, problems, len(frame)) + "; no usable rows are left")
@@ -170,9 +198,12 @@ def load_triplets(root, split: str, trust_pickle: bool = False, skip_bad: bool =
     dups = table.duplicates()
     if dups:
         row, earlier = dups[0]
-        print(f"note: {len(dups)} of {len(table)} triplets in split '{split}' ('{path}') are exact duplicates of an "
-              f"earlier row (same prompts and images; first: row {row} = row {earlier}); each copy counts again in "
-              f"training and accuracy, so drop them unless that is meant", file=sys.stderr)
+        print(
+            f"note: {len(dups)} of {len(table)} triplets in split '{split}' ('{path}') are exact duplicates of an "
+            f"earlier row (same prompts and images; first: row {row} = row {earlier}); each copy counts again in "
+            f"training and accuracy, so drop them unless that is meant",
+            file=sys.stderr,
+        )
     return table
 
 
@@ -257,7 +288,12 @@ class TripletDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         t = self.table
         images = [load_image(p) for p in t.images[i]]
-        item = {"easy_prompt": t.easy_prompt[i], "refine_prompt": t.refine_prompt[i], "labels": t.labels[i], "index": i}
+        item = {
+            "easy_prompt": t.easy_prompt[i],
+            "refine_prompt": t.refine_prompt[i],
+            "labels": t.labels[i],
+            "index": i,
+        }
         if not self.preprocess:
             item["images"] = images
         with torch.no_grad():

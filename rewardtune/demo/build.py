@@ -74,15 +74,29 @@ PARTS = ("clip", "heldout", "vae", "unet", "data", "rewards")
 WORLD_CLIP = dict(hidden=64, layers=3, heads=4, projection_dim=64, image_size=32, patch_size=8)
 HELDOUT_CLIP = dict(hidden=48, layers=2, heads=4, projection_dim=48, image_size=32, patch_size=8)
 VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
-UNET = dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=16,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=8,
+    norm_num_groups=16,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
 TEXT_LENGTH = 32  # tokens: the world's longest prompt needs 17; CLIP's 77 would only cost compute
 # SD's schedule, sampled from t=999 ("trailing"): with "leading" spacing a few DDIM steps start at
 # t=901, where training always left a trace of the image (its mean brightness, its layout) that pure
 # noise lacks, and the model draws grey backgrounds and ignores positions.
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-                 timestep_spacing="trailing")
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+)
 OFFSET_NOISE = 0.1  # per-image, per-channel constant added to the noise, so that dark and bright images are learnt
 PRETRAIN_DETAIL = (0.35, 0.45, 0.20)  # detail 0/1/2 in the pretraining pool
 
@@ -92,6 +106,7 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- data
+
 
 def render_pool(n: int, seed: int) -> tuple[list[world.Scene], torch.Tensor]:
     """``n`` random scenes and their images as uint8 (n, 3, 32, 32)."""
@@ -117,8 +132,19 @@ def _floats(images_u8: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- CLIPs
 
-def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dict, batch: int = 64, lr: float = 2e-3,
-               aux_weight: float = 1.0, device: str = "cpu"):
+
+def train_clip(
+    directory: Path,
+    scenes,
+    images,
+    steps: int,
+    seed: int,
+    arch: dict,
+    batch: int = 64,
+    lr: float = 2e-3,
+    aux_weight: float = 1.0,
+    device: str = "cpu",
+):
     """A tiny CLIP trained contrastively on the pool, saved as a full HF CLIP directory.
 
     Targets are multi-positive: caption j matches image i when every attribute it names is shown. Linear
@@ -126,12 +152,18 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
     position, which plain contrastive training of a tiny ViT picks up only after many epochs."""
     from transformers import CLIPModel, CLIPTokenizer
 
-
     directory = Path(directory)
     vocab = write_tokenizer(directory)
     torch.manual_seed(seed)
-    config = tiny_clip_config(vocab, projection_dim=arch["projection_dim"], image_size=arch["image_size"],
-                              patch_size=arch["patch_size"], hidden=arch["hidden"], layers=arch["layers"], heads=arch["heads"])
+    config = tiny_clip_config(
+        vocab,
+        projection_dim=arch["projection_dim"],
+        image_size=arch["image_size"],
+        patch_size=arch["patch_size"],
+        hidden=arch["hidden"],
+        layers=arch["layers"],
+        heads=arch["heads"],
+    )
     config.text_config.max_position_embeddings = TEXT_LENGTH
     write_clip_processor(directory, arch["image_size"])
     tower = ClipTower(CLIPModel(config), CLIPTokenizer.from_pretrained(str(directory))).to(device)
@@ -153,7 +185,9 @@ def train_clip(directory: Path, scenes, images, steps: int, seed: int, arch: dic
         aux = heads.loss(img_raw, batch_scenes, txt_raw, texts)
         _optimizer_step(opt, sched, contrastive + aux_weight * aux)
         if step % 100 == 0 or step == steps - 1:
-            log(f"clip {directory.name} step {step}/{steps} contrastive {contrastive.item():.3f} attributes {aux.item():.3f}")
+            log(
+                f"clip {directory.name} step {step}/{steps} contrastive {contrastive.item():.3f} attributes {aux.item():.3f}"
+            )
     tower.model.eval().cpu()
     tower.model.save_pretrained(directory)
     return tower
@@ -175,7 +209,11 @@ class AttributeHeads(torch.nn.Module):
             vals = world.VALUES[a]
             shown = torch.tensor([vals.index(getattr(s, a)) for s in scenes], device=image_emb.device)
             said = torch.tensor([vals.index(q[a]) if a in q else len(vals) for q in asked], device=image_emb.device)
-            total = total + F.cross_entropy(self.image[a](image_emb), shown) + F.cross_entropy(self.text[a](text_emb), said)
+            total = (
+                total
+                + F.cross_entropy(self.image[a](image_emb), shown)
+                + F.cross_entropy(self.text[a](text_emb), said)
+            )
         return total / (2 * len(world.ATTRIBUTES))
 
 
@@ -223,6 +261,7 @@ def _one_cycle(opt, lr: float, steps: int):
 
 # ---------------------------------------------------------------- VAE
 
+
 def train_vae(images, steps: int, seed: int, batch: int = 32, lr: float = 3e-3, device: str = "cpu"):
     """A small AutoencoderKL (32 px -> 16x16x4 latents) trained for reconstruction; its scaling factor
     is set so that the latents the UNet sees have unit variance, as SD's does."""
@@ -230,9 +269,15 @@ def train_vae(images, steps: int, seed: int, batch: int = 32, lr: float = 3e-3, 
 
     torch.manual_seed(seed)
     k = len(VAE["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * k,
-                        up_block_types=("UpDecoderBlock2D",) * k, sample_size=world.IMAGE_SIZE,
-                        mid_block_add_attention=False, **VAE).to(device)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * k,
+        up_block_types=("UpDecoderBlock2D",) * k,
+        sample_size=world.IMAGE_SIZE,
+        mid_block_add_attention=False,
+        **VAE,
+    ).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = _one_cycle(opt, lr, steps)
     g = torch.Generator().manual_seed(seed)
@@ -247,8 +292,12 @@ def train_vae(images, steps: int, seed: int, batch: int = 32, lr: float = 3e-3, 
             log(f"vae step {step}/{steps} reconstruction {rec.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(_floats(images[i : i + 256]).to(device) * 2 - 1).latent_dist.mean
-                       for i in range(0, min(len(images), 2048), 256)])
+        z = torch.cat(
+            [
+                vae.encode(_floats(images[i : i + 256]).to(device) * 2 - 1).latent_dist.mean
+                for i in range(0, min(len(images), 2048), 256)
+            ]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return vae.cpu()
 
@@ -257,12 +306,16 @@ def train_vae(images, steps: int, seed: int, batch: int = 32, lr: float = 3e-3, 
 def encode_pool(vae, images, batch: int = 512, device: str = "cpu") -> torch.Tensor:
     """Scaled latent means of every pool image."""
     vae.to(device)
-    out = [vae.encode(_floats(images[i : i + batch]).to(device) * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+    out = [
+        vae.encode(_floats(images[i : i + batch]).to(device) * 2 - 1).latent_dist.mean
+        for i in range(0, len(images), batch)
+    ]
     vae.cpu()
     return torch.cat(out) * vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------- generator
+
 
 def text_encoder_from_clip(clip_dir: Path):
     """The world CLIP's text tower as a ``CLIPTextModel`` (as SD uses CLIP's text encoder)."""
@@ -276,20 +329,41 @@ def text_encoder_from_clip(clip_dir: Path):
     return text
 
 
-def train_unet(latents, scenes, text_encoder, tokenizer, steps: int, seed: int, noise: float,
-               batch: int = 32, lr: float = 1e-3, text_lr: float = 1e-4, uncond: float = 0.1, ema: float = 0.995,
-               device: str = "cpu"):
+def train_unet(
+    latents,
+    scenes,
+    text_encoder,
+    tokenizer,
+    steps: int,
+    seed: int,
+    noise: float,
+    batch: int = 32,
+    lr: float = 1e-3,
+    text_lr: float = 1e-4,
+    uncond: float = 0.1,
+    ema: float = 0.995,
+    device: str = "cpu",
+):
     """Denoising training of a tiny UNet (and, gently, the text encoder) on captions with wrong attributes."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=latents.shape[-1], in_channels=latents.shape[1], out_channels=latents.shape[1],
-                                cross_attention_dim=text_encoder.config.hidden_size, **UNET).to(device)
+    unet = UNet2DConditionModel(
+        sample_size=latents.shape[-1],
+        in_channels=latents.shape[1],
+        out_channels=latents.shape[1],
+        cross_attention_dim=text_encoder.config.hidden_size,
+        **UNET,
+    ).to(device)
     text_encoder.to(device)
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset", "timestep_spacing")})
+    noise_sched = DDPMScheduler(
+        **{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset", "timestep_spacing")}
+    )
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": lr},
-                             {"params": text_encoder.parameters(), "lr": text_lr}], weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": lr}, {"params": text_encoder.parameters(), "lr": text_lr}],
+        weight_decay=0.01,
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, text_lr], total_steps=max(steps, 2), pct_start=0.05)
     rng = np.random.default_rng([seed, 300])
     g = torch.Generator().manual_seed(seed)
@@ -298,11 +372,14 @@ def train_unet(latents, scenes, text_encoder, tokenizer, steps: int, seed: int, 
     for step in range(steps):
         idx = rng.integers(0, len(scenes), batch)
         texts = ["" if rng.random() < uncond else caption(scenes[i], rng, noise=noise) for i in idx]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         hidden = text_encoder(ids).last_hidden_state
         x0 = latents[idx]
-        eps = (torch.randn(x0.shape, generator=g) + OFFSET_NOISE * torch.randn(*x0.shape[:2], 1, 1, generator=g)).to(device)
+        eps = (torch.randn(x0.shape, generator=g) + OFFSET_NOISE * torch.randn(*x0.shape[:2], 1, 1, generator=g)).to(
+            device
+        )
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g).to(device)
         pred = unet(noise_sched.add_noise(x0, eps, t), t, hidden).sample
         loss = F.mse_loss(pred, eps)
@@ -334,19 +411,33 @@ def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet) -> None:
 
 # ---------------------------------------------------------------- rewards
 
-def train_rewards(data_root: Path, backbone: Path, work: Path, out: Path, ict_steps: int, hp_steps: int, seed: int) -> dict:
+
+def train_rewards(
+    data_root: Path, backbone: Path, work: Path, out: Path, ict_steps: int, hp_steps: int, seed: int
+) -> dict:
     """ICT then HP through ``rewardtune.reward_training``; copies the results to ``out/ict`` and ``out/hp``."""
 
-    common = dict(data=str(data_root), backbone=str(backbone), batch_size=32, num_workers=0, seed=seed,
-                  checkpoint_every=0, progress=False, eval_split="val", log_every=50, lr_schedule="cosine")
+    common = dict(
+        data=str(data_root),
+        backbone=str(backbone),
+        batch_size=32,
+        num_workers=0,
+        seed=seed,
+        checkpoint_every=0,
+        progress=False,
+        eval_split="val",
+        log_every=50,
+        lr_schedule="cosine",
+    )
     ict_cfg = TrainRewardConfig(stage="ict", output=str(work / "ict"), steps=ict_steps, lr=1e-4, **common)
     ict_cfg.validate()
     ict_metrics = train_reward(ict_cfg)
     # The paper's HP recipe (lr 3e-6, half the vision layers frozen) is for a pretrained ViT-H over 50k
     # steps; the 3-layer world CLIP learns the detail levels only with every layer trained and a higher lr
     # (val HP accuracy 0.87 against 0.70 with lr 1e-4 and half frozen, 1500 vs 600 steps).
-    hp_cfg = TrainRewardConfig(stage="hp", output=str(work / "hp"), ict=str(work / "ict"), steps=hp_steps, lr=1e-3,
-                               freeze_ratio=0.0, **common)
+    hp_cfg = TrainRewardConfig(
+        stage="hp", output=str(work / "hp"), ict=str(work / "ict"), steps=hp_steps, lr=1e-3, freeze_ratio=0.0, **common
+    )
     hp_cfg.validate()
     hp_metrics = train_reward(hp_cfg)
     offset = calibrate_hp(work / "hp", data_root)
@@ -366,11 +457,12 @@ HP_REFERENCE = 0.97
 
 
 @torch.no_grad()
-def calibrate_hp(hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, split: str = "val", limit: int = 500) -> float:
+def calibrate_hp(
+    hp_dir: Path, data_root: Path, target: float = HP_REFERENCE, split: str = "val", limit: int = 500
+) -> float:
     """Shift the HP scorer's last bias so that the ``split``'s I3 images average sigmoid(raw) = ``target``;
     returns the shift."""
     import pandas as pd
-
 
     frame = pd.read_parquet(data_root / f"{split}.parquet").head(limit)
     hp = load_reward("hp", hp=str(hp_dir)).eval()
@@ -418,6 +510,7 @@ def _replace_dir(directory: Path, write) -> None:
 
 # ---------------------------------------------------------------- all
 
+
 def build(cfg: BuildConfig) -> dict:
     """Run the build steps (all, or ``cfg.only``) and write ``build.json`` with settings and timings."""
     unknown = sorted(set(cfg.only) - set(PARTS))
@@ -445,12 +538,24 @@ def build(cfg: BuildConfig) -> dict:
     scenes, images = timed("render_pool", lambda: render_pool(cfg.pool, cfg.seed)) if needs_pool else (None, None)
     clip_dir = work / "world_clip"
     if "clip" in parts:
-        timed("world_clip", lambda: _replace_dir(clip_dir, lambda tmp: train_clip(
-            tmp, scenes, images, cfg.clip_steps, cfg.seed, WORLD_CLIP, device=cfg.device)))
+        timed(
+            "world_clip",
+            lambda: _replace_dir(
+                clip_dir,
+                lambda tmp: train_clip(tmp, scenes, images, cfg.clip_steps, cfg.seed, WORLD_CLIP, device=cfg.device),
+            ),
+        )
     if "heldout" in parts:
         h_scenes, h_images = render_pool(cfg.pool // 2, cfg.seed + 1)
-        timed("heldout_clip", lambda: _replace_dir(out / "heldout_clip", lambda tmp: train_clip(
-            tmp, h_scenes, h_images, cfg.heldout_steps, cfg.seed + 1, HELDOUT_CLIP, device=cfg.device)))
+        timed(
+            "heldout_clip",
+            lambda: _replace_dir(
+                out / "heldout_clip",
+                lambda tmp: train_clip(
+                    tmp, h_scenes, h_images, cfg.heldout_steps, cfg.seed + 1, HELDOUT_CLIP, device=cfg.device
+                ),
+            ),
+        )
     if "vae" in parts:
         vae = timed("vae", lambda: train_vae(images, cfg.vae_steps, cfg.seed, device=cfg.device))
         _replace_dir(work / "vae", lambda tmp: vae.save_pretrained(tmp))
@@ -465,9 +570,13 @@ def build(cfg: BuildConfig) -> dict:
         timed("preference_set", lambda: write_preference_set(data_root, sizes, seed=cfg.seed, generate=generate))
     if "rewards" in parts:
         if not clip_dir.is_dir():
-            raise UserError(f"build: the rewards step needs the world CLIP '{clip_dir}'; build it first or pass the --work of a run that did")
-        metrics = timed("rewards", lambda: train_rewards(data_root, clip_dir, work / "rewards", out,
-                                                         cfg.ict_steps, cfg.hp_steps, cfg.seed))
+            raise UserError(
+                f"build: the rewards step needs the world CLIP '{clip_dir}'; build it first or pass the --work of a run that did"
+            )
+        metrics = timed(
+            "rewards",
+            lambda: train_rewards(data_root, clip_dir, work / "rewards", out, cfg.ict_steps, cfg.hp_steps, cfg.seed),
+        )
         record["reward_metrics"] = _jsonable(metrics)
     record["total_seconds"] = round(sum(timings.values()), 1)
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
@@ -480,13 +589,23 @@ def _build_generator(out: Path, work: Path, scenes, images, cfg: BuildConfig) ->
 
     for need in ("vae", "world_clip"):
         if not (work / need).is_dir():
-            raise UserError(f"build: the unet step needs '{work / need}'; build it first or pass the --work of a run that did")
+            raise UserError(
+                f"build: the unet step needs '{work / need}'; build it first or pass the --work of a run that did"
+            )
     vae = AutoencoderKL.from_pretrained(str(work / "vae"))
     clip_dir = work / "world_clip"
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_dir))
     latents = encode_pool(vae, images, device=cfg.device)
-    unet, text = train_unet(latents, scenes, text_encoder_from_clip(clip_dir), tokenizer, cfg.unet_steps, cfg.seed,
-                            cfg.caption_noise, device=cfg.device)
+    unet, text = train_unet(
+        latents,
+        scenes,
+        text_encoder_from_clip(clip_dir),
+        tokenizer,
+        cfg.unet_steps,
+        cfg.seed,
+        cfg.caption_noise,
+        device=cfg.device,
+    )
     save_pipeline(out / "pipeline", vae, text, tokenizer, unet)
 
 
@@ -501,12 +620,13 @@ def _jsonable(obj):
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}".replace("  ", " ")
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}".replace(
+        "  ", " "
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``scripts/build_demo_models.py``."""
-
 
     parser = argparse.ArgumentParser(description="Regenerate the demo's bundled models from scratch on a CPU.")
     add_config_args(parser, BuildConfig)

@@ -54,8 +54,16 @@ def make_triplet(rng: np.random.Generator, theta: float = 1.0) -> dict:
     e2 = c[1]
     e1 = min(c[0], e2)
     sim = world.prompt_overlap(easy_prompt, refine_prompt)
-    return {"scenes": (i1, i2, refined), "images": images, "easy_prompt": easy_prompt, "refine_prompt": refine_prompt,
-            "E1": e1, "E2": e2, "R1": e1 * sim, "R2": e2 * sim}
+    return {
+        "scenes": (i1, i2, refined),
+        "images": images,
+        "easy_prompt": easy_prompt,
+        "refine_prompt": refine_prompt,
+        "E1": e1,
+        "E2": e2,
+        "R1": e1 * sim,
+        "R2": e2 * sim,
+    }
 
 
 def _variant(rng, scene: world.Scene, easy_attrs: list[str], n_wrong: int, detail: int) -> world.Scene:
@@ -90,14 +98,25 @@ def use_generated(triplets: list[dict], chosen: list[int], images: np.ndarray, t
         if scores[0] == scores[1]:
             continue
         lo, hi = (0, 1) if scores[0] < scores[1] else (1, 0)
-        triplets[i] = relabel({**t, "images": [pair[lo], pair[hi], t["images"][2]], "scenes": None}, theta,
-                              scores=(scores[lo], scores[hi]))
+        triplets[i] = relabel(
+            {**t, "images": [pair[lo], pair[hi], t["images"][2]], "scenes": None},
+            theta,
+            scores=(scores[lo], scores[hi]),
+        )
         changed += 1
     return changed
 
 
-def draw_split(rng: np.random.Generator, n: int, split: str, seed: int = 0, theta: float = 1.0, generate=None,
-               generated: float = 0.5, junk: float = 0.25) -> list[dict]:
+def draw_split(
+    rng: np.random.Generator,
+    n: int,
+    split: str,
+    seed: int = 0,
+    theta: float = 1.0,
+    generate=None,
+    generated: float = 0.5,
+    junk: float = 0.25,
+) -> list[dict]:
     """``n`` triplets of ``split``, drawn with ``rng`` (the writer's generator of that split).
 
     With ``generate(prompts, seed) -> (B, H, W, 3)`` (the base pipeline), a ``generated`` fraction of the
@@ -116,16 +135,31 @@ def draw_split(rng: np.random.Generator, n: int, split: str, seed: int = 0, thet
     return triplets
 
 
-def write_split(root: Path, split: str, n: int, seed: int, pickle: bool = False, theta: float = 1.0,
-                generate=None, generated: float = 0.5, junk: float = 0.25):
+def write_split(
+    root: Path,
+    split: str,
+    n: int,
+    seed: int,
+    pickle: bool = False,
+    theta: float = 1.0,
+    generate=None,
+    generated: float = 0.5,
+    junk: float = 0.25,
+):
     """Write ``n`` triplets of ``split`` under ``root`` (see ``draw_split``); returns the pandas DataFrame
     written. The same split as ``write_preference_set`` writes for that seed."""
     draw = partial(draw_split, seed=seed, theta=theta, generate=generate, generated=generated, junk=junk)
     return write_synthetic_set(root, draw, {split: n}, seed, _formats(pickle), IMAGE_NAMES)[split]
 
 
-def write_preference_set(root: str | os.PathLike, sizes: dict[str, int] | None = None, seed: int = 0,
-                         pickle: bool = False, theta: float = 1.0, generate=None) -> dict[str, int]:
+def write_preference_set(
+    root: str | os.PathLike,
+    sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    pickle: bool = False,
+    theta: float = 1.0,
+    generate=None,
+) -> dict[str, int]:
     """Write the train/val/test splits (default 4000/500/1000 triplets); returns the split sizes."""
     sizes = sizes or {"train": 4000, "val": 500, "test": 1000}
     draw = partial(draw_split, seed=seed, theta=theta, generate=generate)
@@ -141,14 +175,24 @@ def pipeline_sampler(pipeline_dir: str | os.PathLike, steps: int = 10, guidance:
     """``generate(prompts, seed) -> (B, H, W, 3)`` float images from a diffusers pipeline directory."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(pipeline_dir), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         g = torch.Generator().manual_seed(seed)
-        out = [pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    generator=g).images for i in range(0, len(prompts), batch)]
+        out = [
+            pipe(
+                prompts[i : i + batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                output_type="pt",
+                generator=g,
+            ).images
+            for i in range(0, len(prompts), batch)
+        ]
         return torch.cat(out).permute(0, 2, 3, 1).float().numpy()
 
     return generate

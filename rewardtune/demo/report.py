@@ -28,13 +28,17 @@ def reward_label(reward: str) -> str:
     return "ICT-HP" if reward == "icthp" else reward
 
 
-def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: int = CHART_WIDTH, height: int = 260) -> str:
+def svg_chart(
+    series: dict[str, list[tuple[float, float]]], title: str, width: int = CHART_WIDTH, height: int = 260
+) -> str:
     """A line chart of named (x, y) series with axes, ticks and a legend, as an SVG element."""
     pts = [p for s in series.values() for p in s]
     left, right, top, bottom = 52, 190, 28, 34  # the legend sits on the right
     w, h = width - left - right, height - top - bottom
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+    ]
     if not pts:
         return "".join(parts) + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>'
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -48,8 +52,10 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: i
     parts.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>')
     for v in np.linspace(y0, y1, 5):
         _, y = px(x0, v)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#eee"/>'
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>'
+        )
     for v in np.linspace(x0, x1, 5):
         x, _ = px(v, y0)
         parts.append(f'<text x="{x:.1f}" y="{top + h + 14}" text-anchor="middle">{v:.0f}</text>')
@@ -59,9 +65,13 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, width: i
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (px(a, b) for a, b in s))
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
         if len(s) <= 30:
-            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in (px(a, b) for a, b in s)]
-        parts.append(f'<rect x="{left + w + 10}" y="{top + 6 + 14 * i}" width="10" height="3" fill="{colour}"/>'
-                     f'<text x="{left + w + 24}" y="{top + 10 + 14 * i}">{html.escape(name)}</text>')
+            parts += [
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{colour}"/>' for x, y in (px(a, b) for a, b in s)
+            ]
+        parts.append(
+            f'<rect x="{left + w + 10}" y="{top + 6 + 14 * i}" width="10" height="3" fill="{colour}"/>'
+            f'<text x="{left + w + 24}" y="{top + 10 + 14 * i}">{html.escape(name)}</text>'
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -92,16 +102,29 @@ def write_report(out: Path, summary: dict, hook, prompts: list[str], train_rewar
     evals = summary["evaluations"]
     name = reward_label(summary["config"]["reward"])
     charts = [
-        svg_chart({"oracle (mean)": [(e["step"], e["oracle"]) for e in evals],
-                   **{a: [(e["step"], e[f"oracle_{a}"]) for e in evals if f"oracle_{a}" in e] for a in ATTRIBUTES}},
-                  "Oracle on held-out prompts: attributes shown"),
-        svg_chart({f"{name} (held-out prompts)": [(e["step"], e["reward"]) for e in evals if "reward" in e],
-                   f"{name} (training batch, smoothed)": smooth(train_rewards)}, "Training reward"),
-        svg_chart({"held-out CLIP": [(e["step"], e["eval_reward"]) for e in evals if "eval_reward" in e]},
-                  "Held-out reward (never trained on)"),
+        svg_chart(
+            {
+                "oracle (mean)": [(e["step"], e["oracle"]) for e in evals],
+                **{a: [(e["step"], e[f"oracle_{a}"]) for e in evals if f"oracle_{a}" in e] for a in ATTRIBUTES},
+            },
+            "Oracle on held-out prompts: attributes shown",
+        ),
+        svg_chart(
+            {
+                f"{name} (held-out prompts)": [(e["step"], e["reward"]) for e in evals if "reward" in e],
+                f"{name} (training batch, smoothed)": smooth(train_rewards),
+            },
+            "Training reward",
+        ),
+        svg_chart(
+            {"held-out CLIP": [(e["step"], e["eval_reward"]) for e in evals if "eval_reward" in e]},
+            "Held-out reward (never trained on)",
+        ),
     ]
     atomic_write_text(out / "curves.svg", _stack_svgs(charts))
-    atomic_write_text(out / "report.html", _html(summary, charts, before, after, hook.scores[first], hook.scores[last], prompts))
+    atomic_write_text(
+        out / "report.html", _html(summary, charts, before, after, hook.scores[first], hook.scores[last], prompts)
+    )
 
 
 def _stack_svgs(charts: list[str]) -> str:
@@ -114,13 +137,23 @@ def _stack_svgs(charts: list[str]) -> str:
 def _html(s: dict, charts: list[str], before, after, scores_before, scores_after, prompts) -> str:
     rows = []
     for i, p in enumerate(prompts[:SHOWN_PROMPTS]):
-        rows.append(f"<tr><td>{html.escape(p)}</td><td><img src='{_png_data(before[i], 3)}'></td><td>{scores_before[i]:.2f}</td>"
-                    f"<td><img src='{_png_data(after[i], 3)}'></td><td>{scores_after[i]:.2f}</td></tr>")
-    pairs = [("oracle (fraction of attributes shown)", s["oracle_before"], s["oracle_after"]),
-             (f"{reward_label(s['config']['reward'])} reward (trained on)", s["reward_before"], s["reward_after"]),
-             ("held-out CLIP (never trained on)", s["heldout_reward_before"], s["heldout_reward_after"])]
-    pairs += [(f"&nbsp;&nbsp;{a} right", v, s["attributes_after"][a]) for a, v in s["attributes_before"].items() if v is not None]
-    metric_rows = "".join(f"<tr><td>{name}</td><td>{x:.3f}</td><td>{y:.3f}</td><td>{y - x:+.3f}</td></tr>" for name, x, y in pairs)
+        rows.append(
+            f"<tr><td>{html.escape(p)}</td><td><img src='{_png_data(before[i], 3)}'></td><td>{scores_before[i]:.2f}</td>"
+            f"<td><img src='{_png_data(after[i], 3)}'></td><td>{scores_after[i]:.2f}</td></tr>"
+        )
+    pairs = [
+        ("oracle (fraction of attributes shown)", s["oracle_before"], s["oracle_after"]),
+        (f"{reward_label(s['config']['reward'])} reward (trained on)", s["reward_before"], s["reward_after"]),
+        ("held-out CLIP (never trained on)", s["heldout_reward_before"], s["heldout_reward_after"]),
+    ]
+    pairs += [
+        (f"&nbsp;&nbsp;{a} right", v, s["attributes_after"][a])
+        for a, v in s["attributes_before"].items()
+        if v is not None
+    ]
+    metric_rows = "".join(
+        f"<tr><td>{name}</td><td>{x:.3f}</td><td>{y:.3f}</td><td>{y - x:+.3f}</td></tr>" for name, x, y in pairs
+    )
     cfg = s["config"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>rewardtune demo</title>
@@ -128,15 +161,15 @@ def _html(s: dict, charts: list[str], before, after, scores_before, scores_after
 td,th{{border:1px solid #ddd;padding:4px 8px}} img{{image-rendering:pixelated}} .grid img{{width:100%;max-width:540px}}</style>
 </head><body>
 <h1>rewardtune demo: reward fine-tuning in the shapes world</h1>
-<p>{s['steps']} DRaFT-K (K={cfg['k']}) LoRA steps on the bundled tiny Stable Diffusion pipeline, reward ICT&times;HP,
-{cfg['sample_steps']} DDIM steps, guidance {cfg['guidance_scale']}, in {s['seconds']:.0f} s. Evaluated on
+<p>{s["steps"]} DRaFT-K (K={cfg["k"]}) LoRA steps on the bundled tiny Stable Diffusion pipeline, reward ICT&times;HP,
+{cfg["sample_steps"]} DDIM steps, guidance {cfg["guidance_scale"]}, in {s["seconds"]:.0f} s. Evaluated on
 {len(prompts)} held-out prompts, one image each, with the same noise before and after. The oracle reads
 colour, shape, size, position and background back from the pixels.</p>
 <table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>{metric_rows}</table>
-<h2>Curves</h2>{''.join(charts)}
+<h2>Curves</h2>{"".join(charts)}
 <h2>Images: before (left) and after (right)</h2>
 <div class="grid"><img src="before.png"> <img src="after.png"></div>
 <h2>Per prompt</h2>
-<table><tr><th>prompt</th><th>before</th><th>oracle</th><th>after</th><th>oracle</th></tr>{''.join(rows)}</table>
+<table><tr><th>prompt</th><th>before</th><th>oracle</th><th>after</th><th>oracle</th></tr>{"".join(rows)}</table>
 </body></html>
 """

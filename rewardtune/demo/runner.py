@@ -43,10 +43,16 @@ class DemoConfig:
 
     ERROR_PREFIX = "demo: "  # not a field: starts this config's error messages
 
-    output: str = option("rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)")
+    output: str = option(
+        "rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)"
+    )
     models: str = option(str(MODELS_DIR), "models directory (default: the bundled rewardtune/demo/models)")
-    reward: str = derived(FinetuneConfig, "reward", help="training reward from the bundled ICT and HP: icthp (the paper's "
-                          "ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'")
+    reward: str = derived(
+        FinetuneConfig,
+        "reward",
+        help="training reward from the bundled ICT and HP: icthp (the paper's "
+        "ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'",
+    )
     steps: int = derived(FinetuneConfig, "steps", 500)
     batch_size: int = derived(FinetuneConfig, "batch_size", 8)
     lr: float = derived(FinetuneConfig, "lr", 1e-3)
@@ -55,21 +61,35 @@ class DemoConfig:
     lora_targets: list = derived(FinetuneConfig, "lora_targets")
     train_text_encoder: bool = derived(FinetuneConfig, "train_text_encoder")
     reg_weight: float = derived(FinetuneConfig, "reg_weight")
-    k: int = derived(FinetuneConfig, "k", 10, help="DRaFT-K: denoising steps that carry gradients (default all 10: background, "
-                     "colour and layout are decided in the early steps, which K=1 cannot reach)")
+    k: int = derived(
+        FinetuneConfig,
+        "k",
+        10,
+        help="DRaFT-K: denoising steps that carry gradients (default all 10: background, "
+        "colour and layout are decided in the early steps, which K=1 cannot reach)",
+    )
     sample_steps: int = derived(FinetuneConfig, "sample_steps", 10)
     guidance_scale: float = derived(FinetuneConfig, "guidance_scale", 3.0)
-    eval_every: int = derived(FinetuneConfig, "eval_every", 50,
-                              help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)")
-    eval_size: int = derived(FinetuneConfig, "eval_size", 96,
-                             help="held-out prompts evaluated, one image each, same seeds before and after")
+    eval_every: int = derived(
+        FinetuneConfig,
+        "eval_every",
+        50,
+        help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)",
+    )
+    eval_size: int = derived(
+        FinetuneConfig, "eval_size", 96, help="held-out prompts evaluated, one image each, same seeds before and after"
+    )
     train_prompts: int = option(200, "distinct training prompts", min=1)
     seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
     threads: int = option(2, "torch CPU threads", min=1)
     checkpoint_every: int = derived(FinetuneConfig, "checkpoint_every", 0)
     checkpoint_minutes: float = derived(FinetuneConfig, "checkpoint_minutes")
-    resume: bool = derived(FinetuneConfig, "resume", help="continue the demo in --output from its newest intact checkpoint "
-                           "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)")
+    resume: bool = derived(
+        FinetuneConfig,
+        "resume",
+        help="continue the demo in --output from its newest intact checkpoint "
+        "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)",
+    )
     overwrite: bool = option(False, "replace a finished demo or a demo in progress in --output")
 
     def validate(self) -> None:
@@ -82,8 +102,10 @@ def check_models(models: Path) -> None:
     if not any((models / f).is_file() for f in HP_HEADS):
         missing.append(HP_HEADS[0])
     if missing:
-        raise UserError(f"demo: '{models}' lacks {', '.join(missing)}; pass the models directory that "
-                        f"scripts/build_demo_models.py wrote (--models), or rebuild it with that script")
+        raise UserError(
+            f"demo: '{models}' lacks {', '.join(missing)}; pass the models directory that "
+            f"scripts/build_demo_models.py wrote (--models), or rebuild it with that script"
+        )
 
 
 def make_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
@@ -115,9 +137,12 @@ class OracleHook:
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         metrics = self.record(step, images, prompts)
-        print(f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
-              + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
-              + f")  {time.time() - self.t0:.0f} s", flush=True)
+        print(
+            f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
+            + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
+            + f")  {time.time() - self.t0:.0f} s",
+            flush=True,
+        )
         return metrics
 
     def record(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
@@ -137,8 +162,16 @@ class OracleHook:
 def run_dir(out: Path) -> RunDir:
     """The demo's output directory: finished when ``summary.json`` is there; in progress while its fine-tuning
     run (``finetune/``) holds checkpoints."""
-    return RunDir(out, who="demo: ", command="demo", finished="summary.json", done_key="steps", outputs=OUTPUTS,
-                  scratch=SCRATCH, checkpoints_dir=out / "finetune" / "checkpoints")
+    return RunDir(
+        out,
+        who="demo: ",
+        command="demo",
+        finished="summary.json",
+        done_key="steps",
+        outputs=OUTPUTS,
+        scratch=SCRATCH,
+        checkpoints_dir=out / "finetune" / "checkpoints",
+    )
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -153,8 +186,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     with rundir.lock():
         start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps)
         if start.action == "done":
-            rundir.say(f"nothing to do: the demo in '{out}' already trained {start.record.get('steps')} steps "
-                       f"(--steps {cfg.steps}); raise --steps to train further")
+            rundir.say(
+                f"nothing to do: the demo in '{out}' already trained {start.record.get('steps')} steps "
+                f"(--steps {cfg.steps}); raise --steps to train further"
+            )
             return {**start.record, "nothing_to_do": True}
         t0 = time.time()
         heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
@@ -163,8 +198,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
         rundir.begin(start, cfg, config_settings(cfg, {}))
         try:
-            return _run(cfg, dataclasses.replace(ft, resume=start.action in ("resume", "continue")), start, out,
-                        train, heldout, reward, heldout_reward, t0)
+            return _run(
+                cfg,
+                dataclasses.replace(ft, resume=start.action in ("resume", "continue")),
+                start,
+                out,
+                train,
+                heldout,
+                reward,
+                heldout_reward,
+                t0,
+            )
         except BaseException:
             if start.checkpoint is None and not (out / "finetune" / HISTORY).is_file():
                 rundir.abandon()  # the fine-tuning never started: leave nothing behind
@@ -174,27 +218,61 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig:
     """The fine-tuning run of the demo (validated)."""
     ft = FinetuneConfig(
-        model=str(models / "pipeline"), reward=cfg.reward, prompts=str(out / "prompts_train.txt"), output=str(out / "finetune"),
-        method="draft-k", k=cfg.k, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
-        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=None if cfg.lora_targets is None else list(cfg.lora_targets),
+        model=str(models / "pipeline"),
+        reward=cfg.reward,
+        prompts=str(out / "prompts_train.txt"),
+        output=str(out / "finetune"),
+        method="draft-k",
+        k=cfg.k,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lr_schedule=cfg.lr_schedule,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=float(cfg.lora_rank),
+        lora_targets=None if cfg.lora_targets is None else list(cfg.lora_targets),
         train_text_encoder=cfg.train_text_encoder,
-        reg_weight=cfg.reg_weight, sample_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-        gradient_checkpointing=False, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-        checkpoint_minutes=cfg.checkpoint_minutes, eval_every=cfg.eval_every,
-        eval_prompts=str(out / "prompts_heldout.txt"), eval_size=cfg.eval_size, eval_reward="clip",
-        ict=str(models / "ict"), hp=str(models / "hp"), clip=str(models / "heldout_clip"))
+        reg_weight=cfg.reg_weight,
+        sample_steps=cfg.sample_steps,
+        guidance_scale=cfg.guidance_scale,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        eval_every=cfg.eval_every,
+        eval_prompts=str(out / "prompts_heldout.txt"),
+        eval_size=cfg.eval_size,
+        eval_reward="clip",
+        ict=str(models / "ict"),
+        hp=str(models / "hp"),
+        clip=str(models / "heldout_clip"),
+    )
     return ft.validate()
 
 
-def _run(cfg: DemoConfig, ft: FinetuneConfig, start: Start, out: Path, train: list[str], heldout: list[str],
-         reward, heldout_reward, t0: float) -> dict:
+def _run(
+    cfg: DemoConfig,
+    ft: FinetuneConfig,
+    start: Start,
+    out: Path,
+    train: list[str],
+    heldout: list[str],
+    reward,
+    heldout_reward,
+    t0: float,
+) -> dict:
     atomic_write_text(out / "prompts_train.txt", "\n".join(train) + "\n")
     atomic_write_text(out / "prompts_heldout.txt", "\n".join(heldout) + "\n")
     if start.action == "resume":  # a fine-tuning that finished without its report: redo its last evaluation
         (out / "finetune" / "summary.json").unlink(missing_ok=True)
-    verb = {"resume": f"resuming from step {start.step}", "continue": f"continuing from step {start.step}"}.get(start.action, "fine-tuning")
-    print(f"demo: {verb}: {ft.model} on {cfg.reward} for {cfg.steps} steps "
-          f"({len(train)} training prompts, {len(heldout)} held-out prompts)", flush=True)
+    verb = {"resume": f"resuming from step {start.step}", "continue": f"continuing from step {start.step}"}.get(
+        start.action, "fine-tuning"
+    )
+    print(
+        f"demo: {verb}: {ft.model} on {cfg.reward} for {cfg.steps} steps "
+        f"({len(train)} training prompts, {len(heldout)} held-out prompts)",
+        flush=True,
+    )
     hook = OracleHook(cfg.steps)
     result = run_finetune(ft, reward=reward, eval_reward=heldout_reward, eval_hook=hook)
     before_images = out / "finetune" / "samples" / "before.safetensors"
@@ -202,7 +280,9 @@ def _run(cfg: DemoConfig, ft: FinetuneConfig, start: Start, out: Path, train: li
         hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
-    train_rewards = [(r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None]
+    train_rewards = [
+        (r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None
+    ]
     write_report(out, summary, hook, heldout, train_rewards)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)
@@ -212,13 +292,19 @@ def _run(cfg: DemoConfig, ft: FinetuneConfig, start: Start, out: Path, train: li
 def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: float) -> dict:
     before, after = result["before"], result["after"]
     return {
-        "oracle_before": before["oracle"], "oracle_after": after["oracle"],
-        "reward_before": before["reward"], "reward_after": after["reward"],
-        "heldout_reward_before": before["eval_reward"], "heldout_reward_after": after["eval_reward"],
+        "oracle_before": before["oracle"],
+        "oracle_after": after["oracle"],
+        "reward_before": before["reward"],
+        "reward_after": after["reward"],
+        "heldout_reward_before": before["eval_reward"],
+        "heldout_reward_after": after["eval_reward"],
         "attributes_before": {a: before.get(f"oracle_{a}") for a in world.ATTRIBUTES},
         "attributes_after": {a: after.get(f"oracle_{a}") for a in world.ATTRIBUTES},
-        "steps": result["steps"], "seconds": round(seconds, 1), "lora": result["lora"],
-        "reward": f"{cfg.reward} (bundled ICT and HP)", "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
+        "steps": result["steps"],
+        "seconds": round(seconds, 1),
+        "lora": result["lora"],
+        "reward": f"{cfg.reward} (bundled ICT and HP)",
+        "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
         "evaluations": [{k: v for k, v in e.items() if k != "kind"} for e in evaluations],
         "config": dataclasses.asdict(cfg),
     }

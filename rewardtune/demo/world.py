@@ -32,12 +32,22 @@ BACKGROUNDS = {"black": (20, 20, 20), "gray": (128, 128, 128), "white": (240, 24
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 6.0, "large": 10.0}  # radius in pixels at 32 px
 POSITIONS = {"left": (-6.0, 0.0), "right": (6.0, 0.0), "top": (0.0, -6.0), "bottom": (0.0, 6.0), "center": (0.0, 0.0)}
-POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-                    "center": "in the center"}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 DETAIL_PHRASE = "highly detailed"
 ATTRIBUTES = ("colour", "shape", "size", "position", "background")
-VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS),
-          "background": tuple(BACKGROUNDS)}
+VALUES = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
+}
 _HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLOURS.items()}
 
 
@@ -75,6 +85,7 @@ def perturb(scene: Scene, rng: np.random.Generator, wrong: list[str]) -> Scene:
 
 
 # ---------------------------------------------------------------- prompts
+
 
 def make_prompt(attrs: dict[str, str], detailed: bool = False) -> str:
     """Text for a (partial) attribute dict: 'a small red circle on the left on a white background'."""
@@ -129,6 +140,7 @@ def world_words() -> list[str]:
 
 
 # ---------------------------------------------------------------- renderer
+
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     if shape == "circle":
@@ -191,7 +203,10 @@ def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     through the object, on an (H, W, 3) image in [0, 1]. A copy; the input is left alone."""
     img = np.array(image, dtype=np.float32)
     h, w = img.shape[:2]
-    palette = [np.array(c, np.float32) / 255 for c in COLOURS.values()] + [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    palette = [np.array(c, np.float32) / 255 for c in COLOURS.values()] + [
+        np.zeros(3, np.float32),
+        np.ones(3, np.float32),
+    ]
     bg = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
     kinds = rng.choice(["strokes", "speckle", "cuts"], size=int(rng.integers(1, 4)), replace=False)
     for kind in kinds:
@@ -199,7 +214,9 @@ def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
             ph, pw = rng.integers(6, 13), rng.integers(6, 13)
             patch = img[y : y + ph, x : x + pw]
-            noise = np.stack([palette[i] for i in rng.integers(0, len(palette), patch.shape[:2]).ravel()]).reshape(patch.shape)
+            noise = np.stack([palette[i] for i in rng.integers(0, len(palette), patch.shape[:2]).ravel()]).reshape(
+                patch.shape
+            )
             img[y : y + ph, x : x + pw] = 0.4 * patch + 0.6 * noise
             continue
         for _ in range(int(rng.integers(2, 6))):
@@ -214,6 +231,7 @@ def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- oracle
+
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected component of a boolean mask (stray pixels of generated images dropped)."""
@@ -304,10 +322,17 @@ def read_scene(image: np.ndarray) -> dict[str, str | None]:
         img = img.transpose(1, 2, 0)
     h, w = img.shape[:2]
     scale = IMAGE_SIZE / w
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)]
+    )
     bg_rgb = np.median(border, axis=0)
-    out: dict[str, str | None] = {"background": _nearest(bg_rgb, BACKGROUNDS), "colour": None, "shape": None,
-                                  "size": None, "position": None}
+    out: dict[str, str | None] = {
+        "background": _nearest(bg_rgb, BACKGROUNDS),
+        "colour": None,
+        "shape": None,
+        "size": None,
+        "position": None,
+    }
     diff = np.linalg.norm(img - bg_rgb, axis=-1)
     peak = np.percentile(diff, 99)
     if peak <= 0.15:

@@ -16,16 +16,30 @@ METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
 
 @dataclass
 class FinetuneConfig:
-    model: str = option("sd15", "diffusion model: alias sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, sd35-large-turbo, "
-                        "flux-dev or flux-schnell, a diffusers-format directory, or a hub id")
-    defaults_from: str = option("", "take an alias's defaults (steps, guidance, ...) for a local copy of that model, e.g. "
-                                "sd35-large-turbo (a local directory otherwise gets its family's)")
-    reward: str = option("icthp", "training reward: a registry name (icthp, ict, hp, pickscore, ...) or a mix 'ict:1.0,hp:0.5'")
-    prompts: str = option("builtin:simple", "training prompts: a text file (one prompt a line) or builtin:NAME (simple, animals, detailed)")
+    model: str = option(
+        "sd15",
+        "diffusion model: alias sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, sd35-large-turbo, "
+        "flux-dev or flux-schnell, a diffusers-format directory, or a hub id",
+    )
+    defaults_from: str = option(
+        "",
+        "take an alias's defaults (steps, guidance, ...) for a local copy of that model, e.g. "
+        "sd35-large-turbo (a local directory otherwise gets its family's)",
+    )
+    reward: str = option(
+        "icthp", "training reward: a registry name (icthp, ict, hp, pickscore, ...) or a mix 'ict:1.0,hp:0.5'"
+    )
+    prompts: str = option(
+        "builtin:simple",
+        "training prompts: a text file (one prompt a line) or builtin:NAME (simple, animals, detailed)",
+    )
     output: str = option("", "output directory (LoRA, config.yaml, checkpoints, logs, sample grids, summary.json)")
-    method: str = option("draft-k", "draft-k: gradients through the last K steps; draft-lv: K=1 plus re-noised final-step "
-                         "samples; refl: stop at a random step and predict x0; alignprop: K drawn per sample in 1..k",
-                         choices=list(METHODS))
+    method: str = option(
+        "draft-k",
+        "draft-k: gradients through the last K steps; draft-lv: K=1 plus re-noised final-step "
+        "samples; refl: stop at a random step and predict x0; alignprop: K drawn per sample in 1..k",
+        choices=list(METHODS),
+    )
     k: int = option(1, "denoising steps that carry gradients (draft-k), or the largest K drawn (alignprop)", min=1)
     lv_samples: int = option(2, "draft-lv: extra samples re-noised from the final step and denoised again", min=0)
     refl_min: float = option(0.7, "refl: earliest stop, as a fraction of --sample-steps")
@@ -34,59 +48,111 @@ class FinetuneConfig:
     batch_size: int = option(1, "prompts per process per micro-batch", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     lr: float = option(2e-4, "AdamW learning rate of the LoRA weights", min=0)
-    lr_schedule: str = option("constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps", choices=list(LR_SCHEDULES))
+    lr_schedule: str = option(
+        "constant", "lr after warmup: constant, or linear/cosine decay to 0 at --steps", choices=list(LR_SCHEDULES)
+    )
     warmup_steps: int = option(0, "linear lr warmup steps", min=0)
     weight_decay: float = option(1e-2, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", min=0)
     lora_rank: int = option(8, "LoRA rank", min=1)
     lora_alpha: float = option(8.0, "LoRA alpha (the update is scaled by alpha/rank)")
-    lora_targets: list | None = option(None, "denoiser modules that get LoRA weights (default: the family's: SD/SDXL "
-                                       "to_q to_k to_v to_out.0; SD3 and FLUX: their attention projections, FLUX also the "
-                                       "feed-forwards)")
+    lora_targets: list | None = option(
+        None,
+        "denoiser modules that get LoRA weights (default: the family's: SD/SDXL "
+        "to_q to_k to_v to_out.0; SD3 and FLUX: their attention projections, FLUX also the "
+        "feed-forwards)",
+    )
     train_text_encoder: bool = option(False, "also train LoRA weights on the text encoder(s) (q/k/v/out projections)")
-    init_lora: str = option("", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros")
+    init_lora: str = option(
+        "", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros"
+    )
     resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
-    sample_steps: int | None = option(None, "sampling steps (default: the model's: SD/SDXL 50 DDIM steps; SD3 28, "
-                                      "SD3.5-Medium 40, SD3.5-Large 28, its Turbo 4, FLUX-dev 28, FLUX-schnell 4 Euler steps)",
-                                      min=1)
-    guidance_scale: float | None = option(None, "guidance (default: the model's: SD/SDXL 7.5, SD3 7, SD3.5-Medium 4.5, "
-                                          "SD3.5-Large 3.5 classifier-free, 1 = none; FLUX-dev 3.5 as its guidance "
-                                          "embedding; Turbo/schnell none)")
+    sample_steps: int | None = option(
+        None,
+        "sampling steps (default: the model's: SD/SDXL 50 DDIM steps; SD3 28, "
+        "SD3.5-Medium 40, SD3.5-Large 28, its Turbo 4, FLUX-dev 28, FLUX-schnell 4 Euler steps)",
+        min=1,
+    )
+    guidance_scale: float | None = option(
+        None,
+        "guidance (default: the model's: SD/SDXL 7.5, SD3 7, SD3.5-Medium 4.5, "
+        "SD3.5-Large 3.5 classifier-free, 1 = none; FLUX-dev 3.5 as its guidance "
+        "embedding; Turbo/schnell none)",
+    )
     eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM; flow-matching models take none)", min=0)
-    max_sequence_length: int | None = option(None, "T5 tokens per prompt of SD3/FLUX (default: the model's: SD3 256, "
-                                             "FLUX-dev 512, FLUX-schnell 256)", min=1, max=512)
-    mixed_precision: str = option("no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32",
-                                  choices=list(PRECISIONS))
-    quantize_base: str = option("none", "load the frozen UNet/transformer weights in 4-bit NF4 or 8-bit through bitsandbytes "
-                                "(QLoRA-style: LoRA weights stay fp32; CUDA only), for cards where the bf16 base does not fit",
-                                choices=["none", "nf4", "int8"])
+    max_sequence_length: int | None = option(
+        None,
+        "T5 tokens per prompt of SD3/FLUX (default: the model's: SD3 256, FLUX-dev 512, FLUX-schnell 256)",
+        min=1,
+        max=512,
+    )
+    mixed_precision: str = option(
+        "no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32", choices=list(PRECISIONS)
+    )
+    quantize_base: str = option(
+        "none",
+        "load the frozen UNet/transformer weights in 4-bit NF4 or 8-bit through bitsandbytes "
+        "(QLoRA-style: LoRA weights stay fp32; CUDA only), for cards where the bf16 base does not fit",
+        choices=["none", "nf4", "int8"],
+    )
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
-    gradient_checkpointing: bool = option(True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)")
-    checkpoint_calls: bool = option(True, "checkpoint each whole denoising call on the gradient steps but the last: only "
-                                    "its inputs are kept and it is recomputed in the backward pass, so memory stays flat "
-                                    "in K (--gradient-checkpointing still checkpoints the model's blocks inside it)")
-    attention: str = option("sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"])
+    gradient_checkpointing: bool = option(
+        True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)"
+    )
+    checkpoint_calls: bool = option(
+        True,
+        "checkpoint each whole denoising call on the gradient steps but the last: only "
+        "its inputs are kept and it is recomputed in the backward pass, so memory stays flat "
+        "in K (--gradient-checkpointing still checkpoints the model's blocks inside it)",
+    )
+    attention: str = option(
+        "sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"]
+    )
     optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes)", choices=["adamw", "adamw8bit"])
-    reg_weight: float = option(0.0, "weight of the penalty on the distance between the LoRA and base model's noise "
-                               "predictions on the gradient steps (0 = off)", min=0)
+    reg_weight: float = option(
+        0.0,
+        "weight of the penalty on the distance between the LoRA and base model's noise "
+        "predictions on the gradient steps (0 = off)",
+        min=0,
+    )
     seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
-    resume: bool = option(False, "continue the run in OUTPUT from its newest intact checkpoint (with none yet: start "
-                          "from the beginning; a finished run: train on to a larger --steps)")
-    overwrite: bool = option(False, "replace a finished run or a run in progress in OUTPUT (its checkpoints, logs and LoRA)")
-    trust_pickle: bool = option(False, "allow resuming a checkpoint whose state is pickled (written under FSDP/DeepSpeed "
-                                "or before 0.1); a pickle can run code")
+    resume: bool = option(
+        False,
+        "continue the run in OUTPUT from its newest intact checkpoint (with none yet: start "
+        "from the beginning; a finished run: train on to a larger --steps)",
+    )
+    overwrite: bool = option(
+        False, "replace a finished run or a run in progress in OUTPUT (its checkpoints, logs and LoRA)"
+    )
+    trust_pickle: bool = option(
+        False,
+        "allow resuming a checkpoint whose state is pickled (written under FSDP/DeepSpeed "
+        "or before 0.1); a pickle can run code",
+    )
     checkpoint_every: int = option(100, "save a resumable checkpoint every N steps (0 = only at the end)", min=0)
-    checkpoint_minutes: float = option(0.0, "also save a checkpoint when this many minutes have passed since the last one "
-                                       "(0 = off), so a killed run loses at most that much", min=0)
+    checkpoint_minutes: float = option(
+        0.0,
+        "also save a checkpoint when this many minutes have passed since the last one "
+        "(0 = off), so a killed run loses at most that much",
+        min=0,
+    )
     checkpoints_keep: int = option(2, "how many checkpoints to keep", min=1)
-    eval_every: int = option(100, "evaluate (reward, eval reward, sample grid) every N steps (0 = only before and after)", min=0)
-    eval_prompts: str = option("", "evaluation prompts: a file or builtin:NAME (default: the first --eval-size training prompts)")
+    eval_every: int = option(
+        100, "evaluate (reward, eval reward, sample grid) every N steps (0 = only before and after)", min=0
+    )
+    eval_prompts: str = option(
+        "", "evaluation prompts: a file or builtin:NAME (default: the first --eval-size training prompts)"
+    )
     eval_size: int = option(4, "number of evaluation prompts (one image each)", min=1)
     eval_reward: str = option("", "held-out reward logged at each evaluation, e.g. pickscore while training on icthp")
-    early_stop_drop: float = option(0.0, "stop when the eval reward falls more than this below its best (0 = never)", min=0)
+    early_stop_drop: float = option(
+        0.0, "stop when the eval reward falls more than this below its best (0 = never)", min=0
+    )
     max_nonfinite: int = max_nonfinite_option()
     log_every: int = option(1, "log training scalars every N steps", min=1)
-    export: str = option("none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"])
+    export: str = option(
+        "none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"]
+    )
     # reward sources: one field per key of sources.REWARD_SOURCES, in its order
     ict: str = source_option("ict")
     hp: str = source_option("hp")
@@ -110,11 +176,17 @@ class FinetuneConfig:
         if self.eval_reward:
             parse_spec(self.eval_reward)
         if self.resolution and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}")
+            raise UserError(
+                f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}"
+            )
         if self.sample_steps is not None and self.k > self.sample_steps:
-            raise UserError(f"--k {self.k} is more than --sample-steps {self.sample_steps}; gradients can flow through at most every step")
+            raise UserError(
+                f"--k {self.k} is more than --sample-steps {self.sample_steps}; gradients can flow through at most every step"
+            )
         if not 0 <= self.refl_min <= self.refl_max <= 1:
-            raise UserError(f"--refl-min/--refl-max must satisfy 0 <= min <= max <= 1, got {self.refl_min}, {self.refl_max}")
+            raise UserError(
+                f"--refl-min/--refl-max must satisfy 0 <= min <= max <= 1, got {self.refl_min}, {self.refl_max}"
+            )
         if self.lora_targets is not None and not self.lora_targets:
             raise UserError("--lora-targets is empty; name the UNet modules to adapt, e.g. to_q to_k to_v to_out.0")
         return self

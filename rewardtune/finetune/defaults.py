@@ -13,8 +13,20 @@ from ..errors import UserError
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The joint attention of the MMDiT blocks (image and text streams), and SD3.5-Medium's second, image-only
 # attention (attn2), which the 'attn.' names do not match.
-SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-               "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+SD3_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+]
 # FLUX: the same attention (the single blocks' attn.to_q/k/v match too) plus the double blocks' feed-forwards.
 FLUX_TARGETS = SD3_TARGETS[:8] + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
@@ -52,20 +64,30 @@ def check_family_options(cfg, family: str) -> None:
     """Options that the model family cannot take; checked as soon as the family is known (before weights load)."""
     if cfg.defaults_from:
         if cfg.defaults_from not in ALIAS_DEFAULTS:
-            raise UserError(f"--defaults-from '{cfg.defaults_from}' is not an alias; aliases: {', '.join(ALIAS_DEFAULTS)}")
+            raise UserError(
+                f"--defaults-from '{cfg.defaults_from}' is not an alias; aliases: {', '.join(ALIAS_DEFAULTS)}"
+            )
         other = ALIAS_DEFAULTS[cfg.defaults_from]["family"]
         if other != family:
-            raise UserError(f"--defaults-from {cfg.defaults_from} is a {other} model, but --model '{cfg.model}' is a {family} "
-                            f"model; name an alias of the same family")
+            raise UserError(
+                f"--defaults-from {cfg.defaults_from} is a {other} model, but --model '{cfg.model}' is a {family} "
+                f"model; name an alias of the same family"
+            )
     if family in FLOW_FAMILIES:
         if cfg.eta > 0:
-            raise UserError(f"--eta {cfg.eta}: {family} is a flow-matching model sampled with the deterministic Euler "
-                            f"ODE sampler; eta has no meaning there, leave it at 0")
+            raise UserError(
+                f"--eta {cfg.eta}: {family} is a flow-matching model sampled with the deterministic Euler "
+                f"ODE sampler; eta has no meaning there, leave it at 0"
+            )
         if cfg.export != "none":
-            raise UserError(f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
-                            f"load_lora_weights (diffusers format)")
+            raise UserError(
+                f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
+                f"load_lora_weights (diffusers format)"
+            )
     elif cfg.max_sequence_length is not None:
-        raise UserError(f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder")
+        raise UserError(
+            f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
+        )
 
 
 def resolve_defaults(cfg, pipe, family: str) -> None:
@@ -87,6 +109,8 @@ def resolve_defaults(cfg, pipe, family: str) -> None:
             setattr(cfg, key, list(values[key]) if isinstance(values.get(key), list) else values.get(key))
     if guidance_free and cfg.guidance_scale > 1:
         what = f"'{source}'" if source else "this FLUX model (no guidance embedding)"
-        raise UserError(f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "
-                        f"leave --guidance-scale unset (0)")
+        raise UserError(
+            f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "
+            f"leave --guidance-scale unset (0)"
+        )
     cfg.validate()

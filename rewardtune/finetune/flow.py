@@ -25,11 +25,22 @@ class FlowMatchSampler(TruncatedSampler):
     ``noise(shape, generator)``: the initial draw when it is not a plain ``randn(shape)`` (FLUX draws the
     unpacked latent and packs it, as its pipeline does)."""
 
-    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
-                 dtype: torch.dtype = torch.float32, schedule=None, noise=None, checkpoint_calls: bool = False):
+    def __init__(
+        self,
+        scheduler,
+        n_steps: int,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        schedule=None,
+        noise=None,
+        checkpoint_calls: bool = False,
+    ):
         if eta > 0:
-            raise UserError(f"--eta {eta}: flow-matching models are sampled with the deterministic Euler ODE "
-                            f"sampler; eta has no meaning there, leave it at 0")
+            raise UserError(
+                f"--eta {eta}: flow-matching models are sampled with the deterministic Euler ODE "
+                f"sampler; eta has no meaning there, leave it at 0"
+            )
         self.scheduler = scheduler
         self.dtype = dtype
         self.n_steps = n_steps

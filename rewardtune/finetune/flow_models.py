@@ -32,7 +32,11 @@ def calculate_shift(image_seq_len: int, config) -> float:
 
 
 def _hw(resolution) -> tuple[int, int]:
-    return (int(resolution), int(resolution)) if isinstance(resolution, (int, np.integer)) else tuple(map(int, resolution))
+    return (
+        (int(resolution), int(resolution))
+        if isinstance(resolution, (int, np.integer))
+        else tuple(map(int, resolution))
+    )
 
 
 @dataclass
@@ -45,8 +49,13 @@ class SD3Conditioning:
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # SD3's transformer takes the scheduler's timestep, sigma * 1000, as it is
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=self.hidden, pooled_projections=self.pooled,
-                     return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=self.hidden,
+            pooled_projections=self.pooled,
+            return_dict=False,
+        )[0]
 
 
 @dataclass
@@ -66,8 +75,16 @@ class FluxConditioning:
         if self.guidance is not None:
             guidance = torch.full([1], self.guidance, device=x.device, dtype=torch.float32).expand(x.shape[0])
         # FluxPipeline passes the timestep in the latents' dtype divided by 1000 (the model multiplies it back)
-        return model(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance, pooled_projections=self.pooled,
-                     encoder_hidden_states=self.hidden, txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            timestep=t.to(x.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=self.pooled,
+            encoder_hidden_states=self.hidden,
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
 
 
 class FlowAdapter:
@@ -156,7 +173,11 @@ class FlowAdapter:
                 te.to("cpu")
 
     def _fill(self, prompts: list[str], clip: bool) -> None:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache or (clip and self._clip_keys[0] not in self._cache[p])]
+        missing = [
+            p
+            for p in dict.fromkeys(prompts)
+            if p not in self._cache or (clip and self._clip_keys[0] not in self._cache[p])
+        ]
         if not missing:
             return
         encoders = [self.t5, *(self.text_encoders() if clip else [])]
@@ -190,9 +211,13 @@ class SD3Adapter(FlowAdapter):
     def _clip(self, prompts):
         pipe = self.pipe
         l_hidden, l_pooled = pipe._get_clip_prompt_embeds(prompts, device=pipe.text_encoder.device, clip_model_index=0)
-        g_hidden, g_pooled = pipe._get_clip_prompt_embeds(prompts, device=pipe.text_encoder_2.device, clip_model_index=1)
-        return {"clip": torch.cat([l_hidden, g_hidden.to(l_hidden.device)], dim=-1),
-                "pooled": torch.cat([l_pooled, g_pooled.to(l_pooled.device)], dim=-1)}
+        g_hidden, g_pooled = pipe._get_clip_prompt_embeds(
+            prompts, device=pipe.text_encoder_2.device, clip_model_index=1
+        )
+        return {
+            "clip": torch.cat([l_hidden, g_hidden.to(l_hidden.device)], dim=-1),
+            "pooled": torch.cat([l_pooled, g_pooled.to(l_pooled.device)], dim=-1),
+        }
 
     def _t5(self, prompts):
         device = self.t5.device if self.t5 is not None else self.device
@@ -231,12 +256,16 @@ class SD3Adapter(FlowAdapter):
     def check_resolution(self, resolution: int) -> None:
         step = self.vae_factor * self.patch
         if resolution % step:
-            raise UserError(f"--resolution {resolution}: this SD3 model needs a multiple of {step} "
-                            f"(VAE factor {self.vae_factor} x patch size {self.patch})")
+            raise UserError(
+                f"--resolution {resolution}: this SD3 model needs a multiple of {step} "
+                f"(VAE factor {self.vae_factor} x patch size {self.patch})"
+            )
         most = self.pipe.transformer.config.get("pos_embed_max_size") or 0
         if most and resolution // step > most:
-            raise UserError(f"--resolution {resolution} is larger than this SD3 model's position embedding allows; "
-                            f"use at most {most * step}")
+            raise UserError(
+                f"--resolution {resolution} is larger than this SD3 model's position embedding allows; "
+                f"use at most {most * step}"
+            )
 
     def latent_shape(self, resolution) -> tuple[int, ...]:
         h, w = _hw(resolution)
@@ -277,7 +306,9 @@ class FluxAdapter(FlowAdapter):
             raise ValueError("FLUX is sampled without classifier-free guidance rows")
         hidden, pooled = self.embeddings(list(prompts))
         te = self.pipe.text_encoder
-        txt_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=te.dtype if te is not None else hidden.dtype)
+        txt_ids = torch.zeros(
+            hidden.shape[1], 3, device=self.device, dtype=te.dtype if te is not None else hidden.dtype
+        )
         h, w = (s // (2 * self.vae_factor) for s in _hw(size))
         img_ids = self.pipe._prepare_latent_image_ids(len(prompts), h, w, self.device, hidden.dtype)
         guidance = float(self.guidance_scale) if self.guidance_kind == "embedded" else None
@@ -323,8 +354,10 @@ class FluxAdapter(FlowAdapter):
     def check_resolution(self, resolution: int) -> None:
         step = 2 * self.vae_factor
         if resolution % step:
-            raise UserError(f"--resolution {resolution}: FLUX packs 2x2 latent patches, so the size must be a multiple "
-                            f"of {step} (e.g. {max(step, resolution - resolution % step)})")
+            raise UserError(
+                f"--resolution {resolution}: FLUX packs 2x2 latent patches, so the size must be a multiple "
+                f"of {step} (e.g. {max(step, resolution - resolution % step)})"
+            )
 
     def latent_shape(self, resolution) -> tuple[int, ...]:
         h, w = (s // (2 * self.vae_factor) for s in _hw(resolution))

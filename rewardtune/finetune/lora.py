@@ -82,7 +82,9 @@ def denoiser_name(model) -> str:
     return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
 
 
-def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None) -> Path:
+def save_lora(
+    directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None
+) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it.
 
     ``unet``: the denoiser (a UNet, or the SD3/FLUX transformer, whose peft keys the loaders take as they are).
@@ -90,7 +92,6 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     The file is written next to the target and renamed into place (atomic).
     """
     from peft.utils import get_peft_model_state_dict
-
 
     directory = Path(directory)
     states = states or [None] * (1 + len(text_encoders_))
@@ -100,7 +101,12 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
     for name, te, sd in zip(["text_encoder", "text_encoder_2"], text_encoders_, states[1:]):
         kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te, state_dict=sd)
         kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
-    layers = {f"{k[: -len('_lora_layers')]}.{n}": t for k, v in kw.items() if k.endswith("_lora_layers") for n, t in v.items()}
+    layers = {
+        f"{k[: -len('_lora_layers')]}.{n}": t
+        for k, v in kw.items()
+        if k.endswith("_lora_layers")
+        for n, t in v.items()
+    }
     check_finite_weights(layers, f"the LoRA for '{directory / WEIGHT_NAME}'")
     with writing(directory / WEIGHT_NAME, "the LoRA"):
         directory.mkdir(parents=True, exist_ok=True)
@@ -121,11 +127,14 @@ def save_lora(directory: str | Path, pipe_cls, unet, text_encoders_: list | tupl
 # from CLIPTextModel but not from CLIPTextModelWithProjection, so it is put back where missing).
 _KOHYA_TE_PREFIX = {1: {"text_encoder": "lora_te"}, 2: {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
 _KOHYA_WEIGHT = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-_KOHYA_TE_MODULE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])")
+_KOHYA_TE_MODULE = re.compile(
+    r"text_model\.encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])"
+)
 
 
-def kohya_state(state: dict[str, torch.Tensor], alpha: float, text_encoders: int | None = None,
-                what: str = "LoRA") -> dict[str, torch.Tensor]:
+def kohya_state(
+    state: dict[str, torch.Tensor], alpha: float, text_encoders: int | None = None, what: str = "LoRA"
+) -> dict[str, torch.Tensor]:
     """``state`` (peft keys: ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` + module + ``.lora_A/B.weight``)
     in kohya names with one ``.alpha`` per module. ``text_encoders``: how many the model has (1: SD 1.x/2.x,
     2: SDXL); None: 2 if the state holds ``text_encoder_2`` keys, else 1."""
@@ -138,13 +147,17 @@ def kohya_state(state: dict[str, torch.Tensor], alpha: float, text_encoders: int
         module, _, weight = rest.partition(".lora_")
         weight = "lora_" + weight
         if part not in prefixes or weight not in _KOHYA_WEIGHT:
-            raise UserError(f"{what}: key '{key}' has no kohya name (the kohya export covers LoRA on SD 1.x/2.x and SDXL: "
-                            f"{', '.join(f'{p}.*' for p in prefixes)} with lora_A/lora_B weights)")
+            raise UserError(
+                f"{what}: key '{key}' has no kohya name (the kohya export covers LoRA on SD 1.x/2.x and SDXL: "
+                f"{', '.join(f'{p}.*' for p in prefixes)} with lora_A/lora_B weights)"
+            )
         if part != "unet":
             module = module if module.startswith("text_model.") else "text_model." + module
             if not _KOHYA_TE_MODULE.fullmatch(module):
-                raise UserError(f"{what}: text encoder module '{module}' (key '{key}') is not one the kohya loaders map "
-                                f"(encoder layers' self_attn q/k/v/out_proj and mlp fc1/fc2)")
+                raise UserError(
+                    f"{what}: text encoder module '{module}' (key '{key}') is not one the kohya loaders map "
+                    f"(encoder layers' self_attn q/k/v/out_proj and mlp fc1/fc2)"
+                )
         name = f"{prefixes[part]}_{module.replace('.', '_')}"
         out[f"{name}.{_KOHYA_WEIGHT[weight]}"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -159,7 +172,6 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
     """
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
 
-
     if family not in (None, "sd", "sdxl"):
         raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
     directory = Path(directory)
@@ -168,8 +180,10 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
     state = load_file(str(src))
     other = sorted({k.split(".")[0] for k in state} - {"unet", "text_encoder", "text_encoder_2"})
     if other:
-        raise UserError(f"{what}: the kohya export covers LoRA on SD 1.x/2.x and SDXL (unet, text_encoder, "
-                        f"text_encoder_2); this file also has '{other[0]}' weights")
+        raise UserError(
+            f"{what}: the kohya export covers LoRA on SD 1.x/2.x and SDXL (unet, text_encoder, "
+            f"text_encoder_2); this file also has '{other[0]}' weights"
+        )
     state = convert_all_state_dict_to_peft(state)  # diffusers' own lora.down/up keys to lora_A/B
     count = None if family is None else {"sd": 1, "sdxl": 2}[family]
     save_state_dict(kohya_state(state, alpha, count, what), directory / KOHYA_NAME, "the kohya LoRA")
@@ -182,15 +196,21 @@ def check_lora_dir(path: str | Path, what: str = "LoRA") -> Path:
     if p.is_dir():
         p = p / WEIGHT_NAME
     if not p.is_file():
-        raise UserError(f"{what}: '{path}' is not a LoRA; expected a directory holding {WEIGHT_NAME} (as written by rewardtune finetune)")
+        raise UserError(
+            f"{what}: '{path}' is not a LoRA; expected a directory holding {WEIGHT_NAME} (as written by rewardtune finetune)"
+        )
 
     try:
         with safe_open(str(p), "pt") as f:
             keys = list(f.keys())
     except Exception as exc:
-        raise UserError(f"{what}: '{p}' is not a readable safetensors file ({type(exc).__name__}); re-export it") from None
+        raise UserError(
+            f"{what}: '{p}' is not a readable safetensors file ({type(exc).__name__}); re-export it"
+        ) from None
     if not any("lora" in k for k in keys):
-        raise UserError(f"{what}: '{p}' holds no LoRA weights (no 'lora' keys among {len(keys)}); pass a LoRA directory")
+        raise UserError(
+            f"{what}: '{p}' holds no LoRA weights (no 'lora' keys among {len(keys)}); pass a LoRA directory"
+        )
     return p
 
 
@@ -231,11 +251,16 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
         raise UserError(f"{what}: '{p}' does not fit this model: {bad[0][:200]}")
     new = {n for names in pipe.get_list_adapters().values() for n in names} - before
     name = new.pop() if len(new) == 1 else None
-    loaded = sum(len(get_peft_model_state_dict(getattr(pipe, c), adapter_name=name))
-                 for c, names in pipe.get_list_adapters().items() if name in names)
+    loaded = sum(
+        len(get_peft_model_state_dict(getattr(pipe, c), adapter_name=name))
+        for c, names in pipe.get_list_adapters().items()
+        if name in names
+    )
     if name is None or loaded != expected:
-        raise UserError(f"{what}: only {loaded} of the {expected} tensors in '{p}' match this model's modules; "
-                        f"was it trained for another model (SD 1.x vs 2.x vs SDXL vs SD3 vs FLUX)?")
+        raise UserError(
+            f"{what}: only {loaded} of the {expected} tensors in '{p}' match this model's modules; "
+            f"was it trained for another model (SD 1.x vs 2.x vs SDXL vs SD3 vs FLUX)?"
+        )
     return name
 
 
@@ -246,7 +271,6 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
     """
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
-
 
     state = load_state_dict(check_lora_dir(path, what), what)
     parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
@@ -260,16 +284,22 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
         own = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
         unknown = [k for k in sub if k not in own]
         if unknown:
-            raise UserError(f"{what}: '{path}' has {len(unknown)} {prefix} keys this model's adapter lacks (e.g. {unknown[0]}); "
-                            f"use the same --lora-targets and --train-text-encoder it was trained with")
+            raise UserError(
+                f"{what}: '{path}' has {len(unknown)} {prefix} keys this model's adapter lacks (e.g. {unknown[0]}); "
+                f"use the same --lora-targets and --train-text-encoder it was trained with"
+            )
         wrong = [k for k, v in sub.items() if tuple(v.shape) != tuple(own[k])]
         if wrong:
             k = wrong[0]
-            raise UserError(f"{what}: '{path}' tensor {prefix}.{k} has shape {tuple(sub[k].shape)}, the adapter "
-                            f"{tuple(own[k])}; use the same --lora-rank it was trained with")
+            raise UserError(
+                f"{what}: '{path}' tensor {prefix}.{k} has shape {tuple(sub[k].shape)}, the adapter "
+                f"{tuple(own[k])}; use the same --lora-rank it was trained with"
+            )
         set_peft_model_state_dict(model, sub)
         used += len(sub)
     if used != len(state):
         missing = [k for k in state if not any(k.startswith(p + ".") for p in parts)]
-        raise UserError(f"{what}: '{path}' has weights for parts that are not trained here (e.g. {missing[0] if missing else '?'}); "
-                        f"add --train-text-encoder if it was trained with it")
+        raise UserError(
+            f"{what}: '{path}' has weights for parts that are not trained here (e.g. {missing[0] if missing else '?'}); "
+            f"add --train-text-encoder if it was trained with it"
+        )

@@ -30,19 +30,33 @@ ALIASES = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev",),
     "flux-schnell": ("black-forest-labs/FLUX.1-schnell",),
 }
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
-            "FluxPipeline": "flux"}
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
 # What a training run needs from a hub snapshot: configs, tokenizers, full-precision safetensors weights
 # (the transformers and T5 of SD3/FLUX come in shards).
-ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/diffusion_pytorch_model.safetensors",
-                  "*/model.safetensors", "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model-*-of-*.safetensors"]
+ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+    "*/diffusion_pytorch_model-*-of-*.safetensors",
+    "*/model-*-of-*.safetensors",
+]
 
 
 def resolve_model(name: str) -> Path:
     """A local diffusers-format directory for an alias, a directory, or a hub id."""
     name = str(name)
     if "/" not in name and not Path(name).expanduser().exists() and name not in ALIASES:
-        raise UserError(f"--model '{name}' is not an alias ({', '.join(ALIASES)}), a directory, or a hub id (owner/name)")
+        raise UserError(
+            f"--model '{name}' is not an alias ({', '.join(ALIASES)}), a directory, or a hub id (owner/name)"
+        )
     candidates = ALIASES.get(name, (name,))
     for i, hub_id in enumerate(candidates):
         try:
@@ -52,7 +66,9 @@ def resolve_model(name: str) -> Path:
             if i == len(candidates) - 1:
                 raise
     if not (path / "model_index.json").is_file():
-        raise UserError(f"--model '{name}': '{path}' has no model_index.json; pass a diffusers-format pipeline directory")
+        raise UserError(
+            f"--model '{name}': '{path}' has no model_index.json; pass a diffusers-format pipeline directory"
+        )
     return path
 
 
@@ -61,10 +77,14 @@ def model_family(path: Path) -> str:
     try:
         cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"--model: '{path / 'model_index.json'}' is unreadable ({type(exc).__name__}); re-download the model") from None
+        raise UserError(
+            f"--model: '{path / 'model_index.json'}' is unreadable ({type(exc).__name__}); re-download the model"
+        ) from None
     if cls not in FAMILIES:
-        raise UserError(f"--model: '{path}' is a {cls or 'unknown pipeline'}; finetune supports "
-                        f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)")
+        raise UserError(
+            f"--model: '{path}' is a {cls or 'unknown pipeline'}; finetune supports "
+            f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)"
+        )
     return FAMILIES[cls]
 
 
@@ -90,7 +110,9 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, qua
             kw.update(_quantized_denoiser(path, family, quantize, dtype))
         pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})"
+        ) from None
     return prepare_pipeline(pipe)
 
 
@@ -134,13 +156,21 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tok
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if family == "sd":
-        return StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return StableDiffusionPipeline(
+            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     if family == "sdxl":
-        return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer,
-                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        return StableDiffusionXLPipeline(
+            **parts,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2 or tokenizer,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
     if family == "sd3":
-        return StableDiffusion3Pipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer, tokenizer_3=tokenizer_3)
+        return StableDiffusion3Pipeline(
+            **parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer, tokenizer_3=tokenizer_3
+        )
     if family == "flux":
         return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES.values())}")
@@ -265,13 +295,23 @@ class SDXLAdapter(UNetAdapter):
     def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
         pipe = self.pipe
         device = pipe.text_encoder_2.device
-        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
-                                                                 do_classifier_free_guidance=guided)
-        time_ids = pipe._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=cond.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
+        )
+        time_ids = pipe._get_add_time_ids(
+            tuple(size),
+            (0, 0),
+            tuple(size),
+            dtype=cond.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
         time_ids = time_ids.to(device).repeat(len(prompts), 1)
         if guided:
-            cond, pooled, time_ids = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled]), torch.cat([time_ids, time_ids])
+            cond, pooled, time_ids = (
+                torch.cat([uncond, cond]),
+                torch.cat([uncond_pooled, pooled]),
+                torch.cat([time_ids, time_ids]),
+            )
         return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}, guided)
 
 
@@ -283,7 +323,9 @@ def make_adapter(pipe, family: str, cfg=None):
     adapters take (FLUX's guidance embedding value, T5's sequence length)."""
     if cfg is None:
         return ADAPTERS[family](pipe)
-    return ADAPTERS[family](pipe, guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None))
+    return ADAPTERS[family](
+        pipe, guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None)
+    )
 
 
 def text_encoders(pipe) -> list:

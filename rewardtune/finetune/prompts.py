@@ -21,8 +21,10 @@ def load_prompts(spec: str, what: str = "--prompts") -> list[str]:
     whitespace or invisible characters is blank too, so no prompt is ever empty."""
     spec = str(spec)
     if is_blank(spec):
-        raise UserError(f"{what} is empty ({spec!r}); give a text file with one prompt a line, or builtin:NAME "
-                        f"({', '.join(builtin_names())})")
+        raise UserError(
+            f"{what} is empty ({spec!r}); give a text file with one prompt a line, or builtin:NAME "
+            f"({', '.join(builtin_names())})"
+        )
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = BUILTIN_DIR / f"{name}.txt"
@@ -31,8 +33,10 @@ def load_prompts(spec: str, what: str = "--prompts") -> list[str]:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise UserError(f"{what}: prompt file '{spec}' does not exist; give a text file with one prompt a line, "
-                            f"or builtin:NAME ({', '.join(builtin_names())})")
+            raise UserError(
+                f"{what}: prompt file '{spec}' does not exist; give a text file with one prompt a line, "
+                f"or builtin:NAME ({', '.join(builtin_names())})"
+            )
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as exc:
@@ -59,7 +63,9 @@ def note_long_prompts(trainer, eval_prompts: list[str]) -> None:
     evals = reward_limits({_name(trainer.eval_reward): trainer.eval_reward}) if trainer.eval_reward is not None else []
     report_long_prompts(trainer.prompts, model + rewards, "training prompts")
     # Evaluation prompts drawn from the training set were counted above, save by the eval reward.
-    report_long_prompts(eval_prompts, (model + rewards + evals) if trainer.cfg.eval_prompts else evals, "evaluation prompts")
+    report_long_prompts(
+        eval_prompts, (model + rewards + evals) if trainer.cfg.eval_prompts else evals, "evaluation prompts"
+    )
 
 
 class _NoTruncationWarning(logging.Filter):

@@ -38,8 +38,11 @@ class RunLog:
             return
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint we resume from
             rows = [(ln, json.loads(ln)) for ln in self.path.read_text().splitlines() if ln.strip()]
-            lines = [ln for ln, r in rows if r["step"] < resume_step or (r["step"] == resume_step
-                                                                         and not (redo_eval and r["kind"] == "eval"))]
+            lines = [
+                ln
+                for ln, r in rows
+                if r["step"] < resume_step or (r["step"] == resume_step and not (redo_eval and r["kind"] == "eval"))
+            ]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in lines))
         elif self.path.exists():
             self.path.unlink()
@@ -50,9 +53,16 @@ class RunLog:
     def log(self, kind: str, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        clean = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": step, "kind": kind, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+                )
+                + "\n"
+            )
         for k, v in clean.items():
             self.writer.add_scalar(f"{kind}/{k}", v, step)
         self.writer.flush()
@@ -85,7 +95,9 @@ class Evaluator:
                 metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
         if t.accelerator.is_main_process:
             if self.hook is not None:
-                metrics.update({k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()})
+                metrics.update(
+                    {k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()}
+                )
             self._grid(step, images.cpu())
         return metrics
 
@@ -100,18 +112,29 @@ class Evaluator:
 
 def run_dir(output: str | Path) -> RunDir:
     """finetune's output directory: finished when ``summary.json`` (written last) is there."""
-    return RunDir(output, command="finetune", finished="summary.json", done_key="steps",
-                  outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME),
-                  scratch=("config.yaml", "metrics.jsonl", "tb", "samples", ".lora-*"))
+    return RunDir(
+        output,
+        command="finetune",
+        finished="summary.json",
+        done_key="steps",
+        outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME),
+        scratch=("config.yaml", "metrics.jsonl", "tb", "samples", ".lora-*"),
+    )
 
 
 def run_settings(cfg: FinetuneConfig, reward=None) -> dict:
     """The settings a resumed run must share with its checkpoint (they decide what the LoRA means), and all."""
 
     spec = cfg.reward if reward is None else f"{cfg.reward} ({type(reward).__name__} passed in)"
-    fixed = {"--model": weights_identity(resolve_model(cfg.model)), "--lora-rank": cfg.lora_rank,
-             "--lora-alpha": cfg.lora_alpha, "--lora-targets": None if cfg.lora_targets is None else list(cfg.lora_targets),
-             "--train-text-encoder": cfg.train_text_encoder, "--reward": spec, "--method": cfg.method}
+    fixed = {
+        "--model": weights_identity(resolve_model(cfg.model)),
+        "--lora-rank": cfg.lora_rank,
+        "--lora-alpha": cfg.lora_alpha,
+        "--lora-targets": None if cfg.lora_targets is None else list(cfg.lora_targets),
+        "--train-text-encoder": cfg.train_text_encoder,
+        "--reward": spec,
+        "--method": cfg.method,
+    }
     return config_settings(cfg, fixed)
 
 
@@ -131,8 +154,10 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
     with rundir.lock():
         start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps, cfg.trust_pickle)
         if start.action == "done":
-            rundir.say(f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('steps')} steps "
-                       f"(--steps {cfg.steps}); raise --steps to train further")
+            rundir.say(
+                f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('steps')} steps "
+                f"(--steps {cfg.steps}); raise --steps to train further"
+            )
             return {**start.record, "nothing_to_do": True}
         settings = run_settings(cfg, reward)
         changed = rundir.check_settings(start, settings)
@@ -145,8 +170,12 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
     cfg, out = trainer.cfg, rundir.root
     acc, main = trainer.accelerator, trainer.accelerator.is_main_process
     state = trainer.resume_state
-    log = RunLog(out, main, trainer.global_step if start.checkpoint is not None else None,
-                 redo_eval=trainer.global_step >= cfg.steps)
+    log = RunLog(
+        out,
+        main,
+        trainer.global_step if start.checkpoint is not None else None,
+        redo_eval=trainer.global_step >= cfg.steps,
+    )
     evaluate = Evaluator(trainer, out, eval_hook)
     note_long_prompts(trainer, evaluate.prompts)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
@@ -158,17 +187,32 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         after = _eval(evaluate, trainer, log, main)
         _check_final(after, trainer)
         lora_path = trainer.save_lora(out)
-        if main:  # config.yaml goes with the outputs, so a run that fails before them leaves a finished run's as it was
+        if (
+            main
+        ):  # config.yaml goes with the outputs, so a run that fails before them leaves a finished run's as it was
             rundir.write_config(cfg)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
         _checkpoint(trainer, rundir, before, best)
     finally:
         log.close()
-    summary = {"model": cfg.model, "family": trainer.family, "method": cfg.method, "reward": _name(reward, cfg.reward),
-               "eval_reward": _name(eval_reward, cfg.eval_reward or None), "steps": trainer.global_step, "steps_planned": cfg.steps, "skipped_steps": trainer.skipped_steps, "processes": acc.num_processes,
-               "stopped_early": history["stopped_early"], "resolution": trainer.resolution, "eval_prompts": evaluate.prompts,
-               "before": before, "after": after, "lora": str(lora_path)}
+    summary = {
+        "model": cfg.model,
+        "family": trainer.family,
+        "method": cfg.method,
+        "reward": _name(reward, cfg.reward),
+        "eval_reward": _name(eval_reward, cfg.eval_reward or None),
+        "steps": trainer.global_step,
+        "steps_planned": cfg.steps,
+        "skipped_steps": trainer.skipped_steps,
+        "processes": acc.num_processes,
+        "stopped_early": history["stopped_early"],
+        "resolution": trainer.resolution,
+        "eval_prompts": evaluate.prompts,
+        "before": before,
+        "after": after,
+        "lora": str(lora_path),
+    }
     if main:
         rundir.write_json("summary.json", summary)
     acc.wait_for_everyone()
@@ -195,12 +239,22 @@ def _check_final(after: dict, trainer: Trainer) -> None:
     bad = {k: v for k, v in after.items() if k in ("reward", "eval_reward") and not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k} {v}" for k, v in bad.items())
-        raise UserError(f"the evaluation after step {trainer.global_step} gave {shown}: the training diverged and the "
-                        f"LoRA was not saved; try a lower --lr")
+        raise UserError(
+            f"the evaluation after step {trainer.global_step} gave {shown}: the training diverged and the "
+            f"LoRA was not saved; try a lower --lr"
+        )
 
 
-def _train(trainer: Trainer, evaluate: Evaluator, log: RunLog, rundir: RunDir, before: dict, best, history: dict,
-           cadence: Cadence):
+def _train(
+    trainer: Trainer,
+    evaluate: Evaluator,
+    log: RunLog,
+    rundir: RunDir,
+    before: dict,
+    best,
+    history: dict,
+    cadence: Cadence,
+):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
     while trainer.global_step < cfg.steps:
@@ -228,7 +282,10 @@ def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
         best = value if best is None else max(best, value)
         stop = cfg.early_stop_drop > 0 and value < best - cfg.early_stop_drop
         if stop:
-            print(f"finetune: early stop: eval reward {value:.4f} fell more than {cfg.early_stop_drop} below its best {best:.4f}", flush=True)
+            print(
+                f"finetune: early stop: eval reward {value:.4f} fell more than {cfg.early_stop_drop} below its best {best:.4f}",
+                flush=True,
+            )
     flag = torch.tensor([float(stop)], device=acc.device)
     return best, bool(acc.reduce(flag, "sum") > 0) if acc.num_processes > 1 else stop
 
@@ -236,8 +293,9 @@ def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
 def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best) -> None:
     """A resumable checkpoint after the current step (with the evaluation before training and the best eval
     reward, which a resumed run continues from); only the newest ``--checkpoints-keep`` stay."""
-    trainer.save_checkpoint(rundir.checkpoint_dir(trainer.global_step),
-                            {"before": before, "best_eval": best, "settings": rundir.settings})
+    trainer.save_checkpoint(
+        rundir.checkpoint_dir(trainer.global_step), {"before": before, "best_eval": best, "settings": rundir.settings}
+    )
     if trainer.accelerator.is_main_process:
         rundir.rotate(trainer.cfg.checkpoints_keep)
         rundir.write_config(trainer.cfg)

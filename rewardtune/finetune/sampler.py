@@ -43,9 +43,17 @@ class Plan:
         return min(min(self.grad_from), self.stop - 1)
 
 
-def make_plan(method: str, n_steps: int, batch: int, generator: torch.Generator, k: int = 1, lv: int = 0,
-              refl_range: tuple[float, float] = (0.7, 1.0)) -> Plan:
+def make_plan(
+    method: str,
+    n_steps: int,
+    batch: int,
+    generator: torch.Generator,
+    k: int = 1,
+    lv: int = 0,
+    refl_range: tuple[float, float] = (0.7, 1.0),
+) -> Plan:
     """The truncation plan of one batch for ``method``; random draws come from ``generator``."""
+
     def randint(lo: int, hi: int, n: int = 1) -> list[int]:  # inclusive bounds
         return torch.randint(lo, hi + 1, (n,), generator=generator).tolist()
 
@@ -78,8 +86,15 @@ class SampleState:
 class TruncatedSampler:
     """DDIM with classifier-free guidance over a denoiser called as ``cond.call(model, x, t)``."""
 
-    def __init__(self, scheduler, n_steps: int, guidance_scale: float = 7.5, eta: float = 0.0, dtype: torch.dtype = torch.float32,
-                 checkpoint_calls: bool = False):
+    def __init__(
+        self,
+        scheduler,
+        n_steps: int,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        checkpoint_calls: bool = False,
+    ):
         """``dtype``: the UNet's weights; latents and step arithmetic stay fp32, the UNet gets its own type.
         ``checkpoint_calls``: keep only each gradient call's inputs and recompute the call in the backward pass."""
         self.scheduler = scheduler

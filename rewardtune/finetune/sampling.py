@@ -19,9 +19,19 @@ from .sampler import make_sampler
 
 
 @torch.no_grad()
-def sample(pipe, prompts, *, latents: torch.Tensor | None = None, num_inference_steps: int, guidance_scale: float,
-           height: int, width: int, eta: float = 0.0, generator: torch.Generator | None = None,
-           max_sequence_length: int | None = None) -> torch.Tensor:
+def sample(
+    pipe,
+    prompts,
+    *,
+    latents: torch.Tensor | None = None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    max_sequence_length: int | None = None,
+) -> torch.Tensor:
     """The final latents of sampling ``prompts`` (a string or a list) with the training sampler of ``pipe``.
 
     ``latents``: the initial noise in the pipeline's layout (FLUX: packed, (B, tokens, 4C)); drawn from
@@ -31,19 +41,29 @@ def sample(pipe, prompts, *, latents: torch.Tensor | None = None, num_inference_
     (SD3/FLUX; default the pipeline's)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     family = pipeline_family(pipe)
-    opts = SimpleNamespace(sample_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                           max_sequence_length=max_sequence_length, defaults_from="", export="none",
-                           checkpoint_calls=False)  # no gradients here
+    opts = SimpleNamespace(
+        sample_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        max_sequence_length=max_sequence_length,
+        defaults_from="",
+        export="none",
+        checkpoint_calls=False,
+    )  # no gradients here
     check_family_options(opts, family)
     adapter = make_adapter(pipe, family, opts)
     model = adapter.denoiser
-    sampler = make_sampler(adapter.sampler_kind, training_scheduler(pipe), opts, model.dtype, adapter=adapter,
-                           resolution=(height, width))
+    sampler = make_sampler(
+        adapter.sampler_kind, training_scheduler(pipe), opts, model.dtype, adapter=adapter, resolution=(height, width)
+    )
     cond = adapter.encode(prompts, sampler.guided, (height, width))
     device = model.device
     if latents is None:
-        shape = adapter.latent_shape((height, width)) if adapter.sampler_kind == "flow" else \
-            (model.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        shape = (
+            adapter.latent_shape((height, width))
+            if adapter.sampler_kind == "flow"
+            else (model.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        )
         latents = sampler.initial_latents((len(prompts), *shape), generator, device)
     x = sampler.sample(model, cond, latents.to(device=device, dtype=torch.float32), generator)
     return x.to(model.dtype)

@@ -41,8 +41,9 @@ def make_accelerator(cfg: FinetuneConfig):
     try:
         return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     except ValueError as exc:
-        raise UserError(f"--mixed-precision {cfg.mixed_precision}: {str(exc).splitlines()[0][:200]} "
-                        f"(on a CPU use bf16 or no)") from None
+        raise UserError(
+            f"--mixed-precision {cfg.mixed_precision}: {str(exc).splitlines()[0][:200]} (on a CPU use bf16 or no)"
+        ) from None
 
 
 def check_optional_packages(cfg: FinetuneConfig) -> None:
@@ -50,18 +51,26 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
 
     if cfg.quantize_base != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError(f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes (CUDA only), "
-                            f"or use --quantize-base none")
+            raise UserError(
+                f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes (CUDA only), "
+                f"or use --quantize-base none"
+            )
         if not torch.cuda.is_available():
-            raise UserError(f"--quantize-base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); "
-                            f"on a CPU use --quantize-base none")
+            raise UserError(
+                f"--quantize-base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); "
+                f"on a CPU use --quantize-base none"
+            )
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw")
+        raise UserError(
+            "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw"
+        )
     if cfg.attention == "xformers":
         from diffusers.utils import is_xformers_available
 
         if not is_xformers_available():
-            raise UserError("--attention xformers: xformers is not installed (pip install xformers); or use --attention sdpa")
+            raise UserError(
+                "--attention xformers: xformers is not installed (pip install xformers); or use --attention sdpa"
+            )
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
@@ -147,9 +156,15 @@ class Trainer:
     ``Trainer(cfg, ...)`` loads everything ``cfg`` names; ``Trainer.from_parts(cfg, parts)`` assembles one
     from parts built elsewhere (the planner's models on fake tensors)."""
 
-    def __init__(self, cfg: FinetuneConfig, reward: torch.nn.Module | None = None,
-                 eval_reward: torch.nn.Module | None = None, accelerator=None, resume_from: str | Path | None = None,
-                 pipe=None):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        reward: torch.nn.Module | None = None,
+        eval_reward: torch.nn.Module | None = None,
+        accelerator=None,
+        resume_from: str | Path | None = None,
+        pipe=None,
+    ):
         """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from. ``pipe``: an
         already built pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights).
         Options of ``cfg`` left unset (None) are filled in place with the model's defaults (``defaults``)."""
@@ -160,11 +175,14 @@ class Trainer:
         dtype = precision_dtype(acc.mixed_precision)
         if pipe is not None:
             if cfg.quantize_base != "none":
-                raise UserError("--quantize-base applies when loading --model; quantize the pipeline you pass in yourself")
+                raise UserError(
+                    "--quantize-base applies when loading --model; quantize the pipeline you pass in yourself"
+                )
             pipe, family = prepare_pipeline(pipe)
         else:
-            pipe, family = load_pipeline(cfg.model, dtype, check=lambda family: check_family_options(cfg, family),
-                                         quantize=cfg.quantize_base)
+            pipe, family = load_pipeline(
+                cfg.model, dtype, check=lambda family: check_family_options(cfg, family), quantize=cfg.quantize_base
+            )
         resolve_defaults(cfg, pipe, family)
         adapter = make_adapter(pipe, family, cfg)
         resolution = cfg.resolution or adapter.native_resolution()
@@ -178,15 +196,27 @@ class Trainer:
             adapter.cache_prompts(prompts + eval_prompts)
         reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)
         if eval_reward is not None or cfg.eval_reward:
-            eval_reward = _frozen(eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype),
-                                  acc.device)
+            eval_reward = _frozen(
+                eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), acc.device
+            )
         params = lora_mod.trainable_parameters(*lora.modules)
         prepared = acc.prepare(*lora.modules, make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay))
-        sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, cfg, dtype, adapter=adapter, resolution=resolution)
-        parts = TrainerParts(pipe, adapter, sampler, reward,
-                             LoraSet(prepared[0], list(prepared[1:-1])), acc, optimizer=prepared[-1],
-                             eval_reward=eval_reward, unwrapped=lora, prompts=prompts,
-                             resolution=resolution)
+        sampler = make_sampler(
+            adapter.sampler_kind, pipe.scheduler, cfg, dtype, adapter=adapter, resolution=resolution
+        )
+        parts = TrainerParts(
+            pipe,
+            adapter,
+            sampler,
+            reward,
+            LoraSet(prepared[0], list(prepared[1:-1])),
+            acc,
+            optimizer=prepared[-1],
+            eval_reward=eval_reward,
+            unwrapped=lora,
+            prompts=prompts,
+            resolution=resolution,
+        )
         self._assemble(cfg, parts)
         self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
 
@@ -202,7 +232,12 @@ class Trainer:
         self.cfg = cfg
         self.accelerator, self.device = parts.accelerator, parts.accelerator.device
         self.weight_dtype = precision_dtype(parts.accelerator.mixed_precision)
-        self.pipe, self.adapter, self.family, self.sampler = parts.pipe, parts.adapter, parts.adapter.family, parts.sampler
+        self.pipe, self.adapter, self.family, self.sampler = (
+            parts.pipe,
+            parts.adapter,
+            parts.adapter.family,
+            parts.sampler,
+        )
         self.prompts = parts.prompts
         self.resolution = parts.resolution or cfg.resolution or parts.adapter.native_resolution()
         unwrapped = parts.unwrapped or parts.lora
@@ -256,7 +291,9 @@ class Trainer:
         """Encode, draw the truncation plan and the initial noise, and denoise without gradients up to
         the first step that carries them."""
         cfg = self.cfg
-        plan = make_plan(cfg.method, cfg.sample_steps, len(prompts), generator, cfg.k, cfg.lv_samples, (cfg.refl_min, cfg.refl_max))
+        plan = make_plan(
+            cfg.method, cfg.sample_steps, len(prompts), generator, cfg.k, cfg.lv_samples, (cfg.refl_min, cfg.refl_max)
+        )
         latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), generator, self.device)
         state = SampleState(latents, self.encode(prompts), plan, 0, generator, list(prompts))
         with self.accelerator.autocast():
@@ -279,7 +316,11 @@ class Trainer:
         decoder recomputes its blocks in the backward pass instead of keeping their activations."""
         vae = self.pipe.vae
         z = self.adapter.vae_latents(latents).to(vae.dtype)
-        ctx = torch.autocast(self.device.type, enabled=False) if vae.dtype == torch.float32 else self.accelerator.autocast()
+        ctx = (
+            torch.autocast(self.device.type, enabled=False)
+            if vae.dtype == torch.float32
+            else self.accelerator.autocast()
+        )
         with ctx:
             images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -341,10 +382,17 @@ class Trainer:
         self._count(applied)
         self.global_step += 1
         reward = acc.reduce(torch.stack(rewards).mean().float(), "mean")
-        return {"step": self.global_step, "loss": float(-reward) + cfg.reg_weight * float(torch.stack(regs).mean()),
-                "reward": float(reward), "reg": float(acc.reduce(torch.stack(regs).mean().float(), "mean")),
-                "grad_norm": norm, "step_time": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
-                "skipped": not applied, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "step": self.global_step,
+            "loss": float(-reward) + cfg.reg_weight * float(torch.stack(regs).mean()),
+            "reward": float(reward),
+            "reg": float(acc.reduce(torch.stack(regs).mean().float(), "mean")),
+            "grad_norm": norm,
+            "step_time": time.perf_counter() - start,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "skipped": not applied,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     def _count(self, applied: bool) -> None:
         """The shared ``--max-nonfinite`` rule (``nonfinite.NonFiniteRule``), with a hint for this model."""
@@ -361,7 +409,11 @@ class Trainer:
         unet = self.unet_train
         gen = torch.Generator().manual_seed(seed)
         out = []
-        ctx = contextlib.nullcontext() if lora else _adapters_disabled(self.accelerator.unwrap_model(unet), *self.trained_text_encoders)
+        ctx = (
+            contextlib.nullcontext()
+            if lora
+            else _adapters_disabled(self.accelerator.unwrap_model(unet), *self.trained_text_encoders)
+        )
         with ctx:
             for i in range(0, len(prompts), self.cfg.batch_size):
                 chunk = prompts[i : i + self.cfg.batch_size]
@@ -381,7 +433,9 @@ class Trainer:
     def save_lora(self, directory: str | Path) -> Path:
         """Write the LoRA in diffusers format; every process must call it (weights are gathered), the main one writes."""
         acc = self.accelerator
-        check_finite_params(acc, lora_mod.trainable_parameters(*self.models_train), f"the LoRA to be saved in '{directory}'")
+        check_finite_params(
+            acc, lora_mod.trainable_parameters(*self.models_train), f"the LoRA to be saved in '{directory}'"
+        )
         states = [acc.get_state_dict(m) for m in self.models_train]
         path = Path(directory) / lora_mod.WEIGHT_NAME
         if acc.is_main_process:
@@ -393,6 +447,7 @@ class Trainer:
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
         """Optimizer, scaler and random generator state (safetensors and JSON, see ``runstate``; accelerate's
         pickles under FSDP/DeepSpeed), the LoRA (diffusers format) and the trainer state, atomically."""
+
         def save(tmp: Path) -> str:
             with _lora_only_state(self.accelerator):
                 fmt = runstate.save_training_state(self.accelerator, tmp, self.optimizer)
@@ -408,8 +463,10 @@ class Trainer:
         state = read_state(directory)
         fmt = state.get("format")
         if fmt != runstate.SAFE and not self.cfg.trust_pickle:
-            raise UserError(f"--resume: checkpoint '{directory}' keeps its state in pickle files, which can run code "
-                            f"when loaded; pass --trust-pickle only if you wrote it yourself")
+            raise UserError(
+                f"--resume: checkpoint '{directory}' keeps its state in pickle files, which can run code "
+                f"when loaded; pass --trust-pickle only if you wrote it yourself"
+            )
         with _lora_only_state(self.accelerator):
             runstate.load_training_state(self.accelerator, directory, fmt, self.optimizer)
         self.global_step = int(state["step"])
@@ -446,6 +503,7 @@ def _adapters_disabled(*models):
 @contextlib.contextmanager
 def _lora_only_state(acc):
     """accelerate checkpoints without the frozen model weights: the LoRA is saved/loaded separately."""
+
     def drop_weights(models, weights, output_dir):
         weights.clear()
 

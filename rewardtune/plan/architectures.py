@@ -26,9 +26,19 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # The JSON file of each part of each full-size family.
 ARCHITECTURES = {
-    "sd15": {"unet": "sd15_unet", "vae": "sd15_vae", "text_encoder": "sd15_text_encoder", "scheduler": "sd15_scheduler"},
-    "sdxl": {"unet": "sdxl_unet", "vae": "sdxl_vae", "text_encoder": "sdxl_text_encoder",
-             "text_encoder_2": "sdxl_text_encoder_2", "scheduler": "sdxl_scheduler"},
+    "sd15": {
+        "unet": "sd15_unet",
+        "vae": "sd15_vae",
+        "text_encoder": "sd15_text_encoder",
+        "scheduler": "sd15_scheduler",
+    },
+    "sdxl": {
+        "unet": "sdxl_unet",
+        "vae": "sdxl_vae",
+        "text_encoder": "sdxl_text_encoder",
+        "text_encoder_2": "sdxl_text_encoder_2",
+        "scheduler": "sdxl_scheduler",
+    },
 }
 FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl"}
 REWARD_BACKBONE = "clip_vit_h14"
@@ -67,7 +77,6 @@ def _tokenizer(tokenizer_dir: Path | None):
 
     from transformers import CLIPTokenizer
 
-
     if tokenizer_dir is None and "default" in _TOKENIZERS:
         return _TOKENIZERS["default"]
     directory = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="rewardtune-tok-"))
@@ -80,9 +89,12 @@ def _tokenizer(tokenizer_dir: Path | None):
 
 
 # The frozen parts of each family and the class that builds each from its config.
-PART_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-                "text_encoder": ("transformers", "CLIPTextModel"),
-                "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+PART_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+}
 
 
 def _configs(source: str | Path) -> tuple[str, dict]:
@@ -90,11 +102,15 @@ def _configs(source: str | Path) -> tuple[str, dict]:
 
     if str(source) in ARCHITECTURES:
         names = ARCHITECTURES[str(source)]
-        return FAMILY_OF[str(source)], {part: {**arch_config(n), "_class_name": config_class_name(n)} for part, n in names.items()}
+        return FAMILY_OF[str(source)], {
+            part: {**arch_config(n), "_class_name": config_class_name(n)} for part, n in names.items()
+        }
     directory = Path(source).expanduser()
     if not (directory / "model_index.json").is_file():
-        raise UserError(f"--model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) nor a local "
-                        f"diffusers directory (with model_index.json); download the model first or use sd15/sdxl")
+        raise UserError(
+            f"--model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) nor a local "
+            f"diffusers directory (with model_index.json); download the model first or use sd15/sdxl"
+        )
     family = model_family(directory)
     configs = {"scheduler": json.loads((directory / "scheduler" / "scheduler_config.json").read_text())}
     for part in PART_CLASSES:
@@ -104,8 +120,9 @@ def _configs(source: str | Path) -> tuple[str, dict]:
     return family, configs
 
 
-def build_parts(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                vae_dtype: torch.dtype | None = None) -> dict:
+def build_parts(
+    source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None
+) -> dict:
     """Random-weight UNet, VAE, text encoder(s) and scheduler of ``source`` ('sd15', 'sdxl' or a diffusers
     directory, whose weights are never read), built on ``device`` (``"meta"``: no memory at all)."""
 
@@ -130,12 +147,16 @@ def build_parts(source: str | Path, dtype: torch.dtype = torch.float32, device="
     return parts
 
 
-def build_pipeline(source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
-                   vae_dtype: torch.dtype | None = None):
+def build_pipeline(
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    tokenizer_dir: Path | None = None,
+    vae_dtype: torch.dtype | None = None,
+):
     """A random-weight pipeline of ``source`` in memory: a ``StableDiffusionPipeline`` (sd15) or
     ``StableDiffusionXLPipeline`` (sdxl), or the family of a diffusers directory (with its own tokenizers)."""
     from transformers import CLIPTokenizer
-
 
     family, _ = _configs(source)
     parts = build_parts(source, dtype, device, vae_dtype)
@@ -144,7 +165,11 @@ def build_pipeline(source: str | Path, dtype: torch.dtype = torch.float32, devic
     else:
         directory = Path(source).expanduser()
         tok = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
-        tok2 = CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2")) if (directory / "tokenizer_2").is_dir() else tok
+        tok2 = (
+            CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2"))
+            if (directory / "tokenizer_2").is_dir()
+            else tok
+        )
     return assemble_pipeline(family, parts, tok, tok2)
 
 
@@ -166,8 +191,13 @@ def build_clip(dtype: torch.dtype = torch.float32, device="cpu", config: dict | 
     return model.requires_grad_(False).eval()
 
 
-def build_reward(name: str = "icthp", dtype: torch.dtype = torch.float32, device="cpu", tokenizer_dir: Path | None = None,
-                 clip_config: dict | None = None):
+def build_reward(
+    name: str = "icthp",
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    tokenizer_dir: Path | None = None,
+    clip_config: dict | None = None,
+):
     """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released)."""
 
     if name not in ("ict", "hp", "icthp"):

@@ -115,7 +115,9 @@ def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
     if attn_mask is not None:
         attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager
@@ -146,6 +148,7 @@ def _cuda_autocast_policy():
                 return fn(*args, **kwargs)
             with torch.autocast("cpu", enabled=False):
                 return fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+
         return run
 
     for n in names:
@@ -200,7 +203,9 @@ def _materialize(modules, memo: dict) -> None:
             for name, p in list(m._parameters.items()):
                 if p is not None:
                     if id(p) not in memo:
-                        memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                        memo[id(p)] = torch.nn.Parameter(
+                            torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
+                        )
                     m._parameters[name] = memo[id(p)]
             for name, b in list(m._buffers.items()):
                 if b is not None:
@@ -215,7 +220,9 @@ def _meta_pipeline(cfg, pipeline_dir):
     source = str(pipeline_dir or cfg.model)
     if source not in ARCHITECTURES:
         source = str(Path(source).expanduser())
-    pipe, family = prepare_pipeline(build_pipeline(source, weight_dtype, "meta"))  # the Trainer's scheduler and settings
+    pipe, family = prepare_pipeline(
+        build_pipeline(source, weight_dtype, "meta")
+    )  # the Trainer's scheduler and settings
     return pipe, family, source
 
 
@@ -239,7 +246,9 @@ def _meta_reward(cfg, reward_config: dict | None):
     if name == "pickscore":
         name = "ict"  # one ViT-H-14 CLIP scoring cosines, as ICT does
     if name not in ("ict", "hp", "icthp"):
-        raise UserError(f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'")
+        raise UserError(
+            f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'"
+        )
     dtype = precision_dtype(cfg.mixed_precision)
     return build_reward(name, dtype, "meta", clip_config=reward_config)
 
@@ -268,8 +277,13 @@ def _optimizer_states(params, name: str) -> list[torch.Tensor]:
     return out
 
 
-def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = None,
-                        vae_block_checkpointing: bool = False, target: str = "cuda") -> dict:
+def predict_peak_memory(
+    cfg,
+    pipeline_dir=None,
+    reward_config: dict | None = None,
+    vae_block_checkpointing: bool = False,
+    target: str = "cuda",
+) -> dict:
     """Predict the peak GPU memory of one fine-tuning step of ``cfg`` (a ``FinetuneConfig``) before it runs.
 
     Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
@@ -277,7 +291,6 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
     checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
     instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
     """
-
 
     if target not in ("cuda", "cpu"):
         raise UserError(f"plan target must be cuda or cpu, got '{target}'")
@@ -297,12 +310,23 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
         pipe.vae.enable_gradient_checkpointing()
     sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype)
     sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
-    parts = TrainerParts(pipe, adapter, sampler, reward, lora, _PlanAccelerator(pcfg.mixed_precision),
-                         prompts=[PLAN_PROMPT], resolution=resolution)
+    parts = TrainerParts(
+        pipe,
+        adapter,
+        sampler,
+        reward,
+        lora,
+        _PlanAccelerator(pcfg.mixed_precision),
+        prompts=[PLAN_PROMPT],
+        resolution=resolution,
+    )
     modules = [m for m in (adapter.denoiser, pipe.vae, *adapter.text_encoders(), reward) if m is not None]
     gpu = target == "cuda"
-    with FakeTensorMode(allow_non_fake_inputs=True), (_gpu_attention() if gpu else contextlib.nullcontext()), \
-            (_cuda_autocast_policy() if gpu else contextlib.nullcontext()):
+    with (
+        FakeTensorMode(allow_non_fake_inputs=True),
+        _gpu_attention() if gpu else contextlib.nullcontext(),
+        _cuda_autocast_policy() if gpu else contextlib.nullcontext(),
+    ):
         _materialize(modules, {})
         trainer = Trainer.from_parts(pcfg, parts)
         trainable = lora_mod.trainable_parameters(*lora.modules)
@@ -322,6 +346,7 @@ def predict_peak_memory(cfg, pipeline_dir=None, reward_config: dict | None = Non
 def _trace_step(trainer, trainable, cfg, tracker) -> dict:
     """One micro-batch (batch_size prompts) through the Trainer's own ``micro_step``, then the optimizer's
     transients; returns the peak of each part (MiB)."""
+
     def mark(name):
         tracker.phase = name or "optimizer"
 
@@ -335,13 +360,22 @@ def _trace_step(trainer, trainable, cfg, tracker) -> dict:
 
 def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, extra) -> dict:
     n_train = sum(p.numel() for p in trainable)
-    return {"peak_mib": peak / 2**20, "peak_gib": peak / GIB, "weights_mib": weights / 2**20,
-            "resident_mib": resident / 2**20, "activations_mib": (peak - resident) / 2**20,
-            "trainable_params": int(n_train), "architecture": str(arch), "family": family, "resolution": resolution,
-            "method": "fake-tensor trace of the Trainer's step parts (allocator-rounded live storage)"}
+    return {
+        "peak_mib": peak / 2**20,
+        "peak_gib": peak / GIB,
+        "weights_mib": weights / 2**20,
+        "resident_mib": resident / 2**20,
+        "activations_mib": (peak - resident) / 2**20,
+        "trainable_params": int(n_train),
+        "architecture": str(arch),
+        "family": family,
+        "resolution": resolution,
+        "method": "fake-tensor trace of the Trainer's step parts (allocator-rounded live storage)",
+    }
 
 
 # ----- which knobs make a config fit a budget -------------------------------------------------------
+
 
 def _variants(cfg, native: int) -> list[tuple[str, dict]]:
     """Single-knob changes that lower memory, cheapest in quality/speed first."""
@@ -361,8 +395,12 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
         if cfg.k // 2 > 1:
             out.append(("--k 1", {"k": 1}))
     if cfg.batch_size > 1:
-        out.append((f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}",
-                    {"batch_size": max(1, cfg.batch_size // 2), "grad_accum": cfg.grad_accum * 2}))
+        out.append(
+            (
+                f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}",
+                {"batch_size": max(1, cfg.batch_size // 2), "grad_accum": cfg.grad_accum * 2},
+            )
+        )
     res = cfg.resolution or native
     step = 64 if res >= 256 else 8  # 1024 -> 768, 512 -> 384; small test models by multiples of 8
     smaller = max(32, (res * 3 // 4) // step * step)
@@ -381,9 +419,11 @@ def fit_budget(cfg, budget_gib: float, **kw) -> dict:
     if result["fits"]:
         return result
     if base["resident_mib"] / 1024 > budget_gib:
-        raise UserError(f"a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
-                        f"({base['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA); no setting of this config fits. "
-                        f"Use a smaller model or reward, or a larger GPU")
+        raise UserError(
+            f"a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
+            f"({base['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA); no setting of this config fits. "
+            f"Use a smaller model or reward, or a larger GPU"
+        )
     native = base["resolution"] if not cfg.resolution else cfg.resolution
     singles = []
     for flag, change in _variants(cfg, native):

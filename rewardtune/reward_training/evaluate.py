@@ -49,20 +49,30 @@ def _device_of(module: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate_rewards(data_root, split: str, rewards: dict[str, Reward], batch_size: int = 16, limit: int = 0,
-                     trust_pickle: bool = False, skip_bad: bool = False, check_images: bool = True,
-                     num_workers: int = 0, progress: bool = True) -> dict[str, dict]:
+def evaluate_rewards(
+    data_root,
+    split: str,
+    rewards: dict[str, Reward],
+    batch_size: int = 16,
+    limit: int = 0,
+    trust_pickle: bool = False,
+    skip_bad: bool = False,
+    check_images: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, dict]:
     """Triplet accuracy of each reward on ``split`` under ``data_root``:
     ``{name: {"I2>I1": a, "I3>I2": a, "I3>I1": a, "avg": a, "n": n}}`` with accuracies in [0, 1]."""
 
-
-    table = load_triplets(data_root, split, trust_pickle=trust_pickle, skip_bad=skip_bad, check_images=check_images,
-                          limit=limit or None)
+    table = load_triplets(
+        data_root, split, trust_pickle=trust_pickle, skip_bad=skip_bad, check_images=check_images, limit=limit or None
+    )
     report_long_prompts(table.easy_prompt, reward_limits(rewards), where=f" in split '{split}'")
     loader = DataLoader(TripletDataset(table), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
-    for batch in tqdm(loader, desc=f"evaluating on {split}", unit="batch", file=sys.stderr,
-                      disable=not progress or len(loader) < 2):
+    for batch in tqdm(
+        loader, desc=f"evaluating on {split}", unit="batch", file=sys.stderr, disable=not progress or len(loader) < 2
+    ):
         for name, reward in rewards.items():
             scores[name].append(score_triplets(reward, batch["images"], batch["easy_prompt"], _device_of(reward)))
     return {name: triplet_accuracy(torch.cat(s)) for name, s in scores.items()}

@@ -23,8 +23,15 @@ from ..rewards.icthp import HPHead, ICTReward
 from ..sources import resolve, save_state_dict, writing
 
 # Files of an HF CLIP directory besides the weights: tokenizer and image preprocessor.
-SIDECAR_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json", "preprocessor_config.json"]
+SIDECAR_FILES = [
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+]
 
 
 class ICTTrainee(nn.Module):
@@ -56,8 +63,10 @@ class HPTrainee(nn.Module):
 def tokenize(tower: ClipTower, prompts: list[str]) -> dict[str, torch.Tensor]:
     """``tower.tokenize`` padded to the longest prompt instead of 77 tokens: CLIP's causal text model pools
     at the end token, so the embeddings are the same, for a fraction of the compute on short prompts."""
-    limit = min(int(getattr(tower.tokenizer, "model_max_length", 77) or 77),
-                tower.model.config.text_config.max_position_embeddings)
+    limit = min(
+        int(getattr(tower.tokenizer, "model_max_length", 77) or 77),
+        tower.model.config.text_config.max_position_embeddings,
+    )
     tok = tower.tokenizer(list(prompts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
     return {"input_ids": tok["input_ids"].to(tower.device), "attention_mask": tok["attention_mask"].to(tower.device)}
 

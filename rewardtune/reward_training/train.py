@@ -122,12 +122,19 @@ def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: i
     """Validate ``split`` once on the main process and hand the same table (or the same error) to all."""
     from accelerate.utils import broadcast_object_list
 
-
     payload = [None]
     if accelerator.is_main_process:
         try:
-            payload = [load_triplets(root, split, trust_pickle=cfg.trust_pickle, skip_bad=cfg.skip_bad,
-                                     check_images=cfg.check_images, limit=limit or None)]
+            payload = [
+                load_triplets(
+                    root,
+                    split,
+                    trust_pickle=cfg.trust_pickle,
+                    skip_bad=cfg.skip_bad,
+                    check_images=cfg.check_images,
+                    limit=limit or None,
+                )
+            ]
         except UserError as exc:
             payload = [exc]
     if accelerator.num_processes > 1:
@@ -138,9 +145,15 @@ def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: i
 
 
 def _loader(table, preprocess, cfg: TrainRewardConfig, train: bool):
-    return DataLoader(TripletDataset(table, preprocess), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
-                      num_workers=cfg.num_workers, collate_fn=collate,
-                      persistent_workers=train and cfg.num_workers > 0)
+    return DataLoader(
+        TripletDataset(table, preprocess),
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        persistent_workers=train and cfg.num_workers > 0,
+    )
 
 
 def _batches(accelerator, loader, start_micro: int):
@@ -179,17 +192,27 @@ def _hparams(cfg: TrainRewardConfig) -> dict:
 
 def run_dir(output: str | Path) -> RunDir:
     """train-reward's output directory: finished when ``metrics.json`` (written last) is there."""
-    return RunDir(output, who="train-reward: ", command="train-reward", finished="metrics.json", done_key="step",
-                  outputs=("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "hp_backbone", "hp_scorer"),
-                  scratch=("config.yaml", "logs", ".staging"),
-                  clear=("config.json", "model.safetensors.index.json", *models.SIDECAR_FILES))
+    return RunDir(
+        output,
+        who="train-reward: ",
+        command="train-reward",
+        finished="metrics.json",
+        done_key="step",
+        outputs=("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "hp_backbone", "hp_scorer"),
+        scratch=("config.yaml", "logs", ".staging"),
+        clear=("config.json", "model.safetensors.index.json", *models.SIDECAR_FILES),
+    )
 
 
 def run_settings(cfg: TrainRewardConfig) -> dict:
     """The settings a resumed run must share with its checkpoint (they decide what the weights are), and all."""
-    fixed = {"--stage": cfg.stage, "--backbone": weights_identity(resolve(cfg.backbone, "CLIP backbone")),
-             "--freeze-ratio": cfg.frozen_fraction, "--freeze-embeddings": cfg.freeze_embeddings,
-             "--ict": weights_identity(resolve(cfg.ict, "ICT model (--ict)")) if cfg.stage == "hp" else None}
+    fixed = {
+        "--stage": cfg.stage,
+        "--backbone": weights_identity(resolve(cfg.backbone, "CLIP backbone")),
+        "--freeze-ratio": cfg.frozen_fraction,
+        "--freeze-embeddings": cfg.freeze_embeddings,
+        "--ict": weights_identity(resolve(cfg.ict, "ICT model (--ict)")) if cfg.stage == "hp" else None,
+    }
     return config_settings(cfg, fixed)
 
 
@@ -202,8 +225,14 @@ def _sampler(loader):
 class Run:
     """One training run: the loop, validation, logging and checkpoints around a :class:`Stage`."""
 
-    def __init__(self, cfg: TrainRewardConfig, rundir: RunDir, start: Start, settings: dict | None = None,
-                 changed: dict | None = None):
+    def __init__(
+        self,
+        cfg: TrainRewardConfig,
+        rundir: RunDir,
+        start: Start,
+        settings: dict | None = None,
+        changed: dict | None = None,
+    ):
         from accelerate.utils import set_seed
 
         self.cfg, self.rundir, self.start = cfg, rundir, start
@@ -223,8 +252,10 @@ class Run:
         table = _shared_load(acc, cfg.data, cfg.train_split, cfg)
         need = cfg.batch_size * acc.num_processes
         if len(table) < need:
-            raise UserError(f"train-reward: the '{cfg.train_split}' split has {len(table)} usable triplets, fewer than one "
-                            f"global batch ({cfg.batch_size} x {acc.num_processes} processes); lower --batch-size")
+            raise UserError(
+                f"train-reward: the '{cfg.train_split}' split has {len(table)} usable triplets, fewer than one "
+                f"global batch ({cfg.batch_size} x {acc.num_processes} processes); lower --batch-size"
+            )
         self.train_loader = _loader(table, self.stage.preprocess, cfg, train=True)
         self.val_loader = None
         if cfg.eval_split:
@@ -243,7 +274,9 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_schedule(cfg))
         # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
         # once per process), and registered so checkpoints carry it.
-        self.trainee, self.optimizer, self.train_loader = acc.prepare(self.stage.trainee, self.optimizer, self.train_loader)
+        self.trainee, self.optimizer, self.train_loader = acc.prepare(
+            self.stage.trainee, self.optimizer, self.train_loader
+        )
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
         acc.register_for_checkpointing(self.scheduler)
@@ -264,8 +297,10 @@ class Run:
             scores = torch.cat(chunks)
             bad = int((~torch.isfinite(scores)).any(-1).sum())
             if bad:  # NaN compares false: accuracy would read 0, not "broken"
-                raise UserError(f"train-reward: validation: {key} scores of {bad} of {len(scores)} triplets are NaN or "
-                                f"infinite; the model diverged: {self._hint()}")
+                raise UserError(
+                    f"train-reward: validation: {key} scores of {bad} of {len(scores)} triplets are NaN or "
+                    f"infinite; the model diverged: {self._hint()}"
+                )
             for name, value in triplet_accuracy(scores).items():
                 out[f"val/{key}_{name}"] = value
         return out
@@ -286,32 +321,51 @@ class Run:
 
     def _load(self, start: Start) -> None:
         """Weights, optimizer, scheduler, scaler and random generators of a checkpoint; its data order and metrics."""
-        runstate.load_training_state(self.acc, start.path, start.state.get("format"), self.optimizer,
-                                     model=self.trainee, scheduler=self.scheduler)
+        runstate.load_training_state(
+            self.acc,
+            start.path,
+            start.state.get("format"),
+            self.optimizer,
+            model=self.trainee,
+            scheduler=self.scheduler,
+        )
         sampler, data = _sampler(self.train_loader), start.state.get("data") or {}
         if sampler is not None and isinstance(data.get("sampler_seed"), int):
             sampler.initial_seed = data["sampler_seed"]
-        self.metrics.update({k: v for k, v in (start.state.get("metrics") or {}).items() if isinstance(v, (int, float))})
+        self.metrics.update(
+            {k: v for k, v in (start.state.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        )
         self.last_saved = start.step
 
     def _checkpoint(self, step: int) -> None:
         """A resumable checkpoint after ``step`` in files that cannot run code (rundir/runstate); every process calls it."""
-        nonfinite.check_finite_params(self.acc, self.trainee, f"train-reward: the checkpoint at step {step}", hint=self._hint())
+        nonfinite.check_finite_params(
+            self.acc, self.trainee, f"train-reward: the checkpoint at step {step}", hint=self._hint()
+        )
         sampler = _sampler(self.train_loader)
         data = {"micro_batches": step * self.cfg.grad_accum, "sampler_seed": sampler.initial_seed if sampler else None}
 
         def save(tmp: Path) -> str:
-            return runstate.save_training_state(self.acc, tmp, self.optimizer, model=self.trainee, scheduler=self.scheduler)
+            return runstate.save_training_state(
+                self.acc, tmp, self.optimizer, model=self.trainee, scheduler=self.scheduler
+            )
 
-        self.rundir.save_checkpoint(self.acc, step, {"metrics": self._plain_metrics(step), "data": data},
-                                    self.cfg.checkpoints_keep, save=save)
+        self.rundir.save_checkpoint(
+            self.acc, step, {"metrics": self._plain_metrics(step), "data": data}, self.cfg.checkpoints_keep, save=save
+        )
         self.cadence.saved()
         self.last_saved = step
 
     def _loop(self, start: int) -> int:
         cfg, acc = self.cfg, self.acc
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", file=sys.stderr,
-                   disable=not (cfg.progress and acc.is_local_main_process))
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"train {cfg.stage}",
+            unit="step",
+            file=sys.stderr,
+            disable=not (cfg.progress and acc.is_local_main_process),
+        )
         step, running, micro, finite = start, [], [], True
         say = (lambda line: print(line, flush=True)) if acc.is_main_process else None
         self.nonfinite = nonfinite.NonFiniteRule(cfg.max_nonfinite, "train-reward: ", say, prefix="train-reward: ")
@@ -323,7 +377,9 @@ class Run:
                 finite &= nonfinite.backward(acc, loss, params, agree=True)
                 micro.append(loss.item())
                 if acc.sync_gradients:
-                    info["grad_norm"], applied = nonfinite.optimizer_step(acc, self.optimizer, params, cfg.max_grad_norm, finite)
+                    info["grad_norm"], applied = nonfinite.optimizer_step(
+                        acc, self.optimizer, params, cfg.max_grad_norm, finite
+                    )
             if not acc.sync_gradients:
                 continue
             info["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -342,8 +398,9 @@ class Run:
             if step >= cfg.steps:
                 break
         bar.close()
-        nonfinite.check_finite_params(acc, self.trainee, f"train-reward: the {cfg.stage.upper()} model after step {step}",
-                                      hint=self._hint())
+        nonfinite.check_finite_params(
+            acc, self.trainee, f"train-reward: the {cfg.stage.upper()} model after step {step}", hint=self._hint()
+        )
         return step
 
     def _hint(self) -> str:
@@ -399,10 +456,14 @@ def train_reward(cfg: TrainRewardConfig) -> dict:
     cfg.validate()
     rundir = run_dir(cfg.output)
     with rundir.lock():
-        start = rundir.plan(cfg.resume, cfg.overwrite, cfg.steps, cfg.trust_pickle)  # before any model loads: fail fast
+        start = rundir.plan(
+            cfg.resume, cfg.overwrite, cfg.steps, cfg.trust_pickle
+        )  # before any model loads: fail fast
         if start.action == "done":
-            rundir.say(f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('step')} steps "
-                       f"(--steps {cfg.steps}); raise --steps to train further")
+            rundir.say(
+                f"nothing to do: the run in '{rundir.root}' already trained {start.record.get('step')} steps "
+                f"(--steps {cfg.steps}); raise --steps to train further"
+            )
             return {**start.record, "nothing_to_do": True}
         settings = run_settings(cfg)
         changed = rundir.check_settings(start, settings)

@@ -126,13 +126,21 @@ def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScor
         return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype))
     backbone = (sources or {}).get("backbone")
     proc_dir = resolve(backbone or entry.tokenizer_hub, "PickScore processor", allow_patterns=HF_META)
-    return PickScoreReward(ClipTower.from_dir(model_dir, "PickScore model", dtype, tokenizer_dir=proc_dir,
-                                              tokenizer_what=f"PickScore processor (no tokenizer in '{model_dir}')"))
+    return PickScoreReward(
+        ClipTower.from_dir(
+            model_dir,
+            "PickScore model",
+            dtype,
+            tokenizer_dir=proc_dir,
+            tokenizer_what=f"PickScore processor (no tokenizer in '{model_dir}')",
+        )
+    )
 
 
 def _hps_checkpoint(source) -> Path:
-    path = resolve(source or REWARD_SOURCES["hpsv2"].hub, "HPS v2 checkpoint",
-                   allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG])
+    path = resolve(
+        source or REWARD_SOURCES["hpsv2"].hub, "HPS v2 checkpoint", allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG]
+    )
     return path if path.is_file() else find_file(path, HPS_FILES, "HPS v2 checkpoint")
 
 
@@ -152,8 +160,10 @@ def _open_clip_model(config_dir: Path):
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as exc:
         where = config_dir / OPEN_CLIP_CONFIG if has_config else HPS_DEFAULT_ARCH
-        raise UserError(f"HPS v2 architecture: could not build the open_clip model from {where} "
-                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UserError(
+            f"HPS v2 architecture: could not build the open_clip model from {where} "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     finally:
         logging.disable(logging.NOTSET)
     return model.eval(), tokenizer
@@ -177,8 +187,11 @@ def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
     loaded = apply_state_dict(model, state, f"HPS v2 checkpoint '{ckpt}'")
     total = len(model.state_dict())
     if loaded < total:
-        warnings.warn(f"HPS v2 checkpoint '{ckpt}' sets only {loaded} of the model's {total} tensors; "
-                      f"the rest keep their random init", stacklevel=2)
+        warnings.warn(
+            f"HPS v2 checkpoint '{ckpt}' sets only {loaded} of the model's {total} tensors; "
+            f"the rest keep their random init",
+            stacklevel=2,
+        )
     if dtype is not None:
         model.to(dtype)
     return HPSv2Reward(model, tokenizer, _open_clip_preprocess(model))

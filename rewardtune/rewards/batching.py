@@ -9,8 +9,14 @@ import torch
 from tqdm import tqdm
 
 
-def score_by_size(fn: Callable[[torch.Tensor, list[str]], torch.Tensor], images: list[torch.Tensor], prompts: list[str],
-                  batch_size: int | None = None, device=None, desc: str | None = None) -> torch.Tensor:
+def score_by_size(
+    fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    images: list[torch.Tensor],
+    prompts: list[str],
+    batch_size: int | None = None,
+    device=None,
+    desc: str | None = None,
+) -> torch.Tensor:
     """``fn(batch, batch_prompts)`` over (3,H,W) ``images``, batched by size (at most ``batch_size`` a batch,
     sizes in order of first appearance); float results on the CPU, in input order, shaped ``(N, *fn's
     per-image shape)``. ``desc`` shows a progress bar on stderr when there are two batches or more."""

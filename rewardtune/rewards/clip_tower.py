@@ -20,7 +20,12 @@ from .base import Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+WEIGHT_FILES = [
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+]
 TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
 
 
@@ -86,8 +91,14 @@ class ClipTower(nn.Module):
         self.preprocess = ClipPreprocess(size, **kw)
 
     @classmethod
-    def from_dir(cls, directory: Path, what: str, dtype: torch.dtype | None = None, tokenizer_dir: Path | None = None,
-                 tokenizer_what: str | None = None) -> ClipTower:
+    def from_dir(
+        cls,
+        directory: Path,
+        what: str,
+        dtype: torch.dtype | None = None,
+        tokenizer_dir: Path | None = None,
+        tokenizer_what: str | None = None,
+    ) -> ClipTower:
         """An HF CLIP directory; the tokenizer (and, if the model has none, the preprocessor config) may come
         from ``tokenizer_dir`` instead, for models released without them (PickScore). ``what`` and
         ``tokenizer_what`` name the two in error messages."""
@@ -102,11 +113,15 @@ class ClipTower(nn.Module):
         try:
             model = CLIPModel.from_pretrained(str(directory), dtype=dtype or torch.float32)
         except Exception as exc:
-            raise UserError(f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise UserError(
+                f"{what}: could not load a CLIP model from '{directory}' ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:
-            raise UserError(f"{tok_what}: could not load the CLIP tokenizer from '{tok_dir}' ({type(exc).__name__})") from None
+            raise UserError(
+                f"{tok_what}: could not load the CLIP tokenizer from '{tok_dir}' ({type(exc).__name__})"
+            ) from None
         mean, std = _image_stats(directory, tok_dir)
         return cls(model.eval(), tokenizer, mean, std)
 
@@ -121,8 +136,10 @@ class ClipTower(nn.Module):
     @property
     def max_tokens(self) -> int:
         """Tokens the text encoder reads (special tokens included): the tokenizer's and the model's limit."""
-        return min(int(getattr(self.tokenizer, "model_max_length", 77) or 77),
-                   self.model.config.text_config.max_position_embeddings)
+        return min(
+            int(getattr(self.tokenizer, "model_max_length", 77) or 77),
+            self.model.config.text_config.max_position_embeddings,
+        )
 
     def count_truncated(self, prompts: list[str]) -> int:
         """How many of ``prompts`` ``tokenize`` cuts."""
@@ -130,7 +147,9 @@ class ClipTower(nn.Module):
         return sum(n > limit for n in hf_token_counts(self.tokenizer, list(prompts)))
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
         return {"input_ids": tok["input_ids"].to(self.device), "attention_mask": tok["attention_mask"].to(self.device)}
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

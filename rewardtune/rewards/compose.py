@@ -25,8 +25,10 @@ def parse_spec(spec: str) -> list[tuple[str, float | None]]:
             except ValueError:
                 raise UserError(f"reward: weight '{w}' of '{name}' is not a number; write e.g. '{name}:0.5'") from None
             if not math.isfinite(weight):
-                raise UserError(f"reward: weight '{w.strip()}' of '{name.strip()}' is not a finite number; "
-                                f"write e.g. '{name.strip()}:0.5'")
+                raise UserError(
+                    f"reward: weight '{w.strip()}' of '{name.strip()}' is not a finite number; "
+                    f"write e.g. '{name.strip()}:0.5'"
+                )
             out.append((name.strip().lower(), weight))
         else:
             out.append((part.lower(), None))

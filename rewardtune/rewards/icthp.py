@@ -33,8 +33,11 @@ def _backbone_dir(backbone, fallback: Path | None) -> Path:
     tokenizer in either format: transformers 5 saves only ``tokenizer.json``); else the hub default."""
     if backbone is not None:
         return resolve(backbone, "CLIP backbone")
-    if (fallback is not None and (fallback / "config.json").is_file()
-            and any((fallback / name).is_file() for name in TOKENIZER_FILES)):
+    if (
+        fallback is not None
+        and (fallback / "config.json").is_file()
+        and any((fallback / name).is_file() for name in TOKENIZER_FILES)
+    ):
         return fallback
     return resolve(REWARD_SOURCES["backbone"].hub, "CLIP backbone")
 
@@ -46,7 +49,11 @@ class ICTReward(CosineReward):
 
     @classmethod
     def load(cls, ict=None, backbone=None, dtype=None) -> ICTReward:
-        ict_dir = resolve(ict or REWARD_SOURCES["ict"].hub, "ICT checkpoint", allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"])
+        ict_dir = resolve(
+            ict or REWARD_SOURCES["ict"].hub,
+            "ICT checkpoint",
+            allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"],
+        )
         ckpt = ict_dir if ict_dir.is_file() else find_file(ict_dir, ICT_FILES, "ICT checkpoint")
         tower = ClipTower.from_dir(_backbone_dir(backbone, ict_dir if ict_dir.is_dir() else None), "CLIP backbone")
         apply_state_dict(tower.model, load_state_dict(ckpt, "ICT checkpoint"), f"ICT checkpoint '{ckpt}'")
@@ -62,7 +69,9 @@ class HPReward(TowerHeadReward):
 
     @classmethod
     def load(cls, hp=None, backbone=None, dtype=None) -> HPReward:
-        hp_dir = resolve(hp or REWARD_SOURCES["hp"].hub, "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"])
+        hp_dir = resolve(
+            hp or REWARD_SOURCES["hp"].hub, "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"]
+        )
         bb_dir, head_dir = hp_dir / "hp_backbone", hp_dir / "hp_scorer"
         bb_ckpt = find_file(bb_dir, HP_BACKBONE_FILES, "HP backbone checkpoint (hp_backbone/)")
         head_ckpt = find_file(head_dir, HP_HEAD_FILES, "HP scorer checkpoint (hp_scorer/)")

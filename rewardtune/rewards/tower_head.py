@@ -20,9 +20,12 @@ class HPHead(nn.Module):
     def __init__(self, input_dim: int = 1024, hidden_dim: int = 1024):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.Dropout(0.2),
-            nn.Linear(hidden_dim, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(input_dim, hidden_dim),
+            nn.Dropout(0.2),
+            nn.Linear(hidden_dim, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
             nn.Linear(64, 16),
             nn.Linear(16, 1),
         )

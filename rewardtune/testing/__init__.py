@@ -5,20 +5,32 @@ files look so that tests go through the loading code a user hits. Nothing here d
 """
 
 from .clip import (
-           perturbed_state_dict,
-           save_tiny_clip,
-           tiny_clip_config,
-           write_clip_processor,
-           write_tiny_reward_world,
+    perturbed_state_dict,
+    save_tiny_clip,
+    tiny_clip_config,
+    write_clip_processor,
+    write_tiny_reward_world,
 )
 from .flow_pipelines import build_tiny_flow_pipeline, save_tiny_flow_pipeline
 from .pipelines import (
-           build_tiny_pipeline,
-           save_tiny_pipeline,
-           tiny_scheduler,
-           tiny_unet,
-           tiny_vae,
+    build_tiny_pipeline,
+    save_tiny_pipeline,
+    tiny_scheduler,
+    tiny_unet,
+    tiny_vae,
 )
 
-__all__ = ["build_tiny_flow_pipeline", "build_tiny_pipeline", "save_tiny_flow_pipeline", "perturbed_state_dict", "save_tiny_clip", "save_tiny_pipeline", "tiny_clip_config",
-           "tiny_scheduler", "tiny_unet", "tiny_vae", "write_clip_processor", "write_tiny_reward_world"]
+__all__ = [
+    "build_tiny_flow_pipeline",
+    "build_tiny_pipeline",
+    "save_tiny_flow_pipeline",
+    "perturbed_state_dict",
+    "save_tiny_clip",
+    "save_tiny_pipeline",
+    "tiny_clip_config",
+    "tiny_scheduler",
+    "tiny_unet",
+    "tiny_vae",
+    "write_clip_processor",
+    "write_tiny_reward_world",
+]

@@ -13,18 +13,39 @@ from ..clip_tokenizer import write_clip_tokenizer
 from ..rewards.icthp import HPHead
 
 
-def tiny_clip_config(vocab_size: int, projection_dim: int = 1024, image_size: int = 224, patch_size: int = 32,
-                     hidden: int = 32, layers: int = 2, heads: int = 4):
+def tiny_clip_config(
+    vocab_size: int,
+    projection_dim: int = 1024,
+    image_size: int = 224,
+    patch_size: int = 32,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+):
     """A ``CLIPConfig`` of the given sizes whose special token ids are the last two of ``vocab_size``, as the
     tokenizer written by ``write_clip_tokenizer`` numbers them."""
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        ),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
         projection_dim=projection_dim,
     )
 
@@ -33,7 +54,9 @@ def write_clip_processor(directory: str | Path, image_size: int) -> None:
     """The image preprocessor config CLIP checkpoints ship (shortest edge resize, centre crop, CLIP mean/std)."""
     from transformers import CLIPImageProcessor
 
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(directory)
 
 
 def save_tiny_clip(directory: str | Path, seed: int = 0, words: list[str] | None = None, **config_kw):
