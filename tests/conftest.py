@@ -39,6 +39,7 @@ from PIL import Image
 from transformers import CLIPModel
 
 from rewardtune.finetune import FinetuneConfig  # noqa: E402
+from rewardtune.finetune.sampler import SampleState
 from rewardtune.testing import perturbed_state_dict, save_tiny_clip, save_tiny_pipeline
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -233,3 +234,50 @@ def tiny_cfg():
         return FinetuneConfig(**base)
 
     return make
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a denoiser (a UNet or a transformer, however it is called) and keeps each call's output, so a
+    test can read the reward's gradient with respect to it; the backward pass's recomputation of
+    checkpointed calls is not recorded."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.outputs, self.recording = model, [], True
+
+    def forward(self, *args, **kw):
+        out = self.model(*args, **kw)
+        if self.recording:
+            if out[0].requires_grad:
+                out[0].retain_grad()
+            self.outputs.append(out[0])
+        return out
+
+
+@pytest.fixture(scope="session")
+def grads_per_step():
+    """``grads_per_step(trainer, plan)``: per denoising step of one batch sampled with ``plan``, the size of
+    d(reward)/d(denoiser output) for each sample (guidance rows summed), or None where no gradient reached it."""
+
+    def measure(trainer, plan):
+        rec = Recorder(trainer.unet)
+        prompts = trainer.batch_prompts(0, step=0)
+        gen = trainer.generator(0, step=0)
+        latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
+        state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
+        trainer.sampler.run_prefix(rec, state)
+        out, _, _ = trainer.sampler.run_grad(rec, state)
+        rec.recording = False
+        trainer.score(trainer.decode(out), prompts).sum().backward()
+        grads = []
+        for y in rec.outputs:
+            if y.grad is None:
+                grads.append(None)
+                continue
+            g = y.grad.abs().flatten(1).sum(dim=1)
+            if len(g) == 2 * len(prompts):  # classifier-free guidance rows
+                g = g[: len(prompts)] + g[len(prompts) :]
+            grads.append(g.tolist())
+        return grads
+
+    return measure

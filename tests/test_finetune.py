@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import json as _json
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from rewardtune.errors import OfflineError, UserError
 from rewardtune.finetune import Trainer, load_lora, run_finetune
 from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
 from rewardtune.finetune.models import load_pipeline, model_family, resolve_model
-from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler, make_plan
+from rewardtune.finetune.sampler import Plan, TruncatedSampler, make_plan
 from rewardtune.schedules import lr_factor
 from rewardtune.testing import save_tiny_pipeline
 
@@ -93,51 +92,14 @@ def test_each_method_raises_the_reward_of_its_batch(trainers, family, method):
     assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a UNet; keeps each call's output so tests can read the reward's gradient w.r.t. it."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.outputs, self.recording = unet, [], True
-
-    def forward(self, x, t, **kw):
-        out = self.unet(x, t, **kw)
-        if self.recording:  # not the backward pass's recomputation of checkpointed calls
-            if out[0].requires_grad:
-                out[0].retain_grad()
-            self.outputs.append(out[0])
-        return out
-
-
-def _grads_per_step(trainer, plan):
-    """Per denoising step, the norm of d(reward)/d(UNet output) for each sample (None: no gradient)."""
-    rec = Recorder(trainer.unet)
-    prompts = trainer.batch_prompts(0, step=0)
-    gen = trainer.generator(0, step=0)
-    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
-    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
-    trainer.sampler.run_prefix(rec, state)
-    out, _, _ = trainer.sampler.run_grad(rec, state)
-    rec.recording = False
-    trainer.score(trainer.decode(out), prompts).sum().backward()
-    grads = []
-    for y in rec.outputs:
-        if y.grad is None:
-            grads.append(None)
-        else:
-            uncond, cond = y.grad.chunk(2)  # classifier-free guidance rows
-            grads.append((uncond.abs() + cond.abs()).flatten(1).sum(dim=1).tolist())
-    return grads
-
-
-def test_k_decides_which_steps_carry_gradients(sd_model, tmp_path, tiny_cfg, brightness):
+def test_k_decides_which_steps_carry_gradients(sd_model, tmp_path, tiny_cfg, brightness, grads_per_step):
     trainer = Trainer(tiny_cfg(sd_model, tmp_path, sample_steps=4, k=1), reward=brightness())
     for k in (1, 2, 4):
-        grads = _grads_per_step(trainer, Plan([4 - k] * 2, 4))
+        grads = grads_per_step(trainer, Plan([4 - k] * 2, 4))
         assert [g is not None for g in grads] == [i >= 4 - k for i in range(4)]
         assert all(min(g) > 0 for g in grads if g is not None)
     # AlignProp: each sample has its own truncation point; before it, that sample's gradient is zero.
-    grads = _grads_per_step(trainer, Plan([3, 1], 4))
+    grads = grads_per_step(trainer, Plan([3, 1], 4))
     assert grads[0] is None
     assert grads[1][0] == 0 and grads[1][1] > 0 and grads[2][0] == 0 and grads[2][1] > 0
     assert grads[3][0] > 0 and grads[3][1] > 0
@@ -258,7 +220,7 @@ def test_model_errors_name_the_problem(tmp_path, monkeypatch):
         resolve_model("sdxl")
     with pytest.raises(UserError, match="has no model_index.json"):
         resolve_model(str(tmp_path))
-    (tmp_path / "model_index.json").write_text(_json.dumps({"_class_name": "KandinskyPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(UserError, match="is a KandinskyPipeline; finetune supports"):
         load_pipeline(str(tmp_path))
 

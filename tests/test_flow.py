@@ -32,7 +32,7 @@ from rewardtune.finetune.models import (
     pipeline_family,
     resolve_model,
 )
-from rewardtune.finetune.sampler import Plan, SampleState
+from rewardtune.finetune.sampler import Plan
 from rewardtune.testing import save_tiny_pipeline
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
 
@@ -239,53 +239,14 @@ def test_trainer_resolves_the_models_defaults_and_caches_prompts(flow_trainers):
     assert calls == [] and all(m.device.type == "cpu" for m in encoders)
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a transformer; keeps each call's output so tests can read the reward's gradient w.r.t. it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.outputs, self.recording = model, [], True
-
-    def forward(self, **kw):
-        out = self.model(**kw)
-        if self.recording:  # not the backward pass's recomputation of checkpointed calls
-            if out[0].requires_grad:
-                out[0].retain_grad()
-            self.outputs.append(out[0])
-        return out
-
-
-def _grads_per_step(trainer, plan):
-    """Per denoising step, the size of d(reward)/d(model output) for each sample (None: no gradient)."""
-    rec = Recorder(trainer.unet)
-    prompts = trainer.batch_prompts(0, step=0)
-    gen = trainer.generator(0, step=0)
-    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
-    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
-    trainer.sampler.run_prefix(rec, state)
-    out, _, _ = trainer.sampler.run_grad(rec, state)
-    rec.recording = False
-    trainer.score(trainer.decode(out), prompts).sum().backward()
-    grads = []
-    for y in rec.outputs:
-        if y.grad is None:
-            grads.append(None)
-            continue
-        g = y.grad.abs().flatten(1).sum(dim=1)
-        if len(g) == 2 * len(prompts):  # classifier-free guidance rows
-            g = g[: len(prompts)] + g[len(prompts) :]
-        grads.append(g.tolist())
-    return grads
-
-
 @pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_k_decides_which_steps_carry_gradients(flow_trainers, name):
+def test_k_decides_which_steps_carry_gradients(flow_trainers, name, grads_per_step):
     trainer = flow_trainers[name]
     for k in (1, 3):
-        grads = _grads_per_step(trainer, Plan([3 - k] * 2, 3))
+        grads = grads_per_step(trainer, Plan([3 - k] * 2, 3))
         assert [g is not None for g in grads] == [i >= 3 - k for i in range(3)]
         assert all(min(g) > 0 for g in grads if g is not None)
-    grads = _grads_per_step(trainer, Plan([2, 0], 3))  # AlignProp: each sample its own truncation point
+    grads = grads_per_step(trainer, Plan([2, 0], 3))  # AlignProp: each sample its own truncation point
     assert grads[0][0] == 0 and grads[0][1] > 0 and grads[1][0] == 0 and grads[1][1] > 0
     assert grads[2][0] > 0 and grads[2][1] > 0
     trainer.unet.zero_grad(set_to_none=True)
@@ -512,7 +473,7 @@ def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
 
 
-def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path):
+def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path, grads_per_step):
     """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
     0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
     |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
@@ -525,7 +486,7 @@ def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp
     assert trainer.cfg.sample_steps == 4 and not trainer.sampler.guided
     dt = (trainer.sampler.sigmas[1:] - trainer.sampler.sigmas[:-1]).abs()
     assert float(dt[-1]) == pytest.approx(0.0089, abs=1e-4)
-    grads = [sum(g) for g in _grads_per_step(trainer, Plan([0, 0], 4))]
+    grads = [sum(g) for g in grads_per_step(trainer, Plan([0, 0], 4))]
     assert grads[3] < grads[2] / 20 and grads[3] < grads[0] / 5
 
 
