@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per process (the first is not timed)")
     p.add_argument("--out", default=str(HERE / "results" / "checkpoint_calls"), help="results path without suffix")
+    p.add_argument(
+        "--quick", action="store_true", help="only K=1 and K=20 with both checkpointings, and K=20 without calls"
+    )
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rewardtune-ckpt-calls-"))
     model = save_tiny_pipeline(
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
     world = write_tiny_reward_world(work / "reward")
     meta = {"commit": git_commit(), "env": environment(), "steps": args.steps}
     records = []
-    for k, calls, blocks in CONFIGS:
+    configs = [(1, True, True), (20, True, True), (20, False, True)] if args.quick else CONFIGS
+    for k, calls, blocks in configs:
         records.append(run_one(work, model, world, k, calls, blocks, args.steps))
         print(json.dumps(records[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
