@@ -281,3 +281,17 @@ def grads_per_step():
         return grads
 
     return measure
+
+
+@pytest.fixture(scope="session")
+def batch_reward():
+    """``batch_reward(trainer, step)``: (mean reward, number of images) of the batch ``trainer`` trains on at
+    ``step`` (its prompts and noise), sampled without gradients — what one optimizer step should raise."""
+
+    def measure(trainer, step):
+        with torch.no_grad():
+            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
+            latents, _, prompts = trainer.grad_steps(state)
+            return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
+
+    return measure

@@ -72,21 +72,15 @@ def trainers(sd_model, sdxl_model, tmp_path_factory, tiny_cfg, brightness):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
-def test_each_method_raises_the_reward_of_its_batch(trainers, family, method):
+def test_each_method_raises_the_reward_of_its_batch(trainers, family, method, batch_reward):
     """One optimizer step of each method raises the reward on the batch it was computed on."""
     trainer = trainers[family]
     trainer.cfg.method = method
     step = trainer.global_step
 
-    def batch_reward():
-        with torch.no_grad():
-            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
-            latents, _, prompts = trainer.grad_steps(state)
-            return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
-
-    before, n = batch_reward()
+    before, n = batch_reward(trainer, step)
     metrics = trainer.step()
-    after, _ = batch_reward()
+    after, _ = batch_reward(trainer, step)
     assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
     assert after > before
     assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies

@@ -67,28 +67,12 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def flow_cfg(model, output, **kw) -> FinetuneConfig:
-    base = dict(
-        model=str(model),
-        prompts="builtin:simple",
-        output=str(output),
-        method="draft-k",
-        k=2,
-        steps=2,
-        batch_size=2,
-        lr=3e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        resolution=32,
-        sample_steps=3,
-        eval_every=0,
-        eval_size=2,
-        checkpoint_every=0,
-        gradient_checkpointing=False,
-        max_sequence_length=MSL,
+@pytest.fixture(scope="session")
+def flow_cfg(tiny_cfg):
+    """``tiny_cfg`` for a flow model: the model's own guidance, two evaluation prompts, short T5 prompts."""
+    return lambda model, output, **kw: tiny_cfg(
+        model, output, **{"guidance_scale": None, "eval_size": 2, "max_sequence_length": MSL, **kw}
     )
-    base.update(kw)
-    return FinetuneConfig(**base)
 
 
 def test_tiny_flow_pipelines_are_real_diffusers_pipelines(flow_models):
@@ -173,7 +157,7 @@ def test_flow_schedules_are_the_pipelines(flow_models):
 
 # ----- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def flow_trainers(flow_models, tmp_path_factory):
+def flow_trainers(flow_models, tmp_path_factory, flow_cfg):
     """One trainer per family; the method is read from its config at every step, so tests switch it. SD3 samples
     with classifier-free guidance, FLUX with its guidance embedding. ReFL stops before SD3's last step, whose
     sigma (0.009) leaves its x0 estimate almost without gradient (see test_turbo_schedule_...)."""
@@ -198,23 +182,17 @@ def flow_trainers(flow_models, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
-def test_each_method_raises_the_reward_of_its_batch(flow_trainers, name, method):
+def test_each_method_raises_the_reward_of_its_batch(flow_trainers, name, method, batch_reward):
     trainer = flow_trainers[name]
     trainer.cfg.method = method
     step = trainer.global_step
 
-    def batch_reward():
-        with torch.no_grad():
-            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
-            latents, _, prompts = trainer.grad_steps(state)
-            return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
-
-    before, n = batch_reward()
+    before, n = batch_reward(trainer, step)
     # a fresh optimizer state: Adam's momentum from the previous test's batch would otherwise outweigh a step whose
     # own gradient is tiny (SD3's last step, sigma 0.009: DRaFT-LV, AlignProp with K_j = 1)
     trainer.optimizer.state.clear()
     metrics = trainer.step()
-    after, _ = batch_reward()
+    after, _ = batch_reward(trainer, step)
     assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
     assert after > before
     assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies
@@ -264,7 +242,7 @@ class _Capture(logging.Handler):
 
 @pytest.mark.parametrize("name,text_encoder", [("sd3", True), ("flux", False)])
 def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
-    flow_models, name, text_encoder, tmp_path
+    flow_models, name, text_encoder, tmp_path, flow_cfg
 ):
     """``pipe.load_lora_weights(dir)`` on a fresh pipeline loads every tensor without a warning (captured on the
     diffusers and peft loggers themselves), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
@@ -473,7 +451,7 @@ def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
 
 
-def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path, grads_per_step):
+def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path, grads_per_step, flow_cfg):
     """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
     0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
     |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
