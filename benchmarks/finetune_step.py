@@ -124,7 +124,7 @@ def time_parts(trainer, n: int, offset: int = 0) -> dict:
 
     for i in range(offset, offset + n):
         trainer.micro_step(
-            trainer.batch_prompts(0, step=10_000 + i), trainer.generator(0, step=10_000 + i), on_part=mark
+            trainer.batch_prompts(0, step=10_000 + i), trainer.batch_noise(0, step=10_000 + i), on_part=mark
         )
         _, w, c = timed(trainer.optimizer_step, dev)
         wall.setdefault("optimizer", []).append(w)

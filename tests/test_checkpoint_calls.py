@@ -20,7 +20,7 @@ def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
             if p.requires_grad:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     trainer.optimizer.zero_grad(set_to_none=True)
-    r, reg, finite = trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
+    r, reg, finite = trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.batch_noise(0, step=0))
     assert finite
     return (
         {n: p.grad.clone() for n, p in trainer.unet.named_parameters() if p.requires_grad},
@@ -81,11 +81,11 @@ def test_only_the_last_gradient_call_is_not_checkpointed(sd_model, tmp_path, tin
             tiny_cfg(sd_model, tmp_path / method / str(extra), method=method, sample_steps=4, **extra),
             reward=brightness(),
         )
-        trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
+        trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.batch_noise(0, step=0))
         assert calls == expected, (method, extra, calls)
     calls.clear()
     trainer = Trainer(
         tiny_cfg(sd_model, tmp_path / "off", sample_steps=4, k=4, checkpoint_calls=False), reward=brightness()
     )
-    trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
+    trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.batch_noise(0, step=0))
     assert calls == []

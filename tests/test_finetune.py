@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
 from safetensors import safe_open
 
 from rewardtune.errors import OfflineError, UserError
 from rewardtune.finetune import Trainer, load_lora, run_finetune
 from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
-from rewardtune.finetune.models import load_pipeline, model_family, resolve_model
+from rewardtune.finetune.models import load_pipeline, model_family, resolve_model, training_scheduler
 from rewardtune.finetune.sampler import Plan, TruncatedSampler, make_plan
+from rewardtune.plan.architectures import arch_config
 from rewardtune.schedules import lr_factor
 from rewardtune.testing import save_tiny_pipeline
 
@@ -65,7 +66,10 @@ def trainers(sd_model, sdxl_model, tmp_path_factory, tiny_cfg, brightness):
     """One trainer per family; the method is read from its config at every step, so tests switch it."""
     out = tmp_path_factory.mktemp("methods")
     return {
-        f: Trainer(tiny_cfg(m, out / f, k=3, lr=1e-2, gradient_checkpointing=f == "sdxl"), reward=brightness())
+        f: Trainer(
+            tiny_cfg(m, out / f, k=3, lr=3e-3, refl_min=0.34, refl_max=0.66, gradient_checkpointing=f == "sdxl"),
+            reward=brightness(),
+        )
         for f, m in (("sd", sd_model), ("sdxl", sdxl_model))
     }
 
@@ -73,9 +77,13 @@ def trainers(sd_model, sdxl_model, tmp_path_factory, tiny_cfg, brightness):
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
 def test_each_method_raises_the_reward_of_its_batch(trainers, family, method, batch_reward):
-    """One optimizer step of each method raises the reward on the batch it was computed on."""
+    """One optimizer step of each method raises the reward on the batch it was computed on. The optimizer starts
+    fresh for each method (Adam's momentum from the other methods' steps would otherwise steer this one), and
+    ReFL stops at the middle of the 3 steps: at the last one (t=1) the x0 prediction is almost the latent itself,
+    and its gradient all but vanishes."""
     trainer = trainers[family]
     trainer.cfg.method = method
+    trainer.optimizer.state.clear()
     step = trainer.global_step
 
     before, n = batch_reward(trainer, step)
@@ -121,6 +129,48 @@ def _pipe_images(pipe, seed=3):
     ).images
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_generate_draws_the_pipelines_noise_whatever_the_batch_size(models, family, tmp_path, tiny_cfg, brightness):
+    """At eta 1, ``Trainer.generate`` with --batch-size 1 gives the images of one pipeline call over all prompts
+    from the same seed (the initial latents and every step's noise drawn for the whole batch, in its order)."""
+    trainer = Trainer(tiny_cfg(models[family], tmp_path, batch_size=1, eta=1.0), reward=brightness())
+    prompts = ["a red apple", "a cat", "a blue house"]
+    ours = trainer.generate(prompts, seed=4)
+    ref = trainer.pipe(
+        prompts,
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        guidance_scale=3.0,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_sdxl_training_trajectory_ends_where_the_stock_euler_sampler_ends(models):
+    """SDXL as shipped samples with Euler (its hub scheduler config, ``set_alpha_to_one: false`` included); the
+    trainer's DDIM ends at a clean sample (final alpha 1), so at eta 0 both give the same latents: the images a
+    user of the stock pipeline gets are the trained-on ones. With the hub's final alpha the DDIM chain ends noisy."""
+    pipe = DiffusionPipeline.from_pretrained(models["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, height=32, width=32, guidance_scale=3.0, output_type="latent")
+
+    def latents(scheduler):
+        pipe.scheduler = scheduler
+        return pipe(["a red apple", "a cat"], generator=torch.Generator().manual_seed(1), **kw).images
+
+    stock = EulerDiscreteScheduler.from_config(arch_config("sdxl_scheduler"))  # the SDXL base's shipped scheduler
+    assert stock.config.set_alpha_to_one is False
+    euler = latents(stock)
+    pipe.scheduler = stock
+    ours = latents(training_scheduler(pipe))
+    hub_ddim = latents(DDIMScheduler.from_config(stock.config, clip_sample=False))  # the hub's final alpha
+    torch.testing.assert_close(ours, euler, atol=1e-4, rtol=1e-4)
+    assert float((hub_ddim - euler).abs().max()) > 1e-2
+
+
 @pytest.mark.parametrize("family,text_encoder", [("sd", False), ("sdxl", True)])
 def test_saved_lora_loads_without_warnings_and_reproduces_images(
     models, family, text_encoder, tmp_path, library_log, tiny_cfg, brightness
@@ -146,6 +196,7 @@ def test_saved_lora_loads_without_warnings_and_reproduces_images(
     def fresh():
         pipe = DiffusionPipeline.from_pretrained(models[family])
         pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = training_scheduler(pipe)  # the one-line switch docs/finetune.md gives (DDIM ending clean)
         return pipe
 
     pipe = fresh()
@@ -193,7 +244,7 @@ def test_family_scheduler_and_prediction_type_come_from_the_model_files(tmp_path
     assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
     sampler = TruncatedSampler(pipe.scheduler, 4)
     x, v = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
-    _, x0 = sampler.ddim_step(v, 1, x, torch.Generator())
+    _, x0 = sampler.step(v, 1, x)
     a = pipe.scheduler.alphas_cumprod[sampler.timesteps[1]]
     torch.testing.assert_close(x0, a.sqrt() * x - (1 - a).sqrt() * v)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .sampler import TruncatedSampler
+from .sampler import BatchNoise, TruncatedSampler
 
 
 class FlowMatchSampler(TruncatedSampler):
@@ -71,7 +71,5 @@ class FlowMatchSampler(TruncatedSampler):
         sigma = self.sigmas[i].to(final.device)
         return sigma * noise + (1.0 - sigma) * final
 
-    def initial_latents(self, shape: tuple, generator: torch.Generator, device) -> torch.Tensor:
-        if self.noise is not None:
-            return self.noise(shape, generator).to(device)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    def initial_latents(self, shape: tuple, noise, device) -> torch.Tensor:
+        return BatchNoise.of(noise).draw(shape, self.noise).to(device)

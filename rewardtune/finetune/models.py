@@ -127,13 +127,17 @@ def training_scheduler(pipe):
     """The scheduler the trainer samples ``pipe`` with, built from its scheduler's config (a new object).
 
     SD/SDXL: DDIM on the model's own betas, timestep spacing and prediction type, with the SD pipelines' own
-    config fixes (no x0 clipping, latents are not in [-1, 1]; steps_offset 1). SD3/FLUX: the flow-matching
-    Euler scheduler their pipelines ship (shift, dynamic shifting as configured)."""
+    config fixes (no x0 clipping, latents are not in [-1, 1]; steps_offset 1) and ending at a clean sample
+    (``set_alpha_to_one``: the last step goes to alpha 1, not to alphas_cumprod[0]). The SD 1.x/2.x/SDXL configs
+    on the hub carry ``set_alpha_to_one: false``, which would leave sigma ~0.03 of noise in every trained-on
+    image, where the stock Euler sampler of SDXL ends clean: with alpha 1 at the end, DDIM at eta 0 and the stock
+    Euler scheduler give the same images. SD3/FLUX: the flow-matching Euler scheduler their pipelines ship
+    (shift, dynamic shifting as configured)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if pipeline_family(pipe) in FLOW_ADAPTERS:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1)
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1, set_alpha_to_one=True)
 
 
 def prepare_pipeline(pipe):

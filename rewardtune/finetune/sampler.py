@@ -20,6 +20,7 @@ know the family; ``make_sampler`` picks the sampler a family's adapter names.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +42,45 @@ class Plan:
     @property
     def first_grad_step(self) -> int:
         return min(min(self.grad_from), self.stop - 1)
+
+    def rows(self, start: int, n: int) -> Plan:
+        """This process's rows ``start:start + n`` of a plan drawn for the global batch."""
+        return Plan(self.grad_from[start : start + n], self.stop, self.x0_at_stop, self.lv)
+
+
+class BatchNoise:
+    """The randomness of one global batch as one process sees it: the one noise rule.
+
+    Every draw is made for the whole global batch (``total`` rows; default: the rows asked for) from one
+    generator, in the order the diffusers pipeline draws (the initial latents, then each step's eta noise, then
+    DRaFT-LV's re-noising), and this process keeps rows ``start:start + rows``. So N processes see exactly the noise
+    one process with the N-fold batch sees, and since the loops draw before any (checkpointed) model call, a
+    recomputed call replays the forward pass's noise. The truncation plan draws from a second generator (``plan``),
+    so a random plan (ReFL, AlignProp) does not shift the pipeline's order of draws."""
+
+    def __init__(
+        self,
+        generator: torch.Generator | None,
+        total: int | None = None,
+        start: int = 0,
+        plan: torch.Generator | None = None,
+    ):
+        self.generator, self.total, self.start = generator, total, start
+        if plan is None and generator is not None:  # a plan stream of its own, derived from the generator's seed
+            digest = hashlib.sha256(f"plan:{generator.initial_seed()}".encode()).digest()
+            plan = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        self.plan = plan
+
+    @classmethod
+    def of(cls, noise: BatchNoise | torch.Generator | None) -> BatchNoise:
+        """``noise`` itself, or a plain generator (or None: torch's global one) as the noise of a one-process batch."""
+        return noise if isinstance(noise, BatchNoise) else cls(noise)
+
+    def draw(self, shape: tuple, fn=None) -> torch.Tensor:
+        """This process's rows of one fp32 draw of ``(total, *shape[1:])``: ``randn`` or ``fn(shape, generator)``."""
+        full = (self.total or shape[0], *shape[1:])
+        x = fn(full, self.generator) if fn else torch.randn(full, generator=self.generator, dtype=torch.float32)
+        return x[self.start : self.start + shape[0]]
 
 
 def make_plan(
@@ -79,7 +119,7 @@ class SampleState:
     cond: Conditioning
     plan: Plan
     step: int
-    generator: torch.Generator
+    noise: BatchNoise
     prompts: list[str] = field(default_factory=list)
 
 
@@ -121,16 +161,12 @@ class TruncatedSampler:
         uncond, text = out.chunk(2)
         return uncond + self.guidance_scale * (text - uncond)
 
-    def ddim_step(self, out: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator):
-        """(x_{i+1}, x0 prediction) by the scheduler's arithmetic, drawing the step's noise from ``generator``."""
-        return self.step(out, i, x, self.step_noise(x, generator))
-
-    def step_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    def step_noise(self, x: torch.Tensor, noise: BatchNoise) -> torch.Tensor | None:
         """The fresh noise of one step (DDIM with eta > 0), or None. Drawn by the loops below before the model
         call and outside any checkpointed code, so a recomputed call replays exactly the same noise."""
         if self.eta <= 0:
             return None
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        return noise.draw(x.shape).to(x.device)
 
     def step(self, out: torch.Tensor, i: int, x: torch.Tensor, noise: torch.Tensor | None = None):
         """(x_{i+1}, x0 prediction): the step every loop below takes (a subclass swaps the arithmetic)."""
@@ -142,16 +178,16 @@ class TruncatedSampler:
         """``final`` noised back to step ``i``'s noise level (DRaFT-LV)."""
         return self.scheduler.add_noise(final, noise, self.timesteps[i].view(1))
 
-    def initial_latents(self, shape: tuple, generator: torch.Generator, device) -> torch.Tensor:
-        x = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return (x * self.scheduler.init_noise_sigma).to(device)
+    def initial_latents(self, shape: tuple, noise: BatchNoise | torch.Generator | None, device) -> torch.Tensor:
+        """The initial noise of a batch of ``shape``, drawn as the pipeline draws it (see ``BatchNoise``)."""
+        return (BatchNoise.of(noise).draw(shape) * self.scheduler.init_noise_sigma).to(device)
 
     @torch.no_grad()
     def run_prefix(self, unet, state: SampleState) -> SampleState:
         """Denoise without gradients up to the first step that carries any."""
         x = state.latents
         for i in range(state.step, state.plan.first_grad_step):
-            noise = self.step_noise(x, state.generator)
+            noise = self.step_noise(x, state.noise)
             x, _ = self.step(self.predict(unet, x, i, state.cond), i, x, noise)
         state.latents, state.step = x, state.plan.first_grad_step
         return state
@@ -175,7 +211,7 @@ class TruncatedSampler:
         latents, prompts = [out], list(state.prompts)
         i = self.n_steps - 1
         for n in range(plan.lv):  # DRaFT-LV: the detached result noised back to the last step, denoised again
-            noise = torch.randn(out.shape, generator=state.generator, dtype=torch.float32).to(out.device)
+            noise = state.noise.draw(out.shape).to(out.device)
             renoised = self.renoise(out.detach(), noise, i)
             x_next, _, reg = self._grad_call(unet, renoised, i, state, base_unet, checkpointed=n < plan.lv - 1)
             latents.append(x_next)
@@ -187,7 +223,7 @@ class TruncatedSampler:
     def _grad_call(self, unet, x, i, state: SampleState, base_unet, checkpointed: bool):
         """One denoising step with gradients: (x_{i+1}, x0, regulariser term). Its randomness and the base
         model's prediction (no gradients) are computed first, outside the (maybe) checkpointed call."""
-        noise = self.step_noise(x, state.generator)
+        noise = self.step_noise(x, state.noise)
         base = None
         if base_unet is not None:
             with torch.no_grad():
@@ -203,12 +239,30 @@ class TruncatedSampler:
         return x_next, x0, reg
 
     @torch.no_grad()
-    def sample(self, unet, cond: Conditioning, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Plain sampling, all steps without gradients (evaluation)."""
-        x = latents
+    def sample(
+        self,
+        unet,
+        cond: Conditioning | list[Conditioning],
+        latents: torch.Tensor,
+        noise: BatchNoise | torch.Generator | None,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """Plain sampling, all steps without gradients (evaluation). With a list of conditionings, one per ``chunk``
+        rows of ``latents``, the model runs chunk by chunk while the noise is drawn for the whole batch at each
+        step, as the pipeline draws it for that batch: the same images whatever the chunk size."""
+        conds = cond if isinstance(cond, list) else [cond]
+        chunk = chunk or len(latents)
+        noise, x = BatchNoise.of(noise), latents
         for i in range(self.n_steps):
-            noise = self.step_noise(x, generator)
-            x, _ = self.step(self.predict(unet, x, i, cond), i, x, noise)
+            step_noise = self.step_noise(x, noise)
+            parts = []
+            for j, c in enumerate(conds):
+                rows = slice(j * chunk, (j + 1) * chunk)
+                xs = x[rows]
+                parts.append(
+                    self.step(self.predict(unet, xs, i, c), i, xs, None if step_noise is None else step_noise[rows])[0]
+                )
+            x = torch.cat(parts)
         return x
 
 
