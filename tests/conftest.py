@@ -9,6 +9,9 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -262,7 +265,7 @@ def grads_per_step():
     def measure(trainer, plan):
         rec = Recorder(trainer.unet)
         prompts = trainer.batch_prompts(0, step=0)
-        gen = trainer.generator(0, step=0)
+        gen = trainer.batch_noise(0, step=0)
         latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
         state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
         trainer.sampler.run_prefix(rec, state)
@@ -290,8 +293,50 @@ def batch_reward():
 
     def measure(trainer, step):
         with torch.no_grad():
-            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.generator(0, step=step))
+            state = trainer.sample_prefix(trainer.batch_prompts(0, step=step), trainer.batch_noise(0, step=step))
             latents, _, prompts = trainer.grad_steps(state)
             return float(trainer.score(trainer.decode(latents), prompts).mean()), len(prompts)
 
     return measure
+
+
+@pytest.fixture(scope="session")
+def launch_two_processes():
+    """``launch_two_processes(*args, timeout=300)``: see ``_launch_two_processes``."""
+    return _launch_two_processes
+
+
+def _launch_two_processes(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 -m rewardtune.cli ARGS`` on CPUs (torchrun processes
+    with gloo; accelerate's --cpu alone starts one process), on a free port, one thread each, offline."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "rewardtune.cli",
+        *[str(a) for a in args],
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -56,13 +56,11 @@ class RunLog:
         clean = {
             k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
         }
+        record = {"step": step, "kind": kind, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+        if "prompts" in metrics:  # the step's prompts, one list per process
+            record["prompts"] = metrics["prompts"]
         with self.path.open("a") as f:
-            f.write(
-                json.dumps(
-                    {"step": step, "kind": kind, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
-                )
-                + "\n"
-            )
+            f.write(json.dumps(record) + "\n")
         for k, v in clean.items():
             self.writer.add_scalar(f"{kind}/{k}", v, step)
         self.writer.flush()
@@ -184,6 +182,9 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
     cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, acc)
     try:
         best = _train(trainer, evaluate, log, rundir, before, best, history, cadence)
+        digests = trainer.lora_digests()
+        if len(set(digests)) > 1:
+            print(f"finetune: warning: the processes' LoRA weights differ ({digests}); the main process's is saved")
         after = _eval(evaluate, trainer, log, main)
         _check_final(after, trainer)
         lora_path = trainer.save_lora(out)
@@ -206,6 +207,7 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         "steps_planned": cfg.steps,
         "skipped_steps": trainer.skipped_steps,
         "processes": acc.num_processes,
+        "lora_sha256": digests,  # per process: equal when the data-parallel processes stayed in step
         "stopped_early": history["stopped_early"],
         "resolution": trainer.resolution,
         "eval_prompts": evaluate.prompts,

@@ -31,7 +31,7 @@ from .config import FinetuneConfig
 from .defaults import check_family_options, resolve_defaults
 from .models import load_pipeline, make_adapter, prepare_pipeline
 from .prompts import load_prompts
-from .sampler import SampleState, make_plan, make_sampler
+from .sampler import BatchNoise, SampleState, make_plan, make_sampler
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -271,10 +271,15 @@ class Trainer:
             out.append(self.prompts[perm[pos]])
         return out
 
-    def generator(self, micro: int = 0, step: int | None = None) -> torch.Generator:
+    def batch_noise(self, micro: int = 0, step: int | None = None) -> BatchNoise:
+        """The randomness of this micro-batch (``sampler.BatchNoise``): one generator for the global batch (the same
+        on every process), of which this process keeps its rows, and a plan generator of its own."""
         step = self.global_step if step is None else step
-        key = _seed(self.cfg.seed, "noise", step, micro, self.accelerator.process_index)
-        return torch.Generator().manual_seed(key)
+        acc, b = self.accelerator, self.cfg.batch_size
+        # (the trailing 0 keeps the key single-process runs had when each process drew its own noise)
+        noise = torch.Generator().manual_seed(_seed(self.cfg.seed, "noise", step, micro, 0))
+        plan = torch.Generator().manual_seed(_seed(self.cfg.seed, "plan", step, micro))
+        return BatchNoise(noise, total=b * acc.num_processes, start=b * acc.process_index, plan=plan)
 
     # ----- the parts of a step ----------------------------------------------------------------
     @property
@@ -287,15 +292,21 @@ class Trainer:
         with ctx, self.accelerator.autocast():
             return self.adapter.encode(prompts, self.sampler.guided, (self.resolution, self.resolution))
 
-    def sample_prefix(self, prompts: list[str], generator: torch.Generator) -> SampleState:
-        """Encode, draw the truncation plan and the initial noise, and denoise without gradients up to
-        the first step that carries them."""
-        cfg = self.cfg
+    def sample_prefix(self, prompts: list[str], noise: BatchNoise | torch.Generator) -> SampleState:
+        """Encode, draw the initial noise and the truncation plan (for the global batch, keeping this process's
+        rows), and denoise without gradients up to the first step that carries them."""
+        cfg, noise = self.cfg, BatchNoise.of(noise)
+        latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), noise, self.device)
         plan = make_plan(
-            cfg.method, cfg.sample_steps, len(prompts), generator, cfg.k, cfg.lv_samples, (cfg.refl_min, cfg.refl_max)
-        )
-        latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), generator, self.device)
-        state = SampleState(latents, self.encode(prompts), plan, 0, generator, list(prompts))
+            cfg.method,
+            cfg.sample_steps,
+            noise.total or len(prompts),
+            noise.plan,
+            cfg.k,
+            cfg.lv_samples,
+            (cfg.refl_min, cfg.refl_max),
+        ).rows(noise.start, len(prompts))
+        state = SampleState(latents, self.encode(prompts), plan, 0, noise, list(prompts))
         with self.accelerator.autocast():
             return self.sampler.run_prefix(self.unet_train, state)
 
@@ -345,13 +356,13 @@ class Trainer:
         params = lora_mod.trainable_parameters(*self.models_train)
         return nonfinite.optimizer_step(self.accelerator, self.optimizer, params, self.cfg.max_grad_norm, not skip)
 
-    def micro_step(self, prompts: list[str], generator: torch.Generator, on_part=None):
+    def micro_step(self, prompts: list[str], noise: BatchNoise | torch.Generator, on_part=None):
         """One micro-batch: ``sample_prefix`` -> ``grad_steps`` -> ``decode`` -> ``score`` -> ``backward``.
         Returns (rewards (B,), regulariser, finite), detached. ``on_part(name)`` is called as each part starts
         and with None at the end (the planner counts memory per part, the benchmark times them)."""
         mark = on_part or (lambda name: None)
         mark("sample_prefix")
-        state = self.sample_prefix(prompts, generator)
+        state = self.sample_prefix(prompts, noise)
         mark("grad_steps")
         latents, reg, prompts_out = self.grad_steps(state)
         mark("decode")
@@ -371,10 +382,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        rewards, regs, finite = [], [], True
+        rewards, regs, finite, prompts = [], [], True, []
         for micro in range(cfg.grad_accum):
+            prompts += self.batch_prompts(micro)
             with acc.accumulate(*self.models_train):
-                r, reg, ok = self.micro_step(self.batch_prompts(micro), self.generator(micro))
+                r, reg, ok = self.micro_step(self.batch_prompts(micro), self.batch_noise(micro))
                 finite &= ok
                 rewards.append(r.mean())
                 regs.append(reg)
@@ -392,6 +404,7 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device),
             "skipped": not applied,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "prompts": _per_process(acc, prompts),
         }
 
     def _count(self, applied: bool) -> None:
@@ -401,28 +414,35 @@ class Trainer:
             hint += " or --vae-fp32 (SDXL's VAE overflows in fp16)"
         self.nonfinite.count(applied, self.global_step + 1, hint)
 
+    def lora_digests(self) -> list[str]:
+        """The sha256 of the trained LoRA weights on each process (every process must call it): under data
+        parallelism they must all be equal, since every process applies the same averaged gradients. Sharded
+        runs (FSDP, DeepSpeed) hold different parts on each process: an empty list."""
+        if str(getattr(self.accelerator, "distributed_type", "")) in ("FSDP", "DEEPSPEED", "DistributedType.FSDP"):
+            return []
+        h = hashlib.sha256()
+        for p in lora_mod.trainable_parameters(*self.models_train):
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return _per_process(self.accelerator, h.hexdigest())
+
     # ----- generation for evaluation ----------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, lora: bool = True) -> torch.Tensor:
         """Images (B,3,H,W) in [0,1] from the full sampler without gradients; ``lora=False`` uses the base model.
         Under several processes every process must call it (sharded models run their forward together)."""
-        unet = self.unet_train
-        gen = torch.Generator().manual_seed(seed)
-        out = []
+        unet, b = self.unet_train, self.cfg.batch_size
+        noise = BatchNoise(torch.Generator().manual_seed(seed))  # drawn for all prompts at once, as the pipeline does
         ctx = (
             contextlib.nullcontext()
             if lora
             else _adapters_disabled(self.accelerator.unwrap_model(unet), *self.trained_text_encoders)
         )
         with ctx:
-            for i in range(0, len(prompts), self.cfg.batch_size):
-                chunk = prompts[i : i + self.cfg.batch_size]
-                latents = self.sampler.initial_latents((len(chunk), *self.latent_shape), gen, self.device)
-                cond = self.encode(chunk)
-                with self.accelerator.autocast():
-                    latents = self.sampler.sample(unet, cond, latents, gen)
-                out.append(self.decode(latents))
-        return torch.cat(out)
+            latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), noise, self.device)
+            conds = [self.encode(prompts[i : i + b]) for i in range(0, len(prompts), b)]
+            with self.accelerator.autocast():  # the model runs --batch-size prompts at a time
+                latents = self.sampler.sample(unet, conds, latents, noise, chunk=b)
+            return torch.cat([self.decode(latents[i : i + b]) for i in range(0, len(prompts), b)])
 
     # ----- LoRA and checkpoints ----------------------------------------------------------------
     def lora_models(self):
@@ -472,6 +492,15 @@ class Trainer:
         self.global_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         return state
+
+
+def _per_process(acc, value) -> list:
+    """``value`` of every process, in process order (a one-element list on one process)."""
+    if getattr(acc, "num_processes", 1) == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def _load_reward(spec: str, cfg: FinetuneConfig, dtype: torch.dtype) -> torch.nn.Module:
