@@ -3,6 +3,7 @@ format (offline, CPU). References are diffusers' own pipelines, never a second c
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -10,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,6 +217,28 @@ def test_trainer_resolves_the_models_defaults_and_caches_prompts(flow_trainers):
         for h in hooks:
             h.remove()
     assert calls == [] and all(m.device.type == "cpu" for m in encoders)
+
+
+def test_prompt_embeddings_beyond_the_memory_limit_spill_to_disk_and_read_back_the_same(flow_trainers):
+    """With --prompt-cache-gib 0 every prompt's embeddings go to a safetensors file in a private temporary
+    directory; the trainer's conditioning is then exactly what the in-memory cache gives, and the directory goes
+    with the cache."""
+    flux = flow_trainers["flux"]
+    prompts = flux.batch_prompts(0, step=0)
+    in_memory = flux.adapter.encode(prompts, False, (32, 32))
+    spilling = make_adapter(flux.pipe, "flux", SimpleNamespace(**{**vars(flux.cfg), "prompt_cache_gib": 0.0}))
+    spilling.cache_prompts(flux.prompts)
+    cache = spilling._cache
+    n = len(set(flux.prompts) | {""})
+    assert cache.spilled == len(cache) == n and cache.ram_used == 0
+    directory = cache.directory
+    assert len(list(directory.glob("*.safetensors"))) == n
+    ours = spilling.encode(prompts, False, (32, 32))
+    for name in ("hidden", "pooled"):
+        torch.testing.assert_close(getattr(ours, name), getattr(in_memory, name), atol=0, rtol=0)
+    del spilling, cache, ours
+    gc.collect()
+    assert not directory.exists()
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])

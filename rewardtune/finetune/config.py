@@ -86,6 +86,12 @@ class FinetuneConfig:
         min=1,
         max=512,
     )
+    prompt_cache_gib: float = option(
+        8.0,
+        "SD3/FLUX: host memory for the cached prompt embeddings (FLUX-dev's are 4-8 MiB a prompt); the rest "
+        "go to a temporary directory on disk",
+        min=0,
+    )
     mixed_precision: str = option(
         "no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32", choices=list(PRECISIONS)
     )

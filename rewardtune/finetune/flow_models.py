@@ -5,8 +5,9 @@ Prompts are encoded with the pipelines' own per-encoder functions (``_get_clip_p
 ``_get_t5_prompt_embeds``) and combined as their ``encode_prompt`` does, so the fine-tuned model sees what
 ``pipe(...)`` feeds it; the split lets the trainer cache T5's embeddings alone when the CLIP encoders are
 trained. In training (``cache_prompts``) the embeddings of the prompt set are computed once and kept on the
-CPU; the text encoders then leave the accelerator (T5-XXL alone is about 9.5 GB in bf16), except CLIP
-encoders that carry trained LoRA weights.
+CPU up to ``--prompt-cache-gib``, beyond it on disk (``prompt_cache.PromptCache``); the text encoders then
+leave the accelerator (T5-XXL alone is about 9.5 GB in bf16), except CLIP encoders that carry trained LoRA
+weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .prompt_cache import DEFAULT_RAM_GIB, PromptCache
 
 ENCODE_BATCH = 16  # prompts per text-encoder call when filling the cache
 
@@ -98,11 +100,18 @@ class FlowAdapter:
     guidance_kind = "cfg"  # 'cfg' (two branches), 'embedded' (FLUX-dev) or 'none'
     default_max_sequence_length = 256
 
-    def __init__(self, pipe, guidance_scale: float | None = None, max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        pipe,
+        guidance_scale: float | None = None,
+        max_sequence_length: int | None = None,
+        prompt_cache_gib: float = DEFAULT_RAM_GIB,
+    ):
         self.pipe = pipe
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
-        self._cache: dict | None = None  # prompt -> CPU tensors, once cache_prompts switched caching on
+        self.prompt_cache_gib = prompt_cache_gib
+        self._cache: PromptCache | None = None  # prompt -> CPU tensors, once cache_prompts switched caching on
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -150,8 +159,10 @@ class FlowAdapter:
         trained = self._clip_trained()
         self._fill(prompts, clip=not trained)
 
+        entries = [self._cache.get(p) for p in prompts]
+
         def cached(key):
-            return torch.stack([self._cache[p][key] for p in prompts]).to(self.device)
+            return torch.stack([e[key] for e in entries]).to(self.device)
 
         t5 = {k: cached(k) for k in self._t5_keys}
         clip = self._clip(prompts) if trained else {k: cached(k) for k in self._clip_keys}
@@ -162,7 +173,7 @@ class FlowAdapter:
         """Switch caching on, compute the embeddings of ``prompts`` (and the empty prompt) once, and move the
         text encoders off the accelerator (trained CLIP encoders stay)."""
         if self._cache is None:
-            self._cache = {}
+            self._cache = PromptCache(self.prompt_cache_gib * 2**30)
         self._fill(list(prompts) + [""], clip=not self._clip_trained())
         self._offload()
 
@@ -176,7 +187,7 @@ class FlowAdapter:
         missing = [
             p
             for p in dict.fromkeys(prompts)
-            if p not in self._cache or (clip and self._clip_keys[0] not in self._cache[p])
+            if p not in self._cache or (clip and self._clip_keys[0] not in self._cache.names(p))
         ]
         if not missing:
             return
@@ -189,7 +200,7 @@ class FlowAdapter:
                 chunk = missing[i : i + ENCODE_BATCH]
                 parts = {**self._t5(chunk), **(self._clip(chunk) if clip else {})}
                 for j, p in enumerate(chunk):
-                    self._cache.setdefault(p, {}).update({k: v[j].detach().cpu() for k, v in parts.items()})
+                    self._cache.put(p, {k: v[j] for k, v in parts.items()})
         self._offload()
 
 

@@ -327,9 +327,10 @@ def make_adapter(pipe, family: str, cfg=None):
     adapters take (FLUX's guidance embedding value, T5's sequence length)."""
     if cfg is None:
         return ADAPTERS[family](pipe)
-    return ADAPTERS[family](
-        pipe, guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None)
-    )
+    options = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None))
+    if family in FLOW_ADAPTERS and getattr(cfg, "prompt_cache_gib", None) is not None:
+        options["prompt_cache_gib"] = cfg.prompt_cache_gib
+    return ADAPTERS[family](pipe, **options)
 
 
 def text_encoders(pipe) -> list:
