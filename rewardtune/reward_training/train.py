@@ -358,7 +358,7 @@ class Run:
             bad = int((~torch.isfinite(scores.reshape(len(scores), -1))).any(-1).sum())
             if bad:  # NaN compares false: accuracy would read 0, not "broken"
                 raise UserError(
-                    f"train-reward: validation: {key} of {bad} of {len(scores)} triplets are NaN or "
+                    f"train-reward: validation: {key} scores of {bad} of {len(scores)} triplets are NaN or "
                     f"infinite; the model diverged: {self._hint()}"
                 )
             if scores.dim() == 1:
