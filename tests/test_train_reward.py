@@ -411,6 +411,8 @@ def test_two_processes_share_ict_negatives(world, tmp_path):
     assert (ckpt / "random_states_0.safetensors").is_file() and (ckpt / "random_states_1.safetensors").is_file()
     assert not [p for p in ckpt.iterdir() if p.suffix not in (".safetensors", ".json")]  # nothing that needs pickle
     assert (out / "model.safetensors").is_file()
+    # best/ is written by both processes together (a barrier each side of the main process's write)
+    assert read_state(out / "best")["step"] == m["best_step"] and (out / "best" / "model.safetensors").is_file()
 
 
 def test_recipes_and_user_errors(world, tmp_path, capsys):
