@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,41 @@ def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | No
             f"{what}: '{src}' is not in the local cache and could not be fetched from the hub ({name}); "
             f"download it where the hub is reachable and pass its local directory instead"
         ) from None
+
+
+BEST_DIR = "best"  # a train-reward run's best validation model, beside the last step's in the run directory
+_SAID: set[str] = set()
+
+
+def reward_model_dir(directory: Path, what: str) -> Path:
+    """The model to load from ``directory``: a train-reward run's ``best/`` when it kept one (the step with
+    the best validation metric), else ``directory`` itself (the last step, or any other model directory).
+    For a run directory, one line on stderr (rank 0, once per directory) says which was used."""
+    best = directory / BEST_DIR
+    record = best / "trainer_state.json"
+    if record.is_file() and best.is_dir():
+        try:
+            info = json.loads(record.read_text())
+            shown = f"step {info['step']}, {info['metric']} {float(info['value']):.4g}"
+        except (OSError, ValueError, KeyError, TypeError):
+            shown = "its trainer_state.json is unreadable"
+        _say_once(
+            f"{what}: using the best validation model of the run in '{directory}': '{best}' ({shown}); "
+            f"the last step's model stays in '{directory}'"
+        )
+        return best
+    if (directory / "metrics.json").is_file() and (directory / "runs.jsonl").is_file():
+        _say_once(
+            f"{what}: the run in '{directory}' kept no {BEST_DIR}/ (it trained without validation data); "
+            f"using its last step's model"
+        )
+    return directory
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID and int(os.environ.get("RANK", "0")) == 0:
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _offline() -> bool:

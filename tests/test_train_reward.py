@@ -28,11 +28,12 @@ from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.errors import UserError
 from rewardtune.images import load_image
 from rewardtune.losses import ict_loss
-from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train_reward
+from rewardtune.reward_training import TrainRewardConfig, evaluate_rewards, train, train_reward
 from rewardtune.reward_training.models import ICTTrainee, setup_hp, setup_ict, tokenize
 from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.rewards.clip_tower import ClipTower, embedding
-from rewardtune.rundir import RunDir
+from rewardtune.rewards.icthp import HPReward, ICTReward
+from rewardtune.rundir import RunDir, read_state
 from rewardtune.testing import save_tiny_clip
 
 QUIET = dict(num_workers=0, progress=False)
@@ -233,13 +234,13 @@ def test_freeze_options_choose_what_trains(world):
 
 def test_outputs_score_without_a_backbone_and_match_the_official_export(trained, world, tmp_path):
     img = load_image(world["data"] / "pick_refine_img" / "test" / "00000.png")[None]
-    ours = load_reward("icthp", ict=str(trained["ict"]), hp=str(trained["hp"]))
+    ours = load_reward("icthp", ict=str(trained["ict"]), hp=str(trained["hp"]))  # the runs' best/
     # The released layout alone (pytorch_model.bin files), laid over the backbone as the authors load it.
     (tmp_path / "ict").mkdir()
-    os.link(trained["ict"] / "pytorch_model.bin", tmp_path / "ict" / "pytorch_model.bin")
+    os.link(trained["ict"] / "best" / "pytorch_model.bin", tmp_path / "ict" / "pytorch_model.bin")
     for sub, name in (("hp_backbone", "pytorch_model.bin"), ("hp_scorer", "mlp_pytorch_model.bin")):
         (tmp_path / "hp" / sub).mkdir(parents=True)
-        os.link(trained["hp"] / sub / name, tmp_path / "hp" / sub / name)
+        os.link(trained["hp"] / "best" / sub / name, tmp_path / "hp" / sub / name)
     released = load_reward(
         "icthp", ict=str(tmp_path / "ict"), hp=str(tmp_path / "hp"), backbone=str(world["backbone"])
     )
@@ -277,7 +278,7 @@ def test_mixed_precision_accumulation_and_checkpointing_run(world, tmp_path):
     assert m["step"] == 2 and math.isfinite(m["train/loss"]) and m["val/ict_n"] == 4
 
 
-def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
+def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path, capsys):
     """Optimizer, scheduler and data order all continue: 2 + 2 resumed steps give the 4-step weights."""
     common = dict(
         stage="ict",
@@ -301,6 +302,11 @@ def test_resumed_run_matches_an_uninterrupted_one(world, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert [(s, p.name) for s, p in checkpoints(tmp_path / "b")] == [(2, "step-2"), (4, "step_000004")]
+    # without validation data no best/ is kept, and the run directory loads its last step, saying so
+    assert not (tmp_path / "b" / "best").exists() and "best_step" not in m
+    assert "no validation data: no best/ kept" in capsys.readouterr().out
+    load_reward("ict", ict=str(tmp_path / "b"))
+    assert "kept no best/ (it trained without validation data); using its last step's model" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"holds a finished run \(4 steps\); pass --overwrite to replace it, --resume"):
         train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=6, **common))
     again = train_reward(TrainRewardConfig(output=str(tmp_path / "b"), steps=4, resume=True, **common))
@@ -405,11 +411,17 @@ def test_two_processes_share_ict_negatives(world, tmp_path):
     assert (ckpt / "random_states_0.safetensors").is_file() and (ckpt / "random_states_1.safetensors").is_file()
     assert not [p for p in ckpt.iterdir() if p.suffix not in (".safetensors", ".json")]  # nothing that needs pickle
     assert (out / "model.safetensors").is_file()
+    # best/ is written by both processes together (a barrier each side of the main process's write)
+    assert read_state(out / "best")["step"] == m["best_step"] and (out / "best" / "model.safetensors").is_file()
 
 
 def test_recipes_and_user_errors(world, tmp_path, capsys):
     ict = build_config(TrainRewardConfig, None, config="train_ict", data="d", output="o")
     hp = build_config(TrainRewardConfig, None, config="train_hp", data="d", output="o", ict="i")
+    # the released config's schedule and batch (docs/reward_training.md): 500 DeepSpeed log-warmup steps, then
+    # linear decay to 0; 32 per GPU with accelerate's gradient accumulation of 1
+    for recipe in (ict, hp):
+        assert (recipe.warmup, recipe.warmup_type, recipe.lr_schedule, recipe.grad_accum) == (500, "log", "linear", 1)
     assert (ict.stage, ict.peak_lr, ict.batch_size, ict.mixed_precision, ict.frozen_fraction) == (
         "ict",
         3e-5,
@@ -431,12 +443,17 @@ def test_recipes_and_user_errors(world, tmp_path, capsys):
     assert "fewer than one global batch" in capsys.readouterr().err
 
 
-def _val_steps(out: Path) -> list[int]:
-    """The steps at which validation accuracy was logged to TensorBoard."""
+def _logged(out: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar the run logged to TensorBoard."""
 
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    return [e.step for e in events.Scalars("val/ict_avg")]
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def _val_steps(out: Path) -> list[int]:
+    """The steps at which validation accuracy was logged to TensorBoard."""
+    return list(_logged(out, "val/ict_avg"))
 
 
 def test_eval_every_zero_validates_only_before_and_after(world, tmp_path):
@@ -506,3 +523,179 @@ def test_duplicated_triplets_are_noted_once_by_train_reward(world, tmp_path, cap
     )
     err = capsys.readouterr().err
     assert err.count("note: 128 of 192 triplets in split 'train'") == 1 and err.count("exact duplicates") == 1, err
+
+
+# ----- best/: the best validation step beside the last -------------------------------------------------
+# A learning rate too high for the tiny CLIP makes validation go up and down, so the best step is not the last.
+WOBBLY = dict(batch_size=8, lr=1e-2, lr_schedule="constant", warmup_steps=0, eval_every=1, **QUIET)
+
+
+def _ict_label_mse(reward, data: Path) -> float:
+    """The paper's ICT label error on the 'val' split (its Parquet file read here), written out: the mean over
+    triplets of the mean squared error of the easy prompt's cosines with (I1, I2, I3) to (E1, E2, 1) plus the
+    refined prompt's to (R1, R2, 1), scored through a loaded reward on the image files."""
+    table = pd.read_parquet(data / "val.parquet")
+    images = [torch.stack([load_image(data / p) for p in table[col]]) for col in ICT_IMAGES]
+    with torch.no_grad():
+        easy = torch.stack([reward(im, list(table["easy_prompt"])) for im in images], -1)
+        refine = torch.stack([reward(im, list(table["refine_prompt"])) for im in images], -1)
+    label = {k: torch.tensor(table[k].to_numpy(), dtype=torch.float32) for k in ("E1", "E2", "R1", "R2")}
+    ones = torch.ones(len(table))
+    err_easy = (easy - torch.stack([label["E1"], label["E2"], ones], -1)).square().mean(-1)
+    err_refine = (refine - torch.stack([label["R1"], label["R2"], ones], -1)).square().mean(-1)
+    return float((err_easy + err_refine).mean())
+
+
+ICT_IMAGES = ("easy_image_0", "easy_image_1", "refine_image")
+
+
+def test_ict_best_is_the_lowest_validation_loss_and_the_run_directory_loads_it(world, tmp_path, capsys):
+    out = tmp_path / "ict"
+    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]))
+    m = train_reward(
+        TrainRewardConfig(output=str(out), steps=8, checkpoint_every=1, checkpoints_keep=8, **common, **WOBBLY)
+    )
+    logged = _logged(out, "val/ict_loss")
+    assert list(logged) == list(range(1, 9))
+    best = min(logged, key=logged.get)
+    assert best != 8 and logged[best] < logged[8]  # the run's best step is not its last
+    record = read_state(out / "best")
+    assert (record["step"], record["metric"], record["mode"]) == (best, "val/ict_loss", "min")
+    assert record["value"] == pytest.approx(logged[best]) and (m["best_step"], m["best_value"]) == (
+        best,
+        record["value"],
+    )
+    # best/ holds that step's weights (those of its checkpoint), the top level the last step's
+    weights, kept = (
+        load_file(out / "best" / "model.safetensors"),
+        load_file(out / "checkpoints" / f"step_{best:06d}" / "model.safetensors"),
+    )
+    assert all(torch.equal(weights[k], kept[f"clip.{k}"]) for k in weights)
+    last = load_file(out / "model.safetensors")
+    assert not all(torch.equal(weights[k], last[k]) for k in weights)
+    # --ict DIR loads best/ and says so; the metric recomputed from the files agrees with what was logged
+    from_dir = load_reward("ict", ict=str(out))
+    assert f"using the best validation model of the run in '{out}'" in capsys.readouterr().err
+    assert _ict_label_mse(from_dir, world["data"]) == pytest.approx(logged[best], rel=1e-4)
+    assert _ict_label_mse(ICTReward(ClipTower.from_dir(out, "last")), world["data"]) == pytest.approx(
+        logged[8], rel=1e-4
+    )
+
+
+def test_hp_best_is_the_highest_icthp_accuracy_and_score_loads_it(trained, world, tmp_path):
+    out = tmp_path / "hp"
+    train_reward(
+        TrainRewardConfig(
+            stage="hp",
+            data=str(world["data"]),
+            backbone=str(world["backbone"]),
+            ict=str(trained["ict"]),
+            output=str(out),
+            steps=8,
+            checkpoint_every=0,
+            **WOBBLY,
+        )
+    )
+    logged = _logged(out, "val/icthp_avg")
+    best = max(logged, key=logged.get)  # the first of equals, as a later tie does not replace best/
+    assert logged[best] > logged[8]
+    record = read_state(out / "best")
+    assert (record["step"], record["metric"], record["mode"]) == (best, "val/icthp_avg", "max")
+    # `rewardtune score --hp DIR` (a real subprocess) scores with best/ and says so; the last step scores otherwise
+    image = world["data"] / "pick_refine_img" / "val" / "00000.png"
+    res = subprocess.run(
+        [sys.executable, "-m", "rewardtune.cli", "score", str(image), "--prompt", "a red circle", "--reward", "hp"]
+        + ["--hp", str(out), "--json"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"HP checkpoint: using the best validation model of the run in '{out}'" in res.stderr
+    for sub in ("hp_backbone", "hp_scorer"):  # the last step alone
+        shutil.copytree(out / sub, tmp_path / "last" / sub)
+    with torch.no_grad():
+        best_score, last_score = (
+            HPReward.load(hp=str(d))(load_image(image)[None], [""]).item() for d in (out / "best", tmp_path / "last")
+        )
+    assert (
+        json.loads(res.stdout)[0]["hp"] == pytest.approx(best_score, abs=1e-6) and abs(best_score - last_score) > 1e-4
+    )
+
+
+def test_resume_keeps_best_consistent_with_the_checkpoint(world, tmp_path, monkeypatch, capsys):
+    """A run killed after best/ moved past its last checkpoint resumes with the checkpoint's best/ and ends
+    with the uninterrupted run's best."""
+    common = dict(stage="ict", data=str(world["data"]), backbone=str(world["backbone"]), steps=6, **WOBBLY)
+    train_reward(TrainRewardConfig(output=str(tmp_path / "a"), checkpoint_every=0, **common))
+    whole = read_state(tmp_path / "a" / "best")
+    real = train.Run._checkpoint
+
+    def killed_at_6(run, step):
+        if step == 6:
+            raise KeyboardInterrupt("killed as it was about to save step 6")
+        real(run, step)
+
+    monkeypatch.setattr(train.Run, "_checkpoint", killed_at_6)
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train_reward(TrainRewardConfig(output=str(out), checkpoint_every=3, **common))
+    monkeypatch.undo()
+    recorded = read_state(out / "checkpoints" / "step_000003")["best"]
+    assert recorded["step"] <= 3 < read_state(out / "best")["step"]  # best/ moved on after the last checkpoint
+    capsys.readouterr()
+    train_reward(TrainRewardConfig(output=str(out), checkpoint_every=3, resume=True, **common))
+    assert f"best/ restored to the checkpoint's best (step {recorded['step']})" in capsys.readouterr().out
+    again = read_state(out / "best")
+    assert again["step"] == whole["step"] and again["value"] == pytest.approx(whole["value"], rel=1e-5)
+    a, b = load_file(tmp_path / "a" / "best" / "model.safetensors"), load_file(out / "best" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert not (out / ".best.prev").exists()
+
+
+def _deepspeed_warmup_decay(i: int, total: int, warmup: int, kind: str) -> float:
+    """DeepSpeed WarmupDecayLR's multiplier of warmup_max_lr at ``last_batch_iteration`` i with warmup_min_lr 0,
+    as deepspeed/runtime/lr_schedules.py (v0.8.3) defines it: warmup over max(2, warmup) steps, log-shaped
+    ln(i+1)/ln(warmup) (its default) or linear i/warmup, then (total - i) / (total - warmup), not below 0."""
+    warmup = max(2, warmup)
+    if i < warmup:
+        return math.log(i + 1) / math.log(warmup) if kind == "log" else i / warmup
+    return max(0.0, (total - i) / max(1.0, total - warmup))
+
+
+def test_warmup_follows_deepspeed_warmup_decay_in_optimizer_steps(world, tmp_path):
+    for kind in ("log", "linear"):
+        factor = train.make_schedule(TrainRewardConfig(steps=40, warmup_steps=10, warmup_type=kind))
+        for step in (0, 1, 2, 5, 9, 10, 11, 25, 39):
+            want = _deepspeed_warmup_decay(step, 40, 10, kind)
+            if kind == "log" or step >= 10:
+                assert factor(step) == pytest.approx(want, abs=1e-12), (kind, step)
+            else:  # ours starts one increment above 0 (no update at lr 0) and reaches the peak at the same step
+                assert 0 < factor(step) - want <= 1 / 11 and factor(step) < factor(step + 1), (kind, step)
+    # a real run applies it per optimizer step, not per micro-batch (2 per step here)
+    out = tmp_path / "run"
+    m = train_reward(
+        TrainRewardConfig(
+            stage="ict",
+            data=str(world["data"]),
+            backbone=str(world["backbone"]),
+            output=str(out),
+            steps=6,
+            batch_size=4,
+            grad_accum=2,
+            lr=1e-3,
+            warmup_steps=4,
+            warmup_type="log",
+            log_every=1,
+            eval_split="",
+            checkpoint_every=0,
+            **QUIET,
+        )
+    )
+    assert m["step"] == 6
+    used = _logged(out, "train/lr")  # at step n, the rate of its update: DeepSpeed's multiplier at index n - 1
+    assert list(used) == list(range(1, 7))
+    for n, lr in used.items():
+        assert lr == pytest.approx(1e-3 * _deepspeed_warmup_decay(n - 1, 6, 4, "log"), abs=1e-9), n

@@ -12,6 +12,7 @@ import os
 
 from ..config import add_config_args, build_config
 from ..reward_training import TrainRewardConfig, train_reward
+from ..sources import BEST_DIR
 
 
 def register(sub) -> None:
@@ -37,6 +38,12 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and not metrics.get("nothing_to_do"):
         shown = {k: v for k, v in metrics.items() if k.startswith("val/") and k.endswith("_avg")}
         print(f"trained {cfg.stage} to step {metrics['step']}; model in {cfg.output}")
+        if "best_step" in metrics:
+            print(
+                f"best validation model: step {metrics['best_step']} ({metrics['best_metric']} "
+                f"{metrics['best_value']:.4g}) in {os.path.join(cfg.output, BEST_DIR)}; "
+                f"--{cfg.stage} {cfg.output} loads it"
+            )
         if shown:
             print("validation accuracy: " + json.dumps(shown))
     return 0

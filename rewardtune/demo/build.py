@@ -38,7 +38,7 @@ from ..images import load_image
 from ..reward_training import TrainRewardConfig, train_reward
 from ..rewards import load_reward
 from ..rewards.clip_tower import ClipTower
-from ..sources import atomic_write_text
+from ..sources import BEST_DIR, atomic_write_text, reward_model_dir
 from ..testing import tiny_clip_config, write_clip_processor
 from . import world
 from .data import pipeline_sampler, write_preference_set
@@ -440,10 +440,12 @@ def train_rewards(
     )
     hp_cfg.validate()
     hp_metrics = train_reward(hp_cfg)
-    offset = calibrate_hp(work / "hp", data_root)
+    # the runs' best validation models (best/), which the HP run also trained against, are what ships
+    ict_dir, hp_dir = (reward_model_dir(work / name, name.upper()) for name in ("ict", "hp"))
+    offset = calibrate_hp(hp_dir, data_root)
     log(f"hp: scorer offset {offset:+.3f} (reference images of the val split now score HP {HP_REFERENCE:.2f})")
-    _replace_dir(out / "ict", lambda tmp: _copy_model(work / "ict", tmp))
-    _replace_dir(out / "hp", lambda tmp: _copy_model(work / "hp", tmp))
+    _replace_dir(out / "ict", lambda tmp: _copy_model(ict_dir, tmp))
+    _replace_dir(out / "hp", lambda tmp: _copy_model(hp_dir, tmp))
     return {"ict": ict_metrics, "hp": {**hp_metrics, "calibration_offset": offset}}
 
 
@@ -483,7 +485,7 @@ def calibrate_hp(
 
 def _copy_model(src: Path, dst: Path) -> None:
     """The model files of a train-reward output (no checkpoints, logs or optimizer state)."""
-    skip = {"checkpoints", "logs", "runs"}
+    skip = {"checkpoints", "logs", "runs", BEST_DIR, "trainer_state.json", "manifest.json"}
     for p in src.rglob("*"):
         rel = p.relative_to(src)
         if p.is_file() and not (set(rel.parts) & skip) and p.suffix in (".json", ".txt", ".safetensors"):

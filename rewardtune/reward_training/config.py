@@ -33,7 +33,15 @@ class TrainRewardConfig:
     grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
     lr: float | None = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)", positive=True)
     weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: int | None = option(None, "linear warmup steps (default: a twentieth of --steps)", min=0)
+    warmup_steps: int | None = option(
+        None, "optimizer steps of warmup from 0 to --lr (default: a twentieth of --steps)", min=0
+    )
+    warmup_type: str = option(
+        "linear",
+        "warmup shape: linear, or log (lr * ln(step+1) / ln(warmup), DeepSpeed WarmupDecayLR's default, "
+        "which the released config ran)",
+        choices=["linear", "log"],
+    )
     lr_schedule: str = option(
         "linear",
         "after warmup: linear decay to 0 (as published), cosine, or constant",

@@ -20,7 +20,7 @@ from torch import nn
 from ..nonfinite import check_finite_weights
 from ..rewards.clip_tower import ClipTower, embedding, normalize
 from ..rewards.icthp import HPHead, ICTReward
-from ..sources import resolve, save_state_dict, writing
+from ..sources import resolve, reward_model_dir, save_state_dict, writing
 
 # Files of an HF CLIP directory besides the weights: tokenizer and image preprocessor.
 SIDECAR_FILES = [
@@ -126,9 +126,15 @@ def load_backbone(source: str) -> tuple[ClipTower, Path]:
     return tower, directory
 
 
+def ict_model_dir(ict: str) -> Path:
+    """The directory of the ICT model ``--ict`` names (a run directory's ``best/`` when it kept one)."""
+    ict_dir = resolve(ict, "ICT model (--ict)")
+    return reward_model_dir(ict_dir, "ICT model (--ict)") if ict_dir.is_dir() else ict_dir
+
+
 def load_frozen_ict(ict: str, backbone: str) -> ICTReward:
     """The ICT model the HP stage ranks with: our full-CLIP output as is, a released layout over ``backbone``."""
-    ict_dir = resolve(ict, "ICT model (--ict)")
+    ict_dir = ict_model_dir(ict)
     full = ict_dir.is_dir() and (ict_dir / "config.json").is_file() and (ict_dir / "vocab.json").is_file()
     reward = ICTReward.load(ict=str(ict_dir), backbone=None if full else backbone)
     reward.requires_grad_(False)

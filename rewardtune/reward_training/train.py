@@ -4,12 +4,20 @@ rules (lock, resume, overwrite, checkpoints without pickles) are ``rundir``'s an
 
 Under data parallelism every process gathers the whole global batch (with gradients) and computes the
 loss over it, as the released code does, so ICT's in-batch negatives span all processes.
+
+Beside the last step's model, ``<output>/best/`` keeps the model of the validation with the best metric
+(``BEST_METRIC``: as released, HP the highest ICT-HP accuracy, ICT the lowest loss), written whole like a
+checkpoint, with ``trainer_state.json`` naming its step, metric and value; the best so far is part of every
+checkpoint, so a resumed run keeps ``best/`` consistent with the steps it continues from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -23,12 +31,27 @@ from ..config import precision_dtype
 from ..data import TripletDataset, collate, find_split, load_triplets
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
-from ..rundir import Cadence, RunDir, Start, config_settings, reset_accelerate, weights_identity
+from ..rundir import (
+    STATE_FILE,
+    Cadence,
+    RunDir,
+    Start,
+    config_settings,
+    reset_accelerate,
+    weights_identity,
+    write_checkpoint,
+)
 from ..schedules import lr_factor
-from ..sources import resolve
+from ..sources import BEST_DIR, resolve
 from . import models
 from .config import TrainRewardConfig
 from .evaluate import triplet_accuracy
+
+# The validation metric that picks best/, and whether lower or higher is better (the released configs: ICT
+# ``metric_name: total_loss`` with ``MetricMode.MIN``; HP the default ``accuracy`` of ICT x softmax(HP), MAX).
+BEST_METRIC = {"ict": ("val/ict_loss", "min"), "hp": ("val/icthp_avg", "max")}
+# Beside best/: the best the last checkpoint recorded while a newer best replaces it (see Run._write_best).
+BEST_PREVIOUS = ".best.prev"
 
 
 def _split_images(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -99,23 +122,49 @@ class Stage:
         return loss, {"global_batch": s1.shape[0], "hp_loss": hp.item(), "icthp_loss": joint.item()}
 
     @torch.no_grad()
-    def val_scores(self, trainee, batch) -> dict[str, torch.Tensor]:
-        """(B, 3) scores per reported metric: ``ict`` for the ICT stage; ``hp`` and ``icthp`` for HP."""
+    def val_scores(self, trainee, batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(B, 3) scores per reported accuracy (``ict`` for the ICT stage; ``hp`` and ``icthp`` for HP) and
+        (B,) values per reported mean (ICT: ``ict_loss``, each triplet's label error)."""
         if self.cfg.stage == "ict":
-            return {"ict": self.ict_cosines(self.tower.model, self.tower, batch, "ict")}
+            pixels, b = _split_images(batch["pixels_ict"])
+            tok = models.tokenize(self.tower, batch["easy_prompt"] + batch["refine_prompt"])
+            text, image = models.ICTTrainee(self.tower.model)(
+                tok["input_ids"], tok["attention_mask"], pixels.to(self.tower.dtype)
+            )
+            i1, i2, i3 = image[:b], image[b : 2 * b], image[2 * b :]
+            easy, refine = triplet_cosines(text[:b], i1, i2, i3), triplet_cosines(text[b:], i1, i2, i3)
+            e1, e2, r1, r2 = batch["labels"].to(easy.device).float().unbind(-1)
+            return {"ict": easy}, {"ict_loss": _label_error(easy, e1, e2) + _label_error(refine, r1, r2)}
         pixels, b = _split_images(batch["pixels_hp"])
         s = trainee(pixels).float()
         hp = torch.stack([s[:b], s[b : 2 * b], s[2 * b :]], -1)
-        return {"hp": hp, "icthp": icthp_scores(self.frozen_ict_cosines(batch), *hp.unbind(-1))}
+        return {"hp": hp, "icthp": icthp_scores(self.frozen_ict_cosines(batch), *hp.unbind(-1))}, {}
 
     def write_output(self, state: dict, out: Path) -> None:
         write = models.write_ict if self.cfg.stage == "ict" else models.write_hp
         write(self.tower.model, state, self.source_dir, out, self.cfg.export_official)
 
 
+def _label_error(cos: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(B,): mean squared error of (B, 3) cosines with (I1, I2, I3) to (first, second, 1): per triplet, the
+    label term of ``ict_loss`` (its mean over a set is ``ict_loss`` without the batch-dependent negatives)."""
+    target = torch.stack([first, second, torch.ones_like(first)], -1)
+    return (cos.float() - target).square().mean(-1)
+
+
 def make_schedule(cfg: TrainRewardConfig):
-    """Multiplier of the peak lr at each step: linear warmup, then linear/cosine decay to 0 or constant."""
-    return lr_factor(cfg.lr_schedule, cfg.warmup, cfg.steps)
+    """Multiplier of the peak lr at each (0-based) optimizer step: warmup over ``cfg.warmup`` steps, linear or
+    log-shaped, then linear/cosine decay to 0 or constant. The log shape is DeepSpeed WarmupDecayLR's
+    ``ln(step + 1) / ln(warmup)`` (its default ``warmup_type``)."""
+    after = lr_factor(cfg.lr_schedule, cfg.warmup, cfg.steps)
+    if cfg.warmup_type == "linear" or cfg.warmup == 0:
+        return after
+    log_warmup = math.log(max(2, cfg.warmup))  # DeepSpeed warms up over at least 2 steps
+
+    def factor(step: int) -> float:
+        return math.log(step + 1) / log_warmup if step < cfg.warmup else after(step)
+
+    return factor
 
 
 def _shared_load(accelerator, root, split: str, cfg: TrainRewardConfig, limit: int = 0):
@@ -198,8 +247,15 @@ def run_dir(output: str | Path) -> RunDir:
         command="train-reward",
         finished="metrics.json",
         done_key="step",
-        outputs=("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "hp_backbone", "hp_scorer"),
-        scratch=("config.yaml", "logs", ".staging"),
+        outputs=(
+            "model.safetensors",
+            "model-*-of-*.safetensors",
+            "pytorch_model.bin",
+            "hp_backbone",
+            "hp_scorer",
+            BEST_DIR,
+        ),
+        scratch=("config.yaml", "logs", ".staging", BEST_PREVIOUS, f".{BEST_DIR}.tmp", f".{BEST_DIR}.old"),
         clear=("config.json", "model.safetensors.index.json", *models.SIDECAR_FILES),
     )
 
@@ -211,7 +267,7 @@ def run_settings(cfg: TrainRewardConfig) -> dict:
         "--backbone": weights_identity(resolve(cfg.backbone, "CLIP backbone")),
         "--freeze-ratio": cfg.frozen_fraction,
         "--freeze-embeddings": cfg.freeze_embeddings,
-        "--ict": weights_identity(resolve(cfg.ict, "ICT model (--ict)")) if cfg.stage == "hp" else None,
+        "--ict": weights_identity(models.ict_model_dir(cfg.ict)) if cfg.stage == "hp" else None,
     }
     return config_settings(cfg, fixed)
 
@@ -241,6 +297,9 @@ class Run:
         self.acc = _make_accelerator(cfg, self.out)
         self.cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, self.acc)
         self.last_saved = None
+        # The best validation so far ({"step", "metric", "mode", "value"}) and the one the last checkpoint recorded.
+        self.best: dict | None = None
+        self.best_recorded: dict | None = None
         set_seed(cfg.seed)
         self.stage = Stage(cfg, self.acc)
         self.metrics: dict = {}
@@ -289,18 +348,22 @@ class Run:
         parts: dict[str, list] = {}
         with self.acc.autocast():
             for batch in self.val_loader:
-                for key, s in self.stage.val_scores(self.trainee, batch).items():
+                scores, values = self.stage.val_scores(self.trainee, batch)
+                for key, s in {**scores, **values}.items():
                     parts.setdefault(key, []).append(self.acc.gather_for_metrics(s.float().contiguous()))
         self.trainee.train()
         out = {}
         for key, chunks in parts.items():
             scores = torch.cat(chunks)
-            bad = int((~torch.isfinite(scores)).any(-1).sum())
+            bad = int((~torch.isfinite(scores.reshape(len(scores), -1))).any(-1).sum())
             if bad:  # NaN compares false: accuracy would read 0, not "broken"
                 raise UserError(
                     f"train-reward: validation: {key} scores of {bad} of {len(scores)} triplets are NaN or "
                     f"infinite; the model diverged: {self._hint()}"
                 )
+            if scores.dim() == 1:
+                out[f"val/{key}"] = float(scores.mean())
+                continue
             for name, value in triplet_accuracy(scores).items():
                 out[f"val/{key}_{name}"] = value
         return out
@@ -336,6 +399,45 @@ class Run:
             {k: v for k, v in (start.state.get("metrics") or {}).items() if isinstance(v, (int, float))}
         )
         self.last_saved = start.step
+        self.best = self.best_recorded = self._reconcile_best(start.state.get("best"), start.step)
+
+    def _reconcile_best(self, recorded: dict | None, step: int) -> dict | None:
+        """Make best/ the checkpoint's best on resume: an interrupted run may have written a newer best/
+        after its last checkpoint (then the recorded one waits in ``BEST_PREVIOUS``). Returns the best so
+        far, the same on every process (the main process decides)."""
+        from accelerate.utils import broadcast_object_list
+
+        payload = [recorded]
+        if self.acc.is_main_process:
+            payload = [self._restore_best(recorded, step)]
+        if self.acc.num_processes > 1:
+            broadcast_object_list(payload)
+        return payload[0]
+
+    def _restore_best(self, recorded: dict | None, step: int) -> dict | None:
+        best, previous = self.out / BEST_DIR, self.out / BEST_PREVIOUS
+        if _best_record(best) == _same(recorded):
+            shutil.rmtree(previous, ignore_errors=True)
+            return recorded
+        if recorded is not None and _best_record(previous) == _same(recorded):
+            shutil.rmtree(best, ignore_errors=True)
+            previous.rename(best)
+            self.rundir.say(
+                f"best/ restored to the checkpoint's best (step {recorded['step']}); the interrupted run's "
+                f"newer best/ came after its last checkpoint (step {step})"
+            )
+            return recorded
+        found = _best_record(best)
+        for d in (best, previous):
+            shutil.rmtree(d, ignore_errors=True)
+        if recorded is not None:
+            self.rundir.warn(
+                f"the checkpoint's best validation model (step {recorded['step']}) is no longer in '{best}'; "
+                f"best/ is chosen again from the validations after step {step}"
+            )
+        elif found is not None:
+            self.rundir.say(f"removed best/ (step {found.get('step')}): it came after the checkpoint (step {step})")
+        return None
 
     def _checkpoint(self, step: int) -> None:
         """A resumable checkpoint after ``step`` in files that cannot run code (rundir/runstate); every process calls it."""
@@ -350,11 +452,13 @@ class Run:
                 self.acc, tmp, self.optimizer, model=self.trainee, scheduler=self.scheduler
             )
 
-        self.rundir.save_checkpoint(
-            self.acc, step, {"metrics": self._plain_metrics(step), "data": data}, self.cfg.checkpoints_keep, save=save
-        )
+        state = {"metrics": self._plain_metrics(step), "data": data, "best": self.best}
+        self.rundir.save_checkpoint(self.acc, step, state, self.cfg.checkpoints_keep, save=save)
         self.cadence.saved()
         self.last_saved = step
+        self.best_recorded = self.best
+        if self.acc.is_main_process:  # the checkpoint records best/ now: the one it replaced is no longer needed
+            shutil.rmtree(self.out / BEST_PREVIOUS, ignore_errors=True)
 
     def _loop(self, start: int) -> int:
         cfg, acc = self.cfg, self.acc
@@ -428,6 +532,42 @@ class Run:
         if val:
             self.acc.log(val, step=step)
             self.metrics.update(val)
+        metric, mode = BEST_METRIC[self.cfg.stage]
+        value = val.get(metric)
+        if step == 0 or value is None:  # the untrained model (eval-every 0) is no candidate
+            return
+        if self.best is None or (value < self.best["value"] if mode == "min" else value > self.best["value"]):
+            self.best = {"step": step, "metric": metric, "mode": mode, "value": value}
+            self._write_best()
+
+    def _write_best(self) -> None:
+        """Write best/ (every process calls it), whole: staged and renamed like a checkpoint, with a manifest.
+        A best/ that the last checkpoint recorded moves to ``BEST_PREVIOUS`` first, so that a run resumed
+        from that checkpoint finds it again."""
+        acc, best = self.acc, self.out / BEST_DIR
+        state = acc.get_state_dict(self.trainee)
+        if acc.is_main_process and self.best_recorded is not None and _best_record(best) == _same(self.best_recorded):
+            shutil.rmtree(self.out / BEST_PREVIOUS, ignore_errors=True)
+            best.rename(self.out / BEST_PREVIOUS)
+
+        def save(tmp: Path) -> None:
+            if acc.is_main_process:
+                self.stage.write_output(state, tmp)
+
+        write_checkpoint(acc, best, save, self.best)
+        self.rundir.say(
+            f"step {self.best['step']}: best {self.best['metric']} so far ({self.best['value']:.4g}); "
+            f"model written to '{best}'"
+        )
+
+    def _no_best(self) -> None:
+        """No validation picked a best (no validation data): a best/ left by a run this one replaced goes."""
+        for d in (self.out / BEST_DIR, self.out / BEST_PREVIOUS):
+            shutil.rmtree(d, ignore_errors=True)
+        why = "no validation data" if self.val_loader is None else "no validation after training picked a best"
+        self.rundir.say(
+            f"{why}: no {BEST_DIR}/ kept; the last step's model in '{self.out}' is what --ict/--hp '{self.out}' load"
+        )
 
     def _plain_metrics(self, step: int) -> dict:
         return {**{k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}, "step": step}
@@ -442,12 +582,29 @@ class Run:
         state = acc.get_state_dict(self.trainee)
         self.metrics.update(self._plain_metrics(step))
         self.metrics.update({"start_step": start, "steps_run": step - start, "num_processes": acc.num_processes})
+        if self.best is not None:
+            self.metrics.update({f"best_{k}": v for k, v in self.best.items()})
         if acc.is_main_process:
             self.stage.write_output(state, self.out)
+            if self.best is None:
+                self._no_best()
             self.rundir.write_config(self.cfg)
             self.rundir.write_json("metrics.json", self.metrics)
         acc.wait_for_everyone()
         acc.end_training()
+
+
+def _best_record(directory: Path) -> dict | None:
+    """Step and value of the best model in ``directory`` (None: none there, or unreadable)."""
+    try:
+        return _same(json.loads((directory / STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _same(best: dict | None) -> dict | None:
+    """What identifies a best: its step and value (compared after a JSON round trip)."""
+    return None if not isinstance(best, dict) else {"step": best.get("step"), "value": best.get("value")}
 
 
 def train_reward(cfg: TrainRewardConfig) -> dict:

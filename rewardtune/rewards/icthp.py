@@ -7,7 +7,8 @@
 
 Released layouts: ICT ``<dir>/pytorch_model.bin`` (a CLIPModel state dict laid over the backbone);
 HP ``<dir>/hp_backbone/pytorch_model.bin`` and ``<dir>/hp_scorer/mlp_pytorch_model.bin``. Our own
-training writes the safetensors equivalents, which load too.
+training writes the safetensors equivalents, which load too; from a training run's directory, its ``best/``
+(the best validation step) when it kept one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve
+from ..sources import REWARD_SOURCES, apply_state_dict, find_file, load_state_dict, resolve, reward_model_dir
 from .base import Reward
 from .clip_tower import TOKENIZER_FILES, ClipTower, CosineReward
 from .tower_head import HPHead, TowerHeadReward
@@ -54,6 +55,8 @@ class ICTReward(CosineReward):
             "ICT checkpoint",
             allow_patterns=["*.bin", "*.safetensors", "*.json", "*.txt"],
         )
+        if ict_dir.is_dir():
+            ict_dir = reward_model_dir(ict_dir, "ICT checkpoint")
         ckpt = ict_dir if ict_dir.is_file() else find_file(ict_dir, ICT_FILES, "ICT checkpoint")
         tower = ClipTower.from_dir(_backbone_dir(backbone, ict_dir if ict_dir.is_dir() else None), "CLIP backbone")
         apply_state_dict(tower.model, load_state_dict(ckpt, "ICT checkpoint"), f"ICT checkpoint '{ckpt}'")
@@ -72,6 +75,7 @@ class HPReward(TowerHeadReward):
         hp_dir = resolve(
             hp or REWARD_SOURCES["hp"].hub, "HP checkpoint", allow_patterns=["hp_backbone/*", "hp_scorer/*"]
         )
+        hp_dir = reward_model_dir(hp_dir, "HP checkpoint")
         bb_dir, head_dir = hp_dir / "hp_backbone", hp_dir / "hp_scorer"
         bb_ckpt = find_file(bb_dir, HP_BACKBONE_FILES, "HP backbone checkpoint (hp_backbone/)")
         head_ckpt = find_file(head_dir, HP_HEAD_FILES, "HP scorer checkpoint (hp_scorer/)")
