@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -373,35 +372,12 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     assert f"trained ict to step {step + 2}" in res.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_share_ict_negatives(world, tmp_path):
+def test_two_processes_share_ict_negatives(world, tmp_path, launch_two_processes):
     """``accelerate launch`` with two CPU processes (gloo): each sees the other's rows as negatives."""
     out = tmp_path / "ddp"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "rewardtune.cli",
-        *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6"),
-    ]
-    res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=150)
+    res = launch_two_processes(
+        *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6"), timeout=150
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["step"] == 3 and math.isfinite(m["train/loss"])
