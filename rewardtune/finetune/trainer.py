@@ -292,7 +292,15 @@ class Trainer:
         the first step that carries them."""
         cfg = self.cfg
         plan = make_plan(
-            cfg.method, cfg.sample_steps, len(prompts), generator, cfg.k, cfg.lv_samples, (cfg.refl_min, cfg.refl_max)
+            cfg.method,
+            cfg.sample_steps,
+            len(prompts),
+            generator,
+            cfg.k,
+            cfg.lv_samples,
+            (cfg.refl_min, cfg.refl_max),
+            k_min=cfg.k_min or 1,
+            per_sample=cfg.alignprop_draw == "sample",
         )
         latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), generator, self.device)
         state = SampleState(latents, self.encode(prompts), plan, 0, generator, list(prompts))
