@@ -1,13 +1,26 @@
-"""The methods as published (issue #14), checked against independent references: AlignProp's truncation draws."""
+"""The methods as published (issue #14), checked against independent references: AlignProp's truncation draws,
+ImageReward's ReFL (its stochastic 40-step sampler is diffusers' DDPMScheduler, its hinge loss, its pre-training
+regulariser against diffusers' training formula)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from PIL import Image
 
+from rewardtune.config import build_config
 from rewardtune.errors import UserError
-from rewardtune.finetune.sampler import make_plan
+from rewardtune.finetune import FinetuneConfig, Trainer
+from rewardtune.finetune.pretrain import load_pairs
+from rewardtune.finetune.sampler import TruncatedSampler, make_plan
+from rewardtune.losses import reward_loss
+from rewardtune.plan.architectures import arch_config
 from rewardtune.plan.memory import _plan_config
 
 # ----- AlignProp ------------------------------------------------------------------------------------------------
@@ -63,3 +76,187 @@ def test_alignprop_k_defaults_to_all_steps_and_draft_k_to_one(sd_model, tmp_path
     unresolved.sample_steps = 50  # what resolve_defaults fills in for an SD model
     traced = _plan_config(unresolved.validate())
     assert (traced.method, traced.k, traced.sample_steps) == ("draft-k", 50, 50)
+
+
+# ----- ReFL as published (THUDM/ImageReward, ReFL.py) -----------------------------------------------------------
+
+
+def test_hinge_loss_by_hand():
+    r = torch.tensor([1.5, 2.5, -0.3], requires_grad=True)
+    loss = reward_loss(r, "hinge", margin=2.0)
+    assert loss.item() == pytest.approx((0.5 + 0.0 + 2.3) / 3)
+    loss.backward()
+    assert r.grad.tolist() == pytest.approx([-1 / 3, 0.0, -1 / 3])  # a sample above the margin adds nothing
+    assert reward_loss(torch.tensor([1.5, 2.5, -0.3]), "reward").item() == pytest.approx(-(1.5 + 2.5 - 0.3) / 3)
+
+
+def test_refl_sampler_is_imagerewards_ddpm_sampler():
+    """ReFL.py samples with SD's scheduler config loaded as DDPMScheduler, 40 steps, no guidance: DDPM's ancestral
+    step equals DDIM's with eta = 1 (the recipe's sampler) on every step ReFL runs without gradients (0..38; the
+    stop step only predicts x0). Checked on SD 1.5's own scheduler config against diffusers' DDPMScheduler."""
+    config = arch_config("sd15_scheduler")
+    ddpm = DDPMScheduler.from_config(config)
+    ddpm.set_timesteps(40)
+    ours = TruncatedSampler(DDIMScheduler.from_config(config, clip_sample=False, steps_offset=1), 40, 1.0, eta=1.0)
+    assert torch.equal(ours.timesteps, ddpm.timesteps)
+    g = torch.Generator().manual_seed(0)
+    for i in range(39):
+        x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        seed = 100 + i
+        expect = ddpm.step(eps, ddpm.timesteps[i], x, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        got, x0 = ours.step(eps, i, x, noise)
+        torch.testing.assert_close(got, expect.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x0, expect.pred_original_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_refl_published_recipe_is_imagerewards_setting(tmp_path):
+    cfg = build_config(FinetuneConfig, None, config="sd15_refl_published", output=str(tmp_path))
+    assert (cfg.method, cfg.sample_steps, cfg.eta, cfg.guidance_scale) == ("refl", 40, 1.0, 1.0)
+    assert (cfg.loss, cfg.hinge_margin, cfg.loss_scale, cfg.reward) == ("hinge", 2.0, 1e-3, "icthp")
+    stops = {
+        make_plan("refl", 40, 2, torch.Generator().manual_seed(s), refl_range=(cfg.refl_min, cfg.refl_max)).stop - 1
+        for s in range(300)
+    }
+    assert stops == set(range(30, 40))  # ReFL.py: mid_timestep = random.randint(30, 39), the step predicting x0
+
+
+# ----- a tiny SD trainer shared by the sampler-level tests -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer(sd_model, tmp_path_factory, tiny_cfg, brightness):
+    """Whole-call checkpointing off: a recorded output of a checkpointed call gets no gradient (it is recomputed)."""
+    out = tmp_path_factory.mktemp("methods")
+    return Trainer(tiny_cfg(sd_model, out, sample_steps=4, k=1, checkpoint_calls=False), reward=brightness())
+
+
+# ----- the pre-training regulariser -------------------------------------------------------------------------------
+
+
+def _write_pairs(d, n=2, size=32):
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red apple", "a cat on a mat", "a blue car"][:n]):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(d / f"img{i}.png")
+        (d / f"img{i}.txt").write_text(caption + "\n")
+    return d
+
+
+def test_pretrain_data_layouts_and_their_errors(tmp_path):
+    pairs = load_pairs(_write_pairs(tmp_path / "txt"))
+    assert [(p.name, c) for p, c in pairs] == [("img0.png", "a red apple"), ("img1.png", "a cat on a mat")]
+    jsonl = tmp_path / "jsonl"
+    _write_pairs(jsonl)
+    (jsonl / "metadata.jsonl").write_text(
+        '{"file_name": "img1.png", "text": "one"}\n{"file_name": "img0.png", "text": "zero"}\n'
+    )
+    assert [(p.name, c) for p, c in load_pairs(jsonl)] == [("img1.png", "one"), ("img0.png", "zero")]
+    with pytest.raises(UserError, match="is not a directory"):
+        load_pairs(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no image with a caption"):
+        load_pairs(tmp_path / "empty")
+    (tmp_path / "txt" / "img1.txt").unlink()
+    with pytest.raises(UserError, match="have no same-named .txt caption, e.g. 'img1.png'"):
+        load_pairs(tmp_path / "txt")
+    (jsonl / "metadata.jsonl").write_text('{"file_name": "img9.png", "text": "x"}\n')
+    with pytest.raises(UserError, match="names 1 missing image"):
+        load_pairs(jsonl)
+
+
+def test_pretrain_loss_is_diffusers_training_loss_and_reaches_the_lora(trainer, tmp_path, brightness):
+    """With a reward that has no gradient, the LoRA's gradient after a micro-step is --pretrain-weight times the
+    gradient of diffusers' train_text_to_image loss, written out here: the VAE posterior sample times the scaling
+    factor, noised to a random timestep by sqrt(a_t) x0 + sqrt(1 - a_t) eps, the UNet with the LoRA on, MSE to eps."""
+    pipe, weight = trainer.pipe, 0.5
+    trainer.pretrain_pairs = load_pairs(_write_pairs(tmp_path / "data"))
+    trainer.cfg.pretrain_weight, reward = weight, trainer.reward
+    trainer.reward = brightness(0.0)
+    lora = [p for p in trainer.unet.parameters() if p.requires_grad]
+    try:
+        pairs, gen = trainer.pretrain_batch(0, 0), trainer.pretrain_generator(0, 0)
+        pixels = torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+                for p, _ in pairs
+            ]
+        )
+        with torch.no_grad():
+            z = pipe.vae.encode(pixels / 127.5 - 1).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+            ids = pipe.tokenizer(
+                [c for _, c in pairs],
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            hidden = pipe.text_encoder(ids)[0]
+        eps = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(pairs),), generator=gen)
+        a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * eps
+        by_hand = F.mse_loss(trainer.unet(noisy, t, encoder_hidden_states=hidden).sample, eps)
+        grads = torch.autograd.grad(by_hand, lora)
+        assert max(g.abs().max() for g in grads) > 0  # the LoRA (its B matrices) gets the loss's gradient
+
+        for p in lora:
+            p.grad = None
+        trainer.micro_metrics = []
+        trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.generator(0, step=0))
+        measured = trainer.micro_metrics[-1]
+        assert float(measured["pretrain"]) == pytest.approx(by_hand.item(), rel=1e-4)
+        assert float(measured["loss"]) == pytest.approx(weight * by_hand.item(), rel=1e-4)  # the reward is 0
+        for p, g in zip(lora, grads, strict=True):
+            torch.testing.assert_close(p.grad, weight * g, atol=1e-7, rtol=1e-4)
+    finally:
+        trainer.pretrain_pairs, trainer.reward, trainer.micro_metrics = [], reward, []
+        for p in lora:
+            p.grad = None
+
+
+def test_hinge_loss_in_the_micro_step(trainer):
+    """The micro-step's loss is --loss-scale x mean relu(--hinge-margin - r), with the margin between the batch's
+    two rewards so that one sample is pushed and the other not."""
+    cfg, prompts = trainer.cfg, trainer.batch_prompts(0, step=0)
+    try:
+        r, _, _ = trainer.micro_step(prompts, trainer.generator(0, step=0))  # the default loss, -mean(r)
+        assert float(trainer.micro_metrics[-1]["loss"]) == pytest.approx(-r.mean().item(), rel=1e-5)
+        cfg.loss, cfg.hinge_margin, cfg.loss_scale = "hinge", float(r.mean()), 1e-3
+        trainer.micro_metrics = []
+        r2, _, _ = trainer.micro_step(prompts, trainer.generator(0, step=0))
+        torch.testing.assert_close(r2, r)  # no optimizer step between: the same batch, the same rewards
+        assert (r < cfg.hinge_margin).sum() == 1
+        expect = 1e-3 * torch.relu(cfg.hinge_margin - r).mean().item()
+        assert float(trainer.micro_metrics[-1]["loss"]) == pytest.approx(expect, rel=1e-5)
+    finally:
+        cfg.loss, cfg.loss_scale, trainer.micro_metrics = "reward", 1.0, []
+        trainer.optimizer.zero_grad()
+
+
+def test_bad_pretrain_data_is_a_one_line_cli_error(sd_model, tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rewardtune.cli",
+            "finetune",
+            "--model",
+            str(sd_model),
+            "--output",
+            str(tmp_path / "o"),
+            "--pretrain-data",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--pretrain-data '{tmp_path / 'nope'}' is not a directory; give a folder of images with .txt captions"
+        )
+    )

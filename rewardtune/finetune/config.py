@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
+from ..losses import REWARD_LOSSES
 from ..nonfinite import max_nonfinite_option
 from ..rewards.compose import parse_spec
 from ..schedules import LR_SCHEDULES
@@ -125,6 +126,26 @@ class FinetuneConfig:
         0.0,
         "weight of the penalty on the distance between the LoRA and base model's noise "
         "predictions on the gradient steps (0 = off)",
+        min=0,
+    )
+    loss: str = option(
+        "reward",
+        "reward: loss = -mean reward; hinge: ImageReward's ReFL loss, mean relu(--hinge-margin - reward)",
+        choices=list(REWARD_LOSSES),
+    )
+    hinge_margin: float = option(2.0, "hinge: the reward above which a sample adds no loss (ReFL: 2)")
+    loss_scale: float = option(1.0, "the reward loss (not the regularisers) is multiplied by this (ReFL: 1e-3)", min=0)
+    pretrain_data: str = option(
+        "",
+        "regularise with the denoising loss on real images and captions (ImageReward's ReFL): a directory of "
+        "images with same-named .txt captions, or with a metadata.jsonl of file_name/text lines; SD/SDXL only",
+    )
+    pretrain_weight: float = option(1.0, "weight of the --pretrain-data denoising loss", min=0)
+    reward_split_every: int = option(
+        10,
+        "every N steps (those also logged by --log-every) log how much of a product reward's gradient comes "
+        "from each factor (ICT-HP: ICT and HP), for one micro-batch, at the cost of one reward forward and two "
+        "backward passes; 0 = never",
         min=0,
     )
     seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
