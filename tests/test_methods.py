@@ -1,6 +1,6 @@
 """The methods as published (issue #14), checked against independent references: AlignProp's truncation draws,
 ImageReward's ReFL (its stochastic 40-step sampler is diffusers' DDPMScheduler, its hinge loss, its pre-training
-regulariser against diffusers' training formula)."""
+regulariser against diffusers' training formula), and how ICT-HP's gradient splits between its factors."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from rewardtune.finetune.sampler import TruncatedSampler, make_plan
 from rewardtune.losses import reward_loss
 from rewardtune.plan.architectures import arch_config
 from rewardtune.plan.memory import _plan_config
+from rewardtune.rewards import load_reward
 
 # ----- AlignProp ------------------------------------------------------------------------------------------------
 
@@ -260,3 +261,68 @@ def test_bad_pretrain_data_is_a_one_line_cli_error(sd_model, tmp_path):
             f"--pretrain-data '{tmp_path / 'nope'}' is not a directory; give a folder of images with .txt captions"
         )
     )
+
+
+# ----- ICT-HP: how the gradient splits between its factors --------------------------------------------------------
+
+
+def test_icthp_gradient_split_sums_to_the_reward_gradient_and_shows_a_saturated_hp(
+    released_ict, released_hp, tiny_backbone
+):
+    reward = load_reward("icthp", ict=str(released_ict), hp=str(released_hp), backbone=str(tiny_backbone))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red apple", "a cat", "a blue car"]
+
+    def grad(fn):
+        x = images.clone().requires_grad_(True)
+        value = fn(x)
+        return torch.autograd.grad(value.sum(), x)[0], value.detach()
+
+    def split_by_hand():
+        g_ict, ict = grad(lambda x: reward.ict(x, prompts))
+        g_hp, hp = grad(lambda x: reward.hp(x, prompts))
+        through_ict, through_hp = hp.view(-1, 1, 1, 1) * g_ict, ict.view(-1, 1, 1, 1) * g_hp
+        total, _ = grad(lambda x: reward(x, prompts))
+        torch.testing.assert_close(through_ict + through_hp, total, atol=1e-6, rtol=1e-4)  # product rule
+        return [g.flatten(1).norm(dim=1) for g in (through_ict, through_hp)], hp
+
+    head = reward.hp.head.layers[7]
+    bias = head.bias.detach().clone()
+    try:
+        for shift, saturated in ((0.0, False), (40.0, True)):
+            with torch.no_grad():
+                head.bias.copy_(bias + shift)
+            (n_ict, n_hp), hp = split_by_hand()
+            got = reward.gradient_split(images, prompts)
+            assert float(got["icthp_grad_ict"]) == pytest.approx(n_ict.mean().item(), rel=1e-4)
+            assert float(got["icthp_grad_hp"]) == pytest.approx(n_hp.mean().item(), rel=1e-4, abs=1e-12)
+            assert float(got["icthp_hp_share"]) == pytest.approx(
+                (n_hp / (n_ict + n_hp)).mean().item(), rel=1e-4, abs=1e-12
+            )
+            assert float(got["icthp_hp_slope"]) == pytest.approx(
+                (4 * hp * (1 - hp)).mean().item(), rel=1e-4, abs=1e-12
+            )
+            if saturated:  # HP's sigmoid at 1: its factor passes (almost) no gradient
+                assert float(got["icthp_hp_share"]) < 1e-6 and float(got["icthp_hp_slope"]) < 1e-6
+            else:
+                assert float(got["icthp_hp_share"]) > 0.01 and float(got["icthp_hp_slope"]) > 0.1
+    finally:
+        with torch.no_grad():
+            head.bias.copy_(bias)
+
+
+def test_trainer_logs_the_icthp_split_on_its_steps(trainer, released_ict, released_hp, tiny_backbone):
+    """The split is measured on steps that are multiples of --reward-split-every and logged (--log-every), for
+    a reward that has it; one step with it on shows it in the step's metrics."""
+    reward, cfg = trainer.reward, trainer.cfg
+    cfg.reward_split_every, cfg.log_every = 2, 3
+    assert [s for s in range(1, 13) if trainer._split_step(s)] == []  # brightness has no split
+    trainer.reward = load_reward("icthp", ict=str(released_ict), hp=str(released_hp), backbone=str(tiny_backbone))
+    try:
+        assert [s for s in range(1, 13) if trainer._split_step(s)] == [6, 12]
+        cfg.reward_split_every, cfg.log_every = 1, 1
+        metrics = trainer.step()
+        assert {"icthp_grad_ict", "icthp_grad_hp", "icthp_hp_share", "icthp_hp_slope"} <= set(metrics)
+        assert 0 < metrics["icthp_hp_share"] < 1 and metrics["loss"] == pytest.approx(-metrics["reward"], rel=1e-5)
+    finally:
+        trainer.reward, cfg.reward_split_every, cfg.log_every, trainer.global_step = reward, 10, 1, 0
