@@ -1,6 +1,7 @@
 """The methods as published (issue #14), checked against independent references: AlignProp's truncation draws,
 ImageReward's ReFL (its stochastic 40-step sampler is diffusers' DDPMScheduler, its hinge loss, its pre-training
-regulariser against diffusers' training formula), and how ICT-HP's gradient splits between its factors."""
+regulariser against diffusers' training formula), DRaFT-LV's re-noising against diffusers' ``add_noise``, ReFL's
+x0 output against the DDIM formula, and how ICT-HP's gradient splits between its factors."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from rewardtune.config import build_config
 from rewardtune.errors import UserError
 from rewardtune.finetune import FinetuneConfig, Trainer
 from rewardtune.finetune.pretrain import load_pairs
-from rewardtune.finetune.sampler import TruncatedSampler, make_plan
+from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler, make_plan
 from rewardtune.losses import reward_loss
 from rewardtune.plan.architectures import arch_config
 from rewardtune.plan.memory import _plan_config
@@ -130,6 +131,79 @@ def trainer(sd_model, tmp_path_factory, tiny_cfg, brightness):
     """Whole-call checkpointing off: a recorded output of a checkpointed call gets no gradient (it is recomputed)."""
     out = tmp_path_factory.mktemp("methods")
     return Trainer(tiny_cfg(sd_model, out, sample_steps=4, k=1, checkpoint_calls=False), reward=brightness())
+
+
+class CallRecorder(torch.nn.Module):
+    """Wraps the UNet and keeps each call's input, timestep and output (with its gradient retained)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, *args, **kw):
+        out = self.model(x, t, *args, **kw)
+        if out[0].requires_grad:
+            out[0].retain_grad()
+        self.calls.append((x.detach().clone(), t, out[0]))
+        return out
+
+
+def _run(trainer, plan, unet):
+    prompts = trainer.batch_prompts(0, step=0)
+    gen = trainer.generator(0, step=0)
+    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
+    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
+    trainer.sampler.run_prefix(unet, state)
+    return trainer.sampler.run_grad(unet, state)
+
+
+def test_draft_lv_copies_renoise_the_detached_result_and_only_the_last_step_has_gradients(trainer, monkeypatch):
+    """1 + n terms: the chain's own sample and n copies, each the chain's final latent (detached) noised to the
+    last timestep as diffusers' DDPMScheduler.add_noise does, then denoised again by the last step."""
+    sampler, n, lv = trainer.sampler, trainer.sampler.n_steps, 2
+    renoised = []
+    original = sampler.renoise
+    monkeypatch.setattr(
+        sampler, "renoise", lambda final, noise, i: renoised.append((final, noise, i)) or original(final, noise, i)
+    )
+    rec = CallRecorder(trainer.unet)
+    out, _, prompts = _run(trainer, Plan([n - 1] * 2, n, lv=lv), rec)
+    b = 2
+    assert out.shape[0] == (1 + lv) * b and len(prompts) == (1 + lv) * b and len(rec.calls) == n + lv
+    chain = out[:b]
+    reference = DDPMScheduler.from_config(trainer.pipe.scheduler.config)
+    t_last = sampler.timesteps[-1]
+    for j, (final, noise, i) in enumerate(renoised):
+        assert i == n - 1 and not final.requires_grad and torch.equal(final, chain.detach())
+        x_in, t, _ = rec.calls[n + j]
+        assert int(t) == int(t_last)
+        expect = reference.add_noise(chain.detach(), noise, t_last.view(1))
+        torch.testing.assert_close(x_in[:b], expect)  # guidance: the UNet sees [x, x]
+        torch.testing.assert_close(x_in[b:], expect)
+    assert not torch.equal(renoised[0][1], renoised[1][1])  # each copy draws its own noise
+    assert [c[2].requires_grad for c in rec.calls] == [False] * (n - 1) + [True] * (1 + lv)
+    # the copies' reward reaches their own last step, not the chain's: the result was detached before re-noising
+    trainer.decode(out[b:]).mean().backward()
+    last_chain, copies = rec.calls[n - 1][2], [c[2] for c in rec.calls[n:]]
+    assert last_chain.grad is None or last_chain.grad.abs().max() == 0
+    assert all(c.grad is not None and c.grad.abs().max() > 0 for c in copies)
+    trainer.optimizer.zero_grad()
+
+
+def test_refl_output_is_the_stop_steps_x0_prediction(trainer):
+    """The latent ReFL decodes is x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) from the stop step's (guided) noise
+    prediction, computed here from the recorded UNet call."""
+    n, stop = trainer.sampler.n_steps, 2
+    rec = CallRecorder(trainer.unet)
+    out, _, _ = _run(trainer, Plan([stop] * 2, stop + 1, x0_at_stop=True), rec)
+    assert len(rec.calls) == stop + 1 < n
+    x_in, t, pred = rec.calls[stop]
+    uncond, text = pred.detach().chunk(2)
+    eps = uncond + trainer.cfg.guidance_scale * (text - uncond)
+    a = trainer.pipe.scheduler.alphas_cumprod[int(t)]
+    x0 = (x_in[:2] - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(out.detach(), x0, atol=1e-5, rtol=1e-4)
+    assert (out.detach() - x_in[:2]).abs().max() > 0.1  # not the noisy latent it started from
 
 
 # ----- the pre-training regulariser -------------------------------------------------------------------------------
