@@ -1,4 +1,5 @@
-"""The paper's reward-training losses as pure functions (Ba et al., ICCV 2025, arXiv 2507.19002).
+"""The paper's reward-training losses as pure functions (Ba et al., ICCV 2025, arXiv 2507.19002), and the
+fine-tuning losses that turn a reward into a loss (``reward_loss``).
 
 Features are L2-normalised, shape (B, D); labels and scores are shape (B,) (a trailing 1 is accepted).
 Triplet order everywhere: I1 = Pick-a-Pic loser, I2 = winner, I3 = image of the refined prompt.
@@ -79,6 +80,20 @@ def icthp_loss(ict_easy, hp_lose, hp_win, hp_refine, margin: float = 0.3) -> tor
     (the released code sums here, where the HP margin loss averages)."""
     s = icthp_scores(ict_easy, hp_lose, hp_win, hp_refine)
     return (F.relu(margin - (s[:, 1] - s[:, 0])) + F.relu(margin - (s[:, 2] - s[:, 1]))).sum()
+
+
+REWARD_LOSSES = ("reward", "hinge")
+
+
+def reward_loss(rewards: torch.Tensor, kind: str = "reward", margin: float = 2.0) -> torch.Tensor:
+    """Fine-tuning loss of a batch's rewards (B,): ``reward``: −mean(r); ``hinge``: mean(relu(margin − r)),
+    ImageReward's ReFL loss (THUDM/ImageReward ``ReFL.py``: ``relu(-rewards + 2)``, then ``.mean()``), which
+    stops pushing a sample once its reward passes ``margin``."""
+    if kind == "reward":
+        return -rewards.mean()
+    if kind == "hinge":
+        return F.relu(margin - rewards).mean()
+    raise ValueError(f"unknown reward loss {kind!r}; one of {', '.join(REWARD_LOSSES)}")
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
+from ..losses import REWARD_LOSSES
 from ..nonfinite import max_nonfinite_option
 from ..rewards.compose import parse_spec
 from ..schedules import LR_SCHEDULES
@@ -37,10 +38,22 @@ class FinetuneConfig:
     method: str = option(
         "draft-k",
         "draft-k: gradients through the last K steps; draft-lv: K=1 plus re-noised final-step "
-        "samples; refl: stop at a random step and predict x0; alignprop: K drawn per sample in 1..k",
+        "samples; refl: stop at a random step and predict x0; alignprop: K drawn in --k-min..--k",
         choices=list(METHODS),
     )
-    k: int = option(1, "denoising steps that carry gradients (draft-k), or the largest K drawn (alignprop)", min=1)
+    k: int | None = option(
+        None,
+        "denoising steps that carry gradients (draft-k; default 1), or the largest K drawn (alignprop; "
+        "default all --sample-steps)",
+        min=1,
+    )
+    k_min: int | None = option(None, "alignprop: the smallest K drawn (default 1)", min=1)
+    alignprop_draw: str = option(
+        "batch",
+        "alignprop: draw K once per batch (AlignProp's 2024 code) or for each sample (each sample's own "
+        "truncation point; the batch runs the largest K drawn)",
+        choices=["batch", "sample"],
+    )
     lv_samples: int = option(2, "draft-lv: extra samples re-noised from the final step and denoised again", min=0)
     refl_min: float = option(0.7, "refl: earliest stop, as a fraction of --sample-steps")
     refl_max: float = option(1.0, "refl: latest stop, as a fraction of --sample-steps")
@@ -121,6 +134,26 @@ class FinetuneConfig:
         "predictions on the gradient steps (0 = off)",
         min=0,
     )
+    loss: str = option(
+        "reward",
+        "reward: loss = -mean reward; hinge: ImageReward's ReFL loss, mean relu(--hinge-margin - reward)",
+        choices=list(REWARD_LOSSES),
+    )
+    hinge_margin: float = option(2.0, "hinge: the reward above which a sample adds no loss (ReFL: 2)")
+    loss_scale: float = option(1.0, "the reward loss (not the regularisers) is multiplied by this (ReFL: 1e-3)", min=0)
+    pretrain_data: str = option(
+        "",
+        "regularise with the denoising loss on real images and captions (ImageReward's ReFL): a directory of "
+        "images with same-named .txt captions, or with a metadata.jsonl of file_name/text lines; SD/SDXL only",
+    )
+    pretrain_weight: float = option(1.0, "weight of the --pretrain-data denoising loss", min=0)
+    reward_split_every: int = option(
+        10,
+        "every N steps (those also logged by --log-every) log how much of a product reward's gradient comes "
+        "from each factor (ICT-HP: ICT and HP), for one micro-batch, at the cost of one reward forward and two "
+        "backward passes; 0 = never",
+        min=0,
+    )
     seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
     resume: bool = option(
         False,
@@ -185,7 +218,8 @@ class FinetuneConfig:
             raise UserError(
                 f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}"
             )
-        if self.sample_steps is not None and self.k > self.sample_steps:
+        self._resolve_k()
+        if self.sample_steps is not None and self.k is not None and self.k > self.sample_steps:
             raise UserError(
                 f"--k {self.k} is more than --sample-steps {self.sample_steps}; gradients can flow through at most every step"
             )
@@ -193,6 +227,16 @@ class FinetuneConfig:
             raise UserError(
                 f"--refl-min/--refl-max must satisfy 0 <= min <= max <= 1, got {self.refl_min}, {self.refl_max}"
             )
+        if self.method == "alignprop" and self.k is not None and self.k_min is not None and self.k_min > self.k:
+            raise UserError(f"--k-min {self.k_min} is more than --k {self.k}; AlignProp draws K in --k-min..--k")
         if self.lora_targets is not None and not self.lora_targets:
             raise UserError("--lora-targets is empty; name the UNet modules to adapt, e.g. to_q to_k to_v to_out.0")
         return self
+
+    def _resolve_k(self) -> None:
+        """--k's per-method default, filled in place once known: DRaFT-K's K is 1; AlignProp's is all sampling
+        steps (known once --sample-steps is, maybe from the model). An unset --k-min stays None (AlignProp: 1)."""
+        if self.k_min is not None and self.method != "alignprop":
+            raise UserError(f"--k-min applies to --method alignprop only (the method is {self.method}); drop it")
+        if self.k is None:
+            self.k = self.sample_steps if self.method == "alignprop" else 1

@@ -7,7 +7,8 @@ output (ReFL), and how many re-noised copies of the final step to add (DRaFT-LV)
 - DRaFT-K: grad_from = N-K for all samples, full N steps.
 - DRaFT-LV: K = 1, plus ``lv`` samples re-noised from the result and denoised again by the last step.
 - ReFL: stop at a random step s in the configured range; one step with gradients predicts x0.
-- AlignProp: grad_from = N-K_j with K_j drawn in 1..k for each sample j.
+- AlignProp: grad_from = N-K with K drawn uniformly in k_min..k, once per batch (AlignProp's 2024 code), or
+  for each sample j its own K_j (``per_sample``).
 
 The step arithmetic is diffusers' ``DDIMScheduler.step`` (it honours the prediction type:
 epsilon, v_prediction or sample); it is plain tensor math, so gradients pass through it. Flow-matching
@@ -91,8 +92,11 @@ def make_plan(
     k: int = 1,
     lv: int = 0,
     refl_range: tuple[float, float] = (0.7, 1.0),
+    k_min: int = 1,
+    per_sample: bool = False,
 ) -> Plan:
-    """The truncation plan of one batch for ``method``; random draws come from ``generator``."""
+    """The truncation plan of one batch for ``method``; random draws come from ``generator``. AlignProp draws
+    K in ``k_min``..``k`` (inclusive), once for the batch or, with ``per_sample``, for each sample."""
 
     def randint(lo: int, hi: int, n: int = 1) -> list[int]:  # inclusive bounds
         return torch.randint(lo, hi + 1, (n,), generator=generator).tolist()
@@ -107,7 +111,8 @@ def make_plan(
         s = randint(lo, hi)[0]
         return Plan([s] * batch, s + 1, x0_at_stop=True)
     if method == "alignprop":
-        return Plan([n_steps - kj for kj in randint(1, k, batch)], n_steps)
+        draws = randint(k_min, k, batch) if per_sample else randint(k_min, k) * batch
+        return Plan([n_steps - kj for kj in draws], n_steps)
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -22,14 +22,16 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import nonfinite, runstate
 from ..config import precision_dtype
 from ..errors import UserError
+from ..losses import reward_loss
 from ..nonfinite import NonFiniteRule, check_finite_params
 from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
 from .config import FinetuneConfig
-from .defaults import check_family_options, resolve_defaults
+from .defaults import FLOW_FAMILIES, check_family_options, resolve_defaults
 from .models import load_pipeline, make_adapter, prepare_pipeline
+from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler
 
@@ -171,6 +173,7 @@ class Trainer:
         cfg.validate()
         check_optional_packages(cfg)
         prompts = load_prompts(cfg.prompts)  # a bad prompt file fails before any model loads
+        pretrain = load_pairs(cfg.pretrain_data) if cfg.pretrain_data else []  # so does a bad --pretrain-data
         acc = accelerator or make_accelerator(cfg)
         dtype = precision_dtype(acc.mixed_precision)
         if pipe is not None:
@@ -184,6 +187,11 @@ class Trainer:
                 cfg.model, dtype, check=lambda family: check_family_options(cfg, family), quantize=cfg.quantize_base
             )
         resolve_defaults(cfg, pipe, family)
+        if pretrain and family in FLOW_FAMILIES:
+            raise UserError(
+                f"--pretrain-data: the denoising regulariser is written for SD/SDXL (DDPM training loss); "
+                f"{family} is a flow-matching model, drop --pretrain-data"
+            )
         adapter = make_adapter(pipe, family, cfg)
         resolution = cfg.resolution or adapter.native_resolution()
         adapter.check_resolution(resolution)
@@ -218,6 +226,7 @@ class Trainer:
             resolution=resolution,
         )
         self._assemble(cfg, parts)
+        self.pretrain_pairs = pretrain
         self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
 
     @classmethod
@@ -246,6 +255,8 @@ class Trainer:
         self.reward, self.eval_reward, self.optimizer = parts.reward, parts.eval_reward, parts.optimizer
         self.lr_factor = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
         self.global_step = 0
+        self.pretrain_pairs: list = []  # (image, caption) pairs of --pretrain-data
+        self.micro_metrics: list[dict] = []  # what each micro-step of the current step measured (loss terms, ...)
         say = (lambda line: print(line, flush=True)) if getattr(parts.accelerator, "is_main_process", True) else None
         self.nonfinite = NonFiniteRule(cfg.max_nonfinite, "finetune: ", say)
 
@@ -262,13 +273,17 @@ class Trainer:
     def batch_prompts(self, micro: int = 0, step: int | None = None) -> list[str]:
         """The prompts of this process's micro-batch: an epoch-wise shuffle of the prompt list."""
         step = self.global_step if step is None else step
-        acc, b, n = self.accelerator, self.cfg.batch_size, len(self.prompts)
+        return [self.prompts[i] for i in self._epoch_slice(len(self.prompts), "epoch", micro, step)]
+
+    def _epoch_slice(self, n: int, name: str, micro: int, step: int) -> list[int]:
+        """Indices into ``n`` items for this process's micro-batch: an epoch-wise shuffle seeded by (seed, name)."""
+        acc, b = self.accelerator, self.cfg.batch_size
         start = ((step * self.cfg.grad_accum + micro) * acc.num_processes + acc.process_index) * b
         out = []
         for idx in range(start, start + b):
             epoch, pos = divmod(idx, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, "epoch", epoch)))
-            out.append(self.prompts[perm[pos]])
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, name, epoch)))
+            out.append(int(perm[pos]))
         return out
 
     def batch_noise(self, micro: int = 0, step: int | None = None) -> BatchNoise:
@@ -305,6 +320,8 @@ class Trainer:
             cfg.k,
             cfg.lv_samples,
             (cfg.refl_min, cfg.refl_max),
+            k_min=cfg.k_min or 1,
+            per_sample=cfg.alignprop_draw == "sample",
         ).rows(noise.start, len(prompts))
         state = SampleState(latents, self.encode(prompts), plan, 0, noise, list(prompts))
         with self.accelerator.autocast():
@@ -357,10 +374,12 @@ class Trainer:
         return nonfinite.optimizer_step(self.accelerator, self.optimizer, params, self.cfg.max_grad_norm, not skip)
 
     def micro_step(self, prompts: list[str], noise: BatchNoise | torch.Generator, on_part=None):
-        """One micro-batch: ``sample_prefix`` -> ``grad_steps`` -> ``decode`` -> ``score`` -> ``backward``.
-        Returns (rewards (B,), regulariser, finite), detached. ``on_part(name)`` is called as each part starts
-        and with None at the end (the planner counts memory per part, the benchmark times them)."""
-        mark = on_part or (lambda name: None)
+        """One micro-batch: ``sample_prefix`` -> ``grad_steps`` -> ``decode`` -> ``score`` (-> ``pretrain_loss``
+        with --pretrain-data) -> ``backward``. Returns (rewards (B,), regulariser, finite), detached; the loss and
+        its other terms go to ``micro_metrics``. ``on_part(name)`` is called as each part starts and with None
+        at the end (the planner counts memory per part, the benchmark times them)."""
+        cfg, mark = self.cfg, on_part or (lambda name: None)
+        micro, step = len(self.micro_metrics), self.global_step
         mark("sample_prefix")
         state = self.sample_prefix(prompts, noise)
         mark("grad_steps")
@@ -369,12 +388,77 @@ class Trainer:
         images = self.decode(latents)
         mark("reward")
         r = self.score(images, prompts_out)
-        loss = -r.mean() + self.cfg.reg_weight * reg
+        loss = cfg.loss_scale * reward_loss(r, cfg.loss, cfg.hinge_margin) + cfg.reg_weight * reg
+        measured = {}
+        if micro == 0 and self._split_step(step + 1):
+            with self.accelerator.autocast():
+                measured.update(self.reward.gradient_split(images.detach(), prompts_out))
         del images  # the graph keeps what backward needs
+        if self.pretrain_pairs and cfg.pretrain_weight > 0:
+            mark("pretrain")
+            pre = self.pretrain_loss(micro, step)
+            loss = loss + cfg.pretrain_weight * pre
+            measured["pretrain"] = pre.detach()
+        measured["loss"] = loss.detach()
+        self.micro_metrics.append(measured)
         mark("backward")
         finite = self.backward(loss)
         mark(None)
         return r.detach(), reg.detach(), finite
+
+    def _split_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) measures the reward's gradient split (--reward-split-every,
+        on a logged step), for a reward that can (``gradient_split``: ICT-HP)."""
+        every = self.cfg.reward_split_every
+        return (
+            every > 0
+            and step % every == 0
+            and step % self.cfg.log_every == 0
+            and hasattr(self.reward, "gradient_split")
+        )
+
+    def pretrain_generator(self, micro: int = 0, step: int | None = None) -> torch.Generator:
+        """The random draws of the pretrain loss (VAE sample, noise, timesteps), a function of the step."""
+        step = self.global_step if step is None else step
+        return torch.Generator().manual_seed(
+            _seed(self.cfg.seed, "pretrain", step, micro, self.accelerator.process_index)
+        )
+
+    def pretrain_batch(self, micro: int = 0, step: int | None = None) -> list:
+        """This process's (image, caption) pairs of --pretrain-data for a micro-batch (an epoch-wise shuffle)."""
+        step = self.global_step if step is None else step
+        return [self.pretrain_pairs[i] for i in self._epoch_slice(len(self.pretrain_pairs), "pretrain", micro, step)]
+
+    def pretrain_loss(self, micro: int = 0, step: int | None = None) -> torch.Tensor:
+        """ImageReward's regulariser: SD's denoising loss (``pretrain.denoising_loss``) with the LoRA on, on a
+        micro-batch of real images (VAE-encoded at the training resolution) and their captions. Draws from
+        ``pretrain_generator``, in order: the VAE posterior sample, the noise, the timesteps."""
+        pairs = self.pretrain_batch(micro, step)
+        gen = self.pretrain_generator(micro, step)
+        vae, scheduler = self.pipe.vae, self.pipe.scheduler
+        pixels = load_images([path for path, _ in pairs], self.resolution).to(self.device, vae.dtype)
+        latents = vae_encode(vae, pixels, gen).float()
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pairs),), generator=gen)
+        cond = self._encode_unguided([caption for _, caption in pairs])
+        with self.accelerator.autocast():
+            return denoising_loss(
+                self.unet_train, cond, scheduler, latents, noise, timesteps.to(self.device), self.weight_dtype
+            )
+
+    def _encode_unguided(self, prompts: list[str]):
+        ctx = contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad()
+        with ctx, self.accelerator.autocast():
+            return self.adapter.encode(prompts, False, (self.resolution, self.resolution))
+
+    def _step_metrics(self) -> dict:
+        """The micro-steps' ``micro_metrics`` of this step, averaged (over micro-steps and processes), then cleared."""
+        acc, rows, self.micro_metrics = self.accelerator, self.micro_metrics, []
+        keys = sorted({k for row in rows for k in row})
+        return {
+            k: float(acc.reduce(torch.stack([torch.as_tensor(r[k]).float() for r in rows if k in r]).mean(), "mean"))
+            for k in keys
+        }
 
     def step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
@@ -396,7 +480,7 @@ class Trainer:
         reward = acc.reduce(torch.stack(rewards).mean().float(), "mean")
         return {
             "step": self.global_step,
-            "loss": float(-reward) + cfg.reg_weight * float(torch.stack(regs).mean()),
+            **self._step_metrics(),  # loss, and the pretrain loss and reward split where measured
             "reward": float(reward),
             "reg": float(acc.reduce(torch.stack(regs).mean().float(), "mean")),
             "grad_norm": norm,

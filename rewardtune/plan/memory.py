@@ -259,6 +259,8 @@ def _plan_config(cfg):
 
     over = {"output": cfg.output or "/nonexistent-plan-output", "grad_accum": 1, "eval_every": 0}
     k = cfg.k if cfg.method in ("draft-k", "alignprop") else 1
+    if k is None:  # alignprop's default K, all sampling steps: known once the model's defaults are resolved
+        return dataclasses.replace(cfg, **over)
     if cfg.method in ("alignprop", "refl"):
         over.update(method="draft-k", k=k)  # alignprop's largest draw; refl has one gradient step
     over["sample_steps"] = min(cfg.sample_steps or k + 1, k + 1)  # unset: the model's default, more than k + 1
@@ -299,6 +301,7 @@ def predict_peak_memory(
     weight_dtype = precision_dtype(pcfg.mixed_precision)
     pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
     resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
+    pcfg = _plan_config(pcfg)  # again, for a K that the model's sampling steps decide (alignprop's default)
     reward = _meta_reward(pcfg, reward_config)
     adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
@@ -380,7 +383,8 @@ def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, 
 def _variants(cfg, native: int) -> list[tuple[str, dict]]:
     """Single-knob changes that lower memory, cheapest in quality/speed first."""
     out = []
-    if not cfg.checkpoint_calls and cfg.k > 1:
+    k = cfg.k or 0  # unknown until the model's sampling steps are (alignprop's default): no --k variants
+    if not cfg.checkpoint_calls and k > 1:
         out.append(("--checkpoint-calls", {"checkpoint_calls": True}))
     if not cfg.gradient_checkpointing:
         out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -390,9 +394,9 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
         out.append(("--no-vae-fp32", {"vae_fp32": False}))
     if cfg.mixed_precision == "no":
         out.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
-    if cfg.k > 1 and cfg.method in ("draft-k", "alignprop"):
-        out.append((f"--k {max(1, cfg.k // 2)}", {"k": max(1, cfg.k // 2)}))
-        if cfg.k // 2 > 1:
+    if k > 1 and cfg.method in ("draft-k", "alignprop"):
+        out.append((f"--k {max(1, k // 2)}", {"k": max(1, k // 2)}))
+        if k // 2 > 1:
             out.append(("--k 1", {"k": 1}))
     if cfg.batch_size > 1:
         out.append(

@@ -3,7 +3,10 @@
 - ICT  = cosine of the L2-normalised text and image embeddings of the ICT CLIP.
 - HP   = sigmoid(head(image embedding of the HP CLIP)); the head sees the raw (unnormalised) embedding,
          as in the released scoring code.
-- ICT-HP = ICT * HP.
+- ICT-HP = ICT * HP, for one image: rewardtune's own combination. The released code ranks ICT times a softmax
+         of the raw HP logits over a triplet (``losses.icthp_scores``), which needs three images of one prompt;
+         fine-tuning scores one image, so HP enters through its sigmoid. Where that sigmoid saturates, HP's share
+         of the reward's gradient vanishes: ``ICTHPReward.gradient_split`` measures it.
 
 Released layouts: ICT ``<dir>/pytorch_model.bin`` (a CLIPModel state dict laid over the backbone);
 HP ``<dir>/hp_backbone/pytorch_model.bin`` and ``<dir>/hp_scorer/mlp_pytorch_model.bin``. Our own
@@ -106,3 +109,23 @@ class ICTHPReward(Reward):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.check_inputs(images, prompts)
         return self.ict(images, prompts) * self.hp(images, prompts)
+
+    def gradient_split(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """How much of d(ICT·HP)/d(pixels) comes through each factor, averaged over the batch: the norms of
+        HP·dICT (``icthp_grad_ict``) and ICT·dHP (``icthp_grad_hp``; the two sum to the reward's gradient), HP's
+        share of their sum (``icthp_hp_share``), and sigmoid'(HP logit)/0.25 (``icthp_hp_slope``: 1 where HP's
+        sigmoid is steepest, 0 where it is saturated and passes no gradient). One forward and two backward passes
+        through the towers, on a detached copy of ``images``."""
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            ict = self.ict(x, prompts).float()
+            hp = torch.sigmoid(self.hp.logits(x).float())
+            (through_ict,) = torch.autograd.grad((ict * hp.detach()).sum(), x)
+            (through_hp,) = torch.autograd.grad((ict.detach() * hp).sum(), x)
+        n_ict, n_hp = (g.float().flatten(1).norm(dim=1) for g in (through_ict, through_hp))
+        return {
+            "icthp_grad_ict": n_ict.mean().detach(),
+            "icthp_grad_hp": n_hp.mean().detach(),
+            "icthp_hp_share": (n_hp / (n_ict + n_hp).clamp_min(1e-30)).mean().detach(),
+            "icthp_hp_slope": (hp * (1 - hp) / 0.25).mean().detach(),
+        }
