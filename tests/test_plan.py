@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from rewardtune.cli import main
+from rewardtune.config import RECIPES_DIR, build_config
 from rewardtune.errors import UserError
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
-from rewardtune.plan.architectures import CONFIG_DIR
+from rewardtune.plan.architectures import ARCH_OF_ALIAS, CONFIG_DIR
 from rewardtune.testing import save_tiny_pipeline, tiny_clip_config
 
 TINY_REWARD = tiny_clip_config(
@@ -104,6 +105,19 @@ def test_flow_planner_orders_the_models(flow_plans):
     assert peak["fluxdev-nf4"] < peak["sd35l"]  # 11.9B at 4 bits below 8.06B at 16
     assert {p["family"] for p in flow_plans.values()} == {"sd3", "flux"}
     assert all(p["activations_mib"] > 0 for p in flow_plans.values())
+
+
+FINETUNE_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith("train_"))
+
+
+@pytest.mark.parametrize("recipe", FINETUNE_RECIPES)
+def test_every_finetune_recipe_loads_and_flow_recipes_carry_their_plan(recipe, tmp_path):
+    cfg = build_config(FinetuneConfig, config=recipe, output=str(tmp_path))
+    assert cfg.reward == "icthp"
+    text = (RECIPES_DIR / f"{recipe}.yaml").read_text()
+    if ARCH_OF_ALIAS.get(cfg.model, "sd").startswith(("sd35", "flux")):  # the planner's number, stated with its commit
+        assert "rewardtune plan --config" in text and " GiB (commit " in text
+        assert "Not yet measured on a GPU" in text
 
 
 def test_tiny_prediction_is_sane_and_follows_the_knobs(tiny_sd):
