@@ -359,6 +359,10 @@ def predict_peak_memory(
     ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
     checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
     instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
+
+    Flow families (SD3, FLUX) run the adapter's prompt caching first: T5 and untrained CLIP encoders are not
+    resident. ``cfg.quantize_base`` 'nf4'/'int8' models bitsandbytes' frozen Linear weights (0.5625 / 1 byte a
+    weight plus scales, dequantized per matmul; see the comment above ``_quantized_state``).
     """
 
     if target not in ("cuda", "cpu"):
