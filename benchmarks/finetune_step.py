@@ -8,8 +8,12 @@ One config per process (peak memory is per process). Examples::
         --mixed-precision bf16 --sample-steps 30 --record results.jsonl --name sdxl-k1
     # a tiny pipeline on the CPU (what CI and the GPU script's dry run use)
     python benchmarks/finetune_step.py --tiny sd --k 1 --sample-steps 10 --record tiny.jsonl
+    # a real SD3.5/FLUX directory, random ViT-H-14 reward towers, the planner on the shipped architecture
+    python benchmarks/finetune_step.py --model /models/FLUX.1-dev --quantize-base nf4 --random-reward \
+        --plan-model flux-dev --resolution 1024 --k 1 --record results.jsonl --name fluxdev-nf4
 
-``--model DIR`` benchmarks a real pipeline instead (the reward then loads as in ``finetune``).
+``--model DIR`` benchmarks a real pipeline instead (the reward then loads as in ``finetune``, unless
+``--random-reward``).
 Records are JSON lines; ``benchmarks/report.py`` turns them into the JSON + Markdown results.
 """
 
@@ -32,11 +36,26 @@ from rewardtune.config import add_config_args, build_config, precision_dtype
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.finetune.trainer import Trainer
 from rewardtune.plan import StorageTracker, predict_peak_memory
-from rewardtune.testing import save_tiny_pipeline
+from rewardtune.testing import save_tiny_flow_pipeline, save_tiny_pipeline
 from rewardtune.testing import tiny_clip_config as build_tiny_clip_config
 
 # Tiny reward towers: real CLIP code, full CLIP tokenizer, a few thousand weights.
 TINY_CLIP = dict(hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32)
+# --tiny: the tiny pipeline of each family (flow variants: FLUX.1-schnell has no guidance embedding).
+TINY_FAMILIES = {
+    "sd": ("sd", ""),
+    "sdxl": ("sdxl", ""),
+    "sd3": ("sd3", ""),
+    "flux": ("flux", ""),
+    "flux-schnell": ("flux", "schnell"),
+}
+
+
+def save_tiny(name: str, directory: Path) -> str:
+    family, variant = TINY_FAMILIES[name]
+    if family in ("sd", "sdxl"):
+        return str(save_tiny_pipeline(directory, family=family))
+    return str(save_tiny_flow_pipeline(directory, family=family, variant=variant))
 
 
 def parse(argv=None):
@@ -48,7 +67,17 @@ def parse(argv=None):
         "--arch", choices=["sd15", "sdxl"], help="full-size architecture with random weights, built in memory"
     )
     src.add_argument(
-        "--tiny", choices=["sd", "sdxl"], help="a tiny real pipeline and tiny reward towers (CPU smoke runs)"
+        "--tiny", choices=sorted(TINY_FAMILIES), help="a tiny real pipeline and tiny reward towers (CPU smoke runs)"
+    )
+    p.add_argument(
+        "--random-reward",
+        action="store_true",
+        help="with --model: the reward's ViT-H-14 towers with random weights (no reward download), as --arch uses",
+    )
+    p.add_argument(
+        "--plan-model",
+        default="",
+        help="the model the planner predicts (a shipped architecture or alias, e.g. flux-dev) instead of --model",
     )
     p.add_argument("--config", help="a finetune recipe (YAML) the flags override")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
@@ -94,12 +123,12 @@ def build_reward(args, cfg, workdir: Path):
     name = cfg.reward if cfg.reward in ("ict", "hp", "icthp") else "icthp"
     dtype = precision_dtype(cfg.mixed_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.arch:
-        return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer")
     if args.tiny:
         return plan.build_reward(
             name, dtype, device, tokenizer_dir=workdir / "tokenizer", clip_config=tiny_clip_config()
         )
+    if args.arch or args.random_reward:
+        return plan.build_reward(name, dtype, device, tokenizer_dir=workdir / "tokenizer")
     return None
 
 
@@ -137,7 +166,7 @@ def tracked_peak_mib(trainer) -> float:
 
     with StorageTracker(512 if trainer.device.type == "cuda" else 1) as tracker:
         tracker.add_modules(
-            trainer.pipe.unet,
+            trainer.unet,
             trainer.pipe.vae,
             trainer.reward,
             *trainer.trained_text_encoders,
@@ -160,6 +189,8 @@ def predict(args, cfg, workdir: Path) -> dict:
     if args.tiny:
         kw["pipeline_dir"] = cfg.model
         kw["reward_config"] = tiny_clip_config()
+    elif args.plan_model:
+        kw["pipeline_dir"] = args.plan_model
     t = time.perf_counter()
     out = predict_peak_memory(cfg, **kw)
     out["seconds"] = time.perf_counter() - t
@@ -170,7 +201,7 @@ def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="rewardtune-bench-"))
     cfg = finetune_config(args, workdir)
     if args.tiny:
-        cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
+        cfg.model = save_tiny(args.tiny, workdir / "pipe")
     record = {
         "name": args.name,
         "source": args.arch or (f"tiny-{args.tiny}" if args.tiny else cfg.model),
@@ -190,6 +221,7 @@ def run(args) -> dict:
                 "vae_fp32",
                 "optimizer",
                 "guidance_scale",
+                "quantize_base",
             )
         }
         | {"vae_block_checkpointing": args.vae_block_checkpointing},
@@ -245,6 +277,7 @@ def run(args) -> dict:
             "images_per_second": images / step_s if step_s else None,
             "peak_memory_mib": max(peaks),
             "peak_memory_kind": kind,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if dev.type == "cuda" else None,
         }
     )
     if not args.no_parts:
@@ -279,7 +312,7 @@ def predict_only(args) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="rewardtune-plan-"))
         cfg = finetune_config(args, workdir)
         if args.tiny:
-            cfg.model = str(save_tiny_pipeline(workdir / "pipe", family=args.tiny))
+            cfg.model = save_tiny(args.tiny, workdir / "pipe")
         record["prediction"] = predict(args, cfg, workdir)
     except Exception as exc:
         traceback.print_exc()

@@ -3,6 +3,13 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh              # on the GPU machine (diffusers etc. on PYTHONPATH)
 #   GPU_SH_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu.sh   # the same script path on tiny models on the CPU
+#   GPU_SH_ONLY='sd35m|fluxdev' ...                      # only the configs whose name matches (grep -E)
+#   GPU_SH_PREDICT=0 ...                                 # without the planner's predictions
+#
+# SD 1.5 and SDXL are full-size architectures with random weights, built in memory. SD3.5 and FLUX.1 are the
+# real pipelines from local diffusers directories under $GPU_SH_MODELS (default /models: stable-diffusion-3.5-
+# medium, stable-diffusion-3.5-large-turbo, FLUX.1-dev; the device has no network), with random ViT-H-14 reward
+# towers; a config whose directory is absent is recorded as failed and the grid goes on.
 #
 # Each config runs in its own python process under its own timeout; a failure (OOM, timeout, error) is
 # recorded and the grid goes on. Results are rewritten after every config ($OUT/gpu_results.{json,md}),
@@ -19,6 +26,9 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$ROOT/benchmarks/results/gpu_run}"
 DRY="${GPU_SH_DRY_RUN:-0}"
 BUDGET="${GPU_SH_BUDGET_S:-440}"     # seconds for the whole grid (the lease also pays the start)
+MODELS="${GPU_SH_MODELS:-/models}"
+ONLY="${GPU_SH_ONLY:-.}"
+PREDICT="${GPU_SH_PREDICT:-1}"
 mkdir -p "$OUT"
 REC="$OUT/gpu_records.jsonl"
 PRED="$OUT/gpu_predictions.jsonl"
@@ -34,23 +44,44 @@ report() {
     || log "report failed"
 }
 
-# In a dry run, full-size architectures become tiny pipelines, 64 px, 4 sampling steps (K <= 4), one timed
-# step: the same script path and flags otherwise, fast enough for a loaded CPU.
+# In a dry run, full-size architectures and model directories become tiny pipelines of their family (SD3.5:
+# sd3, FLUX.1-dev: flux, FLUX.1-schnell: flux-schnell), 64 px, 4 sampling steps (K <= 4), one timed step, no
+# quantized base (bitsandbytes needs CUDA) and the planner on the tiny pipeline: the same script path and
+# flags otherwise, fast enough for a loaded CPU.
 translate() {
-  local out=() prev=""
+  local out=() prev="" skip=0
   for a in "$@"; do
     local orig="$a"
+    if [ "$skip" = 1 ]; then skip=0; prev="$orig"; continue; fi
     if [ "$DRY" = 1 ]; then
       if [ "$prev" = "--arch" ]; then a=$([ "$a" = sd15 ] && echo sd || echo sdxl); fi
+      if [ "$prev" = "--model" ]; then
+        case "$a" in
+          *FLUX.1-schnell*) a=flux-schnell ;;
+          *FLUX*) a=flux ;;
+          *) a=sd3 ;;
+        esac
+      fi
       if [ "$prev" = "--resolution" ]; then a=64; fi
       if [ "$prev" = "--sample-steps" ]; then a=4; fi
       if [ "$prev" = "--k" ] && [ "$a" -gt 4 ]; then a=4; fi
       if [ "$prev" = "--timed" ]; then a=1; fi
-      if [ "$a" = "--arch" ]; then a="--tiny"; fi
+      if [ "$prev" = "--quantize-base" ]; then a=none; fi
+      if [ "$a" = "--arch" ] || [ "$a" = "--model" ]; then a="--tiny"; fi
+      if [ "$a" = "--plan-model" ]; then skip=1; prev="$orig"; continue; fi
     fi
     out+=("$a"); prev="$orig"
   done
   printf '%s\n' "${out[@]}"
+}
+
+# missing_weights ARGS...: the --model directory named in ARGS when it is absent (real runs only).
+missing_weights() {
+  local prev=""
+  for a in "$@"; do
+    if [ "$prev" = "--model" ] && [ "$DRY" != 1 ] && [ ! -f "$a/model_index.json" ]; then echo "$a"; return; fi
+    prev="$a"
+  done
 }
 
 # ft NAME TIMEOUT_S ARGS...: one fine-tuning config in its own process.
@@ -59,6 +90,13 @@ ft() {
   local rem; rem=$(left)
   if [ "$rem" -lt 25 ]; then log "SKIP $name (budget spent)"; return; fi
   [ "$limit" -gt "$rem" ] && limit=$rem
+  local absent; absent=$(missing_weights "$@")
+  if [ -n "$absent" ]; then
+    log "FAILED $name: no diffusers model at $absent (copy its weights there or set GPU_SH_MODELS)"
+    echo "{\"name\": \"$name\", \"error\": \"weights absent: no model_index.json in $absent\", \"source\": \"$absent\"}" >>"$REC"
+    report
+    return
+  fi
   mapfile -t args < <(translate "$@")
   log "RUN $name (limit ${limit}s): ${args[*]}"
   timeout -k 10 "$limit" "$PY" "$HERE/finetune_step.py" --name "$name" --record "$REC" --no-predict "${args[@]}" >>"$LOG" 2>&1
@@ -75,6 +113,7 @@ ft() {
 # rw NAME TIMEOUT_S ARGS...: one reward benchmark in its own process.
 rw() {
   local name="$1" limit="$2"; shift 2
+  echo "$name" | grep -Eq "$ONLY" || return 0
   local rem; rem=$(left)
   if [ "$rem" -lt 25 ]; then log "SKIP $name (budget spent)"; return; fi
   [ "$limit" -gt "$rem" ] && limit=$rem
@@ -91,11 +130,19 @@ rw() {
   report
 }
 
-# The configs, most important first: name, then finetune flags (see finetune_step.py --help).
-MAIN="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --sample-steps 30 --attention sdpa"
+# The configs, most important first: name, then finetune flags (see finetune_step.py --help). The issue's
+# order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
+# with an NF4 base, then with its bf16 base), then K = all steps, then the rest.
+COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
+MAIN="$COMMON --sample-steps 30"
+FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
 CONFIGS=(
   "sdxl-1024-k1-ckpt|150|--arch sdxl --resolution 1024 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
   "sd15-512-k1-ckpt|90|--arch sd15 --resolution 512 --k 1 --gradient-checkpointing $MAIN --warmup 1 --timed 3"
+  "sd35m-1024-k1-ckpt|180|--model $MODELS/stable-diffusion-3.5-medium --plan-model sd35-medium --k 1 --sample-steps 28 $FLOW"
+  "sd35l-turbo-1024-k2-ckpt|240|--model $MODELS/stable-diffusion-3.5-large-turbo --plan-model sd35-large-turbo --defaults-from sd35-large-turbo --k 2 --sample-steps 4 --guidance-scale 0 $FLOW"
+  "fluxdev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.1-dev --plan-model flux-dev --quantize-base nf4 --k 1 --sample-steps 28 $FLOW"
+  "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sdxl-1024-k4-ckpt|100|--arch sdxl --resolution 1024 --k 4 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
@@ -121,7 +168,9 @@ EOF
 PRED_PIDFILE="$(mktemp /tmp/gpu_sh_pred.XXXXXX)"
 (
   for entry in "${CONFIGS[@]}"; do
+    [ "$PREDICT" = 1 ] || break
     IFS='|' read -r name _ flags <<<"$entry"
+    echo "$name" | grep -Eq "$ONLY" || continue
     # shellcheck disable=SC2086
     mapfile -t args < <(translate $flags)
     OMP_NUM_THREADS=4 timeout 240 nice -n 10 "$PY" "$HERE/finetune_step.py" --predict-only --name "$name" \
@@ -135,6 +184,7 @@ PRED_PID=$!
 i=0
 for entry in "${CONFIGS[@]}"; do
   IFS='|' read -r name limit flags <<<"$entry"
+  echo "$name" | grep -Eq "$ONLY" || continue
   # shellcheck disable=SC2086
   ft "$name" "$limit" $flags
   i=$((i + 1))

@@ -193,7 +193,7 @@ class FlowAdapter:
             return
         encoders = [self.t5, *(self.text_encoders() if clip else [])]
         for te in encoders:
-            if te is not None:
+            if te is not None and te.device != self.device:  # (a no-op move of fake tensors fails: the planner)
                 te.to(self.device)
         with torch.no_grad():
             for i in range(0, len(missing), ENCODE_BATCH):

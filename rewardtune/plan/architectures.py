@@ -1,15 +1,15 @@
 """Full-size architectures without downloads: the planner's data.
 
 The JSON configs in ``configs/`` beside this file are the public ``config.json`` files of SD 1.5, SDXL
-base and CLIP ViT-H-14 (the ICT/HP backbone). Random weights built from them cost the same time and
-memory as the released ones, so benchmarks and the planner need no download; on the meta device they
-cost nothing at all.
+base, SD3.5-Medium, SD3.5-Large (and Large-Turbo, the same files), FLUX.1-dev, FLUX.1-schnell and CLIP
+ViT-H-14 (the ICT/HP backbone); each names where its values come from in ``_source``. Random weights built
+from them cost the same time and memory as the released ones, so benchmarks and the planner need no
+download; on the meta device they cost nothing at all (FLUX.1-dev's transformer alone is 48 GB in fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..finetune.models import assemble_pipeline, model_family
 from ..rewards.clip_tower import ClipTower
 from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
+from ..testing.flow_pipelines import t5_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -40,7 +41,35 @@ ARCHITECTURES = {
         "scheduler": "sdxl_scheduler",
     },
 }
-FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl"}
+# SD3.5: CLIP-L with its projection, CLIP-G (the same bigG tower as SDXL's second encoder), T5-XXL's encoder.
+_SD35 = {
+    "vae": "sd35_vae",
+    "text_encoder": "sd35_text_encoder",
+    "text_encoder_2": "sdxl_text_encoder_2",
+    "text_encoder_3": "t5_xxl_encoder",
+    "scheduler": "sd35_scheduler",
+}
+# FLUX.1: CLIP-L (the same tower as SD 1.5's encoder) and T5-XXL's encoder.
+_FLUX = {"vae": "flux_vae", "text_encoder": "sd15_text_encoder", "text_encoder_2": "t5_xxl_encoder"}
+ARCHITECTURES.update(
+    {
+        "sd35m": {"transformer": "sd35m_transformer", **_SD35},
+        "sd35l": {"transformer": "sd35l_transformer", **_SD35},
+        "fluxdev": {"transformer": "flux_dev_transformer", **_FLUX, "scheduler": "flux_dev_scheduler"},
+        "fluxschnell": {"transformer": "flux_schnell_transformer", **_FLUX, "scheduler": "flux_schnell_scheduler"},
+    }
+)
+FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux", "fluxschnell": "flux"}
+# The architecture of each ``--model`` alias that has one shipped (SD3.5-Large-Turbo is SD3.5-Large's files).
+ARCH_OF_ALIAS = {
+    "sd15": "sd15",
+    "sdxl": "sdxl",
+    "sd35-medium": "sd35m",
+    "sd35-large": "sd35l",
+    "sd35-large-turbo": "sd35l",
+    "flux-dev": "fluxdev",
+    "flux-schnell": "fluxschnell",
+}
 REWARD_BACKBONE = "clip_vit_h14"
 
 
@@ -52,10 +81,6 @@ def arch_config(name: str) -> dict:
         raise UserError(f"no shipped architecture config '{name}'; shipped: {', '.join(names)}")
     data = json.loads(path.read_text())
     return {k: v for k, v in data.items() if k not in ("_source", "_class_name")}
-
-
-def config_class_name(name: str) -> str | None:
-    return json.loads((CONFIG_DIR / f"{name}.json").read_text()).get("_class_name")
 
 
 @contextlib.contextmanager
@@ -88,56 +113,81 @@ def _tokenizer(tokenizer_dir: Path | None):
     return tok
 
 
-# The frozen parts of each family and the class that builds each from its config.
+# The model parts of a pipeline, and the class that builds each when its config does not name one.
 PART_CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
+    "transformer": ("diffusers", "SD3Transformer2DModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "text_encoder_3": ("transformers", "T5EncoderModel"),
 }
 
 
-def _configs(source: str | Path) -> tuple[str, dict]:
-    """(family, {part: config dict}) of a shipped architecture name or of a diffusers directory's configs."""
+def _part_class(part: str, config: dict, index: dict | None = None):
+    """The class of ``part``: from a directory's model_index.json, else the config's ``_class_name`` (diffusers)
+    or ``architectures`` (transformers), else ``PART_CLASSES``."""
+    import diffusers
+    import transformers
+
+    if index and isinstance(index.get(part), list) and index[part][1]:
+        package, name = index[part]
+    elif config.get("_class_name"):
+        package, name = "diffusers", config["_class_name"]
+    elif config.get("architectures"):
+        package, name = "transformers", config["architectures"][0]
+    else:
+        package, name = PART_CLASSES[part]
+    return getattr(diffusers if package == "diffusers" else transformers, name)
+
+
+def _configs(source: str | Path) -> tuple[str, dict, dict | None]:
+    """(family, {part: config dict}, model_index or None) of a shipped architecture name or of a diffusers
+    directory's configs."""
 
     if str(source) in ARCHITECTURES:
         names = ARCHITECTURES[str(source)]
-        return FAMILY_OF[str(source)], {
-            part: {**arch_config(n), "_class_name": config_class_name(n)} for part, n in names.items()
-        }
+        configs = {}
+        for part, n in names.items():
+            data = json.loads((CONFIG_DIR / f"{n}.json").read_text())
+            configs[part] = {k: v for k, v in data.items() if k != "_source"}
+        return FAMILY_OF[str(source)], configs, None
     directory = Path(source).expanduser()
     if not (directory / "model_index.json").is_file():
         raise UserError(
             f"--model '{source}' is neither a shipped architecture ({', '.join(ARCHITECTURES)}) nor a local "
-            f"diffusers directory (with model_index.json); download the model first or use sd15/sdxl"
+            f"diffusers directory (with model_index.json); download the model first or use "
+            f"{', '.join(ARCH_OF_ALIAS)}"
         )
     family = model_family(directory)
+    index = json.loads((directory / "model_index.json").read_text())
     configs = {"scheduler": json.loads((directory / "scheduler" / "scheduler_config.json").read_text())}
     for part in PART_CLASSES:
         path = directory / part / "config.json"
-        if path.is_file():
+        if path.is_file() and index.get(part) and index[part][0] is not None:
             configs[part] = json.loads(path.read_text())
-    return family, configs
+    return family, configs, index
 
 
 def build_parts(
     source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None
 ) -> dict:
-    """Random-weight UNet, VAE, text encoder(s) and scheduler of ``source`` ('sd15', 'sdxl' or a diffusers
-    directory, whose weights are never read), built on ``device`` (``"meta"``: no memory at all)."""
+    """Random-weight denoiser (UNet or transformer), VAE, text encoder(s) and scheduler of ``source`` (a name in
+    ``ARCHITECTURES`` or a diffusers directory, whose weights are never read), built on ``device`` (``"meta"``:
+    no memory at all)."""
 
     import diffusers
 
-    _, configs = _configs(source)
+    _, configs, index = _configs(source)
     parts = {}
-    for part, (package, cls_name) in PART_CLASSES.items():
+    for part in PART_CLASSES:
         if part not in configs:
             continue
-        cls = getattr(importlib.import_module(package), cls_name)
+        cls = _part_class(part, configs[part], index)
         part_dtype = (vae_dtype or dtype) if part == "vae" else dtype
         with torch.device(device), default_dtype(part_dtype):
-            if package == "diffusers":
-                module = cls.from_config(configs[part])
+            if issubclass(cls, diffusers.ModelMixin):
+                module = cls.from_config({k: v for k, v in configs[part].items() if k != "_class_name"})
             else:  # transformers builds in a config.json's own "dtype": cast to the one asked for
                 config = cls.config_class.from_dict({k: v for k, v in configs[part].items() if not k.startswith("_")})
                 module = cls(config).to(part_dtype)
@@ -154,23 +204,36 @@ def build_pipeline(
     tokenizer_dir: Path | None = None,
     vae_dtype: torch.dtype | None = None,
 ):
-    """A random-weight pipeline of ``source`` in memory: a ``StableDiffusionPipeline`` (sd15) or
-    ``StableDiffusionXLPipeline`` (sdxl), or the family of a diffusers directory (with its own tokenizers)."""
-    from transformers import CLIPTokenizer
+    """A random-weight pipeline of ``source`` in memory: the family's pipeline class (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``) for a shipped architecture,
+    or for a diffusers directory (with its own tokenizers).
 
-    family, _ = _configs(source)
+    Shipped architectures get CLIP's real tokenizer and, for T5, a small offline unigram tokenizer: prompts are
+    padded to ``max_sequence_length`` tokens, so the shapes (all the planner needs) are the real ones."""
+    from transformers import AutoTokenizer
+
+    family, _, _ = _configs(source)
     parts = build_parts(source, dtype, device, vae_dtype)
     if str(source) in ARCHITECTURES:
-        tok = tok2 = _tokenizer(tokenizer_dir)
+        tok = _tokenizer(tokenizer_dir)
+        t5 = _t5_tokenizer() if family in ("sd3", "flux") else None
+        toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
     else:
         directory = Path(source).expanduser()
-        tok = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
-        tok2 = (
-            CLIPTokenizer.from_pretrained(str(directory / "tokenizer_2"))
-            if (directory / "tokenizer_2").is_dir()
-            else tok
-        )
-    return assemble_pipeline(family, parts, tok, tok2)
+        found = [
+            AutoTokenizer.from_pretrained(str(directory / name)) if (directory / name).is_dir() else None
+            for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
+        ]
+        toks = (found[0], found[1] or (found[0] if family == "sdxl" else None), found[2])
+    return assemble_pipeline(family, parts, *toks)
+
+
+def _t5_tokenizer():
+    """A T5 tokenizer built offline (the real one's SentencePiece model is not shipped): the words of the
+    planner's prompt, padding and end-of-sequence ids as T5's."""
+    if "t5" not in _TOKENIZERS:
+        _TOKENIZERS["t5"] = t5_tokenizer(["a", "photograph", "of", "red", "bicycle"])
+    return _TOKENIZERS["t5"]
 
 
 def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:

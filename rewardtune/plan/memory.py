@@ -24,11 +24,11 @@ from torch.utils._pytree import tree_leaves
 from ..config import precision_dtype
 from ..errors import UserError
 from ..finetune import lora as lora_mod
-from ..finetune.defaults import resolve_defaults
+from ..finetune.defaults import FLOW_FAMILIES, resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, prepare_models
-from .architectures import ARCHITECTURES, build_pipeline, build_reward
+from .architectures import ARCH_OF_ALIAS, ARCHITECTURES, build_pipeline, build_reward
 
 # ----- counting memory on fake tensors ------------------------------------------------------------
 
@@ -106,17 +106,22 @@ GIB = 2**30
 PLAN_PROMPT = "a photograph of a red bicycle leaning against a stone wall"
 
 
-def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What SDPA runs on an H100: flash attention for fp16/bf16 without a mask, memory-efficient otherwise
-    (on fake CPU tensors PyTorch would pick the math kernel, which materialises the attention matrix)."""
-    if attn_mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    (on fake CPU tensors PyTorch would pick the math kernel, which materialises the attention matrix).
+    The argument names are SDPA's own: diffusers' attention dispatcher passes them by keyword."""
+    if attn_mask is None and query.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, scale=scale
+        )[0]
     if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
     if attn_mask is not None:
-        attn_mask = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        attn_mask = attn_mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale
+        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
     )[0]
 
 
@@ -215,9 +220,11 @@ def _materialize(modules, memo: dict) -> None:
 
 
 def _meta_pipeline(cfg, pipeline_dir):
-    """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped alias or a local directory."""
+    """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped architecture, an alias of one
+    (``flux-dev`` is ``fluxdev``), or a local directory."""
     weight_dtype = precision_dtype(cfg.mixed_precision)
     source = str(pipeline_dir or cfg.model)
+    source = ARCH_OF_ALIAS.get(source, source)
     if source not in ARCHITECTURES:
         source = str(Path(source).expanduser())
     pipe, family = prepare_pipeline(
@@ -267,6 +274,68 @@ def _plan_config(cfg):
     return dataclasses.replace(cfg, **over)
 
 
+# ----- a frozen base quantized by bitsandbytes ----------------------------------------------------------
+#
+# ``--quantize-base`` loads the denoiser through diffusers' ``BitsAndBytesConfig`` (``finetune.models``), which
+# replaces every ``nn.Linear`` (none is kept in higher precision for the SD3/FLUX transformers or the UNet) by a
+# bitsandbytes layer; everything else (norms, convolutions, embeddings) stays in the compute dtype and the LoRA
+# weights in fp32. Per frozen Linear weight of shape (out, in):
+#   nf4:  4-bit codes packed two a byte, (out*in + 1) // 2 bytes, plus one fp32 absmax per block of 64 values
+#         (bitsandbytes' quantize_4bit blocksize 64; diffusers' BitsAndBytesConfig leaves
+#         bnb_4bit_use_double_quant False, so the absmax stays fp32): 0.5 + 4/64 = 0.5625 bytes a weight.
+#   int8: LLM.int8() codes, 1 byte a weight, plus one fp32 scale per output row (SCB).
+# In a step each quantized layer dequantizes its weight to the compute dtype for the matmul, forward and again
+# in backward (bitsandbytes' MatMul4Bit saves only the quantized weight, and no input since the weight takes no
+# gradient): a transient of one weight in bf16/fp16, freed after the matmul. LLM.int8()'s int8 copy of the input
+# and its int32 product are not modelled.
+NF4_BLOCK = 64
+
+
+def _quantized_state(weight: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The storages bitsandbytes keeps for one frozen Linear weight in ``mode`` (see above)."""
+    n = weight.numel()
+    if mode == "nf4":
+        return [
+            torch.empty(((n + 1) // 2,), dtype=torch.uint8),
+            torch.empty((-(-n // NF4_BLOCK),), dtype=torch.float32),
+        ]
+    return [torch.empty(weight.shape, dtype=torch.int8), torch.empty((weight.shape[0],), dtype=torch.float32)]
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """``x @ W.T + b`` as a bitsandbytes layer computes it: W dequantized to the compute dtype for the product
+    (forward and backward) and not kept; only the quantized state is saved."""
+
+    @staticmethod
+    def forward(ctx, x, packed, shape, dtype, bias):
+        ctx.shape, ctx.dtype, ctx.in_dtype = shape, dtype, x.dtype
+        ctx.save_for_backward(packed)
+        w = torch.empty(shape, dtype=dtype)
+        return torch.nn.functional.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = torch.empty(ctx.shape, dtype=ctx.dtype)
+        return (grad.to(ctx.dtype) @ w).to(ctx.in_dtype), None, None, None, None
+
+
+def _quantize_linears(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> tuple[set, list]:
+    """Make every frozen ``nn.Linear`` of ``model`` compute as a bitsandbytes layer of ``mode`` ('nf4'/'int8').
+    Returns (ids of the weights no longer resident, the quantized storages that replace them)."""
+    gone, state = set(), []
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+            continue  # LoRA's own A/B layers are trained, and stay fp32
+        weight, bias = module.weight, module.bias
+        stored = _quantized_state(weight, mode)
+        gone.add(id(weight))
+        state += stored
+        module.forward = lambda x, packed=stored[0], shape=tuple(weight.shape), bias=bias: _DequantMatmul.apply(
+            x, packed, shape, dtype, bias
+        )
+    return gone, state
+
+
 def _optimizer_states(params, name: str) -> list[torch.Tensor]:
     """AdamW's two fp32 moments per weight, or bitsandbytes' 8-bit moments with one fp32 scale per 256 values."""
     out = []
@@ -292,6 +361,10 @@ def predict_peak_memory(
     ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
     checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
     instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
+
+    Flow families (SD3, FLUX) run the adapter's prompt caching first: T5 and untrained CLIP encoders are not
+    resident. ``cfg.quantize_base`` 'nf4'/'int8' models bitsandbytes' frozen Linear weights (0.5625 / 1 byte a
+    weight plus scales, dequantized per matmul; see the comment above ``_quantized_state``).
     """
 
     if target not in ("cuda", "cpu"):
@@ -311,8 +384,9 @@ def predict_peak_memory(
     lora = prepare_models(setup_cfg, pipe, adapter, "meta")
     if vae_block_checkpointing:
         pipe.vae.enable_gradient_checkpointing()
-    sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype)
-    sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
+    sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype, adapter, resolution)
+    if adapter.sampler_kind == "ddim":  # DDIM indexes its tables with the timestep; flow steps use sigmas
+        sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
     parts = TrainerParts(
         pipe,
         adapter,
@@ -323,18 +397,29 @@ def predict_peak_memory(
         prompts=[PLAN_PROMPT],
         resolution=resolution,
     )
-    modules = [m for m in (adapter.denoiser, pipe.vae, *adapter.text_encoders(), reward) if m is not None]
+    flow = family in FLOW_FAMILIES
+    # Flow families cache the prompt set's embeddings on the CPU; then T5, and the CLIP encoders unless they are
+    # trained, leave the accelerator. SD/SDXL keep their text encoders beside the UNet.
+    encoders = lora.text_encoders if flow else adapter.text_encoders()
+    modules = [m for m in (adapter.denoiser, pipe.vae, *encoders, reward) if m is not None]
+    every = modules + [m for m in (*adapter.text_encoders(), getattr(adapter, "t5", None)) if m is not None]
     gpu = target == "cuda"
     with (
         FakeTensorMode(allow_non_fake_inputs=True),
         _gpu_attention() if gpu else contextlib.nullcontext(),
         _cuda_autocast_policy() if gpu else contextlib.nullcontext(),
     ):
-        _materialize(modules, {})
+        _materialize(every, {})
+        with parts.accelerator.autocast():
+            adapter.cache_prompts([PLAN_PROMPT])  # the Trainer's own caching; the cache stays on the CPU
+        gone, quantized = set(), []
+        if pcfg.quantize_base != "none":
+            gone, quantized = _quantize_linears(adapter.denoiser, pcfg.quantize_base, weight_dtype)
         trainer = Trainer.from_parts(pcfg, parts)
         trainable = lora_mod.trainable_parameters(*lora.modules)
         tracker = StorageTracker(CUDA_BLOCK if gpu else 1)
-        tracker.add_modules(*modules)
+        kept = [t for m in modules for t in (*m.parameters(), *m.buffers()) if id(t) not in gone]
+        tracker.add_tensors(kept + quantized)
         weights = tracker.current
         states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
@@ -343,6 +428,7 @@ def predict_peak_memory(
             out = _trace_step(trainer, trainable, pcfg, tracker)
         del states
     out.update(_summary(cfg, arch, family, resolution, weights, resident, tracker.peak, trainable, out))
+    out["quantize_base"] = pcfg.quantize_base
     return out
 
 
@@ -394,6 +480,11 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
         out.append(("--no-vae-fp32", {"vae_fp32": False}))
     if cfg.mixed_precision == "no":
         out.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
+    # a quantized frozen base (QLoRA-style): int8 first (closer to the bf16 weights), then nf4
+    if cfg.quantize_base == "none":
+        out.append(("--quantize-base int8", {"quantize_base": "int8"}))
+    if cfg.quantize_base in ("none", "int8"):
+        out.append(("--quantize-base nf4", {"quantize_base": "nf4"}))
     if k > 1 and cfg.method in ("draft-k", "alignprop"):
         out.append((f"--k {max(1, k // 2)}", {"k": max(1, k // 2)}))
         if k // 2 > 1:
@@ -423,32 +514,38 @@ def fit_budget(cfg, budget_gib: float, **kw) -> dict:
     if result["fits"]:
         return result
     if base["resident_mib"] / 1024 > budget_gib:
-        raise UserError(
-            f"a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
-            f"({base['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA); no setting of this config fits. "
-            f"Use a smaller model or reward, or a larger GPU"
-        )
+        # Only a quantized base and 8-bit optimizer states lower the weights and states themselves: their least.
+        least = dataclasses.replace(cfg, quantize_base="nf4", optimizer="adamw8bit")
+        lowest = base if least == cfg else predict_peak_memory(least, **kw)
+        if lowest["resident_mib"] / 1024 > budget_gib:
+            _below_weights(budget_gib, lowest)
     native = base["resolution"] if not cfg.resolution else cfg.resolution
     singles = []
     for flag, change in _variants(cfg, native):
         pred = predict_peak_memory(dataclasses.replace(cfg, **change), **kw)
-        singles.append({"change": flag, "peak_gib": pred["peak_gib"], "fits": pred["peak_gib"] <= budget_gib})
+        if pred["peak_gib"] < base["peak_gib"]:  # e.g. a quantized base can cost more than it saves on a small model
+            singles.append({"change": flag, "peak_gib": pred["peak_gib"], "fits": pred["peak_gib"] <= budget_gib})
     result["suggestions"] = singles
     if not any(s["fits"] for s in singles):
-        current, flags = cfg, []
-        for _ in range(8):  # greedy: keep applying the first remaining knob until it fits
+        current, flags, last = cfg, [], None
+        for _ in range(10):  # greedy: keep applying the first remaining knob until it fits
             options = _variants(current, native)
             if not options:
                 break
             flag, change = options[0]
             current = dataclasses.replace(current, **change)
             flags.append(flag)
-            pred = predict_peak_memory(current, **kw)
-            if pred["peak_gib"] <= budget_gib:
-                result["combined"] = {"changes": flags, "peak_gib": pred["peak_gib"], "fits": True}
+            last = predict_peak_memory(current, **kw)
+            if last["peak_gib"] <= budget_gib:
                 break
-        else:
-            pred = None
-        if "combined" not in result:
-            result["combined"] = {"changes": flags, "peak_gib": pred["peak_gib"] if pred else None, "fits": False}
+        fits = last is not None and last["peak_gib"] <= budget_gib
+        result["combined"] = {"changes": flags, "peak_gib": last["peak_gib"] if last else None, "fits": fits}
     return result
+
+
+def _below_weights(budget_gib: float, pred: dict) -> None:
+    raise UserError(
+        f"a budget of {budget_gib:g} GiB is less than the weights and optimizer states alone "
+        f"({pred['resident_mib'] / 1024:.2f} GiB: model, reward towers, LoRA, at best); no setting of this config "
+        f"fits. Use a smaller model or reward, or a larger GPU"
+    )
