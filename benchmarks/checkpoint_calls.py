@@ -313,17 +313,17 @@ def main(argv=None) -> int:
     meta["argv"] = argv_shown
     configs = (QUICK if args.quick else CONFIGS) + (COMPILED if args.compile else [])
     runs: dict = {}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.repeats):
         for config in configs if round_ % 2 == 0 else configs[::-1]:
             measure(work, model, world, config, args.steps, runs)
-            print(round_, config, json.dumps(runs[config], default=str)[-400:], flush=True)
-    records = [summarize(c, runs[c]) for c in configs]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(
-        json.dumps({**meta, "pipeline": PIPELINE, "setting": SETTING, "records": records}, indent=2)
-    )
-    Path(args.out + ".md").write_text(report(records, meta))
-    print(report(records, meta))
+            print(round_, config, flush=True)
+            records = [summarize(c, runs[c]) for c in configs if c in runs]  # written as they come: hours of work
+            Path(args.out + ".json").write_text(
+                json.dumps({**meta, "pipeline": PIPELINE, "setting": SETTING, "records": records}, indent=2)
+            )
+            Path(args.out + ".md").write_text(report(records, meta))
+    print(Path(args.out + ".md").read_text())
     return 0
 
 
