@@ -16,9 +16,12 @@ Per configuration it records
   ``tracked_peak_mib``, counted as the planner counts), which is what K costs, free of the allocator;
 - the planner's predictions: ``rewardtune plan --json`` (its default GPU target) and
   ``predict_peak_memory(target="cpu")`` (CPU kernels, no allocator rounding: like for like with the count);
-- the step time: the median wall time of the optimizer steps after the first (``metrics.jsonl``), the first
-  step and the whole process; the configurations run one at a time, in reversed order on every other round
-  (``--repeats``), so load from other jobs on a shared machine falls on all of them alike.
+- the step time: the median wall time of the CLI's optimizer steps after the first (``metrics.jsonl``), and
+  the CPU seconds of two steps after a warm-up one in the live-count process (one torch thread: on a shared
+  machine the CPU seconds hold where wall times do not); the configurations run one at a time, in reversed
+  order on every other round (``--repeats``);
+- with ``--compile``: no CLI run (memory is the eager step's), the live-count process's step CPU seconds, its
+  first step (the compilation, from an empty inductor cache) and its losses against the eager run's.
 
 Targets: peak RSS at K=20 at most 1.15x K=1 with checkpointing on; K=1 no slower than without whole-call
 checkpointing (at K=1 no call is checkpointed, so the code path is the same).
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT, environment  # noqa: F401  (puts the repository on sys.path)
@@ -154,11 +158,21 @@ def live_and_predicted(flags: list[str]) -> dict:
     and the planner's CPU-target prediction of the same config."""
     parser = argparse.ArgumentParser()
     add_config_args(parser, FinetuneConfig, skip=("output", "steps"))
-    cfg = build_config(FinetuneConfig, parser.parse_args(flags), output=tempfile.mkdtemp(), steps=3)
-    predicted = predict_peak_memory(dataclasses.replace(cfg), target="cpu")
+    cfg = build_config(FinetuneConfig, parser.parse_args(flags), output=tempfile.mkdtemp(), steps=10)
+    out = {}
+    if not cfg.compile:
+        out["predicted_cpu_mib"] = predict_peak_memory(dataclasses.replace(cfg), target="cpu")["peak_mib"]
     trainer = Trainer(cfg)
-    trainer.step()  # the optimizer's states exist from here on, as at every later step
-    return {"peak_tensor_mib": tracked_peak_mib(trainer), "predicted_cpu_mib": predicted["peak_mib"]}
+    cpu, wall, losses = [], [], []
+    for _ in range(3):  # the first warms up (compiles); the optimizer's states exist after it, as at every later step
+        start, start_cpu = time.perf_counter(), time.process_time()
+        losses.append(trainer.step()["loss"])
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    out.update(first_step_cpu_seconds=cpu[0], first_step_wall_seconds=wall[0], step_cpu_seconds=cpu[1:], losses=losses)
+    if not cfg.compile:  # a compiled step keeps the eager step's tensors
+        out["peak_tensor_mib"] = tracked_peak_mib(trainer)
+    return out
 
 
 def planned(flags: list[str]) -> float:
@@ -171,37 +185,41 @@ def measure(work: Path, model: Path, world: Path, config: tuple, steps: int, run
     """One round of one configuration; appends to ``runs[config]``."""
     flags = finetune_flags(model, world, *config)
     rec = runs.setdefault(config, {"cli": {name: [] for name in ALLOCATORS}})
-    for name in ["default"] if config[3] else ALLOCATORS:  # compiled: time, not the allocator, is the question
+    for name in [] if config[3] else ALLOCATORS:  # compiled: time, not memory, is the question (the live run)
         rec["cli"][name].append(run_cli(work, flags, steps, name))
-    if config[3]:  # the tensors a compiled step keeps are the eager step's: no second count, no plan
-        return
-    if "peak_tensor_mib" not in rec:
-        res = _run([sys.executable, __file__, "--live", "--", *flags], f"live tensors {flags}")
+    if "step_cpu_seconds" not in rec:
+        cache = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=work)}  # a cold compilation
+        res = _run([sys.executable, __file__, "--live", "--", *flags], f"live tensors {flags}", cache)
         rec.update(json.loads(res.stdout.strip().splitlines()[-1]))
-        rec["plan_cli_mib"] = planned(flags)
+        if not config[3]:
+            rec["plan_cli_mib"] = planned(flags)
 
 
 def summarize(config: tuple, rec: dict) -> dict:
     k, calls, blocks, compiled = config
     out = {"k": k, "checkpoint_calls": calls, "gradient_checkpointing": blocks, "compile": compiled}
-    default = rec["cli"]["default"]
-    steps = [t for name in ALLOCATORS for r in rec["cli"][name] for t in r["step_seconds"]]
+
+    def median(runs, key):
+        values = [v for r in runs for v in (r[key] if isinstance(r[key], list) else [r[key]])]
+        return statistics.median(values) if values else None
+
+    default, fixed = rec["cli"]["default"], rec["cli"]["mmap_threshold"]
     out.update(
         {
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in default),
-            "peak_rss_mb_mmap_threshold": statistics.median(r["peak_rss_mb"] for r in rec["cli"]["mmap_threshold"])
-            if rec["cli"]["mmap_threshold"]
-            else None,
-            "step_seconds_median": statistics.median(steps),
-            "step_seconds": steps,
-            "first_step_seconds": [r["first_step_seconds"] for name in ALLOCATORS for r in rec["cli"][name]],
-            "process_seconds": [r["process_seconds"] for name in ALLOCATORS for r in rec["cli"][name]],
+            "peak_rss_mb": median(default, "peak_rss_mb"),
+            "peak_rss_mb_mmap_threshold": median(fixed, "peak_rss_mb"),
+            "step_seconds_median": median(default, "step_seconds"),
+            "step_seconds_median_mmap_threshold": median(fixed, "step_seconds"),
+            "process_seconds": median(default, "process_seconds"),
+            "process_cpu_seconds": median(default, "process_cpu_seconds"),
             "runs": rec["cli"],
         }
     )
-    for key in ("peak_tensor_mib", "predicted_cpu_mib", "plan_cli_mib"):
-        if key in rec:
-            out[key] = rec[key]
+    out["step_cpu_seconds_median"] = statistics.median(rec["step_cpu_seconds"])
+    for key in ("peak_tensor_mib", "predicted_cpu_mib", "plan_cli_mib", "step_cpu_seconds", "losses"):
+        out[key] = rec.get(key)
+    for key in ("first_step_cpu_seconds", "first_step_wall_seconds"):
+        out[key] = rec.get(key)
     return out
 
 
@@ -218,8 +236,9 @@ def report(records: list[dict], meta: dict) -> str:
         f"round(s) of every configuration (two processes per round: the two allocator settings).",
         "",
         "| K | whole-call ckpt | block ckpt | compile | peak RSS (MB) | peak RSS, fixed mmap threshold (MB) "
-        "| live tensors (MiB) | planner, CPU target (MiB) | `rewardtune plan` (MiB) | step (s, median) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| live tensors (MiB) | planner, CPU target (MiB) | `rewardtune plan` (MiB) | step (s, median) "
+        "| step, fixed mmap threshold (s) | step (CPU s, median) | process (s, CPU s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def cell(r, key, fmt="{:.2f}"):
@@ -228,9 +247,12 @@ def report(records: list[dict], meta: dict) -> str:
     for r in records:
         onoff = ["on" if r[x] else "off" for x in ("checkpoint_calls", "gradient_checkpointing", "compile")]
         lines.append(
-            f"| {r['k']} | {' | '.join(onoff)} | {r['peak_rss_mb']:.0f} | {cell(r, 'peak_rss_mb_mmap_threshold', '{:.0f}')} "
+            f"| {r['k']} | {' | '.join(onoff)} | {cell(r, 'peak_rss_mb', '{:.0f}')} "
+            f"| {cell(r, 'peak_rss_mb_mmap_threshold', '{:.0f}')} "
             f"| {cell(r, 'peak_tensor_mib')} | {cell(r, 'predicted_cpu_mib')} | {cell(r, 'plan_cli_mib')} "
-            f"| {r['step_seconds_median']:.2f} |"
+            f"| {cell(r, 'step_seconds_median')} | {cell(r, 'step_seconds_median_mmap_threshold')} "
+            f"| {r['step_cpu_seconds_median']:.2f} | {cell(r, 'process_seconds', '{:.0f}')}, "
+            f"{cell(r, 'process_cpu_seconds', '{:.0f}')} |"
         )
     lines.append("")
     on1, on20 = by.get((1, True, True, False)), by.get((20, True, True, False))
@@ -238,6 +260,9 @@ def report(records: list[dict], meta: dict) -> str:
 
     def ratio(a, b, key):
         return a[key] / b[key]
+
+    def fixed_cost(r):
+        return r["step_seconds_median_mmap_threshold"] / r["step_seconds_median"]
 
     if on1 and on20:
         rss = ratio(on20, on1, "peak_rss_mb")
@@ -260,28 +285,33 @@ def report(records: list[dict], meta: dict) -> str:
             f"fixed mmap threshold {ratio(off20, off1, 'peak_rss_mb_mmap_threshold'):.3f}, live tensors "
             f"{ratio(off20, off1, 'peak_tensor_mib'):.3f}."
         )
+    if on1 and on20:
+        lines.append(
+            f"- The fixed mmap threshold's price in time: step {fixed_cost(on1):.2f}x the default's at K=1, "
+            f"{fixed_cost(on20):.2f}x at K=20 "
+            f"(every large block is a fresh mapping the kernel zeroes)."
+        )
     if on1 and off1:
         lines.append(
-            f"- Step time at K=1, whole-call checkpointing on / off: {ratio(on1, off1, 'step_seconds_median'):.3f} "
-            f"(the same code path: no call is checkpointed at K=1)."
+            f"- Step time at K=1, whole-call checkpointing on / off: {ratio(on1, off1, 'step_cpu_seconds_median'):.3f} "
+            f"in CPU seconds, {ratio(on1, off1, 'step_seconds_median'):.3f} in wall seconds (the same code path: no "
+            f"call is checkpointed at K=1)."
         )
     if on20 and off20:
         lines.append(
-            f"- Step time at K=20, on / off: {ratio(on20, off20, 'step_seconds_median'):.3f} (the recomputation of "
-            f"19 calls)."
+            f"- Step time at K=20, on / off: {ratio(on20, off20, 'step_cpu_seconds_median'):.3f} in CPU seconds, "
+            f"{ratio(on20, off20, 'step_seconds_median'):.3f} in wall seconds (the recomputation of 19 calls)."
         )
     for k, eager in ((1, on1), (20, on20)):
         comp = by.get((k, True, True, True))
-        if comp and eager:
-            pairs = zip(comp["runs"]["default"][0]["losses"], eager["runs"]["default"][0]["losses"])
-            loss_diff = max(abs(a - b) / abs(b) for a, b in pairs)
+        if comp and eager:  # both from the live-count processes: 3 steps each, same seeds
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(comp["losses"], eager["losses"]))
             lines.append(
-                f"- --compile at K={k}: step {ratio(comp, eager, 'step_seconds_median'):.3f}x eager "
-                f"({comp['step_seconds_median']:.2f} s against {eager['step_seconds_median']:.2f} s); whole process "
-                f"{statistics.median(comp['process_seconds']):.0f} s against "
-                f"{statistics.median(eager['process_seconds']):.0f} s (the compilation: "
-                f"{statistics.median(comp['process_seconds']) - statistics.median(eager['process_seconds']):.0f} s); "
-                f"the same seeds' losses agree within {loss_diff:.1e} (relative, largest over the steps)."
+                f"- --compile at K={k}: step {ratio(comp, eager, 'step_cpu_seconds_median'):.3f}x eager in CPU seconds "
+                f"({comp['step_cpu_seconds_median']:.2f} against {eager['step_cpu_seconds_median']:.2f}); the first "
+                f"step, compiling from an empty cache, {comp['first_step_wall_seconds']:.0f} s wall against "
+                f"{eager['first_step_wall_seconds']:.0f} s; the same seeds' losses agree within {loss_diff:.1e} "
+                f"(relative, largest of 3 steps)."
             )
     return "\n".join(lines) + "\n"
 
