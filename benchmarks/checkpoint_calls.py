@@ -5,7 +5,7 @@ process), on the tiny SD 1.x pipeline whose sizes are committed beside this scri
 (``configs/checkpoint_calls_pipeline.json``: UNet 32/64 channels, a 2-block VAE, so 32x32 latents at 64 px:
 1024-token attention like a real model's) and the tiny ICT-HP reward of ``rewardtune.testing``::
 
-    python benchmarks/checkpoint_calls.py --quick   # writes benchmarks/results/checkpoint_calls.{json,md}
+    python benchmarks/checkpoint_calls.py --quick --compile   # writes benchmarks/results/checkpoint_calls.{json,md}
 
 Per configuration it records
 
