@@ -1,30 +1,53 @@
-"""Peak memory and step time against K, with and without whole-call checkpointing (issue #13).
+"""Peak memory and step time against K, with and without whole-call checkpointing (issue #13), and --compile.
 
 Each configuration is a real ``rewardtune finetune`` process under ``/usr/bin/time -v`` (peak RSS is per
 process), on the tiny SD 1.x pipeline whose sizes are committed beside this script
 (``configs/checkpoint_calls_pipeline.json``: UNet 32/64 channels, a 2-block VAE, so 32x32 latents at 64 px:
 1024-token attention like a real model's) and the tiny ICT-HP reward of ``rewardtune.testing``::
 
-    python benchmarks/checkpoint_calls.py            # writes benchmarks/results/checkpoint_calls.{json,md}
+    python benchmarks/checkpoint_calls.py --quick --compile   # writes benchmarks/results/checkpoint_calls.{json,md}
 
-Step time is the median wall time of the optimizer steps after the first (``metrics.jsonl``); the processes
-run one at a time. Targets: peak RSS at K=20 at most 1.15x K=1 with checkpointing on; K=1 no slower than
-without whole-call checkpointing (at K=1 no call is checkpointed, so the code path is the same).
+Per configuration it records
+
+- peak RSS twice: under glibc malloc's defaults, and with ``MALLOC_MMAP_THRESHOLD_=131072`` (every block of
+  128 KiB or more is its own mapping, returned to the system when freed; the default raises that threshold
+  as large blocks are freed, after which they come from the heap, whose freed space stays resident);
+- the peak of live tensor storage over one optimizer step (a process of its own: ``finetune_step``'s
+  ``tracked_peak_mib``, counted as the planner counts), which is what K costs, free of the allocator;
+- the planner's predictions: ``rewardtune plan --json`` (its default GPU target) and
+  ``predict_peak_memory(target="cpu")`` (CPU kernels, no allocator rounding: like for like with the count);
+- the step time: the median wall time of the CLI's optimizer steps after the first (``metrics.jsonl``), and
+  the CPU seconds of two steps after a warm-up one in the live-count process (one torch thread: on a shared
+  machine the CPU seconds hold where wall times do not); the configurations run one at a time, in reversed
+  order on every other round (``--repeats``);
+- with ``--compile``: no CLI run (memory is the eager step's), the live-count process's step CPU seconds, its
+  first step (the compilation, from an empty inductor cache) and its losses against the eager run's.
+
+Targets: peak RSS at K=20 at most 1.15x K=1 with checkpointing on; K=1 no slower than without whole-call
+checkpointing (at K=1 no call is checkpointed, so the code path is the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT, environment  # noqa: F401  (puts the repository on sys.path)
+from finetune_step import tracked_peak_mib
 
+from rewardtune.config import add_config_args, build_config
+from rewardtune.finetune.config import FinetuneConfig
+from rewardtune.finetune.trainer import Trainer
+from rewardtune.plan import predict_peak_memory
 from rewardtune.testing import save_tiny_pipeline, write_tiny_reward_world
 
 HERE = Path(__file__).resolve().parent
@@ -50,21 +73,26 @@ SETTING = [
     "--eval-every",
     "0",
     "--eval-size",
-    "1",
+    "2",
     "--checkpoint-every",
     "0",
     "--prompts",
     "builtin:simple",
 ]
-CONFIGS = [  # (K, whole-call checkpointing, the model's block checkpointing)
-    (1, True, True),
-    (20, True, True),
-    (1, False, True),
-    (20, False, True),
-    (1, False, False),
-    (20, False, False),
-    (20, True, False),
+# (K, whole-call checkpointing, the model's block checkpointing, --compile)
+CONFIGS = [
+    (1, True, True, False),
+    (20, True, True, False),
+    (1, False, True, False),
+    (20, False, True, False),
+    (1, False, False, False),
+    (20, False, False, False),
+    (20, True, False, False),
 ]
+QUICK = [(1, True, True, False), (1, False, True, False), (20, True, True, False), (20, False, True, False)]
+COMPILED = [(1, True, True, True), (20, True, True, True)]
+ALLOCATORS = {"default": {}, "mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def git_commit() -> str:
@@ -75,19 +103,11 @@ def git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def run_one(work: Path, model: Path, world: Path, k: int, calls: bool, blocks: bool, steps: int) -> dict:
-    out = work / f"k{k}_calls{int(calls)}_blocks{int(blocks)}"
-    cmd = [
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        "-m",
-        "rewardtune.cli",
-        "finetune",
+def finetune_flags(model: Path, world: Path, k: int, calls: bool, blocks: bool, compiled: bool) -> list[str]:
+    """The ``rewardtune finetune`` flags of one configuration (``--output`` and ``--steps`` aside)."""
+    return [
         "--model",
         str(model),
-        "--output",
-        str(out),
         "--reward",
         "icthp",
         "--ict",
@@ -98,95 +118,242 @@ def run_one(work: Path, model: Path, world: Path, k: int, calls: bool, blocks: b
         str(world / "backbone"),
         "--k",
         str(k),
-        "--steps",
-        str(steps),
         *SETTING,
         "--checkpoint-calls" if calls else "--no-checkpoint-calls",
         "--gradient-checkpointing" if blocks else "--no-gradient-checkpointing",
+        "--compile" if compiled else "--no-compile",
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+
+
+def _run(cmd: list[str], what: str, env: dict | None = None, cwd: Path | None = None):
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **ENV, **(env or {})})
     if res.returncode != 0:
-        raise SystemExit(f"finetune failed ({k=}, {calls=}, {blocks=}):\n{res.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{res.stderr[-3000:]}")
+    return res
+
+
+def run_cli(work: Path, flags: list[str], steps: int, allocator: str) -> dict:
+    """Peak RSS and step times of one ``rewardtune finetune`` process."""
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=work)) / "out"
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "rewardtune.cli", "finetune", "--output", str(out)]
+    res = _run([*cmd, "--steps", str(steps), *flags], f"finetune {flags}", ALLOCATORS[allocator], work)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    h, m, sec = ([0, 0] + re.search(r"Elapsed \(wall clock\) time.*: ([\d:.]+)", res.stderr).group(1).split(":"))[-3:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    times = [x["step_time"] for x in lines if x["kind"] == "train"][1:]
+    times = [x["step_time"] for x in lines if x["kind"] == "train"]
     return {
-        "k": k,
-        "checkpoint_calls": calls,
-        "gradient_checkpointing": blocks,
         "peak_rss_mb": rss_kb / 1024,
-        "step_seconds_median": statistics.median(times),
-        "step_seconds": times,
+        "first_step_seconds": times[0],
+        "step_seconds": times[1:],
+        "losses": [x["loss"] for x in lines if x["kind"] == "train"],
+        "process_seconds": 3600 * float(h) + 60 * float(m) + float(sec),
+        "process_cpu_seconds": sum(
+            float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", res.stderr).group(1)) for kind in ("User", "System")
+        ),
     }
 
 
+def live_and_predicted(flags: list[str]) -> dict:
+    """Run in a process of its own (``--live``): the live tensor peak of one optimizer step after a warm-up step,
+    and the planner's CPU-target prediction of the same config."""
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, FinetuneConfig, skip=("output", "steps"))
+    cfg = build_config(FinetuneConfig, parser.parse_args(flags), output=tempfile.mkdtemp(), steps=10)
+    out = {}
+    if not cfg.compile:
+        out["predicted_cpu_mib"] = predict_peak_memory(dataclasses.replace(cfg), target="cpu")["peak_mib"]
+    trainer = Trainer(cfg)
+    cpu, wall, losses = [], [], []
+    for _ in range(3):  # the first warms up (compiles); the optimizer's states exist after it, as at every later step
+        start, start_cpu = time.perf_counter(), time.process_time()
+        losses.append(trainer.step()["loss"])
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    out.update(first_step_cpu_seconds=cpu[0], first_step_wall_seconds=wall[0], step_cpu_seconds=cpu[1:], losses=losses)
+    if not cfg.compile:  # a compiled step keeps the eager step's tensors
+        out["peak_tensor_mib"] = tracked_peak_mib(trainer)
+    return out
+
+
+def planned(flags: list[str]) -> float:
+    """``rewardtune plan --json``'s peak (MiB) for the configuration: what a user is shown."""
+    res = _run([sys.executable, "-m", "rewardtune.cli", "plan", "--json", *flags], f"plan {flags}")
+    return json.loads(res.stdout)["prediction"]["peak_mib"]
+
+
+def measure(work: Path, model: Path, world: Path, config: tuple, steps: int, runs: dict) -> None:
+    """One round of one configuration; appends to ``runs[config]``."""
+    flags = finetune_flags(model, world, *config)
+    rec = runs.setdefault(config, {"cli": {name: [] for name in ALLOCATORS}})
+    for name in [] if config[3] else ALLOCATORS:  # compiled: time, not memory, is the question (the live run)
+        rec["cli"][name].append(run_cli(work, flags, steps, name))
+    if "step_cpu_seconds" not in rec:
+        cache = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=work)}  # a cold compilation
+        res = _run([sys.executable, __file__, "--live", "--", *flags], f"live tensors {flags}", cache)
+        rec.update(json.loads(res.stdout.strip().splitlines()[-1]))
+        if not config[3]:
+            rec["plan_cli_mib"] = planned(flags)
+
+
+def summarize(config: tuple, rec: dict) -> dict:
+    k, calls, blocks, compiled = config
+    out = {"k": k, "checkpoint_calls": calls, "gradient_checkpointing": blocks, "compile": compiled}
+
+    def median(runs, key):
+        values = [v for r in runs for v in (r[key] if isinstance(r[key], list) else [r[key]])]
+        return statistics.median(values) if values else None
+
+    default, fixed = rec["cli"]["default"], rec["cli"]["mmap_threshold"]
+    out.update(
+        {
+            "peak_rss_mb": median(default, "peak_rss_mb"),
+            "peak_rss_mb_mmap_threshold": median(fixed, "peak_rss_mb"),
+            "step_seconds_median": median(default, "step_seconds"),
+            "step_seconds_median_mmap_threshold": median(fixed, "step_seconds"),
+            "process_seconds": median(default, "process_seconds"),
+            "process_cpu_seconds": median(default, "process_cpu_seconds"),
+            "runs": rec["cli"],
+        }
+    )
+    out["step_cpu_seconds_median"] = statistics.median(rec["step_cpu_seconds"])
+    for key in ("peak_tensor_mib", "predicted_cpu_mib", "plan_cli_mib", "step_cpu_seconds", "losses"):
+        out[key] = rec.get(key)
+    for key in ("first_step_cpu_seconds", "first_step_wall_seconds"):
+        out[key] = rec.get(key)
+    return out
+
+
 def report(records: list[dict], meta: dict) -> str:
-    by = {(r["k"], r["checkpoint_calls"], r["gradient_checkpointing"]): r for r in records}
+    by = {(r["k"], r["checkpoint_calls"], r["gradient_checkpointing"], r["compile"]): r for r in records}
+    env = meta["env"]
     lines = [
-        "# Whole-call checkpointing: peak RSS and step time against K (issue #13)",
+        "# Whole-call checkpointing: peak memory and step time against K (issue #13)",
         "",
-        f"Commit `{meta['commit']}`, {meta['env']['date']}, {meta['env']['cpu']} ({meta['env']['cpu_count']} cores), "
-        f"torch {meta['env']['versions']['torch']}. `python benchmarks/checkpoint_calls.py`; tiny SD 1.x "
-        f"({json.dumps(PIPELINE)}), 64 px, 20 DDIM steps, guidance 5, eta 1, batch 2, LoRA rank 4, fp32, tiny ICT-HP, "
-        f"{meta['steps']} optimizer steps per process.",
+        f"Commit `{meta['commit']}`, {env['date']}, {env['cpu']} ({env['cpu_count']} cores, shared with other jobs), "
+        f"torch {env['versions']['torch']}, one torch thread. `python benchmarks/checkpoint_calls.py "
+        f"{' '.join(meta['argv'])}`; tiny SD 1.x ({json.dumps(PIPELINE)}), 64 px, 20 DDIM steps, guidance 5, eta 1, "
+        f"batch 2, LoRA rank 4, fp32, tiny ICT-HP, {meta['steps']} optimizer steps per process, {meta['repeats']} "
+        f"round(s) of every configuration (two processes per round: the two allocator settings).",
         "",
-        "| K | whole-call checkpointing | block checkpointing | peak RSS (MB) | step (s, median) |",
-        "| --- | --- | --- | --- | --- |",
+        "| K | whole-call ckpt | block ckpt | compile | peak RSS (MB) | peak RSS, fixed mmap threshold (MB) "
+        "| live tensors (MiB) | planner, CPU target (MiB) | `rewardtune plan` (MiB) | step (s, median) "
+        "| step, fixed mmap threshold (s) | step (CPU s, median) | process (s, CPU s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def cell(r, key, fmt="{:.2f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "-"
+
     for r in records:
+        onoff = ["on" if r[x] else "off" for x in ("checkpoint_calls", "gradient_checkpointing", "compile")]
         lines.append(
-            f"| {r['k']} | {'on' if r['checkpoint_calls'] else 'off'} | {'on' if r['gradient_checkpointing'] else 'off'} "
-            f"| {r['peak_rss_mb']:.0f} | {r['step_seconds_median']:.2f} |"
+            f"| {r['k']} | {' | '.join(onoff)} | {cell(r, 'peak_rss_mb', '{:.0f}')} "
+            f"| {cell(r, 'peak_rss_mb_mmap_threshold', '{:.0f}')} "
+            f"| {cell(r, 'peak_tensor_mib')} | {cell(r, 'predicted_cpu_mib')} | {cell(r, 'plan_cli_mib')} "
+            f"| {cell(r, 'step_seconds_median')} | {cell(r, 'step_seconds_median_mmap_threshold')} "
+            f"| {r['step_cpu_seconds_median']:.2f} | {cell(r, 'process_seconds', '{:.0f}')}, "
+            f"{cell(r, 'process_cpu_seconds', '{:.0f}')} |"
         )
-    on1, on20 = by.get((1, True, True)), by.get((20, True, True))
-    off1, off20 = by.get((1, False, True)), by.get((20, False, True))
     lines.append("")
+    on1, on20 = by.get((1, True, True, False)), by.get((20, True, True, False))
+    off1, off20 = by.get((1, False, True, False)), by.get((20, False, True, False))
+
+    def ratio(a, b, key):
+        return a[key] / b[key]
+
+    def fixed_cost(r):
+        return r["step_seconds_median_mmap_threshold"] / r["step_seconds_median"]
+
     if on1 and on20:
-        ratio = on20["peak_rss_mb"] / on1["peak_rss_mb"]
-        lines.append(
-            f"- Peak RSS K=20 / K=1 with both checkpointings: **{ratio:.3f}** (target <= 1.15: "
-            f"{'met' if ratio <= 1.15 else 'MISSED'})."
-        )
+        rss = ratio(on20, on1, "peak_rss_mb")
+        lines += [
+            f"- K=20 / K=1 with both checkpointings: peak RSS **{rss:.3f}** (target <= 1.15: "
+            f"{'met' if rss <= 1.15 else 'MISSED'}); with the fixed mmap threshold "
+            f"**{ratio(on20, on1, 'peak_rss_mb_mmap_threshold'):.3f}**; live tensors "
+            f"**{ratio(on20, on1, 'peak_tensor_mib'):.3f}** ({on1['peak_tensor_mib']:.2f} -> "
+            f"{on20['peak_tensor_mib']:.2f} MiB).",
+        ]
+        for r in (on1, on20):
+            lines.append(
+                f"- Planner at K={r['k']}: CPU target {r['predicted_cpu_mib'] / r['peak_tensor_mib'] - 1:+.2%}, "
+                f"`rewardtune plan` (GPU target) {r['plan_cli_mib'] / r['peak_tensor_mib'] - 1:+.2%} against the "
+                f"live tensor peak."
+            )
     if off1 and off20:
         lines.append(
-            f"- Without whole-call checkpointing (as before): K=20 / K=1 = {off20['peak_rss_mb'] / off1['peak_rss_mb']:.3f}."
+            f"- Without whole-call checkpointing: K=20 / K=1 peak RSS {ratio(off20, off1, 'peak_rss_mb'):.3f}, "
+            f"fixed mmap threshold {ratio(off20, off1, 'peak_rss_mb_mmap_threshold'):.3f}, live tensors "
+            f"{ratio(off20, off1, 'peak_tensor_mib'):.3f}."
+        )
+    if on1 and on20:
+        lines.append(
+            f"- The fixed mmap threshold's price in time: step {fixed_cost(on1):.2f}x the default's at K=1, "
+            f"{fixed_cost(on20):.2f}x at K=20 "
+            f"(every large block is a fresh mapping the kernel zeroes)."
         )
     if on1 and off1:
-        t = on1["step_seconds_median"] / off1["step_seconds_median"]
-        lines.append(f"- Step time at K=1, on / off: {t:.3f} (the same code path: no call is checkpointed at K=1).")
+        lines.append(
+            f"- Step time at K=1, whole-call checkpointing on / off: {ratio(on1, off1, 'step_cpu_seconds_median'):.3f} "
+            f"in CPU seconds, {ratio(on1, off1, 'step_seconds_median'):.3f} in wall seconds (the same code path: no "
+            f"call is checkpointed at K=1)."
+        )
     if on20 and off20:
         lines.append(
-            f"- Step time at K=20, on / off: {on20['step_seconds_median'] / off20['step_seconds_median']:.3f} "
-            f"(the recomputation of 19 calls)."
+            f"- Step time at K=20, on / off: {ratio(on20, off20, 'step_cpu_seconds_median'):.3f} in CPU seconds, "
+            f"{ratio(on20, off20, 'step_seconds_median'):.3f} in wall seconds (the recomputation of 19 calls)."
         )
+    for k, eager in ((1, on1), (20, on20)):
+        comp = by.get((k, True, True, True))
+        if comp and eager:  # both from the live-count processes: 3 steps each, same seeds
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(comp["losses"], eager["losses"]))
+            lines.append(
+                f"- --compile at K={k}: step {ratio(comp, eager, 'step_cpu_seconds_median'):.3f}x eager in CPU seconds "
+                f"({comp['step_cpu_seconds_median']:.2f} against {eager['step_cpu_seconds_median']:.2f}); the first "
+                f"step, compiling from an empty cache, {comp['first_step_wall_seconds']:.0f} s wall against "
+                f"{eager['first_step_wall_seconds']:.0f} s; the same seeds' losses agree within {loss_diff:.1e} "
+                f"(relative, largest of 3 steps)."
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per process (the first is not timed)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of all configurations (every other one reversed)")
     p.add_argument("--out", default=str(HERE / "results" / "checkpoint_calls"), help="results path without suffix")
-    p.add_argument(
-        "--quick", action="store_true", help="only K=1 and K=20 with both checkpointings, and K=20 without calls"
-    )
-    args = p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="K=1 and K=20 with block checkpointing, whole calls on/off")
+    p.add_argument("--compile", action="store_true", help="also K=1 and K=20 with --compile (minutes of compiling)")
+    p.add_argument("--report", metavar="JSON", help="only rewrite the Markdown of a results JSON")
+    p.add_argument("--live", action="store_true", help=argparse.SUPPRESS)  # one live-tensor count: finetune flags
+    args, rest = p.parse_known_args(argv)
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        Path(args.report).with_suffix(".md").write_text(report(data["records"], data))
+        return 0
+    if args.live:
+        print(json.dumps(live_and_predicted([x for x in rest if x != "--"])))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="rewardtune-ckpt-calls-"))
     model = save_tiny_pipeline(
         work / "pipe", "sd", seed=0, **{k: tuple(v) if isinstance(v, list) else v for k, v in PIPELINE.items()}
     )
     world = write_tiny_reward_world(work / "reward")
-    meta = {"commit": git_commit(), "env": environment(), "steps": args.steps}
-    records = []
-    configs = [(1, True, True), (20, True, True), (20, False, True)] if args.quick else CONFIGS
-    for k, calls, blocks in configs:
-        records.append(run_one(work, model, world, k, calls, blocks, args.steps))
-        print(json.dumps(records[-1]), flush=True)
+    argv_shown = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--out")]
+    meta = {"commit": git_commit(), "env": environment(), "steps": args.steps, "repeats": args.repeats}
+    meta["argv"] = argv_shown
+    configs = (QUICK if args.quick else CONFIGS) + (COMPILED if args.compile else [])
+    runs: dict = {}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(
-        json.dumps({**meta, "pipeline": PIPELINE, "setting": SETTING, "records": records}, indent=2)
-    )
-    Path(args.out + ".md").write_text(report(records, meta))
-    print(report(records, meta))
+    for round_ in range(args.repeats):
+        for config in configs if round_ % 2 == 0 else configs[::-1]:
+            measure(work, model, world, config, args.steps, runs)
+            print(round_, config, flush=True)
+            records = [summarize(c, runs[c]) for c in configs if c in runs]  # written as they come: hours of work
+            Path(args.out + ".json").write_text(
+                json.dumps({**meta, "pipeline": PIPELINE, "setting": SETTING, "records": records}, indent=2)
+            )
+            Path(args.out + ".md").write_text(report(records, meta))
+    print(Path(args.out + ".md").read_text())
     return 0
 
 

@@ -124,6 +124,12 @@ class FinetuneConfig:
         "its inputs are kept and it is recomputed in the backward pass, so memory stays flat "
         "in K (--gradient-checkpointing still checkpoints the model's blocks inside it)",
     )
+    compile: bool = option(
+        False,
+        "compile the denoiser with torch.compile (inductor) for the sampling and gradient steps: the "
+        "first steps pay the compilation (minutes), the later ones run faster; needs a C++ compiler on "
+        "the CPU, Triton on a GPU",
+    )
     attention: str = option(
         "sdpa", "attention kernels: sdpa (PyTorch) or xformers (if installed)", choices=["sdpa", "xformers"]
     )

@@ -28,6 +28,7 @@ from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
 from . import lora as lora_mod
+from .compile import check_compile, compile_denoiser
 from .config import FinetuneConfig
 from .defaults import FLOW_FAMILIES, check_family_options, resolve_defaults
 from .models import load_pipeline, make_adapter, prepare_pipeline
@@ -66,6 +67,8 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
         raise UserError(
             "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw"
         )
+    if cfg.compile:
+        check_compile(cuda=torch.cuda.is_available())
     if cfg.attention == "xformers":
         from diffusers.utils import is_xformers_available
 
@@ -209,6 +212,8 @@ class Trainer:
             )
         params = lora_mod.trainable_parameters(*lora.modules)
         prepared = acc.prepare(*lora.modules, make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay))
+        if cfg.compile:
+            compile_denoiser(lora.denoiser)
         sampler = make_sampler(
             adapter.sampler_kind, pipe.scheduler, cfg, dtype, adapter=adapter, resolution=resolution
         )
