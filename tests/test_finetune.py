@@ -14,6 +14,7 @@ from rewardtune.finetune import Trainer, load_lora, run_finetune
 from rewardtune.finetune.lora import KOHYA_NAME, export_kohya
 from rewardtune.finetune.models import load_pipeline, model_family, resolve_model, training_scheduler
 from rewardtune.finetune.sampler import Plan, TruncatedSampler, make_plan
+from rewardtune.finetune.trainer import checkpoint_vae_decoder
 from rewardtune.plan.architectures import arch_config
 from rewardtune.schedules import lr_factor
 from rewardtune.testing import save_tiny_pipeline
@@ -301,3 +302,44 @@ def test_lr_schedule_sets_each_steps_lr_from_the_step_counter(sd_model, tmp_path
 def test_unknown_lr_schedule_is_a_clear_error(sd_model, tmp_path, tiny_cfg):
     with pytest.raises(UserError, match="--lr-schedule 'step'"):
         tiny_cfg(sd_model, tmp_path, lr_schedule="step").validate()
+
+
+def test_layer_checkpointed_vae_decode_gives_the_same_gradient(sd_model):
+    """checkpoint_vae_decoder (each resnet, attention and upsampler of the decoder its own checkpoint, inside
+    diffusers' block checkpoints) changes what is kept for the backward pass, not the gradient: the same
+    d(image)/d(latent) as the plain decode. With diffusers' block checkpointing alone each layer runs twice (the
+    forward pass and its block's recomputation); here also in a recomputation of its own."""
+
+    def grad(vae):
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        out = vae.decode(z, return_dict=False)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return z.grad
+
+    pipe = DiffusionPipeline.from_pretrained(sd_model)
+    plain = grad(pipe.vae)
+    decoder = pipe.vae.decoder
+    layers = [
+        m
+        for block in [decoder.mid_block, *decoder.up_blocks]
+        for name in ("resnets", "attentions", "upsamplers")
+        for m in (getattr(block, name, None) or [])
+    ]
+    calls = {id(m): 0 for m in layers}
+
+    def counting(m, forward):
+        def run(*args, **kwargs):
+            calls[id(m)] += 1
+            return forward(*args, **kwargs)
+
+        return run
+
+    for m in layers:
+        m.forward = counting(m, m.forward)
+    checkpoint_vae_decoder(pipe.vae)
+    finer = grad(pipe.vae)
+    # every layer but each block's last ran a third time: its own recomputation (the block's recomputation stops
+    # early before its last layer, whose input is all it needs)
+    blocks = 1 + len(decoder.up_blocks)
+    assert len(layers) >= 4 and sum(v == 3 for v in calls.values()) == len(layers) - blocks
+    torch.testing.assert_close(finer, plain, atol=1e-6, rtol=1e-5)

@@ -27,7 +27,7 @@ from ..finetune import lora as lora_mod
 from ..finetune.defaults import FLOW_FAMILIES, resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
-from ..finetune.trainer import Trainer, TrainerParts, prepare_models
+from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
 from .architectures import ARCH_OF_ALIAS, ARCHITECTURES, build_pipeline, build_reward
 
 # ----- counting memory on fake tensors ------------------------------------------------------------
@@ -359,7 +359,7 @@ def predict_peak_memory(
 
     Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
     ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
-    checkpoints each VAE decoder block (a benchmark experiment). ``target='cpu'`` predicts a CPU run
+    checkpoints the VAE decoder layer by layer (``checkpoint_vae_decoder``; a benchmark experiment). ``target='cpu'`` predicts a CPU run
     instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
 
     Flow families (SD3, FLUX) run the adapter's prompt caching first: T5 and untrained CLIP encoders are not
@@ -383,7 +383,7 @@ def predict_peak_memory(
     setup_cfg = dataclasses.replace(pcfg, attention="sdpa") if pcfg.attention == "xformers" else pcfg
     lora = prepare_models(setup_cfg, pipe, adapter, "meta")
     if vae_block_checkpointing:
-        pipe.vae.enable_gradient_checkpointing()
+        checkpoint_vae_decoder(pipe.vae)
     sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype, adapter, resolution)
     if adapter.sampler_kind == "ddim":  # DDIM indexes its tables with the timestep; flow steps use sigmas
         sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
