@@ -13,7 +13,12 @@ from peft import LoraConfig
 
 from rewardtune.cli import main
 from rewardtune.finetune import Trainer
-from rewardtune.finetune.models import _quantized_denoiser, cpu_quantization_problem, model_family
+from rewardtune.finetune.models import (
+    _quantized_denoiser,
+    cpu_quantization_problem,
+    model_family,
+    quantize_linears_on_cpu,
+)
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
 
 if importlib.util.find_spec("bitsandbytes") is None:
@@ -115,17 +120,27 @@ def _call_inputs(pipe, prompt="a red apple"):
 
 
 def _lora_grads(denoiser, args, kwargs, seed=0):
-    """Prediction and LoRA gradients of a fixed random projection of it, with a LoRA whose B is non-zero."""
+    """Prediction, and the gradients of a fixed random projection of it w.r.t. a LoRA whose B is non-zero and w.r.t.
+    the input latents, in eval mode after a forward without gradient (the trainer's order)."""
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
     gen = torch.Generator().manual_seed(seed)
     lora = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for n in sorted(lora):
             lora[n].copy_(torch.randn(lora[n].shape, generator=gen) * 0.1)
+    with torch.no_grad():  # as the sampler's steps without gradient run first (bitsandbytes may repack then)
+        denoiser(*args, **kwargs, return_dict=False)
+    if args:  # the UNet takes its latents positionally, the transformers by keyword
+        latents = args[0].detach().clone().requires_grad_(True)
+        args, kwargs = (latents, *args[1:]), kwargs
+    else:
+        latents = kwargs["hidden_states"].detach().clone().requires_grad_(True)
+        kwargs = {**kwargs, "hidden_states": latents}
     out = denoiser(*args, **kwargs, return_dict=False)[0]
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
     (out.float() * weights).sum().backward()
-    return out.detach().float(), {n: p.grad.detach().clone() for n, p in lora.items()}
+    grads = {n: p.grad.detach().clone() for n, p in lora.items()}
+    return out.detach().float(), {**grads, "latents (what DRaFT backpropagates through)": latents.grad.clone()}
 
 
 def _rel(a, b):
@@ -248,3 +263,28 @@ def test_a_bitsandbytes_that_cannot_quantize_on_the_cpu_gives_one_clear_line(mod
         "the CPU (NotImplementedError: quantize_4bit has no kernel registered for the cpu device); use a CUDA GPU "
         "or --quantize-base none"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_layer_passes_the_exact_gradient_to_its_input_after_a_forward_without_gradient(quantize, dtype):
+    """The trainer samples its steps without gradient first, in eval mode, then backpropagates through later ones.
+    bitsandbytes (0.50, CPUs with AVX512-BF16) repacks a 4-bit weight for inference on such a forward, and its
+    repacked matmul has no backward; the layers ``quantize_linears_on_cpu`` builds must keep giving the input the
+    gradient of ``x @ W.T + b`` with W bitsandbytes' own dequantized weight. 256x128: repacking needs 32-row tiles,
+    which the tiny pipelines' 16-wide layers never fill."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    model = quantize_linears_on_cpu(torch.nn.Sequential(linear), quantize, dtype).eval()
+    layer = model[0]
+    w = _dequantized(layer, quantize)  # before any forward: bitsandbytes moves the int8 row scales into the layer
+    with torch.no_grad():
+        model(torch.randn(3, 256, generator=gen).to(dtype))
+    x = torch.randn(3, 256, generator=gen).to(dtype).requires_grad_(True)
+    upstream = torch.randn(3, 128, generator=gen)
+    y = model(x)
+    (y.float() * upstream).sum().backward()
+    # against bitsandbytes' own dequantized weight the only error left is the compute dtype's rounding (bf16: 2^-8
+    # relative) and, for int8 (LLM.int8), the input's own row-wise int8 rounding (1/254 of the row's largest value)
+    assert x.grad is not None and _rel(x.grad.float(), upstream @ w) < 1e-2
+    assert _rel(y.detach().float(), x.detach().float() @ w.T + layer.bias.detach().float()) < 1e-2

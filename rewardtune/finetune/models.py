@@ -221,6 +221,9 @@ def quantize_linears_on_cpu(model: torch.nn.Module, quantize: str, dtype: torch.
                 layer.weight = bnb.nn.Params4bit(
                     weight, requires_grad=False, compress_statistics=False, quant_type="nf4", module=layer
                 )
+                # bitsandbytes repacks the weight for AVX512-BF16 inference on an eval-mode forward without gradient
+                # (the sampler's first steps) and its repacked matmul has no backward: later steps would fail
+                layer.support_avx512bf16_for_cpu = False
             else:
                 layer = bnb.nn.Linear8bitLt(
                     child.in_features, child.out_features, bias, has_fp16_weights=False, threshold=6.0, device="meta"
@@ -234,11 +237,14 @@ def quantize_linears_on_cpu(model: torch.nn.Module, quantize: str, dtype: torch.
 
 
 def cpu_quantization_problem(quantize: str) -> str | None:
-    """None when bitsandbytes' ``nf4``/``int8`` layer quantizes, runs forward and passes a gradient to its input on
-    the CPU (what a LoRA on a frozen quantized base needs); else the first line of what failed."""
+    """None when bitsandbytes' ``nf4``/``int8`` layer, as ``quantize_linears_on_cpu`` builds it, quantizes, runs
+    forward and passes a gradient to its input on the CPU (what a LoRA on a frozen quantized base needs, through
+    every later sampling step); else the first line of what failed."""
     try:
         gen = torch.Generator().manual_seed(0)
-        model = quantize_linears_on_cpu(torch.nn.Sequential(torch.nn.Linear(64, 64)), quantize, torch.float32)
+        model = quantize_linears_on_cpu(torch.nn.Sequential(torch.nn.Linear(64, 64)), quantize, torch.float32).eval()
+        with torch.no_grad():  # the trainer's order: sampling steps without gradient, then steps with it
+            model(torch.randn(2, 64, generator=gen))
         x = torch.randn(2, 64, generator=gen, requires_grad=True)
         model(x).square().sum().backward()
         if x.grad is None or not bool(torch.isfinite(x.grad).all()):
