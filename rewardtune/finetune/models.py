@@ -181,17 +181,77 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tok
 
 
 def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dtype) -> dict:
-    """{component name: the denoiser loaded in 4-bit NF4 or 8-bit} (bitsandbytes, through diffusers)."""
+    """{component name: the denoiser loaded in 4-bit NF4 or 8-bit} (bitsandbytes).
+
+    On a GPU diffusers quantizes while loading (``quantization_config``). diffusers refuses that without a GPU
+    ("No GPU found. A GPU is needed for quantization.", 0.42), while bitsandbytes' own layers run on the CPU: there
+    the denoiser loads in ``dtype`` and every ``nn.Linear`` is swapped for bitsandbytes' layer, as diffusers'
+    quantizer does (it converts every Linear of these models; none keeps fp32), quantized on the CPU."""
     import diffusers
     from diffusers import BitsAndBytesConfig
 
     name = "unet" if family in ("sd", "sdxl") else "transformer"
     model_cls = getattr(diffusers, json.loads((path / "model_index.json").read_text())[name][1])
+    if not torch.cuda.is_available():
+        model = model_cls.from_pretrained(path, subfolder=name, **_dtype_kwarg(dtype))
+        return {name: quantize_linears_on_cpu(model.requires_grad_(False), quantize, dtype)}
     if quantize == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     return {name: model_cls.from_pretrained(path, subfolder=name, quantization_config=config, **_dtype_kwarg(dtype))}
+
+
+def quantize_linears_on_cpu(model: torch.nn.Module, quantize: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` (on the CPU) with every ``nn.Linear`` replaced by bitsandbytes' ``Linear4bit`` (NF4, blocksize 64,
+    no double quantization: diffusers' ``BitsAndBytesConfig`` defaults) or ``Linear8bitLt`` (threshold 6.0, no fp16
+    copy: the config's defaults), frozen, quantized by bitsandbytes on the CPU; computes in ``dtype``."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            bias = child.bias is not None
+            weight = child.weight.data.to(dtype)
+            if quantize == "nf4":
+                layer = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias, dtype, False, quant_type="nf4", device="meta"
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    weight, requires_grad=False, compress_statistics=False, quant_type="nf4", module=layer
+                )
+                # bitsandbytes repacks the weight for AVX512-BF16 inference on an eval-mode forward without gradient
+                # (the sampler's first steps) and its repacked matmul has no backward: later steps would fail
+                layer.support_avx512bf16_for_cpu = False
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias, has_fp16_weights=False, threshold=6.0, device="meta"
+                )
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if bias:
+                layer.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            layer.source_cls = torch.nn.Linear  # as diffusers' replace_with_bnb_linear marks its layers
+            setattr(parent, child_name, layer.to("cpu"))  # bitsandbytes quantizes on the move to a device
+    return model
+
+
+def cpu_quantization_problem(quantize: str) -> str | None:
+    """None when bitsandbytes' ``nf4``/``int8`` layer, as ``quantize_linears_on_cpu`` builds it, quantizes, runs
+    forward and passes a gradient to its input on the CPU (what a LoRA on a frozen quantized base needs, through
+    every later sampling step); else the first line of what failed."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        model = quantize_linears_on_cpu(torch.nn.Sequential(torch.nn.Linear(64, 64)), quantize, torch.float32).eval()
+        with torch.no_grad():  # the trainer's order: sampling steps without gradient, then steps with it
+            model(torch.randn(2, 64, generator=gen))
+        x = torch.randn(2, 64, generator=gen, requires_grad=True)
+        model(x).square().sum().backward()
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+            return "no finite gradient reached the layer's input"
+    except Exception as exc:  # an old bitsandbytes without a CPU backend fails in several ways
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return None
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:

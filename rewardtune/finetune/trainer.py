@@ -32,7 +32,7 @@ from . import lora as lora_mod
 from .compile import check_compile, compile_denoiser
 from .config import FinetuneConfig
 from .defaults import FLOW_FAMILIES, check_family_options, resolve_defaults
-from .models import load_pipeline, make_adapter, prepare_pipeline
+from .models import cpu_quantization_problem, load_pipeline, make_adapter, prepare_pipeline
 from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler
@@ -56,14 +56,16 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
     if cfg.quantize_base != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(
-                f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes (CUDA only), "
+                f"--quantize-base {cfg.quantize_base} needs bitsandbytes: pip install bitsandbytes, "
                 f"or use --quantize-base none"
             )
         if not torch.cuda.is_available():
-            raise UserError(
-                f"--quantize-base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); "
-                f"on a CPU use --quantize-base none"
-            )
+            problem = cpu_quantization_problem(cfg.quantize_base)
+            if problem is not None:
+                raise UserError(
+                    f"--quantize-base {cfg.quantize_base}: this bitsandbytes cannot train through its "
+                    f"{cfg.quantize_base} layers on the CPU ({problem}); use a CUDA GPU or --quantize-base none"
+                )
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw"
