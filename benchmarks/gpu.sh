@@ -130,6 +130,40 @@ rw() {
   report
 }
 
+# dist NAME TIMEOUT_S ACCELERATE_CONFIG: a sharded training path on one GPU (it proves the path, not the memory):
+# two fine-tuning steps of the bundled demo pipeline with its ICT reward through `accelerate launch` with that
+# recipe. Recorded ok/failed with the processes and the distributed type the run reports.
+dist() {
+  local name="$1" limit="$2" config="$3"
+  echo "$name" | grep -Eq "$ONLY" || return 0
+  local rem; rem=$(left)
+  if [ "$rem" -lt 25 ]; then log "SKIP $name (budget spent)"; return; fi
+  [ "$limit" -gt "$rem" ] && limit=$rem
+  local work; work=$(mktemp -d /tmp/gpu_sh_dist.XXXXXX)  # outside $OUT, which holds few files
+  local demo="$ROOT/rewardtune/demo/models"
+  log "RUN $name (limit ${limit}s): accelerate launch --config_file $config --num_processes 1 ... finetune"
+  timeout -k 10 "$limit" "$PY" -m accelerate.commands.launch --config_file "$ROOT/$config" --num_processes 1 \
+    -m rewardtune.cli finetune --model "$demo/pipeline" --reward ict --ict "$demo/ict" --output "$work/run" \
+    --steps 2 --k 2 --sample-steps 4 --batch-size 1 --eval-size 2 --mixed-precision bf16 --checkpoint-every 1 \
+    >>"$LOG" 2>&1
+  local rc=$?
+  "$PY" - "$name" "$rc" "$config" "$work/run/summary.json" >>"$REC" 2>>"$LOG" <<'PYEOF'
+import json, sys
+from pathlib import Path
+name, rc, config, summary = sys.argv[1], int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+rec = {"kind": "distributed", "name": name, "accelerate_config": config, "rc": rc}
+if summary.is_file():
+    s = json.loads(summary.read_text())
+    rec.update(processes=s.get("processes"), steps=s.get("steps"))
+if rc != 0:
+    rec["error"] = f"exit {rc}"
+print(json.dumps(rec))
+PYEOF
+  [ $rc -ne 0 ] && log "FAILED $name rc=$rc"
+  rm -rf "$work"
+  report
+}
+
 # The configs, most important first: name, then finetune flags (see finetune_step.py --help). The issue's
 # order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
 # with an NF4 base, then with its bf16 base), then K = all steps, then the rest.
@@ -194,6 +228,9 @@ for entry in "${CONFIGS[@]}"; do
   fi
 done
 rw "train-hp-bs8-ckpt" 90 --task train-hp --batch-size 8 --precision bf16 --checkpointing
+# Last: the sharded paths (issue #14). DeepSpeed needs its wheel carried (pip install deepspeed).
+dist "fsdp2-demo-2steps" 120 recipes/accelerate/fsdp.yaml
+dist "zero2-demo-2steps" 120 recipes/accelerate/deepspeed_zero2.yaml
 
 # Give the background planner what budget is left, then stop it.
 while kill -0 "$PRED_PID" 2>/dev/null && [ "$(left)" -gt 5 ]; do sleep 2; done

@@ -236,14 +236,16 @@ def k_growth_lines(records: list[dict]) -> list[str]:
 
 def render(records: list[dict], title: str) -> tuple[dict, str]:
     records = join_predictions(records)
-    fin = [r for r in records if r.get("kind") != "reward"]
+    fin = [r for r in records if r.get("kind") not in ("reward", "distributed")]
     rew = [r for r in records if r.get("kind") == "reward"]
+    dist = [r for r in records if r.get("kind") == "distributed"]
     env = next((r["env"] for r in records if r.get("env")), None) or environment()
     data = {
         "title": title,
         "environment": env,
         "finetune": fin,
         "reward": rew,
+        "distributed": dist,
         "targets": target_lines(records) + k_growth_lines(fin),
     }
     v = env.get("versions", {})
@@ -269,6 +271,19 @@ def render(records: list[dict], title: str) -> tuple[dict, str]:
         ]
     if rew:
         md += ["## Reward models: scoring and training", "", *reward_table(rew), ""]
+    if dist:
+        md += [
+            "## Sharded training paths (one GPU: the path, not the memory)",
+            "",
+            "| config | accelerate config | exit | processes | steps | error |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {r.get('name')} | {r.get('accelerate_config')} | {r.get('rc')} | {_f(r.get('processes'))} | "
+                f"{_f(r.get('steps'))} | {r.get('error') or ''} |"
+                for r in dist
+            ),
+            "",
+        ]
     if data["targets"]:
         md += ["## Targets", "", *data["targets"], ""]
     return data, "\n".join(md) + "\n"
