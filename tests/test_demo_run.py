@@ -92,6 +92,7 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
     done = rewardtune(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout
+    assert "s left" in done.stdout  # progress lines estimate the time left
     summary = json.loads((out / "summary.json").read_text())
     for key in (
         "oracle_before",
