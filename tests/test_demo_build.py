@@ -214,3 +214,32 @@ def test_pickscore_recipe_learns_the_preference_pairs(tmp_path):
     rewards = load_rewards(["clip", "pickscore"], clip=str(tmp_path / "clip"), pickscore=str(tmp_path / "ps"))
     table = evaluate_rewards(tmp_path / "set", "train", rewards, batch_size=32, progress=False)
     assert table["pickscore"]["I2>I1"] >= 0.9 > table["clip"]["I2>I1"], table
+
+
+def test_partial_rebuild_keeps_the_full_builds_record(built, tmp_path):
+    """``--only``: the part is rebuilt, and build.json keeps the full build's settings and timings, with the
+    partial run recorded beside them."""
+    shutil.copytree(built, tmp_path / "models")
+    before = json.loads((built / "build.json").read_text())
+    done = run(
+        "scripts/build_demo_models.py",
+        "--output",
+        str(tmp_path / "models"),
+        "--work",
+        str(built.parent / "work"),
+        "--only",
+        "baselines",
+        "--pickscore-steps",
+        "3",
+        "--threads",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "models" / "build.json").read_text())
+    assert {k: record[k] for k in ("config", "seconds", "total_seconds")} == {
+        k: before[k] for k in ("config", "seconds", "total_seconds")
+    }
+    (partial,) = record["partial_builds"]
+    assert partial["config"]["only"] == ["baselines"] and partial["config"]["pickscore_steps"] == 3
+    assert set(partial["seconds"]) == {"baselines"} and partial["total_seconds"] == partial["seconds"]["baselines"]
+    assert record["baseline_metrics"]["pickscore"]["val/pickscore_n"] == 12

@@ -592,8 +592,14 @@ def build(cfg: BuildConfig) -> dict:
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="rewardtune-demo-build-"))
     record_path = out / "build.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.update(config=dataclasses.asdict(cfg), machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
-    timings = record.setdefault("seconds", {})
+    run = dict(config=dataclasses.asdict(cfg), machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+    if cfg.only and "config" in record:  # a partial rebuild: the full build's settings and timings stay as they were
+        run.update(load_average=[round(x, 2) for x in os.getloadavg()])
+        record.setdefault("partial_builds", []).append(run)
+    else:
+        record.update(run)
+        run = record
+    timings = run.setdefault("seconds", {})
 
     def timed(name, fn):
         t0 = time.time()
@@ -655,7 +661,7 @@ def build(cfg: BuildConfig) -> dict:
             lambda: build_baselines(data_root, clip_dir, out, cfg.pickscore_steps, cfg.seed, device=cfg.device),
         )
         record["baseline_metrics"] = _jsonable(metrics)
-    record["total_seconds"] = round(sum(timings.values()), 1)
+    run["total_seconds"] = round(sum(timings.values()), 1)
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -709,9 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, BuildConfig)
     args = parser.parse_args(argv)
     try:
-        record = build(build_config(BuildConfig, args))
+        cfg = build_config(BuildConfig, args)
+        record = build(cfg)
     except UserError as exc:
         print(f"build: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    log(f"done in {record['total_seconds']:.0f} s; wrote {Path(record['config']['output'])}")
+    run = record["partial_builds"][-1] if cfg.only and record.get("partial_builds") else record
+    log(f"done in {run['total_seconds']:.0f} s; wrote {cfg.output}")
     return 0
