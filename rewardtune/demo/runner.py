@@ -55,7 +55,7 @@ class DemoConfig:
         help="training reward from the bundled models: icthp (the paper's ICT x HP), ict, hp, pickscore "
         "(the world CLIP fine-tuned PickScore's way), clip (the world CLIP itself), or a mix like 'ict:1.0,hp:0.5'",
     )
-    steps: int = derived(FinetuneConfig, "steps", 500)
+    steps: int = derived(FinetuneConfig, "steps", 300)
     batch_size: int = derived(FinetuneConfig, "batch_size", 8)
     lr: float = derived(FinetuneConfig, "lr", 1e-3)
     lr_schedule: str = derived(FinetuneConfig, "lr_schedule")
@@ -79,7 +79,7 @@ class DemoConfig:
         help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)",
     )
     eval_size: int = derived(
-        FinetuneConfig, "eval_size", 96, help="held-out prompts evaluated, one image each, same seeds before and after"
+        FinetuneConfig, "eval_size", 64, help="held-out prompts evaluated, one image each, same seeds before and after"
     )
     train_prompts: int = option(200, "distinct training prompts", min=1)
     seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
