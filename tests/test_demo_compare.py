@@ -126,3 +126,5 @@ def test_compare_names_a_missing_baseline(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "pickscore/config.json" in done.stderr and "build_demo_models.py" in done.stderr
     assert not (tmp_path / "o").exists()
+    mixed = rewardtune("demo", "--compare", "--reward", "hp", "--output", str(tmp_path / "o"))
+    assert mixed.returncode == 2 and "--reward" in mixed.stderr and "Traceback" not in mixed.stderr

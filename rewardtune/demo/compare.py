@@ -55,6 +55,8 @@ def build_seed(models: Path) -> int:
 def run_compare(cfg: DemoConfig) -> dict:
     """Fine-tune once per reward, measure every reward's test accuracy, and write the comparison."""
     cfg.validate()
+    if cfg.reward != DemoConfig.reward:
+        raise UserError(f"demo: --compare trains on each of {', '.join(COMPARED)} in turn; leave out --reward")
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
     check_models(models, list(COMPARED))
     if (out / "compare.json").is_file() and not (cfg.overwrite or cfg.resume):
