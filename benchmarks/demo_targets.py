@@ -24,23 +24,13 @@ import time
 from pathlib import Path
 
 from rewardtune.demo.build import MODELS_DIR, machine
+from rewardtune.demo.compare import OUTCOME_KEYS
 from rewardtune.demo.data import pipeline_sampler, write_split
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_rewards
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DEMO_KEYS = (
-    "oracle_before",
-    "oracle_after",
-    "reward_before",
-    "reward_after",
-    "heldout_reward_before",
-    "heldout_reward_after",
-    "attributes_before",
-    "attributes_after",
-    "steps",
-)
 
 
 def load_average() -> list[float]:
@@ -124,7 +114,7 @@ def main() -> int:
     runs = []
     for seed in args.seeds:
         summary, seconds, _ = run_demo(models, ["--seed", str(seed), *args.demo_args])
-        runs.append({"seed": seed, "seconds": round(seconds, 1), **{k: summary[k] for k in DEMO_KEYS}})
+        runs.append({"seed": seed, **{k: summary[k] for k in OUTCOME_KEYS}, "seconds": round(seconds, 1)})
     s, demo_seconds = summary, max(r["seconds"] for r in runs)
     gains = [r["oracle_after"] - r["oracle_before"] for r in runs]
     results = {
@@ -141,7 +131,7 @@ def main() -> int:
         "reward_accuracy": accuracy,
         "reward_accuracy_rendered_only": rendered,
         "reward_accuracy_seconds": round(accuracy_seconds, 1),
-        "demo": {k: s[k] for k in DEMO_KEYS},
+        "demo": {k: s[k] for k in OUTCOME_KEYS},
         "demo_config": s["config"],
         "demo_seconds": round(demo_seconds, 1),
         "seeds": runs,

@@ -33,6 +33,21 @@ ENV = {
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def world_tiny_clip(directory: Path) -> None:
+    """A random tiny CLIP over the world's words, at the world's image size."""
+    save_tiny_clip(
+        directory,
+        seed=0,
+        words=world.world_words(),
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
+
+
 def run(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
@@ -147,17 +162,7 @@ def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     """``rewardtune data check`` and both ``train-reward`` stages read the generator's set (rendered images only)."""
 
     write_preference_set(tmp_path / "set", {"train": 16, "val": 8}, seed=2)
-    save_tiny_clip(
-        tmp_path / "clip",
-        seed=0,
-        words=world.world_words(),
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
-    )
+    world_tiny_clip(tmp_path / "clip")
     check = run("-m", "rewardtune.cli", "data", "check", str(tmp_path / "set"), "--split", "train")
     assert check.returncode == 0, check.stderr[-2000:]
     common = [
@@ -198,17 +203,7 @@ def test_pickscore_recipe_learns_the_preference_pairs(tmp_path):
     """The baselines' PickScore-style fine-tuning ranks the training pairs' winners above their losers better
     than the CLIP it starts from (in-sample: what the pairwise loss optimises)."""
     write_preference_set(tmp_path / "set", {"train": 32}, seed=3)
-    save_tiny_clip(
-        tmp_path / "clip",
-        seed=0,
-        words=world.world_words(),
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
-    )
+    world_tiny_clip(tmp_path / "clip")
     torch.set_num_threads(1)
     train_pickscore(tmp_path / "ps", tmp_path / "set", tmp_path / "clip", steps=40, seed=0, batch=16, lr=2e-3)
     rewards = load_rewards(["clip", "pickscore"], clip=str(tmp_path / "clip"), pickscore=str(tmp_path / "ps"))

@@ -37,6 +37,9 @@ LABELS = {
 }
 SPLIT = "test"
 OUTPUTS = ("compare.json", "compare.md", "curves.svg", "report.html")
+# what a demo's summary.json says of its outcome (before and after, and how long)
+MEASURES = ("oracle", "reward", "heldout_reward", "saturation", "attributes")
+OUTCOME_KEYS = (*(f"{m}_{when}" for m in MEASURES for when in ("before", "after")), "steps", "seconds")
 
 
 def accuracy_table(models: Path, data_root: Path) -> dict[str, dict]:
@@ -122,23 +125,7 @@ def comparison(cfg: DemoConfig, accuracy: dict, summaries: dict, seconds: float)
         rows[name] = {
             "label": LABELS[name],
             "accuracy": accuracy[name],
-            **{
-                k: s[k]
-                for k in (
-                    "oracle_before",
-                    "oracle_after",
-                    "reward_before",
-                    "reward_after",
-                    "heldout_reward_before",
-                    "heldout_reward_after",
-                    "saturation_before",
-                    "saturation_after",
-                    "attributes_before",
-                    "attributes_after",
-                    "steps",
-                    "seconds",
-                )
-            },
+            **{k: s[k] for k in OUTCOME_KEYS},
             "hacking_signs": hacking_signs(s),
             "evaluations": s["evaluations"],
         }
