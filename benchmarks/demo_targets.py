@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Measure the demo's targets on the bundled models and record them in benchmarks/results/demo_targets.{json,md}.
 
-Targets (issue 5): ICT-HP triplet accuracy on the generated test split >= 0.9; the base pipeline's oracle
-score in [0.2, 0.7]; after the default ``rewardtune demo`` the oracle up by >= 0.15 with the held-out reward
-not lower; the whole default demo <= 10 minutes on a 2-core CPU.
+Targets (issues 5 and 15): ICT-HP triplet accuracy on the generated test split >= 0.9; the base pipeline's
+oracle score in [0.2, 0.7]; after the default ``rewardtune demo`` the oracle up by >= 0.12 on each of three
+seeds and >= 0.15 on their mean, with the held-out reward not lower; each default demo <= 5 minutes on a 2-core
+CPU that nothing else uses (the load averages are recorded: a shared machine's timings say little).
 
-    python benchmarks/demo_targets.py            # about 10-15 minutes on 2 CPU cores
+    python benchmarks/demo_targets.py            # about 15-20 minutes on 2 CPU cores
+    python benchmarks/demo_targets.py --compare  # rewardtune demo --compare instead: demo_compare.{json,md,svg}
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 from rewardtune.demo.build import MODELS_DIR, machine
+from rewardtune.demo.compare import OUTCOME_KEYS
 from rewardtune.demo.data import pipeline_sampler, write_split
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_rewards
@@ -45,24 +50,41 @@ def reward_accuracy(models: Path, seed: int, test_size: int, generated: bool) ->
         return evaluate_rewards(tmp, "test", rewards, batch_size=64, progress=False)
 
 
-def run_demo(models: Path, extra: list[str]) -> tuple[dict, float]:
-    """The default demo as a user runs it (a subprocess); (summary, wall seconds)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "rewardtune.cli",
-            "demo",
-            "--models",
-            str(models),
-            "--output",
-            tmp + "/demo",
-            *extra,
-        ]
-        t0 = time.time()
-        subprocess.run(cmd, check=True)
-        seconds = time.time() - t0
-        return json.loads(Path(tmp, "demo", "summary.json").read_text()), seconds
+def run_demo(models: Path, extra: list[str], result: str = "summary.json") -> tuple[dict, float, Path]:
+    """The demo as a user runs it (a subprocess); (its ``result`` file, wall seconds, output directory: a
+    temporary one, removed at exit)."""
+    tmp = tempfile.mkdtemp(prefix="demo-targets-")
+    atexit.register(shutil.rmtree, tmp, True)
+    cmd = [sys.executable, "-m", "rewardtune.cli", "demo", "--models", str(models), "--output", tmp + "/demo", *extra]
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    seconds = time.time() - t0
+    return json.loads(Path(tmp, "demo", result).read_text()), seconds, Path(tmp, "demo")
+
+
+def commit() -> str:
+    """The commit measured, with ``+dirty`` when the tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
+def compare(models: Path, extra: list[str], output: Path) -> int:
+    """``rewardtune demo --compare`` at its defaults; its tables and plot with the commit, machine and load."""
+    load_before = load_average()
+    result, seconds, out = run_demo(models, ["--compare", *extra], result="compare.json")
+    header = (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}, commit {commit()}; load average "
+        f"{load_before} before, {load_average()} after; {seconds:.0f} s wall clock.\n\n"
+    )
+    record = {"commit": commit(), "machine": machine(), "load_average_before": load_before, "wall_seconds": seconds}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps({**record, **result}, indent=2) + "\n")
+    md = (out / "compare.md").read_text()
+    output.with_suffix(".md").write_text(md.replace("\n\n", "\n\n" + header, 1))
+    shutil.copy(out / "curves.svg", output.with_suffix(".svg"))
+    print(output.with_suffix(".md").read_text())
+    return 0
 
 
 def main() -> int:
@@ -70,9 +92,18 @@ def main() -> int:
     p.add_argument("--models", default=str(MODELS_DIR), help="models directory (default: the bundled one)")
     p.add_argument("--test-size", type=int, default=1000, help="triplets in the regenerated test split")
     p.add_argument("--output", default=str(RESULTS / "demo_targets"), help="results path without extension")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the default demo (default: 0 1 2)"
+    )
+    p.add_argument("--compare", action="store_true", help="run rewardtune demo --compare instead")
     p.add_argument("demo_args", nargs="*", help="extra flags for rewardtune demo (after --)")
     args = p.parse_args()
     models = Path(args.models)
+    if args.compare:
+        default = str(RESULTS / "demo_targets")
+        return compare(
+            models, args.demo_args, Path(RESULTS / "demo_compare" if args.output == default else args.output)
+        )
     build = json.loads((models / "build.json").read_text()) if (models / "build.json").is_file() else {}
     seed = build.get("config", {}).get("seed", 0)
     load_before = load_average()
@@ -80,11 +111,16 @@ def main() -> int:
     accuracy = reward_accuracy(models, seed, args.test_size, generated=True)
     rendered = reward_accuracy(models, seed, args.test_size, generated=False)
     accuracy_seconds = time.time() - t0
-    summary, demo_seconds = run_demo(models, args.demo_args)
-    s = summary
+    runs = []
+    for seed in args.seeds:
+        summary, seconds, _ = run_demo(models, ["--seed", str(seed), *args.demo_args])
+        runs.append({"seed": seed, **{k: summary[k] for k in OUTCOME_KEYS}, "seconds": round(seconds, 1)})
+    s, demo_seconds = summary, max(r["seconds"] for r in runs)
+    gains = [r["oracle_after"] - r["oracle_before"] for r in runs]
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
+        "commit": commit(),
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "build": {
@@ -95,29 +131,20 @@ def main() -> int:
         "reward_accuracy": accuracy,
         "reward_accuracy_rendered_only": rendered,
         "reward_accuracy_seconds": round(accuracy_seconds, 1),
-        "demo": {
-            k: s[k]
-            for k in (
-                "oracle_before",
-                "oracle_after",
-                "reward_before",
-                "reward_after",
-                "heldout_reward_before",
-                "heldout_reward_after",
-                "attributes_before",
-                "attributes_after",
-                "steps",
-            )
-        },
+        "demo": {k: s[k] for k in OUTCOME_KEYS},
         "demo_config": s["config"],
         "demo_seconds": round(demo_seconds, 1),
+        "seeds": runs,
     }
     results["targets"] = {
         "icthp_accuracy >= 0.9": accuracy["icthp"]["avg"] >= 0.9,
-        "0.2 <= base oracle <= 0.7": 0.2 <= s["oracle_before"] <= 0.7,
-        "oracle gain >= 0.15": s["oracle_after"] - s["oracle_before"] >= 0.15,
-        "held-out reward not lower": s["heldout_reward_after"] >= s["heldout_reward_before"],
-        "demo <= 600 s": demo_seconds <= 600,
+        "0.2 <= base oracle <= 0.7 (every seed)": all(0.2 <= r["oracle_before"] <= 0.7 for r in runs),
+        "oracle gain >= 0.12 on every seed": min(gains) >= 0.12,
+        "mean oracle gain >= 0.15": sum(gains) / len(gains) >= 0.15,
+        "held-out reward not lower (every seed)": all(
+            r["heldout_reward_after"] >= r["heldout_reward_before"] for r in runs
+        ),
+        "each demo <= 300 s": demo_seconds <= 300,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +156,11 @@ def main() -> int:
 
 def markdown(r: dict) -> str:
     d, a = r["demo"], r["reward_accuracy"]
+    seed_rows = "\n".join(
+        f"| {x['seed']} | {x['oracle_before']:.3f} | {x['oracle_after']:.3f} | {x['oracle_after'] - x['oracle_before']:+.3f} "
+        f"| {x['heldout_reward_before']:.3f} → {x['heldout_reward_after']:.3f} | {x['seconds']:.0f} |"
+        for x in r.get("seeds", [])
+    )
 
     def table(acc_by_reward: dict) -> str:
         return "\n".join(
@@ -168,7 +200,13 @@ The same split with rendered images only:
 |---|---|---|---|---|
 {table(r["reward_accuracy_rendered_only"])}
 
-## Default `rewardtune demo` ({d["steps"]} steps, {r["demo_seconds"]:.0f} s wall clock)
+## Default `rewardtune demo` on each seed (commit {r.get("commit", "?")})
+
+| seed | oracle before | after | gain | held-out CLIP | seconds |
+|---|---|---|---|---|---|
+{seed_rows}
+
+The last seed in detail ({d["steps"]} steps):
 
 | metric | before | after | change |
 |---|---|---|---|

@@ -17,9 +17,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rewardtune.demo import world
-from rewardtune.demo.build import calibrate_hp
+from rewardtune.demo.build import calibrate_hp, train_pickscore
 from rewardtune.demo.data import write_preference_set
-from rewardtune.rewards import load_reward
+from rewardtune.reward_training import evaluate_rewards
+from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.testing import save_tiny_clip
 
 ENV = {
@@ -30,6 +31,21 @@ ENV = {
     "CUDA_VISIBLE_DEVICES": "",
 }
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def world_tiny_clip(directory: Path) -> None:
+    """A random tiny CLIP over the world's words, at the world's image size."""
+    save_tiny_clip(
+        directory,
+        seed=0,
+        words=world.world_words(),
+        projection_dim=32,
+        image_size=32,
+        patch_size=8,
+        hidden=32,
+        layers=2,
+        heads=4,
+    )
 
 
 def run(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -60,6 +76,8 @@ def built(tmp_path_factory) -> Path:
         "2",
         "--hp-steps",
         "2",
+        "--pickscore-steps",
+        "2",
         "--triplets",
         "40",
         "--val-triplets",
@@ -81,6 +99,8 @@ def test_build_writes_every_part_with_timings(built):
         "hp/hp_backbone/model.safetensors",
         "hp/hp_scorer/mlp_pytorch_model.safetensors",
         "heldout_clip/model.safetensors",
+        "clip/model.safetensors",
+        "pickscore/model.safetensors",
     ):
         assert (built / f).is_file(), f
     record = json.loads((built / "build.json").read_text())
@@ -92,7 +112,11 @@ def test_build_writes_every_part_with_timings(built):
         "unet",
         "preference_set",
         "rewards",
+        "baselines",
     }
+    for name in ("clip", "pickscore"):  # the comparison's baselines, measured on the validation split
+        assert record["baseline_metrics"][name][f"val/{name}_n"] == 12
+        assert 0 <= record["baseline_metrics"][name][f"val/{name}_avg"] <= 1
     assert record["total_seconds"] == pytest.approx(sum(record["seconds"].values()), abs=0.5)
     assert record["config"]["unet_steps"] == 3
     # nothing but safetensors weights (no pickles) in the bundle
@@ -108,8 +132,10 @@ def test_built_models_load_with_the_public_loaders(built):
         ["a red circle"], num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
     ).images
     assert images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
-    scores = load_reward("icthp", ict=str(built / "ict"), hp=str(built / "hp"))(images, ["a red circle"])
-    assert torch.isfinite(scores).all()
+    sources = dict(ict=str(built / "ict"), hp=str(built / "hp"), clip=str(built / "clip"))
+    for name in ("icthp", "pickscore", "clip"):
+        reward = load_reward(name, pickscore=str(built / "pickscore"), **sources)
+        assert torch.isfinite(reward(images, ["a red circle"])).all(), name
 
 
 def test_hp_calibration_sets_the_reference_images_score(built, tmp_path):
@@ -136,17 +162,7 @@ def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     """``rewardtune data check`` and both ``train-reward`` stages read the generator's set (rendered images only)."""
 
     write_preference_set(tmp_path / "set", {"train": 16, "val": 8}, seed=2)
-    save_tiny_clip(
-        tmp_path / "clip",
-        seed=0,
-        words=world.world_words(),
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
-    )
+    world_tiny_clip(tmp_path / "clip")
     check = run("-m", "rewardtune.cli", "data", "check", str(tmp_path / "set"), "--split", "train")
     assert check.returncode == 0, check.stderr[-2000:]
     common = [
@@ -181,3 +197,44 @@ def test_train_reward_accepts_the_demo_preference_set(tmp_path):
     assert hp.returncode == 0, hp.stderr[-2000:]
     metrics = json.loads((tmp_path / "hp" / "metrics.json").read_text())
     assert metrics["step"] == 2 and 0 <= metrics["val/icthp_avg"] <= 1
+
+
+def test_pickscore_recipe_learns_the_preference_pairs(tmp_path):
+    """The baselines' PickScore-style fine-tuning ranks the training pairs' winners above their losers better
+    than the CLIP it starts from (in-sample: what the pairwise loss optimises)."""
+    write_preference_set(tmp_path / "set", {"train": 32}, seed=3)
+    world_tiny_clip(tmp_path / "clip")
+    torch.set_num_threads(1)
+    train_pickscore(tmp_path / "ps", tmp_path / "set", tmp_path / "clip", steps=40, seed=0, batch=16, lr=2e-3)
+    rewards = load_rewards(["clip", "pickscore"], clip=str(tmp_path / "clip"), pickscore=str(tmp_path / "ps"))
+    table = evaluate_rewards(tmp_path / "set", "train", rewards, batch_size=32, progress=False)
+    assert table["pickscore"]["I2>I1"] >= 0.9 > table["clip"]["I2>I1"], table
+
+
+def test_partial_rebuild_keeps_the_full_builds_record(built, tmp_path):
+    """``--only``: the part is rebuilt, and build.json keeps the full build's settings and timings, with the
+    partial run recorded beside them."""
+    shutil.copytree(built, tmp_path / "models")
+    before = json.loads((built / "build.json").read_text())
+    done = run(
+        "scripts/build_demo_models.py",
+        "--output",
+        str(tmp_path / "models"),
+        "--work",
+        str(built.parent / "work"),
+        "--only",
+        "baselines",
+        "--pickscore-steps",
+        "3",
+        "--threads",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "models" / "build.json").read_text())
+    assert {k: record[k] for k in ("config", "seconds", "total_seconds")} == {
+        k: before[k] for k in ("config", "seconds", "total_seconds")
+    }
+    (partial,) = record["partial_builds"]
+    assert partial["config"]["only"] == ["baselines"] and partial["config"]["pickscore_steps"] == 3
+    assert set(partial["seconds"]) == {"baselines"} and partial["total_seconds"] == partial["seconds"]["baselines"]
+    assert record["baseline_metrics"]["pickscore"]["val/pickscore_n"] == 12

@@ -31,8 +31,9 @@ def rewardtune(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_bundled_models_stay_small():
+    # 10.4 MiB: the pipeline 5.1, HP 1.9, ICT, the world CLIP and the PickScore-style model 1.0 each, the held-out CLIP 0.5
     size = sum(p.stat().st_size for p in MODELS_DIR.rglob("*") if p.is_file())
-    assert size < 10 * 2**20
+    assert size < 11 * 2**20
 
 
 def test_bundled_pipeline_loads_and_follows_prompts():
@@ -88,10 +89,13 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
         "2",
         "--train-prompts",
         "8",
+        "--threads",
+        "1",  # two threads on cores other jobs share spin: under load 9 this 2-step demo passed 300 s
     ]
     done = rewardtune(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout
+    assert "s left" in done.stdout  # progress lines estimate the time left
     summary = json.loads((out / "summary.json").read_text())
     for key in (
         "oracle_before",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import add_config_args, build_config
+from ..demo.compare import run_compare
 from ..demo.runner import DemoConfig, run_demo
 
 
@@ -21,5 +22,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    run_demo(build_config(DemoConfig, args, config=args.config))
+    cfg = build_config(DemoConfig, args, config=args.config)
+    (run_compare if cfg.compare else run_demo)(cfg)
     return 0

@@ -3,11 +3,13 @@
 Order: render a pool of scenes -> world CLIP (contrastive; backbone of ICT/HP and the generator's text
 encoder) -> held-out CLIP (another seed and size; the reward fine-tuning never sees) -> VAE
 (reconstruction) -> UNet + text encoder (denoising, on captions with some attributes wrong, as web
-captions are) -> preference set -> ICT and HP through ``rewardtune.reward_training``.
+captions are) -> preference set -> ICT and HP through ``rewardtune.reward_training`` -> the baselines of
+``rewardtune demo --compare``: the world CLIP itself and a PickScore-style model fine-tuned from it.
 
 Output layout (``rewardtune/demo/models/`` by default):
 ``pipeline/`` (a diffusers StableDiffusionPipeline), ``ict/`` (full HF CLIP dir), ``hp/hp_backbone/`` +
-``hp/hp_scorer/``, ``heldout_clip/`` (full HF CLIP dir), ``build.json`` (settings and timings).
+``hp/hp_scorer/``, ``heldout_clip/``, ``clip/`` (the world CLIP) and ``pickscore/`` (full HF CLIP dirs),
+``build.json`` (settings, timings, validation accuracies).
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 from ..clip_tokenizer import write_clip_tokenizer
 from ..config import add_config_args, build_config, option
+from ..data import TripletDataset, collate, load_triplets
 from ..errors import UserError
 from ..finetune.models import assemble_pipeline
 from ..images import load_image
-from ..reward_training import TrainRewardConfig, train_reward
-from ..rewards import load_reward
+from ..reward_training import TrainRewardConfig, evaluate_rewards, train_reward
+from ..rewards import load_reward, load_rewards
 from ..rewards.clip_tower import ClipTower
 from ..sources import BEST_DIR, atomic_write_text, reward_model_dir
 from ..testing import tiny_clip_config, write_clip_processor
@@ -58,16 +62,17 @@ class BuildConfig:
     unet_steps: int = option(3000, "UNet denoising steps")
     ict_steps: int = option(600, "ICT training steps (train-reward --stage ict)")
     hp_steps: int = option(1500, "HP training steps (train-reward --stage hp)")
+    pickscore_steps: int = option(600, "PickScore-style pairwise fine-tuning steps of the world CLIP (baselines)")
     triplets: int = option(4000, "training triplets of the preference set")
     val_triplets: int = option(500, "validation triplets (reward training's evaluation, HP calibration)")
     test_triplets: int = option(1000, "test triplets (benchmarks/demo_targets.py regenerates this split)")
     caption_noise: float = option(0.25, "chance that an attribute named in a pretraining caption is wrong")
-    only: list = option([], "build only these parts: clip heldout vae unet data rewards (default: all)")
+    only: list = option([], "build only these parts: clip heldout vae unet data rewards baselines (default: all)")
     threads: int = option(2, "torch CPU threads")
     device: str = option("cpu", "where to train: cpu (the documented way) or cuda, for a quicker exploration")
 
 
-PARTS = ("clip", "heldout", "vae", "unet", "data", "rewards")
+PARTS = ("clip", "heldout", "vae", "unet", "data", "rewards", "baselines")
 
 # Architectures. The world CLIP's text tower is the generator's text encoder, so its width is the
 # UNet's cross-attention width.
@@ -483,6 +488,70 @@ def calibrate_hp(
     return offset
 
 
+# ---------------------------------------------------------------- baselines of demo --compare
+
+
+def build_baselines(data_root: Path, clip_dir: Path, out: Path, steps: int, seed: int, device: str = "cpu") -> dict:
+    """The comparison's alignment-only rewards: the world CLIP as it is (``out/clip``) and PickScore's recipe
+    on it (``out/pickscore``); returns their triplet accuracy on the validation split."""
+    _replace_dir(out / "clip", lambda tmp: _copy_model(clip_dir, tmp))
+    _replace_dir(out / "pickscore", lambda tmp: train_pickscore(tmp, data_root, clip_dir, steps, seed, device=device))
+    rewards = load_rewards(["clip", "pickscore"], clip=str(out / "clip"), pickscore=str(out / "pickscore"))
+    table = evaluate_rewards(data_root, "val", rewards, batch_size=64, progress=False)
+    return {name: {f"val/{name}_{k}": v for k, v in row.items()} for name, row in table.items()}
+
+
+def train_pickscore(
+    directory: Path,
+    data_root: Path,
+    clip_dir: Path,
+    steps: int,
+    seed: int,
+    batch: int = 32,
+    lr: float = 1e-4,
+    device: str = "cpu",
+) -> None:
+    """PickScore's recipe (Kirstain et al. 2023) on the world CLIP, saved as a full HF CLIP directory: for each
+    preference pair, cross-entropy of the softmax over the two images' logits (logit_scale x cosine with the
+    prompt) against the preferred image. The pairs are the ones Pick-a-Pic holds -- the easy prompt with its
+    loser I1 and winner I2 -- of the same training split ICT and HP learn from; the refined prompts and I3
+    images, which only the paper's set adds, are not used."""
+    _copy_model(clip_dir, directory)
+    torch.manual_seed(seed)
+    tower = ClipTower.from_dir(directory, "world CLIP").to(device)
+    table = load_triplets(data_root, "train")
+    loader = DataLoader(
+        TripletDataset(table),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    opt = torch.optim.AdamW(tower.model.parameters(), lr=lr, weight_decay=0.05)
+    sched = _one_cycle(opt, lr, steps)
+    tower.model.train()
+    step = 0
+    while step < steps:
+        for b in loader:
+            loser, winner = (torch.stack([row[k] for row in b["images"]]) for k in (0, 1))
+            img = F.normalize(tower.encode_image(torch.cat([loser, winner])), dim=-1)
+            txt = F.normalize(tower.encode_text(b["easy_prompt"]), dim=-1)
+            n = len(txt)
+            logits = tower.model.logit_scale.exp().clamp(max=100) * torch.stack(
+                [(img[:n] * txt).sum(-1), (img[n:] * txt).sum(-1)], -1
+            )
+            loss = F.cross_entropy(logits, torch.ones(n, dtype=torch.long, device=logits.device))
+            _optimizer_step(opt, sched, loss)
+            if step % 100 == 0 or step == steps - 1:
+                acc = (logits[:, 1] > logits[:, 0]).float().mean().item()
+                log(f"pickscore step {step}/{steps} loss {loss.item():.3f} pair accuracy {acc:.2f}")
+            step += 1
+            if step == steps:
+                break
+    tower.model.eval().cpu().save_pretrained(directory)
+
+
 def _copy_model(src: Path, dst: Path) -> None:
     """The model files of a train-reward output (no checkpoints, logs or optimizer state)."""
     skip = {"checkpoints", "logs", "runs", BEST_DIR, "trainer_state.json", "manifest.json"}
@@ -525,8 +594,14 @@ def build(cfg: BuildConfig) -> dict:
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="rewardtune-demo-build-"))
     record_path = out / "build.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.update(config=dataclasses.asdict(cfg), machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
-    timings = record.setdefault("seconds", {})
+    run = dict(config=dataclasses.asdict(cfg), machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+    if cfg.only and "config" in record:  # a partial rebuild: the full build's settings and timings stay as they were
+        run.update(load_average=[round(x, 2) for x in os.getloadavg()])
+        record.setdefault("partial_builds", []).append(run)
+    else:
+        record.update(run)
+        run = record
+    timings = run.setdefault("seconds", {})
 
     def timed(name, fn):
         t0 = time.time()
@@ -564,23 +639,31 @@ def build(cfg: BuildConfig) -> dict:
     if "unet" in parts:
         timed("unet", lambda: _build_generator(out, work, scenes, images, cfg))
     data_root = work / "preference_set"
-    if "data" in parts or ("rewards" in parts and not (data_root / "test.parquet").is_file()):
+    needs_data = {"rewards", "baselines"} & set(parts)
+    if "data" in parts or (needs_data and not (data_root / "test.parquet").is_file()):
         sizes = {"train": cfg.triplets, "val": cfg.val_triplets, "test": cfg.test_triplets}
         generate = pipeline_sampler(out / "pipeline") if (out / "pipeline" / "model_index.json").is_file() else None
         if generate is None:
             log(f"no pipeline in '{out}' yet: the preference set gets rendered images only")
         timed("preference_set", lambda: write_preference_set(data_root, sizes, seed=cfg.seed, generate=generate))
-    if "rewards" in parts:
+    for part in needs_data:
         if not clip_dir.is_dir():
             raise UserError(
-                f"build: the rewards step needs the world CLIP '{clip_dir}'; build it first or pass the --work of a run that did"
+                f"build: the {part} step needs the world CLIP '{clip_dir}'; build it first or pass the --work of a run that did"
             )
+    if "rewards" in parts:
         metrics = timed(
             "rewards",
             lambda: train_rewards(data_root, clip_dir, work / "rewards", out, cfg.ict_steps, cfg.hp_steps, cfg.seed),
         )
         record["reward_metrics"] = _jsonable(metrics)
-    record["total_seconds"] = round(sum(timings.values()), 1)
+    if "baselines" in parts:
+        metrics = timed(
+            "baselines",
+            lambda: build_baselines(data_root, clip_dir, out, cfg.pickscore_steps, cfg.seed, device=cfg.device),
+        )
+        record["baseline_metrics"] = _jsonable(metrics)
+    run["total_seconds"] = round(sum(timings.values()), 1)
     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -634,9 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, BuildConfig)
     args = parser.parse_args(argv)
     try:
-        record = build(build_config(BuildConfig, args))
+        cfg = build_config(BuildConfig, args)
+        record = build(cfg)
     except UserError as exc:
         print(f"build: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    log(f"done in {record['total_seconds']:.0f} s; wrote {Path(record['config']['output'])}")
+    run = record["partial_builds"][-1] if cfg.only and record.get("partial_builds") else record
+    log(f"done in {run['total_seconds']:.0f} s; wrote {cfg.output}")
     return 0

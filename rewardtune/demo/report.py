@@ -121,13 +121,13 @@ def write_report(out: Path, summary: dict, hook, prompts: list[str], train_rewar
             "Held-out reward (never trained on)",
         ),
     ]
-    atomic_write_text(out / "curves.svg", _stack_svgs(charts))
+    atomic_write_text(out / "curves.svg", stack_svgs(charts))
     atomic_write_text(
         out / "report.html", _html(summary, charts, before, after, hook.scores[first], hook.scores[last], prompts)
     )
 
 
-def _stack_svgs(charts: list[str]) -> str:
+def stack_svgs(charts: list[str]) -> str:
     """One SVG with the charts side by side (for viewing outside the report)."""
     width = CHART_WIDTH * len(charts)
     inner = "".join(f'<g transform="translate({CHART_WIDTH * i},0)">{c}</g>' for i, c in enumerate(charts))

@@ -22,7 +22,7 @@ from ..config import check_values, derived, option
 from ..errors import UserError
 from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
-from ..rewards import load_reward
+from ..rewards import load_reward, parse_spec
 from ..rundir import HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
@@ -32,6 +32,8 @@ from .report import reward_label, write_report
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
 REQUIRED = ["pipeline/model_index.json", "ict/config.json", "hp/hp_backbone/config.json", "heldout_clip/config.json"]
 HP_HEADS = ["hp/hp_scorer/mlp_pytorch_model.safetensors", "hp/hp_scorer/mlp_pytorch_model.bin"]
+# The bundled source of each reward the demo trains on (the builder's ``baselines`` part writes clip/ and pickscore/)
+REWARD_DIRS = {"ict": "ict", "hp": "hp", "pickscore": "pickscore", "clip": "clip"}
 OUTPUTS = ("report.html", "before.png", "after.png", "curves.svg")  # besides summary.json, written last
 SCRATCH = ("prompts_train.txt", "prompts_heldout.txt", "finetune")
 
@@ -50,10 +52,10 @@ class DemoConfig:
     reward: str = derived(
         FinetuneConfig,
         "reward",
-        help="training reward from the bundled ICT and HP: icthp (the paper's "
-        "ICT x HP), ict, hp, or a mix like 'ict:1.0,hp:0.5'",
+        help="training reward from the bundled models: icthp (the paper's ICT x HP), ict, hp, pickscore "
+        "(the world CLIP fine-tuned PickScore's way), clip (the world CLIP itself), or a mix like 'ict:1.0,hp:0.5'",
     )
-    steps: int = derived(FinetuneConfig, "steps", 500)
+    steps: int = derived(FinetuneConfig, "steps", 300)
     batch_size: int = derived(FinetuneConfig, "batch_size", 8)
     lr: float = derived(FinetuneConfig, "lr", 1e-3)
     lr_schedule: str = derived(FinetuneConfig, "lr_schedule")
@@ -77,7 +79,7 @@ class DemoConfig:
         help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)",
     )
     eval_size: int = derived(
-        FinetuneConfig, "eval_size", 96, help="held-out prompts evaluated, one image each, same seeds before and after"
+        FinetuneConfig, "eval_size", 64, help="held-out prompts evaluated, one image each, same seeds before and after"
     )
     train_prompts: int = option(200, "distinct training prompts", min=1)
     seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
@@ -91,14 +93,29 @@ class DemoConfig:
         "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)",
     )
     overwrite: bool = option(False, "replace a finished demo or a demo in progress in --output")
+    compare: bool = option(
+        False,
+        "the same fine-tuning once per reward (icthp, ict, hp, pickscore, clip; replaces --reward), each in "
+        "--output/<reward>/, plus their triplet accuracy on the test split and compare.{json,md}, report.html",
+    )
+    test_triplets: int = option(
+        1000, "--compare: triplets of the regenerated test split the accuracy is measured on", min=1
+    )
 
     def validate(self) -> None:
         check_values(self)
 
 
-def check_models(models: Path) -> None:
-    """Fail early, naming the missing file, when ``models`` is not a complete demo models directory."""
-    missing = [f for f in REQUIRED if not (models / f).is_file()]
+def reward_sources(models: Path) -> dict[str, str]:
+    """``load_reward`` sources of the bundled training rewards."""
+    return {key: str(models / d) for key, d in REWARD_DIRS.items()}
+
+
+def check_models(models: Path, rewards: list[str] = ()) -> None:
+    """Fail early, naming the missing file, when ``models`` is not a complete demo models directory (with the
+    sources of ``rewards`` besides ICT and HP)."""
+    needed = REQUIRED + [f"{REWARD_DIRS[r]}/config.json" for r in ("pickscore", "clip") if r in rewards]
+    missing = [f for f in needed if not (models / f).is_file()]
     if not any((models / f).is_file() for f in HP_HEADS):
         missing.append(HP_HEADS[0])
     if missing:
@@ -134,16 +151,27 @@ class OracleHook:
         self.images: dict[int, torch.Tensor] = {}
         self.scores: dict[int, np.ndarray] = {}
         self.t0 = time.time()
+        self.first: tuple[int, float] | None = None  # (step, time) of the first evaluation this process saw
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         metrics = self.record(step, images, prompts)
+        now = time.time()
         print(
             f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
             + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
-            + f")  {time.time() - self.t0:.0f} s",
+            + f")  {now - self.t0:.0f} s{self.time_left(step, now)}",
             flush=True,
         )
         return metrics
+
+    def time_left(self, step: int, now: float) -> str:
+        """``, about N s left``, from the pace since the first evaluation (steps and evaluations together)."""
+        if self.first is None:
+            self.first = (step, now)
+        done, seconds = step - self.first[0], now - self.first[1]
+        if done <= 0 or step >= self.total_steps:
+            return ""
+        return f", about {seconds / done * (self.total_steps - step):.0f} s left"
 
     def record(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         """Score and keep one evaluation's images (without printing: a resumed demo's earlier ones)."""
@@ -151,12 +179,19 @@ class OracleHook:
         wanted = [world.parse_prompt(p) for p in prompts]
         scores = np.array([world.shown_fraction(s, w) for s, w in zip(seen, wanted)], dtype=np.float32)
         self.images[step], self.scores[step] = images.clone(), scores
-        metrics = {"oracle": float(scores.mean())}
+        metrics = {"oracle": float(scores.mean()), "saturation": saturation(images)}
         for a in world.ATTRIBUTES:
             asked = [(s[a], w[a]) for s, w in zip(seen, wanted) if a in w]
             if asked:
                 metrics[f"oracle_{a}"] = float(np.mean([x == y for x, y in asked]))
         return metrics
+
+
+def saturation(images: torch.Tensor) -> float:
+    """Mean HSV saturation, (max - min) / max over the channels of each pixel: over-saturated colour is a
+    usual sign of reward hacking."""
+    hi, lo = images.amax(1), images.amin(1)
+    return float(((hi - lo) / hi.clamp_min(1e-6)).mean())
 
 
 def run_dir(out: Path) -> RunDir:
@@ -180,7 +215,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
-    check_models(models)
+    check_models(models, [n for n, _ in parse_spec(cfg.reward)])
     ft = _finetune_config(cfg, models, out)  # a bad option fails here, before anything is written
     rundir = run_dir(out)
     with rundir.lock():
@@ -194,7 +229,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.time()
         heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
         train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
-        reward = load_reward(cfg.reward, ict=str(models / "ict"), hp=str(models / "hp"))
+        reward = load_reward(cfg.reward, **reward_sources(models))
         heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
         rundir.begin(start, cfg, config_settings(cfg, {}))
         try:
@@ -217,6 +252,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig:
     """The fine-tuning run of the demo (validated)."""
+    uses = [n for n, _ in parse_spec(cfg.reward)]
     ft = FinetuneConfig(
         model=str(models / "pipeline"),
         reward=cfg.reward,
@@ -243,9 +279,9 @@ def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig
         eval_prompts=str(out / "prompts_heldout.txt"),
         eval_size=cfg.eval_size,
         eval_reward="clip",
-        ict=str(models / "ict"),
-        hp=str(models / "hp"),
-        clip=str(models / "heldout_clip"),
+        # the reward modules are passed in; these record where they came from. Training on the world CLIP
+        # ('clip') takes the clip source, which otherwise names the held-out CLIP of --eval-reward.
+        **{**reward_sources(models), "clip": str(models / ("clip" if "clip" in uses else "heldout_clip"))},
     )
     return ft.validate()
 
@@ -300,10 +336,12 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "heldout_reward_after": after["eval_reward"],
         "attributes_before": {a: before.get(f"oracle_{a}") for a in world.ATTRIBUTES},
         "attributes_after": {a: after.get(f"oracle_{a}") for a in world.ATTRIBUTES},
+        "saturation_before": before.get("saturation"),
+        "saturation_after": after.get("saturation"),
         "steps": result["steps"],
         "seconds": round(seconds, 1),
         "lora": result["lora"],
-        "reward": f"{cfg.reward} (bundled ICT and HP)",
+        "reward": f"{cfg.reward} (bundled models)",
         "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
         "evaluations": [{k: v for k, v in e.items() if k != "kind"} for e in evaluations],
         "config": dataclasses.asdict(cfg),
