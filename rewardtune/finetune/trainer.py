@@ -501,9 +501,10 @@ class Trainer:
         start = time.perf_counter()
         rewards, regs, finite, prompts = [], [], True, []
         for micro in range(cfg.grad_accum):
-            prompts += self.batch_prompts(micro)
+            batch = self.batch_prompts(micro)
+            prompts += batch
             with acc.accumulate(*self.models_train):
-                r, reg, ok = self.micro_step(self.batch_prompts(micro), self.batch_noise(micro))
+                r, reg, ok = self.micro_step(batch, self.batch_noise(micro))
                 finite &= ok
                 rewards.append(r.mean())
                 regs.append(reg)
@@ -535,7 +536,7 @@ class Trainer:
         """The sha256 of the trained LoRA weights on each process (every process must call it): under data
         parallelism they must all be equal, since every process applies the same averaged gradients. Sharded
         runs (FSDP, DeepSpeed) hold different parts on each process: an empty list."""
-        if str(getattr(self.accelerator, "distributed_type", "")) in ("FSDP", "DEEPSPEED", "DistributedType.FSDP"):
+        if runstate.is_sharded(self.accelerator):
             return []
         h = hashlib.sha256()
         for p in lora_mod.trainable_parameters(*self.models_train):
