@@ -18,6 +18,7 @@ import rewardtune.finetune.sampler as sampler_mod
 from rewardtune.errors import UserError
 from rewardtune.finetune import Trainer
 from rewardtune.finetune.compile import check_compile
+from rewardtune.finetune.host_heap import release_freed_heap
 
 
 def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -98,6 +99,40 @@ def test_only_the_last_gradient_call_is_not_checkpointed(sd_model, tmp_path, tin
     )
     trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.batch_noise(0, step=0))
     assert calls == []
+
+
+def test_the_cpu_heap_is_released_before_each_checkpointed_call_and_its_recomputation(
+    sd_model, tmp_path, tiny_cfg, brightness, monkeypatch
+):
+    released = []
+    monkeypatch.setattr(sampler_mod, "release_freed_heap", lambda device: released.append(str(device)))
+    for k, expected in [(3, 4), (1, 0)]:  # K=3: two checkpointed calls, each run forward and recomputed
+        released.clear()
+        trainer = Trainer(tiny_cfg(sd_model, tmp_path / str(k), sample_steps=4, k=k), reward=brightness())
+        trainer.micro_step(trainer.batch_prompts(0, step=0), trainer.batch_noise(0, step=0))
+        assert released == ["cpu"] * expected, (k, released)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
+def test_releasing_the_heap_returns_freed_pages_that_a_kept_block_pins():
+    """64 KiB tensors come from glibc's heap; freeing 15 of every 16 leaves their pages resident (the kept ones
+    pin the heap), and the release hands them back."""
+    if not release_freed_heap("cpu"):
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    blocks = [torch.ones(16384) for _ in range(4096)]  # 256 MiB, every page touched
+    kept = blocks[::16]
+    del blocks
+    before = _rss_mib()
+    assert release_freed_heap("cpu")
+    after = _rss_mib()
+    assert before - after > 150, (before, after)
+    assert all(float(t[0]) == 1.0 for t in kept)  # the live blocks are intact
+    assert not release_freed_heap("meta") and not release_freed_heap(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize(

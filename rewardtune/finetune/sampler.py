@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .host_heap import release_freed_heap
 from .models import Conditioning
 
 
@@ -234,8 +235,14 @@ class TruncatedSampler:
             with torch.no_grad():
                 base = self.predict(base_unet, x.detach(), i, state.cond)
         if checkpointed and self.checkpoint_calls:
-            return checkpoint(self._call, unet, x, i, state.cond, noise, base, use_reentrant=False)
+            return checkpoint(self._released_call, unet, x, i, state.cond, noise, base, use_reentrant=False)
         return self._call(unet, x, i, state.cond, noise, base)
+
+    def _released_call(self, unet, x, i, cond, noise, base):
+        """A checkpointed call (its forward and its recomputation), after the CPU heap's free pages go back to
+        the system: else freed activations stay resident around the small tensors kept per step (host_heap)."""
+        release_freed_heap(x.device)
+        return self._call(unet, x, i, cond, noise, base)
 
     def _call(self, unet, x, i, cond, noise, base):
         pred = self.predict(unet, x, i, cond)
