@@ -11,7 +11,8 @@ Per configuration it records
 
 - peak RSS twice: under glibc malloc's defaults, and with ``MALLOC_MMAP_THRESHOLD_=131072`` (every block of
   128 KiB or more is its own mapping, returned to the system when freed; the default raises that threshold
-  as large blocks are freed, after which they come from the heap, whose freed space stays resident);
+  as large blocks are freed, after which they come from the heap, whose freed space stays resident unless
+  handed back: since 8b02241 each checkpointed call does so first, ``rewardtune/finetune/host_heap.py``);
 - the peak of live tensor storage over one optimizer step (a process of its own: ``finetune_step``'s
   ``tracked_peak_mib``, counted as the planner counts), which is what K costs, free of the allocator;
 - the planner's predictions: ``rewardtune plan --json`` (its default GPU target) and
