@@ -156,7 +156,7 @@ def test_demo_fields_come_from_the_finetune_config():
         for key in ("choices", "min", "max", "positive"):
             assert demo[name].metadata.get(key) == ft[name].metadata.get(key), (name, key)
     assert demo["lora_rank"].metadata["help"] == ft["lora_rank"].metadata["help"]
-    assert (DemoConfig().k, DemoConfig().sample_steps, DemoConfig().lr) == (10, 10, 1e-3)
+    assert (DemoConfig().k, DemoConfig().sample_steps, DemoConfig().lr) == (6, 6, 1e-3)
 
 
 def test_precision_names_map_to_one_dtype_table():

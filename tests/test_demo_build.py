@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from rewardtune.demo import world
-from rewardtune.demo.build import calibrate_hp, train_pickscore
+from rewardtune.demo.build import UNET_ALWAYS_NAMED, calibrate_hp, caption, train_pickscore
 from rewardtune.demo.data import write_preference_set
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_reward, load_rewards
@@ -238,3 +238,14 @@ def test_partial_rebuild_keeps_the_full_builds_record(built, tmp_path):
     assert partial["config"]["only"] == ["baselines"] and partial["config"]["pickscore_steps"] == 3
     assert set(partial["seconds"]) == {"baselines"} and partial["total_seconds"] == partial["seconds"]["baselines"]
     assert record["baseline_metrics"]["pickscore"]["val/pickscore_n"] == 12
+
+
+def test_generator_captions_always_name_the_shape_and_the_position():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng) for _ in range(200)]
+    named = [world.parse_prompt(caption(s, rng, noise=0.25, always=UNET_ALWAYS_NAMED)) for s in scenes]
+    assert all("shape" in n and "position" in n for n in named)
+    # the other attributes are named sometimes, and a named attribute is sometimes wrong, as in web captions
+    assert 0.5 < np.mean(["colour" in n for n in named]) < 0.9
+    wrong = np.mean([n["position"] != s.position for n, s in zip(named, scenes)])
+    assert 0.15 < wrong < 0.35

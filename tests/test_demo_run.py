@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rewardtune.demo import world
 from rewardtune.demo.build import MODELS_DIR
@@ -31,9 +31,9 @@ def rewardtune(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_bundled_models_stay_small():
-    # 10.4 MiB: the pipeline 5.1, HP 1.9, ICT, the world CLIP and the PickScore-style model 1.0 each, the held-out CLIP 0.5
+    # 13.1 MiB: the pipeline 7.7, HP 1.8, ICT, the world CLIP and the PickScore-style model 1.0 each, the held-out CLIP 0.5
     size = sum(p.stat().st_size for p in MODELS_DIR.rglob("*") if p.is_file())
-    assert size < 11 * 2**20
+    assert size < 14 * 2**20
 
 
 def test_bundled_pipeline_loads_and_follows_prompts():
@@ -54,6 +54,27 @@ def test_bundled_pipeline_loads_and_follows_prompts():
     own = world.oracle_scores(images, prompts).mean()
     shuffled = world.oracle_scores(images, prompts[1:] + prompts[:1]).mean()
     assert own > shuffled  # the base model follows its prompts, if imperfectly
+
+
+def test_bundled_pipeline_places_shapes_where_the_prompt_says():
+    """Position words, which an earlier bundle's generator ignored (0.15-0.22, chance 0.2): measured on 256
+    held-out prompts at the demo's settings 0.79 (guidance 1.5, 10 steps)."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    prompts = make_prompts(32, seed=321)  # every attribute named, the position among them
+    images = pipe(
+        prompts,
+        num_inference_steps=6,
+        guidance_scale=1.5,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(1),
+    ).images
+    shown = [world.read_scene(im)["position"] for im in images.permute(0, 2, 3, 1).numpy()]
+    placed = np.mean([s == world.parse_prompt(p)["position"] for s, p in zip(shown, prompts)])
+    assert placed >= 0.5, (placed, shown)
 
 
 def test_bundled_rewards_load_and_prefer_the_matching_prompt():
@@ -144,7 +165,9 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
     with library_log() as log:
         pipe.load_lora_weights(str(out / "finetune"))
     assert not log.key_problems(), log.key_problems()
-    assert (draw() - base).abs().mean() > 2e-3  # measured: 0.019 (max 0.54) after the two steps above
+    # measured 0.0016 after the two steps above (0.019 with the previous bundle); without the LoRA the same draw is
+    # bit-identical (0.0), so the margin is over nothing but the LoRA
+    assert (draw() - base).abs().mean() > 2e-4
     # a second run into the same directory is refused without --overwrite
     again = rewardtune(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -59,7 +59,7 @@ class BuildConfig:
     clip_steps: int = option(2500, "world CLIP contrastive steps")
     heldout_steps: int = option(2500, "held-out CLIP contrastive steps")
     vae_steps: int = option(1500, "VAE reconstruction steps")
-    unet_steps: int = option(3000, "UNet denoising steps")
+    unet_steps: int = option(4000, "UNet denoising steps")
     ict_steps: int = option(600, "ICT training steps (train-reward --stage ict)")
     hp_steps: int = option(1500, "HP training steps (train-reward --stage hp)")
     pickscore_steps: int = option(600, "PickScore-style pairwise fine-tuning steps of the world CLIP (baselines)")
@@ -80,12 +80,15 @@ WORLD_CLIP = dict(hidden=64, layers=3, heads=4, projection_dim=64, image_size=32
 HELDOUT_CLIP = dict(hidden=48, layers=2, heads=4, projection_dim=48, image_size=32, patch_size=8)
 VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 UNET = dict(
-    block_out_channels=(32, 64),
+    # 16 -> 8 -> 4: at 4 x 4 every cell touches or neighbours the border, so the convolutions' padding tells each
+    # cell where it is and cross-attention there can place a shape left, right, top, bottom or center; with only
+    # the 8 x 8 level (an earlier bundle) the generator ignored position words (oracle position 0.15, chance 0.2)
+    block_out_channels=(32, 64, 64),
     layers_per_block=1,
     attention_head_dim=8,
     norm_num_groups=16,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
 TEXT_LENGTH = 32  # tokens: the world's longest prompt needs 17; CLIP's 77 would only cost compute
 # SD's schedule, sampled from t=999 ("trailing"): with "leading" spacing a few DDIM steps start at
@@ -102,6 +105,9 @@ SCHEDULER = dict(
     prediction_type="epsilon",
     timestep_spacing="trailing",
 )
+# the generator's pretraining captions always name the shape and the position (each still wrong with probability
+# --caption-noise): a caption that names the position 70 % of the time gave too weak a signal for a small UNet
+UNET_ALWAYS_NAMED = ("shape", "position")
 OFFSET_NOISE = 0.1  # per-image, per-channel constant added to the noise, so that dark and bright images are learnt
 PRETRAIN_DETAIL = (0.35, 0.45, 0.20)  # detail 0/1/2 in the pretraining pool
 
@@ -121,10 +127,12 @@ def render_pool(n: int, seed: int) -> tuple[list[world.Scene], torch.Tensor]:
     return scenes, torch.from_numpy(images)
 
 
-def caption(scene: world.Scene, rng: np.random.Generator, noise: float = 0.0, keep: float = 0.7) -> str:
-    """A caption naming the shape and a random subset of the other attributes; each named attribute is
+def caption(
+    scene: world.Scene, rng: np.random.Generator, noise: float = 0.0, keep: float = 0.7, always=("shape",)
+) -> str:
+    """A caption naming the attributes in ``always`` and a random subset of the others; each named attribute is
     wrong with probability ``noise``; 'highly detailed' on half of the detailed images."""
-    attrs = {a: v for a, v in scene.attributes().items() if a == "shape" or rng.random() < keep}
+    attrs = {a: v for a, v in scene.attributes().items() if a in always or rng.random() < keep}
     for a in list(attrs):
         if rng.random() < noise:
             attrs[a] = str(rng.choice([v for v in world.VALUES[a] if v != attrs[a]]))
@@ -376,7 +384,10 @@ def train_unet(
     text_encoder.train()
     for step in range(steps):
         idx = rng.integers(0, len(scenes), batch)
-        texts = ["" if rng.random() < uncond else caption(scenes[i], rng, noise=noise) for i in idx]
+        texts = [
+            "" if rng.random() < uncond else caption(scenes[i], rng, noise=noise, always=UNET_ALWAYS_NAMED)
+            for i in idx
+        ]
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
