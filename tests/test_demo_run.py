@@ -36,20 +36,29 @@ def test_bundled_models_stay_small():
     assert size < 14 * 2**20
 
 
-def test_bundled_pipeline_loads_and_follows_prompts():
+def bundled_pipeline() -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(
         str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw(pipe, prompts: list[str], steps: int = 10, guidance: float = 3.0, seed: int = 0) -> torch.Tensor:
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+
+
+def test_bundled_pipeline_loads_and_follows_prompts():
+    pipe = bundled_pipeline()
     assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
     prompts = make_prompts(16, seed=123)
-    images = pipe(
-        prompts,
-        num_inference_steps=10,
-        guidance_scale=3.0,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    images = draw(pipe, prompts)
     assert images.shape == (16, 3, 32, 32)
     own = world.oracle_scores(images, prompts).mean()
     shuffled = world.oracle_scores(images, prompts[1:] + prompts[:1]).mean()
@@ -59,19 +68,10 @@ def test_bundled_pipeline_loads_and_follows_prompts():
 def test_bundled_pipeline_places_shapes_where_the_prompt_says():
     """Position words, which an earlier bundle's generator ignored (0.15-0.22, chance 0.2): measured on 256
     held-out prompts at the demo's settings 0.79 (guidance 1.5, 10 steps)."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = bundled_pipeline()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
     prompts = make_prompts(32, seed=321)  # every attribute named, the position among them
-    images = pipe(
-        prompts,
-        num_inference_steps=6,
-        guidance_scale=1.5,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(1),
-    ).images
+    images = draw(pipe, prompts, steps=6, guidance=1.5, seed=1)
     shown = [world.read_scene(im)["position"] for im in images.permute(0, 2, 3, 1).numpy()]
     placed = np.mean([s == world.parse_prompt(p)["position"] for s, p in zip(shown, prompts)])
     assert placed >= 0.5, (placed, shown)
@@ -146,28 +146,14 @@ def test_demo_cli_writes_every_output(tmp_path, library_log):
     assert not set(heldout) & set((out / "prompts_train.txt").read_text().split("\n")) - {""}
     # the LoRA loads into the bundled pipeline with diffusers' own loader, every weight finding its module, and
     # changes what the pipeline draws
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(MODELS_DIR / "pipeline"), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-
-    def draw():
-        return pipe(
-            make_prompts(4, seed=7),
-            num_inference_steps=10,
-            guidance_scale=3.0,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
-
-    base = draw()
+    pipe = bundled_pipeline()
+    base = draw(pipe, make_prompts(4, seed=7))
     with library_log() as log:
         pipe.load_lora_weights(str(out / "finetune"))
     assert not log.key_problems(), log.key_problems()
     # measured 0.0016 after the two steps above (0.019 with the previous bundle); without the LoRA the same draw is
     # bit-identical (0.0), so the margin is over nothing but the LoRA
-    assert (draw() - base).abs().mean() > 2e-4
+    assert (draw(pipe, make_prompts(4, seed=7)) - base).abs().mean() > 2e-4
     # a second run into the same directory is refused without --overwrite
     again = rewardtune(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr

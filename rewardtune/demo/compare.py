@@ -201,7 +201,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]], list[str], lis
                 _change(r, "heldout_reward"),
                 _change(r, "saturation"),
                 _change(r, "reward"),
-                ", ".join(r["hacking_signs"]) or "none",
+                "; ".join(r["hacking_signs"]) or "none",
             ]
         )
     attrs = [
