@@ -5,7 +5,7 @@ first, raised up to 32 MiB as large blocks are freed) from the heap, and a heap 
 bytes — a checkpointed call's saved latent, an autograd node — stays resident with the freed blocks
 around it. Each recomputed call then lands in fresh pages: on the tiny 64 px benchmark (issue #13) peak
 RSS grew 1.39x from K=1 to K=20 while live tensors grew 1.06x. ``malloc_trim(0)`` before each checkpointed
-call hands every free page back (1.05x); the price is refaulting those pages, about 15-20 % of a K=20 step
+call hands every free page back (1.05x); the price is refaulting those pages, about 15-25 % of a K=20 step
 on that benchmark (``benchmarks/results/checkpoint_calls.md``). K=1 checkpoints no call and pays nothing.
 GPUs are untouched: their memory is the caching allocator's.
 """
