@@ -204,6 +204,27 @@ class Brightness(torch.nn.Module):
 
 
 @pytest.fixture(scope="session")
+def tiny_demo_flags() -> list[str]:
+    """``rewardtune demo`` flags that run the bundled demo in seconds: 2 steps of batch 2, 4 held-out prompts,
+    evaluated after each step, one thread (two threads on cores other jobs share spin: under load 9 a 2-step
+    demo passed 300 s)."""
+    return [
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--train-prompts",
+        "8",
+        "--threads",
+        "1",
+    ]
+
+
+@pytest.fixture(scope="session")
 def brightness():
     """``brightness(sign=1.0)``: a differentiable reward, the mean pixel value times ``sign``."""
     return Brightness

@@ -21,7 +21,7 @@ from rewardtune.demo.build import UNET_ALWAYS_NAMED, calibrate_hp, caption, trai
 from rewardtune.demo.data import write_preference_set
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_reward, load_rewards
-from rewardtune.testing import save_tiny_clip
+from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
 
 ENV = {
     **os.environ,
@@ -39,12 +39,7 @@ def world_tiny_clip(directory: Path) -> None:
         directory,
         seed=0,
         words=world.world_words(),
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
+        **SMALL_IMAGE_CLIP,
     )
 
 

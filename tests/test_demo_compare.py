@@ -27,31 +27,20 @@ def rewardtune(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(tmp_path_factory, tiny_demo_flags):
     out = tmp_path_factory.mktemp("compare") / "cmp"
     done = rewardtune(
         "demo",
         "--compare",
         "--output",
         str(out),
-        "--steps",
-        "2",
-        "--eval-every",
-        "1",
-        "--eval-size",
-        "4",
-        "--batch-size",
-        "2",
-        "--train-prompts",
-        "8",
+        *tiny_demo_flags,
         "--sample-steps",
         "4",
         "--k",
         "2",
         "--test-triplets",
         "24",
-        "--threads",
-        "1",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done

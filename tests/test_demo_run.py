@@ -94,25 +94,9 @@ def test_bundled_rewards_load_and_prefer_the_matching_prompt():
         assert (icthp.hp(detailed, own) > icthp.hp(blurred, own)).float().mean() >= 0.75
 
 
-def test_demo_cli_writes_every_output(tmp_path, library_log):
+def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
     out = tmp_path / "demo"
-    args = [
-        "demo",
-        "--output",
-        str(out),
-        "--steps",
-        "2",
-        "--eval-every",
-        "1",
-        "--eval-size",
-        "4",
-        "--batch-size",
-        "2",
-        "--train-prompts",
-        "8",
-        "--threads",
-        "1",  # two threads on cores other jobs share spin: under load 9 this 2-step demo passed 300 s
-    ]
+    args = ["demo", "--output", str(out), *tiny_demo_flags]
     done = rewardtune(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout

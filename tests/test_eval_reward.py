@@ -23,7 +23,7 @@ from rewardtune.images import load_image
 from rewardtune.reward_training import evaluate_rewards, triplet_accuracy
 from rewardtune.rewards import load_rewards
 from rewardtune.rewards.icthp import HPHead
-from rewardtune.testing import perturbed_state_dict, save_tiny_clip
+from rewardtune.testing import SMALL_IMAGE_CLIP, perturbed_state_dict, save_tiny_clip
 
 KEYS = {"I2>I1", "I3>I2", "I3>I1", "avg", "n"}
 
@@ -37,12 +37,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         d / "backbone",
         seed=0,
         words=WORDS,
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
+        **SMALL_IMAGE_CLIP,
     )
     base = CLIPModel.from_pretrained(d / "backbone")
     (d / "ict").mkdir()

@@ -23,7 +23,7 @@ from rewardtune.errors import UserError
 from rewardtune.finetune import run_finetune
 from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
-from rewardtune.testing import save_tiny_clip
+from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
 
 ENV = {
     **os.environ,
@@ -93,12 +93,7 @@ def reward_world(tmp_path_factory) -> dict:
         d / "backbone",
         seed=0,
         words=WORDS,
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
+        **SMALL_IMAGE_CLIP,
     )
     make_pick_high(d / "data", {"train": 16}, size=32, formats=("parquet",))
     cfg = dict(stage="ict", data=str(d / "data"), backbone=str(d / "backbone"), **QUIET)

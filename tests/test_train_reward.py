@@ -33,7 +33,7 @@ from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.rewards.clip_tower import ClipTower, embedding
 from rewardtune.rewards.icthp import HPReward, ICTReward
 from rewardtune.rundir import RunDir, read_state
-from rewardtune.testing import save_tiny_clip
+from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
 
 QUIET = dict(num_workers=0, progress=False)
 
@@ -60,12 +60,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         d / "backbone",
         seed=0,
         words=WORDS,
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
+        **SMALL_IMAGE_CLIP,
     )
     make_pick_high(d / "data", {"train": 64, "val": 16, "test": 32}, size=32, formats=("parquet",))
     return {"backbone": d / "backbone", "data": d / "data", "root": d}

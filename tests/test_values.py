@@ -35,7 +35,7 @@ from rewardtune.errors import UserError
 from rewardtune.finetune import FinetuneConfig, Trainer, lora
 from rewardtune.images import save_image
 from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
-from rewardtune.testing import save_tiny_clip
+from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
 
 ENV = {
     **os.environ,
@@ -78,12 +78,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         d / "backbone",
         seed=0,
         words=WORDS,
-        projection_dim=32,
-        image_size=32,
-        patch_size=8,
-        hidden=32,
-        layers=2,
-        heads=4,
+        **SMALL_IMAGE_CLIP,
     )
     make_pick_high(d / "data", {"train": 16, "val": 8}, size=32, formats=("parquet",))
     return {"backbone": d / "backbone", "data": d / "data"}

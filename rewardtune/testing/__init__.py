@@ -5,6 +5,7 @@ files look so that tests go through the loading code a user hits. Nothing here d
 """
 
 from .clip import (
+    SMALL_IMAGE_CLIP,
     perturbed_state_dict,
     save_tiny_clip,
     tiny_clip_config,
@@ -21,6 +22,7 @@ from .pipelines import (
 )
 
 __all__ = [
+    "SMALL_IMAGE_CLIP",
     "build_tiny_flow_pipeline",
     "build_tiny_pipeline",
     "save_tiny_flow_pipeline",

@@ -12,6 +12,10 @@ from PIL import Image
 from ..clip_tokenizer import write_clip_tokenizer
 from ..rewards.icthp import HPHead
 
+# A tiny CLIP at 32 px (4 x 4 patches of 8 px), 32 wide, 2 layers, 4 heads, 32-d projections: the tests' reward
+# towers over small images (Pick-High-like sets, the demo world), spelled once for every test that saves one.
+SMALL_IMAGE_CLIP = dict(projection_dim=32, image_size=32, patch_size=8, hidden=32, layers=2, heads=4)
+
 
 def tiny_clip_config(
     vocab_size: int,
