@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rewardtune.demo import world
 from rewardtune.demo.build import MODELS_DIR
-from rewardtune.demo.runner import make_prompts
+from rewardtune.demo.runner import DemoConfig, _finetune_config, make_prompts
+from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.rewards import load_reward
 
 pytestmark = pytest.mark.skipif(
@@ -92,6 +94,17 @@ def test_bundled_rewards_load_and_prefer_the_matching_prompt():
         blurred = torch.from_numpy(world.render_batch([world.Scene(**s.attributes(), detail=0) for s in scenes]))
         detailed = torch.from_numpy(world.render_batch([world.Scene(**s.attributes(), detail=2) for s in scenes]))
         assert (icthp.hp(detailed, own) > icthp.hp(blurred, own)).float().mean() >= 0.75
+
+
+def test_every_fine_tuning_option_of_the_demo_reaches_its_fine_tuning_run(tmp_path):
+    """A demo option declared from FinetuneConfig's (``derived``) is the run's value, defaults and set values
+    alike; only --output differs (the run goes in OUTPUT/finetune)."""
+    shared = {f.name for f in fields(FinetuneConfig)} & {f.name for f in fields(DemoConfig)} - {"output"}
+    for cfg in (DemoConfig(), DemoConfig(checkpoint_calls=True, guidance_scale=2.0, sample_steps=4, k=2, lr=5e-4)):
+        ft = _finetune_config(cfg, MODELS_DIR, tmp_path)
+        assert {n: getattr(ft, n) for n in shared} == {n: getattr(cfg, n) for n in shared}
+        assert ft.output == str(tmp_path / "finetune")
+    assert DemoConfig().checkpoint_calls is False and FinetuneConfig().checkpoint_calls is True
 
 
 def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
