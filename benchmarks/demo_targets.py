@@ -127,6 +127,10 @@ def main() -> int:
             "date": build.get("date"),
             "seconds": build.get("seconds"),
             "total_seconds": build.get("total_seconds"),
+            "partial_builds": [
+                {"date": b.get("date"), "parts": b["config"].get("only"), "seconds": b.get("seconds")}
+                for b in build.get("partial_builds", [])
+            ],
         },
         "reward_accuracy": accuracy,
         "reward_accuracy_rendered_only": rendered,
@@ -215,8 +219,17 @@ The last seed in detail ({d["steps"]} steps):
 | held-out CLIP (never trained on) | {d["heldout_reward_before"]:.3f} | {d["heldout_reward_after"]:.3f} | {d["heldout_reward_after"] - d["heldout_reward_before"]:+.3f} |
 {attribute_rows}
 
-Bundled models built {r["build"]["date"]} in {r["build"]["total_seconds"]} s: {r["build"]["seconds"]}.
+Bundled models built {r["build"]["date"]} in {r["build"]["total_seconds"]} s: {r["build"]["seconds"]}.{rebuilt(r["build"])}
 """
+
+
+def rebuilt(build: dict) -> str:
+    """The parts rebuilt since the full build (``--only``), latest last: a part's latest entry is what ships."""
+    lines = [
+        f"\n- {b['date']}: {', '.join(b['parts'] or [])} ({', '.join(f'{k} {v:.0f} s' for k, v in b['seconds'].items())})"
+        for b in build.get("partial_builds", [])
+    ]
+    return "\nRebuilt since (`--only`):" + "".join(lines) if lines else ""
 
 
 if __name__ == "__main__":
