@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,13 +46,37 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_libraries() -> None:
-    """Library load bars and info logs drown our own progress output; keep warnings. (transformers is
-    imported here, not at the top, so that ``--help`` and argument errors stay fast.)"""
+# bitsandbytes (installed with the gpu and test extras) warns when it is imported, on CPUs with AVX512-BF16, that an
+# optional faster CPU kernel for 4-bit matmuls (the `kernels` package) is missing. peft and diffusers import it
+# whenever it is installed, so every command printed it; only a 4-bit base on the CPU would use that kernel.
+BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_CPU_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """Library load bars and info logs drown our own progress output; keep warnings, except bitsandbytes'
+    missing-CPU-kernel notice unless the command quantizes the base. (transformers is imported here, not at
+    the top, so that ``--help`` and argument errors stay fast.)"""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_warning()
+    bnb = logging.getLogger(BNB_CPU_KERNEL_LOGGER)
+    ours = [f for f in bnb.filters if isinstance(f, _DropNotice)]
+    if getattr(args, "quantize_base", None):
+        for f in ours:
+            bnb.removeFilter(f)
+    elif not ours:
+        bnb.addFilter(_DropNotice(BNB_CPU_KERNEL_NOTICE))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, fields
 
 import pytest
 import torch
 
+from rewardtune import cli
 from rewardtune.config import add_config_args, build_config, check_values, config_to_yaml, option, precision_dtype
 from rewardtune.demo.runner import DemoConfig
 from rewardtune.errors import UserError
@@ -164,3 +166,29 @@ def test_precision_names_map_to_one_dtype_table():
     assert precision_dtype("fp32") is precision_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         precision_dtype("fp8")
+
+
+def test_bitsandbytes_cpu_kernel_notice_is_dropped_unless_the_base_is_quantized(caplog):
+    """bitsandbytes' import-time notice about an optional CPU 4-bit kernel printed on every command where peft or
+    diffusers import it; the CLI drops that one message (other bitsandbytes warnings stay) except when the
+    command quantizes the base, the one case the kernel is for."""
+    log = logging.getLogger(cli.BNB_CPU_KERNEL_LOGGER)
+    saved = list(log.filters)
+    notice = cli.BNB_CPU_KERNEL_NOTICE + ": %s. Please make sure you already `pip install kernels`"
+    try:
+        for _ in range(2):  # a second command in one process adds no second filter
+            cli._quiet_libraries(argparse.Namespace(command="demo"))
+        assert len(log.filters) == len(saved) + 1
+        with caplog.at_level(logging.WARNING):
+            log.warning(notice, "No module named 'kernels'")
+            log.warning("another bitsandbytes warning")
+        assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+        caplog.clear()
+        cli._quiet_libraries(argparse.Namespace(command="finetune", quantize_base="nf4"))
+        with caplog.at_level(logging.WARNING):
+            log.warning(notice, "No module named 'kernels'")
+        assert [r.getMessage()[: len(cli.BNB_CPU_KERNEL_NOTICE)] for r in caplog.records] == [
+            cli.BNB_CPU_KERNEL_NOTICE
+        ]
+    finally:
+        log.filters[:] = saved
