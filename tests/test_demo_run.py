@@ -105,6 +105,9 @@ def test_every_fine_tuning_option_of_the_demo_reaches_its_fine_tuning_run(tmp_pa
         assert {n: getattr(ft, n) for n in shared} == {n: getattr(cfg, n) for n in shared}
         assert ft.output == str(tmp_path / "finetune")
     assert DemoConfig().checkpoint_calls is False and FinetuneConfig().checkpoint_calls is True
+    # K defaults to every sampling step, whichever --sample-steps is (DRaFT-K's own default is 1)
+    assert DemoConfig().k == DemoConfig().sample_steps == 6 and DemoConfig(sample_steps=4).k == 4
+    assert _finetune_config(DemoConfig(sample_steps=10), MODELS_DIR, tmp_path).k == 10
 
 
 def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):

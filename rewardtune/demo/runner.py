@@ -63,11 +63,11 @@ class DemoConfig:
     lora_targets: list = derived(FinetuneConfig, "lora_targets")
     train_text_encoder: bool = derived(FinetuneConfig, "train_text_encoder")
     reg_weight: float = derived(FinetuneConfig, "reg_weight")
-    k: int = derived(
+    k: int | None = derived(
         FinetuneConfig,
         "k",
-        6,
-        help="DRaFT-K: denoising steps that carry gradients (default all 6: background, "
+        None,
+        help="DRaFT-K: denoising steps that carry gradients (default: all --sample-steps; background, "
         "colour and layout are decided in the early steps, which K=1 cannot reach)",
     )
     sample_steps: int = derived(
@@ -121,6 +121,10 @@ class DemoConfig:
     test_triplets: int = option(
         1000, "--compare: triplets of the regenerated test split the accuracy is measured on", min=1
     )
+
+    def __post_init__(self) -> None:
+        if self.k is None:  # every sampling step, however many --sample-steps asks for
+            self.k = self.sample_steps
 
     def validate(self) -> None:
         check_values(self)
