@@ -68,7 +68,7 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
                 )
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use --optimizer adamw"
+            "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use --optimizer adamw"
         )
     if cfg.compile:
         check_compile(cuda=torch.cuda.is_available())
