@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,20 +16,8 @@ from rewardtune.rewards.clip_tower import ClipTower
 from rewardtune.rewards.icthp import HPHead
 from rewardtune.sources import save_state_dict
 from rewardtune.testing import perturbed_state_dict
+from rewardtune.testing.cli import offline_env, run_cli
 from rewardtune.testing.clip import write_clip_processor
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def srcs(tiny_backbone, released_ict, released_hp):
 
 
 def test_score_json(sample_images, srcs):
-    r = run("score", *sample_images, "--prompt", "a red cube", *srcs, "--json", "--batch-size", "2")
+    r = run_cli("score", *sample_images, "--prompt", "a red cube", *srcs, "--json", "--batch-size", "2")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)  # stdout holds only the JSON array
     assert [row["image"] for row in rows] == [str(p) for p in sample_images]
@@ -53,7 +38,7 @@ def test_score_json(sample_images, srcs):
 
 
 def test_score_json_matches_python_api(sample_images, srcs, tiny_backbone, released_ict):
-    r = run("score", sample_images[0], "--prompt", "a cat", *srcs, "--reward", "ict", "--json")
+    r = run_cli("score", sample_images[0], "--prompt", "a cat", *srcs, "--reward", "ict", "--json")
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
         want = load_reward("ict", ict=str(released_ict), backbone=str(tiny_backbone))(
@@ -63,7 +48,7 @@ def test_score_json_matches_python_api(sample_images, srcs, tiny_backbone, relea
 
 
 def test_score_table(sample_images, srcs):
-    r = run("score", *sample_images[:2], "--prompt", "one", "--prompt", "two", *srcs, "--reward", "hp")
+    r = run_cli("score", *sample_images[:2], "--prompt", "one", "--prompt", "two", *srcs, "--reward", "hp")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["image", "hp"] and len(lines) == 4
@@ -99,13 +84,7 @@ def test_bad_input_one_line_error(case, pattern, sample_images, srcs, tmp_path, 
     elif case == "prompt_count":
         prompts = ["--prompt", "a", "--prompt", "b"]
     env_home = {"HF_HOME": str(tmp_path / "hf")}
-    r = subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", "score", *map(str, images), *prompts, *map(str, extra)],
-        capture_output=True,
-        text=True,
-        env={**ENV, **env_home},
-        timeout=300,
-    )
+    r = run_cli("score", *images, *prompts, *extra, env=offline_env(**env_home))
     assert r.returncode == 2
     err = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1, r.stderr  # one line, no traceback
@@ -123,7 +102,7 @@ def _notes(stderr: str) -> list[str]:
 def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
     # Four images in four batches, two of them with a prompt past 77 tokens: one note, not one per batch.
     prompts = ["a cat", LONG, "a dog", LONG + "again"]
-    r = run(
+    r = run_cli(
         "score", *sample_images, *[a for p in prompts for a in ("--prompt", p)], *srcs, "--batch-size", "1", "--json"
     )
     assert r.returncode == 0, r.stderr
@@ -131,7 +110,7 @@ def test_long_prompts_are_counted_once_per_command(sample_images, srcs):
         "note: 2 of 4 prompts are longer than the CLIP text encoder's 77 tokens (rewards ict, icthp) and are cut there"
     ], r.stderr
     assert [row["prompt"] for row in json.loads(r.stdout)] == prompts  # reported, still scored
-    r = run("score", *sample_images[:2], "--prompt", "a cat", *srcs, "--reward", "ict,hp", "--json")
+    r = run_cli("score", *sample_images[:2], "--prompt", "a cat", *srcs, "--reward", "ict,hp", "--json")
     assert r.returncode == 0 and _notes(r.stderr) == [], r.stderr
 
 
@@ -157,7 +136,7 @@ def test_count_truncated_agrees_with_what_the_tower_cuts(tiny_backbone):
     ],
 )
 def test_empty_prompt_is_a_one_line_error(prompts, which, sample_images, srcs):
-    r = run("score", *sample_images[:3], *[a for p in prompts for a in ("--prompt", p)], *srcs)
+    r = run_cli("score", *sample_images[:3], *[a for p in prompts for a in ("--prompt", p)], *srcs)
     assert r.returncode == 2, r.stderr
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and which.format(img1=sample_images[1]) in err[0], r.stderr
@@ -172,7 +151,7 @@ def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_p
     (d / "notes.txt").write_text("not an image")
     (d / "sub").mkdir()
     shutil.copyfile(sample_images[2], d / "sub" / "deeper.png")  # not recursed into
-    r = run("score", d, "--prompt", "a red cube", *srcs, "--reward", "ict", "--json")
+    r = run_cli("score", d, "--prompt", "a red cube", *srcs, "--reward", "ict", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["image"] for row in rows] == [str(d / n) for n in ("a.png", "b.png", "c.PNG")]
@@ -182,7 +161,7 @@ def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_p
         "(not .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff)"
     ], r.stderr
     # The same scores as naming the files; a directory mixes with files and takes one prompt per image.
-    files = run(
+    files = run_cli(
         "score",
         sample_images[1],
         sample_images[0],
@@ -195,7 +174,7 @@ def test_a_directory_scores_its_images_sorted_by_name(sample_images, srcs, tmp_p
         "--json",
     )
     assert [row["ict"] for row in json.loads(files.stdout)] == pytest.approx([row["ict"] for row in rows], abs=1e-6)
-    mixed = run(
+    mixed = run_cli(
         "score", sample_images[2], d, *[a for p in "wxyz" for a in ("--prompt", p)], *srcs, "--reward", "ict", "--json"
     )
     assert mixed.returncode == 0, mixed.stderr
@@ -214,7 +193,7 @@ def test_a_directory_without_images_is_a_one_line_error(content, pattern, sample
     d.mkdir()
     for name in content:
         (d / name).mkdir() if name.endswith("/") else (d / name).write_text("x")
-    r = run("score", d, "--prompt", "x", *srcs)
+    r = run_cli("score", d, "--prompt", "x", *srcs)
     assert r.returncode == 2
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and re.search(pattern, err[0]), r.stderr
@@ -246,26 +225,17 @@ def test_a_train_reward_output_with_only_tokenizer_json_needs_no_backbone_nor_th
     save_state_dict(HPHead(1024).state_dict(), hp / "hp_scorer" / "mlp_pytorch_model.safetensors")
     home = tmp_path / "hf_home"  # empty: a hub attempt finds nothing, offline it cannot download
     home.mkdir()
-    env = {**ENV, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rewardtune.cli",
-            "score",
-            str(sample_images[0]),
-            "--prompt",
-            "a cat",
-            "--ict",
-            str(ict),
-            "--hp",
-            str(hp),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    r = run_cli(
+        "score",
+        str(sample_images[0]),
+        "--prompt",
+        "a cat",
+        "--ict",
+        str(ict),
+        "--hp",
+        str(hp),
+        "--json",
+        env=offline_env(HF_HOME=str(home)),
     )
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]

@@ -4,14 +4,12 @@ column that is what ``rewardtune eval-reward`` computes on the same split."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from rewardtune.demo.build import MODELS_DIR
 from rewardtune.demo.compare import COMPARED, LABELS
+from rewardtune.testing.cli import run_cli
 
 pytestmark = pytest.mark.skipif(
     not (MODELS_DIR / "pickscore" / "config.json").is_file(),
@@ -19,17 +17,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def rewardtune(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", *args], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_demo_flags):
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    done = rewardtune(
+    done = run_cli(
         "demo",
         "--compare",
         "--output",
@@ -41,6 +32,7 @@ def compared(tmp_path_factory, tiny_demo_flags):
         "2",
         "--test-triplets",
         "24",
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
@@ -73,7 +65,7 @@ def test_compare_writes_every_table_and_the_plot(compared):
 def test_compare_accuracy_is_eval_rewards(compared):
     out, _ = compared
     result = json.loads((out / "compare.json").read_text())
-    cli = rewardtune(
+    cli = run_cli(
         "eval-reward",
         "--data",
         str(out / "test_split"),
@@ -100,7 +92,7 @@ def test_compare_accuracy_is_eval_rewards(compared):
 
 def test_compare_refuses_to_overwrite(compared):
     out, _ = compared
-    again = rewardtune("demo", "--compare", "--output", str(out), "--steps", "2")
+    again = run_cli("demo", "--compare", "--output", str(out), "--steps", "2")
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -111,9 +103,9 @@ def test_compare_names_a_missing_baseline(tmp_path):
     for part in MODELS_DIR.iterdir():
         if part.name != "pickscore":
             (models / part.name).symlink_to(part)
-    done = rewardtune("demo", "--compare", "--models", str(models), "--output", str(tmp_path / "o"))
+    done = run_cli("demo", "--compare", "--models", str(models), "--output", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "pickscore/config.json" in done.stderr and "build_demo_models.py" in done.stderr
     assert not (tmp_path / "o").exists()
-    mixed = rewardtune("demo", "--compare", "--reward", "hp", "--output", str(tmp_path / "o"))
+    mixed = run_cli("demo", "--compare", "--reward", "hp", "--output", str(tmp_path / "o"))
     assert mixed.returncode == 2 and "--reward" in mixed.stderr and "Traceback" not in mixed.stderr

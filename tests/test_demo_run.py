@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import fields
 
 import numpy as np
@@ -18,18 +15,12 @@ from rewardtune.demo.build import MODELS_DIR
 from rewardtune.demo.runner import DemoConfig, _finetune_config, make_prompts
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.rewards import load_reward
+from rewardtune.testing.cli import run_cli
 
 pytestmark = pytest.mark.skipif(
     not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
     reason="bundled demo models missing; run scripts/build_demo_models.py",
 )
-
-
-def rewardtune(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
 
 
 def test_bundled_models_stay_small():
@@ -113,7 +104,7 @@ def test_every_fine_tuning_option_of_the_demo_reaches_its_fine_tuning_run(tmp_pa
 def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
     out = tmp_path / "demo"
     args = ["demo", "--output", str(out), *tiny_demo_flags]
-    done = rewardtune(*args)
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout
     assert "s left" in done.stdout  # progress lines estimate the time left
@@ -155,17 +146,17 @@ def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
     # bit-identical (0.0), so the margin is over nothing but the LoRA
     assert (draw(pipe, make_prompts(4, seed=7)) - base).abs().mean() > 2e-4
     # a second run into the same directory is refused without --overwrite
-    again = rewardtune(*args)
+    again = run_cli(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     # a job script that always passes --resume: a finished demo at its --steps has nothing to do
-    rerun = rewardtune(*args, "--resume")
+    rerun = run_cli(*args, "--resume")
     assert rerun.returncode == 0 and "demo: nothing to do" in rerun.stdout, rerun.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def test_demo_names_a_missing_models_directory(tmp_path):
-    done = rewardtune("demo", "--models", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
+    done = run_cli("demo", "--models", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
     assert done.returncode == 2
     assert "pipeline/model_index.json" in done.stderr and "build_demo_models.py" in done.stderr
-    bad = rewardtune("demo", "--steps", "0", "--output", str(tmp_path / "o"))
+    bad = run_cli("demo", "--steps", "0", "--output", str(tmp_path / "o"))
     assert bad.returncode == 2 and "--steps" in bad.stderr

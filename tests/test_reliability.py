@@ -6,7 +6,6 @@ leaves nothing behind. The table itself, row by row for the three layouts, is in
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import signal
@@ -24,23 +23,16 @@ from rewardtune.finetune import run_finetune
 from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import cli_command, offline_env, run_cli
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = offline_env()
 QUIET = dict(num_workers=0, progress=False, eval_split="", batch_size=4, lr=1e-3)
 
 
 def rewardtune(*args, wait: bool = True):
-    cmd = [sys.executable, "-m", "rewardtune.cli", *map(str, args)]
     if not wait:
-        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen(cli_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_cli(*args, env=ENV)
 
 
 def one_line_error(res, command: str) -> str:

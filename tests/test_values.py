@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,26 +35,9 @@ from rewardtune.finetune import FinetuneConfig, Trainer, lora
 from rewardtune.images import save_image
 from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import run_cli
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 QUIET = dict(num_workers=0, progress=False)
-
-
-def _cli(*args, preexec_fn=None, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", *map(str, args)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-    )
 
 
 def _one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str) -> str:
@@ -131,7 +113,7 @@ def _reward_cli(world, out: Path, *extra) -> list:
 def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp_path):
     """The issue's repro: --lr 1e6 without clipping. Before: "trained", exit 0, a model 77 of 78 tensors NaN."""
     out = tmp_path / "run"
-    res = _cli(
+    res = run_cli(
         *_reward_cli(
             world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0
         )
@@ -192,7 +174,7 @@ def test_reward_training_skips_non_finite_steps_and_stops_after_max_nonfinite(wo
 def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_backbone, tmp_path):
     """The issue's repro: finetune --lr 1e6 --steps 3. Before: exit 0, a LoRA of max 9.7e5, evaluation reward NaN."""
     out = tmp_path / "run"
-    res = _cli(
+    res = run_cli(
         "finetune",
         "--model",
         sd_model,
@@ -346,7 +328,7 @@ def test_values_that_are_fine_still_pass(tmp_path):
 def test_cli_non_finite_numbers_exit_2_with_one_line(args, command, expect):
     """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s."""
     start = time.perf_counter()
-    res = _cli(*args, timeout=60)
+    res = run_cli(*args, timeout=60)
     _one_line_error(res, command, expect)
     assert time.perf_counter() - start < 60
 
@@ -356,12 +338,12 @@ def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
     empty.write_text("model: sd15\neta:\n")
     nested.write_text("lora_targets:\n  - [to_q, to_k]\n")
     _one_line_error(
-        _cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60),
         "finetune",
         f"config: 'eta' in '{empty}' has no value",
     )
     _one_line_error(
-        _cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60),
         "finetune",
         "config: 'lora_targets' must be a list of names or numbers",
     )
@@ -457,7 +439,7 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     train_reward(_reward_cfg(world, out, eval_split=""))
     kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert (out / "model.safetensors").stat().st_size > 128 * 1024 and "config.yaml" in kept
-    res = _cli(
+    res = run_cli(
         *_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
         preexec_fn=_file_size_limit(128 * 1024),
     )
