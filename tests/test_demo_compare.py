@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rewardtune.demo.build import MODELS_DIR
-from rewardtune.demo.compare import COMPARED, LABELS
+from rewardtune.demo.compare import COMPARED, LABELS, hacking_signs
 from rewardtune.testing.cli import run_cli
 
 pytestmark = pytest.mark.skipif(
@@ -109,3 +109,28 @@ def test_compare_names_a_missing_baseline(tmp_path):
     assert not (tmp_path / "o").exists()
     mixed = run_cli("demo", "--compare", "--reward", "hp", "--output", str(tmp_path / "o"))
     assert mixed.returncode == 2 and "--reward" in mixed.stderr and "Traceback" not in mixed.stderr
+
+
+def test_hacking_signs_read_the_ground_truth_against_the_trained_reward():
+    """Each sign on a made-up before/after: the reward rising while the oracle, the held-out CLIP or one asked-for
+    attribute falls (the background collapse seen in trials: 0.55 -> 0.30, chance 0.33), and saturation."""
+    attrs = {"colour": 0.30, "shape": 0.58, "size": 0.73, "position": 0.56, "background": 0.55}
+    honest = dict(
+        reward_before=0.3,
+        reward_after=0.5,
+        oracle_before=0.54,
+        oracle_after=0.70,
+        heldout_reward_before=0.1,
+        heldout_reward_after=0.3,
+        saturation_before=0.15,
+        saturation_after=0.18,
+        attributes_before=attrs,
+        attributes_after={**attrs, "colour": 0.70, "background": 0.45},
+    )
+    assert hacking_signs(honest) == []  # background -0.10: within the noise of 64 prompts
+    collapsed = {**honest, "attributes_after": {**attrs, "colour": 0.70, "background": 0.30}, "saturation_after": 0.28}
+    assert hacking_signs(collapsed) == ["background right -0.25 (chance 0.33)", "saturation up +0.13"]
+    hacked = {**honest, "oracle_after": 0.49, "heldout_reward_after": 0.03}
+    assert hacking_signs(hacked) == ["reward up, oracle down", "reward up, held-out CLIP down"]
+    # a reward that fell was not hacked into giving up an attribute; saturation is flagged regardless
+    assert hacking_signs({**collapsed, "reward_after": 0.2}) == ["saturation up +0.13"]
