@@ -67,9 +67,7 @@ def check_optional_packages(cfg: FinetuneConfig) -> None:
                     f"{cfg.quantize_base} layers on the CPU ({problem}); use a CUDA GPU or --quantize-base none"
                 )
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(
-            "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use --optimizer adamw"
-        )
+        raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use --optimizer adamw")
     if cfg.compile:
         check_compile(cuda=torch.cuda.is_available())
     if cfg.attention == "xformers":
