@@ -6,8 +6,6 @@ eager mode, or a one-line error where torch.compile cannot compile)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from rewardtune.errors import UserError
 from rewardtune.finetune import Trainer
 from rewardtune.finetune.compile import check_compile
 from rewardtune.finetune.host_heap import release_freed_heap
+from rewardtune.testing.cli import offline_env, run_cli
 
 
 def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -185,9 +184,10 @@ def test_compiled_denoiser_gives_the_eager_gradients(sd_model, tmp_path, tiny_cf
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --compile needs Triton, not a C++ compiler")
 def test_compile_without_a_cpp_compiler_is_one_line(sd_model, tmp_path):
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "rewardtune.cli", "finetune", "--model", str(sd_model), "--output", str(tmp_path)]
-    res = subprocess.run([*cmd, "--compile", "--steps", "1"], capture_output=True, text=True, env=env, timeout=120)
+    env = offline_env(CXX=str(tmp_path / "no-such-c++"))
+    res = run_cli(
+        "finetune", "--model", sd_model, "--output", tmp_path, "--compile", "--steps", 1, env=env, timeout=120
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--compile on the CPU needs a C++ compiler" in lines[0], res.stderr

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +21,7 @@ from rewardtune.finetune.models import load_pipeline
 from rewardtune.finetune.prompts import load_prompts, note_long_prompts
 from rewardtune.rewards import load_reward
 from rewardtune.sources import load_state_dict
+from rewardtune.testing.cli import run_cli
 
 
 def _lora(out: Path) -> dict:
@@ -251,13 +249,7 @@ def test_two_processes_train_what_one_process_trains_on_the_doubled_batch(
     two, one = tmp_path / "two", tmp_path / "one"
     res = launch_two_processes(*common, "--output", two, "--batch-size", 1, "--checkpoint-every", 1)
     assert res.returncode == 0, res.stderr[-3000:]
-    subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", *map(str, common), "--output", str(one), "--batch-size", "2"],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
-        timeout=300,
-    )
+    run_cli(*common, "--output", one, "--batch-size", 2, check=True, timeout=300)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
     assert len(summary["lora_sha256"]) == 2 and len(set(summary["lora_sha256"])) == 1  # both processes in step

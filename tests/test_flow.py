@@ -8,9 +8,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,6 +33,7 @@ from rewardtune.finetune.models import (
 )
 from rewardtune.finetune.sampler import Plan
 from rewardtune.testing import save_tiny_pipeline
+from rewardtune.testing.cli import run_cli
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
 
 PROMPTS = ["a red apple", "a cat"]
@@ -362,16 +360,9 @@ def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, release
         "--no-gradient-checkpointing",
     ]
     args += ["--defaults-from", "sd35-large-turbo"] if name == "sd3" else ["--sample-steps", 2]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
-        res = subprocess.run(
-            [sys.executable, "-m", "rewardtune.cli", "finetune", *map(str, args), *map(str, extra)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
+        res = run_cli("finetune", *args, *extra, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads((out / "summary.json").read_text())
 

@@ -5,9 +5,6 @@ x0 output against the DDIM formula, and how ICT-HP's gradient splits between its
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +21,7 @@ from rewardtune.losses import reward_loss
 from rewardtune.plan.architectures import arch_config
 from rewardtune.plan.memory import _plan_config
 from rewardtune.rewards import load_reward
+from rewardtune.testing.cli import run_cli
 
 # ----- AlignProp ------------------------------------------------------------------------------------------------
 
@@ -310,21 +308,14 @@ def test_hinge_loss_in_the_micro_step(trainer):
 
 
 def test_bad_pretrain_data_is_a_one_line_cli_error(sd_model, tmp_path):
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rewardtune.cli",
-            "finetune",
-            "--model",
-            str(sd_model),
-            "--output",
-            str(tmp_path / "o"),
-            "--pretrain-data",
-            str(tmp_path / "nope"),
-        ],
-        capture_output=True,
-        text=True,
+    res = run_cli(
+        "finetune",
+        "--model",
+        sd_model,
+        "--output",
+        tmp_path / "o",
+        "--pretrain-data",
+        tmp_path / "nope",
         timeout=300,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
 from rewardtune.plan.architectures import ARCH_OF_ALIAS, CONFIG_DIR
 from rewardtune.testing import save_tiny_pipeline, tiny_clip_config
+from rewardtune.testing.cli import run_cli
 
 TINY_REWARD = tiny_clip_config(
     49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
@@ -195,12 +194,7 @@ def test_cli_full_size_sd15_is_sane(capsys):
 
 
 def test_cli_impossible_config_exits_2_with_one_line():
-    out = subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", "plan", "--model", "sd15", "--k", "40", "--sample-steps", "30"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_cli("plan", "--model", "sd15", "--k", "40", "--sample-steps", "30", timeout=300)
     assert out.returncode == 2
     assert "--k 40 is more than --sample-steps 30" in out.stderr
     assert "Traceback" not in out.stderr

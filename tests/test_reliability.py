@@ -32,7 +32,7 @@ QUIET = dict(num_workers=0, progress=False, eval_split="", batch_size=4, lr=1e-3
 def rewardtune(*args, wait: bool = True):
     if not wait:
         return subprocess.Popen(cli_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return run_cli(*args, env=ENV)
+    return run_cli(*args)
 
 
 def one_line_error(res, command: str) -> str:

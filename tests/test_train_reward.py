@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,21 +33,13 @@ from rewardtune.rewards.clip_tower import ClipTower, embedding
 from rewardtune.rewards.icthp import HPReward, ICTReward
 from rewardtune.rundir import RunDir, read_state
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import cli_command, offline_env, run_cli
 
 QUIET = dict(num_workers=0, progress=False)
 
 
 def checkpoints(out: Path) -> list:
     return RunDir(out).checkpoints()
-
-
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @pytest.fixture(scope="module")
@@ -331,13 +322,8 @@ def _cli(world, out: Path, *extra: str) -> list[str]:
 
 def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "rewardtune.cli",
-        *_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", ""),
-    ]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = cli_command(*_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", ""))
+    proc = subprocess.Popen(args, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
     try:
         while not checkpoints(out) and proc.poll() is None and time.time() < deadline:
@@ -349,16 +335,8 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     assert saved, err[-2000:]
     step = saved[-1][0]
     assert step < 500 and len(saved) <= 2  # killed mid-run; rotation keeps the newest two
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rewardtune.cli",
-            *_cli(world, out, "--steps", str(step + 2), "--resume", "--checkpoint-every", "2", "--eval-split", ""),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
+    res = run_cli(
+        *_cli(world, out, "--steps", str(step + 2), "--resume", "--checkpoint-every", "2", "--eval-split", ""),
         timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -574,14 +552,7 @@ def test_hp_best_is_the_highest_icthp_accuracy_and_score_loads_it(trained, world
     assert (record["step"], record["metric"], record["mode"]) == (best, "val/icthp_avg", "max")
     # `rewardtune score --hp DIR` (a real subprocess) scores with best/ and says so; the last step scores otherwise
     image = world["data"] / "pick_refine_img" / "val" / "00000.png"
-    res = subprocess.run(
-        [sys.executable, "-m", "rewardtune.cli", "score", str(image), "--prompt", "a red circle", "--reward", "hp"]
-        + ["--hp", str(out), "--json"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_cli("score", image, "--prompt", "a red circle", "--reward", "hp", "--hp", out, "--json", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"HP checkpoint: using the best validation model of the run in '{out}'" in res.stderr
     for sub in ("hp_backbone", "hp_scorer"):  # the last step alone

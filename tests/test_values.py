@@ -116,7 +116,8 @@ def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp
     res = run_cli(
         *_reward_cli(
             world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0
-        )
+        ),
+        timeout=180,
     )
     _one_line_error(
         res, "train-reward", "validation: ict scores of 4 of 4 triplets are NaN or infinite", "diverged", "--lr"
@@ -203,6 +204,7 @@ def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_
         "--checkpoint-every",
         0,
         "--no-gradient-checkpointing",
+        timeout=180,
     )
     _one_line_error(res, "finetune", "the evaluation after step 3 gave reward nan", "LoRA was not saved", "--lr")
     for name in ("pytorch_lora_weights.safetensors", "summary.json", "config.yaml"):
@@ -442,6 +444,7 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     res = run_cli(
         *_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
         preexec_fn=_file_size_limit(128 * 1024),
+        timeout=180,
     )
     _one_line_error(res, "train-reward", "could not write the ", "file size limit")  # its checkpoint or model
     assert all((out / name).read_bytes() == kept[name] for name in ("model.safetensors", "config.yaml"))
