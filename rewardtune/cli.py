@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, stops
 from .errors import UserError
 
 # Each module in rewardtune.commands defines register(subparsers); the subcommand's parser has
@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with stops.handled():
+            return int(args.func(args) or 0)
+    except stops.Stopped as exc:
+        print(f"rewardtune {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"rewardtune {args.command}: error: {exc}", file=sys.stderr)
         if os.environ.get("REWARDTUNE_DEBUG"):

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -228,12 +229,65 @@ def load_yaml(path: Path) -> dict:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None:
             _measure(node, 1, {}, set(), path)
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_RecipeLoader) or {}
+    except _Surprise as exc:
+        raise UserError(f"config: '{path}' line {exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config: '{path}' is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"config: '{path}' must hold a mapping of option names to values")
     return data
+
+
+class _Surprise(Exception):
+    def __init__(self, message: str, node):
+        super().__init__(message)
+        self.line = node.start_mark.line + 1
+
+
+# YAML 1.1 (PyYAML's) reads these plain scalars as numbers that YAML 1.2 -- and a reader of the recipe --
+# takes otherwise: a leading 0 as octal (010 -> 8), colons as base 60 (1:30 -> 90).
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+_BASE60 = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.1's surprises refused: a key given twice (PyYAML keeps the last without a
+    word), octal and base-60 numbers. Booleans stay 1.1's (yes/no/on/off); ``_coerce`` names those."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _Surprise(
+                    f"'{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one",
+                    key_node,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = str(node.value)
+        if _OCTAL.match(text) or _BASE60.match(text):
+            kind = "an octal number" if _OCTAL.match(text) else "a base-60 number"
+            raise _Surprise(
+                f"'{text}' reads as {kind} in YAML 1.1 ({super().construct_yaml_int(node)}); write the number you "
+                f"mean without a leading 0 or colons, or quote it if it is text",
+                node,
+            )
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        if _BASE60.match(str(node.value)):
+            raise _Surprise(
+                f"'{node.value}' reads as a base-60 number in YAML 1.1; write the number you mean, or quote it", node
+            )
+        return super().construct_yaml_float(node)
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 
 
 def _too_deep(path) -> UserError:

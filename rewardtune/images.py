@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +30,58 @@ def _rgb8(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """(3,H,W) float32 in [0,1], from an image file of any mode (see ``_rgb8``)."""
+# Pillow refuses images above twice its MAX_IMAGE_PIXELS as possible decompression bombs; so do we, with a line
+# that says what to do (and below that, without Pillow's warning).
+MAX_PIXELS = 2 * 89_478_485
+# An image whose shorter side is more than twice this is reduced on load by a whole factor that keeps the shorter
+# side at this or more: every reward looks at 224-448 px, so a 9000 x 6000 photo need not be held in full.
+KEEP_SIDE = 2048
 
+
+def image_size_problem(size: tuple[int, int]) -> str | None:
+    """Why an image of ``size`` (width, height, from its header) is refused, or None."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        return (
+            f"is {w} x {h} ({w * h / 1e6:.0f} million pixels), over the limit of {MAX_PIXELS / 1e6:.0f} million "
+            f"(a possible decompression bomb); downscale it, e.g. to 4096 px on its longer side"
+        )
+    return None
+
+
+def open_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as 8-bit RGB (HWC), its size checked from the header before any pixel is decoded, and a
+    large one reduced (``KEEP_SIDE``); one-line ``UserError`` for a missing, corrupt or oversized file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image '{path}' does not exist; check the path")
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = _rgb8(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                problem = image_size_problem(im.size)
+                if problem:
+                    raise UserError(f"image '{path}' {problem}")
+                factor = min(im.size) // KEEP_SIDE
+                if factor > 1 and im.format == "JPEG":
+                    im.draft("RGB", (im.width // factor, im.height // factor))  # decoded at a fraction of the size
+                im.load()
+                arr = _rgb8(im)
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image '{path}' is refused as a possible decompression bomb ({exc}); downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(
             f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it"
         ) from None
+    factor = min(arr.shape[:2]) // KEEP_SIDE
+    if factor > 1:
+        arr = np.asarray(Image.fromarray(arr).reduce(factor))
+    return arr
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """(3,H,W) float32 in [0,1], from an image file of any mode (see ``_rgb8``, ``open_image``)."""
+    arr = open_image(path)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import jsonio, stops
 from .config import config_to_yaml
 from .errors import UserError
 from .sources import atomic_write_text, writing
@@ -40,8 +42,11 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 LOCK = ".rewardtune.lock"
 HISTORY = "runs.jsonl"
+LOCK_LOST = 1000  # RunDir.interruption's answer when the lock was lost (signal numbers are below)
 SAFE_FORMAT = "safe"  # runstate.SAFE, repeated so that this module imports without torch's state code
 _STEP = re.compile(r"^step[_-](\d+)$")  # step_000123; step-123 is what train-reward wrote before
+# what a run writes in its checkpoints directory: complete, being written (.tmp), replaced (.old), set aside
+_CHECKPOINT_ENTRY = re.compile(r"^(\.?step[_-]\d+(\.tmp|\.old)?|step[_-]\d+\.damaged)$")
 # Settings a resumed run may change; every other difference is recorded (the fixed ones refuse).
 _NOT_COMPARED = ("resume", "overwrite", "output", "progress")
 
@@ -52,7 +57,7 @@ class Checkpoint(NamedTuple):
 
 
 class Start(NamedTuple):
-    """What a run does with its output directory (``RunDir.plan``). ``action``: ``fresh`` (from step 0),
+    """What a run does with its output directory (``RunDir.plan``, then ``RunDir.select``). ``action``: ``fresh`` (from step 0),
     ``overwrite`` (from step 0, the old run's files removed as it starts), ``resume`` (a run in progress,
     from ``checkpoint``), ``continue`` (a finished run, further, from ``checkpoint``), ``done`` (a finished
     run already at ``--steps``: nothing to do; ``record`` is its finished record)."""
@@ -62,6 +67,7 @@ class Start(NamedTuple):
     state: dict = {}
     record: dict | None = None
     damaged: tuple = ()
+    older: tuple = ()  # the checkpoints before ``checkpoint``, newest first, not yet verified (``RunDir.select``)
 
     @property
     def path(self) -> Path | None:
@@ -105,13 +111,16 @@ class RunDir:
         scratch: tuple = (),
         clear: tuple = (),
         checkpoints_dir: str | Path | None = None,
+        state_types: dict | None = None,
     ):
         self.root = Path(root).expanduser()
         self.who, self.command = who, command or who.rstrip(": ") or "run"
         self.finished, self.done_key = finished, done_key
         self.outputs, self.scratch, self.clear = tuple(outputs), tuple(scratch), tuple(clear)
         self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
+        self.state_types = {**STATE_TYPES, **(state_types or {})}
         self.settings: dict | None = None  # set by ``begin``; stored in every checkpoint
+        self.lock_held: RunLock | None = None  # while this process holds the directory's lock
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -155,25 +164,101 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            record = json.loads(path.read_text())
+            record = jsonio.loads(path.read_text())
         except (OSError, ValueError):
             return {}
         return record if isinstance(record, dict) else {}
 
-    def _present(self, patterns) -> list[str]:
-        return sorted({p.name for pattern in patterns for p in self.root.glob(pattern)}) if self.root.is_dir() else []
+    # ----- what rewardtune wrote here (runs.jsonl is the record) -------------------------------
+    def layout(self) -> tuple[str, ...]:
+        """Top-level glob patterns of everything a run of this command writes in its directory (besides its
+        record ``runs.jsonl`` and its lock)."""
+        names = [self.finished, *self.outputs, *self.scratch, *self.clear, "config.yaml"]
+        if self.checkpoints_dir.is_relative_to(self.root):
+            names.append(self.checkpoints_dir.relative_to(self.root).parts[0])
+        return tuple(dict.fromkeys(names))
+
+    def records(self) -> list[dict]:
+        """The run records of this command in ``runs.jsonl`` (one line per start; a line of an older version
+        names no command and counts as this one's). A file that is not a run record gives none."""
+        path = self.root / HISTORY
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            records = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, ValueError):
+            return []
+        if not all(isinstance(r, dict) and "time" in r and "action" in r for r in records):
+            return []
+        return [r for r in records if r.get("command", self.command) == self.command]
+
+    def survey(self) -> tuple[list[str], list[str]]:
+        """(what runs of this command wrote, what they did not) among the directory's top-level entries, each
+        sorted. Written by a run: a name matching the layout one of its records claims (or that name plus
+        ``.tmp``, an atomic write cut short), and ``runs.jsonl`` itself when it holds such a record. Anything
+        else -- a user's files, another command's run -- is not this command's to replace or remove."""
+        if not self.root.is_dir():
+            return [], []
+        records = self.records()
+        claims = {p for r in records for p in (r["owns"] if isinstance(r.get("owns"), list) else self.layout())}
+        owned, foreign = [], []
+        for entry in sorted(self.root.iterdir(), key=lambda e: e.name):
+            name = entry.name
+            if name == LOCK:
+                continue
+            mine = bool(records) if name == HISTORY else _matches(name, claims)
+            (owned if mine else foreign).append(name)
+        return owned, foreign
+
+    def _colliding(self, names: list[str]) -> list[str]:
+        """Those of ``names`` that a run of this command would write over."""
+        return [n for n in names if _matches(n, self.layout())]
+
+    def _shown(self, names: list[str]) -> str:
+        shown = [n + ("/" if (self.root / n).is_dir() else "") for n in names[:4]]
+        return ", ".join(shown) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    def refuse_foreign(self) -> None:
+        """Refuse a directory that holds files and no record of a run of this command: whatever the flags, a
+        run never writes into it (``--output .`` in a project folder, ``~``, ``/``). Checked before the lock
+        file is written, so such a directory is left exactly as it was."""
+        if self.records() or not self.root.is_dir():
+            return
+        _, foreign = self.survey()
+        if foreign:
+            raise UserError(
+                f"{self.who}--output '{self.root}' holds files that no rewardtune {self.command} run wrote "
+                f"({self._shown(foreign)}); a run writes only into a new or empty directory or one of its own "
+                f"runs: choose another --output"
+            )
+
+    def refuse_colliding(self) -> tuple[list[str], list[str]]:
+        """Refuse a directory with files that a run of this command writes but did not write here (whatever
+        the flags: nothing is ever written over them); returns ``survey()``."""
+        self.refuse_foreign()
+        owned, foreign = self.survey()
+        colliding = self._colliding(foreign)
+        if colliding:
+            raise UserError(
+                f"{self.who}--output '{self.root}' holds {self._shown(colliding)}, which a {self.command} run "
+                f"writes but no {self.command} run wrote here; move them away or choose another --output "
+                f"(nothing was changed)"
+            )
+        return owned, foreign
 
     def plan(self, resume: bool, overwrite: bool, steps: int, trust_pickle: bool = False) -> Start:
-        """Decide from what the directory holds and the flags; the table in docs/reliability.md. Refusals
-        are one-line ``UserError``s; nothing is written here (``begin`` does, once the run is built)."""
+        """Decide from what the directory holds and the flags; the table in docs/reliability.md. Only what runs
+        of this command wrote counts, and only that is ever replaced or removed. Refusals are one-line
+        ``UserError``s; nothing is written here (``begin`` does, once the run is built)."""
         where = f"--output '{self.root}'"
         if resume and overwrite:
             raise UserError(
                 f"{self.who}--resume continues the run in '{self.root}' and --overwrite starts it over; pass one of them"
             )
+        owned, foreign = self.refuse_colliding()
         if overwrite:
             return Start("overwrite")
-        record, found = self.finished_record(), self.checkpoints()
+        record = self.finished_record() if self.finished in owned else None
+        found = self.checkpoints() if self._checkpoints_owned(owned) else []
         if record is not None:
             done = _count(record.get(self.done_key))
             if record.get("stopped_early") and _count(record.get("steps_planned")) is not None and done is not None:
@@ -199,21 +284,32 @@ class RunDir:
                     f"pass --resume to continue it, --overwrite to start over, or choose a new --output"
                 )
             return self._pick(found, steps, trust_pickle)
-        taken = self._present(self.outputs)
+        taken = [n for n in owned if _matches(n, self.outputs)]
         if taken:
             raise UserError(
                 f"{self.who}{where} holds {', '.join(taken)} but no finished run or checkpoint of "
                 f"'{self.command}'; pass --overwrite to replace them, or choose a new --output"
             )
+        if foreign:  # besides a killed run's leftovers, files of someone else's: a start from 0 is not asked for
+            raise UserError(
+                f"{self.who}{where} holds files that no {self.command} run wrote ({self._shown(foreign)}); "
+                f"pass --overwrite to start over (it removes only what runs of {self.command} wrote here), "
+                f"or choose another --output"
+            )
         if resume:
             self.say(f"--resume: no checkpoint in '{self.checkpoints_dir}' yet; starting from the beginning")
         return Start("fresh")
+
+    def _checkpoints_owned(self, owned: list[str]) -> bool:
+        if not self.checkpoints_dir.is_relative_to(self.root):
+            return True  # a directory of its own, given by the caller
+        return self.checkpoints_dir.relative_to(self.root).parts[0] in owned
 
     def _pick(self, found: list[Checkpoint], steps: int, trust_pickle: bool) -> Start:
         """The newest intact checkpoint (damaged newer ones are reported and set aside by ``begin``)."""
         damaged = []
         for ckpt in reversed(found):
-            problem, state, extra = verify_checkpoint(ckpt)
+            problem, state, extra = verify_checkpoint(ckpt, self.state_types)
             if problem is not None:
                 damaged.append((ckpt, problem))
                 continue
@@ -243,10 +339,44 @@ class RunDir:
                     f"checkpoint '{ckpt.path}' was written before manifests (not verified); loading its pickles "
                     f"as --trust-pickle allows"
                 )
-            return Start("resume", ckpt, state, damaged=tuple(bad for bad, _ in damaged))
+            older = tuple(c for c in reversed(found) if c.step < ckpt.step)
+            return Start("resume", ckpt, state, damaged=tuple(bad for bad, _ in damaged), older=older)
         listed = "; ".join(f"{c.path.name}: {p}" for c, p in damaged)
         raise UserError(
             f"{self.who}--resume: no intact checkpoint in '{self.checkpoints_dir}' ({listed}); "
+            f"pass --overwrite to start over, or choose a new --output"
+        )
+
+    def select(self, start: Start, check: Callable[[Path], str | None]) -> Start:
+        """``start`` with the newest of its checkpoints whose contents fit the run built to load it: ``check(path)``
+        says what does not (a tensor's shape or dtype, a field's type) or None. A checkpoint that does not fit is
+        damaged like one that fails its manifest: one warning line naming the file and the field, set aside by
+        ``begin``, and the one before it is tried. None fitting: a one-line error."""
+        if start.checkpoint is None:
+            return start
+        damaged, candidates = list(start.damaged), [start.checkpoint, *start.older]
+        for i, ckpt in enumerate(candidates):
+            state = start.state
+            if i:  # the older ones are verified only now, when they are needed
+                problem, state, _ = verify_checkpoint(ckpt, self.state_types)
+                if problem is not None:
+                    self.warn(f"checkpoint '{ckpt.path}' is damaged ({problem}); it is set aside")
+                    damaged.append(ckpt)
+                    continue
+                if state.get("format") != start.state.get("format"):
+                    damaged.append(ckpt)
+                    continue
+            problem = check(ckpt.path)
+            if problem is None:
+                if i:
+                    self.say(f"resuming from '{ckpt.path.name}' (step {ckpt.step}) instead")
+                return start._replace(checkpoint=ckpt, state=state, damaged=tuple(damaged), older=())
+            self.warn(
+                f"checkpoint '{ckpt.path}' is damaged ({problem}); it is set aside as '{ckpt.path.name}.damaged'"
+            )
+            damaged.append(ckpt)
+        raise UserError(
+            f"{self.who}--resume: no checkpoint in '{self.checkpoints_dir}' fits this run (see the warnings above); "
             f"pass --overwrite to start over, or choose a new --output"
         )
 
@@ -285,44 +415,40 @@ class RunDir:
         return changed
 
     def begin(self, start: Start, cfg, settings: dict, changed: dict | None = None) -> None:
-        """The run is built and starts: clear what the plan replaces, set damaged checkpoints aside, record the
-        start in ``runs.jsonl`` (main process)."""
+        """The run is built and starts: clear what the plan replaces (only what runs of this command wrote), set
+        damaged checkpoints aside, record the start in ``runs.jsonl`` (main process), with the layout it claims."""
         self.settings = _plain(settings)
         if not is_main_process():
             return
+        owned, _ = self.survey()
         if start.action == "overwrite":  # the finished outputs and their config.yaml stay until the new run
             # replaces them (each written atomically): a new run that fails leaves them as they were
-            self._remove(
-                [
-                    str(self.checkpoints_dir.relative_to(self.root))
-                    if self.checkpoints_dir.is_relative_to(self.root)
-                    else None,
-                    self.finished,
-                    *[p for p in self.scratch if p != "config.yaml"],
-                ]
-            )
-        elif start.action == "fresh":
-            self._remove([*self.scratch])
-            if self.checkpoints_dir.is_dir():  # only unfinished writes (.step_N.tmp) can be there
-                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+            self._remove_checkpoints()
+            self._remove(owned, [self.finished, *[p for p in self.scratch if p != "config.yaml"]])
+        elif start.action == "fresh":  # what is there is a killed run's: the plan refused anything else
+            self._remove_checkpoints()
+            keep = (*self.outputs, self.checkpoints_dir.name)  # (checkpoints: what they hold is sorted out above)
+            self._remove(owned, [p for p in self.layout() if p not in keep])
         elif start.action == "continue":
-            self._remove([self.finished])  # until it finishes again, the directory holds a run in progress
+            self._remove(owned, [self.finished])  # until it finishes again, the directory holds a run in progress
         for bad in start.damaged:
             aside = bad.path.with_name(bad.path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
             bad.path.rename(aside)
         entry = {
             "time": _now(),
+            "command": self.command,
             "action": start.action,
             "from_step": start.step,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "argv": sys.argv[1:],
             "changed": changed or {},
+            "owns": list(self.layout()),
         }
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / HISTORY).open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(jsonio.dumps(entry) + "\n")
         # config.yaml is written with the run's outputs (its first checkpoint, the final model), so a run that
         # fails before any of them leaves the config.yaml of what the directory holds as it was
 
@@ -331,18 +457,61 @@ class RunDir:
         its scratch files and config.yaml, and its line of runs.jsonl."""
         if not is_main_process():
             return
-        self._remove([*self.scratch, "config.yaml"])
+        owned, _ = self.survey()
+        self._remove(owned, [*self.scratch, "config.yaml"])
         history = self.root / HISTORY
         if history.is_file():
             lines = history.read_text().splitlines(keepends=True)[:-1]
             atomic_write_text(history, "".join(lines)) if lines else history.unlink()
 
-    def _remove(self, patterns) -> None:
-        for pattern in patterns:
-            if not pattern:
-                continue
-            for p in self.root.glob(pattern):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    def _remove(self, owned: list[str], patterns) -> None:
+        """Remove the top-level entries matching ``patterns`` (or their ``.tmp``) among ``owned``, and nothing else."""
+        for name in owned:
+            if name != HISTORY and _matches(name, patterns):
+                p = self.root / name
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+    def _remove_checkpoints(self) -> None:
+        """The checkpoints runs of this command wrote (complete, half-written, set aside), when their directory
+        is theirs; anything else in it stays, and so does the directory then."""
+        d = self.checkpoints_dir
+        if not d.is_dir() or not self._checkpoints_owned(self.survey()[0]):
+            return
+        for entry in d.iterdir():
+            if _CHECKPOINT_ENTRY.match(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty
+
+    # ----- stopping in the middle: a signal, or the lock lost ----------------------------------
+    def interruption(self, accelerator=None) -> int:
+        """Whether the run must stop after this step, the same answer on every process: 0 (go on), the number
+        of a signal received (SIGTERM, SIGINT: see ``stops``), or ``LOCK_LOST`` (the main process found its
+        lock file or directory removed or replaced)."""
+        lock = self.lock_held
+        code = LOCK_LOST if lock is not None and lock.problem() else (stops.requested() or 0)
+        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+            flag = torch.tensor([float(code)], device=accelerator.device)
+            code = int(accelerator.reduce(flag, "max").item())
+        return code
+
+    def stop(self, code: int, step: int, steps: int, checkpoint: Callable[[], None] | None) -> None:
+        """Act on ``interruption``'s answer: on a signal, ``checkpoint()`` (None: checkpoints are off) and raise
+        ``stops.Stopped`` with the line that says how to go on; with the lock lost, stop writing at once."""
+        if code == LOCK_LOST:
+            lock = self.lock_held
+            problem = (lock.problem() if lock is not None else None) or "the main process lost the directory's lock"
+            raise UserError(
+                f"{self.who}{problem}; stopped after step {step} without writing more, so that two runs cannot mix "
+                f"their files; make sure no other run uses it, then continue with --resume"
+            )
+        stops.clear()
+        if checkpoint is not None:
+            checkpoint()
+            after = f"checkpoint '{self.checkpoint_dir(step)}' written: run the same command with --resume to continue"
+        else:
+            after = "no checkpoint written (--checkpoint-every and --checkpoint-minutes are 0): a new run starts from step 0"
+        raise stops.Stopped(f"stopped by {stops.signal_name(code)} after step {step} of {steps}; {after}", code)
 
     # ----- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(
@@ -372,7 +541,7 @@ class RunDir:
         return path
 
     def write_json(self, name: str, data) -> Path:
-        return self.write_text(name, json.dumps(data, indent=2))
+        return self.write_text(name, jsonio.dumps(data, indent=2))
 
     def write_config(self, cfg) -> Path:
         """The resolved config as ``config.yaml``, re-runnable with ``--config``; without ``resume`` and
@@ -385,15 +554,20 @@ class RunDir:
 
 
 class RunLock:
-    """``<root>/.rewardtune.lock``, an exclusive ``flock`` held by the main process for the run's life and
-    naming it (pid, host, command, start time). The kernel drops the lock when its process dies, so a lock
-    left by a killed run is taken over; a live holder is named in a one-line refusal. On release the file is
-    removed, and so are the directories the lock made, when the run left nothing in them (a failed start)."""
+    """One run per directory. The main process holds an exclusive ``flock`` on the directory itself (no file
+    in it can be deleted out from under the lock: ``rm out/.rewardtune.lock``, ``rm -rf out/.*`` and
+    ``rsync --delete`` leave it in force) and on ``<root>/.rewardtune.lock``, which names the holder (pid,
+    host, command, start time) and is the lock where a filesystem cannot lock directories. The kernel drops
+    both when the process dies, so a killed run's lock is taken over; a live holder is named in a one-line
+    refusal. ``problem()`` says, while the run goes on, whether the lock file or the directory was removed or
+    replaced (the run then stops writing). On release the lock file is removed if it is still this run's, and
+    so are the directories the lock made, when the run left nothing in them (a failed start)."""
 
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
         self.path = rundir.root / LOCK
         self.fd: int | None = None
+        self.dir_fd: int | None = None
         self.created: list[Path] = []
         self.previous: dict | None = None  # what a dead holder left in the file
 
@@ -409,21 +583,49 @@ class RunLock:
             missing = missing.parent
         try:
             root.mkdir(parents=True, exist_ok=True)
+            self._lock_directory()
+            run.refuse_foreign()  # before the lock file: a directory that is not a run's is left as it was
             self._acquire()
         except OSError as exc:
-            self._cleanup()
+            self._release()
             raise UserError(
                 f"{run.who}cannot write in --output '{root}' ({exc.strerror or exc}); choose a writable directory"
             ) from None
-        except UserError:
-            self._cleanup()
+        except BaseException:
+            self._release()
             raise
+        run.lock_held = self
         if self.previous and self.previous.get("pid") != os.getpid():
             p = self.previous
             run.say(
                 f"took over the lock of pid {p.get('pid')} on {p.get('host')} in '{root}' (that run ended without releasing it)"
             )
         return self
+
+    def _busy(self, holder: dict | None) -> UserError:
+        return UserError(
+            f"{self.rundir.who}--output '{self.rundir.root}' is in use by another run ({_show_holder(holder)}); "
+            f"wait for it to end, or choose another --output"
+        )
+
+    def _lock_directory(self) -> None:
+        """The directory's own flock, on the directory the path names when locked (retried if it was replaced)."""
+        root = self.rundir.root
+        for _ in range(10):
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy(_read_holder_file(self.path)) from None
+            except OSError:  # a filesystem that cannot lock directories: the lock file alone decides
+                os.close(fd)
+                return
+            if _same_file(fd, root):
+                self.dir_fd = fd
+                return
+            os.close(fd)
+        raise UserError(f"{self.rundir.who}could not lock '{root}' (it keeps being replaced); try again")
 
     def _acquire(self) -> None:
         for _ in range(10):
@@ -433,15 +635,8 @@ class RunLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise UserError(
-                    f"{self.rundir.who}--output '{self.rundir.root}' is in use by another run ({_show_holder(holder)}); "
-                    f"wait for it to end, or choose another --output"
-                ) from None
-            try:  # its last holder may have removed the file between our open and our lock: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
+                raise self._busy(holder) from None
+            if not _same_file(fd, self.path):  # removed or replaced between our open and our lock: again
                 os.close(fd)
                 continue
             self.fd, self.previous = fd, _read_holder(fd)
@@ -456,12 +651,32 @@ class RunLock:
             return
         raise UserError(f"{self.rundir.who}could not take the lock '{self.path}' (it keeps being replaced); try again")
 
+    def problem(self) -> str | None:
+        """What happened to the lock since it was taken, or None: the lock file removed or replaced, or the
+        directory itself (another run could then be writing here)."""
+        if self.fd is None:
+            return None
+        if self.dir_fd is not None and not _same_file(self.dir_fd, self.rundir.root):
+            return f"--output '{self.rundir.root}' was removed or replaced while this run was writing to it"
+        if not _same_file(self.fd, self.path):
+            return f"its lock file '{self.path}' was removed or replaced while this run was writing to '{self.rundir.root}'"
+        return None
+
     def __exit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            if _same_file(self.fd, self.path):  # a lock file that another run wrote since is not ours to remove
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
             os.close(self.fd)
             self.fd = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+        if self.rundir.lock_held is self:
+            self.rundir.lock_held = None
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -470,6 +685,26 @@ class RunLock:
             with contextlib.suppress(OSError):
                 d.rmdir()
         self.created = []
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``path`` still names the file or directory open as ``fd``."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_holder_file(path: Path) -> dict | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict | None:
@@ -483,11 +718,16 @@ def _read_holder(fd: int) -> dict | None:
 
 def _show_holder(holder: dict | None) -> str:
     if not holder:
-        return "its lock file names no process yet"
+        return "its lock file names no process yet, or was removed"
     return (
         f"pid {holder.get('pid')} on {holder.get('host')}, {holder.get('command', 'a run')} started "
         f"{holder.get('started', 'at an unknown time')}"
     )
+
+
+def _matches(name: str, patterns) -> bool:
+    """``name`` is one of ``patterns`` (globs), or one of them plus ``.tmp`` (an atomic write cut short)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".tmp") for p in patterns)
 
 
 def _count(value) -> int | None:
@@ -504,7 +744,11 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
     sibling directory (returning the format written, recorded as ``format``); the main process adds
     ``trainer_state.json`` (which marks it complete) and ``manifest.json`` (size and sha256 of every file) and
     renames it to ``directory``, replacing an older one of that name only once the new one is complete."""
-    directory = Path(directory)
+    with stops.deferred():  # a signal waits for the checkpoint to be whole
+        return _write_checkpoint(accelerator, Path(directory), save, state)
+
+
+def _write_checkpoint(accelerator, directory: Path, save: Callable[[Path], str | None], state: dict) -> Path:
     tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -515,7 +759,7 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing(directory, "the checkpoint", cleanup=tmp):
-            (tmp / STATE_FILE).write_text(json.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
+            (tmp / STATE_FILE).write_text(jsonio.dumps({**state, **({"format": fmt} if fmt else {})}, indent=2))
             files = {
                 str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                 for p in sorted(tmp.rglob("*"))
@@ -531,10 +775,11 @@ def write_checkpoint(accelerator, directory: str | Path, save: Callable[[Path], 
     return directory
 
 
-def verify_checkpoint(ckpt: Checkpoint) -> tuple[str | None, dict, list[str]]:
+def verify_checkpoint(ckpt: Checkpoint, types: dict | None = None) -> tuple[str | None, dict, list[str]]:
     """(what is wrong or None, its trainer_state.json, files it holds that its manifest does not list).
     A checkpoint of the safe format must match its manifest file by file (size, then sha256); one written
-    before manifests (accelerate's pickles) passes unverified, to be refused without --trust-pickle."""
+    before manifests (accelerate's pickles) passes unverified, to be refused without --trust-pickle. Every
+    field of trainer_state.json named in ``types`` (default ``STATE_TYPES``) must be of its type."""
     d = ckpt.path
     try:
         state = read_state(d)
@@ -542,6 +787,9 @@ def verify_checkpoint(ckpt: Checkpoint) -> tuple[str | None, dict, list[str]]:
         return f"{STATE_FILE} is unreadable", {}, []
     if not isinstance(state, dict) or state.get("step") != ckpt.step:
         return f"{STATE_FILE} does not describe step {ckpt.step}", {}, []
+    problem = fields_problem(state, types or STATE_TYPES)
+    if problem:
+        return f"{STATE_FILE}: {problem}", {}, []
     if not (d / MANIFEST).is_file():
         return (f"{MANIFEST} is missing", {}, []) if state.get("format") == SAFE_FORMAT else (None, state, [])
     try:
@@ -569,8 +817,52 @@ def verify_checkpoint(ckpt: Checkpoint) -> tuple[str | None, dict, list[str]]:
 
 
 def read_state(directory: str | Path) -> dict:
-    """The ``trainer_state.json`` of a checkpoint directory (``step`` and what the trainer added)."""
-    return json.loads((Path(directory) / STATE_FILE).read_text())
+    """The ``trainer_state.json`` of a checkpoint directory (``step`` and what the trainer added); strict JSON
+    (NaN or Infinity, which no checkpoint of ours holds, is a ``ValueError``)."""
+    return jsonio.loads((Path(directory) / STATE_FILE).read_text())
+
+
+# ----- the types of trainer_state.json's fields -----------------------------------------------------
+NUMBER, INT = (int, float), (int,)
+# a field: a tuple of types; or {"dict": spec of each value} / {"fields": {name: spec}} for a dict; None allowed
+# where the tuple holds type(None)
+STATE_TYPES = {"step": INT, "format": (str,), "settings": (dict,)}
+FINETUNE_STATE = {
+    "skipped_steps": INT,
+    "before": {"dict": NUMBER + (type(None),)},
+    "best_eval": NUMBER + (type(None),),
+}
+TRAIN_REWARD_STATE = {
+    "metrics": {"dict": NUMBER},
+    "data": {"fields": {"micro_batches": INT, "sampler_seed": INT + (type(None),)}},
+    "best": {
+        "fields": {"step": INT, "metric": (str,), "mode": (str,), "value": NUMBER},
+        "none": True,
+    },
+}
+
+
+def fields_problem(data: dict, types: dict, where: str = "") -> str | None:
+    """The first field of ``data`` named in ``types`` whose value is not of its type (booleans are not numbers),
+    as 'field X is a str, not ...'; None when all are."""
+    for name, spec in types.items():
+        if name not in data:
+            continue
+        value, path = data[name], f"{where}{name}"
+        if isinstance(spec, tuple):
+            if isinstance(value, bool) or not isinstance(value, spec):
+                wanted = " or ".join("null" if t is type(None) else t.__name__ for t in spec)
+                return f"field '{path}' is {json.dumps(value)[:40]}, not {wanted}"
+            continue
+        if value is None and spec.get("none"):
+            continue
+        if not isinstance(value, dict):
+            return f"field '{path}' is {json.dumps(value)[:40]}, not an object"
+        inner = spec["fields"] if "fields" in spec else dict.fromkeys(value, spec["dict"])
+        problem = fields_problem(value, inner, f"{path}.")
+        if problem:
+            return problem
+    return None
 
 
 def _sha256(path: Path) -> str:

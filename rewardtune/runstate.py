@@ -134,6 +134,150 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----- what a checkpoint's state files must look like to fit the run they are loaded into -----------------
+# Optimizer state tensors shaped like their parameter: torch's optimizers' and bitsandbytes' (state1/state2).
+PARAM_SHAPED = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+                "exp_inf", "ax", "mu", "eta", "state1", "state2"}  # fmt: skip
+
+
+def _kind(value) -> str:
+    return type(value).__name__
+
+
+def optimizer_problem(saved, optimizer) -> str | None:
+    """What in a saved optimizer ``state_dict()`` does not fit ``optimizer`` (its groups, each parameter's state
+    tensors' shapes and dtypes, the step counters), or None. ``load_state_dict`` checks the groups only; a wrong
+    shape surfaces as a traceback in the next step."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return "it is not an optimizer state (no 'state' dict)"
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return f"'param_groups' holds {len(groups) if isinstance(groups, list) else _kind(groups)}, the optimizer {len(optimizer.param_groups)} groups"
+    params = {}
+    for i, (group, live) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]):
+            return f"param_groups[{i}] does not list the optimizer's {len(live['params'])} parameters"
+        params.update(zip(ids, live["params"]))
+    for pid, entry in saved["state"].items():
+        if pid not in params or not isinstance(entry, dict):
+            return f"state[{pid!r}] belongs to no parameter of this optimizer"
+        param = params[pid]
+        for key, value in entry.items():
+            where = f"state[{pid}].{key}"
+            if key == "step":
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool)) and not (
+                    isinstance(value, torch.Tensor) and value.numel() == 1
+                ):
+                    return f"{where} is a {_kind(value)}, not a step count"
+            elif key in PARAM_SHAPED:
+                if not isinstance(value, torch.Tensor):
+                    return f"{where} is a {_kind(value)}, not a tensor"
+                if tuple(value.shape) != tuple(param.shape):
+                    return f"{where} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                if not (value.is_floating_point() or (key.startswith("state") and value.dtype == torch.uint8)):
+                    return f"{where} has dtype {value.dtype}, not a floating-point one"
+    return None
+
+
+def rng_problem(state) -> str | None:
+    """What in a saved random-generator state is not of the kinds ``set_rng_state`` restores, or None."""
+    if not isinstance(state, dict):
+        return "it is not a random-generator state"
+    py = state.get("python")
+    if not (isinstance(py, (list, tuple)) and len(py) == 3 and isinstance(py[0], int)):
+        return "'python' is not a (version, state, gauss) triple"
+    if not (isinstance(py[1], (list, tuple)) and len(py[1]) == 625 and all(isinstance(x, int) for x in py[1])):
+        return "'python' state is not 625 integers"
+    if py[2] is not None and not isinstance(py[2], float):
+        return "'python' gauss is not a number"
+    npy = state.get("numpy")
+    if not (isinstance(npy, (list, tuple)) and len(npy) == 5 and isinstance(npy[0], str)):
+        return "'numpy' is not a 5-part state"
+    keys = npy[1]
+    if not (isinstance(keys, torch.Tensor) and keys.dtype == torch.int64 and tuple(keys.shape) == (624,)):
+        return f"'numpy' keys are {_show(keys)}, not 624 int64"
+    if not (isinstance(npy[2], int) and isinstance(npy[3], int) and isinstance(npy[4], float)):
+        return "'numpy' position, has_gauss or cached gauss is of the wrong type"
+    for name in ("torch", "cuda"):
+        value = state.get(name)
+        tensors = value if name == "cuda" and isinstance(value, (list, tuple)) else [value]
+        if name == "cuda" and value is None:
+            continue
+        bad = [t for t in tensors if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1)]
+        if bad:
+            return f"'{name}' is {_show(bad[0])}, not a uint8 generator state"
+    return None
+
+
+def _show(value) -> str:
+    return (
+        f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        if isinstance(value, torch.Tensor)
+        else f"a {_kind(value)}"
+    )
+
+
+def model_file_problem(path: Path, model) -> str | None:
+    """What in a safetensors weights file does not fit ``model`` (names, shapes, dtypes), read from its header."""
+    own = model.state_dict()
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: (tuple(v.get_shape()), v.get_dtype()) for k, v in saved.items()}
+    except Exception as exc:
+        return f"{path.name} is not readable ({type(exc).__name__})"
+    stored = {t.untyped_storage().data_ptr() for k, t in own.items() if k in shapes}
+    missing = [k for k, t in own.items() if k not in shapes and t.untyped_storage().data_ptr() not in stored]
+    if missing:  # (a tied weight is saved under one of its names)
+        return f"{path.name} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    extra = [k for k in shapes if k not in own]
+    if extra:
+        return f"{path.name} holds {extra[0]}, which the model lacks"
+    for k, t in own.items():
+        if k not in shapes:
+            continue
+        shape, dtype = shapes[k]
+        if shape != tuple(t.shape):
+            return f"{path.name} tensor {k} has shape {shape}, the model {tuple(t.shape)}"
+        if dtype != _SAFETENSORS_DTYPES.get(t.dtype):
+            return f"{path.name} tensor {k} has dtype {dtype}, the model {t.dtype}"
+    return None
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def state_problem(accelerator, directory: str | Path, fmt: str, optimizer, model=None, scheduler=None) -> str | None:
+    """What in a checkpoint's state files (this process's) does not fit the run they would be loaded into --
+    weights, optimizer, scheduler, random generators -- read and checked without changing anything; None when
+    they fit. An accelerate-format checkpoint (pickles, allowed by --trust-pickle) is accelerate's to check."""
+    directory = Path(directory)
+    if fmt != SAFE:
+        return None
+    try:
+        if model is not None and accelerator.is_main_process:
+            problem = model_file_problem(directory / MODEL, accelerator.unwrap_model(model))
+            if problem:
+                return problem
+        problem = optimizer_problem(read_tree(directory / OPTIMIZER, OPTIMIZER), optimizer)
+        if problem:
+            return f"{OPTIMIZER}: {problem}"
+        if scheduler is not None:
+            saved = read_tree(directory / SCHEDULER, SCHEDULER)
+            if not isinstance(saved, dict) or not isinstance(saved.get("last_epoch"), int):
+                return f"{SCHEDULER}: 'last_epoch' is not a step count"
+        rng = directory / rng_name(accelerator.process_index)
+        if rng.is_file():
+            problem = rng_problem(read_tree(rng, rng.name))
+            if problem:
+                return f"{rng.name}: {problem}"
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 # ----- a whole training state --------------------------------------------------------------------
 def is_sharded(accelerator) -> bool:
     """FSDP / DeepSpeed / Megatron: optimizer and model state live in shards that accelerate writes with pickle."""

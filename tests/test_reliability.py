@@ -5,8 +5,10 @@ leaves nothing behind. The table itself, row by row for the three layouts, is in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -14,8 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
+from rewardtune import runstate
 from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.demo.build import MODELS_DIR
 from rewardtune.errors import UserError
@@ -403,6 +408,125 @@ def test_a_truncated_random_state_falls_back_to_the_checkpoint_before(
     assert "random_states_0.safetensors has" in err and "resumes from 'step_000001' (step 1)" in err
     assert (run / "checkpoints" / "step_000002.damaged").is_dir()
     assert [c.step for c in RunDir(run).checkpoints()] == [1, 3]  # steps 2 and 3 trained from step 1
+
+
+# ----- issue #21: contents that fit their manifest but not the run ---------------------------------------------
+def _remanifest(ckpt: Path) -> None:
+    """Write the checkpoint's manifest anew over its (damaged) files, as a checkpoint whose bytes all arrived."""
+    files = {
+        str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in sorted(ckpt.rglob("*"))
+        if f.is_file() and f.name != "manifest.json"
+    }
+    (ckpt / "manifest.json").write_text(json.dumps({"files": files}))
+
+
+def _edit_tree(path: Path, edit) -> None:
+    tree = runstate.read_tree(path, "test")
+    runstate.write_tree(edit(tree) or tree, path, "test")
+
+
+def _edit_state(ckpt: Path, text: str) -> None:
+    (ckpt / "trainer_state.json").write_text(text)
+
+
+def _first_state(tree: dict) -> dict:
+    return next(iter(tree["state"].values()))
+
+
+FT_DAMAGE = {  # step -> (what is done to it, what the warning line names)
+    7: (lambda c: _edit_tree(c / "optimizer.safetensors", lambda t: _first_state(t).update(exp_avg=torch.zeros(3, 5))),
+        "optimizer.safetensors: state[0].exp_avg has shape (3, 5)"),
+    6: (lambda c: _edit_tree(c / "optimizer.safetensors", lambda t: _first_state(t).update(
+        exp_avg_sq=_first_state(t)["exp_avg_sq"].long())), "state[0].exp_avg_sq has dtype torch.int64"),
+    5: (lambda c: _edit_tree(c / "random_states_0.safetensors", lambda t: t.update(torch=t["torch"].float())),
+        "random_states_0.safetensors: 'torch' is a torch.float32 tensor"),
+    4: (lambda c: _edit_tree(c / "random_states_0.safetensors", lambda t: t.update(python="seed")),
+        "'python' is not a (version, state, gauss) triple"),
+    3: (lambda c: _edit_state(c, (c / "trainer_state.json").read_text().replace('"skipped_steps": 0', '"skipped_steps": "0"')),
+        "field 'skipped_steps' is \"0\", not int"),
+    2: (lambda c: _edit_state(c, re.sub(r'"reward": [-0-9.e]+', '"reward": NaN', (c / "trainer_state.json").read_text())),
+        "trainer_state.json is unreadable"),
+}  # fmt: skip
+
+
+def test_checkpoint_contents_that_do_not_fit_are_set_aside_and_the_newest_that_fits_is_used(
+    sd_model, tmp_path, tiny_cfg, brightness, capsys
+):
+    """Issue #21: a checkpoint whose manifest is valid but whose contents are wrong -- optimizer tensors of another
+    shape or dtype, a random state of the wrong dtype or type, trainer_state.json fields of the wrong type or NaN --
+    gave six tracebacks. Each is now damaged like a corrupt file: one warning line naming the file and the field,
+    set aside, and the newest checkpoint that fits is resumed from."""
+    run = tmp_path / "run"
+    cfg = dict(checkpoint_every=1, checkpoints_keep=8, eval_size=2)
+    run_finetune(tiny_cfg(sd_model, run, steps=7, **cfg), reward=brightness())
+    (run / "summary.json").unlink()  # a run in progress again
+    lora = run / "checkpoints" / "step_000001" / "pytorch_lora_weights.safetensors"
+    for step, (damage, _) in FT_DAMAGE.items():
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
+        damage(ckpt)
+        _remanifest(ckpt)
+    capsys.readouterr()
+    summary = run_finetune(tiny_cfg(sd_model, run, steps=7, resume=True, **cfg), reward=brightness())
+    assert summary["steps"] == 7 and "before" in summary
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: checkpoint" in line]
+    assert len(warnings) == len(FT_DAMAGE), warnings
+    for step, (_, named) in FT_DAMAGE.items():
+        (line,) = [w for w in warnings if f"step_{step:06d}'" in w]
+        assert "is damaged (" in line and named in line, (named, line)
+        assert (run / "checkpoints" / f"step_{step:06d}.damaged").is_dir()
+    assert lora.is_file() and json.loads((run / "runs.jsonl").read_text().splitlines()[-1])["from_step"] == 1
+
+
+def test_a_lora_of_another_shape_in_a_checkpoint_falls_back(ft_run, sd_model, tmp_path, tiny_cfg, brightness, capsys):
+    run = _copy(ft_run, tmp_path, "run")
+    (run / "summary.json").unlink()
+    ckpt = run / "checkpoints" / "step_000002"
+    lora = load_file(ckpt / "pytorch_lora_weights.safetensors")
+    key = next(k for k, v in lora.items() if "lora" in k and v.dim() == 2)
+    lora[key] = torch.zeros(lora[key].shape[0] + 1, lora[key].shape[1])
+    save_file(lora, ckpt / "pytorch_lora_weights.safetensors")
+    _remanifest(ckpt)
+    assert run_finetune(tiny_cfg(sd_model, run, steps=2, resume=True, eval_size=2), reward=brightness())["steps"] == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "step_000002' is damaged (" in err and "has shape" in err
+    assert (run / "checkpoints" / "step_000002.damaged").is_dir()
+
+
+def test_train_reward_checkpoint_contents_are_checked(reward_world, tmp_path, capsys):
+    """The same for train-reward: its model weights, LR scheduler state and data fields."""
+    run = _copy(reward_world["run"], tmp_path, "run")  # checkpoints at steps 1 and 2
+    (run / "metrics.json").unlink()
+    ckpt = run / "checkpoints" / "step_000002"
+    model = load_file(ckpt / "model.safetensors")
+    key = next(k for k, v in model.items() if v.dim() == 2)
+    model[key] = model[key][:, :-1].contiguous()
+    save_file(model, ckpt / "model.safetensors")
+    _remanifest(ckpt)
+    capsys.readouterr()
+    m = train_reward(TrainRewardConfig(output=str(run), steps=2, resume=True, **reward_world["cfg"]))
+    assert m["start_step"] == 1
+    err = capsys.readouterr().err
+    assert (
+        f"model.safetensors tensor {key} has shape" in err and (run / "checkpoints" / "step_000002.damaged").is_dir()
+    )
+    for damage, named in (
+        (lambda c: _edit_tree(c / "scheduler.json", lambda t: t.update(last_epoch="1")), "scheduler.json: 'last_epoch'"),
+        (lambda c: _edit_state(c, (c / "trainer_state.json").read_text().replace('"sampler_seed": ', '"sampler_seed": "x", "was": ')),
+         "field 'data.sampler_seed' is \"x\""),
+    ):  # fmt: skip
+        broken = _copy(reward_world["run"], tmp_path, f"b{len(named)}")
+        (broken / "metrics.json").unlink()
+        damage(broken / "checkpoints" / "step_000002")
+        _remanifest(broken / "checkpoints" / "step_000002")
+        capsys.readouterr()
+        assert (
+            train_reward(TrainRewardConfig(output=str(broken), steps=2, resume=True, **reward_world["cfg"]))[
+                "start_step"
+            ]
+            == 1
+        )
+        assert named in capsys.readouterr().err
 
 
 # ----- case 9: a failed start leaves nothing behind ---------------------------------------------------------

@@ -45,6 +45,14 @@ def acc():
     reset_accelerate()
 
 
+def _begun(run: RunDir) -> RunDir:
+    """``run``'s directory after a run of its command started there (its record in runs.jsonl), as a user's
+    first run leaves it."""
+    with run.lock():
+        run.begin(run.plan(resume=False, overwrite=False, steps=1), _Cfg(), {"fixed": {}, "config": {}})
+    return run
+
+
 def _safe_checkpoint(acc, run: RunDir, step: int, files=("optimizer.safetensors", "random_states_0.safetensors")):
     def save(tmp):
         for name in files:
@@ -101,7 +109,7 @@ def test_write_checkpoint_replaces_whole_rotates_and_writes_a_manifest(tmp_path,
 )
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(damage, tmp_path, acc, capsys):
     """Issue #11 case 6: damage of each kind is found by the manifest; the run resumes from the one before."""
-    run = RunDir(tmp_path, command="finetune")
+    run = _begun(RunDir(tmp_path, command="finetune"))
     for step in (2, 4):
         _safe_checkpoint(acc, run, step)
     latest = run.checkpoint_dir(4)
@@ -178,6 +186,8 @@ TABLE = {
 
 def _make_state(run: RunDir, state: str, acc) -> None:
     run.root.mkdir(parents=True)
+    if state != "empty":
+        _begun(run)
     if state in ("in_progress", "finished", "locked"):
         for step in (2, 4):
             _safe_checkpoint(acc, run, step)
@@ -235,13 +245,24 @@ def test_output_directory_table(command, state, flag, tmp_path, acc, capsys):
 
 @pytest.mark.parametrize("command", ["train-reward", "finetune", "demo"])
 def test_outputs_without_a_finished_record_are_not_replaced_and_flags_conflict(command, tmp_path):
+    """A run's own output left without its finished record (killed while publishing) needs --overwrite; the
+    same file where no run of the command ever started is someone else's: refused whatever the flags."""
     run = _layouts()[command](tmp_path / "out")
     run.root.mkdir()
     (run.root / run.outputs[0]).write_text("someone's file")
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(UserError, match=f"holds files that no rewardtune {command} run wrote \\({run.outputs[0]}\\)"):
+            with run.lock():
+                run.plan(**{"resume": False, "overwrite": False, **flags}, steps=3)
+    assert sorted(p.name for p in run.root.iterdir()) == [run.outputs[0]]  # not even a lock file was left
+    (run.root / run.outputs[0]).unlink()
+    _begun(run)
+    (run.root / run.outputs[0]).write_text("the killed run's output")
     with pytest.raises(
         UserError, match=f"holds {run.outputs[0]} but no finished run or checkpoint of '{command}'; pass --overwrite"
     ):
         run.plan(resume=False, overwrite=False, steps=3)
+    assert run.plan(resume=False, overwrite=True, steps=3).action == "overwrite"
     with pytest.raises(UserError, match="pass one of them"):
         run.plan(resume=True, overwrite=True, steps=3)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from .. import jsonio
 from ..data import find_split
 from ..errors import UserError
 from ..reward_training import evaluate_rewards
@@ -73,7 +72,7 @@ def run(args) -> int:
         progress=not args.json,
     )
     if args.json:
-        print(json.dumps(table, indent=2))
+        print(jsonio.dumps(table, indent=2))
     else:
         print_table(table, args.split)
     return 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from .. import jsonio
 from ..config import add_config_args, build_config
 from ..finetune import FinetuneConfig, run_finetune
 
@@ -32,5 +31,5 @@ def run(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "lora")}, indent=2))
+        print(jsonio.dumps({k: summary[k] for k in ("steps", "before", "after", "lora")}, indent=2))
     return 0

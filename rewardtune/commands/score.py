@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .. import jsonio
 from ..errors import UserError
 from ..images import load_image
 from ..prompt_checks import is_blank, report_long_prompts, reward_limits
@@ -72,7 +72,7 @@ def run(args) -> int:
     for row, scores in zip(results, table.tolist()):
         row.update(zip(rewards, scores))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(jsonio.dumps(results, indent=2))
     else:
         _print_table(results, names)
     return 0

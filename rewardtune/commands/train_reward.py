@@ -7,9 +7,9 @@ on many GPUs or nodes.
 
 from __future__ import annotations
 
-import json
 import os
 
+from .. import jsonio
 from ..config import add_config_args, build_config
 from ..reward_training import TrainRewardConfig, train_reward
 from ..sources import BEST_DIR
@@ -45,5 +45,5 @@ def run(args) -> int:
                 f"--{cfg.stage} {cfg.output} loads it"
             )
         if shown:
-            print("validation accuracy: " + json.dumps(shown))
+            print("validation accuracy: " + jsonio.dumps(shown))
     return 0

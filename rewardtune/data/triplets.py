@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..images import load_image
+from ..images import image_size_problem, load_image
 from ..prompt_checks import is_blank
 
 PROMPT_COLUMNS = ["easy_prompt", "refine_prompt"]
@@ -267,11 +268,14 @@ def _image_problem(path: str) -> str | None:
     if not os.path.isfile(path):
         return "is missing"
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                problem = image_size_problem(im.size)
+                im.verify()
     except Exception as exc:
         return f"is unreadable or corrupt ({type(exc).__name__})"
-    return None
+    return problem
 
 
 class TripletDataset(Dataset):

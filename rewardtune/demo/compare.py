@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from .. import jsonio
 from ..errors import UserError
 from ..reward_training import evaluate_rewards
 from ..rewards import load_rewards
+from ..rundir import RunDir, Start, config_settings
 from ..sources import atomic_write_text
 from . import world
 from .data import pipeline_sampler, write_split
@@ -36,6 +37,7 @@ LABELS = {
     "clip": "CLIP (world base)",
 }
 SPLIT = "test"
+SPLIT_DIR = "test_split"
 OUTPUTS = ("compare.json", "compare.md", "curves.svg", "report.html")
 # what a demo's summary.json says of its outcome (before and after, and how long)
 MEASURES = ("oracle", "reward", "heldout_reward", "saturation", "attributes")
@@ -62,18 +64,34 @@ def run_compare(cfg: DemoConfig) -> dict:
         raise UserError(f"demo: --compare trains on each of {', '.join(COMPARED)} in turn; leave out --reward")
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
     check_models(models, list(COMPARED))
-    if (out / "compare.json").is_file() and not (cfg.overwrite or cfg.resume):
-        raise UserError(
-            f"demo: '{out}' holds a finished comparison; pass --overwrite to replace it or --resume to finish "
-            f"or extend it"
-        )
-    if cfg.overwrite and out.is_dir():
-        for name in (*OUTPUTS, "test_split", *COMPARED):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    rundir = run_dir(out)
+    with rundir.lock():
+        rundir.refuse_colliding()
+        if "compare.json" in rundir.survey()[0] and not (cfg.overwrite or cfg.resume):
+            raise UserError(
+                f"demo: '{out}' holds a finished comparison; pass --overwrite to replace it or --resume to finish "
+                f"or extend it"
+            )
+        # each reward's demo decides for its own directory (resume, refuse, start); --overwrite clears them first
+        rundir.begin(Start("overwrite" if cfg.overwrite else "start"), cfg, config_settings(cfg, {}))
+        return _compare(cfg, models, out)
+
+
+def run_dir(out: Path) -> RunDir:
+    """The comparison's directory: the test split and one demo directory per reward, the tables beside them."""
+    return RunDir(
+        out,
+        who="demo: ",
+        command="demo --compare",
+        finished="compare.json",
+        outputs=OUTPUTS[1:],
+        scratch=(SPLIT_DIR, *COMPARED),
+    )
+
+
+def _compare(cfg: DemoConfig, models: Path, out: Path) -> dict:
     t0 = time.time()
-    data_root = out / "test_split"
+    data_root = out / SPLIT_DIR
     if not (data_root / f"{SPLIT}.parquet").is_file():
         print(
             f"demo: compare: writing the {cfg.test_triplets}-triplet test split (the build's, regenerated)", flush=True
@@ -154,7 +172,7 @@ def write_comparison(out: Path, result: dict) -> None:
     atomic_write_text(out / "curves.svg", stack_svgs(charts))
     atomic_write_text(out / "compare.md", markdown(result))
     atomic_write_text(out / "report.html", report_html(result, charts))
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "compare.json", jsonio.dumps(result, indent=2) + "\n")
 
 
 def comparison_charts(result: dict) -> list[str]:

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import jsonio
 from ..config import check_values, derived, option
 from ..errors import UserError
 from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
 from ..rewards import load_reward, parse_spec
-from ..rundir import HISTORY, RunDir, Start, config_settings
+from ..rundir import FINETUNE_STATE, HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
 from .build import MODELS_DIR
@@ -230,6 +231,7 @@ def run_dir(out: Path) -> RunDir:
         outputs=OUTPUTS,
         scratch=SCRATCH,
         checkpoints_dir=out / "finetune" / "checkpoints",
+        state_types=FINETUNE_STATE,
     )
 
 
@@ -345,7 +347,7 @@ def _run(
         (r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None
     ]
     write_report(out, summary, hook, heldout, train_rewards)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)
     return summary
 

@@ -12,6 +12,7 @@ from ..rewards.compose import parse_spec
 from ..schedules import LR_SCHEDULES
 from ..sources import REWARD_SOURCES, source_option
 
+SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the evaluation adds an offset
 METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
 
 
@@ -80,6 +81,11 @@ class FinetuneConfig:
         "", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros"
     )
     resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
+    force: bool = option(
+        False,
+        "run even where the check before loading says the images cannot fit in memory (--resolution and "
+        "--batch-size against the GPU's free or the host's available memory)",
+    )
     sample_steps: int | None = option(
         None,
         "sampling steps (default: the model's: SD/SDXL 50 DDIM steps; SD3 28, "
@@ -92,7 +98,12 @@ class FinetuneConfig:
         "SD3.5-Large 3.5 classifier-free, 1 = none; FLUX-dev 3.5 as its guidance "
         "embedding; Turbo/schnell none)",
     )
-    eta: float = option(0.0, "DDIM eta (0 = deterministic DDIM; flow-matching models take none)", min=0)
+    eta: float = option(
+        0.0,
+        "DDIM eta in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise; flow-matching models take none)",
+        min=0,
+        max=1,
+    )
     max_sequence_length: int | None = option(
         None,
         "T5 tokens per prompt of SD3/FLUX (default: the model's: SD3 256, FLUX-dev 512, FLUX-schnell 256)",
@@ -160,7 +171,9 @@ class FinetuneConfig:
         "backward passes; 0 = never",
         min=0,
     )
-    seed: int = option(0, "random seed (prompts order, initial noise, truncation draws)")
+    seed: int = option(
+        0, "random seed (prompts order, initial noise, truncation draws); 0 to 2^63-1", min=0, max=SEED_MAX
+    )
     resume: bool = option(
         False,
         "continue the run in OUTPUT from its newest intact checkpoint (with none yet: start "

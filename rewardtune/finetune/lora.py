@@ -267,14 +267,23 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
 def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> None:
     """Load a diffusers-format LoRA file into the existing trainable adapters (same targets and rank).
 
-    Used by ``--init-lora`` and ``--resume``; keys for parts without an adapter are an error.
+    Used by ``--init-lora`` and ``--resume``; keys for parts without an adapter are an error. Every part is
+    checked before any is loaded.
     """
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
+
+    for model, sub in adapters_fit(path, unet, text_encoders_, what):
+        set_peft_model_state_dict(model, sub)
+
+
+def adapters_fit(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> list:
+    """(model, its part of the LoRA file in peft's names) for each part with weights in the file, once every
+    key has an adapter of its shape (a floating-point tensor); else a one-line ``UserError``. Loads nothing."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     state = load_state_dict(check_lora_dir(path, what), what)
     parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
-    used = 0
+    used, fits = 0, []
     for prefix, model in parts.items():
         sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         if not sub:
@@ -295,7 +304,10 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
                 f"{what}: '{path}' tensor {prefix}.{k} has shape {tuple(sub[k].shape)}, the adapter "
                 f"{tuple(own[k])}; use the same --lora-rank it was trained with"
             )
-        set_peft_model_state_dict(model, sub)
+        integral = [k for k, v in sub.items() if not v.is_floating_point()]
+        if integral:
+            raise UserError(f"{what}: '{path}' tensor {prefix}.{integral[0]} has dtype {sub[integral[0]].dtype}")
+        fits.append((model, sub))
         used += len(sub)
     if used != len(state):
         missing = [k for k in state if not any(k.startswith(p + ".") for p in parts)]
@@ -303,3 +315,4 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
             f"{what}: '{path}' has weights for parts that are not trained here (e.g. {missing[0] if missing else '?'}); "
             f"add --train-text-encoder if it was trained with it"
         )
+    return fits

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from ..images import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -38,7 +39,7 @@ def load_pairs(directory: str | Path, flag: str = "--pretrain-data") -> list[tup
     meta = root / METADATA
     if meta.is_file():
         pairs = []
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(meta.read_text(encoding="utf-8").split("\n"), 1):  # JSON Lines: \n ends a line
             if not line.strip():
                 continue
             try:
@@ -70,8 +71,7 @@ def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
     """Images (B,3,R,R) in [-1, 1]: shorter side resized to ``resolution``, then centre-cropped."""
     out = []
     for path in paths:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.fromarray(open_image(path)) as im:
             scale = resolution / min(im.size)
             w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
             im = im.resize((w, h), Image.BICUBIC)

@@ -41,7 +41,9 @@ def load_prompts(spec: str, what: str = "--prompts") -> list[str]:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{what}: '{path}' is not a readable UTF-8 text file ({type(exc).__name__})") from None
-    prompts = [line.strip() for line in text.splitlines() if not is_blank(line)]
+    # one prompt a line: split on \n alone (\r\n too); str.splitlines() also splits on \f, \x1c-\x1e, U+0085,
+    # U+2028 and U+2029, which can stand inside a prompt
+    prompts = [line.strip() for line in text.split("\n") if not is_blank(line)]
     if not prompts:
         raise UserError(f"{what}: '{path}' holds no prompts; write one prompt a line")
     return prompts

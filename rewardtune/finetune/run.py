@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .. import stops
 from ..errors import UserError
 from ..images import make_grid, save_image
-from ..rundir import Cadence, RunDir, Start, config_settings, weights_identity
+from ..rundir import FINETUNE_STATE, Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -117,6 +118,7 @@ def run_dir(output: str | Path) -> RunDir:
         done_key="steps",
         outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME),
         scratch=("config.yaml", "metrics.jsonl", "tb", "samples", ".lora-*"),
+        state_types=FINETUNE_STATE,
     )
 
 
@@ -159,7 +161,14 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
             return {**start.record, "nothing_to_do": True}
         settings = run_settings(cfg, reward)
         changed = rundir.check_settings(start, settings)
-        trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=start.path)
+        chosen = [start]
+
+        def choose(check):
+            chosen[0] = rundir.select(start, check)
+            return chosen[0].path
+
+        trainer = Trainer(cfg, reward=reward, eval_reward=eval_reward, resume_from=choose if start.path else None)
+        start = chosen[0]
         rundir.begin(start, cfg, settings, changed)
         return _run(trainer, rundir, start, reward, eval_reward, eval_hook)
 
@@ -259,21 +268,34 @@ def _train(
 ):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
-    while trainer.global_step < cfg.steps:
-        metrics = trainer.step()
-        step = trainer.global_step
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.log("train", step, metrics)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            ev = _eval(evaluate, trainer, log, acc.is_main_process)
-            best, stop = _early_stop(cfg, ev, best, acc)
-            if stop:
-                history["stopped_early"] = True
-                return best
-        if step < cfg.steps and cadence.due(step):
-            _checkpoint(trainer, rundir, before, best)
-            cadence.saved()
+    with stops.deferred():  # SIGTERM/SIGINT: this step ends, a checkpoint is written, then the run stops
+        while trainer.global_step < cfg.steps:
+            metrics = trainer.step()
+            step = trainer.global_step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.log("train", step, metrics)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                ev = _eval(evaluate, trainer, log, acc.is_main_process)
+                best, stop = _early_stop(cfg, ev, best, acc)
+                if stop:
+                    history["stopped_early"] = True
+                    return best
+            saved = step < cfg.steps and cadence.due(step)
+            if saved:
+                _checkpoint(trainer, rundir, before, best)
+                cadence.saved()
+            code = rundir.interruption(acc)
+            if code:
+                rundir.stop(code, step, cfg.steps, _stop_checkpoint(trainer, rundir, before, best, cadence, saved))
     return best
+
+
+def _stop_checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best, cadence: Cadence, saved: bool):
+    """What a run stopped by a signal writes: a checkpoint of this step unless one was just written; none when
+    checkpoints are off."""
+    if not cadence.enabled:
+        return None
+    return lambda: None if saved else _checkpoint(trainer, rundir, before, best)
 
 
 def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):

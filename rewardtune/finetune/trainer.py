@@ -25,6 +25,7 @@ from ..config import precision_dtype
 from ..errors import UserError
 from ..losses import reward_loss
 from ..nonfinite import NonFiniteRule, check_finite_params
+from ..preflight import check_fits
 from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
@@ -32,7 +33,7 @@ from . import lora as lora_mod
 from .compile import check_compile, compile_denoiser
 from .config import FinetuneConfig
 from .defaults import FLOW_FAMILIES, check_family_options, resolve_defaults
-from .models import cpu_quantization_problem, load_pipeline, make_adapter, prepare_pipeline
+from .models import cpu_quantization_problem, load_pipeline, make_adapter, prepare_pipeline, resolve_model
 from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler
@@ -196,7 +197,8 @@ class Trainer:
         resume_from: str | Path | None = None,
         pipe=None,
     ):
-        """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from. ``pipe``: an
+        """``resume_from``: a checkpoint directory of ``save_checkpoint`` to continue from, or a function that
+        picks one given a check of its contents (``RunDir.select``). ``pipe``: an
         already built pipeline to use instead of loading ``cfg.model`` (e.g. random full-size weights).
         Options of ``cfg`` left unset (None) are filled in place with the model's defaults (``defaults``)."""
         cfg.validate()
@@ -213,7 +215,10 @@ class Trainer:
             pipe, family = prepare_pipeline(pipe)
         else:
             pipe, family = load_pipeline(
-                cfg.model, dtype, check=lambda family: check_family_options(cfg, family), quantize=cfg.quantize_base
+                cfg.model,
+                dtype,
+                check=lambda family: _check_before_loading(cfg, family, acc),
+                quantize=cfg.quantize_base,
             )
         resolve_defaults(cfg, pipe, family)
         if pretrain and family in FLOW_FAMILIES:
@@ -226,6 +231,10 @@ class Trainer:
         adapter.check_resolution(resolution)
         cfg.resolution = resolution
         lora = prepare_models(cfg, pipe, adapter, acc.device)
+        params = lora_mod.trainable_parameters(*lora.modules)
+        optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        if callable(resume_from):  # the newest checkpoint whose contents fit these adapters and this optimizer
+            resume_from = resume_from(lambda path: self._checkpoint_problem(path, lora, optimizer, acc))
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
             lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
         eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
@@ -236,8 +245,7 @@ class Trainer:
             eval_reward = _frozen(
                 eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), acc.device
             )
-        params = lora_mod.trainable_parameters(*lora.modules)
-        prepared = acc.prepare(*lora.modules, make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay))
+        prepared = acc.prepare(*lora.modules, optimizer)
         if cfg.compile:
             compile_denoiser(lora.denoiser)
         sampler = make_sampler(
@@ -593,6 +601,16 @@ class Trainer:
         state = {"step": self.global_step, "skipped_steps": self.skipped_steps, **(extra or {})}
         write_checkpoint(self.accelerator, directory, save, state)
 
+    @staticmethod
+    def _checkpoint_problem(directory: Path, lora: LoraSet, optimizer, acc) -> str | None:
+        """What in a checkpoint does not fit the run being built -- its LoRA against the adapters, its optimizer,
+        random and step state against this optimizer -- or None; nothing is loaded."""
+        try:
+            lora_mod.adapters_fit(directory, lora.denoiser, lora.text_encoders, lora_mod.WEIGHT_NAME)
+        except UserError as exc:
+            return str(exc)
+        return runstate.state_problem(acc, directory, read_state(directory).get("format"), optimizer)
+
     def _load_checkpoint(self, directory: Path) -> dict:
         """Optimizer/scaler/random state and step counters of a ``save_checkpoint`` directory (its LoRA is
         already in). Never unpickles, unless the checkpoint is accelerate's and ``--trust-pickle`` is given."""
@@ -608,6 +626,12 @@ class Trainer:
         self.global_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         return state
+
+
+def _check_before_loading(cfg: FinetuneConfig, family: str, acc) -> None:
+    """What can be refused from the options and the model's config files alone, before any weights load."""
+    check_family_options(cfg, family)
+    check_fits(cfg, resolve_model(cfg.model), family, acc.device, acc.mixed_precision, force=cfg.force)
 
 
 def _per_process(acc, value) -> list:

@@ -31,6 +31,9 @@ class TrainRewardConfig:
     steps: int = option(1000, "optimizer steps to train for (the total, also when resuming)", min=1)
     batch_size: int = option(32, "triplets per process per micro-batch (the paper: 32 per GPU on 8 GPUs)", min=1)
     grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
+    force: bool = option(
+        False, "run even where the check before loading says --batch-size cannot fit in memory (the image tower)"
+    )
     lr: float | None = option(None, "peak learning rate (default: 3e-5 for ict, 3e-6 for hp)", positive=True)
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_steps: int | None = option(
@@ -67,7 +70,7 @@ class TrainRewardConfig:
         None, "no, fp16 or bf16 (the paper: bf16); default: the accelerate config's, else no", choices=PRECISIONS
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    seed: int = option(42, "random seed")
+    seed: int = option(42, "random seed, 0 to 2^32-1 (numpy's range)", min=0, max=2**32 - 1)
     num_workers: int = option(2, "data loader worker processes per training process", min=0)
     train_split: str = option("train", "split to train on")
     eval_split: str = option("val", "split for periodic validation accuracy ('' disables)")

@@ -26,17 +26,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import nonfinite, runstate
+from .. import nonfinite, runstate, stops
 from ..config import precision_dtype
 from ..data import TripletDataset, collate, find_split, load_triplets
 from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
+from ..preflight import check_batch_fits
 from ..rundir import (
     STATE_FILE,
+    TRAIN_REWARD_STATE,
     Cadence,
     RunDir,
     Start,
     config_settings,
+    read_state,
     reset_accelerate,
     weights_identity,
     write_checkpoint,
@@ -257,6 +260,7 @@ def run_dir(output: str | Path) -> RunDir:
         ),
         scratch=("config.yaml", "logs", ".staging", BEST_PREVIOUS, f".{BEST_DIR}.tmp", f".{BEST_DIR}.old"),
         clear=("config.json", "model.safetensors.index.json", *models.SIDECAR_FILES),
+        state_types=TRAIN_REWARD_STATE,
     )
 
 
@@ -371,16 +375,26 @@ class Run:
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
         start = 0
-        if self.start.checkpoint is not None:
+        if self.start.checkpoint is not None:  # the newest checkpoint whose contents fit this model and optimizer
+            self.start = self.rundir.select(self.start, self._checkpoint_problem)
             self._load(self.start)
             start = self.start.step
         self.rundir.begin(self.start, cfg, self.settings, self.changed)
         acc.init_trackers(cfg.stage, config=_hparams(cfg))
         if cfg.eval_every == 0 and start == 0:  # 0: only before the first step and after the last
             self._validate_and_log(0)
-        step = self._loop(start) if start < cfg.steps else start  # a checkpoint at --steps: only the output is left
+        with stops.deferred():  # SIGTERM/SIGINT: the step ends, a checkpoint is written, then the run stops
+            step = (
+                self._loop(start) if start < cfg.steps else start
+            )  # a checkpoint at --steps: only the output is left
         self._finish(start, step)
         return self.metrics
+
+    def _checkpoint_problem(self, directory: Path) -> str | None:
+        state = read_state(directory)
+        return runstate.state_problem(
+            self.acc, directory, state.get("format"), self.optimizer, model=self.trainee, scheduler=self.scheduler
+        )
 
     def _load(self, start: Start) -> None:
         """Weights, optimizer, scheduler, scaler and random generators of a checkpoint; its data order and metrics."""
@@ -526,6 +540,12 @@ class Run:
             self._validate_and_log(step)
         if self.cadence.due(step):
             self._checkpoint(step)
+        code = self.rundir.interruption(acc)
+        if code:
+            save = (
+                (lambda: None if self.last_saved == step else self._checkpoint(step)) if self.cadence.enabled else None
+            )
+            self.rundir.stop(code, step, cfg.steps, save)
 
     def _validate_and_log(self, step: int) -> None:
         val = self.validate()
@@ -624,6 +644,7 @@ def train_reward(cfg: TrainRewardConfig) -> dict:
             return {**start.record, "nothing_to_do": True}
         settings = run_settings(cfg)
         changed = rundir.check_settings(start, settings)
+        check_batch_fits(resolve(cfg.backbone, "CLIP backbone"), cfg.batch_size, cfg.mixed_precision, cfg.force)
         reset_accelerate()
         try:
             return Run(cfg, rundir, start, settings, changed).train()

@@ -29,6 +29,9 @@ WEIGHT_FILES = [
 TOKENIZER_FILES = ["vocab.json", "tokenizer.json"]
 
 
+MAX_ASPECT = 4  # images longer than this many times their width (or wider) are cropped first (see forward)
+
+
 class ClipPreprocess(nn.Module):
     """CLIP's image preprocessing in torch: resize the shortest edge (bicubic, antialiased), centre crop,
     normalise with the given mean/std. The resize is skipped when the size already matches, so on
@@ -43,6 +46,15 @@ class ClipPreprocess(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
         s = self.size
+        if max(h, w) > MAX_ASPECT * min(h, w):  # only the centre square is kept: crop to 4:1 before resizing, or a
+            # 100000 x 1 image would be resized to 22400000 x 224 (60 GB) on the way
+            long = MAX_ASPECT * min(h, w)
+            images = (
+                images[..., (h - long) // 2 : (h + long) // 2, :]
+                if h > w
+                else images[..., (w - long) // 2 : (w + long) // 2]
+            )
+            h, w = images.shape[-2:]
         if min(h, w) != s:
             scale = s / min(h, w)
             nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
