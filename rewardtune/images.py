@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -42,11 +44,34 @@ def image_size_problem(size: tuple[int, int]) -> str | None:
     """Why an image of ``size`` (width, height, from its header) is refused, or None."""
     w, h = size
     if w * h > MAX_PIXELS:
-        return (
-            f"is {w} x {h} ({w * h / 1e6:.0f} million pixels), over the limit of {MAX_PIXELS / 1e6:.0f} million "
-            f"(a possible decompression bomb); downscale it, e.g. to 4096 px on its longer side"
-        )
+        return _too_large(f"is {w} x {h} ({w * h / 1e6:.0f} million pixels)")
     return None
+
+
+def _too_large(what: str) -> str:
+    return (
+        f"{what}, over the limit of {MAX_PIXELS / 1e6:.0f} million pixels (a possible decompression bomb); "
+        f"downscale it, e.g. to 4096 px on its longer side"
+    )
+
+
+@contextlib.contextmanager
+def opened(path: Path):
+    """``Image.open(path)`` with its size checked from the header alone (Pillow's bomb check and ours, one line
+    either way) and without Pillow's warning for images between its two thresholds."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"has {int(pixels.group(1)) / 1e6:.0f} million pixels" if pixels else "is too large"
+        raise UserError(f"image '{path}' {_too_large(what)}") from None
+    with im:
+        problem = image_size_problem(im.size)
+        if problem:
+            raise UserError(f"image '{path}' {problem}")
+        yield im
 
 
 def open_image(path: str | os.PathLike) -> np.ndarray:
@@ -56,19 +81,12 @@ def open_image(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"image '{path}' does not exist; check the path")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                problem = image_size_problem(im.size)
-                if problem:
-                    raise UserError(f"image '{path}' {problem}")
-                factor = min(im.size) // KEEP_SIDE
-                if factor > 1 and im.format == "JPEG":
-                    im.draft("RGB", (im.width // factor, im.height // factor))  # decoded at a fraction of the size
-                im.load()
-                arr = _rgb8(im)
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"image '{path}' is refused as a possible decompression bomb ({exc}); downscale it") from None
+        with opened(path) as im:
+            factor = min(im.size) // KEEP_SIDE
+            if factor > 1 and im.format == "JPEG":
+                im.draft("RGB", (im.width // factor, im.height // factor))  # decoded at a fraction of the size
+            im.load()
+            arr = _rgb8(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(
             f"image '{path}' is unreadable or corrupt ({type(exc).__name__}); replace or remove it"

@@ -83,12 +83,23 @@ def check_fits(cfg, model_dir: Path, family: str, device, mixed_precision: str |
             f"--resolution {res} is larger than this SD3 model's position embedding allows; use at most {most}"
         )
     need = decode_floor_bytes(model_dir, res, int(cfg.batch_size), mixed_precision)
+    _refuse_beyond(
+        need,
+        device,
+        force,
+        f"--resolution {res} with --batch-size {cfg.batch_size}",
+        "the VAE decode",
+        "lower --resolution or --batch-size (`rewardtune plan` predicts the whole step)",
+    )
+
+
+def _refuse_beyond(need: int, device, force: bool, what: str, part: str, instead: str) -> None:
+    """The one refusal: ``what`` needs at least ``need`` bytes in ``part`` and the device has less."""
     have, where = available_bytes(device)
     if have is not None and need > have and not force:
         raise UserError(
-            f"--resolution {res} with --batch-size {cfg.batch_size} needs at least {need / GIB:,.1f} GiB for the "
-            f"VAE decode alone, and {have / GIB:,.1f} GiB is {where}; lower --resolution or --batch-size "
-            f"(`rewardtune plan` predicts the whole step), or pass --force to run anyway"
+            f"{what} needs at least {need / GIB:,.1f} GiB for {part} alone, and {have / GIB:,.1f} GiB is {where}; "
+            f"{instead}, or pass --force to run anyway"
         )
 
 
@@ -106,13 +117,14 @@ def check_batch_fits(backbone_dir: Path, batch: int, mixed_precision: str | None
     """train-reward's check: ``--batch-size`` triplets (three images each) through the image tower."""
     need = tower_floor_bytes(backbone_dir, 3 * batch, mixed_precision)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    have, where = available_bytes(device)
-    if have is not None and need > have and not force:
-        raise UserError(
-            f"--batch-size {batch} ({3 * batch} images) needs at least {need / GIB:,.1f} GiB for the image tower's "
-            f"activations alone, and {have / GIB:,.1f} GiB is {where}; lower --batch-size (raise --grad-accum to "
-            f"keep the global batch), or pass --force to run anyway"
-        )
+    _refuse_beyond(
+        need,
+        device,
+        force,
+        f"--batch-size {batch} ({3 * batch} images)",
+        "the image tower's activations",
+        "lower --batch-size (raise --grad-accum to keep the global batch)",
+    )
 
 
 def _config(path: Path) -> dict:

@@ -251,7 +251,9 @@ def test_outputs_without_a_finished_record_are_not_replaced_and_flags_conflict(c
     run.root.mkdir()
     (run.root / run.outputs[0]).write_text("someone's file")
     for flags in ({}, {"resume": True}, {"overwrite": True}):
-        with pytest.raises(UserError, match=f"holds files that no rewardtune {command} run wrote \\({run.outputs[0]}\\)"):
+        with pytest.raises(
+            UserError, match=f"holds files that no rewardtune {command} run wrote \\({run.outputs[0]}\\)"
+        ):
             with run.lock():
                 run.plan(**{"resume": False, "overwrite": False, **flags}, steps=3)
     assert sorted(p.name for p in run.root.iterdir()) == [run.outputs[0]]  # not even a lock file was left
@@ -341,3 +343,29 @@ def test_time_cadence(acc):
     assert cadence.enabled and cadence.due(1)
     assert Cadence(every=3, minutes=0).due(3) and not Cadence(every=3, minutes=0).due(4)
     assert not Cadence(every=0, minutes=0).enabled and not Cadence(every=0, minutes=60).due(1)
+
+
+def test_a_fresh_start_clears_only_a_killed_runs_leftovers(tmp_path, acc):
+    """What runs of the command wrote goes (scratch, half checkpoints); a user's file anywhere stays, and a start
+    without flags is refused while one is there."""
+    run = _begun(finetune_dir(tmp_path / "out"))
+    root = run.root
+    (root / "samples").mkdir()
+    (root / "samples" / "step_000001.png").write_text("x")
+    (root / "metrics.jsonl").write_text("{}\n")
+    (root / "summary.json.tmp").write_text("{")  # an atomic write cut short
+    (root / "checkpoints" / ".step_000002.tmp").mkdir(parents=True)
+    (root / "checkpoints" / "mine.txt").write_text("the user's")
+    (root / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match=r"holds files that no finetune run wrote \(notes.txt\); pass --overwrite"):
+        run.plan(resume=False, overwrite=False, steps=2)
+    start = run.plan(resume=False, overwrite=True, steps=2)
+    run.begin(start, _Cfg(), {"fixed": {}, "config": {}})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "notes.txt", "runs.jsonl"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["mine.txt"]
+    (root / "notes.txt").unlink()
+    start = run.plan(resume=False, overwrite=False, steps=2)  # only the run's own leftovers now: a fresh start
+    run.begin(start, _Cfg(), {"fixed": {}, "config": {}})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "runs.jsonl"]
+    records = [json.loads(line) for line in (root / "runs.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in records] == ["fresh", "overwrite", "fresh"] and "samples" in records[-1]["owns"]

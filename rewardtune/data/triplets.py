@@ -18,17 +18,15 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..images import image_size_problem, load_image
+from ..images import load_image, opened
 from ..prompt_checks import is_blank
 
 PROMPT_COLUMNS = ["easy_prompt", "refine_prompt"]
@@ -268,14 +266,13 @@ def _image_problem(path: str) -> str | None:
     if not os.path.isfile(path):
         return "is missing"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                problem = image_size_problem(im.size)
-                im.verify()
+        with opened(path) as im:
+            im.verify()
+    except UserError as exc:
+        return str(exc).split("' ", 1)[-1]  # "is W x H (...), over the limit ..."
     except Exception as exc:
         return f"is unreadable or corrupt ({type(exc).__name__})"
-    return problem
+    return None
 
 
 class TripletDataset(Dataset):
