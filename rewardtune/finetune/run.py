@@ -17,7 +17,7 @@ import torch
 from .. import stops
 from ..errors import UserError
 from ..images import make_grid, save_image
-from ..rundir import FINETUNE_STATE, Cadence, RunDir, Start, config_settings, weights_identity
+from ..rundir import FINETUNE_STATE, LOCK_LOST, Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
 from .config import FinetuneConfig
@@ -191,10 +191,12 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
     cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, acc)
     try:
         best = _train(trainer, evaluate, log, rundir, before, best, history, cadence)
+        after = _eval(evaluate, trainer, log, main)
+        if rundir.interruption(acc) == LOCK_LOST:  # the outputs are written only while the directory is ours
+            rundir.stop(LOCK_LOST, trainer.global_step, cfg.steps, None)
         digests = trainer.lora_digests()
         if len(set(digests)) > 1:
             print(f"finetune: warning: the processes' LoRA weights differ ({digests}); the main process's is saved")
-        after = _eval(evaluate, trainer, log, main)
         _check_final(after, trainer)
         lora_path = trainer.save_lora(out)
         if (

@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
 from ..preflight import check_batch_fits
 from ..rundir import (
+    LOCK_LOST,
     STATE_FILE,
     TRAIN_REWARD_STATE,
     Cadence,
@@ -596,6 +597,8 @@ class Run:
         """A last checkpoint (unless checkpoints are off: then a finished run cannot be continued), the model,
         and ``metrics.json``, written last: its presence marks the run finished."""
         acc = self.acc
+        if self.rundir.interruption(acc) == LOCK_LOST:  # the outputs are written only while the directory is ours
+            self.rundir.stop(LOCK_LOST, step, self.cfg.steps, None)
         if self.cadence.enabled and self.last_saved != step:
             self._checkpoint(step)
         acc.wait_for_everyone()
