@@ -30,9 +30,8 @@ def decode_floor_bytes(model_dir: Path, resolution: int, batch: int, mixed_preci
 
 
 def positional_limit(model_dir: Path, family: str) -> int | None:
-    """The largest resolution the denoiser's position embedding covers (SD3/3.5), or None where there is none."""
-    if family != "sd3":
-        return None
+    """The largest resolution a transformer's learned position embedding covers (``pos_embed_max_size``: SD3/3.5),
+    or None where there is none (rotary embeddings, UNets)."""
     tf = _config(model_dir / "transformer" / "config.json")
     vae = _config(model_dir / "vae" / "config.json")
     most, patch = tf.get("pos_embed_max_size"), tf.get("patch_size") or 1
@@ -80,7 +79,8 @@ def check_fits(cfg, model_dir: Path, family: str, device, mixed_precision: str |
     most = positional_limit(model_dir, family)
     if most and res > most:
         raise UserError(
-            f"--resolution {res} is larger than this SD3 model's position embedding allows; use at most {most}"
+            f"--resolution {res} is larger than this model's position embedding allows (its transformer's "
+            f"pos_embed_max_size); use at most {most}"
         )
     need = decode_floor_bytes(model_dir, res, int(cfg.batch_size), mixed_precision)
     _refuse_beyond(

@@ -74,8 +74,9 @@ def test_sd3_position_limit_is_read_from_the_config_before_weights(tmp_path, cap
         (model / rel).write_text(json.dumps(data))
     assert preflight.positional_limit(model, "sd3") == 192 * 2 * 8 == 3072
     assert main(_finetune(model, tmp_path / "out", "--resolution", 4096, "--force")) == 2
-    assert "--resolution 4096 is larger than this SD3 model's position embedding allows; use at most 3072" in _err(
-        capsys
+    assert _err(capsys).endswith(
+        "--resolution 4096 is larger than this model's position embedding allows (its transformer's "
+        "pos_embed_max_size); use at most 3072"
     )
 
 

@@ -20,11 +20,12 @@ from safetensors import safe_open
 from rewardtune.cli import main
 from rewardtune.config import build_config
 from rewardtune.errors import OfflineError
-from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, sample, training_scheduler
-from rewardtune.finetune.defaults import FLUX_TARGETS, SD3_TARGETS, resolve_defaults
+from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sample, training_scheduler
+from rewardtune.finetune.defaults import resolve_defaults
+from rewardtune.finetune.families.flux import FLUX_TARGETS
+from rewardtune.finetune.families.sd3 import SD3_TARGETS
 from rewardtune.finetune.flow import FlowMatchSampler
 from rewardtune.finetune.models import (
-    ALIASES,
     assemble_pipeline,
     make_adapter,
     model_family,
@@ -402,7 +403,7 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
         "eta": (["--model", flow_models["sd3"], *base, "--eta", 0.5], "--eta 0.5: sd3 is a flow-matching model"),
         "schnell_guidance": (
             ["--model", flow_models["schnell"], *base, "--guidance-scale", 3.5],
-            "--guidance-scale 3.5: this FLUX model (no guidance embedding) is distilled to sample without guidance",
+            "--guidance-scale 3.5: this FLUX.1 model (no guidance embedding) is distilled to sample without guidance",
         ),
         "turbo_guidance": (
             ["--model", flow_models["sd3"], "--defaults-from", "sd35-large-turbo", *base, "--guidance-scale", 5],
@@ -434,7 +435,7 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
 def test_flow_aliases_name_the_public_models(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    assert ALIASES["sd35-large-turbo"] == ("stabilityai/stable-diffusion-3.5-large-turbo",)
+    assert families.aliases()["sd35-large-turbo"][1].hub == ("stabilityai/stable-diffusion-3.5-large-turbo",)
     for alias, hub_id in (
         ("flux-dev", "black-forest-labs/FLUX.1-dev"),
         ("sd35-medium", "stabilityai/stable-diffusion-3.5-medium"),

@@ -1,5 +1,5 @@
-"""SD3/SD3.5 and FLUX.1: the flow-matching families' adapters (transformer denoiser, three or two text
-encoders, 16-channel latents; FLUX's packed 2x2 latent patches).
+"""The flow-matching families' adapter base (SD3/SD3.5, FLUX.1 and later): a transformer denoiser, CLIP encoders
+that ``--train-text-encoder`` adapts and a large text encoder (T5) whose embeddings are cached.
 
 Prompts are encoded with the pipelines' own per-encoder functions (``_get_clip_prompt_embeds``,
 ``_get_t5_prompt_embeds``) and combined as their ``encode_prompt`` does, so the fine-tuned model sees what
@@ -12,13 +12,9 @@ weights.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from ..errors import UserError
 from .prompt_cache import DEFAULT_RAM_GIB, PromptCache
 
 ENCODE_BATCH = 16  # prompts per text-encoder call when filling the cache
@@ -33,60 +29,12 @@ def calculate_shift(image_seq_len: int, config) -> float:
     return image_seq_len * slope + base - slope * base_len
 
 
-def _hw(resolution) -> tuple[int, int]:
+def hw(resolution) -> tuple[int, int]:
     return (
         (int(resolution), int(resolution))
         if isinstance(resolution, (int, np.integer))
         else tuple(map(int, resolution))
     )
-
-
-@dataclass
-class SD3Conditioning:
-    """Text features and pooled projections of the MMDiT; rows are [uncond..., cond...] under guidance."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor
-    guided: bool
-
-    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # SD3's transformer takes the scheduler's timestep, sigma * 1000, as it is
-        return model(
-            hidden_states=x,
-            timestep=t,
-            encoder_hidden_states=self.hidden,
-            pooled_projections=self.pooled,
-            return_dict=False,
-        )[0]
-
-
-@dataclass
-class FluxConditioning:
-    """T5 features, CLIP pooled embedding, rotary position ids and the distilled guidance value (None for a
-    model without a guidance embedding). Never two branches."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor
-    txt_ids: torch.Tensor
-    img_ids: torch.Tensor
-    guidance: float | None
-    guided: bool = False
-
-    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        guidance = None
-        if self.guidance is not None:
-            guidance = torch.full([1], self.guidance, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        # FluxPipeline passes the timestep in the latents' dtype divided by 1000 (the model multiplies it back)
-        return model(
-            hidden_states=x,
-            timestep=t.to(x.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=self.pooled,
-            encoder_hidden_states=self.hidden,
-            txt_ids=self.txt_ids,
-            img_ids=self.img_ids,
-            return_dict=False,
-        )[0]
 
 
 class FlowAdapter:
@@ -202,181 +150,3 @@ class FlowAdapter:
                 for j, p in enumerate(chunk):
                     self._cache.put(p, {k: v[j] for k, v in parts.items()})
         self._offload()
-
-
-class SD3Adapter(FlowAdapter):
-    """SD3/SD3.5: CLIP-L and CLIP-G (penultimate states concatenated, zero-padded to T5's width, then T5's
-    tokens after them; pooled = both projections concatenated), true CFG with the empty prompt."""
-
-    family = "sd3"
-    _clip_keys = ("clip", "pooled")
-    _t5_keys = ("t5",)
-
-    def text_encoders(self) -> list:
-        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m is not None]
-
-    @property
-    def t5(self):
-        return self.pipe.text_encoder_3
-
-    def _clip(self, prompts):
-        pipe = self.pipe
-        l_hidden, l_pooled = pipe._get_clip_prompt_embeds(prompts, device=pipe.text_encoder.device, clip_model_index=0)
-        g_hidden, g_pooled = pipe._get_clip_prompt_embeds(
-            prompts, device=pipe.text_encoder_2.device, clip_model_index=1
-        )
-        return {
-            "clip": torch.cat([l_hidden, g_hidden.to(l_hidden.device)], dim=-1),
-            "pooled": torch.cat([l_pooled, g_pooled.to(l_pooled.device)], dim=-1),
-        }
-
-    def _t5(self, prompts):
-        device = self.t5.device if self.t5 is not None else self.device
-        return {"t5": self.pipe._get_t5_prompt_embeds(prompts, 1, self.max_sequence_length, device=device)}
-
-    def _combine(self, clip, t5):
-        t5_hidden = t5["t5"].to(self.device)
-        clip_hidden = clip["clip"].to(self.device)
-        clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
-        return torch.cat([clip_hidden, t5_hidden], dim=-2), clip["pooled"].to(self.device)
-
-    def encode(self, prompts: list[str], guided: bool, size) -> SD3Conditioning:
-        hidden, pooled = self.embeddings(list(prompts))
-        if guided:
-            neg_hidden, neg_pooled = self.embeddings([""] * len(prompts))
-            hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
-        return SD3Conditioning(hidden, pooled, guided)
-
-    def sampler_options(self, resolution) -> dict:
-        """The pipeline's schedule: the scheduler's static shift, or (if its config asks) a dynamic one with mu
-        from the image-token count."""
-        config = self.pipe.scheduler.config
-        if not config.get("use_dynamic_shifting", False):
-            return {}
-        h, w = (s // self.vae_factor // self.patch for s in _hw(resolution))
-        mu = calculate_shift(h * w, config)
-        return {"schedule": lambda n: {"mu": mu}}
-
-    @property
-    def patch(self) -> int:
-        return int(self.pipe.transformer.config.patch_size)
-
-    def native_resolution(self) -> int:
-        return int(self.pipe.transformer.config.sample_size) * self.vae_factor
-
-    def check_resolution(self, resolution: int) -> None:
-        step = self.vae_factor * self.patch
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: this SD3 model needs a multiple of {step} "
-                f"(VAE factor {self.vae_factor} x patch size {self.patch})"
-            )
-        most = self.pipe.transformer.config.get("pos_embed_max_size") or 0
-        if most and resolution // step > most:
-            raise UserError(
-                f"--resolution {resolution} is larger than this SD3 model's position embedding allows; "
-                f"use at most {most * step}"
-            )
-
-    def latent_shape(self, resolution) -> tuple[int, ...]:
-        h, w = _hw(resolution)
-        return (int(self.pipe.transformer.config.in_channels), h // self.vae_factor, w // self.vae_factor)
-
-
-class FluxAdapter(FlowAdapter):
-    """FLUX.1: CLIP-L's pooled embedding and T5's tokens; latents packed into 2x2 patches (B, tokens, 4C) with
-    2-D position ids; FLUX-dev's guidance as an embedding (``guidance_scale``), schnell without one."""
-
-    family = "flux"
-    default_max_sequence_length = 512
-    _clip_keys = ("pooled",)
-    _t5_keys = ("t5",)
-
-    @property
-    def guidance_kind(self) -> str:
-        return "embedded" if self.pipe.transformer.config.guidance_embeds else "none"
-
-    def text_encoders(self) -> list:
-        return [self.pipe.text_encoder] if self.pipe.text_encoder is not None else []
-
-    @property
-    def t5(self):
-        return self.pipe.text_encoder_2
-
-    def _clip(self, prompts):
-        return {"pooled": self.pipe._get_clip_prompt_embeds(prompts, device=self.pipe.text_encoder.device)}
-
-    def _t5(self, prompts):
-        return {"t5": self.pipe._get_t5_prompt_embeds(prompts, 1, self.max_sequence_length, device=self.t5.device)}
-
-    def _combine(self, clip, t5):
-        return t5["t5"].to(self.device), clip["pooled"].to(self.device)
-
-    def encode(self, prompts: list[str], guided: bool, size) -> FluxConditioning:
-        if guided:
-            raise ValueError("FLUX is sampled without classifier-free guidance rows")
-        hidden, pooled = self.embeddings(list(prompts))
-        te = self.pipe.text_encoder
-        txt_ids = torch.zeros(
-            hidden.shape[1], 3, device=self.device, dtype=te.dtype if te is not None else hidden.dtype
-        )
-        h, w = (s // (2 * self.vae_factor) for s in _hw(size))
-        img_ids = self.pipe._prepare_latent_image_ids(len(prompts), h, w, self.device, hidden.dtype)
-        guidance = float(self.guidance_scale) if self.guidance_kind == "embedded" else None
-        return FluxConditioning(hidden, pooled, txt_ids, img_ids, guidance)
-
-    def sampler_options(self, resolution) -> dict:
-        """FluxPipeline's schedule: sigmas linspace(1, 1/N, N), shifted by the scheduler with mu from the number
-        of packed image tokens; one branch (guidance, if any, is the embedding); noise drawn unpacked, then packed."""
-        config = self.pipe.scheduler.config
-        h, w = (s // (2 * self.vae_factor) for s in _hw(resolution))
-        mu = calculate_shift(h * w, config)
-
-        def schedule(n: int) -> dict:
-            sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n, n)
-            return {"sigmas": sigmas, "mu": mu}
-
-        channels = int(self.pipe.transformer.config.in_channels) // 4
-
-        def noise(shape: tuple, generator: torch.Generator) -> torch.Tensor:
-            # drawn in the unpacked layout, then packed, so one generator gives FluxPipeline's noise
-            x = torch.randn((shape[0], channels, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
-            return self.pack(x)
-
-        return {"schedule": schedule, "guidance_scale": 1.0, "noise": noise}
-
-    @staticmethod
-    def pack(latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, 2h, 2w) -> (B, h*w, 4C): each 2x2 patch becomes one token (channel-major, as FluxPipeline packs)."""
-        b, c, hh, ww = latents.shape
-        x = latents.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
-
-    @staticmethod
-    def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h*w, 4C) -> (B, C, 2h, 2w), the inverse of ``pack``."""
-        b, _, c4 = latents.shape
-        x = latents.view(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c4 // 4, 2 * h, 2 * w)
-
-    def native_resolution(self) -> int:
-        return int(self.pipe.default_sample_size) * self.vae_factor
-
-    def check_resolution(self, resolution: int) -> None:
-        step = 2 * self.vae_factor
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: FLUX packs 2x2 latent patches, so the size must be a multiple "
-                f"of {step} (e.g. {max(step, resolution - resolution % step)})"
-            )
-
-    def latent_shape(self, resolution) -> tuple[int, ...]:
-        h, w = (s // (2 * self.vae_factor) for s in _hw(resolution))
-        return (h * w, int(self.pipe.transformer.config.in_channels))
-
-    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        side = math.isqrt(latents.shape[1])
-        return super().vae_latents(self.unpack(latents, side, side))
-
-
-FLOW_ADAPTERS = {"sd3": SD3Adapter, "flux": FluxAdapter}

@@ -1,41 +1,19 @@
-"""Diffusion models: aliases, loading, and one adapter per family.
-
-The adapters are the only place SD 1.x/2.x and SDXL differ: how prompts become the UNet's
-conditioning (SD: one text encoder; SDXL: two, pooled embeddings and ``add_time_ids``). They use the
-pipelines' own ``encode_prompt`` so the fine-tuned model sees exactly what ``pipe(...)`` feeds it.
-The flow-matching families (SD3/SD3.5, FLUX.1) have theirs in ``flow_models``.
-"""
+"""Diffusion models: resolving a model (alias, directory, hub id), loading its pipeline (and a quantized base),
+and the pieces every family shares. What differs between families lives in their modules (``families/``):
+this module asks the registry and never names a family."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import OfflineError, UserError
 from ..sources import resolve
-from .flow_models import FLOW_ADAPTERS
+from . import families
+from .adapters import text_encoders  # noqa: F401  (the pipeline's text encoders; imported from here)
 
-# The public base checkpoints. runwayml's SD 1.5 repo was taken down; its mirror comes first.
-ALIASES = {
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
-    "sd21": ("stabilityai/stable-diffusion-2-1",),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
-    "sd3-medium": ("stabilityai/stable-diffusion-3-medium-diffusers",),
-    "sd35-medium": ("stabilityai/stable-diffusion-3.5-medium",),
-    "sd35-large": ("stabilityai/stable-diffusion-3.5-large",),
-    "sd35-large-turbo": ("stabilityai/stable-diffusion-3.5-large-turbo",),
-    "flux-dev": ("black-forest-labs/FLUX.1-dev",),
-    "flux-schnell": ("black-forest-labs/FLUX.1-schnell",),
-}
-FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
 # What a training run needs from a hub snapshot: configs, tokenizers, full-precision safetensors weights
 # (the transformers and T5 of SD3/FLUX come in shards).
 ALLOW_PATTERNS = [
@@ -53,11 +31,12 @@ ALLOW_PATTERNS = [
 def resolve_model(name: str) -> Path:
     """A local diffusers-format directory for an alias, a directory, or a hub id."""
     name = str(name)
-    if "/" not in name and not Path(name).expanduser().exists() and name not in ALIASES:
+    known = families.aliases()
+    if "/" not in name and not Path(name).expanduser().exists() and name not in known:
         raise UserError(
-            f"--model '{name}' is not an alias ({', '.join(ALIASES)}), a directory, or a hub id (owner/name)"
+            f"--model '{name}' is not an alias ({', '.join(known)}), a directory, or a hub id (owner/name)"
         )
-    candidates = ALIASES.get(name, (name,))
+    candidates = known[name][1].hub if name in known else (name,)
     for i, hub_id in enumerate(candidates):
         try:
             path = resolve(hub_id, f"--model {name}", allow_patterns=ALLOW_PATTERNS)
@@ -73,26 +52,26 @@ def resolve_model(name: str) -> Path:
 
 
 def model_family(path: Path) -> str:
-    """'sd', 'sdxl', 'sd3' or 'flux', read from ``model_index.json``'s ``_class_name`` (never guessed from the name)."""
+    """The family's name, from ``model_index.json``'s ``_class_name`` (never guessed from the name)."""
     try:
         cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(
             f"--model: '{path / 'model_index.json'}' is unreadable ({type(exc).__name__}); re-download the model"
         ) from None
-    if cls not in FAMILIES:
+    family = families.by_pipeline_class(cls)
+    if family is None:
         raise UserError(
             f"--model: '{path}' is a {cls or 'unknown pipeline'}; finetune supports "
-            f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)"
+            f"{', '.join(families.pipeline_classes())} ({families.supported()})"
         )
-    return FAMILIES[cls]
+    return family.name
 
 
 def pipeline_class(family: str):
     import diffusers
 
-    name = {v: k for k, v in FAMILIES.items()}[family]
-    return getattr(diffusers, name)
+    return getattr(diffusers, families.by_name(family).pipelines[0])
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, quantize: str = "none"):
@@ -117,10 +96,12 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, qua
 
 
 def pipeline_family(pipe) -> str:
-    family = FAMILIES.get(type(pipe).__name__)
+    family = families.by_pipeline_class(type(pipe).__name__)
     if family is None:
-        raise UserError(f"a {type(pipe).__name__} cannot be fine-tuned; supported: {', '.join(FAMILIES)}")
-    return family
+        raise UserError(
+            f"a {type(pipe).__name__} cannot be fine-tuned; supported: {', '.join(families.pipeline_classes())}"
+        )
+    return family.name
 
 
 def training_scheduler(pipe):
@@ -135,7 +116,7 @@ def training_scheduler(pipe):
     (shift, dynamic shifting as configured)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if pipeline_family(pipe) in FLOW_ADAPTERS:
+    if families.by_name(pipeline_family(pipe)).flow:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1, set_alpha_to_one=True)
 
@@ -154,30 +135,9 @@ def prepare_pipeline(pipe):
 
 
 def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
-    """The family's pipeline from built parts (``unet`` or ``transformer``, ``vae``, ``text_encoder``[``_2``,
-    ``_3``], ``scheduler``), with the settings every rewardtune pipeline has: no safety checker, no watermark,
-    SDXL's zeroed empty prompt. Tokenizers: SD3 CLIP-L, CLIP-G, T5; FLUX CLIP-L, T5."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if family == "sd":
-        return StableDiffusionPipeline(
-            **parts, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(
-            **parts,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2 or tokenizer,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    if family == "sd3":
-        return StableDiffusion3Pipeline(
-            **parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2 or tokenizer, tokenizer_3=tokenizer_3
-        )
-    if family == "flux":
-        return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES.values())}")
+    """The family's pipeline from built parts (its denoiser, ``vae``, text encoders, ``scheduler``), with the
+    settings every rewardtune pipeline has (no safety checker, no watermark; each family's ``assemble``)."""
+    return families.by_name(family).assemble(parts, tokenizer, tokenizer_2, tokenizer_3)
 
 
 def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dtype) -> dict:
@@ -190,7 +150,7 @@ def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dty
     import diffusers
     from diffusers import BitsAndBytesConfig
 
-    name = "unet" if family in ("sd", "sdxl") else "transformer"
+    name = families.by_name(family).denoiser
     model_cls = getattr(diffusers, json.loads((path / "model_index.json").read_text())[name][1])
     if not torch.cuda.is_available():
         model = model_cls.from_pretrained(path, subfolder=name, **_dtype_kwarg(dtype))
@@ -266,132 +226,13 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
         return {"torch_dtype": dtype}
 
 
-@dataclass
-class Conditioning:
-    """What a UNet gets besides the latent; rows are [uncond..., cond...] under guidance.
-
-    Every family's conditioning has ``guided`` and ``call(model, x, t)``: the sampler never needs to know
-    how a family's denoiser is called."""
-
-    hidden: torch.Tensor
-    added: dict | None
-    guided: bool
-
-    def unet_kwargs(self) -> dict:
-        kw = {"encoder_hidden_states": self.hidden}
-        if self.added is not None:
-            kw["added_cond_kwargs"] = self.added
-        return kw
-
-    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x, t, **self.unet_kwargs(), return_dict=False)[0]
-
-
-class UNetAdapter:
-    """What the trainer needs to know of a UNet family (SD 1.x/2.x, SDXL): the denoiser that carries the
-    LoRA, its text encoders, latent geometry, the VAE's latent scaling, and (in subclasses) prompt encoding.
-    A flow-matching family implements the same methods for its transformer."""
-
-    family = ""
-    sampler_kind = "ddim"  # which truncated sampler steps this family (sampler.make_sampler)
-    guidance_kind = "cfg"  # classifier-free guidance rows when --guidance-scale > 1
-
-    def __init__(self, pipe, **options):
-        """``options`` (guidance_scale, max_sequence_length) matter to the flow families only."""
-        self.pipe = pipe
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
-
-    def text_encoders(self) -> list:
-        return text_encoders(self.pipe)
-
-    def cache_prompts(self, prompts: list[str]) -> None:
-        """Nothing to cache: the SD/SDXL text encoders are small and stay beside the UNet."""
-
-    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
-        raise NotImplementedError
-
-    def native_resolution(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * self.pipe.vae_scale_factor
-
-    def check_resolution(self, resolution: int) -> None:
-        f = self.pipe.vae_scale_factor
-        if resolution % f:
-            raise UserError(f"--resolution {resolution} is not divisible by the VAE's factor {f}")
-        smallest = f * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)  # the UNet halves the latent per level
-        if resolution < smallest:
-            raise UserError(f"--resolution {resolution} is too small for this model; use at least {smallest}")
-
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """One sample's latent shape, in the layout the sampler works in."""
-        s = resolution // self.pipe.vae_scale_factor
-        return (self.pipe.unet.config.in_channels, s, s)
-
-    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The sampler's latents as the VAE decoder takes them (undo the scaling and shift)."""
-        cfg = self.pipe.vae.config
-        z = latents / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None):
-            z = z + cfg.shift_factor
-        return z
-
-
-class SDAdapter(UNetAdapter):
-    """SD 1.x/2.x: one CLIP text encoder; the unconditional rows encode the empty prompt."""
-
-    family = "sd"
-
-    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
-        device = self.pipe.text_encoder.device
-        cond, uncond = self.pipe.encode_prompt(list(prompts), device, 1, guided)
-        hidden = torch.cat([uncond, cond]) if guided else cond
-        return Conditioning(hidden, None, guided)
-
-
-class SDXLAdapter(UNetAdapter):
-    """SDXL: two text encoders (penultimate states concatenated), the pooled embedding of the second,
-    and ``add_time_ids`` from the real original/target sizes (no crop)."""
-
-    family = "sdxl"
-
-    def encode(self, prompts: list[str], guided: bool, size: tuple[int, int]) -> Conditioning:
-        pipe = self.pipe
-        device = pipe.text_encoder_2.device
-        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
-        )
-        time_ids = pipe._get_add_time_ids(
-            tuple(size),
-            (0, 0),
-            tuple(size),
-            dtype=cond.dtype,
-            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-        )
-        time_ids = time_ids.to(device).repeat(len(prompts), 1)
-        if guided:
-            cond, pooled, time_ids = (
-                torch.cat([uncond, cond]),
-                torch.cat([uncond_pooled, pooled]),
-                torch.cat([time_ids, time_ids]),
-            )
-        return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}, guided)
-
-
-ADAPTERS = {"sd": SDAdapter, "sdxl": SDXLAdapter, **FLOW_ADAPTERS}
-
-
 def make_adapter(pipe, family: str, cfg=None):
     """The family's adapter; ``cfg`` (a FinetuneConfig or anything with its option names) gives the options
-    adapters take (FLUX's guidance embedding value, T5's sequence length)."""
+    adapters take (FLUX's guidance embedding value, T5's sequence length, the prompt cache's size)."""
+    adapter = families.by_name(family).adapter
     if cfg is None:
-        return ADAPTERS[family](pipe)
+        return adapter(pipe)
     options = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None))
-    if family in FLOW_ADAPTERS and getattr(cfg, "prompt_cache_gib", None) is not None:
+    if families.by_name(family).flow and getattr(cfg, "prompt_cache_gib", None) is not None:
         options["prompt_cache_gib"] = cfg.prompt_cache_gib
-    return ADAPTERS[family](pipe, **options)
-
-
-def text_encoders(pipe) -> list:
-    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+    return adapter(pipe, **options)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .adapters import Conditioning
 from .host_heap import release_freed_heap
-from .models import Conditioning
 
 
 @dataclass

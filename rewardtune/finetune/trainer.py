@@ -29,10 +29,11 @@ from ..preflight import check_fits
 from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
+from . import families
 from . import lora as lora_mod
 from .compile import check_compile, compile_denoiser
 from .config import FinetuneConfig
-from .defaults import FLOW_FAMILIES, check_family_options, resolve_defaults
+from .defaults import check_family_options, resolve_defaults
 from .models import cpu_quantization_problem, load_pipeline, make_adapter, prepare_pipeline, resolve_model
 from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompts import load_prompts
@@ -221,7 +222,7 @@ class Trainer:
                 quantize=cfg.quantize_base,
             )
         resolve_defaults(cfg, pipe, family)
-        if pretrain and family in FLOW_FAMILIES:
+        if pretrain and families.by_name(family).flow:
             raise UserError(
                 f"--pretrain-data: the denoising regulariser is written for SD/SDXL (DDPM training loss); "
                 f"{family} is a flow-matching model, drop --pretrain-data"
@@ -534,8 +535,9 @@ class Trainer:
     def _count(self, applied: bool) -> None:
         """The shared ``--max-nonfinite`` rule (``nonfinite.NonFiniteRule``), with a hint for this model."""
         hint = "try --mixed-precision bf16" if self.weight_dtype == torch.float16 else "try a lower --lr"
-        if self.family == "sdxl" and not self.cfg.vae_fp32 and self.weight_dtype != torch.float32:
-            hint += " or --vae-fp32 (SDXL's VAE overflows in fp16)"
+        spec = families.by_name(self.family)
+        if spec.fp16_vae_overflows and not self.cfg.vae_fp32 and self.weight_dtype != torch.float32:
+            hint += f" or --vae-fp32 ({spec.label}'s VAE overflows in fp16)"
         self.nonfinite.count(applied, self.global_step + 1, hint)
 
     def lora_digests(self) -> list[str]:

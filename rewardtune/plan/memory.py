@@ -23,8 +23,9 @@ from torch.utils._pytree import tree_leaves
 
 from ..config import precision_dtype
 from ..errors import UserError
+from ..finetune import families
 from ..finetune import lora as lora_mod
-from ..finetune.defaults import FLOW_FAMILIES, resolve_defaults
+from ..finetune.defaults import resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
@@ -397,7 +398,7 @@ def predict_peak_memory(
         prompts=[PLAN_PROMPT],
         resolution=resolution,
     )
-    flow = family in FLOW_FAMILIES
+    flow = families.by_name(family).flow
     # Flow families cache the prompt set's embeddings on the CPU; then T5, and the CLIP encoders unless they are
     # trained, leave the accelerator. SD/SDXL keep their text encoders beside the UNet.
     encoders = lora.text_encoders if flow else adapter.text_encoders()

@@ -1,0 +1,105 @@
+"""Model families, one module each: everything rewardtune knows of a family is declared in its module's ``FAMILY``
+-- the diffusers pipeline class(es) it is, its aliases and their hub ids, the defaults a run takes from it, its
+LoRA targets, its adapter (how prompts become the denoiser's conditioning, latent geometry, VAE latents), its FSDP
+block classes and planner architectures, and how to assemble its pipeline from parts.
+
+The registry is this package: every module in it that defines ``FAMILY`` (modules starting with ``_`` are
+helpers). The rest of the code asks ``by_name`` / ``by_pipeline_class`` (the class is ``model_index.json``'s
+``_class_name``) and never names a family itself. A new family is one module here, its configs, a tiny builder
+for tests and its tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A public model a user names by a short name: its hub ids (mirrors after the first) and the model card's
+    sampling settings where they differ from the family's; ``guidance_free``: distilled to sample without guidance."""
+
+    hub: tuple[str, ...]
+    defaults: dict = field(default_factory=dict)
+    guidance_free: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the package docstring). ``defaults``: the options a run leaves unset take these
+    (``sample_steps``, ``guidance_scale``, ``lora_targets``, and ``max_sequence_length`` where a T5-like encoder
+    takes one); ``refine_defaults(pipe)``: overrides read from the loaded model (e.g. FLUX without a guidance
+    embedding is schnell-like), with ``guidance_free`` among them where the model samples without guidance."""
+
+    name: str
+    order: int  # where it stands in lists shown to people (by release)
+    label: str  # how people call it, in messages ("SD 1.x/2.x")
+    pipelines: tuple[str, ...]  # diffusers pipeline classes (model_index.json's _class_name)
+    adapter: type
+    denoiser: str  # the pipeline component that carries the LoRA ("unet", "transformer")
+    flow: bool  # sampled by flow-matching Euler steps (else DDIM)
+    defaults: dict
+    assemble: Callable  # (parts, tokenizer, tokenizer_2, tokenizer_3) -> the pipeline
+    aliases: dict[str, Alias] = field(default_factory=dict)
+    fsdp_blocks: tuple[str, ...] = ()  # the block classes accelerate's FSDP wraps (recipes/accelerate/)
+    plan_names: tuple[str, ...] = ()  # the planner's shipped full-size architectures of this family
+    kohya_text_encoders: int | None = None  # --export kohya: how many text encoders the file names (None: no export)
+    refine_defaults: Callable | None = None
+    fp16_vae_overflows: bool = False  # the VAE overflows in fp16 (a divergence hint names --vae-fp32)
+
+    @property
+    def takes_sequence_length(self) -> bool:
+        return "max_sequence_length" in self.defaults
+
+
+@cache
+def _registry() -> tuple[Family, ...]:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        if isinstance(family, Family):
+            found.append(family)
+    return tuple(sorted(found, key=lambda f: f.order))
+
+
+def all_families() -> tuple[Family, ...]:
+    return _registry()
+
+
+def by_name(name: str) -> Family:
+    for family in _registry():
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown family {name!r}; known: {', '.join(f.name for f in _registry())}")
+
+
+def by_pipeline_class(cls_name: str) -> Family | None:
+    for family in _registry():
+        if cls_name in family.pipelines:
+            return family
+    return None
+
+
+def pipeline_classes() -> dict[str, str]:
+    """{pipeline class name: family name} over every family."""
+    return {cls: f.name for f in _registry() for cls in f.pipelines}
+
+
+def aliases() -> dict[str, tuple[Family, Alias]]:
+    """{alias: (its family, the alias)} over every family."""
+    return {name: (f, alias) for f in _registry() for name, alias in f.aliases.items()}
+
+
+def supported() -> str:
+    """The families in words, for messages: 'SD 1.x/2.x, SDXL, ...'."""
+    return ", ".join(f.label for f in _registry())
+
+
+def flow_families() -> tuple[str, ...]:
+    return tuple(f.name for f in _registry() if f.flow)
