@@ -8,13 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rewardtune.testing.cli import offline_env
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 
 def run(script: str, *args, timeout=240):
     out = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=offline_env(),  # one thread that does not spin, as every test subprocess: see rewardtune.threads
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,14 +21,9 @@ from rewardtune.demo.data import write_preference_set
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import offline_env
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-}
+ENV = offline_env()
 ROOT = Path(__file__).resolve().parent.parent
 
 

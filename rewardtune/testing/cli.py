@@ -8,12 +8,15 @@ import sys
 
 
 def offline_env(**extra: str) -> dict[str, str]:
-    """This process's environment with the hub offline, no GPU and one OpenMP thread, plus ``extra``."""
+    """This process's environment with the hub offline, no GPU and one OpenMP thread that sleeps while it waits
+    (what ``rewardtune.threads`` asks for: tests share their cores with each other and with other work), plus
+    ``extra``."""
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
         "CUDA_VISIBLE_DEVICES": "",
         "TOKENIZERS_PARALLELISM": "false",
         **extra,
