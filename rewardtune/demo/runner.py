@@ -12,13 +12,12 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import check_values, derived, option
+from .. import threads
 from ..errors import UserError
 from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
@@ -26,7 +25,7 @@ from ..rewards import load_reward, parse_spec
 from ..rundir import HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
-from .build import MODELS_DIR
+from .config import DemoConfig
 from .report import reward_label, write_report
 
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
@@ -36,98 +35,6 @@ HP_HEADS = ["hp/hp_scorer/mlp_pytorch_model.safetensors", "hp/hp_scorer/mlp_pyto
 REWARD_DIRS = {"ict": "ict", "hp": "hp", "pickscore": "pickscore", "clip": "clip"}
 OUTPUTS = ("report.html", "before.png", "after.png", "curves.svg")  # besides summary.json, written last
 SCRATCH = ("prompts_train.txt", "prompts_heldout.txt", "finetune")
-
-
-@dataclass
-class DemoConfig:
-    """The demo's options. The fine-tuning ones are ``FinetuneConfig``'s (help, choices and range said there),
-    with the demo's defaults, and its own help where the demo gives them another meaning."""
-
-    ERROR_PREFIX = "demo: "  # not a field: starts this config's error messages
-
-    output: str = option(
-        "rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)"
-    )
-    models: str = option(str(MODELS_DIR), "models directory (default: the bundled rewardtune/demo/models)")
-    reward: str = derived(
-        FinetuneConfig,
-        "reward",
-        help="training reward from the bundled models: icthp (the paper's ICT x HP), ict, hp, pickscore "
-        "(the world CLIP fine-tuned PickScore's way), clip (the world CLIP itself), or a mix like 'ict:1.0,hp:0.5'",
-    )
-    steps: int = derived(FinetuneConfig, "steps", 300)
-    batch_size: int = derived(FinetuneConfig, "batch_size", 8)
-    lr: float = derived(FinetuneConfig, "lr", 1e-3)
-    lr_schedule: str = derived(FinetuneConfig, "lr_schedule")
-    lora_rank: int = derived(FinetuneConfig, "lora_rank")
-    lora_targets: list = derived(FinetuneConfig, "lora_targets")
-    train_text_encoder: bool = derived(FinetuneConfig, "train_text_encoder")
-    reg_weight: float = derived(FinetuneConfig, "reg_weight")
-    k: int | None = derived(
-        FinetuneConfig,
-        "k",
-        None,
-        help="DRaFT-K: denoising steps that carry gradients (default: all --sample-steps; background, "
-        "colour and layout are decided in the early steps, which K=1 cannot reach)",
-    )
-    sample_steps: int = derived(
-        FinetuneConfig,
-        "sample_steps",
-        6,
-        help="DDIM steps per image in training and evaluation (the bundled generator's base oracle is 0.695 at 6 "
-        "and 0.701 at 10 on 256 prompts, guidance 2: 6 costs 0.6x the time)",
-    )
-    checkpoint_calls: bool = derived(
-        FinetuneConfig,
-        "checkpoint_calls",
-        False,
-        help="checkpoint each whole denoising call on the gradient steps (off in the demo: its activations "
-        "are small, and the recomputation would cost most of a step)",
-    )
-    guidance_scale: float = derived(
-        FinetuneConfig,
-        "guidance_scale",
-        1.0,
-        help="classifier-free guidance (default 1.0, none: no unconditional pass, so half the UNet calls; the bundled "
-        "generator's base oracle on 256 prompts is 0.56 there, 0.65 at 1.5 and 0.73 at 3, where the fine-tuning "
-        "would have little left to show)",
-    )
-    eval_every: int = derived(
-        FinetuneConfig,
-        "eval_every",
-        50,
-        help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)",
-    )
-    eval_size: int = derived(
-        FinetuneConfig, "eval_size", 64, help="held-out prompts evaluated, one image each, same seeds before and after"
-    )
-    train_prompts: int = option(200, "distinct training prompts", min=1)
-    seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
-    threads: int = option(2, "torch CPU threads", min=1)
-    checkpoint_every: int = derived(FinetuneConfig, "checkpoint_every", 0)
-    checkpoint_minutes: float = derived(FinetuneConfig, "checkpoint_minutes")
-    resume: bool = derived(
-        FinetuneConfig,
-        "resume",
-        help="continue the demo in --output from its newest intact checkpoint "
-        "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)",
-    )
-    overwrite: bool = option(False, "replace a finished demo or a demo in progress in --output")
-    compare: bool = option(
-        False,
-        "the same fine-tuning once per reward (icthp, ict, hp, pickscore, clip; replaces --reward), each in "
-        "--output/<reward>/, plus their triplet accuracy on the test split and compare.{json,md}, report.html",
-    )
-    test_triplets: int = option(
-        1000, "--compare: triplets of the regenerated test split the accuracy is measured on", min=1
-    )
-
-    def __post_init__(self) -> None:
-        if self.k is None:  # every sampling step, however many --sample-steps asks for
-            self.k = self.sample_steps
-
-    def validate(self) -> None:
-        check_values(self)
 
 
 def reward_sources(models: Path) -> dict[str, str]:
@@ -237,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Fine-tune the bundled pipeline on ICT-HP; write summary.json, report.html, grids and the LoRA."""
 
     cfg.validate()
-    torch.set_num_threads(cfg.threads)
+    threads_used = threads.describe(threads.configure(cfg.threads))
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
     check_models(models, [n for n, _ in parse_spec(cfg.reward)])
     ft = _finetune_config(cfg, models, out)  # a bad option fails here, before anything is written
@@ -253,6 +160,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.time()
         heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
         train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
+        print(f"demo: loading the bundled models from {models}; {threads_used}", flush=True)
         reward = load_reward(cfg.reward, **reward_sources(models))
         heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
         rundir.begin(start, cfg, config_settings(cfg, {}))
@@ -365,6 +273,7 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "saturation_after": after.get("saturation"),
         "steps": result["steps"],
         "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
         "lora": result["lora"],
         "reward": f"{cfg.reward} (bundled models)",
         "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
