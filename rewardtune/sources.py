@@ -97,6 +97,17 @@ def _check_hub_id(src: str, what: str) -> None:
         raise UserError(f"{what}: '{src}' does not exist; pass an existing directory or a hub id (owner/name)")
 
 
+def check_available(source: str | os.PathLike, what: str) -> None:
+    """Raise the error ``resolve`` would for ``source``, without downloading anything: a local path must exist;
+    a hub id must be in the local cache when the hub is offline (online, fetching it is the loader's job)."""
+    src = str(source)
+    if Path(src).expanduser().exists():
+        return
+    _check_hub_id(src, what)
+    if _offline():
+        resolve(src, what)  # local files only: a cache lookup
+
+
 BEST_DIR = "best"  # a train-reward run's best validation model, beside the last step's in the run directory
 _SAID: set[str] = set()
 
