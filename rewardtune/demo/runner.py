@@ -26,7 +26,7 @@ from ..rundir import HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
 from .config import DemoConfig
-from .report import reward_label, write_report
+from .report import hacking_signs, reward_label, verdict, write_report
 
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
 REQUIRED = ["pipeline/model_index.json", "ict/config.json", "hp/hp_backbone/config.json", "heldout_clip/config.json"]
@@ -82,27 +82,16 @@ class OracleHook:
         self.images: dict[int, torch.Tensor] = {}
         self.scores: dict[int, np.ndarray] = {}
         self.t0 = time.time()
-        self.first: tuple[int, float] | None = None  # (step, time) of the first evaluation this process saw
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         metrics = self.record(step, images, prompts)
-        now = time.time()
         print(
             f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
             + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
-            + f")  {now - self.t0:.0f} s{self.time_left(step, now)}",
+            + f")  {time.time() - self.t0:.0f} s",
             flush=True,
         )
         return metrics
-
-    def time_left(self, step: int, now: float) -> str:
-        """``, about N s left``, from the pace since the first evaluation (steps and evaluations together)."""
-        if self.first is None:
-            self.first = (step, now)
-        done, seconds = step - self.first[0], now - self.first[1]
-        if done <= 0 or step >= self.total_steps:
-            return ""
-        return f", about {seconds / done * (self.total_steps - step):.0f} s left"
 
     def record(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         """Score and keep one evaluation's images (without printing: a resumed demo's earlier ones)."""
@@ -249,6 +238,7 @@ def _run(
         hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
+    summary["hacking_signs"] = hacking_signs(summary)
     train_rewards = [
         (r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None
     ]
@@ -300,5 +290,6 @@ def _print_summary(s: dict, out: Path) -> None:
     for a in world.ATTRIBUTES:
         if s["attributes_before"][a] is not None:
             print(line(f"  {a} right", s["attributes_before"][a], s["attributes_after"][a]))
+    print(f"demo: {verdict(s['hacking_signs'])}")
     print(f"demo: report {out / 'report.html'}, LoRA {s['lora']}")
     sys.stdout.flush()
