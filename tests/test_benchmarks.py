@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rewardtune.testing.cli import offline_env
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 
-def run(script: str, *args, timeout=240):
+def run(script: str, *args, timeout=HANG_SECONDS):
     out = subprocess.run(
         [sys.executable, str(BENCH / script), *args],
         capture_output=True,

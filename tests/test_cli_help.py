@@ -10,7 +10,7 @@ import pytest
 
 from rewardtune import __version__
 from rewardtune.cli import COMMANDS
-from rewardtune.testing.cli import offline_env
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
 # What must stay out of a process that only prints help: torch and the model libraries that import it.
 HEAVY = ("torch", "numpy", "transformers", "diffusers", "accelerate", "peft", "open_clip")
@@ -23,7 +23,7 @@ def imported_by(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
         env=offline_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     modules = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
     return done, modules

@@ -21,7 +21,7 @@ from rewardtune.demo.data import write_preference_set
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
-from rewardtune.testing.cli import offline_env
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
 ENV = offline_env()
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def world_tiny_clip(directory: Path) -> None:
     )
 
 
-def run(*args, timeout=600) -> subprocess.CompletedProcess:
+def run(*args, timeout=HANG_SECONDS) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 

@@ -21,7 +21,7 @@ from rewardtune.demo.report import hacking_signs, verdict
 from rewardtune.demo.runner import DemoConfig, _finetune_config, make_prompts
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.rewards import load_reward
-from rewardtune.testing.cli import cli_command, offline_env, run_cli
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, run_cli
 
 pytestmark = pytest.mark.skipif(
     not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
@@ -194,7 +194,7 @@ def test_a_killed_demo_resumes_from_its_time_cadence_checkpoint(tmp_path):
     assert DemoConfig().checkpoint_minutes > 0  # the default cadence: a stopped demo always has a checkpoint
     proc = subprocess.Popen(cli_command(*args), env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoints = out / "finetune" / "checkpoints"
-    deadline = time.monotonic() + 600  # a hang guard only: two steps take seconds
+    deadline = time.monotonic() + HANG_SECONDS  # a hang guard only: two steps take seconds
     while not (checkpoints.is_dir() and len([c for c in checkpoints.glob("step_*") if c.name >= "step_000002"])):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.2)

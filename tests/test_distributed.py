@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rewardtune.testing.cli import offline_env
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 from rewardtune.testing.flow_pipelines import build_tiny_flow_pipeline
 from rewardtune.testing.pipelines import build_tiny_pipeline
 
@@ -32,7 +32,7 @@ def test_fsdp_recipe_shards_the_lora_denoiser_and_gives_the_full_batch_gradient(
         str(tmp_path),
     ]  # fmt: skip
     env = offline_env(ACCELERATE_USE_CPU="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_SECONDS, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:

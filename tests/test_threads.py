@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rewardtune.testing.cli import offline_env
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 from rewardtune.threads import Cores, cgroup_quota, choose_threads
 
 
@@ -66,7 +66,7 @@ def probe(*args, **env) -> list[str]:
     """``args``: ``torch`` (start torch and report its thread count) or ``env``, then ``--threads``' value."""
     base = {k: v for k, v in offline_env().items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], env={**base, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE, *args], env={**base, **env}, capture_output=True, text=True, timeout=HANG_SECONDS
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split(maxsplit=3)

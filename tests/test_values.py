@@ -117,7 +117,6 @@ def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp
         *_reward_cli(
             world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0
         ),
-        timeout=180,
     )
     _one_line_error(
         res, "train-reward", "validation: ict scores of 4 of 4 triplets are NaN or infinite", "diverged", "--lr"
@@ -204,7 +203,6 @@ def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_
         "--checkpoint-every",
         0,
         "--no-gradient-checkpointing",
-        timeout=180,
     )
     _one_line_error(res, "finetune", "the evaluation after step 3 gave reward nan", "LoRA was not saved", "--lr")
     for name in ("pytorch_lora_weights.safetensors", "summary.json", "config.yaml"):
@@ -279,7 +277,7 @@ def test_bad_recipe_values_are_one_line_errors_naming_the_option(recipe, message
     with pytest.raises(UserError) as info:
         build_config(FinetuneConfig, None, config=str(path), output="o")
     assert str(info.value).startswith(message.replace("{path}", str(path))) and "\n" not in str(info.value)
-    assert time.perf_counter() - start < 5  # refused before anything is expanded
+    assert time.perf_counter() - start < 60  # a hang guard (0.02 s here): an expanded bomb would not come back
 
 
 def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
@@ -290,7 +288,7 @@ def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
     start = time.perf_counter()
     with pytest.raises(UserError, match="nests values deeper than 8 levels"):
         build_config(FinetuneConfig, None, config=str(path), output="o")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 60  # a hang guard: 0.34 s at load 2.5 on the 2-core machine
 
 
 def test_values_that_are_fine_still_pass(tmp_path):
@@ -329,10 +327,7 @@ def test_values_that_are_fine_still_pass(tmp_path):
 )
 def test_cli_non_finite_numbers_exit_2_with_one_line(args, command, expect):
     """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s."""
-    start = time.perf_counter()
-    res = run_cli(*args, timeout=60)
-    _one_line_error(res, command, expect)
-    assert time.perf_counter() - start < 60
+    _one_line_error(run_cli(*args), command, expect)
 
 
 def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
@@ -340,12 +335,12 @@ def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
     empty.write_text("model: sd15\neta:\n")
     nested.write_text("lora_targets:\n  - [to_q, to_k]\n")
     _one_line_error(
-        run_cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", empty, "--output", tmp_path / "o"),
         "finetune",
         f"config: 'eta' in '{empty}' has no value",
     )
     _one_line_error(
-        run_cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", nested, "--output", tmp_path / "o"),
         "finetune",
         "config: 'lora_targets' must be a list of names or numbers",
     )
@@ -444,7 +439,6 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     res = run_cli(
         *_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
         preexec_fn=_file_size_limit(128 * 1024),
-        timeout=180,
     )
     _one_line_error(res, "train-reward", "could not write the ", "file size limit")  # its checkpoint or model
     assert all((out / name).read_bytes() == kept[name] for name in ("model.safetensors", "config.yaml"))
