@@ -319,14 +319,15 @@ def test_values_that_are_fine_still_pass(tmp_path):
             "--margin must be a finite number, got inf",
         ),
         (
-            ["plan", "--model", "sd15", "--budget-gib", "nan"],
+            ["plan", "--model", "./no-such-model", "--budget-gib", "nan"],  # refused before the model is read
             "plan",
             "--budget-gib must be a positive finite number of GiB, got nan",
         ),
     ],
 )
 def test_cli_non_finite_numbers_exit_2_with_one_line(args, command, expect):
-    """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s."""
+    """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s
+    (it planned first: with a model that is not there, the error would name the model instead)."""
     _one_line_error(run_cli(*args), command, expect)
 
 
