@@ -11,7 +11,6 @@ Target (issue #26): each at most 1 s on this repository's 2-core machine. For sc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_targets import commit, load_average  # noqa: E402
+from demo_targets import commit, load_average, write_record  # noqa: E402
 
 from rewardtune.cli import COMMANDS  # noqa: E402
 from rewardtune.demo.build import machine  # noqa: E402
@@ -78,11 +77,7 @@ Commit `{record["commit"]}`, {record["date"]}, {record["machine"]}; load average
 |---|---|---|
 {rows}
 """
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_record(Path(args.output), record, md)
     return 0
 
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_targets import commit, load_average  # noqa: E402
+from demo_targets import commit, load_average, write_record  # noqa: E402
 
 from rewardtune.demo.build import machine  # noqa: E402
 
@@ -187,11 +187,7 @@ def main() -> int:
         "summary": summarise(runs),
         "runs": runs,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(Path(args.output), record, markdown(record))
     return 0
 
 

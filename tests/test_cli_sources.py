@@ -3,15 +3,7 @@
 
 from __future__ import annotations
 
-from rewardtune.testing.cli import run_cli
-
-
-def one_line_error(done, command: str) -> str:
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"rewardtune {command}: error: "), line
-    return line
+from rewardtune.testing.cli import one_line_error, run_cli
 
 
 def test_score_names_every_missing_reward_source_at_once(sample_images, tiny_backbone, tmp_path):

@@ -23,7 +23,7 @@ from rewardtune.finetune import run_finetune
 from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
-from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, run_cli
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, one_line_error, run_cli
 
 ENV = offline_env()
 QUIET = dict(num_workers=0, progress=False, eval_split="", batch_size=4, lr=1e-3)
@@ -33,15 +33,6 @@ def rewardtune(*args, wait: bool = True):
     if not wait:
         return subprocess.Popen(cli_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return run_cli(*args)
-
-
-def one_line_error(res, command: str) -> str:
-    """The refusal: exit code 2, no traceback, the last stderr line is the error."""
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"rewardtune {command}: error: "), last
-    return last
 
 
 class _Payload:

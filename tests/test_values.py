@@ -15,7 +15,6 @@ import errno
 import os
 import resource
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,20 +34,10 @@ from rewardtune.finetune import FinetuneConfig, Trainer, lora
 from rewardtune.images import save_image
 from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import one_line_error as _one_line_error
 from rewardtune.testing.cli import run_cli
 
 QUIET = dict(num_workers=0, progress=False)
-
-
-def _one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str) -> str:
-    """The run exited 2 with one error line (last on stderr, above it at most progress bars) holding ``expect``."""
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"rewardtune {command}: error: "), last
-    for text in expect:
-        assert text in last, last
-    return last
 
 
 @pytest.fixture(scope="module")

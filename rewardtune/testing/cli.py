@@ -29,6 +29,18 @@ def offline_env(**extra: str) -> dict[str, str]:
     }
 
 
+def one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str) -> str:
+    """The refusal: exit code 2, no traceback, the last stderr line (above it at most progress bars) is the error
+    of ``command``, holding each of ``expect``; returns that line."""
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rewardtune {command}: error: "), last
+    for text in expect:
+        assert text in last, last
+    return last
+
+
 def cli_command(*args) -> list[str]:
     return [sys.executable, "-m", "rewardtune.cli", *map(str, args)]
 
