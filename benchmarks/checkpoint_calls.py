@@ -93,7 +93,13 @@ CONFIGS = [
 QUICK = [(1, True, True, False), (1, False, True, False), (20, True, True, False), (20, False, True, False)]
 COMPILED = [(1, True, True, True), (20, True, True, True)]
 ALLOCATORS = {"default": {}, "mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
-ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",  # rewardtune.threads: waiting threads sleep on a shared CPU
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 
 def git_commit() -> str:

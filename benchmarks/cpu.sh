@@ -7,7 +7,7 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # One thread: tiny models gain nothing from more, and on a shared CPU OpenMP threads spin while their
 # partner is descheduled, which makes both wall and CPU seconds noisy.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="${PYTHONPATH:-}:$(dirname "$HERE")"
 PY="${PYTHON:-python3}"

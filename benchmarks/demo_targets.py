@@ -62,6 +62,14 @@ def run_demo(models: Path, extra: list[str], result: str = "summary.json") -> tu
     return json.loads(Path(tmp, "demo", result).read_text()), seconds, Path(tmp, "demo")
 
 
+def write_record(output: Path, record: dict, md: str) -> None:
+    """``output``.json (the record) and ``output``.md (its table), and the table on stdout."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    output.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def commit() -> str:
     """The commit measured, with ``+dirty`` when the tree differs from it."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -150,11 +158,7 @@ def main() -> int:
         ),
         "each demo <= 300 s": demo_seconds <= 300,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_record(Path(args.output), results, markdown(results))
     return 0
 
 

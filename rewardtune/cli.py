@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import __version__, stops
+from . import __version__, stops, threads
 from .errors import UserError
 
 # Each module in rewardtune.commands defines register(subparsers); the subcommand's parser has
@@ -30,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        threads.configure(getattr(args, "threads", None))  # before anything imports torch
+        _quiet_libraries(args)
         with stops.handled():
             return int(args.func(args) or 0)
     except stops.Stopped as exc:

@@ -19,7 +19,6 @@ import types
 import typing
 from pathlib import Path
 
-import torch
 import yaml
 
 from .errors import UserError
@@ -127,6 +126,8 @@ def precision_dtype(name: str):
 
     if name not in PRECISION_DTYPES:
         raise ValueError(f"unknown precision '{name}'; valid: {', '.join(PRECISION_DTYPES)}")
+    import torch  # noqa: PLC0415 - here, not at the top: --help and the configs stay free of torch
+
     return getattr(torch, PRECISION_DTYPES[name])
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .finetune.config import REWARD_LOSSES  # the choices of finetune --loss, declared with it
+
 
 def negative_weight(cos: torch.Tensor, threshold: float = 6.0, sharpness: float = 20.0) -> torch.Tensor:
     """The paper's smooth weight on in-batch negatives: 1 / (1 + exp(sharpness * (|c| - threshold)))."""
@@ -80,9 +82,6 @@ def icthp_loss(ict_easy, hp_lose, hp_win, hp_refine, margin: float = 0.3) -> tor
     (the released code sums here, where the HP margin loss averages)."""
     s = icthp_scores(ict_easy, hp_lose, hp_win, hp_refine)
     return (F.relu(margin - (s[:, 1] - s[:, 0])) + F.relu(margin - (s[:, 2] - s[:, 1]))).sum()
-
-
-REWARD_LOSSES = ("reward", "hinge")
 
 
 def reward_loss(rewards: torch.Tensor, kind: str = "reward", margin: float = 2.0) -> torch.Tensor:

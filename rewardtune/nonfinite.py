@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import option
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: both configs import this module (--max-nonfinite), and
+# --help must not import torch.
 
 
 def max_nonfinite_option():
@@ -51,6 +56,8 @@ class NonFiniteRule:
 
 def all_agree(accelerator, ok: bool) -> bool:
     """True when ``ok`` holds on every process (every process must call it)."""
+    import torch  # noqa: PLC0415
+
     if accelerator.num_processes == 1:
         return ok
     flag = torch.tensor([float(ok)], device=accelerator.device)
@@ -62,6 +69,8 @@ def backward(accelerator, loss: torch.Tensor, params: list, agree: bool = False,
     still takes part in the gradient all-reduce, and no NaN reaches a gradient). ``agree``: decide together
     (a loss computed by every process over the gathered global batch, whose backward is itself collective).
     ``finite``: already known (the planner's fake tensors have no values). Returns whether ``loss`` was used."""
+    import torch  # noqa: PLC0415
+
     if finite is None:
         finite = bool(torch.isfinite(loss.detach()).all())
     if agree:
@@ -75,6 +84,8 @@ def backward(accelerator, loss: torch.Tensor, params: list, agree: bool = False,
 def grad_norm(accelerator, params: list, max_norm: float) -> float | None:
     """The gradient norm before clipping (clipping to ``max_norm`` when it is above 0); NaN or infinite when a
     gradient is; None where it is not known yet (DeepSpeed clips and reports inside its own step)."""
+    import torch  # noqa: PLC0415
+
     if max_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_norm)
         return None if norm is None else float(norm)
@@ -108,6 +119,8 @@ def finite_number(x: float | None) -> bool:
 
 def nonfinite_names(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an infinity."""
+    import torch  # noqa: PLC0415
+
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     return [
         name
@@ -130,6 +143,8 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor], what: str, hint: s
 def check_finite_params(accelerator, module_or_params, what: str, hint: str = "lower --lr") -> None:
     """``check_finite_weights`` on the local parameters (or shards) of a model, agreed by every process, so
     all of them stop together instead of some waiting for a save that never comes. Every process calls it."""
+    import torch  # noqa: PLC0415
+
     if isinstance(module_or_params, torch.nn.Module):
         named = list(module_or_params.named_parameters())
     else:

@@ -16,12 +16,13 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING
 
 from .config import option
 from .errors import OfflineError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,7 @@ def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | No
         return path
     if path.exists():
         return path  # a single file (e.g. a .safetensors head)
-    looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1 or os.sep + os.sep in src
-    if looks_local:
-        raise UserError(f"{what}: '{src}' does not exist; pass an existing directory or a hub id (owner/name)")
+    _check_hub_id(src, what)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
@@ -90,6 +89,23 @@ def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | No
             f"{what}: '{src}' is not in the local cache and could not be fetched from the hub ({name}); "
             f"download it where the hub is reachable and pass its local directory instead"
         ) from None
+
+
+def _check_hub_id(src: str, what: str) -> None:
+    """A source that is not an existing path must read as a hub id (owner/name)."""
+    if src.startswith((".", "/", "~")) or src.count("/") != 1 or os.sep + os.sep in src:
+        raise UserError(f"{what}: '{src}' does not exist; pass an existing directory or a hub id (owner/name)")
+
+
+def check_available(source: str | os.PathLike, what: str) -> None:
+    """Raise the error ``resolve`` would for ``source``, without downloading anything: a local path must exist;
+    a hub id must be in the local cache when the hub is offline (online, fetching it is the loader's job)."""
+    src = str(source)
+    if Path(src).expanduser().exists():
+        return
+    _check_hub_id(src, what)
+    if _offline():
+        resolve(src, what)  # local files only: a cache lookup
 
 
 BEST_DIR = "best"  # a train-reward run's best validation model, beside the last step's in the run directory
@@ -145,6 +161,9 @@ def find_file(directory: Path, names: list[str], what: str) -> Path:
 
 def load_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Load a state dict from safetensors or a pickle restricted to tensors (``weights_only``)."""
+    import torch  # noqa: PLC0415 - here, not at the top: the configs import this module (REWARD_SOURCES), and --help no torch
+    from safetensors.torch import load_file  # noqa: PLC0415
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: file '{path}' does not exist")
@@ -213,6 +232,7 @@ def save_state_dict(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write safetensors atomically (temp file, then rename); a failed write is a one-line ``UserError``."""
+    from safetensors.torch import save  # noqa: PLC0415
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
     atomic_write_bytes(path, data, what)

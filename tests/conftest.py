@@ -44,6 +44,7 @@ from transformers import CLIPModel
 from rewardtune.finetune import FinetuneConfig  # noqa: E402
 from rewardtune.finetune.sampler import SampleState
 from rewardtune.testing import perturbed_state_dict, save_tiny_clip, save_tiny_pipeline
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -323,11 +324,11 @@ def batch_reward():
 
 @pytest.fixture(scope="session")
 def launch_two_processes():
-    """``launch_two_processes(*args, timeout=300)``: see ``_launch_two_processes``."""
+    """``launch_two_processes(*args, timeout=HANG_SECONDS)``: see ``_launch_two_processes``."""
     return _launch_two_processes
 
 
-def _launch_two_processes(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def _launch_two_processes(*args, timeout: float = HANG_SECONDS) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 -m rewardtune.cli ARGS`` on CPUs (torchrun processes
     with gloo; accelerate's --cpu alone starts one process), on a free port, one thread each, offline."""
     with socket.socket() as sock:
@@ -352,12 +353,5 @@ def _launch_two_processes(*args, timeout: int = 300) -> subprocess.CompletedProc
         "rewardtune.cli",
         *[str(a) for a in args],
     ]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = offline_env(ACCELERATE_USE_CPU="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

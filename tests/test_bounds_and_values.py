@@ -20,6 +20,7 @@ from PIL import Image
 from rewardtune import images, jsonio, preflight, stops
 from rewardtune.cli import main
 from rewardtune.config import build_config, load_yaml
+from rewardtune.data.synthetic import make_pick_high
 from rewardtune.errors import UserError
 from rewardtune.finetune import FinetuneConfig
 from rewardtune.finetune.prompts import load_prompts
@@ -86,7 +87,7 @@ def test_train_reward_batch_that_cannot_fit_is_refused(tiny_backbone, tmp_path, 
     per_image = ((vision["image_size"] // vision["patch_size"]) ** 2 + 1) * vision["hidden_size"]
     per_image *= vision["num_hidden_layers"]
     assert preflight.tower_floor_bytes(tiny_backbone, 3, "no") == 3 * per_image * 4
-    (tmp_path / "d").mkdir()
+    make_pick_high(tmp_path / "d", {"train": 4}, size=32, formats=("parquet",))
     args = [
         "train-reward",
         "--data",

@@ -185,9 +185,7 @@ def test_compiled_denoiser_gives_the_eager_gradients(sd_model, tmp_path, tiny_cf
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --compile needs Triton, not a C++ compiler")
 def test_compile_without_a_cpp_compiler_is_one_line(sd_model, tmp_path):
     env = offline_env(CXX=str(tmp_path / "no-such-c++"))
-    res = run_cli(
-        "finetune", "--model", sd_model, "--output", tmp_path, "--compile", "--steps", 1, env=env, timeout=120
-    )
+    res = run_cli("finetune", "--model", sd_model, "--output", tmp_path, "--compile", "--steps", 1, env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--compile on the CPU needs a C++ compiler" in lines[0], res.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,14 +21,9 @@ from rewardtune.demo.data import write_preference_set
 from rewardtune.reward_training import evaluate_rewards
 from rewardtune.rewards import load_reward, load_rewards
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-}
+ENV = offline_env()
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,7 +37,7 @@ def world_tiny_clip(directory: Path) -> None:
     )
 
 
-def run(*args, timeout=600) -> subprocess.CompletedProcess:
+def run(*args, timeout=HANG_SECONDS) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 

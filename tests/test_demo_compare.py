@@ -32,7 +32,6 @@ def compared(tmp_path_factory, tiny_demo_flags):
         "2",
         "--test-triplets",
         "24",
-        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import html as html_module
 import json
+import os
+import signal
+import subprocess
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -12,10 +17,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from rewardtune.demo import world
 from rewardtune.demo.build import MODELS_DIR
+from rewardtune.demo.report import hacking_signs, verdict
 from rewardtune.demo.runner import DemoConfig, _finetune_config, make_prompts
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.rewards import load_reward
-from rewardtune.testing.cli import run_cli
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, run_cli
 
 pytestmark = pytest.mark.skipif(
     not (MODELS_DIR / "pipeline" / "model_index.json").is_file(),
@@ -107,7 +113,14 @@ def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "oracle" in done.stdout and "demo: done" in done.stdout
-    assert "s left" in done.stdout  # progress lines estimate the time left
+    # a line as each stage starts: loading (with the thread setting), the base evaluation, the first step
+    for line in (
+        "demo: loading the bundled models from",
+        "1 torch thread (--threads)",
+        "finetune: evaluating the starting model on 4 prompts",
+        "finetune: step 1/2: first step took",
+    ):
+        assert line in done.stdout, line
     summary = json.loads((out / "summary.json").read_text())
     for key in (
         "oracle_before",
@@ -133,6 +146,15 @@ def test_demo_cli_writes_every_output(tmp_path, library_log, tiny_demo_flags):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert html.count("<svg") == 3 and "before.png" in html
+    # what the demo saw, said at the end of the run and at the top of the report: the oracle per attribute and the
+    # signs of reward hacking that --compare computes (hacking_signs), from the same summary
+    assert summary["hacking_signs"] == hacking_signs(summary) and summary["threads"] == 1
+    said = verdict(summary["hacking_signs"])
+    assert f"demo: {said}" in done.stdout
+    top = html[: html.index("<h2>")]
+    assert "What the demo saw" in top and said[1:] in html_module.unescape(top)
+    for a, v in summary["attributes_before"].items():
+        assert f"{a} {summary['attributes_after'][a] - v:+.2f}" in top
     heldout = (out / "prompts_heldout.txt").read_text().split("\n")
     assert not set(heldout) & set((out / "prompts_train.txt").read_text().split("\n")) - {""}
     # the LoRA loads into the bundled pipeline with diffusers' own loader, every weight finding its module, and
@@ -160,3 +182,33 @@ def test_demo_names_a_missing_models_directory(tmp_path):
     assert "pipeline/model_index.json" in done.stderr and "build_demo_models.py" in done.stderr
     bad = run_cli("demo", "--steps", "0", "--output", str(tmp_path / "o"))
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+def test_a_killed_demo_resumes_from_its_time_cadence_checkpoint(tmp_path):
+    """The demo checkpoints by time by default (--checkpoint-minutes); here every step (0.0001 min), so the
+    kill lands after a few. The resumed demo continues from the newest checkpoint, trains each step once and
+    finishes, with the pace and time left said within its first steps."""
+    out = tmp_path / "demo"
+    args = ["demo", "--output", out, "--steps", 6, "--eval-every", 0, "--eval-size", 4, "--batch-size", 2]
+    args += ["--train-prompts", 8, "--threads", 1, "--checkpoint-minutes", 0.0001]
+    assert DemoConfig().checkpoint_minutes > 0  # the default cadence: a stopped demo always has a checkpoint
+    proc = subprocess.Popen(cli_command(*args), env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = out / "finetune" / "checkpoints"
+    deadline = time.monotonic() + HANG_SECONDS  # a hang guard only: two steps take seconds
+    while not (checkpoints.is_dir() and len([c for c in checkpoints.glob("step_*") if c.name >= "step_000002"])):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "summary.json").exists()
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    step = int(resumed.stdout.split("demo: resuming from step ")[1].split(":")[0])
+    assert 2 <= step < 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+    rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 7))  # each step once
+    assert f"finetune: step {step + 1}/6: first step took" in resumed.stdout
+    if step == 2:  # the resumed run's third step is not its last: the estimate comes there
+        assert "finetune: step 5/6: " in resumed.stdout and "s/step, about" in resumed.stdout

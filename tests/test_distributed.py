@@ -6,7 +6,6 @@ applies accelerate's own FSDP2 wrapping to the denoiser ``prepare_models`` build
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rewardtune.testing.cli import HANG_SECONDS, offline_env
 from rewardtune.testing.flow_pipelines import build_tiny_flow_pipeline
 from rewardtune.testing.pipelines import build_tiny_pipeline
 
@@ -31,8 +31,8 @@ def test_fsdp_recipe_shards_the_lora_denoiser_and_gives_the_full_batch_gradient(
         "--num_processes", "2", "--main_process_port", "0", str(ROOT / "tests/fsdp_worker.py"), str(sd_model),
         str(tmp_path),
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    env = offline_env(ACCELERATE_USE_CPU="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_SECONDS, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:

@@ -249,7 +249,7 @@ def test_two_processes_train_what_one_process_trains_on_the_doubled_batch(
     two, one = tmp_path / "two", tmp_path / "one"
     res = launch_two_processes(*common, "--output", two, "--batch-size", 1, "--checkpoint-every", 1)
     assert res.returncode == 0, res.stderr[-3000:]
-    run_cli(*common, "--output", one, "--batch-size", 2, check=True, timeout=300)
+    run_cli(*common, "--output", one, "--batch-size", 2, check=True)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2
     assert len(summary["lora_sha256"]) == 2 and len(set(summary["lora_sha256"])) == 1  # both processes in step

@@ -363,7 +363,7 @@ def test_cli_finetunes_a_local_flow_model_and_resumes(flow_models, name, release
     args += ["--defaults-from", "sd35-large-turbo"] if name == "sd3" else ["--sample-steps", 2]
 
     def run(*extra):
-        res = run_cli("finetune", *args, *extra, timeout=300)
+        res = run_cli("finetune", *args, *extra)
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads((out / "summary.json").read_text())
 

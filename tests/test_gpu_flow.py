@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rewardtune.testing.cli import HANG_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -22,7 +24,9 @@ def test_gpu_script_records_absent_flow_weights_and_goes_on(tmp_path):
         GPU_SH_ONLY="sd35m|fluxdev",
         GPU_SH_PREDICT="0",
     )
-    out = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=HANG_SECONDS
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "out" / "gpu_records.jsonl").read_text().splitlines()]
     assert [r["name"] for r in records] == [
@@ -60,7 +64,7 @@ def test_report_holds_flow_configs_to_their_peak_targets(tmp_path):
     subprocess.run(
         [sys.executable, str(BENCH / "report.py"), str(rec), "--json", str(tmp_path / "r.json"), "--md", "/dev/null"],
         check=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     targets = json.loads((tmp_path / "r.json").read_text())["targets"]
     assert "- sd35m-1024-k1-ckpt: peak 15.00 GiB (reserved 16.00 GiB) vs target <= 16 GiB: met" in targets

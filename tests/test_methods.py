@@ -316,7 +316,6 @@ def test_bad_pretrain_data_is_a_one_line_cli_error(sd_model, tmp_path):
         tmp_path / "o",
         "--pretrain-data",
         tmp_path / "nope",
-        timeout=300,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert (

@@ -194,7 +194,7 @@ def test_cli_full_size_sd15_is_sane(capsys):
 
 
 def test_cli_impossible_config_exits_2_with_one_line():
-    out = run_cli("plan", "--model", "sd15", "--k", "40", "--sample-steps", "30", timeout=300)
+    out = run_cli("plan", "--model", "sd15", "--k", "40", "--sample-steps", "30")
     assert out.returncode == 2
     assert "--k 40 is more than --sample-steps 30" in out.stderr
     assert "Traceback" not in out.stderr

@@ -28,7 +28,7 @@ from rewardtune.finetune import run_finetune
 from rewardtune.reward_training import TrainRewardConfig, train_reward
 from rewardtune.rundir import RunDir
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
-from rewardtune.testing.cli import cli_command, offline_env, run_cli
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, one_line_error, run_cli
 
 ENV = offline_env()
 QUIET = dict(num_workers=0, progress=False, eval_split="", batch_size=4, lr=1e-3)
@@ -38,15 +38,6 @@ def rewardtune(*args, wait: bool = True):
     if not wait:
         return subprocess.Popen(cli_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return run_cli(*args)
-
-
-def one_line_error(res, command: str) -> str:
-    """The refusal: exit code 2, no traceback, the last stderr line is the error."""
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"rewardtune {command}: error: "), last
-    return last
 
 
 class _Payload:
@@ -229,8 +220,8 @@ def test_pickled_checkpoints_resume_only_with_trust_pickle(ft_run, reward_world,
 # ----- case 3: one run per output directory ------------------------------------------------------------
 HOLD = (
     "import sys, time\nfrom rewardtune.rundir import RunDir\nlock = RunDir(sys.argv[1], command='finetune').lock()\n"
-    "lock.__enter__()\nprint('locked', flush=True)\ntime.sleep(600)\n"
-)
+    f"lock.__enter__()\nprint('locked', flush=True)\ntime.sleep({HANG_SECONDS})\n"
+)  # held until the test kills it
 
 
 def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
@@ -257,7 +248,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_
             "demo": rewardtune("demo", "--output", out, "--steps", 1, wait=False),
         }
         for command, proc in runs.items():
-            stdout, stderr = proc.communicate(timeout=300)
+            stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
             last = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), command)
             assert f"is in use by another run (pid {holder.pid} on " in last and "finetune started" in last
     finally:
@@ -275,7 +266,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     assert printed.returncode == 0 and f"took over the lock of pid {holder.pid}" in printed.stdout
     assert not (out / ".rewardtune.lock").exists()

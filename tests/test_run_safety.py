@@ -18,9 +18,9 @@ import pytest
 from rewardtune.cli import main
 from rewardtune.data.synthetic import WORDS, make_pick_high
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
-from rewardtune.testing.cli import cli_command, offline_env
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env
 
-HANG = 600  # seconds: only a hang takes this long (each run here takes seconds)
+HANG = HANG_SECONDS  # only a hang takes this long (each run here takes seconds)
 PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -33,7 +33,7 @@ from rewardtune.rewards.clip_tower import ClipTower, embedding
 from rewardtune.rewards.icthp import HPReward, ICTReward
 from rewardtune.rundir import RunDir, read_state
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
-from rewardtune.testing.cli import cli_command, offline_env, run_cli
+from rewardtune.testing.cli import HANG_SECONDS, cli_command, offline_env, run_cli
 
 QUIET = dict(num_workers=0, progress=False)
 
@@ -324,7 +324,7 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     out = tmp_path / "run"
     args = cli_command(*_cli(world, out, "--steps", "500", "--checkpoint-every", "2", "--eval-split", ""))
     proc = subprocess.Popen(args, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 90
+    deadline = time.time() + HANG_SECONDS  # a hang guard: a checkpoint every 2 steps comes in seconds
     try:
         while not checkpoints(out) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
@@ -337,7 +337,6 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
     assert step < 500 and len(saved) <= 2  # killed mid-run; rotation keeps the newest two
     res = run_cli(
         *_cli(world, out, "--steps", str(step + 2), "--resume", "--checkpoint-every", "2", "--eval-split", ""),
-        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -348,9 +347,7 @@ def test_kill_and_resume_continues_from_the_saved_step(world, tmp_path):
 def test_two_processes_share_ict_negatives(world, tmp_path, launch_two_processes):
     """``accelerate launch`` with two CPU processes (gloo): each sees the other's rows as negatives."""
     out = tmp_path / "ddp"
-    res = launch_two_processes(
-        *_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6"), timeout=150
-    )
+    res = launch_two_processes(*_cli(world, out, "--steps", "3", "--checkpoint-every", "3", "--eval-limit", "6"))
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2 and m["step"] == 3 and math.isfinite(m["train/loss"])
@@ -552,7 +549,7 @@ def test_hp_best_is_the_highest_icthp_accuracy_and_score_loads_it(trained, world
     assert (record["step"], record["metric"], record["mode"]) == (best, "val/icthp_avg", "max")
     # `rewardtune score --hp DIR` (a real subprocess) scores with best/ and says so; the last step scores otherwise
     image = world["data"] / "pick_refine_img" / "val" / "00000.png"
-    res = run_cli("score", image, "--prompt", "a red circle", "--reward", "hp", "--hp", out, "--json", timeout=120)
+    res = run_cli("score", image, "--prompt", "a red circle", "--reward", "hp", "--hp", out, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"HP checkpoint: using the best validation model of the run in '{out}'" in res.stderr
     for sub in ("hp_backbone", "hp_scorer"):  # the last step alone

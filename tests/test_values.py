@@ -15,7 +15,6 @@ import errno
 import os
 import resource
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,20 +34,10 @@ from rewardtune.finetune import FinetuneConfig, Trainer, lora
 from rewardtune.images import save_image
 from rewardtune.reward_training import TrainRewardConfig, models, train, train_reward
 from rewardtune.testing import SMALL_IMAGE_CLIP, save_tiny_clip
+from rewardtune.testing.cli import one_line_error as _one_line_error
 from rewardtune.testing.cli import run_cli
 
 QUIET = dict(num_workers=0, progress=False)
-
-
-def _one_line_error(res: subprocess.CompletedProcess, command: str, *expect: str) -> str:
-    """The run exited 2 with one error line (last on stderr, above it at most progress bars) holding ``expect``."""
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"rewardtune {command}: error: "), last
-    for text in expect:
-        assert text in last, last
-    return last
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +106,6 @@ def test_diverging_reward_training_exits_non_zero_and_writes_no_model(world, tmp
         *_reward_cli(
             world, out, "--steps", 3, "--lr", "1e6", "--max-grad-norm", 0, "--eval-limit", 4, "--eval-every", 0
         ),
-        timeout=180,
     )
     _one_line_error(
         res, "train-reward", "validation: ict scores of 4 of 4 triplets are NaN or infinite", "diverged", "--lr"
@@ -204,7 +192,6 @@ def test_diverging_finetune_exits_non_zero_and_publishes_no_lora(sd_model, tiny_
         "--checkpoint-every",
         0,
         "--no-gradient-checkpointing",
-        timeout=180,
     )
     _one_line_error(res, "finetune", "the evaluation after step 3 gave reward nan", "LoRA was not saved", "--lr")
     for name in ("pytorch_lora_weights.safetensors", "summary.json", "config.yaml"):
@@ -279,7 +266,7 @@ def test_bad_recipe_values_are_one_line_errors_naming_the_option(recipe, message
     with pytest.raises(UserError) as info:
         build_config(FinetuneConfig, None, config=str(path), output="o")
     assert str(info.value).startswith(message.replace("{path}", str(path))) and "\n" not in str(info.value)
-    assert time.perf_counter() - start < 5  # refused before anything is expanded
+    assert time.perf_counter() - start < 60  # a hang guard (0.02 s here): an expanded bomb would not come back
 
 
 def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
@@ -290,7 +277,7 @@ def test_a_hundred_thousand_levels_of_yaml_are_refused_quickly(tmp_path):
     start = time.perf_counter()
     with pytest.raises(UserError, match="nests values deeper than 8 levels"):
         build_config(FinetuneConfig, None, config=str(path), output="o")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 60  # a hang guard: 0.34 s at load 2.5 on the 2-core machine
 
 
 def test_values_that_are_fine_still_pass(tmp_path):
@@ -321,18 +308,16 @@ def test_values_that_are_fine_still_pass(tmp_path):
             "--margin must be a finite number, got inf",
         ),
         (
-            ["plan", "--model", "sd15", "--budget-gib", "nan"],
+            ["plan", "--model", "./no-such-model", "--budget-gib", "nan"],  # refused before the model is read
             "plan",
             "--budget-gib must be a positive finite number of GiB, got nan",
         ),
     ],
 )
 def test_cli_non_finite_numbers_exit_2_with_one_line(args, command, expect):
-    """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s."""
-    start = time.perf_counter()
-    res = run_cli(*args, timeout=60)
-    _one_line_error(res, command, expect)
-    assert time.perf_counter() - start < 60
+    """Before: --lr nan and --reward ict:nan were accepted (the reward NaN); plan --budget-gib nan worked 99 s
+    (it planned first: with a model that is not there, the error would name the model instead)."""
+    _one_line_error(run_cli(*args), command, expect)
 
 
 def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
@@ -340,12 +325,12 @@ def test_cli_empty_and_nested_recipe_values_exit_2_with_one_line(tmp_path):
     empty.write_text("model: sd15\neta:\n")
     nested.write_text("lora_targets:\n  - [to_q, to_k]\n")
     _one_line_error(
-        run_cli("finetune", "--config", empty, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", empty, "--output", tmp_path / "o"),
         "finetune",
         f"config: 'eta' in '{empty}' has no value",
     )
     _one_line_error(
-        run_cli("finetune", "--config", nested, "--output", tmp_path / "o", timeout=60),
+        run_cli("finetune", "--config", nested, "--output", tmp_path / "o"),
         "finetune",
         "config: 'lora_targets' must be a list of names or numbers",
     )
@@ -444,7 +429,6 @@ def test_a_failed_model_write_over_a_finished_run_keeps_its_model_and_config(wor
     res = run_cli(
         *_reward_cli(world, out, "--steps", 2, "--lr", "5e-4", "--eval-split", ""),
         preexec_fn=_file_size_limit(128 * 1024),
-        timeout=180,
     )
     _one_line_error(res, "train-reward", "could not write the ", "file size limit")  # its checkpoint or model
     assert all((out / name).read_bytes() == kept[name] for name in ("model.safetensors", "config.yaml"))

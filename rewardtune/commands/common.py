@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import precision_dtype
 from ..errors import UserError
 from ..sources import REWARD_SOURCES
+from ..threads import THREADS_HELP
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_NAMES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # --dtype; config.precision_dtype maps them
 
@@ -20,12 +23,20 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{key}", dest=f"src_{key}", default=None, metavar="SRC", help=source.help_text())
 
 
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the command's torch CPU threads (``rewardtune.cli`` applies it, or its default, before the
+    command runs)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
 def sources_from_args(args: argparse.Namespace) -> dict:
     """The reward source flags that were given, as ``load_reward`` keyword arguments."""
     return {k: getattr(args, f"src_{k}") for k in REWARD_SOURCES if getattr(args, f"src_{k}", None) is not None}
 
 
 def parse_device(name: str | None) -> torch.device:
+    import torch
+
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import convert_pickles, find_split, load_triplets
-from ..data.synthetic import make_pick_high
 from ..errors import UserError
 
 
@@ -60,12 +58,16 @@ def register(sub) -> None:
 
 
 def run_convert(args) -> int:
+    from ..data import convert_pickles
+
     for path in convert_pickles(args.root, out=args.out, splits=args.split, trust_pickle=args.trust_pickle):
         print(f"wrote {path}")
     return 0
 
 
 def run_check(args) -> int:
+    from ..data import find_split, load_triplets
+
     present = []
     for split in args.split:
         try:
@@ -82,6 +84,8 @@ def run_check(args) -> int:
 
 
 def run_synthetic(args) -> int:
+    from ..data.synthetic import make_pick_high
+
     for name in ("train", "val", "test", "size"):
         if getattr(args, name) < 1:
             raise UserError(f"data synthetic: --{name} must be at least 1")

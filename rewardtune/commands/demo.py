@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..config import add_config_args, build_config
-from ..demo.compare import run_compare
-from ..demo.runner import DemoConfig, run_demo
+from ..demo.config import DemoConfig
 
 
 def register(sub) -> None:
@@ -23,5 +22,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = build_config(DemoConfig, args, config=args.config)
-    (run_compare if cfg.compare else run_demo)(cfg)
+    if cfg.compare:
+        from ..demo.compare import run_compare
+
+        run_compare(cfg)
+    else:
+        from ..demo.runner import run_demo
+
+        run_demo(cfg)
     return 0

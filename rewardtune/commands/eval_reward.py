@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from .. import jsonio
-from ..data import find_split
+from .. import jsonio, reward_training
 from ..errors import UserError
-from ..reward_training import evaluate_rewards
-from ..rewards import load_rewards, parse_spec
-from .common import add_source_args, parse_device, parse_dtype, sources_from_args
+from .common import add_source_args, add_threads_arg, parse_device, parse_dtype, sources_from_args
 
 
 def register(sub) -> None:
@@ -36,6 +33,7 @@ def register(sub) -> None:
         action="store_false",
         help="skip opening every image up front (for a large set already checked with 'rewardtune data check')",
     )
+    add_threads_arg(p)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16 or bf16 (default: fp32)")
     p.add_argument(
@@ -47,6 +45,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..data import find_split
+    from ..rewards import load_rewards, parse_spec
+
     spec = parse_spec(args.reward)
     if any(w is not None for _, w in spec):
         raise UserError("--reward: eval-reward takes plain names (e.g. ict,hp,icthp), each evaluated on its own")
@@ -59,7 +60,7 @@ def run(args) -> int:
     find_split(args.data, args.split)  # a wrong path fails before any model loads
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     rewards = load_rewards([n for n, _ in spec], device=device, dtype=dtype, **sources_from_args(args))
-    table = evaluate_rewards(
+    table = reward_training.evaluate_rewards(
         args.data,
         args.split,
         rewards,

@@ -7,7 +7,6 @@ import json
 
 from ..config import add_config_args, build_config
 from ..finetune.config import FinetuneConfig
-from ..plan import fit_budget, predict_peak_memory
 
 
 def register(sub) -> None:
@@ -29,6 +28,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..plan import fit_budget, predict_peak_memory
+
     cfg = build_config(FinetuneConfig, args, config=args.config, output="(plan)")
     if args.budget_gib is not None:
         result = fit_budget(cfg, args.budget_gib)

@@ -5,14 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from .. import jsonio
 from ..errors import UserError
-from ..images import load_image
 from ..prompt_checks import is_blank, report_long_prompts, reward_limits
-from ..rewards import load_rewards, parse_spec, score_by_size
-from .common import add_source_args, parse_device, parse_dtype, sources_from_args
+from .common import add_source_args, add_threads_arg, parse_device, parse_dtype, sources_from_args
 
 # What a directory argument contributes: its files with these suffixes (any case), sorted by name.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -35,12 +31,18 @@ def register(sub) -> None:
     add_source_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16 or bf16 (default: fp32)")
+    add_threads_arg(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print only a JSON array, one object per image")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import torch
+
+    from ..images import load_image
+    from ..rewards import load_rewards, parse_spec, score_by_size
+
     paths = expand_images(args.images)
     prompts = list(args.prompt)
     check_prompts(prompts, paths)

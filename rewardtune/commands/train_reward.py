@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
-from .. import jsonio
+from .. import jsonio, reward_training
 from ..config import add_config_args, build_config
-from ..reward_training import TrainRewardConfig, train_reward
+from ..reward_training.config import TrainRewardConfig
 from ..sources import BEST_DIR
+from .common import add_threads_arg
 
 
 def register(sub) -> None:
@@ -29,12 +30,13 @@ def register(sub) -> None:
         help="YAML recipe: a path or a bundled name (train_ict, train_hp); keys are the option names below, with underscores",
     )
     add_config_args(p, TrainRewardConfig)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     cfg = build_config(TrainRewardConfig, args, config=args.config)
-    metrics = train_reward(cfg)
+    metrics = reward_training.train_reward(cfg)
     if int(os.environ.get("RANK", "0")) == 0 and not metrics.get("nothing_to_do"):
         shown = {k: v for k, v in metrics.items() if k.startswith("val/") and k.endswith("_avg")}
         print(f"trained {cfg.stage} to step {metrics['step']}; model in {cfg.output}")

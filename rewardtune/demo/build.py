@@ -45,9 +45,8 @@ from ..rewards.clip_tower import ClipTower
 from ..sources import BEST_DIR, atomic_write_text, reward_model_dir
 from ..testing import tiny_clip_config, write_clip_processor
 from . import world
+from .config import MODELS_DIR
 from .data import pipeline_sampler, write_preference_set
-
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..rundir import RunDir, Start, config_settings
 from ..sources import atomic_write_text
 from . import world
 from .data import pipeline_sampler, write_split
-from .report import stack_svgs, svg_chart
+from .report import hacking_signs, stack_svgs, svg_chart
 from .runner import DemoConfig, check_models, reward_sources, run_demo
 
 COMPARED = ("icthp", "ict", "hp", "pickscore", "clip")
@@ -120,30 +120,6 @@ def _compare(cfg: DemoConfig, models: Path, out: Path) -> dict:
     print(f"demo: compare: done in {result['seconds']:.0f} s; report {out / 'report.html'}", flush=True)
     sys.stdout.flush()
     return result
-
-
-ATTRIBUTE_DROP = 0.15  # ~2.5 standard errors of one attribute's accuracy on the 64 held-out prompts
-
-
-def hacking_signs(s: dict) -> list[str]:
-    """What in a fine-tuning's before/after says its reward was hacked: the trained reward rising while the
-    ground truth (oracle) or the judge that never trained (held-out CLIP) falls, or while one attribute the
-    prompts ask for is given up (its accuracy down by ``ATTRIBUTE_DROP`` or more: every background one colour,
-    say), and colour pushed to saturation."""
-    signs = []
-    rose = s["reward_after"] > s["reward_before"]
-    if rose and s["oracle_after"] < s["oracle_before"]:
-        signs.append("reward up, oracle down")
-    if rose and s["heldout_reward_after"] < s["heldout_reward_before"]:
-        signs.append("reward up, held-out CLIP down")
-    before, after = s.get("attributes_before") or {}, s.get("attributes_after") or {}
-    for a in world.ATTRIBUTES:
-        if rose and before.get(a) is not None and after.get(a) is not None and before[a] - after[a] >= ATTRIBUTE_DROP:
-            signs.append(f"{a} right {after[a] - before[a]:+.2f} (chance {1 / len(world.VALUES[a]):.2f})")
-    sat0, sat1 = s.get("saturation_before"), s.get("saturation_after")
-    if sat0 is not None and sat1 is not None and sat1 - sat0 > 0.05:
-        signs.append(f"saturation up {sat1 - sat0:+.2f}")
-    return signs
 
 
 def comparison(cfg: DemoConfig, accuracy: dict, summaries: dict, seconds: float) -> dict:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..images import make_grid, save_image, to_uint8
 from ..sources import atomic_write_text
-from .world import ATTRIBUTES
+from .world import ATTRIBUTES, VALUES
 
 COLOURS = ["#111111", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 GRID_COLUMNS = 8
@@ -26,6 +26,41 @@ SHOWN_PROMPTS = 16
 def reward_label(reward: str) -> str:
     """How the report and the console name the training reward: 'ICT-HP' for icthp, else the spec itself."""
     return "ICT-HP" if reward == "icthp" else reward
+
+
+ATTRIBUTE_DROP = 0.15  # ~2.5 standard errors of one attribute's accuracy on the 64 held-out prompts
+SATURATION_RISE = 0.05  # mean HSV saturation
+
+
+def hacking_signs(s: dict) -> list[str]:
+    """What in a fine-tuning's before/after says its reward was hacked: the trained reward rising while the
+    ground truth (oracle) or the judge that never trained (held-out CLIP) falls, or while one attribute the
+    prompts ask for is given up (its accuracy down by ``ATTRIBUTE_DROP`` or more: every background one colour,
+    say), and colour pushed to saturation."""
+    signs = []
+    rose = s["reward_after"] > s["reward_before"]
+    if rose and s["oracle_after"] < s["oracle_before"]:
+        signs.append("reward up, oracle down")
+    if rose and s["heldout_reward_after"] < s["heldout_reward_before"]:
+        signs.append("reward up, held-out CLIP down")
+    before, after = s.get("attributes_before") or {}, s.get("attributes_after") or {}
+    for a in ATTRIBUTES:
+        if rose and before.get(a) is not None and after.get(a) is not None and before[a] - after[a] >= ATTRIBUTE_DROP:
+            signs.append(f"{a} right {after[a] - before[a]:+.2f} (chance {1 / len(VALUES[a]):.2f})")
+    sat0, sat1 = s.get("saturation_before"), s.get("saturation_after")
+    if sat0 is not None and sat1 is not None and sat1 - sat0 > SATURATION_RISE:
+        signs.append(f"saturation up {sat1 - sat0:+.2f}")
+    return signs
+
+
+def verdict(signs: list[str]) -> str:
+    """One line on what ``hacking_signs`` found."""
+    if signs:
+        return "signs of reward hacking: " + "; ".join(signs)
+    return (
+        f"no sign of reward hacking (no asked-for attribute down {ATTRIBUTE_DROP} or more while the reward rose, "
+        f"the oracle and the held-out CLIP not falling against it, saturation up less than {SATURATION_RISE})"
+    )
 
 
 def svg_chart(
@@ -155,13 +190,33 @@ def _html(s: dict, charts: list[str], before, after, scores_before, scores_after
         f"<tr><td>{name}</td><td>{x:.3f}</td><td>{y:.3f}</td><td>{y - x:+.3f}</td></tr>" for name, x, y in pairs
     )
     cfg = s["config"]
+    signs = s.get("hacking_signs")
+    signs = hacking_signs(s) if signs is None else signs
+    changes = ", ".join(
+        f"{a} {s['attributes_after'][a] - v:+.2f}" for a, v in s["attributes_before"].items() if v is not None
+    )
+    seen = (
+        f"<p class='seen'><b>What the demo saw:</b> oracle {s['oracle_before']:.3f} &rarr; {s['oracle_after']:.3f} "
+        f"({s['oracle_after'] - s['oracle_before']:+.3f}); per attribute: {changes}.</p>"
+        f"<p class='{'hacked' if signs else 'seen'}'><b>{html.escape(verdict(signs)[:1].upper() + verdict(signs)[1:])}</b>"
+        + (
+            f". An attribute the prompts ask for that falls by {ATTRIBUTE_DROP} or more while the trained reward "
+            f"rises is one the reward no longer asks for (the one-colour background collapse shows this way); the "
+            f"oracle's mean can still rise past it.</p>"
+            if signs
+            else ".</p>"
+        )
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>rewardtune demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ddd;padding:4px 8px}} img{{image-rendering:pixelated}} .grid img{{width:100%;max-width:540px}}</style>
+td,th{{border:1px solid #ddd;padding:4px 8px}} img{{image-rendering:pixelated}} .grid img{{width:100%;max-width:540px}}
+.seen{{background:#f3f6fa;padding:6px 10px}} .hacked{{background:#fdecea;padding:6px 10px}}</style>
 </head><body>
 <h1>rewardtune demo: reward fine-tuning in the shapes world</h1>
-<p>{s["steps"]} DRaFT-K (K={cfg["k"]}) LoRA steps on the bundled tiny Stable Diffusion pipeline, reward ICT&times;HP,
+{seen}
+<p>{s["steps"]} DRaFT-K (K={cfg["k"]}) LoRA steps on the bundled tiny Stable Diffusion pipeline, reward
+{html.escape(reward_label(cfg["reward"]))},
 {cfg["sample_steps"]} DDIM steps, guidance {cfg["guidance_scale"]}, in {s["seconds"]:.0f} s. Evaluated on
 {len(prompts)} held-out prompts, one image each, with the same noise before and after. The oracle reads
 colour, shape, size, position and background back from the pixels.</p>

@@ -12,14 +12,12 @@ import dataclasses
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import jsonio
-from ..config import check_values, derived, option
+from .. import jsonio, threads
 from ..errors import UserError
 from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
@@ -27,8 +25,8 @@ from ..rewards import load_reward, parse_spec
 from ..rundir import FINETUNE_STATE, HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
 from . import world
-from .build import MODELS_DIR
-from .report import reward_label, write_report
+from .config import DemoConfig
+from .report import hacking_signs, reward_label, verdict, write_report
 
 # The files the demo needs from a models directory (what scripts/build_demo_models.py writes).
 REQUIRED = ["pipeline/model_index.json", "ict/config.json", "hp/hp_backbone/config.json", "heldout_clip/config.json"]
@@ -37,98 +35,6 @@ HP_HEADS = ["hp/hp_scorer/mlp_pytorch_model.safetensors", "hp/hp_scorer/mlp_pyto
 REWARD_DIRS = {"ict": "ict", "hp": "hp", "pickscore": "pickscore", "clip": "clip"}
 OUTPUTS = ("report.html", "before.png", "after.png", "curves.svg")  # besides summary.json, written last
 SCRATCH = ("prompts_train.txt", "prompts_heldout.txt", "finetune")
-
-
-@dataclass
-class DemoConfig:
-    """The demo's options. The fine-tuning ones are ``FinetuneConfig``'s (help, choices and range said there),
-    with the demo's defaults, and its own help where the demo gives them another meaning."""
-
-    ERROR_PREFIX = "demo: "  # not a field: starts this config's error messages
-
-    output: str = option(
-        "rewardtune-demo", "output directory: summary.json, report.html, image grids, finetune/ (the LoRA)"
-    )
-    models: str = option(str(MODELS_DIR), "models directory (default: the bundled rewardtune/demo/models)")
-    reward: str = derived(
-        FinetuneConfig,
-        "reward",
-        help="training reward from the bundled models: icthp (the paper's ICT x HP), ict, hp, pickscore "
-        "(the world CLIP fine-tuned PickScore's way), clip (the world CLIP itself), or a mix like 'ict:1.0,hp:0.5'",
-    )
-    steps: int = derived(FinetuneConfig, "steps", 300)
-    batch_size: int = derived(FinetuneConfig, "batch_size", 8)
-    lr: float = derived(FinetuneConfig, "lr", 1e-3)
-    lr_schedule: str = derived(FinetuneConfig, "lr_schedule")
-    lora_rank: int = derived(FinetuneConfig, "lora_rank")
-    lora_targets: list = derived(FinetuneConfig, "lora_targets")
-    train_text_encoder: bool = derived(FinetuneConfig, "train_text_encoder")
-    reg_weight: float = derived(FinetuneConfig, "reg_weight")
-    k: int | None = derived(
-        FinetuneConfig,
-        "k",
-        None,
-        help="DRaFT-K: denoising steps that carry gradients (default: all --sample-steps; background, "
-        "colour and layout are decided in the early steps, which K=1 cannot reach)",
-    )
-    sample_steps: int = derived(
-        FinetuneConfig,
-        "sample_steps",
-        6,
-        help="DDIM steps per image in training and evaluation (the bundled generator's base oracle is 0.695 at 6 "
-        "and 0.701 at 10 on 256 prompts, guidance 2: 6 costs 0.6x the time)",
-    )
-    checkpoint_calls: bool = derived(
-        FinetuneConfig,
-        "checkpoint_calls",
-        False,
-        help="checkpoint each whole denoising call on the gradient steps (off in the demo: its activations "
-        "are small, and the recomputation would cost most of a step)",
-    )
-    guidance_scale: float = derived(
-        FinetuneConfig,
-        "guidance_scale",
-        1.0,
-        help="classifier-free guidance (default 1.0, none: no unconditional pass, so half the UNet calls; the bundled "
-        "generator's base oracle on 256 prompts is 0.56 there, 0.65 at 1.5 and 0.73 at 3, where the fine-tuning "
-        "would have little left to show)",
-    )
-    eval_every: int = derived(
-        FinetuneConfig,
-        "eval_every",
-        50,
-        help="evaluate (training reward, held-out CLIP, oracle) every N steps (0 = only before and after)",
-    )
-    eval_size: int = derived(
-        FinetuneConfig, "eval_size", 64, help="held-out prompts evaluated, one image each, same seeds before and after"
-    )
-    train_prompts: int = option(200, "distinct training prompts", min=1)
-    seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
-    threads: int = option(2, "torch CPU threads", min=1)
-    checkpoint_every: int = derived(FinetuneConfig, "checkpoint_every", 0)
-    checkpoint_minutes: float = derived(FinetuneConfig, "checkpoint_minutes")
-    resume: bool = derived(
-        FinetuneConfig,
-        "resume",
-        help="continue the demo in --output from its newest intact checkpoint "
-        "(with none yet: start from the beginning; a finished demo: train on to a larger --steps)",
-    )
-    overwrite: bool = option(False, "replace a finished demo or a demo in progress in --output")
-    compare: bool = option(
-        False,
-        "the same fine-tuning once per reward (icthp, ict, hp, pickscore, clip; replaces --reward), each in "
-        "--output/<reward>/, plus their triplet accuracy on the test split and compare.{json,md}, report.html",
-    )
-    test_triplets: int = option(
-        1000, "--compare: triplets of the regenerated test split the accuracy is measured on", min=1
-    )
-
-    def __post_init__(self) -> None:
-        if self.k is None:  # every sampling step, however many --sample-steps asks for
-            self.k = self.sample_steps
-
-    def validate(self) -> None:
-        check_values(self)
 
 
 def reward_sources(models: Path) -> dict[str, str]:
@@ -176,27 +82,16 @@ class OracleHook:
         self.images: dict[int, torch.Tensor] = {}
         self.scores: dict[int, np.ndarray] = {}
         self.t0 = time.time()
-        self.first: tuple[int, float] | None = None  # (step, time) of the first evaluation this process saw
 
     def __call__(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         metrics = self.record(step, images, prompts)
-        now = time.time()
         print(
             f"demo: step {step:>4}/{self.total_steps}  oracle {metrics['oracle']:.3f}  ("
             + ", ".join(f"{a} {metrics[f'oracle_{a}']:.2f}" for a in world.ATTRIBUTES if f"oracle_{a}" in metrics)
-            + f")  {now - self.t0:.0f} s{self.time_left(step, now)}",
+            + f")  {time.time() - self.t0:.0f} s",
             flush=True,
         )
         return metrics
-
-    def time_left(self, step: int, now: float) -> str:
-        """``, about N s left``, from the pace since the first evaluation (steps and evaluations together)."""
-        if self.first is None:
-            self.first = (step, now)
-        done, seconds = step - self.first[0], now - self.first[1]
-        if done <= 0 or step >= self.total_steps:
-            return ""
-        return f", about {seconds / done * (self.total_steps - step):.0f} s left"
 
     def record(self, step: int, images: torch.Tensor, prompts: list[str]) -> dict:
         """Score and keep one evaluation's images (without printing: a resumed demo's earlier ones)."""
@@ -239,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Fine-tune the bundled pipeline on ICT-HP; write summary.json, report.html, grids and the LoRA."""
 
     cfg.validate()
-    torch.set_num_threads(cfg.threads)
+    threads_used = threads.describe(threads.configure(cfg.threads))
     models, out = Path(cfg.models).expanduser(), Path(cfg.output).expanduser()
     check_models(models, [n for n, _ in parse_spec(cfg.reward)])
     ft = _finetune_config(cfg, models, out)  # a bad option fails here, before anything is written
@@ -255,6 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.time()
         heldout = make_prompts(cfg.eval_size, cfg.seed + 1)
         train = make_prompts(cfg.train_prompts, cfg.seed, exclude=set(heldout))
+        print(f"demo: loading the bundled models from {models}; {threads_used}", flush=True)
         reward = load_reward(cfg.reward, **reward_sources(models))
         heldout_reward = load_reward("clip", clip=str(models / "heldout_clip"))
         rundir.begin(start, cfg, config_settings(cfg, {}))
@@ -343,6 +239,7 @@ def _run(
         hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
+    summary["hacking_signs"] = hacking_signs(summary)
     train_rewards = [
         (r["step"], r["reward"]) for r in rows if r.get("kind") == "train" and r.get("reward") is not None
     ]
@@ -367,6 +264,7 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "saturation_after": after.get("saturation"),
         "steps": result["steps"],
         "seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
         "lora": result["lora"],
         "reward": f"{cfg.reward} (bundled models)",
         "heldout_reward": "clip (bundled held-out CLIP, never trained on)",
@@ -393,5 +291,6 @@ def _print_summary(s: dict, out: Path) -> None:
     for a in world.ATTRIBUTES:
         if s["attributes_before"][a] is not None:
             print(line(f"  {a} right", s["attributes_before"][a], s["attributes_after"][a]))
+    print(f"demo: {verdict(s['hacking_signs'])}")
     print(f"demo: report {out / 'report.html'}, LoRA {s['lora']}")
     sys.stdout.flush()

@@ -6,11 +6,20 @@ Public API: ``FinetuneConfig``, ``run_finetune(cfg, reward=None, eval_reward=Non
 trainer's sampler on a pipeline) and ``training_scheduler(pipe)``.
 """
 
-from .config import METHODS, FinetuneConfig
-from .lora import load_lora
-from .models import training_scheduler
-from .run import run_finetune
-from .sampling import sample
-from .trainer import Trainer
+from ..lazy import lazy_exports
+
+# imported on first use: ``rewardtune.finetune.config`` (FinetuneConfig, for --help) must not pull in torch
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "FinetuneConfig": "config",
+        "METHODS": "config",
+        "load_lora": "lora",
+        "training_scheduler": "models",
+        "run_finetune": "run",
+        "sample": "sampling",
+        "Trainer": "trainer",
+    },
+)
 
 __all__ = ["FinetuneConfig", "METHODS", "Trainer", "load_lora", "run_finetune", "sample", "training_scheduler"]

@@ -6,14 +6,13 @@ from dataclasses import dataclass
 
 from ..config import PRECISIONS, check_values, option
 from ..errors import UserError
-from ..losses import REWARD_LOSSES
 from ..nonfinite import max_nonfinite_option
-from ..rewards.compose import parse_spec
 from ..schedules import LR_SCHEDULES
 from ..sources import REWARD_SOURCES, source_option
 
 SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the evaluation adds an offset
 METHODS = ("draft-k", "draft-lv", "refl", "alignprop")
+REWARD_LOSSES = ("reward", "hinge")  # --loss; computed by losses.reward_loss
 
 
 @dataclass
@@ -127,7 +126,7 @@ class FinetuneConfig:
     )
     vae_fp32: bool = option(False, "keep the VAE in fp32 under fp16/bf16 (SDXL's VAE overflows in fp16)")
     gradient_checkpointing: bool = option(
-        True, "checkpoint the UNet blocks and the VAE decode (less memory, more compute)"
+        True, "checkpoint the denoiser's blocks (UNet or transformer) and the VAE decode (less memory, more compute)"
     )
     checkpoint_calls: bool = option(
         True,
@@ -229,6 +228,7 @@ class FinetuneConfig:
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")
         check_values(self)
+        from ..rewards.compose import parse_spec  # noqa: PLC0415 - here: the config (and --help) imports no torch
 
         parse_spec(self.reward)
         if self.eval_reward:

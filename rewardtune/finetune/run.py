@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .. import stops
 from ..errors import UserError
 from ..images import make_grid, save_image
+from ..progress import StepProgress
 from ..rundir import FINETUNE_STATE, LOCK_LOST, Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
@@ -161,6 +163,8 @@ def run_finetune(cfg: FinetuneConfig, reward=None, eval_reward=None, eval_hook=N
             return {**start.record, "nothing_to_do": True}
         settings = run_settings(cfg, reward)
         changed = rundir.check_settings(start, settings)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"finetune: loading {cfg.model}{' and the rewards' if reward is None else ''}", flush=True)
         chosen = [start]
 
         def choose(check):
@@ -185,6 +189,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
     )
     evaluate = Evaluator(trainer, out, eval_hook)
     note_long_prompts(trainer, evaluate.prompts)
+    if main and "before" not in state:
+        print(f"finetune: evaluating the starting model on {len(evaluate.prompts)} prompts", flush=True)
     before = state.get("before") or _eval(evaluate, trainer, log, main)
     best = state.get("best_eval", before.get("eval_reward"))
     history = {"stopped_early": False}
@@ -270,10 +276,12 @@ def _train(
 ):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
+    progress = StepProgress("finetune: ", cfg.steps, trainer.global_step, say=None if acc.is_main_process else _silent)
     with stops.deferred():  # SIGTERM/SIGINT: this step ends, a checkpoint is written, then the run stops
         while trainer.global_step < cfg.steps:
             metrics = trainer.step()
             step = trainer.global_step
+            progress.step(step)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.log("train", step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -298,6 +306,10 @@ def _stop_checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best, caden
     if not cadence.enabled:
         return None
     return lambda: None if saved else _checkpoint(trainer, rundir, before, best)
+
+
+def _silent(line: str) -> None:
+    """Progress lines are the main process's."""
 
 
 def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):

@@ -239,6 +239,8 @@ class Trainer:
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
             lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
         eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
+        if adapter.sampler_kind == "flow" and acc.is_main_process:  # T5 on many prompts can take minutes
+            print(f"finetune: encoding {len(prompts) + len(eval_prompts)} prompts once", flush=True)
         with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator
             adapter.cache_prompts(prompts + eval_prompts)
         reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .. import nonfinite, runstate, stops
 from ..config import precision_dtype
 from ..data import TripletDataset, collate, find_split, load_triplets
-from ..errors import UserError
+from ..errors import UserError, check_all
 from ..losses import gather_with_grad, hp_margin_loss, ict_loss, icthp_loss, icthp_scores, triplet_cosines
 from ..preflight import check_batch_fits
 from ..rundir import (
@@ -46,7 +46,7 @@ from ..rundir import (
     write_checkpoint,
 )
 from ..schedules import lr_factor
-from ..sources import BEST_DIR, resolve
+from ..sources import BEST_DIR, check_available, resolve
 from . import models
 from .config import TrainRewardConfig
 from .evaluate import triplet_accuracy
@@ -266,7 +266,13 @@ def run_dir(output: str | Path) -> RunDir:
 
 
 def run_settings(cfg: TrainRewardConfig) -> dict:
-    """The settings a resumed run must share with its checkpoint (they decide what the weights are), and all."""
+    """The settings a resumed run must share with its checkpoint (they decide what the weights are), and all.
+    Before any of them is read, every missing input (data, backbone, ICT) is named in one error."""
+    check_all(
+        lambda: find_split(cfg.data, cfg.train_split),
+        lambda: check_available(cfg.backbone, "CLIP backbone (--backbone)"),
+        *([lambda: check_available(cfg.ict, "ICT model (--ict)")] if cfg.stage == "hp" else []),
+    )
     fixed = {
         "--stage": cfg.stage,
         "--backbone": weights_identity(resolve(cfg.backbone, "CLIP backbone")),

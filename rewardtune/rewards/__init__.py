@@ -11,8 +11,8 @@ import difflib
 
 import torch
 
-from ..errors import UserError
-from ..sources import REWARD_SOURCES
+from ..errors import UserError, check_all
+from ..sources import REWARD_SOURCES, check_available
 from . import baselines, icthp
 from .base import Reward
 from .batching import score_by_size
@@ -59,6 +59,35 @@ class _Loader:
         return baselines.BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
 
 
+# What each reward loads from which source, named as its loader names it; ICT and HP lay over the CLIP backbone.
+SOURCE_WHAT = {
+    "ict": "ICT checkpoint",
+    "hp": "HP checkpoint",
+    "backbone": "CLIP backbone",
+    "clip": "CLIP model",
+    "pickscore": "PickScore model",
+    "hpsv2": "HPS v2 checkpoint",
+    "aesthetic": "aesthetic predictor",
+}
+READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("aesthetic", "clip")}
+
+
+def check_sources(names, sources: dict) -> None:
+    """Before any model loads, every source the rewards ``names`` read that is missing, named in one error: each
+    reward's checkpoint, and the CLIP backbone where ``--backbone`` is given or a hub ICT/HP release lays over it
+    (a local checkpoint that is a full CLIP needs none; one that is not is told when it loads)."""
+    keys = list(dict.fromkeys(k for n in names for k in READS.get(n, (n,))))
+    given = {k: v for k, v in sources.items() if v is not None}
+    hub = [k for k in keys if k in ("ict", "hp") and k not in given]
+    if "backbone" in given or hub:
+        keys.append("backbone")
+
+    def check(key):
+        return lambda: check_available(given.get(key) or REWARD_SOURCES[key].hub, f"{SOURCE_WHAT[key]} (--{key})")
+
+    check_all(*(check(k) for k in keys))
+
+
 def _finish(reward: Reward, device) -> Reward:
     reward.requires_grad_(False)
     reward.eval()
@@ -72,6 +101,7 @@ def load_rewards(names: list[str], device=None, dtype: torch.dtype | None = None
     loader = _Loader(dtype, sources)
     for n in names:
         _check_name(n)
+    check_sources(names, sources)
     return {n: _finish(loader.get(n), device) for n in names}
 
 
@@ -79,6 +109,9 @@ def load_reward(spec: str, device=None, dtype: torch.dtype | None = None, **sour
     """One reward by name (``icthp``) or a weighted mix (``ict:1.0,hp:0.5``). Frozen, in eval mode."""
     parts = parse_spec(spec)
     loader = _Loader(dtype, sources)
+    for n, _ in parts:
+        _check_name(n)
+    check_sources([n for n, _ in parts], sources)
     if len(parts) == 1 and parts[0][1] is None:
         return _finish(loader.get(parts[0][0]), device)
     if any(w is None for _, w in parts):
