@@ -3,6 +3,7 @@ format (offline, CPU). References are diffusers' own pipelines, never a second c
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -31,7 +32,7 @@ from rewardtune.finetune.models import (
     pipeline_family,
     resolve_model,
 )
-from rewardtune.finetune.sampler import Plan
+from rewardtune.finetune.sampler import Plan, make_plan, make_sampler
 from rewardtune.testing import save_tiny_pipeline
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
@@ -250,6 +251,123 @@ def test_k_decides_which_steps_carry_gradients(flow_trainers, name, grads_per_st
     assert grads[0][0] == 0 and grads[0][1] > 0 and grads[1][0] == 0 and grads[1][1] > 0
     assert grads[2][0] > 0 and grads[2][1] > 0
     trainer.unet.zero_grad(set_to_none=True)
+
+
+# ----- the flow methods against their formulas, written here (not the sampler's code) ----------------------
+class FlowCalls(torch.nn.Module):
+    """Wraps a flow transformer and keeps each call's input latent, its noise level sigma (read from the timestep
+    the transformer was given: SD3's pipeline passes sigma * 1000, FLUX's sigma) and its output."""
+
+    def __init__(self, model, family: str):
+        super().__init__()
+        self.model, self.per_sigma, self.calls = model, 1000.0 if family == "sd3" else 1.0, []
+
+    def forward(self, *args, **kw):
+        out = self.model(*args, **kw)
+        sigma = float(kw["timestep"].flatten()[0]) / self.per_sigma
+        self.calls.append((kw["hidden_states"].detach().clone(), sigma, out[0].detach()))
+        return out
+
+
+def _velocity(trainer, out: torch.Tensor) -> torch.Tensor:
+    """The velocity a step uses: the transformer's output, or with classifier-free guidance (SD3's [uncond, cond]
+    rows) uncond + g (cond - uncond)."""
+    if not trainer.sampler.guided:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + trainer.cfg.guidance_scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_draft_lv_copies_are_the_flow_forward_marginal_at_the_last_sigma(flow_trainers, name, run_plan, monkeypatch):
+    """Each DRaFT-LV copy enters the transformer as sigma * eps + (1 - sigma) * x0, the flow's forward marginal at the
+    last sigma (the one the chain's last step ran at), with x0 the chain's final sample and eps the copy's own noise;
+    its output is one Euler step from there to sigma 0: the input minus sigma * v."""
+    trainer = flow_trainers[name]
+    sampler, n, b, lv = trainer.sampler, trainer.sampler.n_steps, 2, 2
+    noises = []
+    original = sampler.renoise
+    monkeypatch.setattr(sampler, "renoise", lambda final, noise, i: noises.append(noise) or original(final, noise, i))
+    rec = FlowCalls(trainer.unet, name)
+    plan = make_plan("draft-lv", n, b, torch.Generator().manual_seed(0), lv=lv)
+    out, _, _ = run_plan(trainer, plan, rec)
+    out = out.detach()
+    assert len(rec.calls) == n + lv and len(noises) == lv and not torch.equal(noises[0], noises[1])
+    chain, last_sigma = out[:b], rec.calls[n - 1][1]
+    assert 0 < last_sigma < 0.5
+    for j, eps in enumerate(noises):
+        x_in, sigma, raw = rec.calls[n + j]
+        assert sigma == pytest.approx(last_sigma, rel=1e-6)
+        expect = sigma * eps + (1 - sigma) * chain
+        for rows in range(0, len(x_in), b):  # SD3's guidance feeds the same latent twice
+            torch.testing.assert_close(x_in[rows : rows + b], expect, atol=1e-6, rtol=1e-6)
+        copy = out[(1 + j) * b : (2 + j) * b]
+        torch.testing.assert_close(copy, expect - sigma * _velocity(trainer, raw), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_refl_output_is_x_minus_sigma_v_at_the_stop_step(flow_trainers, name, run_plan):
+    """ReFL decodes the stop step's clean-sample estimate x0 = x - sigma * v (sigma of that step, not the next one),
+    for every stop step make_plan can draw, the last one (SD3: sigma 0.0089) included."""
+    trainer = flow_trainers[name]
+    n = trainer.sampler.n_steps
+    for s in range(n):
+        plan = make_plan("refl", n, 2, torch.Generator().manual_seed(s), refl_range=(s / n, (s + 1) / n))
+        assert (plan.stop, plan.x0_at_stop) == (s + 1, True)
+        rec = FlowCalls(trainer.unet, name)
+        out, _, _ = run_plan(trainer, plan, rec)
+        assert len(rec.calls) == s + 1
+        x_in, sigma, raw = rec.calls[s]
+        x = x_in[:2]
+        expect = x - sigma * _velocity(trainer, raw)
+        torch.testing.assert_close(out.detach(), expect, atol=1e-6, rtol=1e-5)
+        assert float((out.detach() - x).abs().max()) > 1e-3  # not the noisy latent it started from
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_make_plan_draft_k_gives_gradients_to_exactly_the_last_k_steps(flow_trainers, name, grads_per_step):
+    """make_plan's DRaFT-K plan (not one built here) for K = 1 and 2 of 2 steps, K = 1 and 3 of 4 steps: the reward's
+    gradient reaches the transformer's output at steps N - K .. N - 1 and at no earlier step."""
+    trainer = flow_trainers[name]
+    own = trainer.sampler
+    try:
+        for n, ks in ((2, (1, 2)), (4, (1, 3))):
+            steps_cfg = dataclasses.replace(trainer.cfg, sample_steps=n)
+            trainer.sampler = make_sampler(
+                "flow", trainer.pipe.scheduler, steps_cfg, trainer.weight_dtype, trainer.adapter, trainer.resolution
+            )
+            for k in ks:
+                plan = make_plan("draft-k", n, 2, torch.Generator().manual_seed(k), k=k)
+                grads = grads_per_step(trainer, plan)
+                assert [g is not None and min(g) > 0 for g in grads] == [i >= n - k for i in range(n)], (n, k)
+    finally:
+        trainer.sampler = own
+        trainer.unet.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_alignprop_draws_k_per_sample_and_only_the_last_k_steps_carry_gradients(flow_trainers, name, grads_per_step):
+    """The trainer's own AlignProp draw (--alignprop-draw sample, K in 1..N): over 12 steps every K in 1..N is drawn
+    and none outside; for a batch whose samples drew different K, sample j's gradient reaches exactly its last K_j
+    steps."""
+    trainer = flow_trainers[name]
+    cfg, n = trainer.cfg, trainer.sampler.n_steps
+    saved = (cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw)
+    cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw = "alignprop", n, 1, "sample"
+    try:
+        plans = [
+            trainer.sample_prefix(trainer.batch_prompts(0, step=s), trainer.batch_noise(0, step=s)).plan
+            for s in range(12)
+        ]
+        drawn = [n - g for p in plans for g in p.grad_from]
+        assert set(drawn) == set(range(1, n + 1)) and all(p.stop == n for p in plans)
+        plan = next(p for p in plans if len(set(p.grad_from)) > 1)
+        grads = grads_per_step(trainer, plan)
+        for j, start in enumerate(plan.grad_from):
+            assert [g is not None and g[j] > 0 for g in grads] == [i >= start for i in range(n)], (j, plan)
+    finally:
+        cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw = saved
+        trainer.unet.zero_grad(set_to_none=True)
 
 
 # ----- the LoRA a user loads ------------------------------------------------------------------------
