@@ -33,6 +33,9 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# `rewardtune plan` keeps its answers in a cache: the session's own, never the developer's
+os.environ["REWARDTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rewardtune-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["REWARDTUNE_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np

@@ -23,7 +23,7 @@ from rewardtune.config import build_config
 from rewardtune.errors import OfflineError
 from rewardtune.finetune import FinetuneConfig, Trainer, load_lora, sample, training_scheduler
 from rewardtune.finetune.defaults import FLUX_TARGETS, SD3_TARGETS, resolve_defaults
-from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.flow import SMALL_STEP_DT, FlowMatchSampler, small_steps_note
 from rewardtune.finetune.models import (
     ALIASES,
     assemble_pipeline,
@@ -585,16 +585,21 @@ def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
 
 
-def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path, grads_per_step, flow_cfg):
+def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(
+    flow_models, tmp_path, grads_per_step, flow_cfg, capsys
+):
     """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
     0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
-    |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
+    |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo: a
+    trainer set to DRaFT-1 says so in one line."""
     trainer = Trainer(
         flow_cfg(
-            flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=4, guidance_scale=None
+            flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=1, guidance_scale=None
         ),
         reward=Brightness(),
     )
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note: draft-k K=1:")]
+    assert len(notes) == 1 and "use --k 2 or more" in notes[0]
     assert trainer.cfg.sample_steps == 4 and not trainer.sampler.guided
     dt = (trainer.sampler.sigmas[1:] - trainer.sampler.sigmas[:-1]).abs()
     assert float(dt[-1]) == pytest.approx(0.0089, abs=1e-4)
@@ -605,3 +610,21 @@ def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp
 def test_turbo_recipe_builds_a_valid_config(tmp_path):
     cfg = build_config(FinetuneConfig, config="sd35l_turbo_icthp_draftk", output=str(tmp_path))
     assert cfg.model == "sd35-large-turbo" and cfg.method == "draft-k" and cfg.k >= 2 and cfg.guidance_scale == 0
+
+
+def test_small_steps_note_follows_the_schedules_dt(flow_models):
+    """The note fires when every gradient step moves the sample by |dt| < SMALL_STEP_DT, computed here from the
+    pipelines' sigmas: SD3's 4-step schedule ends 0.0089 -> 0 (K=1, DRaFT-LV and AlignProp up to K=1 warned, K=2
+    reaches the 0.59 step), FLUX's last step at 512 px is large (no note), ReFL is never warned about."""
+    sd3, flux = _load(flow_models["sd3"]), _load(flow_models["flux"])
+    turbo = FlowMatchSampler(training_scheduler(sd3), 4, **make_adapter(sd3, "sd3").sampler_options(32))
+    dt = (turbo.sigmas[:-1] - turbo.sigmas[1:]).abs().tolist()
+    assert dt[-1] < SMALL_STEP_DT <= dt[-2]
+    note = small_steps_note(turbo, "draft-k", 1)
+    assert note.startswith("note: draft-k K=1: every gradient step of this 4-step schedule") and "--k 2" in note
+    assert small_steps_note(turbo, "draft-k", 2) is None and small_steps_note(turbo, "alignprop", 3) is None
+    assert small_steps_note(turbo, "draft-lv", None) and small_steps_note(turbo, "alignprop", 1)
+    assert small_steps_note(turbo, "refl", 1) is None
+    dev = FlowMatchSampler(training_scheduler(flux), 4, **make_adapter(flux, "flux").sampler_options(512))
+    assert float((dev.sigmas[-2] - dev.sigmas[-1]).abs()) > SMALL_STEP_DT
+    assert small_steps_note(dev, "draft-k", 1) is None

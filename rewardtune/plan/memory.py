@@ -474,7 +474,11 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
         extend(stack, slopes, {"weights": weights, "resident": weights, "trainable": 0})
 
     peak = max(peaks.values())
-    out = {"part_peaks_mib": {k: v / 2**20 for k, v in peaks.items()}}
+    parts: dict = {}
+    for name, value in peaks.items():  # the denoiser's backward, named block by block, as one part
+        part = name.split("|")[0]
+        parts[part] = max(parts.get(part, 0), value)
+    out = {"part_peaks_mib": {k: v / 2**20 for k, v in parts.items()}}
     out.update(
         _summary(source, family, base["resolution"], totals["weights"], totals["resident"], peak, totals["trainable"])
     )
@@ -557,12 +561,13 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
         resident = tracker.current
+        blocks = stacks.denoiser_blocks(family, adapter.denoiser)
         with tracker:
-            scored, starts = _trace_step(trainer, trainable, pcfg, tracker, stand_in)
+            scored, starts = _trace_step(trainer, trainable, pcfg, tracker, stand_in, blocks)
         del states
         probe_peaks = [_probe_reward(trainer, pcfg, r, scored, memo, block) for r in probe_rewards]
     return {
-        "peaks": dict(tracker.phase_peaks),
+        "peaks": _one_block_is_first_and_later(tracker.phase_peaks, blocks),
         "starts": starts,
         "weights": weights,
         "resident": resident,
@@ -574,11 +579,127 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     }
 
 
-def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False) -> tuple[dict, dict]:
+def _one_block_is_first_and_later(peaks: dict, blocks) -> dict:
+    """A stack traced with one block has a first block and no later one; that block stands for both, so the names of
+    a one-block and a two-block trace match (``_DenoiserLabels``)."""
+    depth: dict = {}
+    for _, stack in blocks:
+        depth[stack] = depth.get(stack, 0) + 1
+    out = dict(peaks)
+    for name, value in peaks.items():
+        parts = name.split("|")
+        if len(parts) == 5 and parts[4] == "first" and depth.get(parts[3]) == 1:
+            later = "|".join([*parts[:4], "later"])
+            out[later] = max(out.get(later, 0), value)
+    return out
+
+
+class _DenoiserLabels:
+    """Names each moment of the denoiser's gradient steps (``grad_steps``) and of its backward pass
+    (``backward:denoiser``) by what is being worked on: the gradient call (counted in that pass's order); a block's
+    forward, its own backward (with its recomputation), or a block of a whole call's recomputed forward pass; the
+    block's stack and whether it is that stack's first block in that pass or a later one; and the gaps where a pass
+    leaves a stack. A stack's blocks hold the same at the same moment, so each name's peak is affine in the stacks'
+    depths, which a whole phase's peak (the largest of them: where held inputs give way to gradients, or one stack's
+    blocks to another's) is not. Installed as module hooks for one traced step (``close`` removes them)."""
+
+    FORWARD, BACKWARD = "grad_steps", "backward:denoiser"
+
+    def __init__(self, tracker, denoiser, blocks):
+        self.tracker, self.counts, self.own, self.recomputing = tracker, {}, None, None
+        self.calls = {self.FORWARD: 0, self.BACKWARD: 0}
+        self.block_outputs: set[int] = set()  # a block's output is the next block's input: its start comes first
+        first, last = {}, {}  # each stack's first and last block in forward order
+        for module, stack in blocks:
+            first.setdefault(stack, module)
+            last[stack] = module
+        self.handles = [denoiser.register_forward_pre_hook(self._call_start)]
+        for module, stack in blocks:
+            self.handles.append(module.register_forward_pre_hook(self._forward(module, stack)))
+            hook = self._outputs(module, stack, last[stack] is module, first[stack] is module)
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _pass(self) -> str | None:
+        phase = self.tracker.phase
+        return next((p for p in (self.FORWARD, self.BACKWARD) if phase.startswith(p)), None)
+
+    def _label(self, what: tuple, kind: str | None = None, stack: str | None = None) -> None:
+        pass_ = self._pass()
+        call = self.calls[pass_]
+        if kind is not None:
+            n = self.counts.get((pass_, call, kind, stack), 0)
+            self.counts[(pass_, call, kind, stack)] = n + 1
+            what = (*what, "first" if n == 0 else "later")
+        self.tracker.phase = "|".join([pass_, str(call), *what])
+
+    def _call_start(self, module, args):
+        pass_ = self._pass()
+        if pass_ is not None:  # a gradient call, or (backward) a checkpointed one recomputed
+            self.calls[pass_] += 1
+            self.own = None
+            self._label(("start",))
+
+    def _forward(self, module, stack):
+        def hook(mod, args):
+            pass_ = self._pass()
+            if pass_ is None:
+                return
+            if pass_ == self.BACKWARD and self.own is module:  # the block's own recomputation, in its backward
+                self.own, self.recomputing = None, module
+                return
+            self._label(("forward", stack), "forward", stack)
+
+        return hook
+
+    def _outputs(self, module, stack, last: bool, first: bool):
+        def once(fn):
+            done = []
+
+            def hook(grad):
+                if not done:
+                    done.append(True)
+                    fn()
+
+            return hook
+
+        def backward_starts():
+            self._label(("backward", stack), "backward", stack)
+            self.own = module
+
+        def hook(mod, args, kwargs, output):
+            pass_ = self._pass()
+            if pass_ == self.BACKWARD:  # a recomputation: its outputs take no gradient
+                if self.recomputing is module:
+                    self.recomputing = None
+                elif last:  # a recomputed pass leaves this stack
+                    self._label(("forward-after", stack))
+                return
+            if pass_ == self.FORWARD and last:
+                self._label(("forward-after", stack))
+            started = once(backward_starts)
+            for t in output if isinstance(output, tuple) else (output,):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(started)
+                    self.block_outputs.add(id(t))
+            if first:  # when the gradient reaches this block's inputs, the backward pass leaves this stack
+                left = once(lambda: self._label(("backward-after", stack)))
+                for t in (*args, *kwargs.values()):
+                    if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.block_outputs:
+                        t.register_hook(left)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, blocks=()) -> tuple[dict, dict]:
     """One micro-batch (batch_size prompts) through the Trainer's own ``micro_step``, then the optimizer's
     transients. The backward pass is split where the gradient reaches the decoded images (``backward:decode``) and
-    the latents (``backward:denoiser``). ``stand_in``: the latents' mean is the reward (no decode, no towers).
-    Returns what the reward scored (images' shape and the prompts) and the memory as each phase started."""
+    the latents (``backward:denoiser``, named further, as ``grad_steps``, by ``_DenoiserLabels`` over ``blocks``).
+    ``stand_in``: the latents' mean is the reward (no decode, no towers). Returns what the reward scored (images'
+    shape and the prompts) and the memory as each phase started."""
     starts: dict = {}
 
     def enter(phase):
@@ -603,6 +724,7 @@ def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False) -> tup
         return images.flatten(1).mean(1) if stand_in else score(images, prompts)
 
     trainer.decode, trainer.score = decode_marked, score_marked
+    labels = _DenoiserLabels(tracker, trainer.unet, blocks)
     split = cfg.reward_split_every
     if stand_in:
         cfg.reward_split_every = 0  # the ICT-HP split needs images (and only adds to the reward's phase)
@@ -612,6 +734,7 @@ def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False) -> tup
     finally:
         trainer.decode, trainer.score = decode, score
         cfg.reward_split_every = split
+        labels.close()
     # AdamW's foreach update holds about two weight-sized fp32 temporaries while the gradients still live.
     temps = [torch.empty(p.shape, dtype=torch.float32) for p in trainable for _ in range(2)]
     del temps, reg

@@ -36,17 +36,28 @@ def _worth_it(stacks: list[Stack]) -> list[Stack]:
     return [s for s in stacks if s.full > BASE_DEPTH + 1]
 
 
+def _sd3_counts(config: dict) -> tuple[int, int, int] | None:
+    """SD3's joint blocks as (dual-attention, plain) between the first and the last block, and whether the first is
+    a dual one; None where the dual-attention blocks are not the first ones (then nothing is reduced)."""
+    n, dual = int(config.get("num_layers", 0)), list(config.get("dual_attention_layers") or [])
+    if n < 3 or dual != list(range(len(dual))) or len(dual) > n - 1:
+        return None
+    first_dual = int(bool(dual))
+    return len(dual) - first_dual, n - 2 - (len(dual) - first_dual), first_dual
+
+
 def denoiser_stacks(family: str, config: dict) -> list[Stack]:
-    """The reducible stacks of a flow transformer's config (UNets have none: their blocks differ in size). SD3: the
-    dual-attention blocks must be the first ones (as in SD3.5-Medium), else nothing is reduced."""
+    """The reducible stacks of a flow transformer's config (UNets have none: their blocks differ in size). The first
+    block (its input takes no gradient in the first gradient call) and SD3's last one (it keeps no text stream) are
+    blocks of their own, not part of a stack."""
     if family == "sd3":
-        n, dual = int(config.get("num_layers", 0)), list(config.get("dual_attention_layers") or [])
-        if n < 2 or dual != list(range(len(dual))) or len(dual) > n - 1:
+        counts = _sd3_counts(config)
+        if counts is None:
             return []
-        stacks = [Stack("transformer.dual", len(dual)), Stack("transformer.plain", n - 1 - len(dual))]
+        stacks = [Stack("transformer.dual", counts[0]), Stack("transformer.plain", counts[1])]
     elif family == "flux":
         stacks = [
-            Stack("transformer.double", int(config.get("num_layers", 0))),
+            Stack("transformer.double", int(config.get("num_layers", 0)) - 1),
             Stack("transformer.single", int(config.get("num_single_layers", 0))),
         ]
     else:
@@ -55,18 +66,33 @@ def denoiser_stacks(family: str, config: dict) -> list[Stack]:
 
 
 def denoiser_overrides(family: str, config: dict, depths: dict[str, int]) -> dict:
-    """The transformer config keys that give it ``depths`` ({stack name: layers}; stacks not named keep theirs)."""
+    """The transformer config keys that give its stacks ``depths`` ({stack name: layers}; others keep theirs)."""
     if family == "sd3":
-        dual = len(config.get("dual_attention_layers") or [])
-        n_dual = depths.get("transformer.dual", dual)
-        n_plain = depths.get("transformer.plain", int(config["num_layers"]) - 1 - dual)
-        return {"num_layers": n_dual + n_plain + 1, "dual_attention_layers": list(range(n_dual))}
+        n_dual, n_plain, first_dual = _sd3_counts(config)
+        n_dual = depths.get("transformer.dual", n_dual)
+        n_plain = depths.get("transformer.plain", n_plain)
+        return {"num_layers": n_dual + n_plain + 2, "dual_attention_layers": list(range(first_dual + n_dual))}
     if family == "flux":
         return {
-            "num_layers": depths.get("transformer.double", int(config["num_layers"])),
+            "num_layers": 1 + depths.get("transformer.double", int(config["num_layers"]) - 1),
             "num_single_layers": depths.get("transformer.single", int(config["num_single_layers"])),
         }
     return {}
+
+
+def denoiser_blocks(family: str, model) -> list[tuple[object, str]]:
+    """(block module, its stack's name) for every block of a flow transformer, in forward order; the first block is
+    ``transformer.first`` and SD3's last ``transformer.last``; nothing for a UNet."""
+    if family == "sd3":
+        blocks, dual = list(model.transformer_blocks), len(model.config.get("dual_attention_layers") or [])
+        names = ["transformer.dual" if i < dual else "transformer.plain" for i in range(len(blocks))]
+        names[0], names[-1] = "transformer.first", "transformer.last"
+        return list(zip(blocks, names))
+    if family == "flux":
+        blocks = [(b, "transformer.double") for b in model.transformer_blocks]
+        blocks[0] = (blocks[0][0], "transformer.first")
+        return blocks + [(b, "transformer.single") for b in model.single_transformer_blocks]
+    return []
 
 
 def text_encoder_overrides(configs: dict, trained: bool) -> dict:
