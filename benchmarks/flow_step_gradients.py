@@ -18,14 +18,13 @@ one's; the ratio between steps follows the schedule's dt (each Euler step moves 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from checkpoint_calls import git_commit
-from common import environment
+from common import environment, write_results
 
 from rewardtune.finetune import FinetuneConfig, Trainer
 from rewardtune.finetune import lora as lora_mod
@@ -133,8 +132,7 @@ def main(argv=None) -> int:
     for name in SCHEDULES:
         data["schedules"][name] = step_shares(model, name, work / name)
         print(name, "done", flush=True)
-    Path(args.out + ".json").write_text(json.dumps(data, indent=2))
-    Path(args.out + ".md").write_text(report(data))
+    write_results(args.out, data, report)
     print(Path(args.out + ".md").read_text())
     return 0
 

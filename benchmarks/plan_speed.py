@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from checkpoint_calls import git_commit
-from common import environment
+from common import environment, write_results
 
 from rewardtune.config import RECIPES_DIR
 
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
         old = before[recipe] if compare else None
         data["records"].append({"recipe": recipe, "flags": flags, "first": first, "second": second, "before": old})
         print(recipe, flags, first["wall_s"], second["wall_s"], flush=True)
-        Path(args.out + ".json").write_text(json.dumps(data, indent=2))
-        Path(args.out + ".md").write_text(report(data))
+        write_results(args.out, data, report)
     print(Path(args.out + ".md").read_text())
     return 0
 

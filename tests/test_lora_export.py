@@ -345,6 +345,20 @@ def a1111_module(name: str, modules: set[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def meta_lora_states(denoiser, targets, text_encoders, rank, alpha) -> list[dict]:
+    """A LoRA on ``targets`` of a meta-device denoiser and on the text encoders' TE_TARGETS; returns full state dicts
+    of [denoiser, *text_encoders] with random LoRA weights (for ``save_lora``'s ``states``)."""
+    with torch.device("meta"):
+        add_lora(denoiser, rank, alpha, targets)
+        for te in text_encoders:
+            add_lora(te, rank, alpha, TE_TARGETS)
+    g = torch.Generator().manual_seed(0)
+    return [
+        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
+        for m in [denoiser, *text_encoders]
+    ]
+
+
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def full_size(request, tmp_path_factory):
     """A rank-2 LoRA on every transformer Linear of the full-size UNet and on both text encoders' attention and MLP
@@ -366,15 +380,7 @@ def full_size(request, tmp_path_factory):
         for n, m in model.named_modules()
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     }
-    with torch.device("meta"):
-        add_lora(pipe.unet, RANK, ALPHA, UNET_TARGETS)
-        for te in tes:
-            add_lora(te, RANK, ALPHA, TE_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    states = [
-        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
-        for m in [pipe.unet, *tes]
-    ]
+    states = meta_lora_states(pipe.unet, UNET_TARGETS, tes, RANK, ALPHA)
     trained = {
         k.split(".lora_")[0]
         for part, st in zip(["unet", "text_encoder", "text_encoder_2"][: len(states)], states, strict=True)
@@ -638,15 +644,8 @@ def flow_full_size(request, tmp_path_factory):
     family = FLOW_ARCHS[arch]
     pipe = build_pipeline(arch, device="meta")
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sd3" else [])
-    with torch.device("meta"):
-        add_lora(pipe.transformer, RANK_FLOW, ALPHA_FLOW, SD3_TARGETS if family == "sd3" else FLUX_TARGETS)
-        for te in tes:
-            add_lora(te, RANK_FLOW, ALPHA_FLOW, TE_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    states = [
-        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
-        for m in [pipe.transformer, *tes]
-    ]
+    targets = SD3_TARGETS if family == "sd3" else FLUX_TARGETS
+    states = meta_lora_states(pipe.transformer, targets, tes, RANK_FLOW, ALPHA_FLOW)
     out = tmp_path_factory.mktemp(f"lora_{arch}")
     save_lora(out, type(pipe), pipe.transformer, tes, states)
     trained = {}  # module name in the file's terms (text encoders under text_model.) -> its A and B as trained

@@ -285,51 +285,15 @@ def test_plan_header_and_no_notices_without_news(tmp_path, tiny_backbone, librar
     "kept in float32: []" notice (the VAE's cast; diffusers still raises it, checked here) nor torch's rms_norm
     dtype notice (about the fake CPU tensors of the trace) reaches the user."""
     flux = save_tiny_flow_pipeline(tmp_path / "flux", "flux")
+    args = ["plan", "--model", flux, "--resolution", 32, "--sample-steps", 2, "--k", 1, "--max-sequence-length", 32]
+    args += ["--reward", "ict", "--backbone", tiny_backbone]
     res = run_cli(
-        "plan",
-        "--model",
-        flux,
-        "--resolution",
-        32,
-        "--sample-steps",
-        2,
-        "--k",
-        1,
-        "--max-sequence-length",
-        32,
-        "--mixed-precision",
-        "bf16",
-        "--vae-fp32",
-        "--quantize-base",
-        "nf4",
-        "--reward",
-        "ict",
-        "--backbone",
-        tiny_backbone,
-        "--no-cache",
-        timeout=600,
+        *args, "--mixed-precision", "bf16", "--vae-fp32", "--quantize-base", "nf4", "--no-cache", timeout=600
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "weights bf16, base nf4, VAE fp32" in res.stdout.splitlines()[0]
     assert "kept in float32" not in res.stderr and "Mismatch dtype" not in res.stderr, res.stderr[-2000:]
-    plain = run_cli(
-        "plan",
-        "--model",
-        flux,
-        "--resolution",
-        32,
-        "--sample-steps",
-        2,
-        "--k",
-        1,
-        "--max-sequence-length",
-        32,
-        "--reward",
-        "ict",
-        "--backbone",
-        tiny_backbone,
-        timeout=600,
-    )
+    plain = run_cli(*args, timeout=600)
     assert "weights fp32, VAE fp32," in plain.stdout.splitlines()[0] and "no (VAE" not in plain.stdout
     vae = AutoencoderKL(
         block_out_channels=(4,),
