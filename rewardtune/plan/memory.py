@@ -475,7 +475,7 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
 
     peak = max(peaks.values())
     parts: dict = {}
-    for name, value in peaks.items():  # the denoiser's backward, named block by block, as one part
+    for name, value in peaks.items():  # the denoiser's passes, named block by block, each as one part
         part = name.split("|")[0]
         parts[part] = max(parts.get(part, 0), value)
     out = {"part_peaks_mib": {k: v / 2**20 for k, v in parts.items()}}
