@@ -3,9 +3,13 @@
 Each configuration is a real ``rewardtune finetune`` process under ``/usr/bin/time -v`` (peak RSS is per
 process), on the tiny SD 1.x pipeline whose sizes are committed beside this script
 (``configs/checkpoint_calls_pipeline.json``: UNet 32/64 channels, a 2-block VAE, so 32x32 latents at 64 px:
-1024-token attention like a real model's) and the tiny ICT-HP reward of ``rewardtune.testing``::
+1024-token attention like a real model's) and the tiny ICT-HP reward of ``rewardtune.testing``, or with
+``--family sd3|flux`` on the tiny SD3.5-Medium-like or FLUX.1-dev-like pipeline of ``rewardtune.testing`` at 128 px
+(SD3: 16x16 latents, 256 image tokens; FLUX: 64 packed tokens), the Euler sampler (no eta), T5 prompts of 64
+tokens::
 
     python benchmarks/checkpoint_calls.py --quick --compile   # writes benchmarks/results/checkpoint_calls.{json,md}
+    python benchmarks/checkpoint_calls.py --quick --family sd3  # -> benchmarks/results/checkpoint_calls_sd3.*
 
 Per configuration it records
 
@@ -49,7 +53,7 @@ from rewardtune.config import add_config_args, build_config
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.finetune.trainer import Trainer
 from rewardtune.plan import predict_peak_memory
-from rewardtune.testing import save_tiny_pipeline, write_tiny_reward_world
+from rewardtune.testing import save_tiny_flow_pipeline, save_tiny_pipeline, write_tiny_reward_world
 
 HERE = Path(__file__).resolve().parent
 PIPELINE = json.loads((HERE / "configs" / "checkpoint_calls_pipeline.json").read_text())
@@ -92,6 +96,11 @@ CONFIGS = [
 ]
 QUICK = [(1, True, True, False), (1, False, True, False), (20, True, True, False), (20, False, True, False)]
 COMPILED = [(1, True, True, True), (20, True, True, True)]
+# The flow families: the same setting on their own sampler (Euler: no eta) and model size.
+_ETA = SETTING.index("--eta")
+FLOW_SETTING = [*SETTING[:_ETA], *SETTING[_ETA + 2 :], "--max-sequence-length", "64"]
+FLOW_SETTING[FLOW_SETTING.index("--resolution") + 1] = "128"
+FAMILIES = {"sd": "tiny SD 1.x", "sd3": "tiny SD3.5-Medium-like", "flux": "tiny FLUX.1-dev-like"}
 ALLOCATORS = {"default": {}, "mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 ENV = {
     "OMP_NUM_THREADS": "1",
@@ -110,7 +119,9 @@ def git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def finetune_flags(model: Path, world: Path, k: int, calls: bool, blocks: bool, compiled: bool) -> list[str]:
+def finetune_flags(
+    model: Path, world: Path, k: int, calls: bool, blocks: bool, compiled: bool, family: str = "sd"
+) -> list[str]:
     """The ``rewardtune finetune`` flags of one configuration (``--output`` and ``--steps`` aside)."""
     return [
         "--model",
@@ -125,7 +136,7 @@ def finetune_flags(model: Path, world: Path, k: int, calls: bool, blocks: bool, 
         str(world / "backbone"),
         "--k",
         str(k),
-        *SETTING,
+        *(SETTING if family == "sd" else FLOW_SETTING),
         "--checkpoint-calls" if calls else "--no-checkpoint-calls",
         "--gradient-checkpointing" if blocks else "--no-gradient-checkpointing",
         "--compile" if compiled else "--no-compile",
@@ -188,9 +199,9 @@ def planned(flags: list[str]) -> float:
     return json.loads(res.stdout)["prediction"]["peak_mib"]
 
 
-def measure(work: Path, model: Path, world: Path, config: tuple, steps: int, runs: dict) -> None:
+def measure(work: Path, model: Path, world: Path, config: tuple, steps: int, runs: dict, family: str = "sd") -> None:
     """One round of one configuration; appends to ``runs[config]``."""
-    flags = finetune_flags(model, world, *config)
+    flags = finetune_flags(model, world, *config, family=family)
     rec = runs.setdefault(config, {"cli": {name: [] for name in ALLOCATORS}})
     for name in [] if config[3] else ALLOCATORS:  # compiled: time, not memory, is the question (the live run)
         rec["cli"][name].append(run_cli(work, flags, steps, name))
@@ -233,14 +244,21 @@ def summarize(config: tuple, rec: dict) -> dict:
 def report(records: list[dict], meta: dict) -> str:
     by = {(r["k"], r["checkpoint_calls"], r["gradient_checkpointing"], r["compile"]): r for r in records}
     env = meta["env"]
+    family = meta.get("family", "sd")
+    model = (
+        f"tiny SD 1.x ({json.dumps(PIPELINE)}), 64 px, 20 DDIM steps, guidance 5, eta 1"
+        if family == "sd"
+        else f"{FAMILIES[family]} pipeline of rewardtune.testing, 128 px, 20 Euler steps, guidance 5, T5 64 tokens"
+    )
     lines = [
-        "# Whole-call checkpointing: peak memory and step time against K (issue #13)",
+        f"# Whole-call checkpointing: peak memory and step time against K (issue #13; {FAMILIES[family]})",
         "",
         f"Commit `{meta['commit']}`, {env['date']}, {env['cpu']} ({env['cpu_count']} cores, shared with other jobs), "
         f"torch {env['versions']['torch']}, one torch thread. `python benchmarks/checkpoint_calls.py "
-        f"{' '.join(meta['argv'])}`; tiny SD 1.x ({json.dumps(PIPELINE)}), 64 px, 20 DDIM steps, guidance 5, eta 1, "
+        f"{' '.join(meta['argv'])}`; {model}, "
         f"batch 2, LoRA rank 4, fp32, tiny ICT-HP, {meta['steps']} optimizer steps per process, {meta['repeats']} "
-        f"round(s) of every configuration (two processes per round: the two allocator settings).",
+        f"round(s) of every configuration (two processes per round: the two allocator settings). Live tensors count "
+        f"the models a step keeps on the accelerator, as the planner does (a flow model's cached text encoders not).",
         "",
         "| K | whole-call ckpt | block ckpt | compile | peak RSS (MB) | peak RSS, fixed mmap threshold (MB) "
         "| live tensors (MiB) | planner, CPU target (MiB) | `rewardtune plan` (MiB) | step (s, median) "
@@ -327,7 +345,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per process (the first is not timed)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all configurations (every other one reversed)")
-    p.add_argument("--out", default=str(HERE / "results" / "checkpoint_calls"), help="results path without suffix")
+    p.add_argument(
+        "--out", default=None, help="results path without suffix (default results/checkpoint_calls[_FAMILY])"
+    )
+    p.add_argument("--family", choices=tuple(FAMILIES), default="sd", help="the tiny pipeline's family")
     p.add_argument("--quick", action="store_true", help="K=1 and K=20 with block checkpointing, whole calls on/off")
     p.add_argument("--compile", action="store_true", help="also K=1 and K=20 with --compile (minutes of compiling)")
     p.add_argument("--report", metavar="JSON", help="only rewrite the Markdown of a results JSON")
@@ -340,24 +361,39 @@ def main(argv=None) -> int:
     if args.live:
         print(json.dumps(live_and_predicted([x for x in rest if x != "--"])))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="rewardtune-ckpt-calls-"))
-    model = save_tiny_pipeline(
-        work / "pipe", "sd", seed=0, **{k: tuple(v) if isinstance(v, list) else v for k, v in PIPELINE.items()}
+    args.out = args.out or str(
+        HERE / "results" / ("checkpoint_calls" + ("" if args.family == "sd" else f"_{args.family}"))
     )
+    work = Path(tempfile.mkdtemp(prefix="rewardtune-ckpt-calls-"))
+    if args.family == "sd":
+        model = save_tiny_pipeline(
+            work / "pipe", "sd", seed=0, **{k: tuple(v) if isinstance(v, list) else v for k, v in PIPELINE.items()}
+        )
+    else:
+        model = save_tiny_flow_pipeline(work / "pipe", args.family)
     world = write_tiny_reward_world(work / "reward")
     argv_shown = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--out")]
     meta = {"commit": git_commit(), "env": environment(), "steps": args.steps, "repeats": args.repeats}
+    meta["family"] = args.family
     meta["argv"] = argv_shown
     configs = (QUICK if args.quick else CONFIGS) + (COMPILED if args.compile else [])
     runs: dict = {}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.repeats):
         for config in configs if round_ % 2 == 0 else configs[::-1]:
-            measure(work, model, world, config, args.steps, runs)
+            measure(work, model, world, config, args.steps, runs, args.family)
             print(round_, config, flush=True)
             records = [summarize(c, runs[c]) for c in configs if c in runs]  # written as they come: hours of work
             Path(args.out + ".json").write_text(
-                json.dumps({**meta, "pipeline": PIPELINE, "setting": SETTING, "records": records}, indent=2)
+                json.dumps(
+                    {
+                        **meta,
+                        "pipeline": PIPELINE if args.family == "sd" else args.family,
+                        "setting": SETTING if args.family == "sd" else FLOW_SETTING,
+                        "records": records,
+                    },
+                    indent=2,
+                )
             )
             Path(args.out + ".md").write_text(report(records, meta))
     print(Path(args.out + ".md").read_text())

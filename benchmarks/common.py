@@ -118,3 +118,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_results(out: str, data: dict, report) -> None:
+    """``out``.json (``data``) and ``out``.md (``report(data)``), each written whole."""
+    write_atomic(out + ".json", json.dumps(data, indent=2))
+    write_atomic(out + ".md", report(data))

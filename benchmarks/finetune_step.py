@@ -33,6 +33,7 @@ from common import append_record, environment, median, peak_mib, reset_peak, syn
 
 from rewardtune import plan
 from rewardtune.config import add_config_args, build_config, precision_dtype
+from rewardtune.finetune import families
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.finetune.trainer import Trainer
 from rewardtune.plan import StorageTracker, predict_peak_memory
@@ -162,19 +163,19 @@ def time_parts(trainer, n: int, offset: int = 0) -> dict:
 
 
 def tracked_peak_mib(trainer) -> float:
-    """Peak of live tensor storage over one step, counted as the planner counts it (real tensors)."""
+    """Peak of live tensor storage over one step, counted as the planner counts it (real tensors; models that leave
+    the accelerator are not counted, for every family alike)."""
 
+    # the models a step keeps on the accelerator, as the planner counts them: SD/SDXL's text encoders; of the flow
+    # families' (SD3's CLIP-L, CLIP-G and T5, FLUX's CLIP-L and T5), whose prompt embeddings are cached, only CLIP
+    # encoders that are trained
+    resident_text = [] if families.by_name(trainer.family).flow else trainer.adapter.text_encoders()
     with StorageTracker(512 if trainer.device.type == "cuda" else 1) as tracker:
         tracker.add_modules(
             trainer.unet,
             trainer.pipe.vae,
             trainer.reward,
-            *trainer.trained_text_encoders,
-            *[
-                getattr(trainer.pipe, n)
-                for n in ("text_encoder", "text_encoder_2")
-                if getattr(trainer.pipe, n, None) is not None
-            ],
+            *{id(m): m for m in (*trainer.trained_text_encoders, *resident_text)}.values(),
         )
         tracker.add_optimizer(trainer.optimizer)
         trainer.step()

@@ -33,6 +33,9 @@ for _var in (
 ):
     os.environ.pop(_var, None)
 os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# `rewardtune plan` keeps its answers in a cache: the session's own, never the developer's
+os.environ["REWARDTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rewardtune-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["REWARDTUNE_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
@@ -279,6 +282,24 @@ class Recorder(torch.nn.Module):
         return out
 
 
+def _run_plan(trainer, plan, model):
+    """The first batch of ``trainer`` (step 0's prompts and noise) sampled with ``plan`` through ``model`` (the
+    denoiser or a wrapper of it): the no-gradient prefix, then the gradient steps; returns ``run_grad``'s
+    (latents, regulariser, prompts)."""
+    prompts = trainer.batch_prompts(0, step=0)
+    gen = trainer.batch_noise(0, step=0)
+    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
+    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
+    trainer.sampler.run_prefix(model, state)
+    return trainer.sampler.run_grad(model, state)
+
+
+@pytest.fixture(scope="session")
+def run_plan():
+    """``run_plan(trainer, plan, model)``: see ``_run_plan``."""
+    return _run_plan
+
+
 @pytest.fixture(scope="session")
 def grads_per_step():
     """``grads_per_step(trainer, plan)``: per denoising step of one batch sampled with ``plan``, the size of
@@ -287,11 +308,7 @@ def grads_per_step():
     def measure(trainer, plan):
         rec = Recorder(trainer.unet)
         prompts = trainer.batch_prompts(0, step=0)
-        gen = trainer.batch_noise(0, step=0)
-        latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
-        state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
-        trainer.sampler.run_prefix(rec, state)
-        out, _, _ = trainer.sampler.run_grad(rec, state)
+        out, _, _ = _run_plan(trainer, plan, rec)
         rec.recording = False
         trainer.score(trainer.decode(out), prompts).sum().backward()
         grads = []

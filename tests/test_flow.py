@@ -3,6 +3,7 @@ format (offline, CPU). References are diffusers' own pipelines, never a second c
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -24,7 +25,7 @@ from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sa
 from rewardtune.finetune.defaults import resolve_defaults
 from rewardtune.finetune.families.flux import FLUX_TARGETS
 from rewardtune.finetune.families.sd3 import SD3_TARGETS
-from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.flow import SMALL_STEP_DT, FlowMatchSampler, small_steps_note
 from rewardtune.finetune.models import (
     assemble_pipeline,
     make_adapter,
@@ -32,7 +33,7 @@ from rewardtune.finetune.models import (
     pipeline_family,
     resolve_model,
 )
-from rewardtune.finetune.sampler import Plan
+from rewardtune.finetune.sampler import Plan, make_plan, make_sampler
 from rewardtune.testing import save_tiny_pipeline
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
@@ -253,6 +254,123 @@ def test_k_decides_which_steps_carry_gradients(flow_trainers, name, grads_per_st
     trainer.unet.zero_grad(set_to_none=True)
 
 
+# ----- the flow methods against their formulas, written here (not the sampler's code) ----------------------
+class FlowCalls(torch.nn.Module):
+    """Wraps a flow transformer and keeps each call's input latent, its noise level sigma (read from the timestep
+    the transformer was given: SD3's pipeline passes sigma * 1000, FLUX's sigma) and its output."""
+
+    def __init__(self, model, family: str):
+        super().__init__()
+        self.model, self.per_sigma, self.calls = model, 1000.0 if family == "sd3" else 1.0, []
+
+    def forward(self, *args, **kw):
+        out = self.model(*args, **kw)
+        sigma = float(kw["timestep"].flatten()[0]) / self.per_sigma
+        self.calls.append((kw["hidden_states"].detach().clone(), sigma, out[0].detach()))
+        return out
+
+
+def _velocity(trainer, out: torch.Tensor) -> torch.Tensor:
+    """The velocity a step uses: the transformer's output, or with classifier-free guidance (SD3's [uncond, cond]
+    rows) uncond + g (cond - uncond)."""
+    if not trainer.sampler.guided:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + trainer.cfg.guidance_scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_draft_lv_copies_are_the_flow_forward_marginal_at_the_last_sigma(flow_trainers, name, run_plan, monkeypatch):
+    """Each DRaFT-LV copy enters the transformer as sigma * eps + (1 - sigma) * x0, the flow's forward marginal at the
+    last sigma (the one the chain's last step ran at), with x0 the chain's final sample and eps the copy's own noise;
+    its output is one Euler step from there to sigma 0: the input minus sigma * v."""
+    trainer = flow_trainers[name]
+    sampler, n, b, lv = trainer.sampler, trainer.sampler.n_steps, 2, 2
+    noises = []
+    original = sampler.renoise
+    monkeypatch.setattr(sampler, "renoise", lambda final, noise, i: noises.append(noise) or original(final, noise, i))
+    rec = FlowCalls(trainer.unet, name)
+    plan = make_plan("draft-lv", n, b, torch.Generator().manual_seed(0), lv=lv)
+    out, _, _ = run_plan(trainer, plan, rec)
+    out = out.detach()
+    assert len(rec.calls) == n + lv and len(noises) == lv and not torch.equal(noises[0], noises[1])
+    chain, last_sigma = out[:b], rec.calls[n - 1][1]
+    assert 0 < last_sigma < 0.5
+    for j, eps in enumerate(noises):
+        x_in, sigma, raw = rec.calls[n + j]
+        assert sigma == pytest.approx(last_sigma, rel=1e-6)
+        expect = sigma * eps + (1 - sigma) * chain
+        for rows in range(0, len(x_in), b):  # SD3's guidance feeds the same latent twice
+            torch.testing.assert_close(x_in[rows : rows + b], expect, atol=1e-6, rtol=1e-6)
+        copy = out[(1 + j) * b : (2 + j) * b]
+        torch.testing.assert_close(copy, expect - sigma * _velocity(trainer, raw), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_refl_output_is_x_minus_sigma_v_at_the_stop_step(flow_trainers, name, run_plan):
+    """ReFL decodes the stop step's clean-sample estimate x0 = x - sigma * v (sigma of that step, not the next one),
+    for every stop step make_plan can draw, the last one (SD3: sigma 0.0089) included."""
+    trainer = flow_trainers[name]
+    n = trainer.sampler.n_steps
+    for s in range(n):
+        plan = make_plan("refl", n, 2, torch.Generator().manual_seed(s), refl_range=(s / n, (s + 1) / n))
+        assert (plan.stop, plan.x0_at_stop) == (s + 1, True)
+        rec = FlowCalls(trainer.unet, name)
+        out, _, _ = run_plan(trainer, plan, rec)
+        assert len(rec.calls) == s + 1
+        x_in, sigma, raw = rec.calls[s]
+        x = x_in[:2]
+        expect = x - sigma * _velocity(trainer, raw)
+        torch.testing.assert_close(out.detach(), expect, atol=1e-6, rtol=1e-5)
+        assert float((out.detach() - x).abs().max()) > 1e-3  # not the noisy latent it started from
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_make_plan_draft_k_gives_gradients_to_exactly_the_last_k_steps(flow_trainers, name, grads_per_step):
+    """make_plan's DRaFT-K plan (not one built here) for K = 1 and 2 of 2 steps, K = 1 and 3 of 4 steps: the reward's
+    gradient reaches the transformer's output at steps N - K .. N - 1 and at no earlier step."""
+    trainer = flow_trainers[name]
+    own = trainer.sampler
+    try:
+        for n, ks in ((2, (1, 2)), (4, (1, 3))):
+            steps_cfg = dataclasses.replace(trainer.cfg, sample_steps=n)
+            trainer.sampler = make_sampler(
+                "flow", trainer.pipe.scheduler, steps_cfg, trainer.weight_dtype, trainer.adapter, trainer.resolution
+            )
+            for k in ks:
+                plan = make_plan("draft-k", n, 2, torch.Generator().manual_seed(k), k=k)
+                grads = grads_per_step(trainer, plan)
+                assert [g is not None and min(g) > 0 for g in grads] == [i >= n - k for i in range(n)], (n, k)
+    finally:
+        trainer.sampler = own
+        trainer.unet.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_alignprop_draws_k_per_sample_and_only_the_last_k_steps_carry_gradients(flow_trainers, name, grads_per_step):
+    """The trainer's own AlignProp draw (--alignprop-draw sample, K in 1..N): over 12 steps every K in 1..N is drawn
+    and none outside; for a batch whose samples drew different K, sample j's gradient reaches exactly its last K_j
+    steps."""
+    trainer = flow_trainers[name]
+    cfg, n = trainer.cfg, trainer.sampler.n_steps
+    saved = (cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw)
+    cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw = "alignprop", n, 1, "sample"
+    try:
+        plans = [
+            trainer.sample_prefix(trainer.batch_prompts(0, step=s), trainer.batch_noise(0, step=s)).plan
+            for s in range(12)
+        ]
+        drawn = [n - g for p in plans for g in p.grad_from]
+        assert set(drawn) == set(range(1, n + 1)) and all(p.stop == n for p in plans)
+        plan = next(p for p in plans if len(set(p.grad_from)) > 1)
+        grads = grads_per_step(trainer, plan)
+        for j, start in enumerate(plan.grad_from):
+            assert [g is not None and g[j] > 0 for g in grads] == [i >= start for i in range(n)], (j, plan)
+    finally:
+        cfg.method, cfg.k, cfg.k_min, cfg.alignprop_draw = saved
+        trainer.unet.zero_grad(set_to_none=True)
+
+
 # ----- the LoRA a user loads ------------------------------------------------------------------------
 class _Capture(logging.Handler):
     def __init__(self):
@@ -323,7 +441,8 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
     assert any(".attn2." in k for k in keys) == (name == "sd3") and any(".ff.net.2." in k for k in keys) == (
         name == "flux"
     )
-    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
+    meta = json.loads(metadata["lora_adapter_metadata"])  # alpha 8 / rank 4 is folded into lora_B: alpha = rank
+    assert (meta["transformer.lora_alpha"], meta["transformer.r"]) == (4.0, 4)
     load_lora(_load(flow_models[name]), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
 
 
@@ -467,16 +586,21 @@ def test_unset_options_take_the_alias_or_family_defaults(flow_models, tmp_path):
     assert resolved(flux, "flux", model=str(flow_models["flux"]), defaults_from="flux-schnell") == (4, 0.0, 256)
 
 
-def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp_path, grads_per_step, flow_cfg):
+def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(
+    flow_models, tmp_path, grads_per_step, flow_cfg, capsys
+):
     """The paper's SD3.5-Large-Turbo setting (4 steps, shift 3, no guidance): the last Euler step goes from sigma
     0.0089 to 0, so the reward's gradient reaching that step's velocity (and so DRaFT-1's LoRA gradient) is about
-    |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo."""
+    |dt| times the one reaching the sample: tens of times smaller than the step before. Use K >= 2 on Turbo: a
+    trainer set to DRaFT-1 says so in one line."""
     trainer = Trainer(
         flow_cfg(
-            flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=4, guidance_scale=None
+            flow_models["sd3"], tmp_path, defaults_from="sd35-large-turbo", sample_steps=None, k=1, guidance_scale=None
         ),
         reward=Brightness(),
     )
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note: draft-k K=1:")]
+    assert len(notes) == 1 and "use --k 2 or more" in notes[0]
     assert trainer.cfg.sample_steps == 4 and not trainer.sampler.guided
     dt = (trainer.sampler.sigmas[1:] - trainer.sampler.sigmas[:-1]).abs()
     assert float(dt[-1]) == pytest.approx(0.0089, abs=1e-4)
@@ -487,3 +611,21 @@ def test_turbo_schedule_leaves_the_last_step_almost_no_gradient(flow_models, tmp
 def test_turbo_recipe_builds_a_valid_config(tmp_path):
     cfg = build_config(FinetuneConfig, config="sd35l_turbo_icthp_draftk", output=str(tmp_path))
     assert cfg.model == "sd35-large-turbo" and cfg.method == "draft-k" and cfg.k >= 2 and cfg.guidance_scale == 0
+
+
+def test_small_steps_note_follows_the_schedules_dt(flow_models):
+    """The note fires when every gradient step moves the sample by |dt| < SMALL_STEP_DT, computed here from the
+    pipelines' sigmas: SD3's 4-step schedule ends 0.0089 -> 0 (K=1, DRaFT-LV and AlignProp up to K=1 warned, K=2
+    reaches the 0.59 step), FLUX's last step at 512 px is large (no note), ReFL is never warned about."""
+    sd3, flux = _load(flow_models["sd3"]), _load(flow_models["flux"])
+    turbo = FlowMatchSampler(training_scheduler(sd3), 4, **make_adapter(sd3, "sd3").sampler_options(32))
+    dt = (turbo.sigmas[:-1] - turbo.sigmas[1:]).abs().tolist()
+    assert dt[-1] < SMALL_STEP_DT <= dt[-2]
+    note = small_steps_note(turbo, "draft-k", 1)
+    assert note.startswith("note: draft-k K=1: every gradient step of this 4-step schedule") and "--k 2" in note
+    assert small_steps_note(turbo, "draft-k", 2) is None and small_steps_note(turbo, "alignprop", 3) is None
+    assert small_steps_note(turbo, "draft-lv", None) and small_steps_note(turbo, "alignprop", 1)
+    assert small_steps_note(turbo, "refl", 1) is None
+    dev = FlowMatchSampler(training_scheduler(flux), 4, **make_adapter(flux, "flux").sampler_options(512))
+    assert float((dev.sigmas[-2] - dev.sigmas[-1]).abs()) > SMALL_STEP_DT
+    assert small_steps_note(dev, "draft-k", 1) is None

@@ -15,6 +15,13 @@ Sources read:
   (``LoRANetwork.create_modules``, ``create_network_from_weights``, ``convert_diffusers_to_sai_if_needed``),
   ``library/sdxl_model_util.py`` (``make_unet_conversion_map``), ``library/original_unet.py`` and
   ``library/sdxl_original_unet.py`` (module names), ``requirements.txt`` (transformers==4.54.1).
+- ComfyUI for the diffusers-format files (SD3/SD3.5, FLUX.1, the text encoders), Comfy-Org/ComfyUI: ``comfy/lora.py``
+  at 17358c8f73b581a0d22facc3c385822f09b8bfb1 (``model_lora_keys_unet``'s SD3 and Flux branches,
+  ``model_lora_keys_clip``'s ``text_encoder.text_model.…`` names, ``load_lora``), ``comfy/utils.py`` at
+  09708eae709a992a5684bed3595ce4d07e705b4e (``mmdit_to_diffusers`` with SD3.5-Medium's ``attn2``,
+  ``flux_to_diffusers``), ``comfy/weight_adapter/lora.py`` at 6f98b150e065f1ffc788558574a887835068bd40
+  (``LoRAAdapter.load``/``calculate_weight``: ``lora_B``/``lora_A`` read as up/down, scale ``alpha / rank`` from a
+  ``<name>.alpha`` tensor, else 1.0). Forge runs ComfyUI's key maps and scale rule for FLUX.
 - A1111, AUTOMATIC1111/stable-diffusion-webui: ``extensions-builtin/Lora/networks.py`` at
   873edba44bedf0086d52343f282552b3601baeb8 (``convert_diffusers_name_to_compvis``, ``load_network``;
   the later release with SD3 support keeps these rules for the names used here) and ``network_lora.py``.
@@ -26,11 +33,14 @@ import re
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from rewardtune.errors import UserError
 from rewardtune.finetune import load_lora
+from rewardtune.finetune.families.flux import FLUX_TARGETS
+from rewardtune.finetune.families.sd3 import SD3_TARGETS
 from rewardtune.finetune.lora import (
     KOHYA_NAME,
     TEXT_TARGETS,
@@ -38,10 +48,11 @@ from rewardtune.finetune.lora import (
     add_lora,
     export_kohya,
     kohya_state,
+    load_into_adapters,
     save_lora,
 )
 from rewardtune.plan import build_pipeline
-from rewardtune.testing import save_tiny_pipeline
+from rewardtune.testing import save_tiny_flow_pipeline, save_tiny_pipeline
 
 ALPHA, RANK = 6.0, 2
 # Every Linear layer in the UNet's transformer blocks (the default --lora-targets and the others a user may add).
@@ -152,16 +163,20 @@ def comfyui_names(arch: str, layers: list[int]) -> set[str]:
         k = k.replace(".to_", ".processor.to_")
         k = k[:-2] if k.endswith(".to_out.0") else k
         names |= {k, "unet." + k}
-    # model_lora_keys_clip: clip_l (SD 1.x, and SDXL's first) maps lora_te_ and lora_te1_; SDXL's clip_g maps
-    # lora_te2_ when clip_l is present; always text_model_encoder_layers_<b>_<leaf>
-    encoders = [["lora_te", "lora_te1"]] if len(layers) == 1 else [["lora_te", "lora_te1"], ["lora_te2"]]
-    for prefixes, n in zip(encoders, layers, strict=True):
-        names |= {
-            f"{p}_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}"
-            for p in prefixes
-            for b in range(n)
-            for leaf in CLIP_LEAVES
-        }
+    return names | comfyui_clip_names(layers)
+
+
+def comfyui_clip_names(layers: list[int]) -> set[str]:
+    """model_lora_keys_clip for CLIP-L (SD 1.x, FLUX) or CLIP-L and CLIP-G (SDXL, SD3): clip_l maps lora_te_,
+    lora_te1_ and the diffusers name text_encoder.text_model.encoder.layers.<b>.<leaf>; clip_g (clip_l present)
+    maps lora_te2_ and text_encoder_2.text_model.encoder.layers.<b>.<leaf>."""
+    names = set()
+    encoders = [(["lora_te", "lora_te1"], "text_encoder"), (["lora_te2"], "text_encoder_2")][: len(layers)]
+    for (prefixes, diffusers), n in zip(encoders, layers, strict=True):
+        for b in range(n):
+            for leaf in CLIP_LEAVES:
+                names |= {f"{p}_text_model_encoder_layers_{b}_{leaf.replace('.', '_')}" for p in prefixes}
+                names.add(f"{diffusers}.text_model.encoder.layers.{b}.{leaf}")
     return names
 
 
@@ -331,6 +346,20 @@ def a1111_module(name: str, modules: set[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def meta_lora_states(denoiser, targets, text_encoders, rank, alpha) -> list[dict]:
+    """A LoRA on ``targets`` of a meta-device denoiser and on the text encoders' TE_TARGETS; returns full state dicts
+    of [denoiser, *text_encoders] with random LoRA weights (for ``save_lora``'s ``states``)."""
+    with torch.device("meta"):
+        add_lora(denoiser, rank, alpha, targets)
+        for te in text_encoders:
+            add_lora(te, rank, alpha, TE_TARGETS)
+    g = torch.Generator().manual_seed(0)
+    return [
+        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
+        for m in [denoiser, *text_encoders]
+    ]
+
+
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def full_size(request, tmp_path_factory):
     """A rank-2 LoRA on every transformer Linear of the full-size UNet and on both text encoders' attention and MLP
@@ -352,15 +381,7 @@ def full_size(request, tmp_path_factory):
         for n, m in model.named_modules()
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     }
-    with torch.device("meta"):
-        add_lora(pipe.unet, RANK, ALPHA, UNET_TARGETS)
-        for te in tes:
-            add_lora(te, RANK, ALPHA, TE_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    states = [
-        {k: torch.randn(v.shape, generator=g) for k, v in m.state_dict().items() if "lora_" in k}
-        for m in [pipe.unet, *tes]
-    ]
+    states = meta_lora_states(pipe.unet, UNET_TARGETS, tes, RANK, ALPHA)
     trained = {
         k.split(".lora_")[0]
         for part, st in zip(["unet", "text_encoder", "text_encoder_2"][: len(states)], states, strict=True)
@@ -453,7 +474,8 @@ def test_the_rules_reject_what_the_loaders_reject(full_size):
 def test_diffusers_file_is_not_read_by_comfyui_or_a1111_for_the_unet(full_size):
     """Why docs/finetune.md sends ComfyUI and A1111 users to the kohya file: ComfyUI's rule maps none of the
     diffusers-format file's attention projections (the default --lora-targets; its diffusers names carry
-    ``.processor.``), A1111's none of its UNet keys (it takes the text before the first '.', here 'unet')."""
+    ``.processor.``), A1111's none of its UNet keys (it takes the text before the first '.', here 'unet'). Its
+    text-encoder keys ComfyUI does map (under ``text_model.``, the names it knows)."""
     state = load_file(str(full_size["dir"] / WEIGHT_NAME))
     comfy = comfyui_names(full_size["arch"], full_size["layers"])
     a1111 = a1111_modules(full_size["arch"], full_size["layers"])
@@ -463,6 +485,12 @@ def test_diffusers_file_is_not_read_by_comfyui_or_a1111_for_the_unet(full_size):
     for key in attention:
         assert re.sub(r"\.(lora_[AB]|lora\.(up|down))\.weight$", "", key) not in comfy, key
     assert all(a1111_module(key.split(".", 1)[0], a1111) is None for key in unet)
+    # its text-encoder keys are ComfyUI's diffusers names (text_encoder[_2].text_model.encoder.layers.<b>.<leaf>),
+    # at scale 1.0: no alpha tensor, alpha / rank folded into lora_B
+    clip = comfyui_clip_names(full_size["layers"])
+    te_keys = {k: v for k, v in state.items() if k.startswith("text_encoder")}
+    scales, not_loaded = comfyui_load(te_keys, clip)
+    assert te_keys and not not_loaded and set(scales.values()) == {1.0}
 
 
 def test_export_refuses_what_no_loader_maps():
@@ -507,8 +535,9 @@ def test_sd_lora_with_text_encoder_reproduces_through_the_kohya_file(tmp_path):
     load_lora(fresh, tmp_path / "lora" / KOHYA_NAME)
     got = outputs(fresh)
     assert (tuned[0] - base[0]).abs().max() > 1e-2 and (tuned[1] - base[1]).abs().max() > 1e-2
-    torch.testing.assert_close(got[0], tuned[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1], tuned[1], atol=1e-5, rtol=1e-5)
+    # lora_B went through B * alpha/rank (the diffusers file) and back (the kohya file): fp32 rounding, 1e-7 relative
+    torch.testing.assert_close(got[0], tuned[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], tuned[1], atol=1e-4, rtol=1e-4)
 
 
 def test_library_log_sees_a_lora_key_that_matches_no_module(sd_model, tmp_path, library_log):
@@ -542,3 +571,196 @@ def test_export_of_another_familys_file_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="covers LoRA on SD 1.x/2.x and SDXL.*'transformer'"):
         export_kohya(tmp_path, 1.0)
     assert not (tmp_path / KOHYA_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The diffusers-format files of SD3/SD3.5 and FLUX.1 in ComfyUI (Forge: the same maps), and the trained scale.
+
+ALPHA_FLOW, RANK_FLOW = 6.0, 2  # alpha != rank, and not a power of two: the scale must survive exactly as trained
+# comfy/utils.py mmdit_to_diffusers: per joint block the fused-qkv slices and MMDIT_MAP_BLOCK's diffusers names
+MMDIT_LEAVES = [
+    *(f"attn.{x}" for x in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0")),
+    *(f"attn2.{x}" for x in ("to_q", "to_k", "to_v", "to_out.0")),
+    "attn.to_add_out",
+    *(
+        "norm1.linear",
+        "norm1_context.linear",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    ),
+]
+# flux_to_diffusers: double blocks (img/txt qkv slices, projections, MLPs, modulations), single blocks (linear1's
+# q/k/v and MLP slices, linear2, modulation)
+FLUX_DOUBLE_LEAVES = [
+    *(f"attn.{x}" for x in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0")),
+    *("attn.to_add_out", "norm1.linear", "norm1_context.linear"),
+    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+]
+FLUX_SINGLE_LEAVES = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
+
+
+def comfyui_transformer_names(family: str, config) -> set[str]:
+    """model_lora_keys_unet's SD3 branch ("transformer." + every mmdit_to_diffusers name, depth = num_layers) or
+    Flux branch ("transformer." + every flux_to_diffusers name, and the bare name: DiffSynth's format)."""
+    if family == "sd3":
+        keys = {f"transformer_blocks.{i}.{leaf}" for i in range(config.num_layers) for leaf in MMDIT_LEAVES}
+        return {"transformer." + k for k in keys}
+    keys = {f"transformer_blocks.{i}.{leaf}" for i in range(config.num_layers) for leaf in FLUX_DOUBLE_LEAVES}
+    keys |= {
+        f"single_transformer_blocks.{i}.{leaf}" for i in range(config.num_single_layers) for leaf in FLUX_SINGLE_LEAVES
+    }
+    return {"transformer." + k for k in keys} | keys
+
+
+def comfyui_load(state: dict[str, torch.Tensor], names: set[str]) -> tuple[dict[str, float], set[str]]:
+    """load_lora with the LoRA adapter: for each mapped name x, <x>.lora_B.weight / <x>.lora_A.weight (the
+    "diffusers2" form; also lora_up/lora_down and lora.up/lora.down) with scale <x>.alpha / rank, or 1.0 without an
+    alpha tensor. Returns ({name: scale}, the keys it warns 'lora key not loaded' about)."""
+    loaded, scales = set(), {}
+    for x in names:
+        for up, down in (
+            ("lora_up.weight", "lora_down.weight"),
+            ("lora_B.weight", "lora_A.weight"),
+            ("lora.up.weight", "lora.down.weight"),
+        ):
+            if f"{x}.{up}" in state:
+                alpha = state.get(f"{x}.alpha")
+                rank = state[f"{x}.{down}"].shape[0]
+                scales[x] = float(alpha) / rank if alpha is not None else 1.0
+                loaded |= {f"{x}.{up}", f"{x}.{down}", f"{x}.alpha"}
+                break
+    return scales, set(state) - loaded
+
+
+FLOW_ARCHS = {"sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux"}
+
+
+@pytest.fixture(scope="module", params=list(FLOW_ARCHS))
+def flow_full_size(request, tmp_path_factory):
+    """A rank-2, alpha-6 LoRA on the family's default transformer targets of the full-size SD3.5-Medium, SD3.5-Large
+    or FLUX.1-dev (meta device) and on their CLIP encoders' attention and MLP, saved with ``save_lora``."""
+    arch = request.param
+    family = FLOW_ARCHS[arch]
+    pipe = build_pipeline(arch, device="meta")
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sd3" else [])
+    targets = SD3_TARGETS if family == "sd3" else FLUX_TARGETS
+    states = meta_lora_states(pipe.transformer, targets, tes, RANK_FLOW, ALPHA_FLOW)
+    out = tmp_path_factory.mktemp(f"lora_{arch}")
+    save_lora(out, type(pipe), pipe.transformer, tes, states)
+    trained = {}  # module name in the file's terms (text encoders under text_model.) -> its A and B as trained
+    for part, st in zip(["transformer", "text_encoder", "text_encoder_2"], states):
+        for k, v in st.items():
+            module, _, kind = k.partition(".lora_")
+            if part != "transformer" and not module.startswith("text_model."):
+                module = "text_model." + module
+            trained.setdefault(f"{part}.{module}", {})[kind.split(".")[0]] = v
+    return dict(arch=arch, family=family, pipe=pipe, state=load_file(str(out / WEIGHT_NAME)), trained=trained)
+
+
+def test_comfyui_loads_every_key_of_the_flow_file_at_the_trained_scale(flow_full_size):
+    """ComfyUI maps every key of the SD3.5/FLUX file (transformer, fused qkv slices, SD3.5-Medium's attn2, and the
+    CLIP encoders under text_model.), warns about none, and the update it adds, scale x lora_B @ lora_A, is the
+    trained one, alpha / rank x B @ A: the file has no alpha tensor, so scale 1.0, with alpha / rank in lora_B."""
+    pipe, state = flow_full_size["pipe"], flow_full_size["state"]
+    layers = [pipe.text_encoder.config.num_hidden_layers]
+    if flow_full_size["family"] == "sd3":
+        layers.append(pipe.text_encoder_2.config.num_hidden_layers)
+    names = comfyui_transformer_names(flow_full_size["family"], pipe.transformer.config) | comfyui_clip_names(layers)
+    scales, not_loaded = comfyui_load(state, names)
+    assert not not_loaded, f"{len(not_loaded)} keys ComfyUI would not load, e.g. {sorted(not_loaded)[:3]}"
+    trained = flow_full_size["trained"]
+    assert set(scales) == set(trained)
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.") for k in state)
+    if flow_full_size["arch"] == "sd35m":
+        assert any(".attn2.to_q." in k for k in state)
+    for module, ab in trained.items():
+        scale = scales[module]
+        torch.testing.assert_close(state[f"{module}.lora_A.weight"], ab["A"], atol=0, rtol=0)
+        torch.testing.assert_close(
+            scale * state[f"{module}.lora_B.weight"], ALPHA_FLOW / RANK_FLOW * ab["B"], atol=1e-6, rtol=1e-6
+        )
+
+
+def test_the_comfyui_rule_rejects_the_old_flux_clip_names_and_alpha_in_metadata_only(flow_full_size):
+    """The rule is not vacuous: FLUX's CLIP-L keys as transformers 5 names them (no text_model.) load in ComfyUI 0
+    of 48 ways, and a file whose lora_B carried no scale (alpha only in the metadata) loads at scale 1, not 3."""
+    state = flow_full_size["state"]
+    layers = [flow_full_size["pipe"].text_encoder.config.num_hidden_layers]
+    old = {k.replace(".text_model.", ".", 1): v for k, v in state.items() if k.startswith("text_encoder.")}
+    _, not_loaded = comfyui_load(old, comfyui_clip_names(layers))
+    assert not_loaded == set(old)
+    module, ab = next(iter(flow_full_size["trained"].items()))
+    unscaled = {f"{module}.lora_A.weight": ab["A"], f"{module}.lora_B.weight": ab["B"]}
+    scales, _ = comfyui_load(unscaled, {module})
+    assert scales[module] * 1.0 != ALPHA_FLOW / RANK_FLOW
+
+
+def _tiny(directory):
+    return DiffusionPipeline.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_diffusers_loads_the_file_at_the_trained_scale_and_so_does_resume(family, tmp_path, library_log):
+    """A LoRA with alpha 6, rank 2 on the denoiser and the CLIP encoders: ``load_lora_weights`` on a fresh pipeline
+    warns about no key and applies every module's trained update (alpha / rank x B @ A); loading the file back into
+    adapters of the same alpha (``--resume``, ``--init-lora``) gives the trained weights; the kohya export (SD/SDXL)
+    holds the trained lora_up with the trained alpha."""
+    saved = tmp_path / "model"
+    (save_tiny_pipeline if family in ("sd", "sdxl") else save_tiny_flow_pipeline)(saved, family, seed=0)
+    lora_dir = tmp_path / "lora"
+    pipe = _tiny(saved)
+    denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
+    targets = {"sd3": SD3_TARGETS, "flux": FLUX_TARGETS}.get(family, ["to_q", "to_k", "to_v", "to_out.0"])
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family in ("sdxl", "sd3") else [])
+    add_lora(denoiser, RANK_FLOW, ALPHA_FLOW, targets)
+    for te in tes:
+        add_lora(te, RANK_FLOW, ALPHA_FLOW, TE_TARGETS)
+    torch.manual_seed(1)
+    for m in (denoiser, *tes):
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.3)
+    save_lora(lora_dir, type(pipe), denoiser, tes)
+
+    def updates(*models):
+        return {
+            (i, n): mod.get_delta_weight("default" if "default" in mod.lora_A else next(iter(mod.lora_A))).detach()
+            for i, m in enumerate(models)
+            for n, mod in m.named_modules()
+            if isinstance(mod, LoraLayer)
+        }
+
+    trained = updates(denoiser, *tes)
+    fresh = _tiny(saved)
+    with library_log() as log:
+        fresh.load_lora_weights(str(lora_dir))
+    assert log.key_problems() == [], log.messages
+    fresh_den = fresh.unet if family in ("sd", "sdxl") else fresh.transformer
+    fresh_tes = [fresh.text_encoder] + ([fresh.text_encoder_2] if family in ("sdxl", "sd3") else [])
+    loaded = updates(fresh_den, *fresh_tes)
+    assert loaded.keys() == trained.keys() and len(trained) > 10
+    for k, v in trained.items():
+        torch.testing.assert_close(loaded[k], v, atol=1e-6, rtol=1e-5)
+
+    again = _tiny(saved)
+    again_den = again.unet if family in ("sd", "sdxl") else again.transformer
+    again_tes = [again.text_encoder] + ([again.text_encoder_2] if family in ("sdxl", "sd3") else [])
+    add_lora(again_den, RANK_FLOW, ALPHA_FLOW, targets)
+    for te in again_tes:
+        add_lora(te, RANK_FLOW, ALPHA_FLOW, TE_TARGETS)
+    load_into_adapters(lora_dir, again_den, again_tes)
+    for a, b in zip((denoiser, *tes), (again_den, *again_tes)):
+        ours = {n: p for n, p in a.named_parameters() if "lora_" in n}
+        theirs = {n: p for n, p in b.named_parameters() if "lora_" in n}
+        assert ours.keys() == theirs.keys()
+        for n in ours:
+            torch.testing.assert_close(theirs[n], ours[n], atol=1e-6, rtol=1e-6)
+    if family in ("sd", "sdxl"):
+        kohya = load_file(str(export_kohya(lora_dir, ALPHA_FLOW, family=family)))
+        trained_b = {n: p for n, p in denoiser.named_parameters() if "lora_B" in n}
+        name, b = next(iter(trained_b.items()))
+        kohya_name = "lora_unet_" + name.split(".lora_B")[0].replace(".", "_")
+        assert kohya[f"{kohya_name}.alpha"].item() == ALPHA_FLOW
+        torch.testing.assert_close(kohya[f"{kohya_name}.lora_up.weight"], b.detach(), atol=1e-6, rtol=1e-6)

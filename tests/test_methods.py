@@ -16,7 +16,7 @@ from rewardtune.config import build_config
 from rewardtune.errors import UserError
 from rewardtune.finetune import FinetuneConfig, Trainer
 from rewardtune.finetune.pretrain import load_pairs
-from rewardtune.finetune.sampler import Plan, SampleState, TruncatedSampler, make_plan
+from rewardtune.finetune.sampler import Plan, TruncatedSampler, make_plan
 from rewardtune.losses import reward_loss
 from rewardtune.plan.architectures import arch_config
 from rewardtune.plan.memory import _plan_config
@@ -146,16 +146,9 @@ class CallRecorder(torch.nn.Module):
         return out
 
 
-def _run(trainer, plan, unet):
-    prompts = trainer.batch_prompts(0, step=0)
-    gen = trainer.batch_noise(0, step=0)
-    latents = trainer.sampler.initial_latents((len(prompts), *trainer.latent_shape), gen, trainer.device)
-    state = SampleState(latents, trainer.encode(prompts), plan, 0, gen, prompts)
-    trainer.sampler.run_prefix(unet, state)
-    return trainer.sampler.run_grad(unet, state)
-
-
-def test_draft_lv_copies_renoise_the_detached_result_and_only_the_last_step_has_gradients(trainer, monkeypatch):
+def test_draft_lv_copies_renoise_the_detached_result_and_only_the_last_step_has_gradients(
+    trainer, monkeypatch, run_plan
+):
     """1 + n terms: the chain's own sample and n copies, each the chain's final latent (detached) noised to the
     last timestep as diffusers' DDPMScheduler.add_noise does, then denoised again by the last step."""
     sampler, n, lv = trainer.sampler, trainer.sampler.n_steps, 2
@@ -165,7 +158,7 @@ def test_draft_lv_copies_renoise_the_detached_result_and_only_the_last_step_has_
         sampler, "renoise", lambda final, noise, i: renoised.append((final, noise, i)) or original(final, noise, i)
     )
     rec = CallRecorder(trainer.unet)
-    out, _, prompts = _run(trainer, Plan([n - 1] * 2, n, lv=lv), rec)
+    out, _, prompts = run_plan(trainer, Plan([n - 1] * 2, n, lv=lv), rec)
     b = 2
     assert out.shape[0] == (1 + lv) * b and len(prompts) == (1 + lv) * b and len(rec.calls) == n + lv
     chain = out[:b]
@@ -188,12 +181,12 @@ def test_draft_lv_copies_renoise_the_detached_result_and_only_the_last_step_has_
     trainer.optimizer.zero_grad()
 
 
-def test_refl_output_is_the_stop_steps_x0_prediction(trainer):
+def test_refl_output_is_the_stop_steps_x0_prediction(trainer, run_plan):
     """The latent ReFL decodes is x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) from the stop step's (guided) noise
     prediction, computed here from the recorded UNet call."""
     n, stop = trainer.sampler.n_steps, 2
     rec = CallRecorder(trainer.unet)
-    out, _, _ = _run(trainer, Plan([stop] * 2, stop + 1, x0_at_stop=True), rec)
+    out, _, _ = run_plan(trainer, Plan([stop] * 2, stop + 1, x0_at_stop=True), rec)
     assert len(rec.calls) == stop + 1 < n
     x_in, t, pred = rec.calls[stop]
     uncond, text = pred.detach().chunk(2)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from rewardtune.cli import main
 from rewardtune.config import RECIPES_DIR, build_config
@@ -15,8 +18,9 @@ from rewardtune.errors import UserError
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.plan import arch_config, build_clip, build_parts, fit_budget, predict_peak_memory
 from rewardtune.plan.architectures import ARCH_OF_ALIAS, CONFIG_DIR
-from rewardtune.testing import save_tiny_pipeline, tiny_clip_config
-from rewardtune.testing.cli import run_cli
+from rewardtune.plan.stacks import BASE_DEPTH
+from rewardtune.testing import save_tiny_flow_pipeline, save_tiny_pipeline, tiny_clip_config
+from rewardtune.testing.cli import offline_env, run_cli
 
 TINY_REWARD = tiny_clip_config(
     49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
@@ -198,3 +202,106 @@ def test_cli_impossible_config_exits_2_with_one_line():
     assert out.returncode == 2
     assert "--k 40 is more than --sample-steps 30" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ----- one layer per stack, extended: the same numbers as tracing every layer ------------------------------------
+
+REWARD_3_LAYERS = tiny_clip_config(
+    49408, hidden=32, layers=3, heads=4, projection_dim=1024, image_size=224, patch_size=32
+).to_dict()
+
+
+def test_reduced_trace_gives_the_full_depth_numbers_phase_by_phase():
+    """SD3.5-Medium (between its first and last joint blocks, 12 dual-attention and 10 plain ones) with a 3-layer
+    ICT-HP reward, K=2 (a checkpointed gradient call and a plain one), CFG: the prediction from one layer per stack
+    plus the slope traces equals tracing all 24 blocks and 3 + 3 tower layers, in every phase, to the byte."""
+    cfg = FinetuneConfig(
+        model="sd35m", output="unused", k=2, sample_steps=2, resolution=128, mixed_precision="bf16", reward="icthp"
+    )
+    reduced = predict_peak_memory(cfg, reward_config=REWARD_3_LAYERS)
+    full = predict_peak_memory(cfg, reward_config=REWARD_3_LAYERS, full_depth=True)
+    assert reduced["traced_layers"] == {
+        "transformer.dual": [BASE_DEPTH, 12],
+        "transformer.plain": [BASE_DEPTH, 10],
+        "reward.vision": [BASE_DEPTH, 3],
+        "reward.text": [BASE_DEPTH, 3],
+    }
+    assert full["traced_layers"] == {} and reduced["traces"] == 3
+    for key in ("peak_mib", "weights_mib", "resident_mib", "trainable_params"):
+        assert reduced[key] == full[key], key
+    assert reduced["part_peaks_mib"] == full["part_peaks_mib"]
+    assert set(full["part_peaks_mib"]) >= {"grad_steps", "decode", "reward", "backward:decode", "backward:denoiser"}
+
+
+# ----- the command line -----------------------------------------------------------------------------------------
+
+# Runs the CLI in a fresh process and reports which model libraries it loaded.
+DRIVER = (
+    "import json, sys; from rewardtune.cli import main; rc = main(sys.argv[1:]); "
+    "print(json.dumps(sorted(m for m in ('diffusers', 'peft') if m in sys.modules)))"
+)
+
+
+def test_plan_answers_again_from_its_cache_without_loading_the_model_code(tiny_sd, tmp_path):
+    """The second identical ``plan`` (CPU target) prints the first one's answer without importing diffusers or peft;
+    --no-cache traces again, and so does a plan whose cache file is unreadable. The CPU target is the Python API's."""
+    env = offline_env(REWARDTUNE_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["plan", "--model", tiny_sd, "--k", "1", "--sample-steps", "2", "--target", "cpu", "--json"]
+
+    def plan(*extra):
+        res = subprocess.run(
+            [sys.executable, "-c", DRIVER, *map(str, args), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        *out, loaded = res.stdout.strip().splitlines()
+        return json.loads("\n".join(out)), json.loads(loaded)
+
+    first, loaded = plan()
+    assert loaded == ["diffusers", "peft"]
+    again, loaded = plan()
+    assert again == first and loaded == []
+    files = list((tmp_path / "cache" / "plan").glob("*.json"))
+    assert files
+    for f in files:
+        f.write_text("{")
+    assert plan("--no-cache") == (first, ["diffusers", "peft"])  # traced again (and would be, unreadable files)
+    assert plan() == (first, ["diffusers", "peft"])
+    cfg = FinetuneConfig(model=str(tiny_sd), output="unused", k=1, sample_steps=2)
+    assert first["prediction"]["peak_mib"] == predict_peak_memory(cfg, target="cpu")["peak_mib"]
+
+
+def test_plan_of_a_train_reward_recipe_says_what_it_is(capsys):
+    assert main(["plan", "--config", "train_ict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config train_ict: this is a train-reward recipe" in err[0] and "'stage'" in err[0]
+
+
+def test_plan_header_and_no_notices_without_news(tmp_path, tiny_backbone, library_log):
+    """A FLUX model in bf16 with an NF4 base and an fp32 VAE: the header names all three; neither diffusers'
+    "kept in float32: []" notice (the VAE's cast; diffusers still raises it, checked here) nor torch's rms_norm
+    dtype notice (about the fake CPU tensors of the trace) reaches the user."""
+    flux = save_tiny_flow_pipeline(tmp_path / "flux", "flux")
+    args = ["plan", "--model", flux, "--resolution", 32, "--sample-steps", 2, "--k", 1, "--max-sequence-length", 32]
+    args += ["--reward", "ict", "--backbone", tiny_backbone]
+    res = run_cli(
+        *args, "--mixed-precision", "bf16", "--vae-fp32", "--quantize-base", "nf4", "--no-cache", timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "weights bf16, base nf4, VAE fp32" in res.stdout.splitlines()[0]
+    assert "kept in float32" not in res.stderr and "Mismatch dtype" not in res.stderr, res.stderr[-2000:]
+    plain = run_cli(*args, timeout=600)
+    assert "weights fp32, VAE fp32," in plain.stdout.splitlines()[0] and "no (VAE" not in plain.stdout
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    with library_log() as log:
+        vae.to(dtype=torch.float32)
+    assert any("should be kept in float32: []" in m for m in log.messages), log.messages

@@ -18,6 +18,31 @@ import torch
 from ..errors import UserError
 from .sampler import BatchNoise, TruncatedSampler
 
+# An Euler step that moves the sample by less than this much of v passes about that fraction of the reward's
+# gradient to its model call: SD3's schedules all end with sigma 0.0089 -> 0 (docs/finetune.md, "Small last steps").
+SMALL_STEP_DT = 0.02
+
+
+def small_steps_note(sampler, method: str, k: int | None) -> str | None:
+    """One line when every step that carries gradients (DRaFT-K's last K, AlignProp's largest K, DRaFT-LV's last
+    step) moves the sample by less than ``SMALL_STEP_DT``: the LoRA would learn from almost no signal."""
+    sigmas = getattr(sampler, "sigmas", None)
+    if sigmas is None or method not in ("draft-k", "draft-lv", "alignprop"):
+        return None
+    dt = (sigmas[:-1] - sigmas[1:]).abs().tolist()
+    n, k = len(dt), 1 if method == "draft-lv" or not k else k
+    if max(dt[n - k :]) >= SMALL_STEP_DT:
+        return None
+    enough = next((j for j in range(k + 1, n + 1) if max(dt[n - j :]) >= SMALL_STEP_DT), None)
+    advice = (
+        f"use --k {enough} or more" if enough and method != "draft-lv" else "use --method draft-k with a larger --k"
+    )
+    return (
+        f"note: {method} K={k}: every gradient step of this {n}-step schedule moves the sample by |dt| < "
+        f"{SMALL_STEP_DT} (the last: sigma {float(sigmas[-2]):.4f} -> 0), so the LoRA gets almost no gradient; "
+        f"{advice} (docs/finetune.md, 'Small last steps')"
+    )
+
 
 class FlowMatchSampler(TruncatedSampler):
     """Euler sampling of a flow-matching model, with true classifier-free guidance ([uncond, cond] rows) when

@@ -1,12 +1,19 @@
 """LoRA through peft and diffusers: add adapters, save them in diffusers format, export kohya, load.
 
 Formats are the libraries' own: ``get_peft_model_state_dict`` + ``convert_state_dict_to_diffusers`` +
-``save_lora_weights`` (with the adapter config as metadata, so alpha survives); the kohya export for
-ComfyUI, A1111 and kohya-ss/sd-scripts writes the names their loaders map (``kohya_state``).
+``save_lora_weights`` (with the adapter config as metadata); the kohya export for ComfyUI, A1111 and
+kohya-ss/sd-scripts writes the names their loaders map (``kohya_state``).
+
+The trained scale (alpha / rank) is folded into each ``lora_B`` of the diffusers-format file and its metadata says
+alpha = rank: every client then applies the trained update, including those that read no alpha from this file
+(ComfyUI and Forge look for ``<module>.alpha`` tensors, which diffusers refuses in a file beside ``lora_A/B`` keys
+for SD/SDXL/SD3 and, for FLUX, beside the metadata). Text-encoder keys keep CLIP's ``text_model.`` level, the
+names ComfyUI maps (transformers 5 dropped it from ``CLIPTextModel``; diffusers strips it again when loading).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -61,18 +68,40 @@ def trainable_parameters(*models) -> list[torch.nn.Parameter]:
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def lora_state(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format; ``state_dict`` is a gathered full state dict
-    (FSDP/DeepSpeed) to take them from instead of the module's own."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=state_dict))
-
-
 def _metadata(model):
+    """The adapter config as the file's metadata, with alpha = rank: the file's ``lora_B`` carry the scale."""
     config = getattr(model, "peft_config", {}).get("default")
-    return config.to_dict() if config is not None else None
+    if config is None:
+        return None
+    return {**config.to_dict(), "lora_alpha": float(config.r), "alpha_pattern": {}}
+
+
+def _baked(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (peft keys) with the adapter's scale alpha / rank folded into every ``lora_B`` weight."""
+    config = getattr(model, "peft_config", {}).get("default")
+    scale = 1.0 if config is None else config.lora_alpha / config.r
+    if scale == 1.0:
+        return state
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
+def _with_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys under CLIP's ``text_model.`` level (transformers 4's names, the ones ComfyUI maps)."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+
+
+def file_scales(path: str | Path) -> dict[str, float]:
+    """Per component (``unet``, ``transformer``, ``text_encoder``...), the scale alpha / rank a diffusers-format LoRA
+    file's metadata asks for: 1.0 for rewardtune's files since the scale is in ``lora_B``, alpha / rank for files
+    written before; components without metadata get diffusers' default, 1.0."""
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    out = {}
+    for key, alpha in meta.items():
+        component, _, field = key.partition(".")
+        if field == "lora_alpha" and meta.get(f"{component}.r"):
+            out[component] = float(alpha) / float(meta[f"{component}.r"])
+    return out
 
 
 def denoiser_name(model) -> str:
@@ -85,21 +114,25 @@ def denoiser_name(model) -> str:
 def save_lora(
     directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None
 ) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it.
+    """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it, the
+    scale alpha / rank folded into ``lora_B`` and text-encoder keys under ``text_model.`` (module docstring).
 
     ``unet``: the denoiser (a UNet, or the SD3/FLUX transformer, whose peft keys the loaders take as they are).
     ``states``: full state dicts of [unet, *text_encoders_] gathered across processes (optional).
     The file is written next to the target and renamed into place (atomic).
     """
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     directory = Path(directory)
     states = states or [None] * (1 + len(text_encoders_))
     name = denoiser_name(unet)
-    layers = lora_state(unet, states[0]) if name == "unet" else get_peft_model_state_dict(unet, state_dict=states[0])
+    layers = _baked(unet, get_peft_model_state_dict(unet, state_dict=states[0]))
+    if name == "unet":
+        layers = convert_state_dict_to_diffusers(layers)
     kw = {f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": _metadata(unet)}
     for name, te, sd in zip(["text_encoder", "text_encoder_2"], text_encoders_, states[1:]):
-        kw[f"{name}_lora_layers"] = get_peft_model_state_dict(te, state_dict=sd)
+        kw[f"{name}_lora_layers"] = _with_text_model(_baked(te, get_peft_model_state_dict(te, state_dict=sd)))
         kw[f"{name}_lora_adapter_metadata"] = _metadata(te)
     layers = {
         f"{k[: -len('_lora_layers')]}.{n}": t
@@ -185,6 +218,12 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
             f"text_encoder_2); this file also has '{other[0]}' weights"
         )
     state = convert_all_state_dict_to_peft(state)  # diffusers' own lora.down/up keys to lora_A/B
+    # kohya files carry the trained alpha, so lora_B goes back to the trained one: B = B_file * file scale / (alpha / r)
+    scales = file_scales(src)
+    state = {
+        k: v * scales.get(k.split(".")[0], 1.0) / (alpha / v.shape[1]) if ".lora_B." in k else v
+        for k, v in state.items()
+    }
     count = None if family is None else {"sd": 1, "sdxl": 2}[family]
     save_state_dict(kohya_state(state, alpha, count, what), directory / KOHYA_NAME, "the kohya LoRA")
     return directory / KOHYA_NAME
@@ -265,7 +304,8 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
 
 
 def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> None:
-    """Load a diffusers-format LoRA file into the existing trainable adapters (same targets and rank).
+    """Load a diffusers-format LoRA file into the existing trainable adapters (same targets and rank), as the update
+    the file applies (its metadata's alpha / rank, folded into ``lora_B`` by ``save_lora``) at the adapters' alpha.
 
     Used by ``--init-lora`` and ``--resume``; keys for parts without an adapter are an error. Every part is
     checked before any is loaded.
@@ -277,11 +317,14 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
 
 
 def adapters_fit(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> list:
-    """(model, its part of the LoRA file in peft's names) for each part with weights in the file, once every
-    key has an adapter of its shape (a floating-point tensor); else a one-line ``UserError``. Loads nothing."""
+    """(model, its part of the LoRA file in peft's names, at the adapter's alpha) for each part with weights in the
+    file, once every key has an adapter of its shape (a floating-point tensor); else a one-line ``UserError``.
+    Loads nothing."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    state = load_state_dict(check_lora_dir(path, what), what)
+    file = check_lora_dir(path, what)
+    state = load_state_dict(file, what)
+    scales = file_scales(file)
     parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}
     used, fits = 0, []
     for prefix, model in parts.items():
@@ -290,6 +333,12 @@ def adapters_fit(path: str | Path, unet, text_encoders_: list | tuple = (), what
             continue
         if prefix == "unet":
             sub = convert_unet_state_dict_to_peft(sub)
+        if not hasattr(model, "text_model"):  # a flattened CLIPTextModel (transformers 5), or the denoiser
+            sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
+        config = getattr(model, "peft_config", {}).get("default")
+        own = config.lora_alpha / config.r if config is not None else 1.0
+        if scales.get(prefix, 1.0) != own:  # the file's update at this adapter's alpha: B_file * file scale / own
+            sub = {k: v * scales.get(prefix, 1.0) / own if ".lora_B." in k else v for k, v in sub.items()}
         own = {k.replace(".default", ""): v.shape for k, v in model.state_dict().items() if "lora_" in k}
         unknown = [k for k in sub if k not in own]
         if unknown:

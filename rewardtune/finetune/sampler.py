@@ -278,7 +278,8 @@ class TruncatedSampler:
         return x
 
 
-from .flow import FlowMatchSampler  # noqa: E402  (a TruncatedSampler subclass: imported once the base exists)
+# a TruncatedSampler subclass, imported once the base exists (and its note on small steps, for the Trainer)
+from .flow import FlowMatchSampler, small_steps_note  # noqa: E402, F401
 
 SAMPLERS = {"ddim": TruncatedSampler, "flow": FlowMatchSampler}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from .models import (
 from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompt_store import store_for
 from .prompts import load_prompts
-from .sampler import BatchNoise, SampleState, make_plan, make_sampler
+from .sampler import BatchNoise, SampleState, make_plan, make_sampler, small_steps_note
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -138,7 +139,8 @@ def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
     for part in [denoiser, pipe.vae, *adapter.text_encoders()]:
         part.to(device)
     if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
-        pipe.vae.to(dtype=torch.float32)
+        with _no_empty_fp32_notice():
+            pipe.vae.to(dtype=torch.float32)
     cast_training_params([denoiser, *trained], dtype=torch.float32)
     if cfg.attention == "xformers":
         denoiser.enable_xformers_memory_efficient_attention()
@@ -150,6 +152,24 @@ def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
     for model in (denoiser, *trained):
         model.train()
     return LoraSet(denoiser, trained)
+
+
+class _DropEmptyFp32Notice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_empty_fp32_notice():
+    """diffusers' ``ModelMixin.to(dtype=...)`` warns that "modules ... should be kept in float32: []" on every cast,
+    also when it names none (the VAE's list is empty): no news, dropped here; a list that names modules still shows."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    drop = _DropEmptyFp32Notice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def checkpoint_vae_decoder(vae) -> None:
@@ -290,6 +310,9 @@ class Trainer:
             resolution=resolution,
         )
         self._assemble(cfg, parts)
+        note = small_steps_note(sampler, cfg.method, cfg.k)
+        if note and getattr(acc, "is_main_process", True):
+            print(note, flush=True)
         self.pretrain_pairs = pretrain
         self.resume_state = self._load_checkpoint(Path(resume_from)) if resume_from is not None else {}
 

@@ -97,20 +97,25 @@ def default_dtype(dtype: torch.dtype):
 _TOKENIZERS: dict = {}
 
 
-def _tokenizer(tokenizer_dir: Path | None):
-    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file (once per process)."""
+def _tokenizer(tokenizer_dir: Path | None, words: list[str] | None = None):
+    """CLIP's full tokenizer (49,408 tokens), written offline from open_clip's BPE file (once per process); with
+    ``words``, only the merges those words need (the same tokens for them, ids renumbered; fast to write and load:
+    the planner's, whose shapes are all that matter)."""
 
     from transformers import CLIPTokenizer
 
-    if tokenizer_dir is None and "default" in _TOKENIZERS:
-        return _TOKENIZERS["default"]
-    directory = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="rewardtune-tok-"))
-    if not (directory / "vocab.json").is_file():
-        write_clip_tokenizer(directory)
-    tok = CLIPTokenizer.from_pretrained(str(directory))
+    name = ("words", *words) if words else "default"
+    if tokenizer_dir is None and name in _TOKENIZERS:
+        return _TOKENIZERS[name]
     if tokenizer_dir is None:
-        _TOKENIZERS["default"] = tok
-    return tok
+        with tempfile.TemporaryDirectory(prefix="rewardtune-tok-") as tmp:
+            write_clip_tokenizer(tmp, words)
+            _TOKENIZERS[name] = CLIPTokenizer.from_pretrained(tmp)
+        return _TOKENIZERS[name]
+    directory = Path(tokenizer_dir)
+    if not (directory / "vocab.json").is_file():
+        write_clip_tokenizer(directory, words)
+    return CLIPTokenizer.from_pretrained(str(directory))
 
 
 # The model parts of a pipeline, and the class that builds each when its config does not name one.
@@ -170,15 +175,22 @@ def _configs(source: str | Path) -> tuple[str, dict, dict | None]:
 
 
 def build_parts(
-    source: str | Path, dtype: torch.dtype = torch.float32, device="cpu", vae_dtype: torch.dtype | None = None
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    vae_dtype: torch.dtype | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Random-weight denoiser (UNet or transformer), VAE, text encoder(s) and scheduler of ``source`` (a name in
     ``ARCHITECTURES`` or a diffusers directory, whose weights are never read), built on ``device`` (``"meta"``:
-    no memory at all)."""
+    no memory at all). ``overrides``: {part: {config key: value}} laid over the configs (the planner's fewer layers)."""
 
     import diffusers
 
     _, configs, index = _configs(source)
+    for part, values in (overrides or {}).items():
+        if part in configs:
+            configs[part] = {**configs[part], **values}
     parts = {}
     for part in PART_CLASSES:
         if part not in configs:
@@ -203,19 +215,22 @@ def build_pipeline(
     device="cpu",
     tokenizer_dir: Path | None = None,
     vae_dtype: torch.dtype | None = None,
+    overrides: dict | None = None,
+    tokenizer_words: list[str] | None = None,
 ):
     """A random-weight pipeline of ``source`` in memory: the family's pipeline class (``StableDiffusionPipeline``,
     ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``) for a shipped architecture,
-    or for a diffusers directory (with its own tokenizers).
+    or for a diffusers directory (with its own tokenizers); ``overrides`` as in ``build_parts``; ``tokenizer_words``:
+    a CLIP tokenizer of those words only (``_tokenizer``).
 
     Shipped architectures get CLIP's real tokenizer and, for T5, a small offline unigram tokenizer: prompts are
     padded to ``max_sequence_length`` tokens, so the shapes (all the planner needs) are the real ones."""
     from transformers import AutoTokenizer
 
     family, _, _ = _configs(source)
-    parts = build_parts(source, dtype, device, vae_dtype)
+    parts = build_parts(source, dtype, device, vae_dtype, overrides)
     if str(source) in ARCHITECTURES:
-        tok = _tokenizer(tokenizer_dir)
+        tok = _tokenizer(tokenizer_dir, tokenizer_words)
         t5 = _t5_tokenizer() if family in ("sd3", "flux") else None
         toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
     else:
@@ -260,12 +275,14 @@ def build_reward(
     device="cpu",
     tokenizer_dir: Path | None = None,
     clip_config: dict | None = None,
+    tokenizer_words: list[str] | None = None,
 ):
-    """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released)."""
+    """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released);
+    ``tokenizer_words`` as in ``build_pipeline``."""
 
     if name not in ("ict", "hp", "icthp"):
         raise UserError(f"full-size reward '{name}' is not one of ict, hp, icthp")
-    tok = _tokenizer(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir, tokenizer_words)
 
     def tower():
         return ClipTower(build_clip(dtype, device, clip_config), tok)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 import weakref
 from pathlib import Path
 
@@ -29,7 +30,18 @@ from ..finetune.defaults import resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
-from .architectures import ARCH_OF_ALIAS, ARCHITECTURES, build_pipeline, build_reward
+from ..losses import reward_loss
+from . import cache as plan_cache
+from . import stacks
+from .architectures import (
+    ARCH_OF_ALIAS,
+    ARCHITECTURES,
+    REWARD_BACKBONE,
+    _configs,
+    arch_config,
+    build_pipeline,
+    build_reward,
+)
 
 # ----- counting memory on fake tensors ------------------------------------------------------------
 
@@ -105,6 +117,7 @@ class StorageTracker:
 
 GIB = 2**30
 PLAN_PROMPT = "a photograph of a red bicycle leaning against a stone wall"
+PLAN_WORDS = PLAN_PROMPT.split()  # the planner's CLIP tokenizer knows these words only (shapes are what count)
 
 
 def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -220,18 +233,18 @@ def _materialize(modules, memo: dict) -> None:
                     m._buffers[name] = memo[id(b)]
 
 
-def _meta_pipeline(cfg, pipeline_dir):
-    """(pipeline on meta, family, architecture name) for ``cfg.model``: a shipped architecture, an alias of one
-    (``flux-dev`` is ``fluxdev``), or a local directory."""
-    weight_dtype = precision_dtype(cfg.mixed_precision)
+def _source(cfg, pipeline_dir) -> str:
+    """The shipped architecture (``flux-dev`` is ``fluxdev``) or the local directory the plan builds."""
     source = str(pipeline_dir or cfg.model)
     source = ARCH_OF_ALIAS.get(source, source)
-    if source not in ARCHITECTURES:
-        source = str(Path(source).expanduser())
-    pipe, family = prepare_pipeline(
-        build_pipeline(source, weight_dtype, "meta")
-    )  # the Trainer's scheduler and settings
-    return pipe, family, source
+    return source if source in ARCHITECTURES else str(Path(source).expanduser())
+
+
+def _meta_pipeline(cfg, source: str, overrides: dict | None = None):
+    """(pipeline on meta, family) of ``source`` with the config ``overrides`` (fewer layers)."""
+    weight_dtype = precision_dtype(cfg.mixed_precision)
+    pipe = build_pipeline(source, weight_dtype, "meta", overrides=overrides, tokenizer_words=PLAN_WORDS)
+    return prepare_pipeline(pipe)  # the Trainer's scheduler and settings
 
 
 def _local_clip_config(cfg) -> dict | None:
@@ -246,24 +259,30 @@ def _local_clip_config(cfg) -> dict | None:
     return None
 
 
-def _meta_reward(cfg, reward_config: dict | None):
-    """The reward's towers on meta: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14) from the shipped
-    ViT-H-14 config, or from a local backbone's config.json."""
-    reward_config = reward_config or _local_clip_config(cfg)
-    name = cfg.reward
-    if name == "pickscore":
-        name = "ict"  # one ViT-H-14 CLIP scoring cosines, as ICT does
-    if name not in ("ict", "hp", "icthp"):
+def _reward_name(cfg) -> str:
+    """The traced reward: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14 scoring cosines, as ICT)."""
+    if cfg.reward not in ("ict", "hp", "icthp", "pickscore"):
         raise UserError(
             f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'"
         )
+    return "ict" if cfg.reward == "pickscore" else cfg.reward
+
+
+def _meta_reward(cfg, clip_config: dict):
+    """The reward's towers on meta, built from ``clip_config`` (a CLIPConfig dict)."""
     dtype = precision_dtype(cfg.mixed_precision)
-    return build_reward(name, dtype, "meta", clip_config=reward_config)
+    return build_reward(_reward_name(cfg), dtype, "meta", clip_config=clip_config, tokenizer_words=PLAN_WORDS)
+
+
+def _module_bytes(module, block: int) -> int:
+    """Bytes of ``module``'s parameters and buffers as the tracker counts them (one storage each, rounded)."""
+    seen = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(-(-t.numel() * t.element_size() // block) * block for t in seen.values())
 
 
 def _plan_config(cfg):
-    """The config traced: the same memory as ``cfg``, with the fewest no-gradient steps (each costs the same
-    memory and none is kept) and the worst case of the random methods."""
+    """The config traced: the same memory as ``cfg``, without the no-gradient steps (see below) and with the worst
+    case of the random methods."""
 
     over = {"output": cfg.output or "/nonexistent-plan-output", "grad_accum": 1, "eval_every": 0}
     k = cfg.k if cfg.method in ("draft-k", "alignprop") else 1
@@ -271,7 +290,9 @@ def _plan_config(cfg):
         return dataclasses.replace(cfg, **over)
     if cfg.method in ("alignprop", "refl"):
         over.update(method="draft-k", k=k)  # alignprop's largest draw; refl has one gradient step
-    over["sample_steps"] = min(cfg.sample_steps or k + 1, k + 1)  # unset: the model's default, more than k + 1
+    # no step without gradients: its call holds nothing afterwards and, while it runs, no more than the first
+    # gradient call holds (the same call, the same inputs), so the peak is decided by the K gradient steps
+    over["sample_steps"] = min(cfg.sample_steps or k, k)  # unset: the model's default, at least k
     return dataclasses.replace(cfg, **over)
 
 
@@ -355,13 +376,20 @@ def predict_peak_memory(
     reward_config: dict | None = None,
     vae_block_checkpointing: bool = False,
     target: str = "cuda",
+    full_depth: bool = False,
+    cache: bool = False,
 ) -> dict:
     """Predict the peak GPU memory of one fine-tuning step of ``cfg`` (a ``FinetuneConfig``) before it runs.
 
-    Traces the Trainer's own step parts on fake tensors. ``pipeline_dir`` overrides ``cfg.model``;
+    Traces the Trainer's own step parts on fake tensors, with one layer per repeated stack of layers (the
+    transformer's blocks, the reward towers' layers, the text encoders), and extends each phase's peak to the full
+    depth along slopes traced with one more layer (``stacks``); ``full_depth`` traces every layer instead (slower,
+    the reference the reduced trace is checked against). ``pipeline_dir`` overrides ``cfg.model``;
     ``reward_config`` (a CLIPConfig dict) replaces the ViT-H-14 towers; ``vae_block_checkpointing`` also
-    checkpoints the VAE decoder layer by layer (``checkpoint_vae_decoder``; a benchmark experiment). ``target='cpu'`` predicts a CPU run
-    instead (CPU autocast and attention kernels, no allocator rounding). Returns MiB/GiB figures.
+    checkpoints the VAE decoder layer by layer (``checkpoint_vae_decoder``; a benchmark experiment).
+    ``target='cpu'`` predicts a CPU run instead (CPU autocast and attention kernels, no allocator rounding).
+    ``cache``: reuse (and store) the answer for the same inputs, code and library versions (``cache``).
+    Returns MiB/GiB figures.
 
     Flow families (SD3, FLUX) run the adapter's prompt caching first: T5 and untrained CLIP encoders are not
     resident. ``cfg.quantize_base`` 'nf4'/'int8' models bitsandbytes' frozen Linear weights (0.5625 / 1 byte a
@@ -371,12 +399,114 @@ def predict_peak_memory(
     if target not in ("cuda", "cpu"):
         raise UserError(f"plan target must be cuda or cpu, got '{target}'")
     cfg.validate() if cfg.output else _plan_config(cfg).validate()
+    _reward_name(cfg)
+    key = None
+    if cache:
+        key = plan_cache.key(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, full_depth)
+        hit = plan_cache.load(key)
+        if hit is not None:
+            return hit
+    out = _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, full_depth)
+    if cache:
+        plan_cache.store(key, out)
+    return out
+
+
+def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, full_depth) -> dict:
+    """``predict_peak_memory`` without the cache: the base trace, one per traced stack, and the extension."""
+    source = _source(_plan_config(cfg), pipeline_dir)
+    family, configs, _ = _configs(source)
+    den_part = "transformer" if "transformer" in configs else "unet"
+    den_stacks = [] if full_depth else stacks.denoiser_stacks(family, configs[den_part])
+    text_over = {}
+    if not full_depth and families.by_name(family).flow:
+        text_over = stacks.text_encoder_overrides(configs, cfg.train_text_encoder)
+    clip_full = reward_config or _local_clip_config(cfg) or arch_config(REWARD_BACKBONE)
+    r_stacks = [] if full_depth else stacks.reward_stacks(clip_full)
+    base_depths = {s.name: stacks.BASE_DEPTH for s in (*den_stacks, *r_stacks)}
+
+    def overrides(depths):
+        if not den_stacks:
+            return text_over
+        return {**text_over, den_part: stacks.denoiser_overrides(family, configs[den_part], depths)}
+
+    def clip(depths):
+        return stacks.reward_config(clip_full, depths)
+
+    block = CUDA_BLOCK if target == "cuda" else 1
+    vision = [s for s in r_stacks if s.name == "reward.vision"]
+    probes = [clip(base_depths), clip({**base_depths, "reward.vision": stacks.BASE_DEPTH + 1})] if vision else []
+    base = _trace(cfg, source, overrides(base_depths), clip(base_depths), target, vae_block_checkpointing, probes)
+    peaks = dict(base["peaks"])
+    totals = {k: base[k] for k in ("weights", "resident", "trainable")}
+
+    def extend(stack, slopes: dict, deltas: dict):
+        for phase in peaks:
+            peaks[phase] += slopes[phase] * (stack.full - stacks.BASE_DEPTH)
+        for k in totals:
+            totals[k] += deltas[k] * (stack.full - stacks.BASE_DEPTH)
+
+    for stack in den_stacks:  # one more layer of this stack, traced without the decode and reward's own work
+        more = _trace(
+            cfg,
+            source,
+            overrides({**base_depths, stack.name: stacks.BASE_DEPTH + 1}),
+            clip(base_depths),
+            target,
+            vae_block_checkpointing,
+            stand_in=True,
+        )
+        missing = [p for p in peaks if p not in PASSIVE_PHASES and p not in more["peaks"]]
+        if missing:
+            raise RuntimeError(f"planner: the trace with one more {stack.name} layer has no phase {missing[0]}")
+        # while the VAE and the reward run, the denoiser's layers hold what they held when the decode began
+        held = more["starts"]["decode"] - base["starts"]["decode"]
+        slopes = {p: held if p in PASSIVE_PHASES else more["peaks"][p] - base["peaks"][p] for p in peaks}
+        extend(stack, slopes, {k: more[k] - base[k] for k in totals})
+    for stack in r_stacks:  # the towers' layers: their weights, and the vision layers' activations while scoring
+        one_more = {**base_depths, stack.name: stacks.BASE_DEPTH + 1}
+        weights = _module_bytes(_meta_reward(cfg, clip(one_more)), block) - _module_bytes(
+            _meta_reward(cfg, clip(base_depths)), block
+        )
+        slopes = dict.fromkeys(peaks, weights)
+        if stack.name == "reward.vision":
+            for phase in REWARD_PHASES:
+                slopes[phase] = base["probes"][1][phase] - base["probes"][0][phase]
+        extend(stack, slopes, {"weights": weights, "resident": weights, "trainable": 0})
+
+    peak = max(peaks.values())
+    parts: dict = {}
+    for name, value in peaks.items():  # the denoiser's passes, named block by block, each as one part
+        part = name.split("|")[0]
+        parts[part] = max(parts.get(part, 0), value)
+    out = {"part_peaks_mib": {k: v / 2**20 for k, v in parts.items()}}
+    out.update(
+        _summary(source, family, base["resolution"], totals["weights"], totals["resident"], peak, totals["trainable"])
+    )
+    out["quantize_base"] = base["quantize_base"]
+    out["traced_layers"] = {s.name: [stacks.BASE_DEPTH, s.full] for s in (*den_stacks, *r_stacks)}
+    out["traces"] = 1 + len(den_stacks)
+    return out
+
+
+REWARD_PHASES = ("reward", "backward:reward")
+# The phases in which the denoiser only holds what its gradient steps kept: between the end of its forward pass and
+# the start of its backward pass.
+PASSIVE_PHASES = ("decode", "reward", "pretrain", "backward:reward", "backward:decode")
+
+
+def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing, probes=(), stand_in=False) -> dict:
+    """One traced step of ``cfg`` on ``source`` built with ``overrides`` and the reward of ``clip_config``: the peak
+    of each phase and the memory as it starts, the weights, resident bytes, trainable parameters; for each of
+    ``probes`` (reward configs) the peaks of the reward's phases with that reward alone scoring the step's images.
+    ``stand_in``: the latents are scored by their mean instead of being decoded and rewarded (the denoiser's phases
+    are the same, the ones in between are not: for a denoiser layer's slope)."""
     pcfg = _plan_config(cfg)
     weight_dtype = precision_dtype(pcfg.mixed_precision)
-    pipe, family, arch = _meta_pipeline(pcfg, pipeline_dir)
+    pipe, family = _meta_pipeline(pcfg, source, overrides)
     resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
     pcfg = _plan_config(pcfg)  # again, for a K that the model's sampling steps decide (alignprop's default)
-    reward = _meta_reward(pcfg, reward_config)
+    reward = _meta_reward(pcfg, clip_config)
     adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
     adapter.check_resolution(resolution)
@@ -405,12 +535,19 @@ def predict_peak_memory(
     modules = [m for m in (adapter.denoiser, pipe.vae, *encoders, reward) if m is not None]
     every = modules + [m for m in (*adapter.text_encoders(), getattr(adapter, "t5", None)) if m is not None]
     gpu = target == "cuda"
+    block = CUDA_BLOCK if gpu else 1
+    probe_rewards = [_meta_reward(pcfg, clip) for clip in probes]  # built on meta before fake mode, as the rest
     with (
+        warnings.catch_warnings(),
         FakeTensorMode(allow_non_fake_inputs=True),
         _gpu_attention() if gpu else contextlib.nullcontext(),
         _cuda_autocast_policy() if gpu else contextlib.nullcontext(),
     ):
-        _materialize(every, {})
+        # rms_norm of an fp32 input (after the emulated CUDA autocast) with bf16 weights has no fused CPU kernel:
+        # torch says so once per trace, about the fake CPU tensors, not the GPU the plan is for
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
+        memo: dict = {}
+        _materialize(every, memo)
         with parts.accelerator.autocast():
             adapter.cache_prompts([PLAN_PROMPT])  # the Trainer's own caching; the cache stays on the CPU
         gone, quantized = set(), []
@@ -418,38 +555,219 @@ def predict_peak_memory(
             gone, quantized = _quantize_linears(adapter.denoiser, pcfg.quantize_base, weight_dtype)
         trainer = Trainer.from_parts(pcfg, parts)
         trainable = lora_mod.trainable_parameters(*lora.modules)
-        tracker = StorageTracker(CUDA_BLOCK if gpu else 1)
+        tracker = StorageTracker(block)
         kept = [t for m in modules for t in (*m.parameters(), *m.buffers()) if id(t) not in gone]
         tracker.add_tensors(kept + quantized)
         weights = tracker.current
         states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
         resident = tracker.current
+        blocks = stacks.denoiser_blocks(family, adapter.denoiser)
         with tracker:
-            out = _trace_step(trainer, trainable, pcfg, tracker)
+            scored, starts = _trace_step(trainer, trainable, pcfg, tracker, stand_in, blocks)
         del states
-    out.update(_summary(cfg, arch, family, resolution, weights, resident, tracker.peak, trainable, out))
-    out["quantize_base"] = pcfg.quantize_base
+        probe_peaks = [_probe_reward(trainer, pcfg, r, scored, memo, block) for r in probe_rewards]
+    return {
+        "peaks": _one_block_is_first_and_later(tracker.phase_peaks, blocks),
+        "starts": starts,
+        "weights": weights,
+        "resident": resident,
+        "trainable": sum(p.numel() for p in trainable),
+        "resolution": resolution,
+        "family": family,
+        "quantize_base": pcfg.quantize_base,
+        "probes": probe_peaks,
+    }
+
+
+def _one_block_is_first_and_later(peaks: dict, blocks) -> dict:
+    """A stack traced with one block has a first block and no later one; that block stands for both, so the names of
+    a one-block and a two-block trace match (``_DenoiserLabels``)."""
+    depth: dict = {}
+    for _, stack in blocks:
+        depth[stack] = depth.get(stack, 0) + 1
+    out = dict(peaks)
+    for name, value in peaks.items():
+        parts = name.split("|")
+        if len(parts) == 5 and parts[4] == "first" and depth.get(parts[3]) == 1:
+            later = "|".join([*parts[:4], "later"])
+            out[later] = max(out.get(later, 0), value)
     return out
 
 
-def _trace_step(trainer, trainable, cfg, tracker) -> dict:
+class _DenoiserLabels:
+    """Names each moment of the denoiser's gradient steps (``grad_steps``) and of its backward pass
+    (``backward:denoiser``) by what is being worked on: the gradient call (counted in that pass's order); a block's
+    forward, its own backward (with its recomputation), or a block of a whole call's recomputed forward pass; the
+    block's stack and whether it is that stack's first block in that pass or a later one; and the gaps where a pass
+    leaves a stack. A stack's blocks hold the same at the same moment, so each name's peak is affine in the stacks'
+    depths, which a whole phase's peak (the largest of them: where held inputs give way to gradients, or one stack's
+    blocks to another's) is not. Installed as module hooks for one traced step (``close`` removes them)."""
+
+    FORWARD, BACKWARD = "grad_steps", "backward:denoiser"
+
+    def __init__(self, tracker, denoiser, blocks):
+        self.tracker, self.counts, self.own, self.recomputing = tracker, {}, None, None
+        self.calls = {self.FORWARD: 0, self.BACKWARD: 0}
+        self.block_outputs: set[int] = set()  # a block's output is the next block's input: its start comes first
+        first, last = {}, {}  # each stack's first and last block in forward order
+        for module, stack in blocks:
+            first.setdefault(stack, module)
+            last[stack] = module
+        self.handles = [denoiser.register_forward_pre_hook(self._call_start)]
+        for module, stack in blocks:
+            self.handles.append(module.register_forward_pre_hook(self._forward(module, stack)))
+            hook = self._outputs(module, stack, last[stack] is module, first[stack] is module)
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _pass(self) -> str | None:
+        phase = self.tracker.phase
+        return next((p for p in (self.FORWARD, self.BACKWARD) if phase.startswith(p)), None)
+
+    def _label(self, what: tuple, kind: str | None = None, stack: str | None = None) -> None:
+        pass_ = self._pass()
+        call = self.calls[pass_]
+        if kind is not None:
+            n = self.counts.get((pass_, call, kind, stack), 0)
+            self.counts[(pass_, call, kind, stack)] = n + 1
+            what = (*what, "first" if n == 0 else "later")
+        self.tracker.phase = "|".join([pass_, str(call), *what])
+
+    def _call_start(self, module, args):
+        pass_ = self._pass()
+        if pass_ is not None:  # a gradient call, or (backward) a checkpointed one recomputed
+            self.calls[pass_] += 1
+            self.own = None
+            self._label(("start",))
+
+    def _forward(self, module, stack):
+        def hook(mod, args):
+            pass_ = self._pass()
+            if pass_ is None:
+                return
+            if pass_ == self.BACKWARD and self.own is module:  # the block's own recomputation, in its backward
+                self.own, self.recomputing = None, module
+                return
+            self._label(("forward", stack), "forward", stack)
+
+        return hook
+
+    def _outputs(self, module, stack, last: bool, first: bool):
+        def once(fn):
+            done = []
+
+            def hook(grad):
+                if not done:
+                    done.append(True)
+                    fn()
+
+            return hook
+
+        def backward_starts():
+            self._label(("backward", stack), "backward", stack)
+            self.own = module
+
+        def hook(mod, args, kwargs, output):
+            pass_ = self._pass()
+            if pass_ == self.BACKWARD:  # a recomputation: its outputs take no gradient
+                if self.recomputing is module:
+                    self.recomputing = None
+                elif last:  # a recomputed pass leaves this stack
+                    self._label(("forward-after", stack))
+                return
+            if pass_ == self.FORWARD and last:
+                self._label(("forward-after", stack))
+            started = once(backward_starts)
+            for t in output if isinstance(output, tuple) else (output,):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(started)
+                    self.block_outputs.add(id(t))
+            if first:  # when the gradient reaches this block's inputs, the backward pass leaves this stack
+                left = once(lambda: self._label(("backward-after", stack)))
+                for t in (*args, *kwargs.values()):
+                    if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.block_outputs:
+                        t.register_hook(left)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, blocks=()) -> tuple[dict, dict]:
     """One micro-batch (batch_size prompts) through the Trainer's own ``micro_step``, then the optimizer's
-    transients; returns the peak of each part (MiB)."""
+    transients. The backward pass is split where the gradient reaches the decoded images (``backward:decode``) and
+    the latents (``backward:denoiser``, named further, as ``grad_steps``, by ``_DenoiserLabels`` over ``blocks``).
+    ``stand_in``: the latents' mean is the reward (no decode, no towers). Returns what the reward scored (images'
+    shape and the prompts) and the memory as each phase started."""
+    starts: dict = {}
+
+    def enter(phase):
+        starts.setdefault(phase, tracker.current)
+        tracker.phase = phase
 
     def mark(name):
-        tracker.phase = name or "optimizer"
+        enter({None: "optimizer", "backward": "backward:reward"}.get(name, name))
 
-    # the regulariser stays alive through the optimizer step, as in Trainer.step
-    _, reg, _ = trainer.micro_step([PLAN_PROMPT] * cfg.batch_size, torch.Generator().manual_seed(0), on_part=mark)
+    scored = {}
+    decode, score = trainer.decode, trainer.score
+
+    def decode_marked(latents):
+        if latents.requires_grad:
+            latents.register_hook(lambda grad: enter("backward:denoiser"))
+        return latents.float() * 1.0 if stand_in else decode(latents)  # a tensor of its own: its own hook
+
+    def score_marked(images, prompts):
+        scored.update(shape=tuple(images.shape), prompts=list(prompts))
+        if images.requires_grad:
+            images.register_hook(lambda grad: enter("backward:decode"))
+        return images.flatten(1).mean(1) if stand_in else score(images, prompts)
+
+    trainer.decode, trainer.score = decode_marked, score_marked
+    labels = _DenoiserLabels(tracker, trainer.unet, blocks)
+    split = cfg.reward_split_every
+    if stand_in:
+        cfg.reward_split_every = 0  # the ICT-HP split needs images (and only adds to the reward's phase)
+    try:
+        # the regulariser stays alive through the optimizer step, as in Trainer.step
+        _, reg, _ = trainer.micro_step([PLAN_PROMPT] * cfg.batch_size, torch.Generator().manual_seed(0), on_part=mark)
+    finally:
+        trainer.decode, trainer.score = decode, score
+        cfg.reward_split_every = split
+        labels.close()
     # AdamW's foreach update holds about two weight-sized fp32 temporaries while the gradients still live.
     temps = [torch.empty(p.shape, dtype=torch.float32) for p in trainable for _ in range(2)]
     del temps, reg
-    return {"part_peaks_mib": {k: v / 2**20 for k, v in tracker.phase_peaks.items()}}
+    return scored, starts
 
 
-def _summary(cfg, arch, family, resolution, weights, resident, peak, trainable, extra) -> dict:
-    n_train = sum(p.numel() for p in trainable)
+def _probe_reward(trainer, cfg, reward, scored, memo, block) -> dict:
+    """The peaks of the reward's forward and backward (``REWARD_PHASES``) with ``reward`` (on meta) alone scoring
+    images of the step's shape, as ``micro_step`` scores them: the vision layers' slope in those phases."""
+    _materialize([reward], memo)
+    own = trainer.reward
+    trainer.reward = reward
+    try:
+        tracker = StorageTracker(block)
+        images = torch.empty(scored["shape"], dtype=torch.float32, requires_grad=True)
+        tracker.add_tensors([*reward.parameters(), *reward.buffers(), images])
+        with tracker:
+            tracker.phase = "reward"
+            r = trainer.score(images, scored["prompts"])
+            loss = cfg.loss_scale * reward_loss(r, cfg.loss, cfg.hinge_margin)
+            if trainer._split_step(1):  # as micro_step on the planner's first step
+                with trainer.accelerator.autocast():
+                    trainer.reward.gradient_split(images.detach(), scored["prompts"])
+            tracker.phase = "backward:reward"
+            loss.backward()
+            del loss, r
+    finally:
+        trainer.reward = own
+    return {phase: tracker.phase_peaks.get(phase, 0) for phase in REWARD_PHASES}
+
+
+def _summary(arch, family, resolution, weights, resident, peak, n_train) -> dict:
     return {
         "peak_mib": peak / 2**20,
         "peak_gib": peak / GIB,
