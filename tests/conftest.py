@@ -272,10 +272,14 @@ class Recorder(torch.nn.Module):
 
     def forward(self, *args, **kw):
         out = self.model(*args, **kw)
+        first = out[0]
+        if isinstance(first, list):  # one tensor per sample (Z-Image): recorded stacked, handed on as a list again
+            first = torch.stack(first)
+            out = (list(first.unbind(0)), *out[1:])
         if self.recording:
-            if out[0].requires_grad:
-                out[0].retain_grad()
-            self.outputs.append(out[0])
+            if first.requires_grad:
+                first.retain_grad()
+            self.outputs.append(first)
         return out
 
 

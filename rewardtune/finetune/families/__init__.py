@@ -50,6 +50,7 @@ class Family:
     kohya_text_encoders: int | None = None  # --export kohya: how many text encoders the file names (None: no export)
     refine_defaults: Callable | None = None
     fp16_vae_overflows: bool = False  # the VAE overflows in fp16 (a divergence hint names --vae-fp32)
+    guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
 
     @property
     def takes_sequence_length(self) -> bool:
