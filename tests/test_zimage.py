@@ -20,6 +20,7 @@ from rewardtune.finetune.families.zimage import ZIMAGE_TARGETS
 from rewardtune.finetune.flow import FlowMatchSampler
 from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, resolve_model
 from rewardtune.finetune.sampler import Plan
+from rewardtune.plan.architectures import ARCH_OF_ALIAS, build_parts
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.zimage_pipelines import SCHEDULER, save_tiny_zimage_pipeline
 
@@ -195,10 +196,12 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
 ):
     """``pipe.load_lora_weights(dir)`` on a fresh ZImagePipeline loads every tensor without a warning (the diffusers,
     peft and transformers loggers captured), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
-    makes the trainer's own images, here with guidance (g = 1.5: two branches, the empty negative prompt)."""
+    makes the trainer's own images, here with guidance (g = 1.5: two branches, the empty negative prompt) and the
+    transformer and VAE decode checkpointed."""
     g = 1.5
     trainer = Trainer(
-        zimage_cfg(zimage_model, tmp_path, lr=5e-2, lora_alpha=8.0, guidance_scale=g), reward=Brightness()
+        zimage_cfg(zimage_model, tmp_path, lr=5e-2, lora_alpha=8.0, guidance_scale=g, gradient_checkpointing=True),
+        reward=Brightness(),
     )
     assert trainer.sampler.guided
     trainer.step()
@@ -298,3 +301,24 @@ def test_aliases_name_the_public_models_and_their_cards_settings(zimage_model, t
     assert resolved(model=str(zimage_model), defaults_from="z-image-turbo", sample_steps=4) == (4, 0.0, 512)
     assert families.by_name("zimage").aliases["z-image-turbo"].guidance_free
     assert SCHEDULER == dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
+# ----- the full-size architecture ---------------------------------------------------------------------
+def test_full_size_architecture_has_the_published_size():
+    """The shipped configs built on the meta device: the transformer has Z-Image's 6.15B parameters (the hub's
+    Turbo transformer is 24.6 GB of fp32 shards, Z-Image's 12.3 GB of bf16), Qwen3-4B's decoder 4.02B (its 8.05 GB
+    of bf16 shards), LoRA lands on all 34 blocks' 7 projections, and the aliases name the planner's architectures
+    with their schedulers' shifts (Turbo 3, Z-Image 6)."""
+    parts = build_parts("zimageturbo", dtype=torch.bfloat16, device="meta")
+    count = {name: sum(p.numel() for p in parts[name].parameters()) for name in ("transformer", "text_encoder")}
+    assert count["transformer"] * 4 == pytest.approx(24.6e9, rel=0.005)
+    assert count["transformer"] * 2 == pytest.approx(12.3e9, rel=0.005)
+    assert count["text_encoder"] * 2 == pytest.approx(8.05e9, rel=0.005)
+    assert type(parts["text_encoder"]).__name__ == "Qwen3Model" and parts["transformer"].config.n_layers == 30
+    linears = [n for n, m in parts["transformer"].named_modules() if isinstance(m, torch.nn.Linear)]
+    targeted = [n for n in linears if any(n.endswith("." + t) for t in ZIMAGE_TARGETS)]
+    assert len(targeted) == (30 + 2 + 2) * 7
+    assert families.by_name("zimage").plan_names == ("zimageturbo", "zimage")
+    assert (ARCH_OF_ALIAS["z-image-turbo"], ARCH_OF_ALIAS["z-image"]) == ("zimageturbo", "zimage")
+    assert build_parts("zimage", device="meta")["scheduler"].config.shift == 6.0
+    assert parts["scheduler"].config.shift == 3.0

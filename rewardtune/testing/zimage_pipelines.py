@@ -40,20 +40,21 @@ CHAT_TEMPLATE = (
 
 def qwen_tokenizer(words: list[str]):
     """A ``Qwen2Tokenizer`` over the 256-symbol byte alphabet, with BPE merges that build each of ``words`` (with
-    and without the leading-space symbol 'Ġ') left to right, Qwen3's special tokens and the chat template."""
+    and without the leading-space symbol 'Ġ') left to right, Qwen3's special tokens and the chat template. Words after a
+    space become one token each; a word at the start of a line may split where another word's merges rank first."""
     from transformers import Qwen2Tokenizer
 
     alphabet = bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(alphabet)}
     merges: list[tuple[str, str]] = []
-    for word in [*words, "user", "assistant", "system"]:
-        for piece in (word, "Ġ" + word):
-            left = piece[0]
-            for ch in piece[1:]:
-                if left + ch not in vocab:
-                    merges.append((left, ch))
-                    vocab[left + ch] = len(vocab)
-                left += ch
+    words = [*words, "user", "assistant", "system"]
+    for piece in ["Ġ" + w for w in words] + words:  # words after a space first: those chains never collide
+        left = piece[0]
+        for ch in piece[1:]:
+            if left + ch not in vocab:
+                merges.append((left, ch))
+                vocab[left + ch] = len(vocab)
+            left += ch
     for token in (PAD, IM_START, IM_END, *THINK):
         vocab[token] = len(vocab)
     tok = Qwen2Tokenizer(

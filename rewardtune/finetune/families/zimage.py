@@ -78,10 +78,21 @@ class ZImageAdapter(FlowAdapter):
         return {}
 
     def _t5(self, prompts):
-        device = self.t5.device if self.t5 is not None else self.device
-        # a copy: the pipeline writes the templated prompts back into the list it gets
-        embeds = self.pipe._encode_prompt(list(prompts), device=device, max_sequence_length=self.max_sequence_length)
-        return {"qwen": embeds}
+        """ZImagePipeline._encode_prompt's features, written out: its template, padding and second-to-last hidden
+        layer, the padding dropped by the positions the tokenizer's mask keeps, read as Python ints (the pipeline's
+        boolean-mask selection has no static shape, so the planner's fake tensors could not trace it; and nothing
+        here writes into ``prompts``)."""
+        tok, device = self.pipe.tokenizer, self.t5.device
+        chat = [[{"role": "user", "content": p}] for p in prompts]
+        texts = [
+            tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True, enable_thinking=True) for c in chat
+        ]
+        batch = tok(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True)
+        ids = torch.tensor(batch["input_ids"], device=device)
+        mask = torch.tensor(batch["attention_mask"], device=device).bool()
+        hidden = self.t5(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        kept = [[j for j, m in enumerate(row) if m] for row in batch["attention_mask"]]
+        return {"qwen": [h[torch.tensor(k, device=device)] for h, k in zip(hidden, kept)]}
 
     def embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
         """One caption tensor per prompt on the denoiser's device, from the cache once it is on (each has its own
