@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from rewardtune.testing.zimage_pipelines import SCHEDULER, save_tiny_zimage_pipe
 
 PROMPTS = ["a red apple", "a cat"]
 MSL = 16  # Qwen tokens per prompt (the pipeline's default is 512): the template and a few words
+ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("noise_refiner", "context_refiner", "layers")  # the transformer's three runs of blocks
 
 
@@ -322,3 +324,14 @@ def test_full_size_architecture_has_the_published_size():
     assert (ARCH_OF_ALIAS["z-image-turbo"], ARCH_OF_ALIAS["z-image"]) == ("zimageturbo", "zimage")
     assert build_parts("zimage", device="meta")["scheduler"].config.shift == 6.0
     assert parts["scheduler"].config.shift == 3.0
+
+
+def test_the_fsdp_recipe_names_the_block_class_the_transformer_has(zimage_model):
+    """accelerate refuses a listed block class the model lacks: the recipe lists the family's FSDP block class, which
+    every block of the three stacks is."""
+    config = yaml.safe_load((ROOT / "recipes/accelerate/fsdp_zimage.yaml").read_text())["fsdp_config"]
+    listed = set(config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    transformer = ZImagePipeline.from_pretrained(zimage_model).transformer
+    blocks = [m for stack in STACKS for m in getattr(transformer, stack)]
+    assert config["fsdp_version"] == 2 and listed == set(families.by_name("zimage").fsdp_blocks)
+    assert {type(m).__name__ for m in blocks} == listed and len(blocks) == 4

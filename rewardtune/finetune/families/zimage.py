@@ -4,8 +4,9 @@ Euler sampling; Z-Image-Turbo (the headline) is distilled to sample in a few ste
 What ``ZImagePipeline`` (diffusers 0.42) does, and so what the adapter does:
 - text: each prompt in Qwen3's chat template (one user turn, ``add_generation_prompt``, ``enable_thinking=True``),
   padded to ``max_sequence_length`` (512) tokens, the text encoder's second-to-last hidden states, the padding
-  dropped: one (tokens, 2560) tensor per prompt, of its own length. ``_encode_prompt`` writes the templated text
-  back into the list it is given, so it only ever gets a copy of ours;
+  dropped: one (tokens, 2560) tensor per prompt, of its own length. The adapter writes that encoding out
+  (``_encode_prompt`` writes the templated text back into the list it is given, and its boolean-mask selection
+  cannot be traced on the planner's fake tensors);
 - the transformer takes lists: one (C, 1, H/8, W/8) latent and one caption tensor per sample, a time on the reversed
   scale (1000 - t)/1000, and returns the negative of the velocity, per sample;
 - guidance: pos + g (pos - neg) with the negative prompt "" for any g > 0 (no guidance at 0, Turbo's setting). That is
