@@ -158,6 +158,7 @@ FAMILY = Family(
     adapter=ZImageAdapter,
     denoiser="transformer",
     flow=True,
+    cached_encoder="text_encoder",  # Qwen3-4B, about 8 GB in bf16
     # ZImagePipeline's own call defaults (num_inference_steps=50, guidance_scale=5.0, max_sequence_length=512)
     defaults=dict(sample_steps=50, guidance_scale=5.0, lora_targets=ZIMAGE_TARGETS, max_sequence_length=512),
     assemble=assemble,
