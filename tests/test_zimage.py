@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ZImage
 from safetensors import safe_open
 
 from rewardtune.cli import main
+from rewardtune.config import build_config
 from rewardtune.errors import OfflineError
 from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sample, training_scheduler
 from rewardtune.finetune.defaults import resolve_defaults
@@ -193,42 +194,92 @@ def test_defaults_targets_and_the_prompt_cache(zimage_trainer):
 
 
 # ----- the LoRA a user loads ------------------------------------------------------------------------
-def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
-    zimage_model, tmp_path, zimage_cfg, library_log
-):
-    """``pipe.load_lora_weights(dir)`` on a fresh ZImagePipeline loads every tensor without a warning (the diffusers,
-    peft and transformers loggers captured), at the trained scale (alpha 8 / rank 4), and the stock pipeline then
-    makes the trainer's own images, here with guidance (g = 1.5: two branches, the empty negative prompt) and the
-    transformer and VAE decode checkpointed."""
-    g = 1.5
-    trainer = Trainer(
-        zimage_cfg(zimage_model, tmp_path, lr=5e-2, lora_alpha=8.0, guidance_scale=g, gradient_checkpointing=True),
-        reward=Brightness(),
-    )
+GUIDED = 1.5  # the round trip samples with guidance: two branches, the empty negative prompt
+
+
+@pytest.fixture(scope="module")
+def trained_lora(zimage_model, tmp_path_factory, zimage_cfg):
+    """One step of a guided run (rank 4, alpha 8; transformer and VAE decode checkpointed), its LoRA saved with
+    ``ZImagePipeline.save_lora_weights``, and the images the trainer then makes: (LoRA directory, images)."""
+    out = tmp_path_factory.mktemp("zimage_lora")
+    cfg = zimage_cfg(zimage_model, out, lr=5e-2, lora_alpha=8.0, guidance_scale=GUIDED, gradient_checkpointing=True)
+    trainer = Trainer(cfg, reward=Brightness())
     assert trainer.sampler.guided
     trainer.step()
-    trainer.save_lora(tmp_path / "lora")
+    trainer.save_lora(out / "lora")
     trainer.unet.eval()
-    trained = trainer.generate(PROMPTS, seed=5)
-    kw = dict(num_inference_steps=3, guidance_scale=g, height=32, width=32, max_sequence_length=MSL)
+    return out / "lora", trainer.generate(PROMPTS, seed=5)
+
+
+def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
+    zimage_model, trained_lora, library_log
+):
+    """``pipe.load_lora_weights(dir)`` on a fresh ZImagePipeline loads every tensor without a warning (the diffusers,
+    peft and transformers loggers captured), at the trained scale (alpha 8 / rank 4), and the stock pipeline, guided
+    as the run was, then makes the trainer's own images."""
+    directory, trained = trained_lora
+    kw = dict(num_inference_steps=3, guidance_scale=GUIDED, height=32, width=32, max_sequence_length=MSL)
     pipe = _load(zimage_model)
     base = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).images
     with library_log() as log:
-        pipe.load_lora_weights(tmp_path / "lora")  # the plain diffusers call a user makes
+        pipe.load_lora_weights(directory)  # the plain diffusers call a user makes
     assert log.messages == []
     loaded = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).images
     assert float((trained - base).abs().max()) > 1e-3  # the LoRA changed the model
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
     latents = pipe(list(PROMPTS), generator=_gen(6), output_type="latent", **kw).images
     torch.testing.assert_close(sample(pipe, PROMPTS, generator=_gen(6), **kw), latents, atol=1e-4, rtol=0)
-    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+    with safe_open(str(directory / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
         metadata = f.metadata()
     assert {k.split(".")[0] for k in keys} == {"transformer"}
     assert {k.split(".")[1] for k in keys} == set(STACKS)
     assert any(".feed_forward.w3." in k for k in keys) and any(".attention.to_out.0." in k for k in keys)
     assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
-    load_lora(_load(zimage_model), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
+    load_lora(_load(zimage_model), directory)  # our checked loader agrees: every tensor found its module
+
+
+# ComfyUI (Comfy-Org/ComfyUI), read, not run: comfy/lora.py at 17358c8f73b581a0d22facc3c385822f09b8bfb1,
+# model_lora_keys_unet's Lumina2 branch (Z-Image loads as Lumina2): the key map takes "transformer." + every name
+# z_image_to_diffusers gives that ends in ".weight", less ".weight"; comfy/utils.py at
+# 09708eae709a992a5684bed3595ce4d07e705b4e, z_image_to_diffusers: for each of the n_layers "layers.<i>", the
+# n_refiner_layers "context_refiner.<i>" and "noise_refiner.<i>" blocks, attention.to_q/to_k/to_v (slices of the
+# fused qkv), attention.to_out.0, attention.norm_q/norm_k, attention_norm1/2, ffn_norm1/2, feed_forward.w1/w2/w3 and
+# adaLN_modulation.0; load_lora reads <name>.lora_B.weight / .lora_A.weight with scale <name>.alpha / rank, 1.0
+# without an alpha tensor (comfy/weight_adapter/lora.py at 6f98b150e065f1ffc788558574a887835068bd40).
+COMFYUI_BLOCK_WEIGHTS = [
+    *(f"attention.{x}" for x in ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k")),
+    *("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2", "adaLN_modulation.0"),
+    *(f"feed_forward.{w}" for w in ("w1", "w2", "w3")),
+]
+
+
+def comfyui_zimage_names(config) -> set[str]:
+    """The LoRA names ComfyUI's Z-Image key map holds, in the diffusers file's form (see above)."""
+    blocks = [f"layers.{i}" for i in range(config.n_layers)]
+    blocks += [f"{s}.{i}" for s in ("context_refiner", "noise_refiner") for i in range(config.n_refiner_layers)]
+    return {f"transformer.{b}.{leaf}" for b in blocks for leaf in COMFYUI_BLOCK_WEIGHTS}
+
+
+def test_comfyui_maps_every_key_of_the_saved_lora(zimage_model, trained_lora):
+    """Every key of the saved file names a module ComfyUI's Z-Image map holds (the tiny model's, and all 238 LoRA
+    modules of the full-size transformer on the default targets); the rule is not vacuous: peft's
+    ``attention.to_out`` (without ``.0``) and the time embedder are not in it."""
+    directory, _ = trained_lora
+    with safe_open(str(directory / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    modules = {k.rsplit(".lora_", 1)[0] for k in keys}
+    assert {k.rsplit(".lora_", 1)[1] for k in keys} == {"A.weight", "B.weight"}
+    names = comfyui_zimage_names(ZImagePipeline.from_pretrained(zimage_model).transformer.config)
+    assert modules and modules <= names, sorted(modules - names)[:3]
+    full = build_parts("zimageturbo", device="meta")["transformer"]
+    targeted = {
+        f"transformer.{n}"
+        for n, m in full.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in ZIMAGE_TARGETS)
+    }
+    assert len(targeted) == 238 and targeted <= comfyui_zimage_names(full.config)
+    assert "transformer.layers.0.attention.to_out" not in names and "transformer.t_embedder.mlp.0" not in names
 
 
 # ----- the command line ------------------------------------------------------------------------------
@@ -335,3 +386,32 @@ def test_the_fsdp_recipe_names_the_block_class_the_transformer_has(zimage_model)
     blocks = [m for stack in STACKS for m in getattr(transformer, stack)]
     assert config["fsdp_version"] == 2 and listed == set(families.by_name("zimage").fsdp_blocks)
     assert {type(m).__name__ for m in blocks} == listed and len(blocks) == 4
+
+
+def test_stored_prompt_embeddings_stand_in_for_the_text_encoder(zimage_model, tmp_path, zimage_cfg):
+    """--prompt-embeddings: a first run writes each prompt's caption (its own length) to the store, with Qwen3 run
+    on the CPU (--text-encoder-device cpu); a second run finds every prompt there, never loads Qwen3, and conditions
+    the transformer on exactly the same captions."""
+    store = tmp_path / "store"
+    first = Trainer(
+        zimage_cfg(zimage_model, tmp_path / "a", prompt_embeddings=str(store), text_encoder_device="cpu"),
+        reward=Brightness(),
+    )
+    second = Trainer(zimage_cfg(zimage_model, tmp_path / "b", prompt_embeddings=str(store)), reward=Brightness())
+    assert first.pipe.text_encoder is not None and second.pipe.text_encoder is None
+    prompts = first.batch_prompts(0, step=0)
+    ours, theirs = first.encode(prompts).captions, second.encode(prompts).captions
+    assert len({c.shape[0] for c in ours}) > 1  # captions of different lengths
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_the_recipe_is_turbo_at_1024_with_draft_k_and_states_its_prediction(tmp_path):
+    """The bundled recipe builds a valid config: Z-Image-Turbo's card settings, DRaFT-K with K = 1, LoRA rank 16,
+    ICT-HP, batch 1 at 1024 px; it states the planner's predicted peaks with their commit, marked unmeasured."""
+    cfg = build_config(FinetuneConfig, config="zimage_turbo_icthp_draftk", output=str(tmp_path))
+    assert (cfg.model, cfg.method, cfg.k, cfg.lora_rank, cfg.reward) == ("z-image-turbo", "draft-k", 1, 16, "icthp")
+    assert (cfg.resolution, cfg.batch_size, cfg.sample_steps, cfg.guidance_scale) == (1024, 1, 9, 0.0)
+    text = (ROOT / "recipes" / "zimage_turbo_icthp_draftk.yaml").read_text()
+    assert "rewardtune plan --config zimage_turbo_icthp_draftk" in text and " GiB (commit " in text
+    assert "Not yet measured on a GPU" in text
