@@ -38,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import CLIPModel
 
@@ -259,6 +260,27 @@ def tiny_cfg():
         return FinetuneConfig(**base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def flow_cfg(tiny_cfg):
+    """``tiny_cfg`` for a flow model: the model's own guidance, two evaluation prompts, short prompts for the large
+    text encoder (16 tokens)."""
+    return lambda model, output, **kw: tiny_cfg(
+        model, output, **{"guidance_scale": None, "eval_size": 2, "max_sequence_length": 16, **kw}
+    )
+
+
+@pytest.fixture(scope="session")
+def stock_pipeline():
+    """``stock_pipeline(directory)``: the diffusers pipeline a user loads from a saved directory, progress bars off."""
+
+    def load(path):
+        pipe = DiffusionPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
 
 
 class Recorder(torch.nn.Module):

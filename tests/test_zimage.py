@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 from safetensors import safe_open
 
 from rewardtune.cli import main
@@ -38,22 +38,8 @@ def zimage_model(tmp_path_factory):
     return save_tiny_zimage_pipeline(tmp_path_factory.mktemp("tiny_zimage"))
 
 
-def _load(path):
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def zimage_cfg(tiny_cfg):
-    """``tiny_cfg`` for Z-Image: the model's own guidance unless given, short prompts, two evaluation prompts."""
-    return lambda model, output, **kw: tiny_cfg(
-        model, output, **{"guidance_scale": None, "eval_size": 2, "max_sequence_length": MSL, **kw}
-    )
 
 
 def test_the_tiny_pipeline_is_a_real_zimage_pipeline(zimage_model):
@@ -86,12 +72,12 @@ def test_the_tiny_pipeline_is_a_real_zimage_pipeline(zimage_model):
     [(False, [(32, 0.0), (48, 1.5)]), (True, [(32, 0.0), (64, 0.5)])],
     ids=["hub-static-shift", "dynamic-shift"],
 )
-def test_sample_returns_the_pipelines_latents(zimage_model, dynamic, cases):
+def test_sample_returns_the_pipelines_latents(zimage_model, stock_pipeline, dynamic, cases):
     """``sample`` equals ``pipe(..., output_type='latent')`` from the same generator and from the same latents, without
     guidance (Turbo) and with it (pos + g (pos - neg) from g > 0: 0.5 guides too); with the hub's static shift and
     with a dynamic-shift config at two sizes, whose mu the pipeline computes from the image tokens. The caller's
     prompt list is left as it was (the pipeline's encoder writes the templated text into the list it gets)."""
-    pipe = _load(zimage_model)
+    pipe = stock_pipeline(zimage_model)
     if dynamic:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=True)
     prompts = list(PROMPTS)
@@ -107,10 +93,10 @@ def test_sample_returns_the_pipelines_latents(zimage_model, dynamic, cases):
     assert prompts == PROMPTS
 
 
-def test_schedules_are_the_pipelines(zimage_model):
+def test_schedules_are_the_pipelines(zimage_model, stock_pipeline):
     """Sigmas linspace(1, 1/N, N) with the config's static shift 3 (the same at every size), or with a dynamic config
     the shift exp(mu), mu from the (H/16)(W/16) image tokens: 0.5 at 256 tokens (256 px), 1.15 at 4096 (1024 px)."""
-    pipe = _load(zimage_model)
+    pipe = stock_pipeline(zimage_model)
     adapter = make_adapter(pipe, "zimage")
     t = torch.linspace(1.0, 1 / 4, 4).double()
     for res in (256, 1024):
@@ -129,21 +115,14 @@ def test_schedules_are_the_pipelines(zimage_model):
 
 # ----- training ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def zimage_trainer(zimage_model, tmp_path_factory, zimage_cfg):
+def zimage_trainer(zimage_model, tmp_path_factory, flow_cfg, brightness):
     """A Turbo-like trainer (no guidance); the method is read from its config at every step, so tests switch it."""
     return Trainer(
-        zimage_cfg(
+        flow_cfg(
             zimage_model, tmp_path_factory.mktemp("zimage_methods"), guidance_scale=0.0, k=2, lr=1e-2, refl_min=0.0
         ),
-        reward=Brightness(),
+        reward=brightness(),
     )
-
-
-class Brightness(torch.nn.Module):
-    """Mean pixel value: a reward any generator can move."""
-
-    def forward(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
 
 
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
@@ -198,12 +177,12 @@ GUIDED = 1.5  # the round trip samples with guidance: two branches, the empty ne
 
 
 @pytest.fixture(scope="module")
-def trained_lora(zimage_model, tmp_path_factory, zimage_cfg):
+def trained_lora(zimage_model, tmp_path_factory, flow_cfg, brightness):
     """One step of a guided run (rank 4, alpha 8; transformer and VAE decode checkpointed), its LoRA saved with
     ``ZImagePipeline.save_lora_weights``, and the images the trainer then makes: (LoRA directory, images)."""
     out = tmp_path_factory.mktemp("zimage_lora")
-    cfg = zimage_cfg(zimage_model, out, lr=5e-2, lora_alpha=8.0, guidance_scale=GUIDED, gradient_checkpointing=True)
-    trainer = Trainer(cfg, reward=Brightness())
+    cfg = flow_cfg(zimage_model, out, lr=5e-2, lora_alpha=8.0, guidance_scale=GUIDED, gradient_checkpointing=True)
+    trainer = Trainer(cfg, reward=brightness())
     assert trainer.sampler.guided
     trainer.step()
     trainer.save_lora(out / "lora")
@@ -212,14 +191,14 @@ def trained_lora(zimage_model, tmp_path_factory, zimage_cfg):
 
 
 def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
-    zimage_model, trained_lora, library_log
+    zimage_model, trained_lora, library_log, stock_pipeline
 ):
     """``pipe.load_lora_weights(dir)`` on a fresh ZImagePipeline loads every tensor without a warning (the diffusers,
     peft and transformers loggers captured), at the trained scale (alpha 8 / rank 4), and the stock pipeline, guided
     as the run was, then makes the trainer's own images."""
     directory, trained = trained_lora
     kw = dict(num_inference_steps=3, guidance_scale=GUIDED, height=32, width=32, max_sequence_length=MSL)
-    pipe = _load(zimage_model)
+    pipe = stock_pipeline(zimage_model)
     base = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).images
     with library_log() as log:
         pipe.load_lora_weights(directory)  # the plain diffusers call a user makes
@@ -236,7 +215,7 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(
     assert {k.split(".")[1] for k in keys} == set(STACKS)
     assert any(".feed_forward.w3." in k for k in keys) and any(".attention.to_out.0." in k for k in keys)
     assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
-    load_lora(_load(zimage_model), directory)  # our checked loader agrees: every tensor found its module
+    load_lora(stock_pipeline(zimage_model), directory)  # our checked loader agrees: every tensor found its module
 
 
 # ComfyUI (Comfy-Org/ComfyUI), read, not run: comfy/lora.py at 17358c8f73b581a0d22facc3c385822f09b8bfb1,
@@ -333,7 +312,7 @@ def test_bad_input_gives_one_clear_line(case, zimage_model, tmp_path, capsys):
     assert last.startswith("rewardtune finetune: error: ") and expect in last and "Traceback" not in err
 
 
-def test_aliases_name_the_public_models_and_their_cards_settings(zimage_model, tmp_path, monkeypatch):
+def test_aliases_name_the_public_models_and_their_cards_settings(zimage_model, stock_pipeline, tmp_path, monkeypatch):
     """Z-Image-Turbo's card: 9 steps, guidance 0; Z-Image's: 50 steps, guidance 4; a local directory takes the
     pipeline's own call defaults (50, 5.0, 512 tokens) unless --defaults-from names an alias."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -341,7 +320,7 @@ def test_aliases_name_the_public_models_and_their_cards_settings(zimage_model, t
     for alias, hub_id in (("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo"), ("z-image", "Tongyi-MAI/Z-Image")):
         with pytest.raises(OfflineError, match=f"'{hub_id}' is not in the local cache"):
             resolve_model(alias)
-    pipe = _load(zimage_model)
+    pipe = stock_pipeline(zimage_model)
 
     def resolved(**kw):
         cfg = FinetuneConfig(output=str(tmp_path), **kw)
@@ -388,16 +367,16 @@ def test_the_fsdp_recipe_names_the_block_class_the_transformer_has(zimage_model)
     assert {type(m).__name__ for m in blocks} == listed and len(blocks) == 4
 
 
-def test_stored_prompt_embeddings_stand_in_for_the_text_encoder(zimage_model, tmp_path, zimage_cfg):
+def test_stored_prompt_embeddings_stand_in_for_the_text_encoder(zimage_model, tmp_path, flow_cfg, brightness):
     """--prompt-embeddings: a first run writes each prompt's caption (its own length) to the store, with Qwen3 run
     on the CPU (--text-encoder-device cpu); a second run finds every prompt there, never loads Qwen3, and conditions
     the transformer on exactly the same captions."""
     store = tmp_path / "store"
     first = Trainer(
-        zimage_cfg(zimage_model, tmp_path / "a", prompt_embeddings=str(store), text_encoder_device="cpu"),
-        reward=Brightness(),
+        flow_cfg(zimage_model, tmp_path / "a", prompt_embeddings=str(store), text_encoder_device="cpu"),
+        reward=brightness(),
     )
-    second = Trainer(zimage_cfg(zimage_model, tmp_path / "b", prompt_embeddings=str(store)), reward=Brightness())
+    second = Trainer(flow_cfg(zimage_model, tmp_path / "b", prompt_embeddings=str(store)), reward=brightness())
     assert first.pipe.text_encoder is not None and second.pipe.text_encoder is None
     prompts = first.batch_prompts(0, step=0)
     ours, theirs = first.encode(prompts).captions, second.encode(prompts).captions
