@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import CLIPModel
 
@@ -264,6 +265,27 @@ def tiny_cfg():
     return make
 
 
+@pytest.fixture(scope="session")
+def flow_cfg(tiny_cfg):
+    """``tiny_cfg`` for a flow model: the model's own guidance, two evaluation prompts, short prompts for the large
+    text encoder (16 tokens)."""
+    return lambda model, output, **kw: tiny_cfg(
+        model, output, **{"guidance_scale": None, "eval_size": 2, "max_sequence_length": 16, **kw}
+    )
+
+
+@pytest.fixture(scope="session")
+def stock_pipeline():
+    """``stock_pipeline(directory)``: the diffusers pipeline a user loads from a saved directory, progress bars off."""
+
+    def load(path):
+        pipe = DiffusionPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
+
+
 class Recorder(torch.nn.Module):
     """Wraps a denoiser (a UNet or a transformer, however it is called) and keeps each call's output, so a
     test can read the reward's gradient with respect to it; the backward pass's recomputation of
@@ -275,10 +297,14 @@ class Recorder(torch.nn.Module):
 
     def forward(self, *args, **kw):
         out = self.model(*args, **kw)
+        first = out[0]
+        if isinstance(first, list):  # one tensor per sample (Z-Image): recorded stacked, handed on as a list again
+            first = torch.stack(first)
+            out = (list(first.unbind(0)), *out[1:])
         if self.recording:
-            if out[0].requires_grad:
-                out[0].retain_grad()
-            self.outputs.append(out[0])
+            if first.requires_grad:
+                first.retain_grad()
+            self.outputs.append(first)
         return out
 
 

@@ -69,14 +69,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="session")
-def flow_cfg(tiny_cfg):
-    """``tiny_cfg`` for a flow model: the model's own guidance, two evaluation prompts, short T5 prompts."""
-    return lambda model, output, **kw: tiny_cfg(
-        model, output, **{"guidance_scale": None, "eval_size": 2, "max_sequence_length": MSL, **kw}
-    )
-
-
 def test_tiny_flow_pipelines_are_real_diffusers_pipelines(flow_models):
     sd3 = StableDiffusion3Pipeline.from_pretrained(flow_models["sd3"])
     flux = FluxPipeline.from_pretrained(flow_models["flux"])

@@ -88,14 +88,14 @@ class FinetuneConfig:
     sample_steps: int | None = option(
         None,
         "sampling steps (default: the model's: SD/SDXL 50 DDIM steps; SD3 28, "
-        "SD3.5-Medium 40, SD3.5-Large 28, its Turbo 4, FLUX-dev 28, FLUX-schnell 4 Euler steps)",
+        "SD3.5-Medium 40, SD3.5-Large 28, its Turbo 4, FLUX-dev 28, FLUX-schnell 4, Z-Image 50, its Turbo 9 Euler steps)",
         min=1,
     )
     guidance_scale: float | None = option(
         None,
         "guidance (default: the model's: SD/SDXL 7.5, SD3 7, SD3.5-Medium 4.5, "
         "SD3.5-Large 3.5 classifier-free, 1 = none; FLUX-dev 3.5 as its guidance "
-        "embedding; Turbo/schnell none)",
+        "embedding; Z-Image 4 (its pipeline 5), classifier-free from any value above 0; Turbo/schnell none)",
     )
     eta: float = option(
         0.0,
@@ -105,7 +105,8 @@ class FinetuneConfig:
     )
     max_sequence_length: int | None = option(
         None,
-        "T5 tokens per prompt of SD3/FLUX (default: the model's: SD3 256, FLUX-dev 512, FLUX-schnell 256)",
+        "text-encoder tokens per prompt of SD3/FLUX (T5) and Z-Image (Qwen3) (default: the model's: SD3 256, "
+        "FLUX-dev 512, FLUX-schnell 256, Z-Image 512)",
         min=1,
         max=512,
     )

@@ -42,10 +42,22 @@ def check_family_options(cfg, family: str) -> None:
             f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
             f"load_lora_weights (diffusers format)"
         )
+    if getattr(cfg, "train_text_encoder", False) and "text_encoder" not in _lora_loadable(spec):
+        raise UserError(
+            f"--train-text-encoder: {spec.pipelines[0]}.load_lora_weights loads {spec.denoiser} weights only, so a "
+            f"text-encoder LoRA would be dropped; leave --train-text-encoder off for {spec.label}"
+        )
     if cfg.max_sequence_length is not None and not spec.takes_sequence_length:
         raise UserError(
             f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
         )
+
+
+def _lora_loadable(spec) -> list[str]:
+    """The pipeline components the family's diffusers LoRA loader loads (``_lora_loadable_modules``)."""
+    import diffusers
+
+    return list(getattr(diffusers, spec.pipelines[0])._lora_loadable_modules)
 
 
 def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:
@@ -67,7 +79,7 @@ def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None
     for key in RESOLVED:
         if getattr(cfg, key) is None:
             setattr(cfg, key, list(values[key]) if isinstance(values.get(key), list) else values.get(key))
-    if guidance_free and cfg.guidance_scale > 1:
+    if guidance_free and cfg.guidance_scale > spec.guidance_threshold:
         what = f"'{source}'" if source else f"this {spec.label} model (no guidance embedding)"
         raise UserError(
             f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "

@@ -22,6 +22,7 @@ from ..finetune.models import assemble_pipeline, model_family
 from ..rewards.clip_tower import ClipTower
 from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
 from ..testing.flow_pipelines import t5_tokenizer
+from ..testing.zimage_pipelines import qwen_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -59,7 +60,17 @@ ARCHITECTURES.update(
         "fluxschnell": {"transformer": "flux_schnell_transformer", **_FLUX, "scheduler": "flux_schnell_scheduler"},
     }
 )
+# Z-Image and its Turbo: the same transformer, Qwen3-4B and VAE (FLUX.1's VAE config) configs; the schedulers' shifts
+# differ (Turbo 3, Z-Image 6).
+_ZIMAGE = {"transformer": "zimage_transformer", "vae": "flux_vae", "text_encoder": "zimage_text_encoder"}
+ARCHITECTURES.update(
+    {
+        "zimageturbo": {**_ZIMAGE, "scheduler": "zimage_turbo_scheduler"},
+        "zimage": {**_ZIMAGE, "scheduler": "zimage_scheduler"},
+    }
+)
 FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux", "fluxschnell": "flux"}
+FAMILY_OF.update(zimageturbo="zimage", zimage="zimage")
 # The architecture of each ``--model`` alias that has one shipped (SD3.5-Large-Turbo is SD3.5-Large's files).
 ARCH_OF_ALIAS = {
     "sd15": "sd15",
@@ -69,6 +80,8 @@ ARCH_OF_ALIAS = {
     "sd35-large-turbo": "sd35l",
     "flux-dev": "fluxdev",
     "flux-schnell": "fluxschnell",
+    "z-image-turbo": "zimageturbo",
+    "z-image": "zimage",
 }
 REWARD_BACKBONE = "clip_vit_h14"
 
@@ -233,6 +246,8 @@ def build_pipeline(
         tok = _tokenizer(tokenizer_dir, tokenizer_words)
         t5 = _t5_tokenizer() if family in ("sd3", "flux") else None
         toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
+        if family == "zimage":
+            toks = (_qwen_tokenizer(), None, None)
     else:
         directory = Path(source).expanduser()
         found = [
@@ -249,6 +264,17 @@ def _t5_tokenizer():
     if "t5" not in _TOKENIZERS:
         _TOKENIZERS["t5"] = t5_tokenizer(["a", "photograph", "of", "red", "bicycle"])
     return _TOKENIZERS["t5"]
+
+
+def _qwen_tokenizer():
+    """Qwen3's tokenizer for Z-Image, built offline (byte-level BPE over the planner prompt's words, Qwen3's chat
+    template): the planner's caption is that prompt's tokens as this tokenizer counts them (the pipeline drops the
+    padding; the transformer pads captions to a multiple of 32 tokens)."""
+    if "qwen" not in _TOKENIZERS:
+        _TOKENIZERS["qwen"] = qwen_tokenizer(
+            ["a", "photograph", "of", "red", "bicycle", "leaning", "against", "stone", "wall"]
+        )
+    return _TOKENIZERS["qwen"]
 
 
 def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:

@@ -54,6 +54,7 @@ class Family:
     # quantized, kept on the CPU, or not loaded at all when --prompt-embeddings holds every prompt
     cached_encoder: str | None = None
     load_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (SD: no safety checker)
+    guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
 
     @property
     def takes_sequence_length(self) -> bool:
