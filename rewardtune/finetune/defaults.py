@@ -42,6 +42,11 @@ def check_family_options(cfg, family: str) -> None:
             f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
             f"load_lora_weights (diffusers format)"
         )
+    if getattr(cfg, "train_text_encoder", False) and not _loads_text_encoder_lora(spec):
+        raise UserError(
+            f"--train-text-encoder: {spec.label}'s LoRA loader ({spec.pipelines[0]}.load_lora_weights) loads "
+            f"transformer weights only, so a text-encoder LoRA would be dropped; leave --train-text-encoder off"
+        )
     if cfg.max_sequence_length is not None and not spec.takes_sequence_length:
         raise UserError(
             f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
@@ -56,7 +61,8 @@ def resolve_defaults(cfg, pipe, family: str) -> None:
     spec = families.by_name(family)
     values = dict(spec.defaults)
     values.update(spec.refine_defaults(pipe) if spec.refine_defaults else {})
-    guidance_free = bool(values.pop("guidance_free", False))
+    why = values.pop("guidance_free", False)  # True, or the reason in words (refine_defaults)
+    guidance_free = bool(why)
     if source in families.aliases():
         alias = families.aliases()[source][1]
         values.update(alias.defaults)
@@ -65,9 +71,18 @@ def resolve_defaults(cfg, pipe, family: str) -> None:
         if getattr(cfg, key) is None:
             setattr(cfg, key, list(values[key]) if isinstance(values.get(key), list) else values.get(key))
     if guidance_free and cfg.guidance_scale > 1:
-        what = f"'{source}'" if source else f"this {spec.label} model (no guidance embedding)"
+        reason = why if isinstance(why, str) else "no guidance embedding"
+        what = f"'{source}'" if source else f"this {spec.label} model ({reason})"
         raise UserError(
             f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "
-            f"leave --guidance-scale unset (0)"
+            f"leave --guidance-scale unset ({values['guidance_scale']:g})"
         )
     cfg.validate()
+
+
+def _loads_text_encoder_lora(spec) -> bool:
+    """Whether the family's pipeline loads a LoRA's text-encoder weights (its LoRA loader mixin's loadable modules)."""
+    import diffusers
+
+    modules = getattr(getattr(diffusers, spec.pipelines[0]), "_lora_loadable_modules", [])
+    return any(m.startswith("text_encoder") for m in modules)

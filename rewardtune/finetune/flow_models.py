@@ -86,6 +86,10 @@ class FlowAdapter:
         cfg = self.pipe.vae.config
         return latents / cfg.scaling_factor + cfg.shift_factor
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's final latents as ``pipe(..., output_type="latent")`` returns them (here: the same)."""
+        return latents
+
     # ----- text ------------------------------------------------------------------------------
     def _clip(self, prompts: list[str]) -> dict:
         raise NotImplementedError
@@ -103,7 +107,7 @@ class FlowAdapter:
         """(hidden, pooled) for ``prompts`` on the denoiser's device, from the cache once it is on."""
         if self._cache is None:
             hidden, pooled = self._combine(self._clip(prompts), self._t5(prompts))
-            return hidden.to(self.device), pooled.to(self.device)
+            return hidden.to(self.device), pooled if pooled is None else pooled.to(self.device)
         trained = self._clip_trained()
         self._fill(prompts, clip=not trained)
 
@@ -132,6 +136,7 @@ class FlowAdapter:
                 te.to("cpu")
 
     def _fill(self, prompts: list[str], clip: bool) -> None:
+        clip = clip and bool(self._clip_keys)
         missing = [
             p
             for p in dict.fromkeys(prompts)

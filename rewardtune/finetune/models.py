@@ -68,10 +68,16 @@ def model_family(path: Path) -> str:
     return family.name
 
 
-def pipeline_class(family: str):
+def pipeline_class(family: str, path: Path | None = None):
+    """The diffusers pipeline class: the directory's own (``model_index.json``'s, one of the family's) when ``path``
+    is given and the family has several (FLUX.2: dev and klein), else the family's first."""
     import diffusers
 
-    return getattr(diffusers, families.by_name(family).pipelines[0])
+    names = families.by_name(family).pipelines
+    name = names[0]
+    if path is not None and len(names) > 1:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name", name)
+    return getattr(diffusers, name if name in names else names[0])
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, quantize: str = "none"):
@@ -82,7 +88,7 @@ def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, qua
     family = model_family(path)
     if check is not None:
         check(family)
-    cls = pipeline_class(family)
+    cls = pipeline_class(family, path)
     kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     try:
         if quantize != "none":
