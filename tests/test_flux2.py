@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 import yaml
-from diffusers import DiffusionPipeline, Flux2KleinPipeline, Flux2Pipeline
+from diffusers import DiffusionPipeline, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from rewardtune.cli import main
@@ -19,6 +20,7 @@ from rewardtune.finetune import FinetuneConfig, Trainer, sample
 from rewardtune.finetune.defaults import resolve_defaults
 from rewardtune.finetune.families.flux2 import DOUBLE_AND_FUSED_TARGETS, lora_targets
 from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.lora import add_lora
 from rewardtune.finetune.models import (
     assemble_pipeline,
     make_adapter,
@@ -28,6 +30,7 @@ from rewardtune.finetune.models import (
     training_scheduler,
 )
 from rewardtune.finetune.sampler import Plan
+from rewardtune.plan.architectures import ARCHITECTURES, CONFIG_DIR, arch_config, build_parts
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.flux2_pipelines import LATENT_CHANNELS, save_tiny_flux2_pipeline
 
@@ -367,3 +370,81 @@ def test_flux2_aliases_name_the_public_models_and_their_settings(flux2_models, t
     assert resolved(klein, model="flux2-klein-9b") == (4, 1.0, 512)
     local = str(flux2_models["klein"])
     assert resolved(klein, model=local, defaults_from="flux2-klein-base-4b", sample_steps=8) == (8, 4.0, 512)
+
+
+# ----- ComfyUI -------------------------------------------------------------------------------------------
+# ComfyUI's rule for a diffusers-format FLUX.2 LoRA, read in Comfy-Org/ComfyUI and written down here (not copied):
+# comfy/model_base.py at 094c74c1b7f9cd5cdd9015741e8eb26acff1142a: ``class Flux2(Flux)``, so comfy/lora.py at
+# ec93dcacb96b922f7cb1417b3ba22bccb082df32 ``model_lora_keys_unet`` takes its Flux branch: "transformer." + every name
+# of comfy/utils.py at 09708eae709a992a5684bed3595ce4d07e705b4e ``flux_to_diffusers`` (FLUX.1's names, and FLUX.2's
+# ff.linear_in/out, attn.to_qkv_mlp_proj and attn.to_out of the single blocks), over depth = the double blocks,
+# depth_single_blocks = the single blocks and hidden_size = img_in's rows (comfy/model_detection.py at
+# 0b61ce5baa9ea03d8484729b7eb00e77c6fca227, its "flux2" branch). A q/k/v name is a slice of the fused weight.
+COMFY_DOUBLE = [
+    *(f"attn.{x}" for x in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0")),
+    *("attn.to_add_out", "norm1.linear", "norm1_context.linear"),
+    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    *("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"),
+]
+COMFY_SINGLE = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"]
+COMFY_SINGLE += ["attn.to_qkv_mlp_proj", "attn.to_out"]
+COMFY_SLICED = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+
+
+def comfyui_flux2_names(config) -> dict[str, int | None]:
+    """{LoRA module name ComfyUI maps: rows it takes from the fused weight (a q/k/v slice: hidden_size), else None}."""
+    hidden = config.num_attention_heads * config.attention_head_dim  # img_in's rows
+    names = {}
+    for i in range(config.num_layers):
+        for leaf in COMFY_DOUBLE:
+            names[f"transformer.transformer_blocks.{i}.{leaf}"] = hidden if leaf in COMFY_SLICED else None
+    for i in range(config.num_single_layers):
+        for leaf in COMFY_SINGLE:
+            names[f"transformer.single_transformer_blocks.{i}.{leaf}"] = hidden if leaf in COMFY_SLICED[:3] else None
+    return names
+
+
+@pytest.mark.parametrize("arch", ["flux2klein4b", "flux2klein9b", "flux2dev"])
+def test_comfyui_maps_every_module_of_the_lora_file(arch, tmp_path):
+    """On the full-size transformers (meta device, shipped configs): every module the family's targets put a LoRA on,
+    named as in the file ``save_lora`` writes, is one ComfyUI maps, and a sliced q/k/v name has the slice's rows."""
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**arch_config(ARCHITECTURES[arch]["transformer"]))
+    add_lora(model, 2, 2.0, lora_targets(model.config.num_single_layers))
+    state = get_peft_model_state_dict(model)
+    mapped = comfyui_flux2_names(model.config)
+    modules = {"transformer." + k.rsplit(".lora_", 1)[0]: v for k, v in state.items() if ".lora_B." in k}
+    assert len(modules) == 12 * model.config.num_layers + 2 * model.config.num_single_layers
+    missing = sorted(set(modules) - set(mapped))
+    assert not missing, f"{len(missing)} modules ComfyUI would not load, e.g. {missing[:3]}"
+    for name, lora_b in modules.items():
+        rows = mapped[name]
+        assert rows is None or lora_b.shape[0] == rows, name
+    # not vacuous: FLUX.1's single-block projection names are not in FLUX.2's file, and a typo is not mapped
+    assert "transformer.single_transformer_blocks.0.proj_out" not in modules
+    assert "transformer.transformer_blocks.0.ff.linear_inn" not in mapped
+
+
+# ----- full-size architectures -------------------------------------------------------------------------
+# Published sizes (billions of parameters): FLUX.2-dev's transformer 32B (black-forest-labs/flux2 README), klein 4B and
+# 9B (their names), Mistral-Small-3.x 24B, Qwen3-4B and Qwen3-8B (their names).
+FULL_SIZES = {"flux2dev": (32, 24), "flux2klein4b": (4, 4), "flux2klein9b": (9, 8)}
+
+
+@pytest.mark.parametrize("arch", list(FULL_SIZES))
+def test_shipped_configs_build_the_published_models(arch):
+    """The planner's configs (plan/configs) on the meta device: the transformer and the LLM have their published
+    sizes, dev a guidance embedding and klein none, and each config names the hub file it stands for."""
+    parts = build_parts(arch, torch.bfloat16, "meta")
+    transformer, encoder = FULL_SIZES[arch]
+    assert round(sum(p.numel() for p in parts["transformer"].parameters()) / 1e9) == transformer
+    assert round(sum(p.numel() for p in parts["text_encoder"].parameters()) / 1e9) == encoder
+    assert parts["transformer"].config.guidance_embeds == (arch == "flux2dev")
+    assert type(parts["vae"]).__name__ == "AutoencoderKLFlux2" and parts["vae"].config.latent_channels == 32
+    assert parts["transformer"].config.joint_attention_dim == 3 * _text_width(parts["text_encoder"].config)
+    for part in ARCHITECTURES[arch].values():
+        assert "/" in json.loads((CONFIG_DIR / f"{part}.json").read_text())["_source"], part
+
+
+def _text_width(config) -> int:
+    return getattr(config, "text_config", config).hidden_size

@@ -95,26 +95,35 @@ def _words(extra: str = "") -> list[str]:
     return sorted(set(prompt_words()) | set(re.findall(r"[A-Za-z]+", extra)))
 
 
-def dev_processor():
-    """A ``PixtralProcessor`` (FLUX.2-dev's tokenizer class) over an offline byte-level BPE with Mistral's special
-    tokens and our template; its image processor is never used for text-to-image."""
+def dev_tokenizer():
+    """FLUX.2-dev's text tokenizer, offline: a byte-level BPE with Mistral's special tokens and our template."""
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab, merges = byte_level_bpe(_words(SYSTEM_MESSAGE), SPECIAL["dev"])
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
         additional_special_tokens=SPECIAL["dev"][4:],
+        chat_template=DEV_TEMPLATE,
     )
+
+
+def dev_processor():
+    """A ``PixtralProcessor`` (FLUX.2-dev's tokenizer class) over ``dev_tokenizer``; its image processor is never
+    used for text-to-image."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
     images = PixtralImageProcessor(patch_size=16, size={"longest_edge": 64})
-    return PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=16, chat_template=DEV_TEMPLATE)
+    return PixtralProcessor(
+        image_processor=images, tokenizer=dev_tokenizer(), patch_size=16, chat_template=DEV_TEMPLATE
+    )
 
 
 def klein_tokenizer():
