@@ -15,8 +15,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from rewardtune.cli import main
+from rewardtune.config import RECIPES_DIR
 from rewardtune.errors import OfflineError
-from rewardtune.finetune import FinetuneConfig, Trainer, sample
+from rewardtune.finetune import FinetuneConfig, Trainer, families, sample
 from rewardtune.finetune.defaults import resolve_defaults
 from rewardtune.finetune.families.flux2 import DOUBLE_AND_FUSED_TARGETS, lora_targets
 from rewardtune.finetune.flow import FlowMatchSampler
@@ -448,3 +449,14 @@ def test_shipped_configs_build_the_published_models(arch):
 
 def _text_width(config) -> int:
     return getattr(config, "text_config", config).hidden_size
+
+
+def test_fsdp_recipe_names_the_block_classes_the_transformer_has(flux2_models):
+    """accelerate refuses a listed block class the model lacks: recipes/accelerate/fsdp_flux2.yaml lists the family's
+    FSDP blocks, both present in the transformer (diffusers' own block classes in the tiny one)."""
+    config = yaml.safe_load((RECIPES_DIR / "accelerate" / "fsdp_flux2.yaml").read_text())["fsdp_config"]
+    listed = config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert tuple(listed) == families.by_name("flux2").fsdp_blocks and config["fsdp_version"] == 2
+    for name in ("dev", "klein"):
+        present = {type(m).__name__ for m in _load(flux2_models[name]).transformer.modules()}
+        assert set(listed) <= present, set(listed) - present
