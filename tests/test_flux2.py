@@ -260,6 +260,21 @@ def test_trainer_takes_the_models_defaults_targets_and_caches_prompts(flux2_trai
     assert dev.adapter.text_encoders() == [] == klein.adapter.text_encoders()
 
 
+def test_stored_prompt_embeddings_train_without_loading_the_llm(flux2_models, tmp_path):
+    """--prompt-embeddings: a first run fills the store through klein's Qwen3; a second finds every prompt there, so
+    its pipeline has no text encoder at all, and its conditioning is exactly the first run's."""
+    cfg = dict(prompt_embeddings=str(tmp_path / "store"), guidance_scale=3.0, sample_steps=2)
+    first = Trainer(_cfg(flux2_models["klein"], tmp_path / "a", **cfg), reward=Brightness())
+    assert first.pipe.text_encoder is not None
+    second = Trainer(_cfg(flux2_models["klein"], tmp_path / "b", **cfg), reward=Brightness())
+    assert second.pipe.text_encoder is None and second.adapter.t5 is None
+    prompts = first.batch_prompts(0, step=0)
+    a, b = first.encode(prompts), second.encode(prompts)
+    assert a.guided and b.guided
+    torch.testing.assert_close(b.hidden, a.hidden, atol=0, rtol=0)
+    assert second.step()["grad_norm"] > 0
+
+
 # ----- the LoRA a user loads ------------------------------------------------------------------------
 @pytest.mark.parametrize("name,g", [("dev", 4.0), ("klein", 3.0)])
 def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(

@@ -53,14 +53,17 @@ def check_family_options(cfg, family: str) -> None:
         )
 
 
-def resolve_defaults(cfg, pipe, family: str) -> None:
+def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:
     """Fill ``cfg``'s unset options (None) in place with the model's defaults, refuse guidance on a
-    guidance-free model, and validate the result."""
+    guidance-free model, and validate the result. ``denoiser_config``: the denoiser's config where ``pipe`` was
+    loaded without it (encode-prompts)."""
     check_family_options(cfg, family)
     source = _source(cfg)
     spec = families.by_name(family)
     values = dict(spec.defaults)
-    values.update(spec.refine_defaults(pipe) if spec.refine_defaults else {})
+    if spec.refine_defaults:
+        config = denoiser_config if denoiser_config is not None else getattr(pipe, spec.denoiser).config
+        values.update(spec.refine_defaults(config, pipe.config))
     why = values.pop("guidance_free", False)  # True, or the reason in words (refine_defaults)
     guidance_free = bool(why)
     if source in families.aliases():

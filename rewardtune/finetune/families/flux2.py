@@ -258,11 +258,11 @@ def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     return (Flux2KleinPipeline if klein else Flux2Pipeline)(**parts, tokenizer=tokenizer)
 
 
-def refine_defaults(pipe) -> dict:
-    """LoRA targets for this transformer's single blocks; a step-distilled klein (``is_distilled``) samples with
-    its 4 steps and no guidance."""
-    values = {"lora_targets": lora_targets(int(pipe.transformer.config.num_single_layers))}
-    if pipe.config.get("is_distilled", False):
+def refine_defaults(config, pipeline_config) -> dict:
+    """LoRA targets for this transformer's (``config``) single blocks; a step-distilled klein (``is_distilled`` in
+    the pipeline's config) samples with its 4 steps and no guidance."""
+    values = {"lora_targets": lora_targets(int(config["num_single_layers"]))}
+    if pipeline_config.get("is_distilled", False):
         values.update(DISTILLED, guidance_free="is_distilled in its model_index.json")
     return values
 
@@ -276,6 +276,7 @@ FAMILY = Family(
     adapter=make_adapter,
     denoiser="transformer",
     flow=True,
+    cached_encoder="text_encoder",  # the LLM: Mistral-Small-3.x (dev) or Qwen3 (klein)
     # the pipelines' own call defaults; the single blocks' output projections join from the model (refine_defaults)
     defaults=dict(**_BASE, lora_targets=DOUBLE_AND_FUSED_TARGETS, max_sequence_length=512),
     assemble=assemble,
