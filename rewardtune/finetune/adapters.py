@@ -85,6 +85,11 @@ class UNetAdapter:
             z = z + cfg.shift_factor
         return z
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's final latents as ``pipe(..., output_type="latent")`` returns them (a family whose pipeline
+        returns another layout, e.g. FLUX.2-klein's VAE latents, says so; here: the same)."""
+        return latents
+
 
 def text_encoders(pipe) -> list:
     return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]

@@ -42,7 +42,7 @@ def check_family_options(cfg, family: str) -> None:
             f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
             f"load_lora_weights (diffusers format)"
         )
-    if getattr(cfg, "train_text_encoder", False) and "text_encoder" not in _lora_loadable(spec):
+    if getattr(cfg, "train_text_encoder", False) and not _loads_text_encoder_lora(spec):
         raise UserError(
             f"--train-text-encoder: {spec.pipelines[0]}.load_lora_weights loads {spec.denoiser} weights only, so a "
             f"text-encoder LoRA would be dropped; leave --train-text-encoder off for {spec.label}"
@@ -51,13 +51,6 @@ def check_family_options(cfg, family: str) -> None:
         raise UserError(
             f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
         )
-
-
-def _lora_loadable(spec) -> list[str]:
-    """The pipeline components the family's diffusers LoRA loader loads (``_lora_loadable_modules``)."""
-    import diffusers
-
-    return list(getattr(diffusers, spec.pipelines[0])._lora_loadable_modules)
 
 
 def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:
@@ -70,8 +63,9 @@ def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None
     values = dict(spec.defaults)
     if spec.refine_defaults:
         config = denoiser_config if denoiser_config is not None else getattr(pipe, spec.denoiser).config
-        values.update(spec.refine_defaults(config))
-    guidance_free = bool(values.pop("guidance_free", False))
+        values.update(spec.refine_defaults(config, pipe.config))
+    why = values.pop("guidance_free", False)  # True, or the reason in words (refine_defaults)
+    guidance_free = bool(why)
     if source in families.aliases():
         alias = families.aliases()[source][1]
         values.update(alias.defaults)
@@ -80,9 +74,18 @@ def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None
         if getattr(cfg, key) is None:
             setattr(cfg, key, list(values[key]) if isinstance(values.get(key), list) else values.get(key))
     if guidance_free and cfg.guidance_scale > spec.guidance_threshold:
-        what = f"'{source}'" if source else f"this {spec.label} model (no guidance embedding)"
+        reason = why if isinstance(why, str) else "no guidance embedding"
+        what = f"'{source}'" if source else f"this {spec.label} model ({reason})"
         raise UserError(
             f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "
-            f"leave --guidance-scale unset (0)"
+            f"leave --guidance-scale unset ({values['guidance_scale']:g})"
         )
     cfg.validate()
+
+
+def _loads_text_encoder_lora(spec) -> bool:
+    """Whether the family's pipeline loads a LoRA's text-encoder weights (its LoRA loader mixin's loadable modules)."""
+    import diffusers
+
+    modules = getattr(getattr(diffusers, spec.pipelines[0]), "_lora_loadable_modules", [])
+    return any(m.startswith("text_encoder") for m in modules)

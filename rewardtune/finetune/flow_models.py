@@ -95,6 +95,10 @@ class FlowAdapter:
         cfg = self.pipe.vae.config
         return latents / cfg.scaling_factor + cfg.shift_factor
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's final latents as ``pipe(..., output_type="latent")`` returns them (here: the same)."""
+        return latents
+
     # ----- text ------------------------------------------------------------------------------
     def _clip(self, prompts: list[str]) -> dict:
         raise NotImplementedError
@@ -112,7 +116,7 @@ class FlowAdapter:
         """(hidden, pooled) for ``prompts`` on the denoiser's device, from the cache once it is on."""
         if self._cache is None:
             hidden, pooled = self._combine(self._clip(prompts), self._t5(prompts))
-            return hidden.to(self.device), pooled.to(self.device)
+            return hidden.to(self.device), pooled if pooled is None else pooled.to(self.device)
         trained = self._clip_trained()
         self._fill(prompts, clip=not trained)
 

@@ -69,10 +69,16 @@ def model_family(path: Path) -> str:
     return family.name
 
 
-def pipeline_class(family: str):
+def pipeline_class(family: str, path: Path | None = None):
+    """The diffusers pipeline class: the directory's own (``model_index.json``'s, one of the family's) when ``path``
+    is given and the family has several (FLUX.2: dev and klein), else the family's first."""
     import diffusers
 
-    return getattr(diffusers, families.by_name(family).pipelines[0])
+    names = families.by_name(family).pipelines
+    name = names[0]
+    if path is not None and len(names) > 1:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name", name)
+    return getattr(diffusers, name if name in names else names[0])
 
 
 def load_pipeline(
@@ -99,7 +105,7 @@ def load_pipeline(
             kw.update(_quantized_component(path, spec.denoiser, quantize, dtype))
         if text_encoder != "none" and spec.cached_encoder and spec.cached_encoder not in without:
             kw.update(_quantized_component(path, spec.cached_encoder, text_encoder, dtype))
-        pipe = pipeline_class(family).from_pretrained(path, **_dtype_kwarg(dtype), **kw)
+        pipe = pipeline_class(family, path).from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})"

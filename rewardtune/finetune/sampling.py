@@ -34,8 +34,9 @@ def sample(
 ) -> torch.Tensor:
     """The final latents of sampling ``prompts`` (a string or a list) with the training sampler of ``pipe``.
 
-    ``latents``: the initial noise in the pipeline's layout (FLUX: packed, (B, tokens, 4C)); drawn from
-    ``generator`` as the pipeline draws it when None. ``guidance_scale``: SD/SD3 classifier-free guidance
+    ``latents``: the initial noise in the pipeline's layout (FLUX: packed, (B, tokens, 4C); FLUX.2: patchified,
+    (B, 4C, H/16, W/16)); drawn from ``generator`` as the pipeline draws it when None. The result is in the layout of
+    the pipeline's latent output (FLUX.2-dev: packed; FLUX.2-klein: the VAE's, de-normalised and unpatchified). ``guidance_scale``: SD/SD3 classifier-free guidance
     (> 1), FLUX-dev's guidance embedding (ignored by a model without one, as FluxPipeline ignores it).
     ``eta``: DDIM's (SD/SDXL); flow-matching models refuse eta > 0. ``max_sequence_length``: T5 tokens
     (SD3/FLUX; default the pipeline's)."""
@@ -66,4 +67,4 @@ def sample(
         )
         latents = sampler.initial_latents((len(prompts), *shape), generator, device)
     x = sampler.sample(model, cond, latents.to(device=device, dtype=torch.float32), generator)
-    return x.to(model.dtype)
+    return adapter.pipeline_latents(x).to(model.dtype)

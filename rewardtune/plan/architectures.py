@@ -22,6 +22,7 @@ from ..finetune.models import assemble_pipeline, model_family
 from ..rewards.clip_tower import ClipTower
 from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
 from ..testing.flow_pipelines import t5_tokenizer
+from ..testing.flux2_pipelines import dev_tokenizer, klein_tokenizer
 from ..testing.zimage_pipelines import qwen_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -71,6 +72,16 @@ ARCHITECTURES.update(
 )
 FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux", "fluxschnell": "flux"}
 FAMILY_OF.update(zimageturbo="zimage", zimage="zimage")
+# FLUX.2: its transformer, VAE and LLM, and the scheduler config diffusers' conversion script gives it (FLUX.1-dev's).
+_FLUX2 = {"vae": "flux2_vae", "scheduler": "flux_dev_scheduler"}
+ARCHITECTURES.update(
+    {
+        "flux2dev": {"transformer": "flux2_dev_transformer", "text_encoder": "mistral_small_3_encoder", **_FLUX2},
+        "flux2klein4b": {"transformer": "flux2_klein_4b_transformer", "text_encoder": "qwen3_4b_encoder", **_FLUX2},
+        "flux2klein9b": {"transformer": "flux2_klein_9b_transformer", "text_encoder": "qwen3_8b_encoder", **_FLUX2},
+    }
+)
+FAMILY_OF.update(dict.fromkeys(("flux2dev", "flux2klein4b", "flux2klein9b"), "flux2"))
 # The architecture of each ``--model`` alias that has one shipped (SD3.5-Large-Turbo is SD3.5-Large's files).
 ARCH_OF_ALIAS = {
     "sd15": "sd15",
@@ -82,6 +93,11 @@ ARCH_OF_ALIAS = {
     "flux-schnell": "fluxschnell",
     "z-image-turbo": "zimageturbo",
     "z-image": "zimage",
+    "flux2-dev": "flux2dev",  # the klein base models are their distilled models' files with other weights
+    "flux2-klein-4b": "flux2klein4b",
+    "flux2-klein-base-4b": "flux2klein4b",
+    "flux2-klein-9b": "flux2klein9b",
+    "flux2-klein-base-9b": "flux2klein9b",
 }
 REWARD_BACKBONE = "clip_vit_h14"
 
@@ -248,6 +264,8 @@ def build_pipeline(
         toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
         if family == "zimage":
             toks = (_qwen_tokenizer(), None, None)
+        elif family == "flux2":  # the LLM's offline tokenizer: prompts are padded to max_sequence_length all the same
+            toks = (_flux2_tokenizer(type(parts["text_encoder"]).__name__), None, None)
     else:
         directory = Path(source).expanduser()
         found = [
@@ -256,6 +274,15 @@ def build_pipeline(
         ]
         toks = (found[0], found[1] or (found[0] if family == "sdxl" else None), found[2])
     return assemble_pipeline(family, parts, *toks)
+
+
+def _flux2_tokenizer(encoder_class: str):
+    """klein's Qwen tokenizer or dev's text tokenizer, built offline (rewardtune.testing.flux2_pipelines). dev's is
+    the tokenizer without its PixtralProcessor: the processor counts image tokens by their values, which the
+    planner's fake tensors do not have (text-to-image has no image tokens)."""
+    if encoder_class not in _TOKENIZERS:
+        _TOKENIZERS[encoder_class] = klein_tokenizer() if encoder_class == "Qwen3ForCausalLM" else dev_tokenizer()
+    return _TOKENIZERS[encoder_class]
 
 
 def _t5_tokenizer():

@@ -32,8 +32,10 @@ class Alias:
 class Family:
     """One model family (see the package docstring). ``defaults``: the options a run leaves unset take these
     (``sample_steps``, ``guidance_scale``, ``lora_targets``, and ``max_sequence_length`` where a T5-like encoder
-    takes one); ``refine_defaults(config)``: overrides read from the denoiser's config (e.g. FLUX without a
-    guidance embedding is schnell-like), with ``guidance_free`` among them where the model samples without guidance."""
+    takes one); ``refine_defaults(config, pipeline_config)``: overrides read from the denoiser's config and the
+    pipeline's (``model_index.json``'s; e.g. FLUX without a guidance embedding is schnell-like, a FLUX.2-klein with
+    ``is_distilled`` samples in 4 steps), with ``guidance_free`` among them (True, or the reason in words) where the
+    model samples without guidance."""
 
     name: str
     order: int  # where it stands in lists shown to people (by release)

@@ -165,7 +165,7 @@ def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
 
 
-def refine_defaults(config) -> dict:
+def refine_defaults(config, pipeline_config=None) -> dict:
     """``config``: the transformer's. No guidance embedding: schnell-like, sampled without guidance."""
     if config.get("guidance_embeds", False):
         return {}
