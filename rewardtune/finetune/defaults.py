@@ -42,10 +42,23 @@ def check_family_options(cfg, family: str) -> None:
             f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
             f"load_lora_weights (diffusers format)"
         )
+    if getattr(cfg, "train_text_encoder", False) and not _loads_text_encoder_lora(spec):
+        raise UserError(
+            f"--train-text-encoder: {spec.pipelines[0]}.load_lora_weights loads {spec.denoiser} weights only, so "
+            f"a text-encoder LoRA would be dropped when the LoRA is loaded; leave --train-text-encoder off"
+        )
     if cfg.max_sequence_length is not None and not spec.takes_sequence_length:
         raise UserError(
             f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
         )
+
+
+def _loads_text_encoder_lora(spec) -> bool:
+    """Whether the family's pipeline loads LoRA weights into a text encoder (its loader mixin's modules)."""
+    import diffusers
+
+    modules = getattr(getattr(diffusers, spec.pipelines[0]), "_lora_loadable_modules", [])
+    return any(m.startswith("text_encoder") for m in modules)
 
 
 def resolve_defaults(cfg, pipe, family: str) -> None:

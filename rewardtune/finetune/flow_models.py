@@ -132,6 +132,7 @@ class FlowAdapter:
                 te.to("cpu")
 
     def _fill(self, prompts: list[str], clip: bool) -> None:
+        clip = clip and bool(self._clip_keys)  # a family may have no encoder but the large one (Qwen-Image)
         missing = [
             p
             for p in dict.fromkeys(prompts)

@@ -1,0 +1,351 @@
+"""Qwen-Image (``QwenImagePipeline``) in rewardtune finetune, on a tiny real pipeline saved in diffusers format
+(offline, CPU). References are diffusers' own: its pipeline for sampling, its LoRA loader for the round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline, QwenImagePipeline
+from safetensors import safe_open
+
+from rewardtune.cli import main
+from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sample
+from rewardtune.finetune.defaults import resolve_defaults
+from rewardtune.finetune.families.qwenimage import NEGATIVE_PROMPT, QWENIMAGE_TARGETS
+from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, training_scheduler
+from rewardtune.finetune.sampler import Plan
+from rewardtune.finetune.trainer import checkpoint_vae_decoder
+from rewardtune.testing.cli import run_cli
+from rewardtune.testing.qwenimage_pipelines import pipeline_template, save_tiny_qwenimage_pipeline
+
+PROMPTS = ["a red apple", "a cat sitting on a mat"]  # different lengths: the conditional rows are padded
+MSL = 16  # text tokens per prompt (the real default is 512)
+
+
+class Brightness(torch.nn.Module):
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are a few thousand parameters a part: a second thread only adds synchronisation, which on a
+    loaded machine made a training step 15-25x slower (0.7-1.0 s at one thread, 14-23 s at two, load 8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    return save_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("tiny_qwenimage"))
+
+
+def _load(path):
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _pipe_kw(g: float, res: int, steps: int = 3) -> dict:
+    """The stock call with true CFG as rewardtune samples it: the negative prompt ' ' when guided."""
+    return dict(
+        true_cfg_scale=g,
+        negative_prompt=NEGATIVE_PROMPT if g > 1 else None,
+        num_inference_steps=steps,
+        height=res,
+        width=res,
+        max_sequence_length=MSL,
+    )
+
+
+def test_tiny_pipeline_has_the_real_layout(qwen_model):
+    """The tiny model is a QwenImagePipeline of the released one's parts, and its tokenizer makes the template's
+    first 34 tokens -- the ones the pipeline drops -- exactly its system part, as Qwen2's tokenizer does."""
+    pipe = QwenImagePipeline.from_pretrained(qwen_model)
+    assert model_family(qwen_model) == "qwenimage"
+    assert type(pipe.vae).__name__ == "AutoencoderKLQwenImage" and pipe.vae.config.z_dim == 16
+    assert len(pipe.vae.config.latents_std) == 16 and pipe.vae_scale_factor == 8
+    assert type(pipe.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert pipe.transformer.config.in_channels == 64 and pipe.transformer.config.out_channels == 16
+    cfg = pipe.scheduler.config
+    assert cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential" and cfg.shift_terminal == 0.02
+    template, drop = pipeline_template()
+    tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(template.format("a red apple")).input_ids)
+    assert drop == 34 and tokens[drop - 1 :] == [
+        "Ċ",
+        "a",
+        "Ġred",
+        "Ġapple",
+        "<|im_end|>",
+        "Ċ",
+        "<|im_start|>",
+        "assistant",
+        "Ċ",
+    ]
+    assert tokens[:4] == ["<|im_start|>", "system", "Ċ", "Describe"] and tokens[drop - 3 : drop] == [
+        "<|im_start|>",
+        "user",
+        "Ċ",
+    ]
+    parts = {k: v for k, v in pipe.components.items() if k != "tokenizer"}
+    assert type(assemble_pipeline("qwenimage", parts, pipe.tokenizer)) is QwenImagePipeline
+
+
+# ----- sampling: the trainer's sampler is the pipeline's ---------------------------------------------------
+def test_sample_returns_the_pipelines_latents(qwen_model):
+    """``sample`` equals ``pipe(..., output_type='latent')`` from the same generator and from the same packed
+    latents: true CFG with the negative prompt and the norm rescaling (g 4), without guidance (g 1), at two
+    resolutions (two packed token counts, so two shifts)."""
+    pipe = _load(qwen_model)
+    for res, g in ((32, 4.0), (64, 1.0)):
+        kw = _pipe_kw(g, res)
+        ref = pipe(PROMPTS, generator=_gen(0), output_type="latent", **kw).images
+        ours = sample(pipe, PROMPTS, generator=_gen(0), guidance_scale=g, **_ours(kw))
+        assert ours.shape == ref.shape == (2, (res // 16) ** 2, 64)
+        assert float((ours - ref).abs().max()) <= 1e-4
+        noise = torch.randn(ref.shape, generator=_gen(1))
+        ref = pipe(PROMPTS, latents=noise, output_type="latent", **kw).images
+        assert float((sample(pipe, PROMPTS, latents=noise, guidance_scale=g, **_ours(kw)) - ref).abs().max()) <= 1e-4
+
+
+def _ours(pipe_kw: dict) -> dict:
+    return {k: v for k, v in pipe_kw.items() if k not in ("true_cfg_scale", "negative_prompt")}
+
+
+def test_schedule_is_the_pipelines_at_full_size(qwen_model):
+    """sigmas linspace(1, 1/N, N) shifted exponentially with mu from the packed tokens ((H/16)(W/16), between the
+    config's (256, 0.5) and (8192, 0.9)), then stretched so that the last is shift_terminal 0.02; the timesteps
+    the transformer sees are sigma * 1000 (divided by 1000 in the call)."""
+    pipe = _load(qwen_model)
+    adapter = make_adapter(pipe, "qwenimage")
+    for res in (512, 1024):
+        tokens = (res // 16) ** 2
+        mu = 0.5 + (tokens - 256) * (0.9 - 0.5) / (8192 - 256)
+        sampler = FlowMatchSampler(training_scheduler(pipe), 4, **adapter.sampler_options(res))
+        t = np.linspace(1.0, 1 / 4, 4)
+        shifted = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        stretched = 1 - (1 - shifted) / ((1 - shifted[-1]) / (1 - 0.02))
+        assert sampler.sigmas.tolist() == pytest.approx([*stretched.tolist(), 0.0], abs=1e-6)
+        torch.testing.assert_close(sampler.timesteps, sampler.sigmas[:-1] * 1000)
+        assert adapter.latent_shape(res) == (tokens, 64)
+    assert adapter.native_resolution() == 1024
+
+
+# ----- training ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen_trainer(qwen_model, tmp_path_factory):
+    """A trainer with the model's own guidance (true CFG 4) and gradient checkpointing (the transformer's blocks
+    and the 3-D VAE's layers); the method is read from its config at every step, so tests switch it."""
+    cfg = FinetuneConfig(
+        model=str(qwen_model),
+        prompts="builtin:simple",
+        output=str(tmp_path_factory.mktemp("qwen_methods")),
+        method="draft-k",
+        k=2,
+        steps=2,
+        batch_size=2,
+        lr=1e-2,
+        lora_rank=4,
+        lora_alpha=4.0,
+        resolution=32,
+        sample_steps=3,
+        eval_every=0,
+        eval_size=2,
+        checkpoint_every=0,
+        refl_min=0.0,
+        refl_max=0.6,
+        max_sequence_length=MSL,
+        gradient_checkpointing=True,
+    )
+    return Trainer(cfg, reward=Brightness())
+
+
+@pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
+def test_each_method_raises_the_reward_of_its_batch(qwen_trainer, method, batch_reward):
+    trainer = qwen_trainer
+    trainer.cfg.method = method
+    step = trainer.global_step
+    before, n = batch_reward(trainer, step)
+    trainer.optimizer.state.clear()  # Adam's momentum from another test's batch would outweigh this gradient
+    metrics = trainer.step()
+    after, _ = batch_reward(trainer, step)
+    assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
+    assert after > before
+    assert n == (2 * 3 if method == "draft-lv" else 2)
+
+
+def test_trainer_takes_the_models_defaults_and_caches_the_prompts(qwen_trainer):
+    """Unset options took QwenImagePipeline's defaults (true CFG 4 in the conditioning, never the sampler's two
+    rows); the prompt set and the negative prompt were encoded once: a step calls no text encoder."""
+    trainer = qwen_trainer
+    assert trainer.cfg.guidance_scale == 4.0 and trainer.cfg.lora_targets == QWENIMAGE_TARGETS
+    assert not trainer.sampler.guided and trainer.encode(PROMPTS).scale == 4.0
+    assert any("img_mlp.net.2.lora_A" in n for n, _ in trainer.unet.named_parameters())
+    assert NEGATIVE_PROMPT in trainer.adapter._cache
+    calls = []
+    hook = trainer.adapter.t5.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        trainer.step()
+    finally:
+        hook.remove()
+    assert calls == [] and trainer.adapter.t5.device.type == "cpu"
+
+
+def test_k_decides_which_steps_carry_gradients(qwen_trainer, grads_per_step):
+    """Per step the denoiser runs twice (conditional, then negative prompt); exactly the last K steps' calls get
+    a gradient, and AlignProp's per-sample truncation reaches each sample from its own step on."""
+    trainer = qwen_trainer
+
+    def per_step(plan):
+        calls = grads_per_step(trainer, plan)
+        assert len(calls) == 6
+        return [None if a is None else [x + y for x, y in zip(a, b)] for a, b in zip(calls[::2], calls[1::2])]
+
+    for k in (1, 3):
+        grads = per_step(Plan([3 - k] * 2, 3))
+        assert [g is not None for g in grads] == [i >= 3 - k for i in range(3)]
+        assert all(min(g) > 0 for g in grads if g is not None)
+    grads = per_step(Plan([2, 0], 3))
+    assert grads[0][0] == 0 and grads[0][1] > 0 and grads[1][0] == 0 and grads[1][1] > 0
+    assert grads[2][0] > 0 and grads[2][1] > 0
+    trainer.unet.zero_grad(set_to_none=True)
+
+
+def test_checkpointed_3d_vae_decode_gives_the_same_images_and_gradients(qwen_model):
+    """The causal 3-D VAE's layers, checkpointed without their frame cache, decode and backpropagate exactly as
+    the plain decoder does (diffusers does not checkpoint this VAE)."""
+    vae = _load(qwen_model).vae
+    z = torch.randn(1, 16, 1, 4, 4, generator=_gen(3))
+
+    def run():
+        x = z.clone().requires_grad_(True)
+        out = vae.decode(x, return_dict=False)[0]
+        out.square().mean().backward()
+        return out.detach(), x.grad
+
+    plain = run()
+    checkpoint_vae_decoder(vae)
+    assert all(getattr(r, "_rewardtune_checkpointed", False) for r in vae.decoder.up_blocks[0].resnets)
+    ckpt = run()
+    torch.testing.assert_close(ckpt[0], plain[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ckpt[1], plain[1], atol=1e-6, rtol=0)
+
+
+# ----- the LoRA a user loads ---------------------------------------------------------------------------------
+def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(qwen_model, tmp_path, library_log):
+    """``QwenImagePipeline.load_lora_weights(dir)`` on a fresh pipeline loads every tensor without a warning from
+    diffusers, peft or transformers, at the trained scale (alpha 8 / rank 4), and the stock pipeline then makes the
+    trainer's own images (decoded through the 3-D VAE)."""
+    cfg = FinetuneConfig(
+        model=str(qwen_model),
+        prompts="builtin:simple",
+        output=str(tmp_path),
+        k=2,
+        steps=1,
+        batch_size=2,
+        lr=5e-2,
+        lora_rank=4,
+        lora_alpha=8.0,
+        resolution=32,
+        sample_steps=3,
+        eval_every=0,
+        eval_size=2,
+        max_sequence_length=MSL,
+        gradient_checkpointing=False,
+    )
+    trainer = Trainer(cfg, reward=Brightness())
+    trainer.step()
+    trainer.save_lora(tmp_path / "lora")
+    trainer.unet.eval()
+    trained = trainer.generate(PROMPTS, seed=5)
+    kw = _pipe_kw(4.0, 32)
+    pipe = _load(qwen_model)
+    base = pipe(PROMPTS, generator=_gen(5), output_type="pt", **kw).images
+    with library_log() as log:
+        pipe.load_lora_weights(tmp_path / "lora")  # the plain diffusers call a user makes
+    assert log.messages == []
+    loaded = pipe(PROMPTS, generator=_gen(5), output_type="pt", **kw).images
+    assert float((trained - base).abs().max()) > 1e-3  # the LoRA changed the model
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+    assert {k.split(".")[0] for k in keys} == {"transformer"}
+    assert any(".txt_mlp.net.2." in k for k in keys) and any(".attn.add_q_proj." in k for k in keys)
+    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
+    load_lora(_load(qwen_model), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
+
+
+# ----- the command line ----------------------------------------------------------------------------------------
+def test_cli_finetunes_the_local_model_and_resumes(qwen_model, released_ict, tiny_backbone, tmp_path):
+    """A real ``rewardtune finetune`` process on the tiny directory, then ``--resume`` to one more step; the
+    resolved defaults (true CFG 4, the family's LoRA targets) are in config.yaml."""
+    out = tmp_path / "run"
+    args = ["--model", qwen_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone]
+    args += ["--output", out, "--resolution", 32, "--batch-size", 1, "--eval-size", 1, "--lora-rank", 2, "--k", 2]
+    args += ["--sample-steps", 2, "--max-sequence-length", 8, "--checkpoint-every", 1, "--no-gradient-checkpointing"]
+
+    def run(*extra):
+        res = run_cli("finetune", *args, *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    first = run("--steps", 1)
+    assert first["family"] == "qwenimage" and first["steps"] == 1
+    resumed = run("--steps", 2, "--resume")
+    assert resumed["steps"] == 2 and resumed["before"] == first["before"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["guidance_scale"] == 4.0 and saved["sample_steps"] == 2
+    assert saved["lora_targets"] == QWENIMAGE_TARGETS
+
+
+@pytest.mark.parametrize(
+    "case,extra,expect",
+    [
+        (
+            "text_encoder",
+            ["--train-text-encoder"],
+            "--train-text-encoder: QwenImagePipeline.load_lora_weights loads transformer weights only",
+        ),
+        ("resolution", ["--resolution", 40], "--resolution 40: Qwen-Image packs 2x2 latent patches"),
+        ("eta", ["--eta", 0.5], "--eta 0.5: qwenimage is a flow-matching model"),
+        ("export", ["--export", "kohya"], "--export kohya: only SD/SDXL LoRAs are converted"),
+        ("defaults", ["--defaults-from", "flux-dev"], "--defaults-from flux-dev is a flux model"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(case, extra, expect, qwen_model, tmp_path, capsys):
+    args = ["--model", qwen_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2, *extra]
+    rc = main(["finetune", *map(str, args)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]  # above it, at most the pipeline loading progress bar
+    assert last.startswith("rewardtune finetune: error: ") and expect in last and "Traceback" not in err
+
+
+def test_alias_and_family_defaults(qwen_model, tmp_path):
+    """The alias names the public model and the model card's settings; a local directory takes the pipeline's."""
+    family, alias = families.aliases()["qwen-image"]
+    assert family.name == "qwenimage" and alias.hub == ("Qwen/Qwen-Image",)
+    pipe = _load(qwen_model)
+
+    def resolved(**kw):
+        cfg = FinetuneConfig(output=str(tmp_path), **kw)
+        resolve_defaults(cfg, pipe, "qwenimage")
+        return cfg.sample_steps, cfg.guidance_scale, cfg.max_sequence_length
+
+    assert resolved(model="qwen-image") == (50, 4.0, 512)
+    assert resolved(model=str(qwen_model), sample_steps=20, guidance_scale=1.0) == (20, 1.0, 512)
