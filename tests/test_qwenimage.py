@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DiffusionPipeline, QwenImagePipeline
+from diffusers import AutoencoderKLQwenImage, DiffusionPipeline, QwenImagePipeline, QwenImageTransformer2DModel
 from safetensors import safe_open
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from rewardtune.cli import main
+from rewardtune.config import RECIPES_DIR, build_config
 from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sample
 from rewardtune.finetune.defaults import resolve_defaults
 from rewardtune.finetune.families.qwenimage import NEGATIVE_PROMPT, QWENIMAGE_TARGETS
@@ -21,11 +23,14 @@ from rewardtune.finetune.flow import FlowMatchSampler
 from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, training_scheduler
 from rewardtune.finetune.sampler import Plan
 from rewardtune.finetune.trainer import checkpoint_vae_decoder
+from rewardtune.plan import arch_config, build_reward, predict_peak_memory
+from rewardtune.testing import tiny_clip_config
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.qwenimage_pipelines import pipeline_template, save_tiny_qwenimage_pipeline
 
 PROMPTS = ["a red apple", "a cat sitting on a mat"]  # different lengths: the conditional rows are padded
 MSL = 16  # text tokens per prompt (the real default is 512)
+TINY_CLIP = tiny_clip_config(49408, projection_dim=32, image_size=64, patch_size=32, hidden=32, layers=1).to_dict()
 
 
 class Brightness(torch.nn.Module):
@@ -349,3 +354,54 @@ def test_alias_and_family_defaults(qwen_model, tmp_path):
 
     assert resolved(model="qwen-image") == (50, 4.0, 512)
     assert resolved(model=str(qwen_model), sample_steps=20, guidance_scale=1.0) == (20, 1.0, 512)
+
+
+# ----- full size: configs, planner, recipes ----------------------------------------------------------------------
+def test_shipped_configs_build_the_published_sizes():
+    """On the meta device: the transformer is the README's "20B MMDiT" (20.43B), the Qwen2.5-VL-7B encoder the
+    8.29B whose bf16 weights are 16.58 GB (its four shards in Qwen-Image's text_encoder/), the VAE Qwen-Image's."""
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config(arch_config("qwenimage_transformer"))
+        encoder = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig.from_dict(arch_config("qwen25vl_7b_text_encoder"))
+        )
+        vae = AutoencoderKLQwenImage.from_config(arch_config("qwenimage_vae"))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert round(count(transformer) / 1e9) == 20 and f"{count(transformer) / 1e9:.4g}" == "20.43"
+    assert count(encoder) * 2 / 1e9 == pytest.approx(4.97 + 4.99 + 4.93 + 1.69, abs=0.02)
+    assert vae.config.latents_std == pytest.approx(arch_config("qwenimage_vae")["latents_std"])
+    assert 2 ** len(vae.config.temperal_downsample) == 8 and vae.config.z_dim == 16
+
+
+def test_fsdp_recipe_names_the_block_class_the_model_has(qwen_model):
+    config = yaml.safe_load((RECIPES_DIR / "accelerate" / "fsdp_qwenimage.yaml").read_text())["fsdp_config"]
+    listed = set(config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    present = {type(m).__name__ for m in _load(qwen_model).transformer.modules()}
+    assert listed == set(families.by_name("qwenimage").fsdp_blocks) and listed <= present
+
+
+def test_planner_traces_a_qwenimage_step(qwen_model):
+    """The planner runs the Trainer's own step on fake tensors (the encoder's embeddings cached first, so the
+    encoder is not resident); at full size it takes minutes (the recipe states its prediction)."""
+    base = dict(model=str(qwen_model), output="", reward="ict", k=1, sample_steps=2, resolution=64)
+    plan = predict_peak_memory(  # one branch and one reward tower: the trace's ~10k operations take seconds
+        FinetuneConfig(**base, guidance_scale=1.0, max_sequence_length=MSL), reward_config=TINY_CLIP
+    )
+    pipe = _load(qwen_model)
+    reward = build_reward("ict", torch.float32, "meta", clip_config=TINY_CLIP)
+    tensors = [t for m in (pipe.transformer, pipe.vae, reward) for t in (*m.parameters(), *m.buffers())]
+    assert plan["family"] == "qwenimage" and plan["trainable_params"] > 0
+    # the frozen weights counted are the transformer's, the VAE's and the reward's: not the text encoder's
+    assert plan["weights_mib"] == pytest.approx(sum(t.numel() * t.element_size() for t in tensors) / 2**20, rel=0.02)
+    assert plan["peak_mib"] > plan["resident_mib"] > plan["weights_mib"] and plan["resolution"] == 64
+
+
+def test_recipe_builds_a_valid_config(tmp_path):
+    cfg = build_config(FinetuneConfig, config="qwenimage_icthp_draftk", output=str(tmp_path))
+    assert cfg.model == "qwen-image" and cfg.method == "draft-k" and cfg.k == 1 and cfg.resolution == 1024
+    assert cfg.lora_rank == 16 and cfg.batch_size == 1 and cfg.reward == "icthp" and cfg.quantize_base == "nf4"
+    text = (RECIPES_DIR / "qwenimage_icthp_draftk.yaml").read_text()
+    assert "rewardtune plan --config qwenimage_icthp_draftk" in text and "Not yet measured on a GPU" in text

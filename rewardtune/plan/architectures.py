@@ -22,6 +22,7 @@ from ..finetune.models import assemble_pipeline, model_family
 from ..rewards.clip_tower import ClipTower
 from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
 from ..testing.flow_pipelines import t5_tokenizer
+from ..testing.qwenimage_pipelines import qwen_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -57,9 +58,17 @@ ARCHITECTURES.update(
         "sd35l": {"transformer": "sd35l_transformer", **_SD35},
         "fluxdev": {"transformer": "flux_dev_transformer", **_FLUX, "scheduler": "flux_dev_scheduler"},
         "fluxschnell": {"transformer": "flux_schnell_transformer", **_FLUX, "scheduler": "flux_schnell_scheduler"},
+        # Qwen-Image: its MMDiT, 3-D VAE and Qwen2.5-VL-7B encoder
+        "qwenimage": {
+            "transformer": "qwenimage_transformer",
+            "vae": "qwenimage_vae",
+            "text_encoder": "qwen25vl_7b_text_encoder",
+            "scheduler": "qwenimage_scheduler",
+        },
     }
 )
 FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux", "fluxschnell": "flux"}
+FAMILY_OF["qwenimage"] = "qwenimage"
 # The architecture of each ``--model`` alias that has one shipped (SD3.5-Large-Turbo is SD3.5-Large's files).
 ARCH_OF_ALIAS = {
     "sd15": "sd15",
@@ -69,6 +78,7 @@ ARCH_OF_ALIAS = {
     "sd35-large-turbo": "sd35l",
     "flux-dev": "fluxdev",
     "flux-schnell": "fluxschnell",
+    "qwen-image": "qwenimage",
 }
 REWARD_BACKBONE = "clip_vit_h14"
 
@@ -218,6 +228,8 @@ def build_pipeline(
         tok = _tokenizer(tokenizer_dir)
         t5 = _t5_tokenizer() if family in ("sd3", "flux") else None
         toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
+        if family == "qwenimage":  # Qwen2's tokenizer, not CLIP's
+            toks = (_qwen_tokenizer(), None, None)
     else:
         directory = Path(source).expanduser()
         found = [
@@ -234,6 +246,14 @@ def _t5_tokenizer():
     if "t5" not in _TOKENIZERS:
         _TOKENIZERS["t5"] = t5_tokenizer(["a", "photograph", "of", "red", "bicycle"])
     return _TOKENIZERS["t5"]
+
+
+def _qwen_tokenizer():
+    """A Qwen2 tokenizer built offline (``testing.qwenimage_pipelines``): the planner's prompt and the pipeline's
+    template in whole-word tokens, as the real one splits them."""
+    if "qwen" not in _TOKENIZERS:
+        _TOKENIZERS["qwen"] = qwen_tokenizer(tempfile.mkdtemp(prefix="rewardtune-qwen-tok-"))
+    return _TOKENIZERS["qwen"]
 
 
 def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:

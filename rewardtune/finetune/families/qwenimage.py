@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ...errors import UserError
 from ..flow_models import FlowAdapter, calculate_shift, hw
@@ -95,22 +96,28 @@ class QwenImageAdapter(FlowAdapter):
     def _t5(self, prompts):
         """Per prompt: its features after the template's dropped tokens, cut to ``max_sequence_length`` and
         zero-padded to it (so prompts cache and stack alike), and its length."""
-        embeds, mask = self.pipe._get_qwen_prompt_embeds(prompts, device=self.t5.device)
         n = self.max_sequence_length
+        if is_fake(next(self.t5.parameters())):
+            # the planner's trace on fake weights: the pipeline picks each prompt's tokens by its mask, a shape no
+            # fake tensor has; it plans for prompts of the full length instead, the most a run can take
+            width = int(self.pipe.transformer.config.joint_attention_dim)
+            full = torch.zeros(len(prompts), n, width, dtype=self.t5.dtype)
+            return {"qwen": full, "qwen_len": torch.full((len(prompts),), n)}
+        embeds, mask = self.pipe._get_qwen_prompt_embeds(prompts, device=self.t5.device)
         embeds = torch.nn.functional.pad(embeds[:, :n], (0, 0, 0, max(0, n - embeds.shape[1])))
         return {"qwen": embeds, "qwen_len": mask.sum(dim=1).clamp(max=n)}
 
     def _combine(self, clip, t5):
         """(features, padding mask) of a batch, padded to its longest prompt as ``encode_prompt`` pads them."""
         lengths = t5["qwen_len"].to(self.device)
-        longest = int(lengths.max())
+        longest = t5["qwen"].shape[1] if is_fake(lengths) else int(lengths.max())  # (fake: the planner's trace)
         hidden = t5["qwen"][:, :longest].to(self.device)
         return hidden, (torch.arange(longest, device=self.device) < lengths[:, None]).long()
 
     def _text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``embeddings``, with the mask None when no row is padded (``encode_prompt``'s rule)."""
         hidden, mask = self.embeddings(prompts)
-        return hidden, (None if bool(mask.all()) else mask)
+        return hidden, (None if is_fake(mask) or bool(mask.all()) else mask)  # (fake: full-length prompts)
 
     def cache_prompts(self, prompts: list[str]) -> None:
         super().cache_prompts([*prompts, NEGATIVE_PROMPT])
