@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKLQwenImage, DiffusionPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -20,6 +21,7 @@ from rewardtune.finetune import FinetuneConfig, Trainer, families, load_lora, sa
 from rewardtune.finetune.defaults import resolve_defaults
 from rewardtune.finetune.families.qwenimage import NEGATIVE_PROMPT, QWENIMAGE_TARGETS
 from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.lora import add_lora, save_lora
 from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, training_scheduler
 from rewardtune.finetune.sampler import Plan
 from rewardtune.finetune.trainer import checkpoint_vae_decoder
@@ -405,3 +407,73 @@ def test_recipe_builds_a_valid_config(tmp_path):
     assert cfg.lora_rank == 16 and cfg.batch_size == 1 and cfg.reward == "icthp" and cfg.quantize_base == "nf4"
     text = (RECIPES_DIR / "qwenimage_icthp_draftk.yaml").read_text()
     assert "rewardtune plan --config qwenimage_icthp_draftk" in text and "Not yet measured on a GPU" in text
+
+
+# ----- ComfyUI: its key rule for Qwen-Image, read there and written here (not copied) -------------------------------
+# - comfy/ldm/qwen_image/model.py (comfyanonymous/ComfyUI at c708d0a433c2f93e97d6e149ccda313192ee4f1e): the Linear
+#   layers of QwenImageTransformer2DModel carry diffusers' names; per block transformer_blocks.N: img_mod.1, txt_mod.1,
+#   attn.{to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out}, img_mlp.net.0.proj, img_mlp.net.2,
+#   txt_mlp.net.0.proj, txt_mlp.net.2 (FeedForward: net = [GELU(proj), Dropout, Linear]).
+# - comfy/lora.py, model_lora_keys_unet's QwenImage branch: for every diffusion_model.{m}.weight of the model,
+#   key_map["transformer.{m}"] (and "{m}", "lycoris_{m with _}"). The copy read here is in the search index without a
+#   commit; the snapshot could not be fetched (1.19 GB, over the tool's 0.5 GB), and the comfy/lora.py stored with a
+#   commit (00728eb) predates Qwen-Image.
+# - comfy/weight_adapter/lora.py (at 6fd406fb14ca663225b88c6f75d7a7f2b997e5a0), LoRAAdapter.load: module key x is a
+#   LoRA when "{x}.lora_B.weight" is in the file, with "{x}.lora_A.weight"; its scale is alpha/rank only where
+#   "{x}.alpha" is in the file, else 1.
+COMFY_BLOCK_LINEARS = [
+    "img_mod.1",
+    "txt_mod.1",
+    *(
+        f"attn.{p}"
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")
+    ),
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+]
+
+
+def comfy_qwen_lora_modules(num_layers: int) -> set[str]:
+    """The LoRA module keys ComfyUI maps onto its Qwen-Image blocks (the rule above, blocks only)."""
+    return {f"transformer.transformer_blocks.{i}.{leaf}" for i in range(num_layers) for leaf in COMFY_BLOCK_LINEARS}
+
+
+def _comfy_reads(keys: list[str], modules: set[str]) -> set[str]:
+    """The keys ComfyUI's LoRA adapter consumes: each module's lora_B/lora_A pair."""
+    read = set()
+    for m in modules:
+        if f"{m}.lora_B.weight" in keys and f"{m}.lora_A.weight" in keys:
+            read |= {f"{m}.lora_B.weight", f"{m}.lora_A.weight"}
+    return read
+
+
+def test_comfyui_maps_every_key_of_a_full_size_lora():
+    """Every key of the LoRA rewardtune saves (the family's targets on all 60 blocks of the full-size module tree,
+    named as save_lora names them) is one ComfyUI reads; a FLUX-style or kohya name is not. (The widths are cut to
+    tiny ones: names do not depend on them, and peft's injection into 720 full-size modules takes seconds.)"""
+    tiny_widths = dict(attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config({**arch_config("qwenimage_transformer"), **tiny_widths})
+    add_lora(transformer, 16, 16.0, QWENIMAGE_TARGETS)
+    keys = [f"transformer.{k}" for k in get_peft_model_state_dict(transformer)]
+    assert len(keys) == 60 * len(QWENIMAGE_TARGETS) * 2
+    assert _comfy_reads(keys, comfy_qwen_lora_modules(60)) == set(keys)
+    foreign = [
+        "transformer.transformer_blocks.0.ff.net.2.lora_B.weight",
+        "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight",
+    ]
+    assert _comfy_reads(foreign, comfy_qwen_lora_modules(60)) == set()
+
+
+def test_saved_lora_file_is_read_whole_by_the_comfyui_rule(qwen_model, tmp_path):
+    """The file save_lora writes (tiny model, two blocks) has only keys ComfyUI reads and no '.alpha' entries: ComfyUI
+    applies it at scale 1, which is the trained scale when lora_alpha equals lora_rank (the recipe's 16/16)."""
+    pipe = _load(qwen_model)
+    add_lora(pipe.transformer, 4, 4.0, QWENIMAGE_TARGETS)
+    path = save_lora(tmp_path / "lora", QwenImagePipeline, pipe.transformer)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys and _comfy_reads(keys, comfy_qwen_lora_modules(2)) == set(keys)
+    assert not any(k.endswith(".alpha") for k in keys)
