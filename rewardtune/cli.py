@@ -13,7 +13,7 @@ from .errors import UserError
 
 # Each module in rewardtune.commands defines register(subparsers); the subcommand's parser has
 # ``func(args) -> int``.
-COMMANDS = ["score", "train_reward", "eval_reward", "data", "finetune", "plan", "demo"]
+COMMANDS = ["score", "train_reward", "eval_reward", "data", "finetune", "encode_prompts", "plan", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

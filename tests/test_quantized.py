@@ -12,9 +12,9 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 
 from rewardtune.cli import main
-from rewardtune.finetune import Trainer
+from rewardtune.finetune import Trainer, families
 from rewardtune.finetune.models import (
-    _quantized_denoiser,
+    _quantized_component,
     cpu_quantization_problem,
     model_family,
     quantize_linears_on_cpu,
@@ -82,7 +82,11 @@ def test_every_linear_of_the_denoiser_is_stored_in_4_or_8_bits(models, name, qua
     no full-precision copy, and bitsandbytes' dequantization of it is the stock weight up to the format's error."""
     path = models[name]
     stock = getattr(_stock(path), _denoiser_name(_stock(path)))
-    quantized = next(iter(_quantized_denoiser(path, model_family(path), quantize, torch.float32).values()))
+    quantized = next(
+        iter(
+            _quantized_component(path, families.by_name(model_family(path)).denoiser, quantize, torch.float32).values()
+        )
+    )
     layer_cls, param_cls, dtype = LAYER[quantize]
     stock_linears = {n: m for n, m in stock.named_modules() if type(m) is torch.nn.Linear}
     q_linears = {n: m for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -162,7 +166,11 @@ def test_lora_prediction_and_gradient_on_the_quantized_base_follow_the_fp32_base
     stock = getattr(pipe, _denoiser_name(pipe))
     stock_weights = {n: m.weight.detach().clone() for n, m in stock.named_modules() if type(m) is torch.nn.Linear}
     ref_out, ref_grads = _lora_grads(stock, args, kwargs)
-    quantized = next(iter(_quantized_denoiser(path, model_family(path), quantize, torch.float32).values()))
+    quantized = next(
+        iter(
+            _quantized_component(path, families.by_name(model_family(path)).denoiser, quantize, torch.float32).values()
+        )
+    )
     weight_err = max(
         _rel(_dequantized(m, quantize), stock_weights[n])
         for n, m in quantized.named_modules()

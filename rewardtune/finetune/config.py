@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PRECISIONS, check_values, option
+from ..config import PRECISIONS, check_values, derived, option
 from ..errors import UserError
 from ..nonfinite import max_nonfinite_option
 from ..schedules import LR_SCHEDULES
@@ -114,6 +114,24 @@ class FinetuneConfig:
         "SD3/FLUX: host memory for the cached prompt embeddings (FLUX-dev's are 4-8 MiB a prompt); the rest "
         "go to a temporary directory on disk",
         min=0,
+    )
+    prompt_embeddings: str = option(
+        "",
+        "flow models: a directory of prompt embeddings that runs share: prompts found there are not encoded "
+        "again, and when all are found the large text encoder (T5, the LLM) is not even loaded; new ones are "
+        "written there (rewardtune encode-prompts fills it ahead of a run)",
+    )
+    text_encoder_device: str = option(
+        "accelerator",
+        "flow models: where the large text encoder runs to fill the prompt cache; 'cpu' keeps it off the GPU "
+        "altogether (slower, once per prompt)",
+        choices=["accelerator", "cpu"],
+    )
+    quantize_text_encoder: str = option(
+        "none",
+        "flow models: load the large text encoder's Linear layers in 4-bit NF4 or 8-bit through bitsandbytes "
+        "(its embeddings differ slightly from the full-precision ones)",
+        choices=["none", "nf4", "int8"],
     )
     mixed_precision: str = option(
         "no", "no, fp16 or bf16; frozen weights in that type, LoRA weights stay fp32", choices=list(PRECISIONS)
@@ -259,3 +277,32 @@ class FinetuneConfig:
             raise UserError(f"--k-min applies to --method alignprop only (the method is {self.method}); drop it")
         if self.k is None:
             self.k = self.sample_steps if self.method == "alignprop" else 1
+
+
+# the options shared with finetune; their help, choices and ranges are FinetuneConfig's
+SHARED_WITH_ENCODE = ("model", "prompts", "eval_prompts", "eval_size", "max_sequence_length", "defaults_from", "mixed_precision",
+          "quantize_text_encoder", "text_encoder_device")  # fmt: skip
+
+
+@dataclass
+class EncodePromptsConfig:
+    """The options of ``rewardtune encode-prompts``."""
+
+    ERROR_PREFIX = "encode-prompts: "
+
+    output: str = option("", "the --prompt-embeddings directory to fill (shared by later finetune runs)")
+    model: str = derived(FinetuneConfig, "model")
+    prompts: str = derived(FinetuneConfig, "prompts")
+    eval_prompts: str = derived(FinetuneConfig, "eval_prompts")
+    eval_size: int = derived(FinetuneConfig, "eval_size")
+    max_sequence_length: int | None = derived(FinetuneConfig, "max_sequence_length")
+    defaults_from: str = derived(FinetuneConfig, "defaults_from")
+    mixed_precision: str = derived(FinetuneConfig, "mixed_precision")
+    quantize_text_encoder: str = derived(FinetuneConfig, "quantize_text_encoder")
+    text_encoder_device: str = derived(FinetuneConfig, "text_encoder_device")
+
+    def validate(self) -> EncodePromptsConfig:
+        check_values(self)
+        if not self.output:
+            raise UserError("encode-prompts: --output is required: the directory finetune's --prompt-embeddings names")
+        return self

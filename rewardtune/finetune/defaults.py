@@ -61,14 +61,17 @@ def _loads_text_encoder_lora(spec) -> bool:
     return any(m.startswith("text_encoder") for m in modules)
 
 
-def resolve_defaults(cfg, pipe, family: str) -> None:
+def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:
     """Fill ``cfg``'s unset options (None) in place with the model's defaults, refuse guidance on a
-    guidance-free model, and validate the result."""
+    guidance-free model, and validate the result. ``denoiser_config``: the denoiser's config where ``pipe`` was
+    loaded without it (encode-prompts)."""
     check_family_options(cfg, family)
     source = _source(cfg)
     spec = families.by_name(family)
     values = dict(spec.defaults)
-    values.update(spec.refine_defaults(pipe) if spec.refine_defaults else {})
+    if spec.refine_defaults:
+        config = denoiser_config if denoiser_config is not None else getattr(pipe, spec.denoiser).config
+        values.update(spec.refine_defaults(config))
     guidance_free = bool(values.pop("guidance_free", False))
     if source in families.aliases():
         alias = families.aliases()[source][1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .prompt_cache import DEFAULT_RAM_GIB, PromptCache
 
 ENCODE_BATCH = 16  # prompts per text-encoder call when filling the cache
@@ -54,11 +55,19 @@ class FlowAdapter:
         guidance_scale: float | None = None,
         max_sequence_length: int | None = None,
         prompt_cache_gib: float = DEFAULT_RAM_GIB,
+        store=None,
+        encoder_device: str = "accelerator",
+        device: torch.device | str | None = None,
     ):
+        """``store``: a ``PromptStore`` whose embeddings are read before the large encoder runs and that its new
+        ones are written to; ``encoder_device``: 'cpu' keeps the large encoder off the accelerator (it encodes
+        there, once); ``device``: the accelerator when the pipeline has no denoiser (``encode-prompts``)."""
         self.pipe = pipe
         self.guidance_scale = guidance_scale
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.prompt_cache_gib = prompt_cache_gib
+        self.store, self.encoder_device = store, encoder_device
+        self._device = torch.device(device) if device is not None else None
         self._cache: PromptCache | None = None  # prompt -> CPU tensors, once cache_prompts switched caching on
 
     @property
@@ -67,7 +76,7 @@ class FlowAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.transformer.device
+        return self._device if self._device is not None else self.pipe.transformer.device
 
     def text_encoders(self) -> list:
         """The CLIP encoders: the ones ``--train-text-encoder`` adapts. T5 is ``t5``, only ever cached."""
@@ -132,6 +141,8 @@ class FlowAdapter:
                 te.to("cpu")
 
     def _fill(self, prompts: list[str], clip: bool) -> None:
+        """Put ``prompts``' embeddings in the cache: the large encoder's from the store where it has them, else
+        computed (and written to the store); the CLIP encoders' (``clip``) computed."""
         clip = clip and bool(self._clip_keys)  # a family may have no encoder but the large one (Qwen-Image)
         missing = [
             p
@@ -140,14 +151,40 @@ class FlowAdapter:
         ]
         if not missing:
             return
-        encoders = [self.t5, *(self.text_encoders() if clip else [])]
-        for te in encoders:
+        need = [p for p in missing if p not in self._cache or self._t5_keys[0] not in self._cache.names(p)]
+        stored = {p: e for p in need if (e := self._stored(p)) is not None}
+        compute = [p for p in need if p not in stored]
+        if compute and self.t5 is None:
+            raise UserError(
+                f"the prompt embeddings of {len(compute)} prompt(s) (e.g. {compute[0][:60]!r}) are not in "
+                f"--prompt-embeddings '{self.store.root if self.store else ''}' and the text encoder was not "
+                f"loaded; run rewardtune encode-prompts with these prompts first"
+            )
+        on_accelerator = [self.t5] if compute and self.encoder_device != "cpu" else []
+        for te in on_accelerator + (self.text_encoders() if clip else []):
             if te is not None and te.device != self.device:  # (a no-op move of fake tensors fails: the planner)
                 te.to(self.device)
         with torch.no_grad():
-            for i in range(0, len(missing), ENCODE_BATCH):
-                chunk = missing[i : i + ENCODE_BATCH]
-                parts = {**self._t5(chunk), **(self._clip(chunk) if clip else {})}
+            for p, entry in stored.items():
+                self._cache.put(p, entry)
+            for chunk in _chunks(compute):
+                parts = self._t5(chunk)
+                for j, p in enumerate(chunk):
+                    entry = {k: v[j] for k, v in parts.items()}
+                    self._cache.put(p, entry)
+                    if self.store is not None:
+                        self.store.put(p, entry)
+            for chunk in _chunks(missing) if clip else ():
+                parts = self._clip(chunk)
                 for j, p in enumerate(chunk):
                     self._cache.put(p, {k: v[j] for k, v in parts.items()})
         self._offload()
+
+    def _stored(self, prompt: str) -> dict | None:
+        entry = self.store.get(prompt) if self.store is not None else None
+        return entry if entry is not None and all(k in entry for k in self._t5_keys) else None
+
+
+def _chunks(prompts: list[str]):
+    for i in range(0, len(prompts), ENCODE_BATCH):
+        yield prompts[i : i + ENCODE_BATCH]

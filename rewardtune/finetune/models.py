@@ -4,6 +4,7 @@ this module asks the registry and never names a family."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -74,20 +75,31 @@ def pipeline_class(family: str):
     return getattr(diffusers, families.by_name(family).pipelines[0])
 
 
-def load_pipeline(name: str, dtype: torch.dtype = torch.float32, check=None, quantize: str = "none"):
+def load_pipeline(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    check=None,
+    quantize: str = "none",
+    text_encoder: str = "none",
+    without: tuple[str, ...] = (),
+):
     """(pipeline, family): frozen weights in ``dtype`` and the training scheduler built from the model's config.
     ``check(family)`` runs once the family is known, before any weights load (option errors fail fast).
-    ``quantize`` 'nf4' or 'int8': the UNet/transformer loaded through bitsandbytes (compute in ``dtype``)."""
+    ``quantize`` 'nf4' or 'int8': the UNet/transformer loaded through bitsandbytes (compute in ``dtype``);
+    ``text_encoder`` the same for the family's large text encoder (``Family.cached_encoder``); ``without``:
+    components not loaded at all (None in the pipeline), e.g. that encoder when every prompt's embedding is stored."""
     path = resolve_model(name)
     family = model_family(path)
     if check is not None:
         check(family)
-    cls = pipeline_class(family)
-    kw = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    spec = families.by_name(family)
+    kw = {**spec.load_kwargs, **dict.fromkeys(without)}
     try:
         if quantize != "none":
-            kw.update(_quantized_denoiser(path, family, quantize, dtype))
-        pipe = cls.from_pretrained(path, **_dtype_kwarg(dtype), **kw)
+            kw.update(_quantized_component(path, spec.denoiser, quantize, dtype))
+        if text_encoder != "none" and spec.cached_encoder and spec.cached_encoder not in without:
+            kw.update(_quantized_component(path, spec.cached_encoder, text_encoder, dtype))
+        pipe = pipeline_class(family).from_pretrained(path, **_dtype_kwarg(dtype), **kw)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"--model '{name}': could not load the pipeline from '{path}' ({str(exc).splitlines()[0][:200]})"
@@ -140,37 +152,40 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tok
     return families.by_name(family).assemble(parts, tokenizer, tokenizer_2, tokenizer_3)
 
 
-def _quantized_denoiser(path: Path, family: str, quantize: str, dtype: torch.dtype) -> dict:
-    """{component name: the denoiser loaded in 4-bit NF4 or 8-bit} (bitsandbytes).
+def _quantized_component(path: Path, name: str, quantize: str, dtype: torch.dtype) -> dict:
+    """{component name: the component loaded in 4-bit NF4 or 8-bit} (bitsandbytes): the denoiser, or a text encoder
+    (a transformers model).
 
-    On a GPU diffusers quantizes while loading (``quantization_config``). diffusers refuses that without a GPU
+    On a GPU the library quantizes while loading (``quantization_config``). diffusers refuses that without a GPU
     ("No GPU found. A GPU is needed for quantization.", 0.42), while bitsandbytes' own layers run on the CPU: there
-    the denoiser loads in ``dtype`` and every ``nn.Linear`` is swapped for bitsandbytes' layer, as diffusers'
-    quantizer does (it converts every Linear of these models; none keeps fp32), quantized on the CPU."""
-    import diffusers
-    from diffusers import BitsAndBytesConfig
-
-    name = families.by_name(family).denoiser
-    model_cls = getattr(diffusers, json.loads((path / "model_index.json").read_text())[name][1])
+    the component loads in ``dtype`` and every ``nn.Linear`` is swapped for bitsandbytes' layer, as the libraries'
+    quantizers do (they convert every Linear of these models; none keeps fp32), quantized on the CPU."""
+    library, cls_name = json.loads((path / "model_index.json").read_text())[name]
+    module = importlib.import_module(library)
+    model_cls = getattr(module, cls_name)
     if not torch.cuda.is_available():
         model = model_cls.from_pretrained(path, subfolder=name, **_dtype_kwarg(dtype))
         return {name: quantize_linears_on_cpu(model.requires_grad_(False), quantize, dtype)}
+    config_cls = module.BitsAndBytesConfig
     if quantize == "nf4":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        config = config_cls(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = config_cls(load_in_8bit=True)
     return {name: model_cls.from_pretrained(path, subfolder=name, quantization_config=config, **_dtype_kwarg(dtype))}
 
 
 def quantize_linears_on_cpu(model: torch.nn.Module, quantize: str, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` (on the CPU) with every ``nn.Linear`` replaced by bitsandbytes' ``Linear4bit`` (NF4, blocksize 64,
     no double quantization: diffusers' ``BitsAndBytesConfig`` defaults) or ``Linear8bitLt`` (threshold 6.0, no fp16
-    copy: the config's defaults), frozen, quantized by bitsandbytes on the CPU; computes in ``dtype``."""
+    copy: the config's defaults), frozen, quantized by bitsandbytes on the CPU; computes in ``dtype``. Layers a
+    transformers model keeps in full precision (``_keep_in_fp32_modules``: T5's ``wo``, whose weight dtype its
+    forward casts activations to) stay as they are, as transformers' own quantizer leaves them."""
     import bitsandbytes as bnb
 
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear:
+            if type(child) is not torch.nn.Linear or child_name in keep:
                 continue
             bias = child.bias is not None
             weight = child.weight.data.to(dtype)
@@ -226,13 +241,17 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
         return {"torch_dtype": dtype}
 
 
-def make_adapter(pipe, family: str, cfg=None):
+def make_adapter(pipe, family: str, cfg=None, store=None, device=None):
     """The family's adapter; ``cfg`` (a FinetuneConfig or anything with its option names) gives the options
-    adapters take (FLUX's guidance embedding value, T5's sequence length, the prompt cache's size)."""
-    adapter = families.by_name(family).adapter
+    adapters take (FLUX's guidance embedding value, T5's sequence length, the prompt cache: its size, where the
+    large text encoder runs); ``store``: a ``PromptStore`` to read and fill; ``device``: the accelerator when the
+    pipeline has no denoiser (encode-prompts)."""
+    spec = families.by_name(family)
     if cfg is None:
-        return adapter(pipe)
+        return spec.adapter(pipe)
     options = dict(guidance_scale=cfg.guidance_scale, max_sequence_length=getattr(cfg, "max_sequence_length", None))
-    if families.by_name(family).flow and getattr(cfg, "prompt_cache_gib", None) is not None:
-        options["prompt_cache_gib"] = cfg.prompt_cache_gib
-    return adapter(pipe, **options)
+    if spec.flow:
+        if getattr(cfg, "prompt_cache_gib", None) is not None:
+            options["prompt_cache_gib"] = cfg.prompt_cache_gib
+        options.update(store=store, encoder_device=getattr(cfg, "text_encoder_device", "accelerator"), device=device)
+    return spec.adapter(pipe, **options)

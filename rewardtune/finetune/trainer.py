@@ -35,8 +35,16 @@ from . import lora as lora_mod
 from .compile import check_compile, compile_denoiser
 from .config import FinetuneConfig
 from .defaults import check_family_options, resolve_defaults
-from .models import cpu_quantization_problem, load_pipeline, make_adapter, prepare_pipeline, resolve_model
+from .models import (
+    cpu_quantization_problem,
+    load_pipeline,
+    make_adapter,
+    model_family,
+    prepare_pipeline,
+    resolve_model,
+)
 from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
+from .prompt_store import store_for
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler
 
@@ -56,6 +64,11 @@ def make_accelerator(cfg: FinetuneConfig):
 def check_optional_packages(cfg: FinetuneConfig) -> None:
     """Fail before loading any model when an option needs a package that is not installed."""
 
+    if cfg.quantize_text_encoder != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"--quantize-text-encoder {cfg.quantize_text_encoder} needs bitsandbytes: pip install bitsandbytes, "
+            f"or use --quantize-text-encoder none"
+        )
     if cfg.quantize_base != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(
@@ -225,8 +238,10 @@ class Trainer:
         check_optional_packages(cfg)
         prompts = load_prompts(cfg.prompts)  # a bad prompt file fails before any model loads
         pretrain = load_pairs(cfg.pretrain_data) if cfg.pretrain_data else []  # so does a bad --pretrain-data
+        eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
         acc = accelerator or make_accelerator(cfg)
         dtype = precision_dtype(acc.mixed_precision)
+        store = None  # --prompt-embeddings
         if pipe is not None:
             if cfg.quantize_base != "none":
                 raise UserError(
@@ -234,11 +249,19 @@ class Trainer:
                 )
             pipe, family = prepare_pipeline(pipe)
         else:
+            path = resolve_model(cfg.model)
+            spec = families.by_name(model_family(path))
+            store = store_for(cfg, path, spec, dtype)
+            stored_all = store is not None and not store.missing([*prompts, *eval_prompts, ""])
             pipe, family = load_pipeline(
                 cfg.model,
                 dtype,
                 check=lambda family: _check_before_loading(cfg, family, acc),
                 quantize=cfg.quantize_base,
+                text_encoder=cfg.quantize_text_encoder,
+                without=(spec.cached_encoder,)
+                if stored_all
+                else (),  # every prompt stored: the encoder stays unloaded
             )
         resolve_defaults(cfg, pipe, family)
         if pretrain and families.by_name(family).flow:
@@ -246,7 +269,7 @@ class Trainer:
                 f"--pretrain-data: the denoising regulariser is written for SD/SDXL (DDPM training loss); "
                 f"{family} is a flow-matching model, drop --pretrain-data"
             )
-        adapter = make_adapter(pipe, family, cfg)
+        adapter = make_adapter(pipe, family, cfg, store=store)
         resolution = cfg.resolution or adapter.native_resolution()
         adapter.check_resolution(resolution)
         cfg.resolution = resolution
@@ -257,7 +280,6 @@ class Trainer:
             resume_from = resume_from(lambda path: self._checkpoint_problem(path, lora, optimizer, acc))
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
             lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
-        eval_prompts = load_prompts(cfg.eval_prompts, "--eval-prompts")[: cfg.eval_size] if cfg.eval_prompts else []
         if adapter.sampler_kind == "flow" and acc.is_main_process:  # T5 on many prompts can take minutes
             print(f"finetune: encoding {len(prompts) + len(eval_prompts)} prompts once", flush=True)
         with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator

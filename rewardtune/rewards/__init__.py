@@ -74,12 +74,13 @@ READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("
 
 def check_sources(names, sources: dict) -> None:
     """Before any model loads, every source the rewards ``names`` read that is missing, named in one error: each
-    reward's checkpoint, and the CLIP backbone where ``--backbone`` is given or a hub ICT/HP release lays over it
-    (a local checkpoint that is a full CLIP needs none; one that is not is told when it loads)."""
+    reward's checkpoint, and the CLIP backbone where ICT or HP lays over it: given with ``--backbone`` or read by a
+    hub ICT/HP release (a local checkpoint that is a full CLIP needs none; one that is not is told when it loads).
+    PickScore reads ``--backbone`` only for a tokenizer its own directory lacks; its loader says so when it does."""
     keys = list(dict.fromkeys(k for n in names for k in READS.get(n, (n,))))
     given = {k: v for k, v in sources.items() if v is not None}
-    hub = [k for k in keys if k in ("ict", "hp") and k not in given]
-    if "backbone" in given or hub:
+    over = [k for k in keys if k in ("ict", "hp")]
+    if over and ("backbone" in given or any(k not in given for k in over)):
         keys.append("backbone")
 
     def check(key):

@@ -32,8 +32,8 @@ class Alias:
 class Family:
     """One model family (see the package docstring). ``defaults``: the options a run leaves unset take these
     (``sample_steps``, ``guidance_scale``, ``lora_targets``, and ``max_sequence_length`` where a T5-like encoder
-    takes one); ``refine_defaults(pipe)``: overrides read from the loaded model (e.g. FLUX without a guidance
-    embedding is schnell-like), with ``guidance_free`` among them where the model samples without guidance."""
+    takes one); ``refine_defaults(config)``: overrides read from the denoiser's config (e.g. FLUX without a
+    guidance embedding is schnell-like), with ``guidance_free`` among them where the model samples without guidance."""
 
     name: str
     order: int  # where it stands in lists shown to people (by release)
@@ -50,6 +50,10 @@ class Family:
     kohya_text_encoders: int | None = None  # --export kohya: how many text encoders the file names (None: no export)
     refine_defaults: Callable | None = None
     fp16_vae_overflows: bool = False  # the VAE overflows in fp16 (a divergence hint names --vae-fp32)
+    # the pipeline component of the large text encoder whose outputs are only ever cached (T5, an LLM): it may be
+    # quantized, kept on the CPU, or not loaded at all when --prompt-embeddings holds every prompt
+    cached_encoder: str | None = None
+    load_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (SD: no safety checker)
 
     @property
     def takes_sequence_length(self) -> bool:

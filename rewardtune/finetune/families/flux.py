@@ -165,9 +165,9 @@ def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     return FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
 
 
-def refine_defaults(pipe) -> dict:
-    """No guidance embedding: schnell-like, sampled without guidance."""
-    if pipe.transformer.config.get("guidance_embeds", False):
+def refine_defaults(config) -> dict:
+    """``config``: the transformer's. No guidance embedding: schnell-like, sampled without guidance."""
+    if config.get("guidance_embeds", False):
         return {}
     return {**GUIDANCE_FREE, "guidance_free": True}
 
@@ -180,6 +180,7 @@ FAMILY = Family(
     adapter=FluxAdapter,
     denoiser="transformer",
     flow=True,
+    cached_encoder="text_encoder_2",
     # FluxPipeline's own call defaults
     defaults=dict(sample_steps=28, guidance_scale=3.5, lora_targets=FLUX_TARGETS, max_sequence_length=512),
     assemble=assemble,

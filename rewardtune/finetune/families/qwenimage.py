@@ -205,4 +205,5 @@ FAMILY = Family(
     },
     fsdp_blocks=("QwenImageTransformerBlock",),
     plan_names=("qwenimage",),
+    cached_encoder="text_encoder",  # Qwen2.5-VL-7B: --prompt-embeddings, --text-encoder-device, --quantize-text-encoder
 )

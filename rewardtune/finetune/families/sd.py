@@ -46,4 +46,5 @@ FAMILY = Family(
     fsdp_blocks=("BasicTransformerBlock",),
     plan_names=("sd15",),
     kohya_text_encoders=1,
+    load_kwargs={"safety_checker": None, "requires_safety_checker": False},
 )

@@ -144,6 +144,7 @@ FAMILY = Family(
     adapter=SD3Adapter,
     denoiser="transformer",
     flow=True,
+    cached_encoder="text_encoder_3",
     # StableDiffusion3Pipeline's own call defaults
     defaults=dict(sample_steps=28, guidance_scale=7.0, lora_targets=SD3_TARGETS, max_sequence_length=256),
     assemble=assemble,
