@@ -477,3 +477,29 @@ def test_saved_lora_file_is_read_whole_by_the_comfyui_rule(qwen_model, tmp_path)
         keys = list(f.keys())
     assert keys and _comfy_reads(keys, comfy_qwen_lora_modules(2)) == set(keys)
     assert not any(k.endswith(".alpha") for k in keys)
+
+
+def test_stored_prompt_embeddings_stand_in_for_qwen25vl(qwen_model, tmp_path):
+    """--prompt-embeddings: a first run (Qwen2.5-VL on the CPU) writes each prompt's features and length to the
+    store, the negative prompt's too; a second run finds them all, never loads Qwen2.5-VL, and conditions the
+    transformer on exactly the same features and mask, negative branch included."""
+    store = tmp_path / "store"
+
+    def cfg(out, **kw):
+        return FinetuneConfig(
+            model=str(qwen_model), prompts="builtin:simple", output=str(tmp_path / out), steps=1, batch_size=2,
+            lora_rank=4, resolution=32, sample_steps=2, eval_every=0, eval_size=2, checkpoint_every=0,
+            max_sequence_length=MSL, prompt_embeddings=str(store), **kw,
+        )  # fmt: skip
+
+    first = Trainer(cfg("a", text_encoder_device="cpu"), reward=Brightness())
+    second = Trainer(cfg("b"), reward=Brightness())
+    assert first.pipe.text_encoder is not None and second.pipe.text_encoder is None
+    prompts = first.batch_prompts(0, step=0)
+    ours, theirs = first.encode(prompts), second.encode(prompts)
+    assert ours.scale == theirs.scale == 4.0
+    for name in ("hidden", "mask", "neg_hidden", "neg_mask"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
