@@ -53,6 +53,14 @@ def check_family_options(cfg, family: str) -> None:
         )
 
 
+def _loads_text_encoder_lora(spec) -> bool:
+    """Whether the family's pipeline loads LoRA weights into a text encoder (its loader mixin's modules)."""
+    import diffusers
+
+    modules = getattr(getattr(diffusers, spec.pipelines[0]), "_lora_loadable_modules", [])
+    return any(m.startswith("text_encoder") for m in modules)
+
+
 def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:
     """Fill ``cfg``'s unset options (None) in place with the model's defaults, refuse guidance on a
     guidance-free model, and validate the result. ``denoiser_config``: the denoiser's config where ``pipe`` was

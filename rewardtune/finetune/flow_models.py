@@ -12,10 +12,13 @@ weights.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
 
 from ..errors import UserError
+from .families import Layers
 from .prompt_cache import DEFAULT_RAM_GIB, PromptCache
 
 ENCODE_BATCH = 16  # prompts per text-encoder call when filling the cache
@@ -147,7 +150,7 @@ class FlowAdapter:
     def _fill(self, prompts: list[str], clip: bool) -> None:
         """Put ``prompts``' embeddings in the cache: the large encoder's from the store where it has them, else
         computed (and written to the store); the CLIP encoders' (``clip``) computed."""
-        clip = clip and bool(self._clip_keys)
+        clip = clip and bool(self._clip_keys)  # a family may have no encoder but the large one (Qwen-Image)
         missing = [
             p
             for p in dict.fromkeys(prompts)
@@ -192,3 +195,34 @@ class FlowAdapter:
 def _chunks(prompts: list[str]):
     for i in range(0, len(prompts), ENCODE_BATCH):
         yield prompts[i : i + ENCODE_BATCH]
+
+
+@cache
+def planner_t5_tokenizer():
+    """A T5 tokenizer built offline for the planner's shipped architectures (the real one's SentencePiece model is
+    not shipped): the planner prompt's words, padding and end-of-sequence ids as T5's; prompts are padded to
+    ``max_sequence_length``, so the shapes (all the planner needs) are the real ones."""
+    from ..testing.flow_pipelines import t5_tokenizer  # noqa: PLC0415 (the offline builders load for the planner only)
+
+    return t5_tokenizer(["a", "photograph", "of", "red", "bicycle"])
+
+
+def single_and_double_layers(double: str = "num_layers", single: str = "num_single_layers"):
+    """``Layers`` of a FLUX-like transformer: ``transformer_blocks`` (``double`` of them in the config), then
+    ``single_transformer_blocks`` (``single``); the first double block stands alone."""
+
+    def stacks(config: dict) -> dict[str, int]:
+        return {"transformer.double": int(config.get(double, 0)) - 1, "transformer.single": int(config.get(single, 0))}
+
+    def overrides(config: dict, depths: dict) -> dict:
+        return {
+            double: 1 + depths.get("transformer.double", int(config[double]) - 1),
+            single: depths.get("transformer.single", int(config[single])),
+        }
+
+    def blocks(model) -> list:
+        out = [(b, "transformer.double") for b in model.transformer_blocks]
+        out[0] = (out[0][0], "transformer.first")
+        return out + [(b, "transformer.single") for b in model.single_transformer_blocks]
+
+    return Layers(stacks, overrides, blocks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import logging
 import resource
 import time
@@ -177,14 +178,20 @@ def checkpoint_vae_decoder(vae) -> None:
     block and each up block whole, so the backward pass recomputes an up block with all its activations alive at
     once: at 1024 px the last block's three resnets hold 128-channel full-resolution tensors (0.5 GiB each in fp32)
     by the dozen. Here every resnet, attention and upsampler inside those blocks is a checkpoint of its own as well
-    (nested, non-reentrant), so a block's recomputation keeps only its layers' inputs and one layer's internals."""
-    vae.enable_gradient_checkpointing()
+    (nested, non-reentrant), so a block's recomputation keeps only its layers' inputs and one layer's internals.
+
+    A causal 3-D VAE (Qwen-Image's, which diffusers does not checkpoint) passes its layers a feature cache of
+    earlier frames that they read and advance in place, which a recomputation would find advanced: its layers
+    are checkpointed as calls without the cache, which decoding one frame (an image) never reads."""
+    if vae._supports_gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     decoder = vae.decoder
     for block in [decoder.mid_block, *decoder.up_blocks]:
         for name in ("resnets", "attentions", "upsamplers"):
             for layer in getattr(block, name, None) or []:
                 if layer is not None and not getattr(layer, "_rewardtune_checkpointed", False):
-                    layer.forward = _checkpointed(layer.forward)
+                    cached = "feat_cache" in inspect.signature(layer.forward).parameters
+                    layer.forward = (_checkpointed_frame if cached else _checkpointed)(layer.forward)
                     layer._rewardtune_checkpointed = True
 
 
@@ -193,6 +200,18 @@ def _checkpointed(forward):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _checkpointed_frame(forward):
+    """A causal 3-D VAE layer ``forward(x, feat_cache, feat_idx)`` checkpointed without its cache while it decodes
+    a single frame: the first frame finds every cache slot empty, which is what no cache means to these layers."""
+
+    def run(x, feat_cache=None, feat_idx=None):
+        if not torch.is_grad_enabled() or x.shape[2] != 1:
+            return forward(x, feat_cache, feat_idx if feat_idx is not None else [0])
+        return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
 
     return run
 
@@ -438,6 +457,8 @@ class Trainer:
         )
         with ctx:
             images = vae.decode(z, return_dict=False)[0]
+        if images.dim() == 5:  # a video VAE (Qwen-Image's): (B, C, frames, H, W), one frame
+            images = images[:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -18,87 +18,18 @@ import torch
 
 from ..clip_tokenizer import write_clip_tokenizer
 from ..errors import UserError
+from ..finetune import families
 from ..finetune.models import assemble_pipeline, model_family
 from ..rewards.clip_tower import ClipTower
 from ..rewards.icthp import HPHead, HPReward, ICTHPReward, ICTReward
-from ..testing.flow_pipelines import t5_tokenizer
-from ..testing.flux2_pipelines import dev_tokenizer, klein_tokenizer
-from ..testing.zimage_pipelines import qwen_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# The JSON file of each part of each full-size family.
-ARCHITECTURES = {
-    "sd15": {
-        "unet": "sd15_unet",
-        "vae": "sd15_vae",
-        "text_encoder": "sd15_text_encoder",
-        "scheduler": "sd15_scheduler",
-    },
-    "sdxl": {
-        "unet": "sdxl_unet",
-        "vae": "sdxl_vae",
-        "text_encoder": "sdxl_text_encoder",
-        "text_encoder_2": "sdxl_text_encoder_2",
-        "scheduler": "sdxl_scheduler",
-    },
-}
-# SD3.5: CLIP-L with its projection, CLIP-G (the same bigG tower as SDXL's second encoder), T5-XXL's encoder.
-_SD35 = {
-    "vae": "sd35_vae",
-    "text_encoder": "sd35_text_encoder",
-    "text_encoder_2": "sdxl_text_encoder_2",
-    "text_encoder_3": "t5_xxl_encoder",
-    "scheduler": "sd35_scheduler",
-}
-# FLUX.1: CLIP-L (the same tower as SD 1.5's encoder) and T5-XXL's encoder.
-_FLUX = {"vae": "flux_vae", "text_encoder": "sd15_text_encoder", "text_encoder_2": "t5_xxl_encoder"}
-ARCHITECTURES.update(
-    {
-        "sd35m": {"transformer": "sd35m_transformer", **_SD35},
-        "sd35l": {"transformer": "sd35l_transformer", **_SD35},
-        "fluxdev": {"transformer": "flux_dev_transformer", **_FLUX, "scheduler": "flux_dev_scheduler"},
-        "fluxschnell": {"transformer": "flux_schnell_transformer", **_FLUX, "scheduler": "flux_schnell_scheduler"},
-    }
-)
-# Z-Image and its Turbo: the same transformer, Qwen3-4B and VAE (FLUX.1's VAE config) configs; the schedulers' shifts
-# differ (Turbo 3, Z-Image 6).
-_ZIMAGE = {"transformer": "zimage_transformer", "vae": "flux_vae", "text_encoder": "zimage_text_encoder"}
-ARCHITECTURES.update(
-    {
-        "zimageturbo": {**_ZIMAGE, "scheduler": "zimage_turbo_scheduler"},
-        "zimage": {**_ZIMAGE, "scheduler": "zimage_scheduler"},
-    }
-)
-FAMILY_OF = {"sd15": "sd", "sdxl": "sdxl", "sd35m": "sd3", "sd35l": "sd3", "fluxdev": "flux", "fluxschnell": "flux"}
-FAMILY_OF.update(zimageturbo="zimage", zimage="zimage")
-# FLUX.2: its transformer, VAE and LLM, and the scheduler config diffusers' conversion script gives it (FLUX.1-dev's).
-_FLUX2 = {"vae": "flux2_vae", "scheduler": "flux_dev_scheduler"}
-ARCHITECTURES.update(
-    {
-        "flux2dev": {"transformer": "flux2_dev_transformer", "text_encoder": "mistral_small_3_encoder", **_FLUX2},
-        "flux2klein4b": {"transformer": "flux2_klein_4b_transformer", "text_encoder": "qwen3_4b_encoder", **_FLUX2},
-        "flux2klein9b": {"transformer": "flux2_klein_9b_transformer", "text_encoder": "qwen3_8b_encoder", **_FLUX2},
-    }
-)
-FAMILY_OF.update(dict.fromkeys(("flux2dev", "flux2klein4b", "flux2klein9b"), "flux2"))
-# The architecture of each ``--model`` alias that has one shipped (SD3.5-Large-Turbo is SD3.5-Large's files).
-ARCH_OF_ALIAS = {
-    "sd15": "sd15",
-    "sdxl": "sdxl",
-    "sd35-medium": "sd35m",
-    "sd35-large": "sd35l",
-    "sd35-large-turbo": "sd35l",
-    "flux-dev": "fluxdev",
-    "flux-schnell": "fluxschnell",
-    "z-image-turbo": "zimageturbo",
-    "z-image": "zimage",
-    "flux2-dev": "flux2dev",  # the klein base models are their distilled models' files with other weights
-    "flux2-klein-4b": "flux2klein4b",
-    "flux2-klein-base-4b": "flux2klein4b",
-    "flux2-klein-9b": "flux2klein9b",
-    "flux2-klein-base-9b": "flux2klein9b",
-}
+# The JSON file of each part of each full-size architecture, the family of each, and the architecture of each
+# ``--model`` alias that has one shipped: as the families declare them (``Family.plan_architectures``, ``Alias.plan``).
+ARCHITECTURES = {name: parts for f in families.all_families() for name, parts in f.plan_architectures.items()}
+FAMILY_OF = {name: f.name for f in families.all_families() for name in f.plan_architectures}
+ARCH_OF_ALIAS = {name: alias.plan for name, (_, alias) in families.aliases().items() if alias.plan}
 REWARD_BACKBONE = "clip_vit_h14"
 
 
@@ -260,48 +191,17 @@ def build_pipeline(
     parts = build_parts(source, dtype, device, vae_dtype, overrides)
     if str(source) in ARCHITECTURES:
         tok = _tokenizer(tokenizer_dir, tokenizer_words)
-        t5 = _t5_tokenizer() if family in ("sd3", "flux") else None
-        toks = {"sd3": (tok, tok, t5), "flux": (tok, t5, None)}.get(family, (tok, tok, None))
-        if family == "zimage":
-            toks = (_qwen_tokenizer(), None, None)
-        elif family == "flux2":  # the LLM's offline tokenizer: prompts are padded to max_sequence_length all the same
-            toks = (_flux2_tokenizer(type(parts["text_encoder"]).__name__), None, None)
+        spec = families.by_name(family)
+        toks = spec.plan_tokenizers(parts, tok) if spec.plan_tokenizers else (tok, tok, None)
     else:
         directory = Path(source).expanduser()
         found = [
             AutoTokenizer.from_pretrained(str(directory / name)) if (directory / name).is_dir() else None
             for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
         ]
-        toks = (found[0], found[1] or (found[0] if family == "sdxl" else None), found[2])
+        # a second CLIP encoder without a tokenizer of its own uses the first's (SDXL's layout)
+        toks = (found[0], found[1] or (found[0] if "text_encoder_2" in parts else None), found[2])
     return assemble_pipeline(family, parts, *toks)
-
-
-def _flux2_tokenizer(encoder_class: str):
-    """klein's Qwen tokenizer or dev's text tokenizer, built offline (rewardtune.testing.flux2_pipelines). dev's is
-    the tokenizer without its PixtralProcessor: the processor counts image tokens by their values, which the
-    planner's fake tensors do not have (text-to-image has no image tokens)."""
-    if encoder_class not in _TOKENIZERS:
-        _TOKENIZERS[encoder_class] = klein_tokenizer() if encoder_class == "Qwen3ForCausalLM" else dev_tokenizer()
-    return _TOKENIZERS[encoder_class]
-
-
-def _t5_tokenizer():
-    """A T5 tokenizer built offline (the real one's SentencePiece model is not shipped): the words of the
-    planner's prompt, padding and end-of-sequence ids as T5's."""
-    if "t5" not in _TOKENIZERS:
-        _TOKENIZERS["t5"] = t5_tokenizer(["a", "photograph", "of", "red", "bicycle"])
-    return _TOKENIZERS["t5"]
-
-
-def _qwen_tokenizer():
-    """Qwen3's tokenizer for Z-Image, built offline (byte-level BPE over the planner prompt's words, Qwen3's chat
-    template): the planner's caption is that prompt's tokens as this tokenizer counts them (the pipeline drops the
-    padding; the transformer pads captions to a multiple of 32 tokens)."""
-    if "qwen" not in _TOKENIZERS:
-        _TOKENIZERS["qwen"] = qwen_tokenizer(
-            ["a", "photograph", "of", "red", "bicycle", "leaning", "against", "stone", "wall"]
-        )
-    return _TOKENIZERS["qwen"]
 
 
 def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:

@@ -26,6 +26,21 @@ class Alias:
     hub: tuple[str, ...]
     defaults: dict = field(default_factory=dict)
     guidance_free: bool = False
+    plan: str | None = None  # the planner's shipped full-size architecture of this model (Family.plan_architectures)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """A flow transformer's repeated blocks, for the planner's one-layer trace (``plan/stacks.py``).
+    ``stacks(config)``: {stack name: its layers at full depth} -- a stack is a run of identical blocks; {} where the
+    config's layout is not one the family knows (then every layer is traced); ``overrides(config, depths)``: the
+    config keys that give the stacks ``depths`` ({stack name: layers}); ``blocks(model)``: (block, stack name) for
+    every block in forward order, the first block named ``transformer.first`` (its input takes no gradient in the
+    first gradient call), a block unlike its stack (SD3's last) by a name of its own."""
+
+    stacks: Callable[[dict], dict[str, int]]
+    overrides: Callable[[dict, dict], dict]
+    blocks: Callable[[object], list]
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,12 @@ class Family:
     assemble: Callable  # (parts, tokenizer, tokenizer_2, tokenizer_3) -> the pipeline
     aliases: dict[str, Alias] = field(default_factory=dict)
     fsdp_blocks: tuple[str, ...] = ()  # the block classes accelerate's FSDP wraps (recipes/accelerate/)
-    plan_names: tuple[str, ...] = ()  # the planner's shipped full-size architectures of this family
+    # the planner's shipped full-size architectures: {name: {pipeline part: config file in plan/configs}}
+    plan_architectures: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (parts, CLIP tokenizer) -> (tokenizer, tokenizer_2, tokenizer_3) of a shipped architecture, built offline;
+    # None: CLIP's for the first two
+    plan_tokenizers: Callable | None = None
+    layers: Layers | None = None  # the transformer's repeated blocks (None: the planner traces every layer)
     kohya_text_encoders: int | None = None  # --export kohya: how many text encoders the file names (None: no export)
     refine_defaults: Callable | None = None
     fp16_vae_overflows: bool = False  # the VAE overflows in fp16 (a divergence hint names --vae-fp32)
@@ -57,6 +77,10 @@ class Family:
     cached_encoder: str | None = None
     load_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (SD: no safety checker)
     guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
+
+    @property
+    def plan_names(self) -> tuple[str, ...]:
+        return tuple(self.plan_architectures)
 
     @property
     def takes_sequence_length(self) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...errors import UserError
-from ..flow_models import FlowAdapter, calculate_shift, hw
+from ..flow_models import FlowAdapter, calculate_shift, hw, planner_t5_tokenizer, single_and_double_layers
 from . import Alias, Family
 
 # The joint attention of the double blocks (the single blocks' attn.to_q/k/v match too) and the double blocks'
@@ -172,6 +172,8 @@ def refine_defaults(config, pipeline_config=None) -> dict:
     return {**GUIDANCE_FREE, "guidance_free": True}
 
 
+# The planner: CLIP-L (the same tower as SD 1.5's encoder), T5-XXL's encoder, the VAE.
+_PLAN_PARTS = {"vae": "flux_vae", "text_encoder": "sd15_text_encoder", "text_encoder_2": "t5_xxl_encoder"}
 FAMILY = Family(
     name="flux",
     order=40,
@@ -185,10 +187,23 @@ FAMILY = Family(
     defaults=dict(sample_steps=28, guidance_scale=3.5, lora_targets=FLUX_TARGETS, max_sequence_length=512),
     assemble=assemble,
     aliases={
-        "flux-dev": Alias(("black-forest-labs/FLUX.1-dev",), dict(sample_steps=28, guidance_scale=3.5)),
-        "flux-schnell": Alias(("black-forest-labs/FLUX.1-schnell",), GUIDANCE_FREE, guidance_free=True),
+        "flux-dev": Alias(
+            ("black-forest-labs/FLUX.1-dev",), dict(sample_steps=28, guidance_scale=3.5), plan="fluxdev"
+        ),
+        "flux-schnell": Alias(
+            ("black-forest-labs/FLUX.1-schnell",), GUIDANCE_FREE, guidance_free=True, plan="fluxschnell"
+        ),
     },
     fsdp_blocks=("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-    plan_names=("fluxdev", "fluxschnell"),
+    plan_architectures={
+        "fluxdev": {"transformer": "flux_dev_transformer", **_PLAN_PARTS, "scheduler": "flux_dev_scheduler"},
+        "fluxschnell": {
+            "transformer": "flux_schnell_transformer",
+            **_PLAN_PARTS,
+            "scheduler": "flux_schnell_scheduler",
+        },
+    },
+    plan_tokenizers=lambda parts, clip: (clip, planner_t5_tokenizer(), None),
+    layers=single_and_double_layers(),
     refine_defaults=refine_defaults,
 )

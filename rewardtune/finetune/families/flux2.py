@@ -17,12 +17,13 @@ thinking off) stacked per token, padded to ``max_sequence_length`` (512) and giv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
 
 from ...errors import UserError
-from ..flow_models import FlowAdapter, hw
+from ..flow_models import FlowAdapter, hw, single_and_double_layers
 from . import Alias, Family
 
 DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
@@ -268,9 +269,26 @@ def refine_defaults(config, pipeline_config) -> dict:
 
 
 _BASE = dict(sample_steps=50, guidance_scale=4.0)
+
+
+@cache
+def _planner_tokenizer(encoder_class: str):
+    """klein's Qwen tokenizer or dev's text tokenizer, built offline (rewardtune.testing.flux2_pipelines). dev's is
+    the tokenizer without its PixtralProcessor: the processor counts image tokens by their values, which the
+    planner's fake tensors do not have (text-to-image has no image tokens). Prompts are padded to
+    max_sequence_length all the same."""
+    from ...testing.flux2_pipelines import dev_tokenizer, klein_tokenizer  # noqa: PLC0415 (planner only)
+
+    return klein_tokenizer() if encoder_class == "Qwen3ForCausalLM" else dev_tokenizer()
+
+
+# The planner: each transformer, VAE and LLM, and the scheduler config diffusers' conversion script gives FLUX.2
+# (FLUX.1-dev's).
+_PLAN_PARTS = {"vae": "flux2_vae", "scheduler": "flux_dev_scheduler"}
+
 FAMILY = Family(
     name="flux2",
-    order=50,
+    order=60,  # released 2025-11-25
     label="FLUX.2",
     pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
     adapter=make_adapter,
@@ -281,12 +299,32 @@ FAMILY = Family(
     defaults=dict(**_BASE, lora_targets=DOUBLE_AND_FUSED_TARGETS, max_sequence_length=512),
     assemble=assemble,
     aliases={
-        "flux2-dev": Alias(("black-forest-labs/FLUX.2-dev",), _BASE),
-        "flux2-klein-4b": Alias(("black-forest-labs/FLUX.2-klein-4B",), DISTILLED, guidance_free=True),
-        "flux2-klein-9b": Alias(("black-forest-labs/FLUX.2-klein-9B",), DISTILLED, guidance_free=True),
-        "flux2-klein-base-4b": Alias(("black-forest-labs/FLUX.2-klein-base-4B",), _BASE),
-        "flux2-klein-base-9b": Alias(("black-forest-labs/FLUX.2-klein-base-9B",), _BASE),
+        "flux2-dev": Alias(("black-forest-labs/FLUX.2-dev",), _BASE, plan="flux2dev"),
+        # the klein base models are their distilled models' files with other weights
+        "flux2-klein-4b": Alias(
+            ("black-forest-labs/FLUX.2-klein-4B",), DISTILLED, guidance_free=True, plan="flux2klein4b"
+        ),
+        "flux2-klein-9b": Alias(
+            ("black-forest-labs/FLUX.2-klein-9B",), DISTILLED, guidance_free=True, plan="flux2klein9b"
+        ),
+        "flux2-klein-base-4b": Alias(("black-forest-labs/FLUX.2-klein-base-4B",), _BASE, plan="flux2klein4b"),
+        "flux2-klein-base-9b": Alias(("black-forest-labs/FLUX.2-klein-base-9B",), _BASE, plan="flux2klein9b"),
     },
     fsdp_blocks=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
     refine_defaults=refine_defaults,
+    plan_architectures={
+        "flux2dev": {"transformer": "flux2_dev_transformer", "text_encoder": "mistral_small_3_encoder", **_PLAN_PARTS},
+        "flux2klein4b": {
+            "transformer": "flux2_klein_4b_transformer",
+            "text_encoder": "qwen3_4b_encoder",
+            **_PLAN_PARTS,
+        },
+        "flux2klein9b": {
+            "transformer": "flux2_klein_9b_transformer",
+            "text_encoder": "qwen3_8b_encoder",
+            **_PLAN_PARTS,
+        },
+    },
+    plan_tokenizers=lambda parts, clip: (_planner_tokenizer(type(parts["text_encoder"]).__name__), None, None),
+    layers=single_and_double_layers(),
 )

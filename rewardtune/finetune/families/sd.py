@@ -40,11 +40,18 @@ FAMILY = Family(
     assemble=assemble,
     # runwayml's SD 1.5 repo was taken down; its mirror comes first
     aliases={
-        "sd15": Alias(("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")),
+        "sd15": Alias(("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"), plan="sd15"),
         "sd21": Alias(("stabilityai/stable-diffusion-2-1",)),
     },
     fsdp_blocks=("BasicTransformerBlock",),
-    plan_names=("sd15",),
+    plan_architectures={
+        "sd15": {
+            "unet": "sd15_unet",
+            "vae": "sd15_vae",
+            "text_encoder": "sd15_text_encoder",
+            "scheduler": "sd15_scheduler",
+        }
+    },
     kohya_text_encoders=1,
     load_kwargs={"safety_checker": None, "requires_safety_checker": False},
 )

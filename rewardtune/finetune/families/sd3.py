@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import UserError
-from ..flow_models import FlowAdapter, calculate_shift, hw
-from . import Alias, Family
+from ..flow_models import FlowAdapter, calculate_shift, hw, planner_t5_tokenizer
+from . import Alias, Family, Layers
 
 # The joint attention of the MMDiT blocks (image and text streams), and SD3.5-Medium's second, image-only
 # attention (attn2), which the 'attn.' names do not match.
@@ -127,6 +127,46 @@ class SD3Adapter(FlowAdapter):
         return (int(self.pipe.transformer.config.in_channels), h // self.vae_factor, w // self.vae_factor)
 
 
+def _counts(config: dict) -> tuple[int, int, int] | None:
+    """The joint blocks between the first and the last as (dual-attention, plain), and whether the first is a dual
+    one; None where the dual-attention blocks are not the first ones (then nothing is reduced)."""
+    n, dual = int(config.get("num_layers", 0)), list(config.get("dual_attention_layers") or [])
+    if n < 3 or dual != list(range(len(dual))) or len(dual) > n - 1:
+        return None
+    first_dual = int(bool(dual))
+    return len(dual) - first_dual, n - 2 - (len(dual) - first_dual), first_dual
+
+
+def _stacks(config: dict) -> dict[str, int]:
+    counts = _counts(config)
+    return {} if counts is None else {"transformer.dual": counts[0], "transformer.plain": counts[1]}
+
+
+def _overrides(config: dict, depths: dict) -> dict:
+    n_dual, n_plain, first_dual = _counts(config)
+    n_dual = depths.get("transformer.dual", n_dual)
+    n_plain = depths.get("transformer.plain", n_plain)
+    return {"num_layers": n_dual + n_plain + 2, "dual_attention_layers": list(range(first_dual + n_dual))}
+
+
+def _blocks(model) -> list:
+    """The last block keeps no text stream: a block of its own, as is the first."""
+    blocks, dual = list(model.transformer_blocks), len(model.config.get("dual_attention_layers") or [])
+    names = ["transformer.dual" if i < dual else "transformer.plain" for i in range(len(blocks))]
+    names[0], names[-1] = "transformer.first", "transformer.last"
+    return list(zip(blocks, names))
+
+
+# SD3.5: CLIP-L with its projection, CLIP-G (the same bigG tower as SDXL's second encoder), T5-XXL's encoder.
+_SD35 = {
+    "vae": "sd35_vae",
+    "text_encoder": "sd35_text_encoder",
+    "text_encoder_2": "sdxl_text_encoder_2",
+    "text_encoder_3": "t5_xxl_encoder",
+    "scheduler": "sd35_scheduler",
+}
+
+
 def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     """Tokenizers: CLIP-L, CLIP-G, T5."""
     from diffusers import StableDiffusion3Pipeline
@@ -152,14 +192,24 @@ FAMILY = Family(
         "sd3-medium": Alias(
             ("stabilityai/stable-diffusion-3-medium-diffusers",), dict(sample_steps=28, guidance_scale=7.0)
         ),
-        "sd35-medium": Alias(("stabilityai/stable-diffusion-3.5-medium",), dict(sample_steps=40, guidance_scale=4.5)),
-        "sd35-large": Alias(("stabilityai/stable-diffusion-3.5-large",), dict(sample_steps=28, guidance_scale=3.5)),
+        "sd35-medium": Alias(
+            ("stabilityai/stable-diffusion-3.5-medium",), dict(sample_steps=40, guidance_scale=4.5), plan="sd35m"
+        ),
+        "sd35-large": Alias(
+            ("stabilityai/stable-diffusion-3.5-large",), dict(sample_steps=28, guidance_scale=3.5), plan="sd35l"
+        ),
         "sd35-large-turbo": Alias(
             ("stabilityai/stable-diffusion-3.5-large-turbo",),
             dict(sample_steps=4, guidance_scale=0.0),
             guidance_free=True,
+            plan="sd35l",  # SD3.5-Large's files
         ),
     },
     fsdp_blocks=("JointTransformerBlock",),
-    plan_names=("sd35m", "sd35l"),
+    plan_architectures={
+        "sd35m": {"transformer": "sd35m_transformer", **_SD35},
+        "sd35l": {"transformer": "sd35l_transformer", **_SD35},
+    },
+    plan_tokenizers=lambda parts, clip: (clip, clip, planner_t5_tokenizer()),
+    layers=Layers(_stacks, _overrides, _blocks),
 )

@@ -61,9 +61,17 @@ FAMILY = Family(
     flow=False,
     defaults=dict(sample_steps=50, guidance_scale=7.5, lora_targets=UNET_TARGETS),
     assemble=assemble,
-    aliases={"sdxl": Alias(("stabilityai/stable-diffusion-xl-base-1.0",))},
+    aliases={"sdxl": Alias(("stabilityai/stable-diffusion-xl-base-1.0",), plan="sdxl")},
     fsdp_blocks=("BasicTransformerBlock",),
-    plan_names=("sdxl",),
+    plan_architectures={
+        "sdxl": {
+            "unet": "sdxl_unet",
+            "vae": "sdxl_vae",
+            "text_encoder": "sdxl_text_encoder",
+            "text_encoder_2": "sdxl_text_encoder_2",
+            "scheduler": "sdxl_scheduler",
+        }
+    },
     kohya_text_encoders=2,
     fp16_vae_overflows=True,
 )

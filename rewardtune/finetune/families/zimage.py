@@ -18,12 +18,13 @@ What ``ZImagePipeline`` (diffusers 0.42) does, and so what the adapter does:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 from ...errors import UserError
 from ..flow_models import FlowAdapter, calculate_shift, hw
-from . import Alias, Family
+from . import Alias, Family, Layers
 
 # Every attention projection and feed-forward of the noise refiner, the context refiner and the main layers.
 ZIMAGE_TARGETS = [
@@ -150,9 +151,41 @@ def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     return ZImagePipeline(**parts, tokenizer=tokenizer)
 
 
+@cache
+def _planner_tokenizer():
+    """Qwen3's tokenizer for the planner, built offline (byte-level BPE over the planner prompt's words, Qwen3's chat
+    template): the planner's caption is that prompt's tokens as this tokenizer counts them (the pipeline drops the
+    padding; the transformer pads captions to a multiple of 32 tokens)."""
+    from ...testing.zimage_pipelines import qwen_tokenizer  # noqa: PLC0415 (planner only)
+
+    return qwen_tokenizer(["a", "photograph", "of", "red", "bicycle", "leaning", "against", "stone", "wall"])
+
+
+def _stacks(config: dict) -> dict[str, int]:
+    """The main layers after the refiners (the refiners, two each, are traced whole)."""
+    return {"transformer.main": int(config.get("n_layers", 0))}
+
+
+def _overrides(config: dict, depths: dict) -> dict:
+    return {"n_layers": depths.get("transformer.main", int(config["n_layers"]))}
+
+
+def _blocks(model) -> list:
+    """In forward order: the noise refiner (latents; its first block is the first), the context refiner (the caption),
+    then the main layers on both."""
+    noise = [(b, "transformer.noise") for b in model.noise_refiner]
+    noise[0] = (noise[0][0], "transformer.first")
+    context = [(b, "transformer.context") for b in model.context_refiner]
+    return noise + context + [(b, "transformer.main") for b in model.layers]
+
+
+# Z-Image and its Turbo: the same transformer, Qwen3-4B and VAE (FLUX.1's VAE config) configs; the schedulers' shifts
+# differ (Turbo 3, Z-Image 6).
+_PLAN_PARTS = {"transformer": "zimage_transformer", "vae": "flux_vae", "text_encoder": "zimage_text_encoder"}
+
 FAMILY = Family(
     name="zimage",
-    order=50,
+    order=70,  # released 2025-11-26
     label="Z-Image",
     pipelines=("ZImagePipeline",),
     adapter=ZImageAdapter,
@@ -163,10 +196,15 @@ FAMILY = Family(
     defaults=dict(sample_steps=50, guidance_scale=5.0, lora_targets=ZIMAGE_TARGETS, max_sequence_length=512),
     assemble=assemble,
     aliases={
-        "z-image-turbo": Alias(("Tongyi-MAI/Z-Image-Turbo",), TURBO, guidance_free=True),
-        "z-image": Alias(("Tongyi-MAI/Z-Image",), dict(sample_steps=50, guidance_scale=4.0)),
+        "z-image-turbo": Alias(("Tongyi-MAI/Z-Image-Turbo",), TURBO, guidance_free=True, plan="zimageturbo"),
+        "z-image": Alias(("Tongyi-MAI/Z-Image",), dict(sample_steps=50, guidance_scale=4.0), plan="zimage"),
     },
     guidance_threshold=0.0,  # the pipeline guides at any scale above 0
     fsdp_blocks=("ZImageTransformerBlock",),
-    plan_names=("zimageturbo", "zimage"),
+    plan_architectures={
+        "zimageturbo": {**_PLAN_PARTS, "scheduler": "zimage_turbo_scheduler"},
+        "zimage": {**_PLAN_PARTS, "scheduler": "zimage_scheduler"},
+    },
+    plan_tokenizers=lambda parts, clip: (_planner_tokenizer(), None, None),
+    layers=Layers(_stacks, _overrides, _blocks),
 )
