@@ -291,7 +291,8 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_images(q
         metadata = f.metadata()
     assert {k.split(".")[0] for k in keys} == {"transformer"}
     assert any(".txt_mlp.net.2." in k for k in keys) and any(".attn.add_q_proj." in k for k in keys)
-    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 8.0
+    # alpha 8 / rank 4 is folded into lora_B, so the file says alpha = rank and every client applies the trained update
+    assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == 4.0
     load_lora(_load(qwen_model), tmp_path / "lora")  # our checked loader agrees: every tensor found its module
 
 
@@ -469,7 +470,7 @@ def test_comfyui_maps_every_key_of_a_full_size_lora():
 
 def test_saved_lora_file_is_read_whole_by_the_comfyui_rule(qwen_model, tmp_path):
     """The file save_lora writes (tiny model, two blocks) has only keys ComfyUI reads and no '.alpha' entries: ComfyUI
-    applies it at scale 1, which is the trained scale when lora_alpha equals lora_rank (the recipe's 16/16)."""
+    applies it at scale 1, the trained scale: lora_B carries alpha / rank (save_lora folds it in)."""
     pipe = _load(qwen_model)
     add_lora(pipe.transformer, 4, 4.0, QWENIMAGE_TARGETS)
     path = save_lora(tmp_path / "lora", QwenImagePipeline, pipe.transformer)
