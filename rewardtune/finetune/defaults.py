@@ -88,6 +88,10 @@ def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None
             f"--guidance-scale {cfg.guidance_scale}: {what} is distilled to sample without guidance; "
             f"leave --guidance-scale unset ({values['guidance_scale']:g})"
         )
+    if cfg.sample_steps < spec.min_sample_steps:
+        raise UserError(
+            f"--sample-steps {cfg.sample_steps}: {spec.label}'s schedule takes at least {spec.min_sample_steps} steps"
+        )
     cfg.validate()
 
 

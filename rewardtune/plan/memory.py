@@ -504,6 +504,9 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     pcfg = _plan_config(cfg)
     weight_dtype = precision_dtype(pcfg.mixed_precision)
     pipe, family = _meta_pipeline(pcfg, source, overrides)
+    fewest = families.by_name(family).min_sample_steps  # no-gradient steps added hold nothing (see _plan_config)
+    if pcfg.sample_steps is not None and pcfg.sample_steps < fewest:
+        pcfg = dataclasses.replace(pcfg, sample_steps=fewest)
     resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
     pcfg = _plan_config(pcfg)  # again, for a K that the model's sampling steps decide (alignprop's default)
     reward = _meta_reward(pcfg, clip_config)

@@ -76,6 +76,8 @@ class Family:
     # quantized, kept on the CPU, or not loaded at all when --prompt-embeddings holds every prompt
     cached_encoder: str | None = None
     load_kwargs: dict = field(default_factory=dict)  # extra from_pretrained arguments (SD: no safety checker)
+    # the fewest sampling steps its schedule takes (Qwen-Image: 2, see its module)
+    min_sample_steps: int = 1
     guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
 
     @property

@@ -240,5 +240,8 @@ FAMILY = Family(
     },
     plan_tokenizers=lambda parts, clip: (_planner_tokenizer(), None, None),
     layers=Layers(_stacks, _overrides, _blocks),
+    # one step has no schedule: the scheduler's stretch to shift_terminal divides by the last shifted sigma's distance
+    # from 1, which is 0 for a one-step schedule (QwenImagePipeline gives NaN there)
+    min_sample_steps=2,
     cached_encoder="text_encoder",  # Qwen2.5-VL-7B: --prompt-embeddings, --text-encoder-device, --quantize-text-encoder
 )
