@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from dataclasses import dataclass, fields
 
 import pytest
@@ -13,7 +14,7 @@ from rewardtune import cli
 from rewardtune.config import add_config_args, build_config, check_values, config_to_yaml, option, precision_dtype
 from rewardtune.demo.runner import DemoConfig
 from rewardtune.errors import UserError
-from rewardtune.finetune import FinetuneConfig
+from rewardtune.finetune import FinetuneConfig, families
 from rewardtune.reward_training import TrainRewardConfig
 
 
@@ -195,3 +196,11 @@ def test_bitsandbytes_cpu_kernel_notice_is_dropped_unless_the_base_is_quantized(
         ]
     finally:
         log.filters[:] = saved
+
+
+def test_the_model_help_names_every_alias_the_families_declare():
+    """``--model``'s help is torch-free text (``--help`` loads no family module); it names each alias of the
+    registry, in the families' order, so a new family's aliases cannot be left out of it."""
+    text = next(f for f in fields(FinetuneConfig) if f.name == "model").metadata["help"]
+    named = re.findall(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", text.split(":", 1)[1].split(", a diffusers")[0])
+    assert [n for n in named if n not in ("alias", "or")] == list(families.aliases())

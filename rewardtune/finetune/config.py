@@ -20,7 +20,8 @@ class FinetuneConfig:
     model: str = option(
         "sd15",
         "diffusion model: alias sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, sd35-large-turbo, "
-        "flux-dev or flux-schnell, a diffusers-format directory, or a hub id",
+        "flux-dev, flux-schnell, qwen-image, flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, "
+        "flux2-klein-base-9b, z-image-turbo or z-image, a diffusers-format directory, or a hub id",
     )
     defaults_from: str = option(
         "",
