@@ -8,7 +8,8 @@
 #
 # SD 1.5 and SDXL are full-size architectures with random weights, built in memory. SD3.5 and FLUX.1 are the
 # real pipelines from local diffusers directories under $GPU_SH_MODELS (default /models: stable-diffusion-3.5-
-# medium, stable-diffusion-3.5-large-turbo, FLUX.1-dev; the device has no network), with random ViT-H-14 reward
+# medium, stable-diffusion-3.5-large-turbo, FLUX.1-dev, and for the 2026 families Z-Image-Turbo, FLUX.2-klein-4B,
+# Qwen-Image, FLUX.2-dev; the device has no network), with random ViT-H-14 reward
 # towers; a config whose directory is absent is recorded as failed and the grid goes on.
 #
 # Each config runs in its own python process under its own timeout; a failure (OOM, timeout, error) is
@@ -58,6 +59,7 @@ translate() {
       if [ "$prev" = "--model" ]; then
         case "$a" in
           *FLUX.1-schnell*) a=flux-schnell ;;
+          *Z-Image*|*Qwen-Image*|*FLUX.2*) a=flux ;;  # the dry run checks the script path, not these families
           *FLUX*) a=flux ;;
           *) a=sd3 ;;
         esac
@@ -68,7 +70,7 @@ translate() {
       if [ "$prev" = "--timed" ]; then a=1; fi
       if [ "$prev" = "--quantize-base" ]; then a=none; fi
       if [ "$a" = "--arch" ] || [ "$a" = "--model" ]; then a="--tiny"; fi
-      if [ "$a" = "--plan-model" ]; then skip=1; prev="$orig"; continue; fi
+      if [ "$a" = "--plan-model" ] || [ "$a" = "--defaults-from" ]; then skip=1; prev="$orig"; continue; fi
     fi
     out+=("$a"); prev="$orig"
   done
@@ -166,7 +168,8 @@ PYEOF
 
 # The configs, most important first: name, then finetune flags (see finetune_step.py --help). The issue's
 # order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
-# with an NF4 base, then with its bf16 base), then K = all steps, then the rest.
+# with an NF4 base, the 2026 families (Z-Image-Turbo in bf16, FLUX.2-klein-4B, Qwen-Image and FLUX.2-dev with NF4
+# bases), FLUX.1-dev with its bf16 base), then K = all steps, then the rest.
 COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
 MAIN="$COMMON --sample-steps 30"
 FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
@@ -176,6 +179,10 @@ CONFIGS=(
   "sd35m-1024-k1-ckpt|180|--model $MODELS/stable-diffusion-3.5-medium --plan-model sd35-medium --k 1 --sample-steps 28 $FLOW"
   "sd35l-turbo-1024-k2-ckpt|240|--model $MODELS/stable-diffusion-3.5-large-turbo --plan-model sd35-large-turbo --defaults-from sd35-large-turbo --k 2 --sample-steps 4 --guidance-scale 0 $FLOW"
   "fluxdev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.1-dev --plan-model flux-dev --quantize-base nf4 --k 1 --sample-steps 28 $FLOW"
+  "zimage-turbo-1024-k1-ckpt|180|--model $MODELS/Z-Image-Turbo --plan-model z-image-turbo --defaults-from z-image-turbo --k 1 --sample-steps 9 $FLOW"
+  "flux2-klein4b-1024-k1-ckpt-nf4|180|--model $MODELS/FLUX.2-klein-4B --plan-model flux2-klein-4b --defaults-from flux2-klein-4b --quantize-base nf4 --k 1 --sample-steps 4 $FLOW"
+  "qwenimage-1024-k1-ckpt-nf4|300|--model $MODELS/Qwen-Image --plan-model qwen-image --quantize-base nf4 --k 1 --sample-steps 50 --max-sequence-length 128 $FLOW"
+  "flux2dev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.2-dev --plan-model flux2-dev --quantize-base nf4 --k 1 --sample-steps 50 $FLOW"
   "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from ..errors import UserError
 from ..nonfinite import check_finite_weights
 from ..sources import load_state_dict, save_state_dict, writing
+from . import families
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -200,13 +201,14 @@ def kohya_state(
 def export_kohya(directory: str | Path, alpha: float, family: str | None = None) -> Path:
     """Write the saved diffusers LoRA with kohya names (see ``kohya_state``) for ComfyUI, A1111 and kohya-ss/sd-scripts.
 
-    ``alpha`` is the trained one (the scale is alpha/rank); ``family`` ('sd' or 'sdxl') says how many text
-    encoders the model has; without it, a file with ``text_encoder_2`` keys is SDXL's.
+    ``alpha`` is the trained one (the scale is alpha/rank); ``family`` (one with ``Family.kohya_text_encoders``: SD,
+    SDXL) says how many text encoders the model has; without it, a file with ``text_encoder_2`` keys is SDXL's.
     """
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
 
-    if family not in (None, "sd", "sdxl"):
-        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+    count = None if family is None else families.by_name(family).kohya_text_encoders
+    if family is not None and count is None:
+        raise ValueError(f"the kohya export has no layout for family {family!r}")
     directory = Path(directory)
     src = directory / WEIGHT_NAME
     what = f"--export kohya ('{src}')"
@@ -224,7 +226,6 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
         k: v * scales.get(k.split(".")[0], 1.0) / (alpha / v.shape[1]) if ".lora_B." in k else v
         for k, v in state.items()
     }
-    count = None if family is None else {"sd": 1, "sdxl": 2}[family]
     save_state_dict(kohya_state(state, alpha, count, what), directory / KOHYA_NAME, "the kohya LoRA")
     return directory / KOHYA_NAME
 
