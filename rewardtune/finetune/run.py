@@ -90,10 +90,11 @@ class Evaluator:
         runs the hook and writes the grid. Returns the metrics (the hook's on the main process only)."""
         t = self.trainer
         images = t.generate(self.prompts, self.seed)
-        metrics = {"reward": float(t.score(images, self.prompts).mean())}
-        if t.eval_reward is not None:
-            with t.accelerator.autocast():
-                metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
+        with t.rewards_placed():  # --reward-offload: on the accelerator only to score
+            metrics = {"reward": float(t.score(images, self.prompts).mean())}
+            if t.eval_reward is not None:
+                with t.accelerator.autocast():
+                    metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
         if t.accelerator.is_main_process:
             if self.hook is not None:
                 metrics.update(

@@ -304,10 +304,11 @@ class Trainer:
             print(f"finetune: encoding {len(prompts) + len(eval_prompts)} prompts once", flush=True)
         with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator
             adapter.cache_prompts(prompts + eval_prompts)
-        reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), acc.device)
+        home = torch.device("cpu") if cfg.reward_offload else acc.device  # --reward-offload: moved in to score
+        reward = _frozen(reward if reward is not None else _load_reward(cfg.reward, cfg, dtype), home)
         if eval_reward is not None or cfg.eval_reward:
             eval_reward = _frozen(
-                eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), acc.device
+                eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), home
             )
         prepared = acc.prepare(*lora.modules, optimizer)
         if cfg.compile:
@@ -461,6 +462,26 @@ class Trainer:
             images = images[:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def _place_rewards(self, on: bool, *models) -> None:
+        """Move the reward models (all of them by default) to the accelerator (``on``) or to CPU memory (the
+        planner counts this instead)."""
+        for m in models or (self.reward, self.eval_reward):
+            if m is not None:
+                m.to(self.device if on else torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def rewards_placed(self, *models):
+        """With --reward-offload, the reward models (``models``, or all) on the accelerator for the block and back in
+        CPU memory after it; without it, nothing moves (they live on the accelerator)."""
+        if not self.cfg.reward_offload:
+            yield
+            return
+        self._place_rewards(True, *models)
+        try:
+            yield
+        finally:
+            self._place_rewards(False, *models)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         with self.accelerator.autocast():
             return self.reward(images, prompts).float()
@@ -495,12 +516,16 @@ class Trainer:
         mark("decode")
         images = self.decode(latents)
         mark("reward")
-        r = self.score(images, prompts_out)
-        loss = cfg.loss_scale * reward_loss(r, cfg.loss, cfg.hinge_margin) + cfg.reg_weight * reg
         measured = {}
-        if micro == 0 and self._split_step(step + 1):
-            with self.accelerator.autocast():
-                measured.update(self.reward.gradient_split(images.detach(), prompts_out))
+        if cfg.reward_offload:
+            r, images, loss = self._offloaded_reward(images, prompts_out, micro, step, measured, mark)
+            loss = loss + cfg.reg_weight * reg
+        else:
+            r = self.score(images, prompts_out)
+            loss = cfg.loss_scale * reward_loss(r, cfg.loss, cfg.hinge_margin) + cfg.reg_weight * reg
+            if micro == 0 and self._split_step(step + 1):
+                with self.accelerator.autocast():
+                    measured.update(self.reward.gradient_split(images.detach(), prompts_out))
         del images  # the graph keeps what backward needs
         if self.pretrain_pairs and cfg.pretrain_weight > 0:
             mark("pretrain")
@@ -509,10 +534,36 @@ class Trainer:
             measured["pretrain"] = pre.detach()
         measured["loss"] = loss.detach()
         self.micro_metrics.append(measured)
-        mark("backward")
+        mark("backward:decode" if cfg.reward_offload else "backward")
         finite = self.backward(loss)
         mark(None)
         return r.detach(), reg.detach(), finite
+
+    def _offloaded_reward(self, images, prompts, micro: int, step: int, measured: dict, mark):
+        """--reward-offload: the reward's forward and its backward to the images with the reward on the accelerator,
+        then the reward leaves, and the rest of the backward pass takes that gradient: ``images · g`` has the
+        gradient ``g`` with respect to the images, so the decode's and the denoiser's gradients are the ones of the
+        reward loss itself. Returns (rewards, the images (for ``del``), the loss to backpropagate, whose value is the
+        reward loss's). Under fp16 the reward's gradient is taken at the loss scale of accelerate's gradient scaler,
+        as the one backward pass would take it."""
+        cfg = self.cfg
+        leaf = images.detach().requires_grad_(images.requires_grad)
+        with self.rewards_placed(self.reward):
+            r = self.score(leaf, prompts)
+            reward_term = cfg.loss_scale * reward_loss(r, cfg.loss, cfg.hinge_margin)
+            if micro == 0 and self._split_step(step + 1):
+                with self.accelerator.autocast():
+                    measured.update(self.reward.gradient_split(leaf.detach(), prompts))
+            mark("backward:reward")
+            scaler = getattr(self.accelerator, "scaler", None)
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            if leaf.requires_grad:
+                grad = torch.autograd.grad(reward_term * scale, leaf)[0] / scale
+            else:
+                grad = torch.zeros_like(leaf)
+        # images * grad has the reward loss's gradient with respect to the images; plus a constant, its value too
+        surrogate = (images * grad.to(images.dtype)).sum()
+        return r, images, surrogate + (reward_term.detach() - surrogate.detach())
 
     def _split_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) measures the reward's gradient split (--reward-split-every,

@@ -468,11 +468,13 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
         weights = _module_bytes(_meta_reward(cfg, clip(one_more)), block) - _module_bytes(
             _meta_reward(cfg, clip(base_depths)), block
         )
-        slopes = dict.fromkeys(peaks, weights)
+        # --reward-offload: the towers are on the accelerator in the reward's phases only
+        here = weights if not cfg.reward_offload else 0
+        slopes = {p: weights if p in REWARD_PHASES else here for p in peaks}
         if stack.name == "reward.vision":
             for phase in REWARD_PHASES:
                 slopes[phase] = base["probes"][1][phase] - base["probes"][0][phase]
-        extend(stack, slopes, {"weights": weights, "resident": weights, "trainable": 0})
+        extend(stack, slopes, {"weights": here, "resident": here, "trainable": 0})
 
     peak = max(peaks.values())
     parts: dict = {}
@@ -505,10 +507,13 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     weight_dtype = precision_dtype(pcfg.mixed_precision)
     pipe, family = _meta_pipeline(pcfg, source, overrides)
     fewest = families.by_name(family).min_sample_steps  # no-gradient steps added hold nothing (see _plan_config)
-    if pcfg.sample_steps is not None and pcfg.sample_steps < fewest:
-        pcfg = dataclasses.replace(pcfg, sample_steps=fewest)
+
+    def at_least_fewest(c):
+        return c if c.sample_steps is None or c.sample_steps >= fewest else dataclasses.replace(c, sample_steps=fewest)
+
+    pcfg = at_least_fewest(pcfg)
     resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
-    pcfg = _plan_config(pcfg)  # again, for a K that the model's sampling steps decide (alignprop's default)
+    pcfg = at_least_fewest(_plan_config(pcfg))  # again, for a K the model's sampling steps decide (alignprop's)
     reward = _meta_reward(pcfg, clip_config)
     adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
@@ -559,8 +564,11 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         trainer = Trainer.from_parts(pcfg, parts)
         trainable = lora_mod.trainable_parameters(*lora.modules)
         tracker = StorageTracker(block)
-        kept = [t for m in modules for t in (*m.parameters(), *m.buffers()) if id(t) not in gone]
+        away = [reward] if pcfg.reward_offload else []  # --reward-offload: in CPU memory until it scores
+        kept = [t for m in modules if m not in away for t in (*m.parameters(), *m.buffers()) if id(t) not in gone]
         tracker.add_tensors(kept + quantized)
+        if away:
+            trainer._place_rewards = _counted_placement(tracker, reward)
         weights = tracker.current
         states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
@@ -581,6 +589,24 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         "quantize_base": pcfg.quantize_base,
         "probes": probe_peaks,
     }
+
+
+def _counted_placement(tracker: StorageTracker, reward):
+    """``Trainer._place_rewards`` for the trace: the reward's weights join the accelerator's live storage when they
+    are moved there and leave it when moved back (the trace runs on one fake device, where ``.to`` moves nothing)."""
+    tensors = [*reward.parameters(), *reward.buffers()]
+
+    def place(on: bool, *models) -> None:
+        if models and reward not in models:
+            return
+        if not on:
+            for t in tensors:
+                st = t.untyped_storage()
+                tracker._free(st._cdata, -(-st.nbytes() // tracker.block) * tracker.block)
+        else:
+            tracker.add_tensors(tensors)
+
+    return place
 
 
 def _one_block_is_first_and_later(peaks: dict, blocks) -> dict:
@@ -723,7 +749,7 @@ def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, blocks
 
     def score_marked(images, prompts):
         scored.update(shape=tuple(images.shape), prompts=list(prompts))
-        if images.requires_grad:
+        if images.requires_grad and not cfg.reward_offload:  # (offloaded: the Trainer marks backward:decode)
             images.register_hook(lambda grad: enter("backward:decode"))
         return images.flatten(1).mean(1) if stand_in else score(images, prompts)
 
