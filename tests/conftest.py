@@ -37,6 +37,10 @@ os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
 os.environ["REWARDTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="rewardtune-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["REWARDTUNE_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (the README's test command runs two workers on the two cores) each worker computes with one
+# torch thread, set before torch loads: two a worker would put four threads that spin on two cores (issue #26).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest  # noqa: E402
