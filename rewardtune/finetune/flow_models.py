@@ -94,6 +94,21 @@ class FlowAdapter:
     def vae_factor(self) -> int:
         return self.pipe.vae_scale_factor
 
+    def native_resolution(self) -> int:
+        """The pipeline's default size (its ``default_sample_size`` latents)."""
+        return int(self.pipe.default_sample_size) * self.vae_factor
+
+    def _check_patches(self, resolution: int, patches: str) -> int:
+        """A size the transformer's 2x2 patches of VAE latents tile: a multiple of twice the VAE factor, else a
+        one-line error (``patches``: how the family says it, 'FLUX packs 2x2 latent patches'). Returns the step."""
+        step = 2 * self.vae_factor
+        if resolution % step:
+            raise UserError(
+                f"--resolution {resolution}: {patches}, so the size must be a multiple of {step} "
+                f"(e.g. {max(step, resolution - resolution % step)})"
+            )
+        return step
+
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
         return latents / cfg.scaling_factor + cfg.shift_factor
@@ -190,6 +205,24 @@ class FlowAdapter:
     def _stored(self, prompt: str) -> dict | None:
         entry = self.store.get(prompt) if self.store is not None else None
         return entry if entry is not None and all(k in entry for k in self._t5_keys) else None
+
+
+class LLMFlowAdapter(FlowAdapter):
+    """A flow family whose one text encoder is an LLM (``pipe.text_encoder``: Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3,
+    FLUX.2's Mistral or Qwen3): its features are only ever cached (``t5`` in the base's words), and no CLIP encoder
+    is there for ``--train-text-encoder`` to adapt."""
+
+    _clip_keys = ()
+
+    def text_encoders(self) -> list:
+        return []
+
+    @property
+    def t5(self):
+        return self.pipe.text_encoder
+
+    def _clip(self, prompts):
+        return {}
 
 
 def _chunks(prompts: list[str]):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...errors import UserError
 from ..flow_models import FlowAdapter, calculate_shift, hw, planner_t5_tokenizer, single_and_double_layers
 from . import Alias, Family
 
@@ -138,16 +137,8 @@ class FluxAdapter(FlowAdapter):
         x = latents.view(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c4 // 4, 2 * h, 2 * w)
 
-    def native_resolution(self) -> int:
-        return int(self.pipe.default_sample_size) * self.vae_factor
-
     def check_resolution(self, resolution: int) -> None:
-        step = 2 * self.vae_factor
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: FLUX packs 2x2 latent patches, so the size must be a multiple "
-                f"of {step} (e.g. {max(step, resolution - resolution % step)})"
-            )
+        self._check_patches(resolution, "FLUX packs 2x2 latent patches")
 
     def latent_shape(self, resolution) -> tuple[int, ...]:
         h, w = (s // (2 * self.vae_factor) for s in hw(resolution))

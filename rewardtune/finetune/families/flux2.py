@@ -22,8 +22,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from ...errors import UserError
-from ..flow_models import FlowAdapter, hw, single_and_double_layers
+from ..flow_models import LLMFlowAdapter, hw, single_and_double_layers
 from . import Alias, Family
 
 DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
@@ -98,7 +97,7 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return latents.reshape(b, c, h * w).permute(0, 2, 1)
 
 
-class Flux2Adapter(FlowAdapter):
+class Flux2Adapter(LLMFlowAdapter):
     """What dev and klein share: the transformer call, the (B, 4C, H/16, W/16) latent of the pipelines'
     ``prepare_latents`` (before packing; the conditioning packs per call), 4-axis position ids, the step-dependent
     shifted schedule and the VAE's BatchNorm de-normalisation. The LLM is the encoder whose embeddings are only ever
@@ -106,19 +105,8 @@ class Flux2Adapter(FlowAdapter):
 
     family = "flux2"
     default_max_sequence_length = 512  # the pipelines' max_sequence_length
-    _clip_keys = ()
     _t5_keys = ("text",)
     layers: tuple[int, ...] = ()
-
-    def text_encoders(self) -> list:
-        return []
-
-    @property
-    def t5(self):
-        return self.pipe.text_encoder
-
-    def _clip(self, prompts):
-        return {}
 
     def _combine(self, clip, t5):
         return t5["text"].to(self.device), None
@@ -150,16 +138,8 @@ class Flux2Adapter(FlowAdapter):
 
         return {"schedule": schedule}
 
-    def native_resolution(self) -> int:
-        return int(self.pipe.default_sample_size) * self.vae_factor
-
     def check_resolution(self, resolution: int) -> None:
-        step = 2 * self.vae_factor
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: FLUX.2 patchifies 2x2 latent positions, so the size must be a "
-                f"multiple of {step} (e.g. {max(step, resolution - resolution % step)})"
-            )
+        self._check_patches(resolution, "FLUX.2 patchifies 2x2 latent positions")
 
     def latent_shape(self, resolution) -> tuple[int, ...]:
         h, w = (s // (2 * self.vae_factor) for s in hw(resolution))

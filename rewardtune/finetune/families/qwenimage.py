@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ...errors import UserError
-from ..flow_models import FlowAdapter, calculate_shift, hw
+from ..flow_models import LLMFlowAdapter, calculate_shift, hw
 from . import Alias, Family, Layers
 
 # The joint attention of every dual-stream block (image and text streams) and both streams' feed-forwards.
@@ -75,25 +75,14 @@ class QwenImageConditioning:
         return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
 
-class QwenImageAdapter(FlowAdapter):
+class QwenImageAdapter(LLMFlowAdapter):
     """Qwen-Image: Qwen2.5-VL's last hidden states of the templated prompt after its first 34 tokens (the
     pipeline's own ``_get_qwen_prompt_embeds``), cached; latents packed (B, tokens, 4C); true CFG with the
     negative prompt ' ' when ``guidance_scale`` (the pipeline's ``true_cfg_scale``) > 1."""
 
     family = "qwenimage"
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s
-    _clip_keys = ()  # no encoder that --train-text-encoder adapts: the LoRA loader reads the transformer only
     _t5_keys = ("qwen", "qwen_len")
-
-    def text_encoders(self) -> list:
-        return []
-
-    @property
-    def t5(self):
-        return self.pipe.text_encoder
-
-    def _clip(self, prompts):
-        return {}
 
     def _t5(self, prompts):
         """Per prompt: its features after the template's dropped tokens, cut to ``max_sequence_length`` and
@@ -157,16 +146,8 @@ class QwenImageAdapter(FlowAdapter):
 
         return {"schedule": schedule, "guidance_scale": 1.0, "noise": noise}
 
-    def native_resolution(self) -> int:
-        return int(self.pipe.default_sample_size) * self.vae_factor
-
     def check_resolution(self, resolution: int) -> None:
-        step = 2 * self.vae_factor
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: Qwen-Image packs 2x2 latent patches, so the size must be a multiple "
-                f"of {step} (e.g. {max(step, resolution - resolution % step)})"
-            )
+        self._check_patches(resolution, "Qwen-Image packs 2x2 latent patches")
 
     def latent_shape(self, resolution) -> tuple[int, ...]:
         h, w = (s // (2 * self.vae_factor) for s in hw(resolution))

@@ -23,7 +23,7 @@ from functools import cache
 import torch
 
 from ...errors import UserError
-from ..flow_models import FlowAdapter, calculate_shift, hw
+from ..flow_models import LLMFlowAdapter, calculate_shift, hw
 from . import Alias, Family, Layers
 
 # Every attention projection and feed-forward of the noise refiner, the context refiner and the main layers.
@@ -56,28 +56,17 @@ class ZImageConditioning:
         return -torch.stack(out).squeeze(2)
 
 
-class ZImageAdapter(FlowAdapter):
+class ZImageAdapter(LLMFlowAdapter):
     """Z-Image: the Qwen3 text encoder's features (cached, never trained), latents (B, 16, H/8, W/8) in 2x2 patches,
     classifier-free guidance against the empty prompt at any scale above 0."""
 
     family = "zimage"
     default_max_sequence_length = 512
-    _clip_keys = ()  # no encoder that --train-text-encoder could adapt
     _t5_keys = ("qwen",)
 
     @property
     def guidance_kind(self) -> str:
         return "cfg" if (self.guidance_scale or 0) > 0 else "none"
-
-    def text_encoders(self) -> list:
-        return []
-
-    @property
-    def t5(self):
-        return self.pipe.text_encoder
-
-    def _clip(self, prompts):
-        return {}
 
     def _t5(self, prompts):
         """ZImagePipeline._encode_prompt's features, written out: its template, padding and second-to-last hidden
@@ -126,12 +115,7 @@ class ZImageAdapter(FlowAdapter):
         return 1024  # ZImagePipeline's default height and width
 
     def check_resolution(self, resolution: int) -> None:
-        step = 2 * self.vae_factor
-        if resolution % step:
-            raise UserError(
-                f"--resolution {resolution}: Z-Image packs 2x2 latent patches, so the size must be a multiple "
-                f"of {step} (e.g. {max(step, resolution - resolution % step)})"
-            )
+        step = self._check_patches(resolution, "Z-Image packs 2x2 latent patches")
         most = min(self.pipe.transformer.config.axes_lens[1:])  # the RoPE table's rows per image axis
         if resolution // step > most:
             raise UserError(
