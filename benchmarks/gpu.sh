@@ -169,7 +169,8 @@ PYEOF
 # The configs, most important first: name, then finetune flags (see finetune_step.py --help). The issue's
 # order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
 # with an NF4 base, the 2026 families (Z-Image-Turbo in bf16, FLUX.2-klein-4B, Qwen-Image and FLUX.2-dev with NF4
-# bases), FLUX.1-dev with its bf16 base), then K = all steps, then the rest.
+# bases, the last two with --reward-offload as their recipes: its cost is in the reward part's time), FLUX.1-dev
+# with its bf16 base), then K = all steps, then the rest.
 COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
 MAIN="$COMMON --sample-steps 30"
 FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
@@ -181,8 +182,8 @@ CONFIGS=(
   "fluxdev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.1-dev --plan-model flux-dev --quantize-base nf4 --k 1 --sample-steps 28 $FLOW"
   "zimage-turbo-1024-k1-ckpt|180|--model $MODELS/Z-Image-Turbo --plan-model z-image-turbo --defaults-from z-image-turbo --k 1 --sample-steps 9 $FLOW"
   "flux2-klein4b-1024-k1-ckpt-nf4|180|--model $MODELS/FLUX.2-klein-4B --plan-model flux2-klein-4b --defaults-from flux2-klein-4b --quantize-base nf4 --k 1 --sample-steps 4 $FLOW"
-  "qwenimage-1024-k1-ckpt-nf4|300|--model $MODELS/Qwen-Image --plan-model qwen-image --quantize-base nf4 --k 1 --sample-steps 50 --max-sequence-length 128 $FLOW"
-  "flux2dev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.2-dev --plan-model flux2-dev --quantize-base nf4 --k 1 --sample-steps 50 $FLOW"
+  "qwenimage-1024-k1-ckpt-nf4|300|--model $MODELS/Qwen-Image --plan-model qwen-image --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 --max-sequence-length 128 $FLOW"
+  "flux2dev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.2-dev --plan-model flux2-dev --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 $FLOW"
   "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
