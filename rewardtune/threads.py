@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 @dataclass(frozen=True)
 class Cores:
     """What the machine offers this process: ``online`` CPUs, the ``allowed`` ones (affinity), a cgroup CPU
-    ``quota`` in cores (None: none set) and the 1-minute ``load`` average of the whole machine."""
+    ``quota`` in cores (None: none set) and the whole machine's ``load`` (``machine_load``)."""
 
     online: int
     allowed: int
@@ -88,6 +89,28 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("
     return None
 
 
+def runnable_now(loadavg: Path = Path("/proc/loadavg"), samples: int = 5, interval: float = 0.01) -> int | None:
+    """Tasks runnable on the machine now besides this process (``/proc/loadavg``'s fourth field counts them, this
+    one included): the median of ``samples`` reads ``interval`` seconds apart, so that neither a moment's dip in the
+    other work nor a kernel thread's blip decides; None where it cannot be read (not Linux)."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(loadavg.read_text().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, sorted(counts)[len(counts) // 2] - 1)
+
+
+def machine_load(average: float, runnable: int | None) -> float:
+    """The load to leave cores for: the 1-minute average, or the tasks runnable now where fewer. The average lags by
+    a minute: right after a command ends (a user's previous run, a benchmark's last round) it still counts about
+    one busy core on an idle machine, which would halve the threads of the next command."""
+    return average if runnable is None else min(average, float(runnable))
+
+
 def machine_cores() -> Cores:
     """This process's ``Cores`` as the operating system reports them now."""
     online = os.cpu_count() or 1
@@ -96,10 +119,10 @@ def machine_cores() -> Cores:
     except (AttributeError, OSError):  # not on Linux
         allowed = online
     try:
-        load = os.getloadavg()[0]
+        average = os.getloadavg()[0]
     except (AttributeError, OSError):
-        load = 0.0
-    return Cores(online=online, allowed=allowed, quota=cgroup_quota(), load=load)
+        average = 0.0
+    return Cores(online=online, allowed=allowed, quota=cgroup_quota(), load=machine_load(average, runnable_now()))
 
 
 def physical_cores() -> int | None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rewardtune.testing.cli import HANG_SECONDS, offline_env
-from rewardtune.threads import Cores, cgroup_quota, choose_threads
+from rewardtune.threads import Cores, cgroup_quota, choose_threads, machine_load, runnable_now
 
 
 @pytest.mark.parametrize(
@@ -50,6 +50,22 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_quota(v1, proc) is None
     assert cgroup_quota(tmp_path / "none", tmp_path / "no-such-file") is None
+
+
+def test_the_load_is_the_average_or_the_tasks_runnable_now_where_fewer(tmp_path):
+    """The 1-minute average lags a job that just ended (an idle machine right after a run reads about 1); the
+    tasks runnable now (``/proc/loadavg``'s fourth field, less this process; the median of a few reads) say so.
+    Busy: both high, the average kept. Unreadable: the average alone."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.13 1.32 1.79 1/109 2493\n")  # idle now, a run ended 20 s ago
+    assert runnable_now(loadavg, interval=0) == 0
+    assert choose_threads(Cores(2, 2, None, machine_load(1.13, runnable_now(loadavg, interval=0)))) == 2
+    assert choose_threads(Cores(2, 2, None, 1.13)) == 1  # the average alone: what the default chose before
+    loadavg.write_text("2.10 2.05 1.90 3/120 4000\n")  # two burners and this process
+    assert choose_threads(Cores(2, 2, None, machine_load(2.10, runnable_now(loadavg, interval=0)))) == 1
+    assert machine_load(0.4, 3) == 0.4 and machine_load(2.5, None) == 2.5
+    loadavg.write_text("garbled\n")
+    assert runnable_now(loadavg, interval=0) is None and runnable_now(tmp_path / "missing", interval=0) is None
 
 
 # What a fresh process (as the CLI starts) ends up with: its torch thread count and the wait policy it set.
