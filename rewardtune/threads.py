@@ -2,9 +2,9 @@
 
 On cores that other work shares, torch's default (one thread per core, OpenMP threads that spin while they wait
 for each other) is many times slower than one thread: a spinning thread burns the time slice its partner, still
-computing, needs. So the command line (1) asks OpenMP to let waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``;
-GNU libgomp, which torch's Linux wheels use, and LLVM's libomp read it when they load, that is when torch is
-imported), and (2) takes no more threads than the cores this process may use leave free of the current load.
+computing, needs. So the command line (1) asks OpenMP to let waiting threads sleep after a short spin
+(``WAIT_SETTINGS``; GNU libgomp, which torch's Linux wheels use, and LLVM's libomp read them when they load, that is
+when torch is imported), and (2) takes no more threads than the cores this process may use leave free of the current load.
 An explicit ``--threads N`` wins, then ``OMP_NUM_THREADS``; nothing here imports torch.
 """
 
@@ -25,6 +25,12 @@ THREADS_HELP = (
 )
 # Variables a user sets to choose how OpenMP threads wait; when any is set, theirs stands.
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# Otherwise a waiting thread spins briefly, then sleeps. GNU libgomp (torch's Linux wheels) spins 300,000 times by
+# default, which on a core other work shares burns the time slice its partner needs (5.6x slower on the busy
+# 2-core machine, benchmarks/results/threads.md); not spinning at all (OMP_WAIT_POLICY=PASSIVE) cost 1.2x on the idle
+# one (threads_runnable.md, at 7820fe0); 3,000 spins measured as fast as the default there. LLVM's libomp sleeps at
+# once (KMP_BLOCKTIME=0), as it did under PASSIVE.
+WAIT_SETTINGS = {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "0"}
 
 
 @dataclass(frozen=True)
@@ -158,8 +164,8 @@ _chosen: ThreadChoice | None = None  # this process's choice, made by configure(
 
 def configure(requested: int | None = None, environ=os.environ) -> ThreadChoice:
     """Set this process's torch threads: ``requested`` (``--threads``), else the user's ``OMP_NUM_THREADS``,
-    else ``choose_threads`` of the machine now; and, unless the user chose a wait policy, threads that sleep
-    while they wait. Before torch is imported both go through the environment (torch, MKL and OpenMP read it
+    else ``choose_threads`` of the machine now; and, unless the user chose a wait policy, threads that spin only
+    briefly before they sleep while they wait (``WAIT_SETTINGS``). Before torch is imported both go through the environment (torch, MKL and OpenMP read it
     when they load; child processes inherit it); after, the count goes to ``torch.set_num_threads`` and the wait
     policy can no longer change. Once torch is imported without an explicit ``requested`` (a Python program
     that imported rewardtune), its settings are the program's and stay as they are."""
@@ -168,7 +174,7 @@ def configure(requested: int | None = None, environ=os.environ) -> ThreadChoice:
         raise UserError(f"--threads must be at least 1, got {requested}")
     started = "torch" in sys.modules
     if not started and not any(environ.get(v) for v in WAIT_VARS):
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ.update(WAIT_SETTINGS)
     if requested is not None:
         _chosen = ThreadChoice(requested, "--threads")
     elif _chosen is not None:

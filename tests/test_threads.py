@@ -74,13 +74,14 @@ import os, sys
 from rewardtune import threads
 choice = threads.configure(int(sys.argv[2]) if len(sys.argv) > 2 else None)
 n = __import__("torch").get_num_threads() if sys.argv[1] == "torch" else "-"
-print(n, os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"), choice.why)
+print(n, os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_NUM_THREADS"), choice.why)
 """
 
 
 def probe(*args, **env) -> list[str]:
     """``args``: ``torch`` (start torch and report its thread count) or ``env``, then ``--threads``' value."""
-    base = {k: v for k, v in offline_env().items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    base = {k: v for k, v in offline_env().items() if k not in drop}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, *args], env={**base, **env}, capture_output=True, text=True, timeout=HANG_SECONDS
     )
@@ -88,14 +89,14 @@ def probe(*args, **env) -> list[str]:
     return out.stdout.split(maxsplit=3)
 
 
-def test_a_fresh_process_takes_the_chosen_threads_and_sleeping_waits():
-    threads, policy, env_threads, why = probe("torch")
-    assert policy == "PASSIVE" and env_threads == threads  # set before torch read them
+def test_a_fresh_process_takes_the_chosen_threads_and_short_spins():
+    threads, spin, env_threads, why = probe("torch")
+    assert spin == "3000" and env_threads == threads  # set before torch read them
     assert 1 <= int(threads) <= len(os.sched_getaffinity(0)) and why.startswith("chosen for")
 
 
 def test_the_users_threads_and_wait_policy_stand():
-    assert probe("torch", OMP_NUM_THREADS="1")[:3] == ["1", "PASSIVE", "1"]  # their OMP_NUM_THREADS, untouched
-    assert probe("env", OMP_WAIT_POLICY="ACTIVE")[1] == "ACTIVE"
-    assert probe("env", GOMP_SPINCOUNT="300000")[1] == "None"  # libgomp's own spin setting: no policy added
+    assert probe("torch", OMP_NUM_THREADS="1")[:3] == ["1", "3000", "1"]  # their OMP_NUM_THREADS, untouched
+    assert probe("env", OMP_WAIT_POLICY="ACTIVE")[1] == "None"  # their policy: no spin count added
+    assert probe("env", GOMP_SPINCOUNT="300000")[1] == "300000"  # libgomp's own spin setting stands
     assert probe("torch", "1", OMP_NUM_THREADS="2")[0] == "1"  # --threads over OMP_NUM_THREADS
