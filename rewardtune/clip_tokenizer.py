@@ -39,27 +39,34 @@ def clip_merges() -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
 
 
+def bpe(parts: list[str], rank: dict[tuple[str, str], int], used: set | None = None) -> list[str]:
+    """``parts`` after BPE with the merges ranked in ``rank`` (lowest first, every occurrence); each merge applied is
+    added to ``used`` when given."""
+    while len(parts) > 1:
+        pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        best = min(pairs, key=lambda p: rank.get(p, 1 << 30))
+        if best not in rank:
+            break
+        if used is not None:
+            used.add(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def _merges_used(words: list[str], merges: list[tuple[str, str]]) -> set[tuple[str, str]]:
     """The merges BPE applies when tokenising ``words`` (so a reduced vocabulary tokenises them alike)."""
     rank = {m: i for i, m in enumerate(merges)}
     used = set()
     for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-            best = min(pairs, key=lambda p: rank.get(p, 1 << 30))
-            if best not in rank:
-                break
-            used.add(best)
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        bpe(list(word[:-1]) + [word[-1] + "</w>"], rank, used)
     return used
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..clip_tokenizer import bytes_to_unicode
+from ..clip_tokenizer import bpe, bytes_to_unicode
 from .flow_pipelines import prompt_words
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json (see rewardtune/plan/configs/qwenimage_scheduler.json).
@@ -52,25 +52,6 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen2's end of text
 ROLES = ["system", "user", "assistant"]
 
 
-def _bpe(parts: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
-    """``parts`` after byte-level BPE with the merges ranked in ``rank`` (lowest first, every occurrence)."""
-    while len(parts) > 1:
-        pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-        best = min(pairs, key=lambda p: rank.get(p, 1 << 30))
-        if best not in rank:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return parts
-
-
 def write_qwen_tokenizer(directory: str | Path, words: list[str]) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of a byte-level BPE in which each of ``words`` is one token, alone
     and after a space ('Ġword'), as Qwen2's tokenizer has them; any other text falls back to smaller pieces."""
@@ -82,7 +63,7 @@ def write_qwen_tokenizer(directory: str | Path, words: list[str]) -> Path:
     for word in words:
         for form in (word, space + word):
             # what the merges so far make of it, then new merges (ranked after all others) joining those parts
-            parts = _bpe(list(form), rank)
+            parts = bpe(list(form), rank)
             while len(parts) > 1:
                 rank.setdefault((parts[0], parts[1]), len(rank))
                 parts = [parts[0] + parts[1], *parts[2:]]
