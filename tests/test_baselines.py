@@ -4,23 +4,29 @@ model forward). Nothing downloads."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
 from rewardtune.clip_tokenizer import write_clip_tokenizer
 from rewardtune.errors import OfflineError, UserError
+from rewardtune.finetune.run import run_finetune
 from rewardtune.prompt_checks import long_prompt_notes, reward_limits
-from rewardtune.rewards import load_reward, load_rewards
+from rewardtune.rewards import canonical_spec, load_reward, load_rewards
 from rewardtune.sources import save_state_dict
 from rewardtune.testing import save_tiny_clip, write_clip_processor
 
@@ -188,23 +194,78 @@ def test_pickscore_without_tokenizer_names_what_is_missing(pickscore_dirs, tmp_p
         load_reward("pickscore", pickscore=str(model_dir), backbone=str(empty))
 
 
-def test_hpsv2_matches_open_clip_forward_and_prefers_v21(hpsv2_dir, sample_images):
-    ref = _tiny_open_clip(0)
-    ref.load_state_dict(torch.load(hpsv2_dir / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"])
+def _hpsv2_release_open_clip():
+    """The open_clip copy inside the ``hpsv2`` release (hpsv2/src/open_clip), imported without the package's
+    ``__init__`` (it imports ``clint`` and downloads weights). The wheel lacks the BPE vocabulary its tokenizer
+    module reads on import, so that one module stands in as the open_clip package's (the same CLIP BPE), and
+    ``hpsv2.utils`` (read for its hps_version_map) imports ``clint`` for download progress bars, never used here."""
+    spec = importlib.util.find_spec("hpsv2")
+    assert spec is not None, (
+        "the reference package is missing: pip install --no-deps hpsv2==1.2.0 (README test command)"
+    )
+    saved = {k: sys.modules.get(k) for k in ("hpsv2", "hpsv2.src.open_clip.tokenizer", "clint", "clint.textui")}
+    package = types.ModuleType("hpsv2")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["hpsv2"] = package
+    sys.modules["hpsv2.src.open_clip.tokenizer"] = open_clip.tokenizer
+    sys.modules["clint"] = types.ModuleType("clint")
+    sys.modules["clint.textui"] = types.SimpleNamespace(progress=None)
+    try:
+        release = importlib.import_module("hpsv2.src.open_clip")
+        versions = importlib.import_module("hpsv2.utils").hps_version_map
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+    return release, versions
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.1"])
+def test_hps_versions_match_the_hpsv2_release(version, hpsv2_dir, sample_images, tmp_path):
+    """Each version against hpsv2 1.2.0's own path (img_score.score): its open_clip's create_model_and_transforms,
+    the version's file from its hps_version_map, preprocess_val on the PIL image, the diagonal of
+    image_features @ text_features.T with output_dict=True."""
+    release, version_files = _hpsv2_release_open_clip()
+    (tmp_path / "TinyHPS.json").write_text(json.dumps(TINY_OPEN_CLIP["model_cfg"]))
+    release.add_model_config(tmp_path / "TinyHPS.json")
     cfg = TINY_OPEN_CLIP["preprocess_cfg"]
-    preprocess = open_clip.image_transform(224, is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    image = torch.stack([preprocess(im) for im in _pil(sample_images[:3])])
+    model, _, preprocess_val = release.create_model_and_transforms(
+        "TinyHPS", precision="fp32", image_mean=cfg["mean"], image_std=cfg["std"], light_augmentation=True,
+        output_dict=True,
+    )  # fmt: skip
+    checkpoint = torch.load(hpsv2_dir / version_files[f"v{version}"], weights_only=True)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
     with torch.no_grad():
-        image_features, text_features, _ = ref(image, open_clip.tokenize(PROMPTS))
-        expected = torch.diagonal(image_features @ text_features.T)  # what hpsv2.score reports
-        got = load_reward("hpsv2", hpsv2=str(hpsv2_dir))(_tensor(sample_images[:3]), PROMPTS)
-        from_file = load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2.1_compressed.pt"))(
-            _tensor(sample_images[:3]), PROMPTS
+        outputs = model(
+            torch.stack([preprocess_val(im) for im in _pil(sample_images[:3])]), open_clip.tokenize(PROMPTS)
         )
-        v2 = load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2_compressed.pt"))(_tensor(sample_images[:3]), PROMPTS)
+        expected = torch.diagonal(outputs["image_features"] @ outputs["text_features"].T)
+        reward = load_reward(f"hpsv{version}", hpsv2=str(hpsv2_dir))
+        got = reward(_tensor(sample_images[:3]), PROMPTS)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(from_file, got)
-    assert not torch.allclose(v2, got, atol=1e-4), "the directory should load v2.1, not v2"
+    assert reward.name == f"hpsv{version}"
+    assert reward.provenance() == {
+        f"hpsv{version}": {"version": version, "weights": str((hpsv2_dir / version_files[f"v{version}"]).resolve())}
+    }
+
+
+def test_hpsv2_is_v21_and_a_file_of_the_other_version_is_refused(hpsv2_dir, sample_images):
+    x = _tensor(sample_images[:3])
+    with torch.no_grad():
+        alias = load_reward("hpsv2", hpsv2=str(hpsv2_dir))(x, PROMPTS)
+        v21 = load_reward("hpsv2.1", hpsv2=str(hpsv2_dir / "HPS_v2.1_compressed.pt"))(x, PROMPTS)
+        v20 = load_reward("hpsv2.0", hpsv2=str(hpsv2_dir))(x, PROMPTS)
+    torch.testing.assert_close(alias, v21)
+    assert not torch.allclose(v20, v21, atol=1e-4), "the two versions loaded the same weights"
+    with pytest.raises(UserError, match=r"is HPS v2\.0's file; pass --reward hpsv2\.0"):
+        load_reward("hpsv2", hpsv2=str(hpsv2_dir / "HPS_v2_compressed.pt"))
+    with pytest.raises(UserError, match=r"is HPS v2\.1's file; pass --reward hpsv2\.1"):
+        load_reward("hpsv2.0", hpsv2=str(hpsv2_dir / "HPS_v2.1_compressed.pt"))
+    mix = load_reward("hpsv2.0:1,hpsv2:0.5", hpsv2=str(hpsv2_dir))
+    with torch.no_grad():
+        torch.testing.assert_close(mix(x, PROMPTS), v20 + 0.5 * v21)
+    assert set(mix.provenance()) == {"hpsv2.0", "hpsv2.1"}
+    assert canonical_spec("HPSv2:0.5,icthp") == "hpsv2.1:0.5,icthp"
 
 
 def test_aesthetic_is_mlp_on_normalised_clip_image_embedding(clip_dir, aesthetic_dir, sample_images):
@@ -253,7 +314,7 @@ def all_sources(clip_dir, pickscore_dirs, hpsv2_dir, aesthetic_dir) -> dict[str,
     }
 
 
-@pytest.mark.parametrize("name", ["clip", "pickscore", "hpsv2", "aesthetic"])
+@pytest.mark.parametrize("name", ["clip", "pickscore", "hpsv2.1", "aesthetic"])
 def test_gradients_reach_pixels_and_batch_order_does_not_matter(name, all_sources):
     reward = load_reward(name, **all_sources)
     assert reward.name == name
@@ -295,8 +356,10 @@ def test_checkpoints_matching_no_keys_are_user_errors(clip_dir, hpsv2_dir, tmp_p
 
 
 def test_missing_files_are_named(tmp_path, clip_dir):
-    with pytest.raises(UserError, match=r"HPS_v2\.1_compressed\.pt, HPS_v2_compressed\.pt"):
+    with pytest.raises(UserError, match=r"HPS_v2\.1_compressed\.pt, HPS_v2\.1\.pt"):
         load_reward("hpsv2", hpsv2=str(tmp_path))
+    with pytest.raises(UserError, match=r"HPS_v2_compressed\.pt, HPS_v2\.pt"):
+        load_reward("hpsv2.0", hpsv2=str(tmp_path))
     with pytest.raises(UserError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
         load_reward("aesthetic", aesthetic=str(tmp_path), clip=str(clip_dir))
     with pytest.raises(UserError, match="config.json"):
@@ -350,3 +413,21 @@ def test_each_reward_counts_the_prompts_its_text_encoder_cuts(all_sources):
         "note: 1 of 3 prompts is longer than the CLIP text encoder's 77 tokens (rewards clip, pickscore, mix) and is cut there",
         "note: 1 of 3 prompts is longer than the open_clip text encoder's 77 tokens (reward hpsv2) and is cut there",
     ]
+
+
+def test_a_run_records_the_hps_version_it_used(hpsv2_dir, sd_model, tiny_cfg, tmp_path):
+    """config.yaml names the version an alias stood for; summary.json names each version's weights file."""
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        sd_model, out, reward="hpsv2", eval_reward="hpsv2.0", hpsv2=str(hpsv2_dir), steps=1, k=1, sample_steps=2,
+        eval_size=2,
+    )  # fmt: skip
+    run_finetune(cfg)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["reward"], saved["eval_reward"]) == ("hpsv2.1", "hpsv2.0")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reward"] == "hpsv2.1"
+    assert summary["reward_weights"] == {
+        "hpsv2.1": {"version": "2.1", "weights": str((hpsv2_dir / "HPS_v2.1_compressed.pt").resolve())},
+        "hpsv2.0": {"version": "2.0", "weights": str((hpsv2_dir / "HPS_v2_compressed.pt").resolve())},
+    }

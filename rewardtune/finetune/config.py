@@ -255,11 +255,12 @@ class FinetuneConfig:
         if not self.output:
             raise UserError("--output is required: the directory the LoRA, logs and checkpoints go to")
         check_values(self)
-        from ..rewards.compose import parse_spec  # noqa: PLC0415 - here: the config (and --help) imports no torch
+        from ..rewards import canonical_spec  # noqa: PLC0415 - here: the config (and --help) imports no torch
 
-        parse_spec(self.reward)
+        # aliases written as what they stand for (hpsv2 -> hpsv2.1): config.yaml names the reward a run used
+        self.reward = canonical_spec(self.reward)
         if self.eval_reward:
-            parse_spec(self.eval_reward)
+            self.eval_reward = canonical_spec(self.eval_reward)
         if self.resolution and (self.resolution < 8 or self.resolution % 8):
             raise UserError(
                 f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}"

@@ -221,6 +221,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         "method": cfg.method,
         "reward": _name(reward, cfg.reward),
         "eval_reward": _name(eval_reward, cfg.eval_reward or None),
+        # the released weights (and version) each reward with versions loaded, e.g. HPS v2.0 / v2.1
+        "reward_weights": {**_provenance(trainer.reward), **_provenance(trainer.eval_reward)},
         "steps": trainer.global_step,
         "steps_planned": cfg.steps,
         "skipped_steps": trainer.skipped_steps,
@@ -237,6 +239,11 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         rundir.write_json("summary.json", summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _provenance(reward) -> dict:
+    """What ``Reward.provenance`` says of a reward (none for a module passed in that is not a ``Reward``)."""
+    return reward.provenance() if hasattr(reward, "provenance") else {}
 
 
 def _name(module, spec):

@@ -18,16 +18,39 @@ from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
-REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2.0", "hpsv2.1", "aesthetic")
+# Other names a reward answers to; a run records the name they stand for (config.yaml, summary.json).
+ALIASES = {"hpsv2": "hpsv2.1"}
 
-__all__ = ["Reward", "REWARD_NAMES", "load_reward", "load_rewards", "parse_spec", "score_by_size", "WeightedSum"]
+__all__ = [
+    "Reward",
+    "REWARD_NAMES",
+    "ALIASES",
+    "canonical_spec",
+    "load_reward",
+    "load_rewards",
+    "parse_spec",
+    "score_by_size",
+    "WeightedSum",
+]
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str) -> str:
+    """The registry name ``name`` stands for (an alias resolved); an unknown name is a ``UserError``."""
+    if name in ALIASES:
+        return ALIASES[name]
     if name not in REWARD_NAMES:
-        close = difflib.get_close_matches(name, REWARD_NAMES, n=1)
+        close = difflib.get_close_matches(name, [*REWARD_NAMES, *ALIASES], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"reward: unknown reward '{name}'{hint}; valid rewards: {', '.join(REWARD_NAMES)}")
+        aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
+        raise UserError(f"reward: unknown reward '{name}'{hint}; valid rewards: {', '.join(REWARD_NAMES)} ({aliases})")
+    return name
+
+
+def canonical_spec(spec: str) -> str:
+    """``spec`` with every alias written as the name it stands for (``hpsv2:0.5`` -> ``hpsv2.1:0.5``), so a run's
+    config.yaml says which reward (and HPS version) it trained on."""
+    return ",".join(n if w is None else f"{n}:{w:g}" for n, w in ((_check_name(n), w) for n, w in parse_spec(spec)))
 
 
 class _Loader:
@@ -42,7 +65,7 @@ class _Loader:
         self.cache: dict[str, Reward] = {}
 
     def get(self, name: str) -> Reward:
-        _check_name(name)
+        name = _check_name(name)
         if name not in self.cache:
             self.cache[name] = self._build(name)
         return self.cache[name]
@@ -56,7 +79,8 @@ class _Loader:
         if name == "icthp":
             return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
 
-        return baselines.BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
+        source = REWARD_SOURCE.get(name, name)
+        return baselines.BUILDERS[name](source=s.get(source), dtype=dt, sources=s, get=self.get)
 
 
 # What each reward loads from which source, named as its loader names it; ICT and HP lay over the CLIP backbone.
@@ -69,6 +93,8 @@ SOURCE_WHAT = {
     "hpsv2": "HPS v2 checkpoint",
     "aesthetic": "aesthetic predictor",
 }
+# The source key of a reward named otherwise (both HPS v2 versions read --hpsv2: the hub repo holds both files).
+REWARD_SOURCE = {"hpsv2.0": "hpsv2", "hpsv2.1": "hpsv2"}
 READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("aesthetic", "clip")}
 
 
@@ -77,7 +103,8 @@ def check_sources(names, sources: dict) -> None:
     reward's checkpoint, and the CLIP backbone where ICT or HP lays over it: given with ``--backbone`` or read by a
     hub ICT/HP release (a local checkpoint that is a full CLIP needs none; one that is not is told when it loads).
     PickScore reads ``--backbone`` only for a tokenizer its own directory lacks; its loader says so when it does."""
-    keys = list(dict.fromkeys(k for n in names for k in READS.get(n, (n,))))
+    names = [_check_name(n) for n in names]
+    keys = list(dict.fromkeys(k for n in names for k in READS.get(n, (REWARD_SOURCE.get(n, n),))))
     given = {k: v for k, v in sources.items() if v is not None}
     over = [k for k in keys if k in ("ict", "hp")]
     if over and ("backbone" in given or any(k not in given for k in over)):
@@ -117,7 +144,7 @@ def load_reward(spec: str, device=None, dtype: torch.dtype | None = None, **sour
         return _finish(loader.get(parts[0][0]), device)
     if any(w is None for _, w in parts):
         raise UserError(f"reward: '{spec}' mixes rewards without weights; give each a weight, e.g. 'ict:1.0,hp:0.5'")
-    names = [n for n, _ in parts]
+    names = [_check_name(n) for n, _ in parts]
     if len(set(names)) != len(names):
         raise UserError(f"reward: '{spec}' names a reward twice; give each once")
-    return _finish(WeightedSum({n: loader.get(n) for n in names}, dict(parts)), device)
+    return _finish(WeightedSum({n: loader.get(n) for n in names}, {n: w for n, (_, w) in zip(names, parts)}), device)

@@ -18,6 +18,11 @@ class Reward(nn.Module):
     name: str = "reward"
     needs_prompts: bool = True
 
+    def provenance(self) -> dict:
+        """Which released weights this reward loaded, for the run's records: ``{name: {"version": ..., "weights":
+        path}}`` where a reward has versions (HPS v2.0 / v2.1); empty otherwise."""
+        return {}
+
     def text_limits(self) -> list:
         """The text encoders this reward reads prompts with, as ``prompt_checks`` limits (none by default)."""
         return []

@@ -8,6 +8,7 @@ the loader's ``get(name)`` so the aesthetic head shares the ``clip`` reward's CL
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ from .clip_tower import (
 from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]
-HPS_FILES = ["HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "HPS_v2.pt"]
+# The weights files of each HPS version in xswu/HPSv2 (hpsv2's utils.hps_version_map names the compressed ones).
+HPS_FILES = {"2.1": ["HPS_v2.1_compressed.pt", "HPS_v2.1.pt"], "2.0": ["HPS_v2_compressed.pt", "HPS_v2.pt"]}
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 HPS_DEFAULT_ARCH = "ViT-H-14"
 AESTHETIC_FILES = ["sac+logos+ava1-l14-linearMSE.safetensors", "sac+logos+ava1-l14-linearMSE.pth"]
@@ -58,17 +60,20 @@ class PickScoreReward(ClipReward):
 
 
 class HPSv2Reward(Reward):
-    """HPS v2 / v2.1 (Wu et al. 2023): cosine of the normalised open_clip image and text features, which
+    """HPS v2.0 / v2.1 (Wu et al. 2023): cosine of the normalised open_clip image and text features, which
     is what ``hpsv2.score`` reports (the diagonal of ``image_features @ text_features.T``)."""
 
-    name = "hpsv2"
-
-    def __init__(self, model: nn.Module, tokenizer, preprocess: ClipPreprocess):
+    def __init__(self, model: nn.Module, tokenizer, preprocess: ClipPreprocess, version: str = "2.1", weights=""):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.limit = OpenClipLimit(tokenizer)
+        self.version, self.weights = version, str(weights)
+        self.name = f"hpsv{version}"
+
+    def provenance(self) -> dict:
+        return {self.name: {"version": self.version, "weights": self.weights}}
 
     def text_limits(self) -> list:
         return [self.limit]
@@ -137,11 +142,21 @@ def build_pickscore(source=None, dtype=None, sources=None, get=None) -> PickScor
     )
 
 
-def _hps_checkpoint(source) -> Path:
-    path = resolve(
-        source or REWARD_SOURCES["hpsv2"].hub, "HPS v2 checkpoint", allow_patterns=[HPS_FILES[0], OPEN_CLIP_CONFIG]
-    )
-    return path if path.is_file() else find_file(path, HPS_FILES, "HPS v2 checkpoint")
+def _hps_checkpoint(source, version: str) -> Path:
+    """The HPS ``version`` weights file: ``source`` itself when it is a file (refused when its name is the other
+    version's), else the version's file in the directory or hub repo."""
+    what = f"HPS v{version} checkpoint"
+    files = HPS_FILES[version]
+    path = resolve(source or REWARD_SOURCES["hpsv2"].hub, what, allow_patterns=[files[0], OPEN_CLIP_CONFIG])
+    if not path.is_file():
+        return find_file(path, files, what)
+    other = next((v for v, names in HPS_FILES.items() if v != version and path.name in names), None)
+    if other is not None:
+        raise UserError(
+            f"{what}: '{path}' is HPS v{other}'s file; pass --reward hpsv{other} to use it, or give v{version}'s "
+            f"({' or '.join(files)})"
+        )
+    return path
 
 
 def _open_clip_model(config_dir: Path):
@@ -178,11 +193,11 @@ def _open_clip_preprocess(model) -> ClipPreprocess:
     return ClipPreprocess(size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
-def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
-    """HPS v2.1 (or v2) weights over open_clip ViT-H-14: a ``.pt`` holding ``{'state_dict': ...}`` or a
-    directory with one (v2.1 preferred); an ``open_clip_config.json`` beside it picks another architecture."""
-    ckpt = _hps_checkpoint(source)
-    state = load_state_dict(ckpt, "HPS v2 checkpoint")
+def build_hpsv2(source=None, dtype=None, sources=None, get=None, version: str = "2.1") -> HPSv2Reward:
+    """HPS v``version`` weights over open_clip ViT-H-14: a ``.pt`` holding ``{'state_dict': ...}`` or a
+    directory with the version's file; an ``open_clip_config.json`` beside it picks another architecture."""
+    ckpt = _hps_checkpoint(source, version)
+    state = load_state_dict(ckpt, f"HPS v{version} checkpoint")
     model, tokenizer = _open_clip_model(ckpt.parent)
     loaded = apply_state_dict(model, state, f"HPS v2 checkpoint '{ckpt}'")
     total = len(model.state_dict())
@@ -194,7 +209,7 @@ def build_hpsv2(source=None, dtype=None, sources=None, get=None) -> HPSv2Reward:
         )
     if dtype is not None:
         model.to(dtype)
-    return HPSv2Reward(model, tokenizer, _open_clip_preprocess(model))
+    return HPSv2Reward(model, tokenizer, _open_clip_preprocess(model), version, ckpt.resolve())
 
 
 def _aesthetic_head_file(source) -> Path:
@@ -213,6 +228,7 @@ def build_aesthetic(source=None, dtype=None, sources=None, get=None) -> Aestheti
 BUILDERS = {
     "clip": build_clip,
     "pickscore": build_pickscore,
-    "hpsv2": build_hpsv2,
+    "hpsv2.0": functools.partial(build_hpsv2, version="2.0"),
+    "hpsv2.1": functools.partial(build_hpsv2, version="2.1"),
     "aesthetic": build_aesthetic,
 }

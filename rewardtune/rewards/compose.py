@@ -42,15 +42,20 @@ class WeightedSum(Reward):
 
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
         super().__init__()
-        self.rewards = nn.ModuleDict(rewards)
+        # a module name cannot hold a dot ("hpsv2.1"): the modules are kept under "hpsv2_1", the names as given
+        self.rewards = nn.ModuleDict({k.replace(".", "_"): r for k, r in rewards.items()})
+        self.keys = {k: k.replace(".", "_") for k in rewards}
         self.weights = dict(weights)
         self.name = ",".join(f"{k}:{w:g}" for k, w in self.weights.items())
+
+    def provenance(self) -> dict:
+        return {k: v for key, module in self.keys.items() for k, v in self.rewards[module].provenance().items()}
 
     def text_limits(self) -> list:
         return [limit for reward in self.rewards.values() for limit in reward.text_limits()]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = 0
-        for key, reward in self.rewards.items():
-            total = total + self.weights[key] * reward(images, prompts)
+        for key, module in self.keys.items():
+            total = total + self.weights[key] * self.rewards[module](images, prompts)
         return total
