@@ -11,6 +11,7 @@ import difflib
 
 import torch
 
+from ..config import flag_name
 from ..errors import UserError, check_all
 from ..sources import REWARD_SOURCES, check_available
 from . import baselines, icthp
@@ -18,7 +19,7 @@ from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
-REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic", "imagereward")
 
 __all__ = ["Reward", "REWARD_NAMES", "load_reward", "load_rewards", "parse_spec", "score_by_size", "WeightedSum"]
 
@@ -68,6 +69,8 @@ SOURCE_WHAT = {
     "pickscore": "PickScore model",
     "hpsv2": "HPS v2 checkpoint",
     "aesthetic": "aesthetic predictor",
+    "imagereward": "ImageReward checkpoint",
+    "imagereward_tokenizer": "ImageReward tokenizer",
 }
 READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("aesthetic", "clip")}
 
@@ -84,7 +87,9 @@ def check_sources(names, sources: dict) -> None:
         keys.append("backbone")
 
     def check(key):
-        return lambda: check_available(given.get(key) or REWARD_SOURCES[key].hub, f"{SOURCE_WHAT[key]} (--{key})")
+        return lambda: check_available(
+            given.get(key) or REWARD_SOURCES[key].hub, f"{SOURCE_WHAT[key]} ({flag_name(key)})"
+        )
 
     check_all(*(check(k) for k in keys))
 

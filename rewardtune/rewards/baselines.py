@@ -27,6 +27,7 @@ from .clip_tower import (
     CosineReward,
     normalize,
 )
+from .imagereward import build_imagereward
 from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]
@@ -215,4 +216,5 @@ BUILDERS = {
     "pickscore": build_pickscore,
     "hpsv2": build_hpsv2,
     "aesthetic": build_aesthetic,
+    "imagereward": build_imagereward,
 }
