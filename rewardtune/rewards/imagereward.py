@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import OfflineError, UserError
 from ..prompt_checks import HFTokenLimit
 from ..sources import REWARD_SOURCES, find_file, load_state_dict, resolve
 from .base import Reward
@@ -318,10 +318,18 @@ def load_tokenizer(model_dir: Path, source=None, vocab_size: int | None = None):
     what = "ImageReward tokenizer (--imagereward-tokenizer)"
     if source is None and _has_tokenizer(model_dir):
         directory = model_dir
+    elif source is None:
+        hub = REWARD_SOURCES["imagereward_tokenizer"].hub
+        try:
+            directory = resolve(hub, what, allow_patterns=TOKENIZER_PATTERNS)
+        except OfflineError:
+            raise OfflineError(
+                f"{what}: '{model_dir}' holds no BERT tokenizer (vocab.txt or tokenizer.json) and '{hub}' is neither in "
+                f"the local cache nor reachable; copy bert-base-uncased's vocab.txt into that directory or pass "
+                f"--imagereward-tokenizer DIR"
+            ) from None
     else:
-        directory = resolve(
-            source or REWARD_SOURCES["imagereward_tokenizer"].hub, what, allow_patterns=TOKENIZER_PATTERNS
-        )
+        directory = resolve(source, what, allow_patterns=TOKENIZER_PATTERNS)
         if directory.is_file():
             directory = directory.parent
     find_file(directory, TOKENIZER_FILES, what)
