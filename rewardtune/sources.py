@@ -55,6 +55,14 @@ REWARD_SOURCES: dict[str, RewardSource] = {
     ),
     "hpsv2": RewardSource("xswu/HPSv2", "HPS v2 checkpoint file or directory"),
     "aesthetic": RewardSource("camenduru/improved-aesthetic-predictor", "LAION aesthetic predictor directory"),
+    "imagereward": RewardSource(
+        "THUDM/ImageReward", "ImageReward directory (ImageReward.pt and med_config.json) or its .pt/.safetensors file"
+    ),
+    "imagereward_tokenizer": RewardSource(
+        "google-bert/bert-base-uncased",
+        "BERT tokenizer ImageReward reads prompts with: a directory or hub id",
+        default_help="the ImageReward directory if it holds one, else {hub}",
+    ),
 }
 
 

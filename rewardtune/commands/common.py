@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ..config import precision_dtype
+from ..config import flag_name, precision_dtype
 from ..errors import UserError
 from ..sources import REWARD_SOURCES
 from ..threads import THREADS_HELP
@@ -20,7 +20,7 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     """One ``--KEY`` flag per reward source of ``REWARD_SOURCES`` (stored as ``src_KEY``)."""
     group = parser.add_argument_group("reward sources (local directories or hub ids)")
     for key, source in REWARD_SOURCES.items():
-        group.add_argument(f"--{key}", dest=f"src_{key}", default=None, metavar="SRC", help=source.help_text())
+        group.add_argument(flag_name(key), dest=f"src_{key}", default=None, metavar="SRC", help=source.help_text())
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:

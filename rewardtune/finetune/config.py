@@ -245,6 +245,8 @@ class FinetuneConfig:
     pickscore: str = source_option("pickscore")
     hpsv2: str = source_option("hpsv2")
     aesthetic: str = source_option("aesthetic")
+    imagereward: str = source_option("imagereward")
+    imagereward_tokenizer: str = source_option("imagereward_tokenizer")
 
     def reward_sources(self) -> dict:
         """The reward source options that were given, as ``load_reward`` keyword arguments."""

@@ -11,6 +11,7 @@ import difflib
 
 import torch
 
+from ..config import flag_name
 from ..errors import UserError, check_all
 from ..sources import REWARD_SOURCES, check_available
 from . import baselines, icthp
@@ -18,7 +19,7 @@ from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
-REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2.0", "hpsv2.1", "aesthetic")
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2.0", "hpsv2.1", "aesthetic", "imagereward")
 # Other names a reward answers to; a run records the name they stand for (config.yaml, summary.json).
 ALIASES = {"hpsv2": "hpsv2.1"}
 
@@ -92,6 +93,8 @@ SOURCE_WHAT = {
     "pickscore": "PickScore model",
     "hpsv2": "HPS v2 checkpoint",
     "aesthetic": "aesthetic predictor",
+    "imagereward": "ImageReward checkpoint",
+    "imagereward_tokenizer": "ImageReward tokenizer",
 }
 # The source key of a reward named otherwise (both HPS v2 versions read --hpsv2: the hub repo holds both files).
 REWARD_SOURCE = {"hpsv2.0": "hpsv2", "hpsv2.1": "hpsv2"}
@@ -111,7 +114,9 @@ def check_sources(names, sources: dict) -> None:
         keys.append("backbone")
 
     def check(key):
-        return lambda: check_available(given.get(key) or REWARD_SOURCES[key].hub, f"{SOURCE_WHAT[key]} (--{key})")
+        return lambda: check_available(
+            given.get(key) or REWARD_SOURCES[key].hub, f"{SOURCE_WHAT[key]} ({flag_name(key)})"
+        )
 
     check_all(*(check(k) for k in keys))
 

@@ -28,6 +28,7 @@ from .clip_tower import (
     CosineReward,
     normalize,
 )
+from .imagereward import build_imagereward
 from .tower_head import TowerHeadReward
 
 HF_META = ["*.json", "*.txt"]
@@ -231,4 +232,5 @@ BUILDERS = {
     "hpsv2.0": functools.partial(build_hpsv2, version="2.0"),
     "hpsv2.1": functools.partial(build_hpsv2, version="2.1"),
     "aesthetic": build_aesthetic,
+    "imagereward": build_imagereward,
 }
