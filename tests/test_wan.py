@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors import safe_open
 
@@ -34,11 +36,13 @@ from rewardtune.testing.wan_pipelines import (
     FLOW_SHIFT,
     build_tiny_wan_pipeline,
     save_tiny_wan_pipeline,
+    tiny_wan_transformer,
 )
 
 PROMPTS = ["a red apple", "a cat"]
 MSL = 16  # UMT5 tokens per prompt (the pipeline's default is 512)
 FRAMES = 9  # 4k + 1: three latent frames
+ROOT = Path(__file__).resolve().parents[1]
 KW = dict(height=32, width=32, num_frames=FRAMES, max_sequence_length=MSL)
 
 
@@ -268,6 +272,7 @@ def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
     decode stops at frame 8, the video's last."""
     trainer = wan_trainer
     assert trainer.reward.indices == [0, FRAMES - 1] and trainer.latent_shape == (16, 3, 4, 4)
+    assert trainer.adapter.lora_on == "high" and trainer.unet is trainer.pipe.transformer  # one transformer
     for k in (1, 3):
         grads = grads_per_step(trainer, Plan([3 - k] * 2, 3))
         assert [g is not None for g in grads] == [i >= 3 - k for i in range(3)]
@@ -277,17 +282,31 @@ def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
     trainer.unet.zero_grad(set_to_none=True)
 
 
-def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(pair_model, tmp_path):
+def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(
+    pair_model, tmp_path, library_log, stock_pipeline, batch_reward
+):
     """The default --lora-on is the expert of the last gradient step (the low-noise transformer_2 for DRaFT-K); the
-    LoRA lands there only, the other expert stays frozen and on the same device, and a step raises the reward;
+    LoRA lands there only, the other expert stays frozen, and a step raises the reward of its batch. The saved LoRA loads into a
+    stock pair's transformer_2 (``load_into_transformer_2=True``) without a warning and gives the trained frames.
     --lora-on high puts it on transformer."""
-    trainer = Trainer(_cfg(pair_model, tmp_path / "a", k=1), reward=Brightness())
+    trainer = Trainer(_cfg(pair_model, tmp_path / "a", k=1, sample_steps=4, frames="1"), reward=Brightness())
     pipe = trainer.pipe
     assert trainer.adapter.lora_on == "low" and trainer.unet is pipe.transformer_2
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
     assert not any(p.requires_grad for p in pipe.transformer.parameters())
-    before = trainer.step()["reward"]
-    assert trainer.step()["reward"] > before
+    before, _ = batch_reward(trainer, 0)
+    trainer.step()
+    assert batch_reward(trainer, 0)[0] > before
+    trainer.save_lora(tmp_path / "lora")
+    trainer.unet.eval()
+    trained = trainer.generate(PROMPTS[:1], seed=5)
+    stock = stock_pipeline(pair_model)
+    with library_log() as log:
+        stock.load_lora_weights(tmp_path / "lora", load_into_transformer_2=True)
+    assert log.messages == []
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, **KW)
+    loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
     high = make_adapter(pipe, "wan", _cfg(pair_model, tmp_path / "b", lora_on="high"))
     assert high.denoiser is pipe.transformer and high.frozen_expert is pipe.transformer_2
 
@@ -401,3 +420,13 @@ def test_aliases_name_the_public_models(wan_model, tmp_path, monkeypatch):
     assert resolved(model="wan22-t2v-a14b") == (40, 4.0, 81, 512)
     assert resolved(model="wan22-ti2v-5b") == (50, 5.0, 121, 512)
     assert resolved(model="wan21-t2v-1.3b", num_frames=33) == (50, 5.0, 33, 512)
+
+
+def test_the_fsdp_recipe_names_the_block_class_the_transformer_has():
+    """accelerate refuses a listed block class the model lacks: the recipe lists the family's FSDP block class, which
+    every block of the transformer is."""
+    config = yaml.safe_load((ROOT / "recipes/accelerate/fsdp_wan.yaml").read_text())["fsdp_config"]
+    listed = set(config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    transformer = tiny_wan_transformer(0)
+    assert config["fsdp_version"] == 2 and listed == set(families.by_name("wan").fsdp_blocks)
+    assert {type(m).__name__ for m in transformer.blocks} == listed
