@@ -41,7 +41,7 @@ from rewardtune.testing.wan_pipelines import (
 
 PROMPTS = ["a red apple", "a cat"]
 MSL = 16  # UMT5 tokens per prompt (the pipeline's default is 512)
-FRAMES = 9  # 4k + 1: three latent frames
+FRAMES = 5  # 4k + 1: two latent frames
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(height=32, width=32, num_frames=FRAMES, max_sequence_length=MSL)
 
@@ -101,7 +101,7 @@ def test_sample_returns_the_pipelines_latents(kind):
         kw = dict(num_inference_steps=3, guidance_scale=g, **KW)
         ref = pipe(list(PROMPTS), generator=_gen(0), output_type="latent", **kw).frames
         ours = sample(pipe, PROMPTS, generator=_gen(0), **kw)
-        assert ours.shape == ref.shape == (2, 16, 3, 4, 4)
+        assert ours.shape == ref.shape == (2, 16, 2, 4, 4)
         assert float((ours - ref).abs().max()) <= 1e-4
         if kind != "wan21":
             continue  # (the same latents: once is enough)
@@ -269,11 +269,11 @@ def test_each_method_raises_the_reward_of_its_batch(wan_trainer, method, batch_r
 
 
 def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
-    """The reward (on decoded frames 0 and 8) reaches exactly the last K denoiser calls, with a positive gradient for
-    every sample; AlignProp's per-sample truncation points too. The video reward scores frames 0 and 8 and the
-    decode stops at frame 8, the video's last."""
+    """The reward (on decoded frames 0 and 4) reaches exactly the last K denoiser calls, with a positive gradient for
+    every sample; AlignProp's per-sample truncation points too. The video reward scores frames 0 and 4 and the
+    decode stops at frame 4, the video's last."""
     trainer = wan_trainer
-    assert trainer.reward.indices == [0, FRAMES - 1] and trainer.latent_shape == (16, 3, 4, 4)
+    assert trainer.reward.indices == [0, FRAMES - 1] and trainer.latent_shape == (16, 2, 4, 4)
     assert trainer.adapter.lora_on == "high" and trainer.unet is trainer.pipe.transformer  # one transformer
     for k in (1, 3):
         grads = grads_per_step(trainer, Plan([3 - k] * 2, 3))
@@ -334,7 +334,7 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_frames(
     euler_model, trained_lora, library_log, stock_pipeline
 ):
     """``pipe.load_lora_weights(dir)`` on a fresh WanPipeline loads every tensor without a warning, and the stock
-    pipeline, guided as the run was, makes the trainer's own frames (all 9)."""
+    pipeline, guided as the run was, makes the trainer's own frames (all 5)."""
     directory, trained = trained_lora
     kw = dict(num_inference_steps=3, guidance_scale=GUIDED, **KW)
     pipe = stock_pipeline(euler_model)
