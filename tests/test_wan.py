@@ -95,10 +95,13 @@ def _euler(pipe):
 def test_sample_returns_the_pipelines_latents(kind):
     """``sample`` equals ``WanPipeline(..., output_type='latent')`` in fp32, from the same generator (and on the Wan2.1
     model from the same latents), without guidance and with it (the empty negative prompt); on the A14B pair (the
-    expert switch at the boundary) and with TI2V-5B's per-token timesteps."""
+    expert switch at the boundary, the low-noise expert with a guidance of its own) and with TI2V-5B's per-token
+    timesteps."""
     pipe = _euler(build_tiny_wan_pipeline(pair=kind == "a14b-pair", expand_timesteps=kind.startswith("ti2v")))
     for g in (1.0, 3.0):
         kw = dict(num_inference_steps=3, guidance_scale=g, **KW)
+        if kind == "a14b-pair" and g > 1:
+            kw["guidance_scale_2"] = 1.5  # the low-noise expert's own guidance
         ref = pipe(list(PROMPTS), generator=_gen(0), output_type="latent", **kw).frames
         ours = sample(pipe, PROMPTS, generator=_gen(0), **kw)
         assert ours.shape == ref.shape == (2, 16, 2, 4, 4)
@@ -378,7 +381,7 @@ def test_cli_finetunes_resumes_and_saves_before_after_videos(wan_model, released
     assert sorted(p.name for p in (out / "samples").glob("*.gif"))
 
 
-@pytest.mark.parametrize("case", ["frames", "resolution", "lora_on", "frames_spec"])
+@pytest.mark.parametrize("case", ["frames", "resolution", "lora_on", "guidance_2", "frames_spec"])
 def test_bad_input_gives_one_clear_line(case, wan_model, tmp_path, capsys):
     base = ["--model", wan_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2]
     base += ["--num-frames", 5]
@@ -386,6 +389,7 @@ def test_bad_input_gives_one_clear_line(case, wan_model, tmp_path, capsys):
         "frames": (["--num-frames", 10], "--num-frames 10: Wan's VAE compresses time 4x, so it takes 4k + 1 frames"),
         "resolution": (["--resolution", 40], "--resolution 40: Wan packs 2x2 patches"),
         "lora_on": (["--lora-on", "low"], "--lora-on low: this Wan model has one transformer"),
+        "guidance_2": (["--guidance-scale-2", 2], "--guidance-scale-2 2.0: this Wan model has one transformer"),
         "frames_spec": (["--frames", "none"], "--frames 'none'"),
     }[case]
     rc = main(["finetune", *map(str, base + args)])
@@ -397,7 +401,8 @@ def test_bad_input_gives_one_clear_line(case, wan_model, tmp_path, capsys):
 
 def test_aliases_name_the_public_models(wan_model, tmp_path, monkeypatch):
     """Each alias names its hub id (offline: a one-line error naming it); a local directory takes WanPipeline's own
-    defaults (50 steps, guidance 5, 81 frames, 512 tokens); the A14B alias 40 steps, guidance 4; TI2V-5B 121 frames."""
+    defaults (50 steps, guidance 5, 81 frames, 512 tokens); the A14B alias 40 steps, guidance 4 (3 for the low-noise
+    expert); TI2V-5B 121 frames."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     hub = {
@@ -419,6 +424,9 @@ def test_aliases_name_the_public_models(wan_model, tmp_path, monkeypatch):
 
     assert resolved(model=str(wan_model)) == (50, 5.0, 81, 512)
     assert resolved(model="wan22-t2v-a14b") == (40, 4.0, 81, 512)
+    cfg = FinetuneConfig(output=str(tmp_path), model="wan22-t2v-a14b")
+    resolve_defaults(cfg, pipe, "wan")
+    assert cfg.guidance_scale_2 == 3.0  # the model card's low-noise guidance (4.0 high, 3.0 low)
     assert resolved(model="wan22-ti2v-5b") == (50, 5.0, 121, 512)
     assert resolved(model="wan21-t2v-1.3b", num_frames=33) == (50, 5.0, 33, 512)
 

@@ -99,6 +99,11 @@ class FinetuneConfig:
     frame_weights: list | None = option(
         None, "video models: with --frame-aggregate weighted, one weight per scored frame (normalised to sum 1)"
     )
+    guidance_scale_2: float | None = option(
+        None,
+        "Wan2.2-A14B: the guidance of the low-noise expert's steps (transformer_2) (default: the model's: "
+        "wan22-t2v-a14b 3.0; a local directory --guidance-scale, as WanPipeline)",
+    )
     lora_on: str | None = option(
         None,
         "Wan2.2-A14B: the expert that carries the LoRA, high (transformer, high-noise steps) or low "

@@ -11,9 +11,9 @@ from __future__ import annotations
 from ..errors import UserError
 from . import families
 
-RESOLVED = ("sample_steps", "guidance_scale", "lora_targets", "max_sequence_length", "num_frames")
+RESOLVED = ("sample_steps", "guidance_scale", "lora_targets", "max_sequence_length", "num_frames", "guidance_scale_2")
 # options only some families take (``Family.options``): set for another family, they are an error
-FAMILY_OPTIONS = ("num_frames", "frame_weights", "lora_on")
+FAMILY_OPTIONS = ("num_frames", "frame_weights", "lora_on", "guidance_scale_2")
 
 
 def _source(cfg) -> str:

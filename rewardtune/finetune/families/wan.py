@@ -9,7 +9,7 @@ What ``WanPipeline`` (diffusers 0.42) does, and so what the adapter does:
 - latents (B, 16, (F - 1)/4 + 1, H/8, W/8) for F frames (the VAE compresses time 4x: F must be 4k + 1), drawn fp32;
 - the transformer takes the scheduler's timestep (sigma x 1000) as it is, predicts the velocity, and is called once
   per branch: cond, then uncond, combined as uncond + g (cond - uncond) for g > 1; the A14B low-noise stage takes
-  ``guidance_scale_2``, which the pipeline sets to ``guidance_scale`` when it is not given (as here);
+  ``guidance_scale_2`` (``--guidance-scale-2``), which the pipeline sets to ``guidance_scale`` when it is not given;
 - schedule: the scheduler's own. The hub's is ``UniPCMultistepScheduler`` with flow sigmas and a ``flow_shift``; the
   trainer samples with Euler steps on those sigmas (the first-order step; UniPC's multistep corrector is not
   followed). Given the scheduler class its signature names, ``FlowMatchEulerDiscreteScheduler(shift=...)``, the
@@ -51,6 +51,7 @@ class WanConditioning:
     hidden: torch.Tensor
     neg_hidden: torch.Tensor | None = None
     scale: float = 1.0
+    scale_2: float | None = None  # the low-noise expert's guidance (None: ``scale``)
     boundary: float | None = None  # the timestep at and above which the high-noise expert runs
     trained: str = "high"  # the expert ``model`` is
     other: torch.nn.Module | None = None
@@ -68,12 +69,14 @@ class WanConditioning:
         return model(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, return_dict=False)[0]
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        net = model if self.expert(t) == self.trained else self.other
+        expert = self.expert(t)
+        net = model if expert == self.trained else self.other
         cond = self._one(net, x, t, self.hidden)
         if self.neg_hidden is None:
             return cond
         uncond = self._one(net, x, t, self.neg_hidden)
-        return uncond + self.scale * (cond - uncond)
+        scale = self.scale_2 if expert == "low" and self.scale_2 is not None else self.scale
+        return uncond + scale * (cond - uncond)
 
 
 class WanAdapter(LLMFlowAdapter):
@@ -86,6 +89,7 @@ class WanAdapter(LLMFlowAdapter):
     video = True  # the trainer decodes frames and scores them with a video reward (finetune/video.py)
     num_frames = 81  # WanPipeline.__call__'s; ``configure`` sets the run's
     lora_on = "high"
+    guidance_scale_2 = None
 
     def configure(self, cfg) -> None:
         """The run's options the adapter needs besides guidance and sequence length: frames, and on an A14B pair
@@ -93,12 +97,14 @@ class WanAdapter(LLMFlowAdapter):
         self.num_frames = int(getattr(cfg, "num_frames", None) or self.num_frames)
         self.check_frames(self.num_frames)
         choice = getattr(cfg, "lora_on", None)
+        self.guidance_scale_2 = getattr(cfg, "guidance_scale_2", None)
         if not self.paired:
-            if choice not in (None, "high"):
-                raise UserError(
-                    f"--lora-on {choice}: this Wan model has one transformer (no transformer_2 and boundary_ratio); "
-                    f"leave --lora-on unset"
-                )
+            for flag, value in (("--lora-on", choice), ("--guidance-scale-2", self.guidance_scale_2)):
+                if value is not None:
+                    raise UserError(
+                        f"{flag} {value}: this Wan model has one transformer (no transformer_2 and boundary_ratio); "
+                        f"leave {flag} unset"
+                    )
             return
         self.lora_on = choice or self.default_lora_on(cfg)
 
@@ -212,6 +218,7 @@ class WanAdapter(LLMFlowAdapter):
             hidden,
             neg,
             scale,
+            scale_2=self.guidance_scale_2,
             boundary=self.boundary,
             trained=self.lora_on if self.paired else "high",
             other=self.frozen_expert,
@@ -259,9 +266,10 @@ FAMILY = Family(
         "wan22-ti2v-5b": Alias(("Wan-AI/Wan2.2-TI2V-5B-Diffusers",), dict(WAN21, num_frames=121)),
         "wan21-t2v-14b": Alias(("Wan-AI/Wan2.1-T2V-14B-Diffusers",), dict(WAN21)),
         "wan22-t2v-a14b": Alias(
-            ("Wan-AI/Wan2.2-T2V-A14B-Diffusers",), dict(WAN21, sample_steps=40, guidance_scale=4.0)
+            ("Wan-AI/Wan2.2-T2V-A14B-Diffusers",),
+            dict(WAN21, sample_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
         ),
     },
     fsdp_blocks=("WanTransformerBlock",),
-    options=("num_frames", "frame_weights", "lora_on"),
+    options=("num_frames", "frame_weights", "lora_on", "guidance_scale_2"),
 )
