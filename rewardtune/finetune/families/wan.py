@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ...errors import UserError
 from ..flow_models import LLMFlowAdapter, hw
@@ -200,6 +201,11 @@ class WanAdapter(LLMFlowAdapter):
 
     # ----- text -------------------------------------------------------------------------------
     def _t5(self, prompts):
+        """``_get_t5_prompt_embeds``: (B, max_sequence_length, 4096), the padding zeroed. On the planner's fake weights
+        (whose lengths have no values to cut at) zeros of that shape: the shape is all the planner reads."""
+        if is_fake(next(self.t5.parameters())):
+            width = int(self.t5.config.d_model)
+            return {"umt5": torch.zeros(len(prompts), self.max_sequence_length, width, dtype=self.t5.dtype)}
         embeds = self.pipe._get_t5_prompt_embeds(
             list(prompts), max_sequence_length=self.max_sequence_length, device=self.t5.device
         )
