@@ -21,7 +21,8 @@ class FinetuneConfig:
         "sd15",
         "diffusion model: alias sd15, sd21, sdxl, sd3-medium, sd35-medium, sd35-large, sd35-large-turbo, "
         "flux-dev, flux-schnell, qwen-image, flux2-dev, flux2-klein-4b, flux2-klein-9b, flux2-klein-base-4b, "
-        "flux2-klein-base-9b, z-image-turbo or z-image, a diffusers-format directory, or a hub id",
+        "flux2-klein-base-9b, z-image-turbo, z-image, wan21-t2v-1.3b, wan22-ti2v-5b, wan21-t2v-14b or "
+        "wan22-t2v-a14b, a diffusers-format directory, or a hub id",
     )
     defaults_from: str = option(
         "",
@@ -81,6 +82,34 @@ class FinetuneConfig:
         "", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros"
     )
     resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
+    num_frames: int | None = option(
+        None,
+        "video models (Wan): frames per video, 4k + 1 (default: the model's: Wan2.1 81, Wan2.2-TI2V-5B 121)",
+        min=1,
+    )
+    frames: str = option(
+        "4",
+        "video models: the frames the reward scores: N, spread evenly over the video, or 'all'",
+    )
+    frame_aggregate: str = option(
+        "mean",
+        "video models: how the frames' rewards make the video's: mean, min, or weighted (--frame-weights)",
+        choices=["mean", "min", "weighted"],
+    )
+    frame_weights: list | None = option(
+        None, "video models: with --frame-aggregate weighted, one weight per scored frame (normalised to sum 1)"
+    )
+    guidance_scale_2: float | None = option(
+        None,
+        "Wan2.2-A14B: the guidance of the low-noise expert's steps (transformer_2) (default: the model's: "
+        "wan22-t2v-a14b 3.0; a local directory --guidance-scale, as WanPipeline)",
+    )
+    lora_on: str | None = option(
+        None,
+        "Wan2.2-A14B: the expert that carries the LoRA, high (transformer, high-noise steps) or low "
+        "(transformer_2) (default: the one the last gradient step runs on)",
+        choices=["high", "low"],
+    )
     force: bool = option(
         False,
         "run even where the check before loading says the images cannot fit in memory (--resolution and "
@@ -267,6 +296,9 @@ class FinetuneConfig:
             raise UserError(
                 f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}"
             )
+        from .video import parse_frames  # noqa: PLC0415 (no torch at import)
+
+        parse_frames(self.frames, self.frame_aggregate, self.frame_weights)
         self._resolve_k()
         if self.sample_steps is not None and self.k is not None and self.k > self.sample_steps:
             raise UserError(

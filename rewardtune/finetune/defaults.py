@@ -11,7 +11,9 @@ from __future__ import annotations
 from ..errors import UserError
 from . import families
 
-RESOLVED = ("sample_steps", "guidance_scale", "lora_targets", "max_sequence_length")
+RESOLVED = ("sample_steps", "guidance_scale", "lora_targets", "max_sequence_length", "num_frames", "guidance_scale_2")
+# options only some families take (``Family.options``): set for another family, they are an error
+FAMILY_OPTIONS = ("num_frames", "frame_weights", "lora_on", "guidance_scale_2")
 
 
 def _source(cfg) -> str:
@@ -47,6 +49,13 @@ def check_family_options(cfg, family: str) -> None:
             f"--train-text-encoder: {spec.pipelines[0]}.load_lora_weights loads {spec.denoiser} weights only, so a "
             f"text-encoder LoRA would be dropped; leave --train-text-encoder off for {spec.label}"
         )
+    for name in FAMILY_OPTIONS:
+        if getattr(cfg, name, None) is not None and name not in spec.options:
+            takers = [f.label for f in families.all_families() if name in f.options]
+            raise UserError(
+                f"--{name.replace('_', '-')} applies to {', '.join(takers) or 'no'} models; {spec.label} takes none, "
+                f"drop it"
+            )
     if cfg.max_sequence_length is not None and not spec.takes_sequence_length:
         raise UserError(
             f"--max-sequence-length sets the T5 prompt length of SD3/FLUX models; {family} has no T5 encoder"
@@ -79,7 +88,7 @@ def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None
         values.update(alias.defaults)
         guidance_free |= alias.guidance_free
     for key in RESOLVED:
-        if getattr(cfg, key) is None:
+        if hasattr(cfg, key) and getattr(cfg, key) is None:
             setattr(cfg, key, list(values[key]) if isinstance(values.get(key), list) else values.get(key))
     if guidance_free and cfg.guidance_scale > spec.guidance_threshold:
         reason = why if isinstance(why, str) else "no guidance embedding"

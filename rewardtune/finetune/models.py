@@ -135,6 +135,13 @@ def training_scheduler(pipe):
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if families.by_name(pipeline_family(pipe)).flow:
+        config = pipe.scheduler.config
+        if config.get("use_flow_sigmas", False):  # a multistep solver on flow sigmas (Wan's UniPC): Euler steps
+            scheduler = FlowMatchEulerDiscreteScheduler(  # on its shifted sigmas (the family's sampler_options)
+                num_train_timesteps=config.get("num_train_timesteps", 1000), shift=config.get("flow_shift", 1.0)
+            )
+            scheduler.flow_grid = True
+            return scheduler
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, steps_offset=1, set_alpha_to_one=True)
 
@@ -144,7 +151,7 @@ def prepare_pipeline(pipe):
     family = pipeline_family(pipe)
     pipe.scheduler = training_scheduler(pipe)
     pipe.set_progress_bar_config(disable=True)
-    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    for part in ("unet", "transformer", "transformer_2", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, part, None)
         if module is not None:
             module.requires_grad_(False)
@@ -260,4 +267,7 @@ def make_adapter(pipe, family: str, cfg=None, store=None, device=None):
         if getattr(cfg, "prompt_cache_gib", None) is not None:
             options["prompt_cache_gib"] = cfg.prompt_cache_gib
         options.update(store=store, encoder_device=getattr(cfg, "text_encoder_device", "accelerator"), device=device)
-    return spec.adapter(pipe, **options)
+    adapter = spec.adapter(pipe, **options)
+    if hasattr(adapter, "configure"):  # options of its own (a video family's frames)
+        adapter.configure(cfg)
+    return adapter

@@ -26,6 +26,7 @@ from .config import FinetuneConfig
 from .models import resolve_model
 from .prompts import load_prompts, note_long_prompts
 from .trainer import Trainer
+from .video import save_gif, temporal_consistency
 
 
 class RunLog:
@@ -95,6 +96,9 @@ class Evaluator:
             if t.eval_reward is not None:
                 with t.accelerator.autocast():
                     metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
+        if images.dim() == 5:  # a video family: how alike consecutive frames are (video.py)
+            with t.rewards_placed(t.reward):
+                metrics["temporal_consistency"] = temporal_consistency(images, t.reward)
         if t.accelerator.is_main_process:
             if self.hook is not None:
                 metrics.update(
@@ -109,6 +113,9 @@ class Evaluator:
             save_state_dict({"images": images}, self.before_path)
         before = load_state_dict(self.before_path, "before images")["images"]
         n = len(images)
+        if images.dim() == 5:  # videos: before above after as an animation, and the grid of their middle frames
+            save_gif(torch.cat([before, images], dim=-2), self.out / "samples" / f"step_{step:06d}.gif")
+            before, images = before[:, :, before.shape[2] // 2], images[:, :, images.shape[2] // 2]
         save_image(make_grid(torch.cat([before, images]), ncol=n), self.out / "samples" / f"step_{step:06d}.png")
 
 

@@ -31,6 +31,8 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     max_sequence_length: int | None = None,
+    num_frames: int | None = None,
+    guidance_scale_2: float | None = None,
 ) -> torch.Tensor:
     """The final latents of sampling ``prompts`` (a string or a list) with the training sampler of ``pipe``.
 
@@ -39,7 +41,8 @@ def sample(
     the pipeline's latent output (FLUX.2-dev: packed; FLUX.2-klein: the VAE's, de-normalised and unpatchified). ``guidance_scale``: SD/SD3 classifier-free guidance
     (> 1), FLUX-dev's guidance embedding (ignored by a model without one, as FluxPipeline ignores it).
     ``eta``: DDIM's (SD/SDXL); flow-matching models refuse eta > 0. ``max_sequence_length``: T5 tokens
-    (SD3/FLUX; default the pipeline's)."""
+    (SD3/FLUX; default the pipeline's). ``num_frames``: a video family's frames (Wan: 4k + 1);
+    ``guidance_scale_2``: Wan2.2-A14B's low-noise guidance (default ``guidance_scale``, as WanPipeline)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     family = pipeline_family(pipe)
     opts = SimpleNamespace(
@@ -50,6 +53,10 @@ def sample(
         defaults_from="",
         export="none",
         checkpoint_calls=False,
+        num_frames=num_frames,  # video families (Wan)
+        guidance_scale_2=guidance_scale_2,  # Wan2.2-A14B's low-noise expert
+        lora_on=None,
+        method="draft-k",
     )  # no gradients here
     check_family_options(opts, family)
     adapter = make_adapter(pipe, family, opts)

@@ -48,6 +48,7 @@ from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompt_store import store_for
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler, small_steps_note
+from .video import decode_frames, for_video
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -137,7 +138,7 @@ def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
             trained.append(te)
     if cfg.init_lora:
         lora_mod.load_into_adapters(cfg.init_lora, denoiser, trained, "--init-lora")
-    for part in [denoiser, pipe.vae, *adapter.text_encoders()]:
+    for part in [denoiser, pipe.vae, *adapter.text_encoders(), *getattr(adapter, "frozen_parts", list)()]:
         part.to(device)
     if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
         with _no_empty_fp32_notice():
@@ -182,17 +183,33 @@ def checkpoint_vae_decoder(vae) -> None:
 
     A causal 3-D VAE (Qwen-Image's, which diffusers does not checkpoint) passes its layers a feature cache of
     earlier frames that they read and advance in place, which a recomputation would find advanced: its layers
-    are checkpointed as calls without the cache, which decoding one frame (an image) never reads."""
+    are checkpointed as calls without the cache, which decoding one frame (an image) never reads. A video of several
+    latent frames (Wan's) needs the cache from chunk to chunk: its layers run as they are (the video decode is
+    checkpointed whole, ``finetune/video.py``)."""
     if vae._supports_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     decoder = vae.decoder
+    single = [True]  # whether the decode under way is of one latent frame (set by the _decode wrapper below)
+    if not getattr(vae, "_rewardtune_checkpointed", False) and hasattr(vae, "_decode"):
+        vae._decode = _noting_frames(vae._decode, single)
+        vae._rewardtune_checkpointed = True
     for block in [decoder.mid_block, *decoder.up_blocks]:
         for name in ("resnets", "attentions", "upsamplers"):
             for layer in getattr(block, name, None) or []:
                 if layer is not None and not getattr(layer, "_rewardtune_checkpointed", False):
                     cached = "feat_cache" in inspect.signature(layer.forward).parameters
-                    layer.forward = (_checkpointed_frame if cached else _checkpointed)(layer.forward)
+                    layer.forward = (
+                        _checkpointed_frame(layer.forward, single) if cached else _checkpointed(layer.forward)
+                    )
                     layer._rewardtune_checkpointed = True
+
+
+def _noting_frames(decode, single: list):
+    def run(z, *args, **kwargs):
+        single[0] = z.dim() != 5 or z.shape[2] == 1
+        return decode(z, *args, **kwargs)
+
+    return run
 
 
 def _checkpointed(forward):
@@ -204,12 +221,13 @@ def _checkpointed(forward):
     return run
 
 
-def _checkpointed_frame(forward):
+def _checkpointed_frame(forward, single: list):
     """A causal 3-D VAE layer ``forward(x, feat_cache, feat_idx)`` checkpointed without its cache while it decodes
-    a single frame: the first frame finds every cache slot empty, which is what no cache means to these layers."""
+    a single frame (``single[0]``: the decode is of one latent frame): the first frame finds every cache slot empty,
+    which is what no cache means to these layers; later frames of a video need the cache, so there it runs as is."""
 
     def run(x, feat_cache=None, feat_idx=None):
-        if not torch.is_grad_enabled() or x.shape[2] != 1:
+        if not torch.is_grad_enabled() or x.shape[2] != 1 or not single[0]:
             return forward(x, feat_cache, feat_idx if feat_idx is not None else [0])
         return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
 
@@ -310,6 +328,7 @@ class Trainer:
             eval_reward = _frozen(
                 eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), home
             )
+        reward, eval_reward = for_video(reward, adapter, cfg), for_video(eval_reward, adapter, cfg)  # video: frames
         prepared = acc.prepare(*lora.modules, optimizer)
         if cfg.compile:
             compile_denoiser(lora.denoiser)
@@ -446,9 +465,10 @@ class Trainer:
         with _adapters_disabled(self.accelerator.unwrap_model(self.unet_train)):
             return self.unet_train(*args, **kwargs)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, all_frames: bool = False) -> torch.Tensor:
         """Latents -> images (B,3,H,W) in [0,1], differentiable; under gradient checkpointing the VAE
-        decoder recomputes its blocks in the backward pass instead of keeping their activations."""
+        decoder recomputes its blocks in the backward pass instead of keeping their activations. A video family:
+        videos (B,3,F,H,W), up to the last frame the reward scores (``all_frames``: every frame; video.py)."""
         vae = self.pipe.vae
         z = self.adapter.vae_latents(latents).to(vae.dtype)
         ctx = (
@@ -456,9 +476,16 @@ class Trainer:
             if vae.dtype == torch.float32
             else self.accelerator.autocast()
         )
+        video = getattr(self.adapter, "video", False)
         with ctx:
-            images = vae.decode(z, return_dict=False)[0]
-        if images.dim() == 5:  # a video VAE (Qwen-Image's): (B, C, frames, H, W), one frame
+            if video:
+                last = None if all_frames or not hasattr(self.reward, "indices") else max(self.reward.indices)
+                images = decode_frames(
+                    vae, z, last, self.adapter.temporal_factor, checkpointed=self.cfg.gradient_checkpointing
+                )
+            else:
+                images = vae.decode(z, return_dict=False)[0]
+        if images.dim() == 5 and not video:  # a video VAE (Qwen-Image's): (B, C, frames, H, W), one frame
             images = images[:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -687,7 +714,7 @@ class Trainer:
             conds = [self.encode(prompts[i : i + b]) for i in range(0, len(prompts), b)]
             with self.accelerator.autocast():  # the model runs --batch-size prompts at a time
                 latents = self.sampler.sample(unet, conds, latents, noise, chunk=b)
-            return torch.cat([self.decode(latents[i : i + b]) for i in range(0, len(prompts), b)])
+            return torch.cat([self.decode(latents[i : i + b], all_frames=True) for i in range(0, len(prompts), b)])
 
     # ----- LoRA and checkpoints ----------------------------------------------------------------
     def lora_models(self):

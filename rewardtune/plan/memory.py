@@ -30,6 +30,7 @@ from ..finetune.defaults import resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
+from ..finetune.video import for_video
 from ..losses import reward_loss
 from . import cache as plan_cache
 from . import stacks
@@ -530,7 +531,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         pipe,
         adapter,
         sampler,
-        reward,
+        for_video(reward, adapter, pcfg),  # a video family scores frames (finetune/video.py)
         lora,
         _PlanAccelerator(pcfg.mixed_precision),
         prompts=[PLAN_PROMPT],
@@ -544,7 +545,9 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     every = modules + [m for m in (*adapter.text_encoders(), getattr(adapter, "t5", None)) if m is not None]
     gpu = target == "cuda"
     block = CUDA_BLOCK if gpu else 1
-    probe_rewards = [_meta_reward(pcfg, clip) for clip in probes]  # built on meta before fake mode, as the rest
+    probe_rewards = [
+        for_video(_meta_reward(pcfg, clip), adapter, pcfg) for clip in probes
+    ]  # built on meta before fake mode, as the rest
     with (
         warnings.catch_warnings(),
         FakeTensorMode(allow_non_fake_inputs=True),

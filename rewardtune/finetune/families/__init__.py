@@ -79,6 +79,7 @@ class Family:
     # the fewest sampling steps its schedule takes (Qwen-Image: 2, see its module)
     min_sample_steps: int = 1
     guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
+    options: tuple[str, ...] = ()  # the family-only options it takes (defaults.FAMILY_OPTIONS; Wan: num_frames, ...)
 
     @property
     def plan_names(self) -> tuple[str, ...]:

@@ -1,0 +1,281 @@
+"""Wan 2.1 / 2.2 text-to-video (``WanPipeline``): a 3-D transformer over (frames, height, width) latents of a causal
+video VAE, UMT5 prompt features, flow-matching sampling. Wan 2.2-A14B is a pair of transformers: ``transformer``
+(high noise) runs the steps whose timestep is at least ``boundary_ratio`` x 1000, ``transformer_2`` (low noise) the
+rest; Wan 2.2-TI2V-5B gives the transformer one timestep per latent token (``expand_timesteps``).
+
+What ``WanPipeline`` (diffusers 0.42) does, and so what the adapter does:
+- text: ``_get_t5_prompt_embeds``: UMT5's last hidden states of the prompt padded to ``max_sequence_length`` (512)
+  tokens, the padding positions zeroed; the negative prompt "" under guidance. The features are cached like T5's;
+- latents (B, 16, (F - 1)/4 + 1, H/8, W/8) for F frames (the VAE compresses time 4x: F must be 4k + 1), drawn fp32;
+- the transformer takes the scheduler's timestep (sigma x 1000) as it is, predicts the velocity, and is called once
+  per branch: cond, then uncond, combined as uncond + g (cond - uncond) for g > 1; the A14B low-noise stage takes
+  ``guidance_scale_2`` (``--guidance-scale-2``), which the pipeline sets to ``guidance_scale`` when it is not given;
+- schedule: the scheduler's own. The hub's is ``UniPCMultistepScheduler`` with flow sigmas and a ``flow_shift``; the
+  trainer samples with Euler steps on those sigmas (the first-order step; UniPC's multistep corrector is not
+  followed). Given the scheduler class its signature names, ``FlowMatchEulerDiscreteScheduler(shift=...)``, the
+  sampler is the pipeline's step for step (tests/test_wan.py);
+- latents to the VAE: x * latents_std + latents_mean per channel (``vae_latents``).
+
+The LoRA: on the transformer of the A14B pair that the gradient steps run on (``--lora-on``; by default the one the
+last gradient step uses, the low-noise expert for DRaFT-K/-LV and ReFL's late stops). A LoRA of ``transformer_2`` is
+saved with ``transformer.`` keys, as ``WanPipeline.save_lora_weights`` writes any, and loads with
+``pipe.load_lora_weights(dir, load_into_transformer_2=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from ...errors import UserError
+from ..flow_models import LLMFlowAdapter, hw
+from . import Alias, Family
+
+# The attention projections (self and cross) and the feed-forward of every block.
+WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+LORA_ON = ("high", "low")
+# Settings of the Wan-AI/Wan2.1 and Wan2.2 repositories' generation configs (wan/configs/*.py) and model cards:
+# T2V-1.3B/14B 50 steps, guidance 5, 81 frames at 480x832 (14B also 720x1280); TI2V-5B 50 steps, guidance 5,
+# 121 frames at 704x1280; T2V-A14B 40 steps, guidance 4 (high noise) / 3 (low noise), 81 frames.
+WAN21 = dict(sample_steps=50, guidance_scale=5.0, num_frames=81)
+
+
+@dataclass
+class WanConditioning:
+    """UMT5 features of the prompts (and of the empty negative prompt under guidance) and the guidance scale. The
+    sampler sees one branch (``guided`` False): ``call`` runs cond then uncond, as the pipeline does. With an A14B
+    pair, ``call`` picks the expert by the timestep: ``model`` (what the sampler passes: the trained transformer,
+    as the accelerator wrapped it) on the trained side of the boundary, ``other`` (frozen) on the other."""
+
+    hidden: torch.Tensor
+    neg_hidden: torch.Tensor | None = None
+    scale: float = 1.0
+    scale_2: float | None = None  # the low-noise expert's guidance (None: ``scale``)
+    boundary: float | None = None  # the timestep at and above which the high-noise expert runs
+    trained: str = "high"  # the expert ``model`` is
+    other: torch.nn.Module | None = None
+    expand_timesteps: bool = False
+    guided: bool = False
+
+    def expert(self, t: torch.Tensor) -> str:
+        return "high" if self.boundary is None or float(t.reshape(-1)[0]) >= self.boundary else "low"
+
+    def _one(self, model, x, t, hidden):
+        timestep = t
+        if self.expand_timesteps:  # TI2V-5B: one timestep per latent token (2x2 patches), all the same for T2V
+            f, h, w = x.shape[2], (x.shape[3] + 1) // 2, (x.shape[4] + 1) // 2
+            timestep = t[:, None].expand(x.shape[0], f * h * w)
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        expert = self.expert(t)
+        net = model if expert == self.trained else self.other
+        cond = self._one(net, x, t, self.hidden)
+        if self.neg_hidden is None:
+            return cond
+        uncond = self._one(net, x, t, self.neg_hidden)
+        scale = self.scale_2 if expert == "low" and self.scale_2 is not None else self.scale
+        return uncond + scale * (cond - uncond)
+
+
+class WanAdapter(LLMFlowAdapter):
+    """Wan: UMT5's features (cached, never trained), 5-D video latents, guidance in the conditioning, and on an
+    A14B pair the expert switch at the boundary timestep (see the module docstring)."""
+
+    family = "wan"
+    default_max_sequence_length = 512  # WanPipeline.__call__'s
+    _t5_keys = ("umt5",)
+    video = True  # the trainer decodes frames and scores them with a video reward (finetune/video.py)
+    num_frames = 81  # WanPipeline.__call__'s; ``configure`` sets the run's
+    lora_on = "high"
+    guidance_scale_2 = None
+
+    def configure(self, cfg) -> None:
+        """The run's options the adapter needs besides guidance and sequence length: frames, and on an A14B pair
+        which expert carries the LoRA (``--lora-on``, default: the one the last gradient step runs on)."""
+        self.num_frames = int(getattr(cfg, "num_frames", None) or self.num_frames)
+        self.check_frames(self.num_frames)
+        choice = getattr(cfg, "lora_on", None)
+        self.guidance_scale_2 = getattr(cfg, "guidance_scale_2", None)
+        if not self.paired:
+            for flag, value in (("--lora-on", choice), ("--guidance-scale-2", self.guidance_scale_2)):
+                if value is not None:
+                    raise UserError(
+                        f"{flag} {value}: this Wan model has one transformer (no transformer_2 and boundary_ratio); "
+                        f"leave {flag} unset"
+                    )
+            return
+        self.lora_on = choice or self.default_lora_on(cfg)
+
+    @property
+    def paired(self) -> bool:
+        return getattr(self.pipe, "transformer_2", None) is not None and self.pipe.config.boundary_ratio is not None
+
+    @property
+    def boundary(self) -> float | None:
+        if not self.paired:
+            return None
+        return float(self.pipe.config.boundary_ratio) * int(self.pipe.scheduler.config.num_train_timesteps)
+
+    def default_lora_on(self, cfg) -> str:
+        """The expert of the last step that carries gradients: DRaFT-K/-LV and AlignProp end at the last step, ReFL
+        at its latest stop (``--refl-max``)."""
+        steps = int(getattr(cfg, "sample_steps", None) or 50)
+        last = steps - 1
+        if getattr(cfg, "method", "draft-k") == "refl":
+            last = min(steps - 1, max(0, int(-(-float(cfg.refl_max) * steps // 1)) - 1))
+        sampler = self._timesteps(steps)
+        return "high" if float(sampler[last]) >= self.boundary else "low"
+
+    def _timesteps(self, n: int) -> torch.Tensor:
+        from ..models import training_scheduler  # noqa: PLC0415 (models imports the families)
+
+        scheduler = training_scheduler(self.pipe)
+        scheduler.set_timesteps(n, **self.sampler_options(None)["schedule"](n))
+        return scheduler.timesteps
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer_2 if self.paired and self.lora_on == "low" else self.pipe.transformer
+
+    @property
+    def frozen_expert(self) -> torch.nn.Module | None:
+        """The A14B expert without LoRA (moved to the accelerator beside the trained one), or None."""
+        if not self.paired:
+            return None
+        return self.pipe.transformer if self.lora_on == "low" else self.pipe.transformer_2
+
+    def frozen_parts(self) -> list:
+        return [m for m in (self.frozen_expert,) if m is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else self.denoiser.device
+
+    # ----- geometry ---------------------------------------------------------------------------
+    @property
+    def vae_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor_spatial)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor_temporal)
+
+    def check_frames(self, frames: int) -> None:
+        k = self.temporal_factor
+        if frames < 1 or (frames - 1) % k:
+            lower = max(1, (frames - 1) // k * k + 1)
+            raise UserError(
+                f"--num-frames {frames}: Wan's VAE compresses time {k}x, so it takes {k}k + 1 frames "
+                f"(e.g. {lower} or {lower + k})"
+            )
+
+    def native_resolution(self) -> int:
+        return 480  # WanPipeline's default height (its width, 832, is not square; training is square)
+
+    def check_resolution(self, resolution: int) -> None:
+        patch = self.denoiser.config.patch_size
+        step = self.vae_factor * int(patch[1])
+        if resolution % step or resolution < step:
+            raise UserError(
+                f"--resolution {resolution}: Wan packs {patch[1]}x{patch[2]} patches of {self.vae_factor}x-downsampled "
+                f"latents, so the size must be a multiple of {step} (e.g. {max(step, resolution - resolution % step)})"
+            )
+
+    def latent_frames(self, frames: int | None = None) -> int:
+        return ((frames or self.num_frames) - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, resolution) -> tuple[int, ...]:
+        h, w = hw(resolution)
+        c = int(self.denoiser.config.in_channels)
+        return (c, self.latent_frames(), h // self.vae_factor, w // self.vae_factor)
+
+    def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        shape = (1, int(cfg.z_dim), 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(cfg.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
+        return latents * std + mean
+
+    # ----- text -------------------------------------------------------------------------------
+    def _t5(self, prompts):
+        """``_get_t5_prompt_embeds``: (B, max_sequence_length, 4096), the padding zeroed. On the planner's fake weights
+        (whose lengths have no values to cut at) zeros of that shape: the shape is all the planner reads."""
+        if is_fake(next(self.t5.parameters())):
+            width = int(self.t5.config.d_model)
+            return {"umt5": torch.zeros(len(prompts), self.max_sequence_length, width, dtype=self.t5.dtype)}
+        embeds = self.pipe._get_t5_prompt_embeds(
+            list(prompts), max_sequence_length=self.max_sequence_length, device=self.t5.device
+        )
+        return {"umt5": embeds}
+
+    def _combine(self, clip, t5):
+        return t5["umt5"].to(self.device), None
+
+    def encode(self, prompts: list[str], guided: bool, size) -> WanConditioning:
+        """``guided`` (the sampler's two-row guidance) is unused: the guidance is the conditioning's."""
+        hidden, _ = self.embeddings(list(prompts))
+        hidden = hidden.to(self.denoiser.dtype)
+        scale = float(self.guidance_scale if self.guidance_scale is not None else 1.0)
+        neg = self.embeddings([""] * len(prompts))[0].to(hidden.dtype) if scale > 1 else None
+        return WanConditioning(
+            hidden,
+            neg,
+            scale,
+            scale_2=self.guidance_scale_2,
+            boundary=self.boundary,
+            trained=self.lora_on if self.paired else "high",
+            other=self.frozen_expert,
+            expand_timesteps=bool(self.pipe.config.get("expand_timesteps", False)),
+        )
+
+    def sampler_options(self, resolution) -> dict:
+        """The schedule: a ``FlowMatchEulerDiscreteScheduler`` pipeline's own grid; for the hub's UniPC flow
+        scheduler its sigmas linspace(1, 1/T, N + 1)[:-1] before the shift (UniPC's ``use_flow_sigmas``), which the
+        Euler scheduler shifts by the same ``flow_shift`` (UniPC's timesteps are those sigmas x T as integers; the
+        sampler keeps them unrounded). One branch for the sampler (guidance is the conditioning's)."""
+        config = self.pipe.scheduler.config
+        unipc = bool(config.get("use_flow_sigmas", False)) or getattr(self.pipe.scheduler, "flow_grid", False)
+        total = int(config.get("num_train_timesteps", 1000))
+
+        def schedule(n: int) -> dict:
+            if not unipc:
+                return {}
+            return {"sigmas": torch.linspace(1, 1 / total, n + 1)[:-1].tolist()}
+
+        return {"schedule": schedule, "guidance_scale": 1.0}
+
+
+def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
+    """Tokenizer: UMT5's (T5's kind)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(**parts, tokenizer=tokenizer)
+
+
+FAMILY = Family(
+    name="wan",
+    order=80,  # Wan 2.1: 2025-02-25 (Wan 2.2: 2025-07-28)
+    label="Wan",
+    pipelines=("WanPipeline",),
+    adapter=WanAdapter,
+    denoiser="transformer",
+    flow=True,
+    cached_encoder="text_encoder",  # UMT5-XXL, about 11 GB in bf16
+    # WanPipeline's own call defaults (num_inference_steps=50, guidance_scale=5.0, max_sequence_length=512)
+    defaults=dict(**WAN21, lora_targets=WAN_TARGETS, max_sequence_length=512),
+    assemble=assemble,
+    aliases={
+        "wan21-t2v-1.3b": Alias(("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",), dict(WAN21)),
+        "wan22-ti2v-5b": Alias(("Wan-AI/Wan2.2-TI2V-5B-Diffusers",), dict(WAN21, num_frames=121)),
+        "wan21-t2v-14b": Alias(("Wan-AI/Wan2.1-T2V-14B-Diffusers",), dict(WAN21)),
+        "wan22-t2v-a14b": Alias(
+            ("Wan-AI/Wan2.2-T2V-A14B-Diffusers",),
+            dict(WAN21, sample_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
+        ),
+    },
+    fsdp_blocks=("WanTransformerBlock",),
+    options=("num_frames", "frame_weights", "lora_on", "guidance_scale_2"),
+)

@@ -1,0 +1,187 @@
+"""Video rewards from image rewards, and the decode they need (video families: Wan).
+
+- ``VideoReward`` applies any registry reward (``(B,3,H,W), prompts -> (B,)``) to chosen frames of a video
+  ``(B,3,F,H,W)``: ``--frames N`` spread evenly over the video (first and last included), or ``all``; the frames'
+  rewards make the video's by mean (default), min, or a weighted mean (``--frame-weights``, one per frame). All of
+  it is torch, so the reward's gradient reaches the pixels of the chosen frames.
+- ``decode_frames``: Wan's VAE is causal in time (3-D convolutions padded on the past side only, and its decode runs
+  latent frame by latent frame with a cache of the past): latent frame 0 makes frame 0, latent frame c > 0 frames
+  4c - 3 .. 4c, and none depends on a later latent frame. So the frames up to the last chosen one decode from the
+  prefix of latents that makes them -- exactly the same pixels (tests/test_wan.py compares them) -- and the later
+  latent frames are never decoded: with 4 evenly spread frames of 33 the last is the video's last, so nothing is
+  saved; the saving is the share of the video after the last scored frame (``--frames`` choices that stop early).
+  With gradients the decode is one checkpoint: its activations are not kept between the forward pass and the
+  reward's backward, and are recomputed (one more decode) in the backward pass, so the decode's activations and
+  the reward's are never alive at once (docs/finetune.md, "Video").
+- ``temporal_consistency``: the mean cosine similarity of consecutive frames' image embeddings (the reward's CLIP
+  tower where it has one), logged at evaluation: a reward that scores frames alone can trade motion or coherence
+  for per-frame scores, and this shows it.
+- ``save_gif``: before/after animations (Pillow), and MP4 where ``imageio`` with its ffmpeg plugin is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+
+from ..errors import UserError
+
+AGGREGATES = ("mean", "min", "weighted")
+
+
+def parse_frames(spec: str, aggregate: str = "mean", weights: list | None = None) -> int | None:
+    """The number of frames ``--frames`` asks for (None: all), after checking the options belong together."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        count = None
+    else:
+        try:
+            count = int(spec)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise UserError(f"--frames '{spec}': give a number of frames (1 or more) or 'all'")
+    if aggregate not in AGGREGATES:
+        raise UserError(f"--frame-aggregate '{aggregate}' is not one of {', '.join(AGGREGATES)}")
+    if aggregate == "weighted":
+        if not weights:
+            raise UserError("--frame-aggregate weighted needs --frame-weights, one weight per scored frame")
+        try:
+            values = [float(w) for w in weights]
+        except ValueError:
+            raise UserError(f"--frame-weights {' '.join(map(str, weights))}: every weight must be a number") from None
+        if count is not None and len(values) != count:
+            raise UserError(f"--frame-weights gives {len(values)} weights for --frames {count}; give one per frame")
+        if min(values) < 0 or sum(values) <= 0:
+            raise UserError("--frame-weights: weights must be non-negative with a positive sum")
+    elif weights:
+        raise UserError(f"--frame-weights applies to --frame-aggregate weighted (the aggregate is {aggregate})")
+    return count
+
+
+def frame_indices(total: int, count: int | None) -> list[int]:
+    """``count`` frame indices spread evenly over ``total`` frames, first and last included (all for None)."""
+    if count is None or count >= total:
+        return list(range(total))
+    if count == 1:
+        return [total // 2]
+    return sorted({round(j * (total - 1) / (count - 1)) for j in range(count)})
+
+
+def latent_frames_for(last_frame: int, temporal: int) -> int:
+    """How many leading latent frames a causal video VAE (compression ``temporal`` in time) needs to make frames
+    0..``last_frame``: latent frame 0 makes frame 0, latent frame c makes frames temporal*(c-1)+1 .. temporal*c."""
+    return 1 if last_frame == 0 else (last_frame - 1) // temporal + 2
+
+
+class VideoReward(torch.nn.Module):
+    """An image reward applied to frames ``indices`` of videos (B,3,F,H,W), aggregated to (B,) by ``aggregate``. The
+    videos may be decoded prefixes (``decode_frames``) that end at the last index."""
+
+    def __init__(self, reward: torch.nn.Module, indices: list[int], aggregate: str = "mean", weights=None):
+        super().__init__()
+        self.reward, self.indices, self.aggregate = reward, list(indices), aggregate
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float32) if weights else None
+        if w is not None and len(w) != len(self.indices):
+            raise UserError(f"--frame-weights gives {len(w)} weights for {len(self.indices)} scored frames")
+        self.register_buffer("weights", None if w is None else w / w.sum(), persistent=False)
+
+    def per_frame(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B, frames) rewards of the chosen frames."""
+        if videos.dim() == 4:  # an image is a one-frame video
+            videos = videos.unsqueeze(2)
+        picked = videos[:, :, self.indices]  # (B, 3, n, H, W)
+        b, n = picked.shape[0], picked.shape[2]
+        flat = picked.permute(0, 2, 1, 3, 4).reshape(b * n, *picked.shape[1:2], *picked.shape[3:])
+        rewards = self.reward(flat, [p for p in prompts for _ in range(n)])
+        return rewards.reshape(b, n)
+
+    def forward(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        r = self.per_frame(videos, prompts)
+        if self.aggregate == "min":
+            return r.min(dim=1).values
+        if self.aggregate == "weighted":
+            return (r * self.weights.to(r.device, r.dtype)).sum(dim=1)
+        return r.mean(dim=1)
+
+
+def for_video(reward, adapter, cfg):
+    """``reward`` as the video family's reward (``VideoReward`` on the frames ``cfg.frames`` picks), or itself for
+    an image family (or None)."""
+    if reward is None or not getattr(adapter, "video", False):
+        return reward
+    count = parse_frames(cfg.frames, cfg.frame_aggregate, cfg.frame_weights)
+    indices = frame_indices(adapter.num_frames, count)
+    return VideoReward(reward, indices, cfg.frame_aggregate, cfg.frame_weights)
+
+
+def _decode(vae, z: torch.Tensor) -> torch.Tensor:
+    return vae.decode(z, return_dict=False)[0]
+
+
+def decode_frames(vae, z: torch.Tensor, last_frame: int | None, temporal: int, checkpointed: bool) -> torch.Tensor:
+    """Frames 0..``last_frame`` (None: all) of the videos of VAE latents ``z`` (B,C,f,h,w), decoded from the prefix of
+    latent frames they need (the VAE is causal in time); with gradients and ``checkpointed``, one checkpoint."""
+    if last_frame is not None:
+        z = z[:, :, : latent_frames_for(last_frame, temporal)]
+    if checkpointed and torch.is_grad_enabled() and z.requires_grad:
+        out = torch.utils.checkpoint.checkpoint(_decode, vae, z, use_reentrant=False)
+    else:
+        out = _decode(vae, z)
+    return out if last_frame is None else out[:, :, : last_frame + 1]
+
+
+def _embedder(reward):
+    """The first part of ``reward`` that embeds images (a CLIP tower's ``encode_image``), or None."""
+    for module in reward.modules() if reward is not None else ():
+        if callable(getattr(module, "encode_image", None)):
+            return module.encode_image
+    return None
+
+
+@torch.no_grad()
+def temporal_consistency(videos: torch.Tensor, reward=None) -> float:
+    """The mean cosine similarity of consecutive frames of videos (B,3,F,H,W) in [0,1]: of the reward's image
+    embeddings where it has an image tower, else of the frames' pixels (centred per frame). 1: frames alike."""
+    if videos.dim() != 5 or videos.shape[2] < 2:
+        return 1.0
+    b, _, f = videos.shape[:3]
+    frames = videos.permute(0, 2, 1, 3, 4).reshape(b * f, *videos.shape[1:2], *videos.shape[3:])
+    embed = _embedder(reward)
+    if embed is not None:
+        e = embed(frames).float()
+    else:
+        e = frames.flatten(1).float()
+        e = e - e.mean(dim=1, keepdim=True)
+    e = torch.nn.functional.normalize(e.reshape(b, f, -1), dim=-1)
+    return float((e[:, 1:] * e[:, :-1]).sum(-1).mean())
+
+
+def save_gif(videos: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+    """Videos (B,3,F,H,W) in [0,1] side by side as one animated GIF (Pillow), written atomically; an MP4 beside it
+    where imageio can write one (its ffmpeg plugin installed). Returns the GIF's path."""
+    from PIL import Image  # noqa: PLC0415 (only when a video run saves samples)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = torch.cat(list(videos.float().clamp(0, 1).cpu()), dim=-1)  # (3, F, H, B*W)
+    frames = (row.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy()
+    images = [Image.fromarray(f) for f in frames]
+    tmp = path.with_name(f".{path.name}.tmp")
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    tmp.replace(path)
+    _maybe_mp4(frames, path.with_suffix(".mp4"), fps)
+    return path
+
+
+def _maybe_mp4(frames, path: Path, fps: int) -> None:
+    try:
+        import imageio.v3 as iio  # noqa: PLC0415 (optional; not a dependency)
+    except ImportError:
+        return
+    try:
+        iio.imwrite(path, frames, fps=fps, extension=".mp4")
+    except Exception:  # no ffmpeg plugin: the GIF stands alone
+        path.unlink(missing_ok=True)

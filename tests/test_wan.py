@@ -1,0 +1,451 @@
+"""Wan 2.1 / 2.2 text-to-video (``WanPipeline``) in rewardtune finetune, on tiny real pipelines saved in diffusers format
+(offline, CPU): a Wan2.1-like one, an A14B-like pair (``transformer_2``, ``boundary_ratio``) and a TI2V-5B-like one
+(``expand_timesteps``). References are diffusers' own pipeline, VAE and LoRA loader, never our code again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+from safetensors import safe_open
+
+from rewardtune.cli import main
+from rewardtune.errors import OfflineError, UserError
+from rewardtune.finetune import FinetuneConfig, Trainer, families, sample, training_scheduler
+from rewardtune.finetune.defaults import check_family_options, resolve_defaults
+from rewardtune.finetune.families.wan import WAN_TARGETS
+from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, resolve_model
+from rewardtune.finetune.sampler import Plan
+from rewardtune.finetune.trainer import checkpoint_vae_decoder
+from rewardtune.finetune.video import (
+    VideoReward,
+    decode_frames,
+    frame_indices,
+    latent_frames_for,
+    parse_frames,
+    temporal_consistency,
+)
+from rewardtune.testing.cli import run_cli
+from rewardtune.testing.wan_pipelines import (
+    BOUNDARY_RATIO,
+    FLOW_SHIFT,
+    build_tiny_wan_pipeline,
+    save_tiny_wan_pipeline,
+    tiny_wan_transformer,
+)
+
+PROMPTS = ["a red apple", "a cat"]
+MSL = 16  # UMT5 tokens per prompt (the pipeline's default is 512)
+FRAMES = 5  # 4k + 1: two latent frames
+ROOT = Path(__file__).resolve().parents[1]
+KW = dict(height=32, width=32, num_frames=FRAMES, max_sequence_length=MSL)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def wan_model(tmp_path_factory):
+    """A tiny Wan2.1-like directory with the hub's scheduler kind (UniPC, flow sigmas, flow_shift 3)."""
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan"))
+
+
+@pytest.fixture(scope="module")
+def euler_model(tmp_path_factory):
+    """The same, saved with the scheduler WanPipeline's signature names (flow-matching Euler, shift 3): a stock
+    pipeline samples it exactly as the trainer does, so trained frames can be compared."""
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan_euler"), euler=True)
+
+
+@pytest.fixture(scope="module")
+def pair_model(tmp_path_factory):
+    """A tiny Wan2.2-A14B-like directory: two transformers, boundary_ratio 0.875, the Euler scheduler."""
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan_pair"), pair=True, euler=True)
+
+
+def test_the_tiny_pipeline_is_a_real_wan_pipeline(wan_model):
+    """The registry reads model_index.json's class; parts are Wan's; every LoRA target names modules of every block."""
+    pipe = WanPipeline.from_pretrained(wan_model)
+    assert model_family(wan_model) == "wan"
+    assert type(pipe.text_encoder).__name__ == "UMT5EncoderModel" and type(pipe.vae).__name__ == "AutoencoderKLWan"
+    assert type(pipe.scheduler) is UniPCMultistepScheduler and pipe.scheduler.config.flow_shift == FLOW_SHIFT
+    names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in WAN_TARGETS:
+        for block in range(len(pipe.transformer.blocks)):
+            assert any(n.startswith(f"blocks.{block}.") and n.endswith("." + target) for n in names), (block, target)
+    parts = {k: v for k, v in pipe.components.items() if k != "tokenizer"}
+    built = assemble_pipeline("wan", parts, pipe.tokenizer)
+    assert type(built) is WanPipeline and built.tokenizer is pipe.tokenizer
+
+
+# ----- sampling: the trainer's sampler is the pipeline's ---------------------------------------------
+def _euler(pipe):
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["wan21", "a14b-pair", "ti2v-expand-timesteps"])
+def test_sample_returns_the_pipelines_latents(kind):
+    """``sample`` equals ``WanPipeline(..., output_type='latent')`` in fp32, from the same generator (and on the Wan2.1
+    model from the same latents), without guidance and with it (the empty negative prompt); on the A14B pair (the
+    expert switch at the boundary, the low-noise expert with a guidance of its own) and with TI2V-5B's per-token
+    timesteps."""
+    pipe = _euler(build_tiny_wan_pipeline(pair=kind == "a14b-pair", expand_timesteps=kind.startswith("ti2v")))
+    for g in (1.0, 3.0):
+        kw = dict(num_inference_steps=3, guidance_scale=g, **KW)
+        if kind == "a14b-pair" and g > 1:
+            kw["guidance_scale_2"] = 1.5  # the low-noise expert's own guidance
+        ref = pipe(list(PROMPTS), generator=_gen(0), output_type="latent", **kw).frames
+        ours = sample(pipe, PROMPTS, generator=_gen(0), **kw)
+        assert ours.shape == ref.shape == (2, 16, 2, 4, 4)
+        assert float((ours - ref).abs().max()) <= 1e-4
+        if kind != "wan21":
+            continue  # (the same latents: once is enough)
+        noise = torch.randn(ref.shape, generator=_gen(1))
+        ref = pipe(list(PROMPTS), latents=noise, output_type="latent", **kw).frames
+        assert float((sample(pipe, PROMPTS, latents=noise, **kw) - ref).abs().max()) <= 1e-4
+
+
+def test_the_experts_switch_where_the_pipeline_switches():
+    """On the A14B pair the trainer's sampler calls ``transformer`` on the same steps as WanPipeline (timestep at or
+    above 0.875 x 1000) and ``transformer_2`` on the others, both sides of the boundary present."""
+    pipe = _euler(build_tiny_wan_pipeline(pair=True))
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda mod, a, kw, out, name=name: calls.append((name, float(kw["timestep"][0]))),
+                                with_kwargs=True)
+        for name, m in (("high", pipe.transformer), ("low", pipe.transformer_2))
+    ]  # fmt: skip
+    try:
+        kw = dict(num_inference_steps=6, guidance_scale=1.0, **KW)
+        pipe(list(PROMPTS), generator=_gen(0), output_type="latent", **kw)
+        theirs, calls[:] = list(calls), []
+        sample(pipe, PROMPTS, generator=_gen(0), **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [c[0] for c in calls] == [c[0] for c in theirs]
+    assert [c[1] for c in calls] == pytest.approx([c[1] for c in theirs], abs=1e-4)
+    assert {c[0] for c in calls} == {"high", "low"}
+    assert all((name == "high") == (t >= BOUNDARY_RATIO * 1000) for name, t in calls)
+
+
+def test_the_hub_scheduler_gives_its_sigmas(wan_model):
+    """With the hub's UniPC flow scheduler the Euler steps run on UniPC's own shifted sigmas (timesteps within 1 of its
+    integer ones), ending at 0; latents are (16, (F - 1)/4 + 1, H/8, W/8)."""
+    pipe = WanPipeline.from_pretrained(wan_model)
+    adapter = make_adapter(pipe, "wan")
+    sampler = FlowMatchSampler(training_scheduler(pipe), 5, **adapter.sampler_options(32))
+    unipc = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    unipc.set_timesteps(5)
+    assert sampler.sigmas.tolist() == pytest.approx(unipc.sigmas.tolist(), abs=1e-5)
+    assert (sampler.timesteps - unipc.timesteps.float()).abs().max() <= 1
+    assert adapter.latent_shape(32) == (16, 21, 4, 4)  # 81 frames (the pipeline's default) -> 21 latent frames
+
+
+# ----- the VAE: prefix decoding and checkpointing ------------------------------------------------------------
+def test_a_prefix_of_latent_frames_decodes_the_same_leading_frames(wan_model):
+    """AutoencoderKLWan is causal in time: decoding the first c latent frames gives exactly the first 4(c-1)+1 frames
+    of the full decode; ``decode_frames`` (checkpointed) gives them with the same gradients; and the VAE decoder's
+    layer checkpointing (``checkpoint_vae_decoder``) leaves a multi-frame decode unchanged."""
+    vae = WanPipeline.from_pretrained(wan_model).vae
+    z = torch.randn(1, 16, 3, 4, 4, generator=_gen(3))
+    with torch.no_grad():
+        full = vae.decode(z).sample
+    assert full.shape[2] == 9
+    for c, frames in ((1, 1), (2, 5)):
+        with torch.no_grad():
+            assert torch.equal(vae.decode(z[:, :, :c]).sample, full[:, :, :frames])
+        assert latent_frames_for(frames - 1, 4) == c
+    weight = torch.randn(1, 3, 5, 32, 32, generator=_gen(4))
+    grads = []
+    for checkpointed in (False, True):
+        zz = z.clone().requires_grad_(True)
+        out = decode_frames(vae, zz, 4, 4, checkpointed=checkpointed)
+        assert torch.equal(out.detach(), full[:, :, :5])
+        (out * weight).sum().backward()
+        grads.append(zz.grad)
+    assert grads[0][:, :, 2].abs().max() == 0 and grads[0][:, :, :2].abs().max() > 0  # the 3rd latent never decoded
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    checkpoint_vae_decoder(vae)
+    zz = z.clone().requires_grad_(True)
+    torch.testing.assert_close(vae.decode(zz).sample, full, atol=0, rtol=0)
+
+
+# ----- the video reward ------------------------------------------------------------------------------
+class FrameMean(torch.nn.Module):
+    """Each image's mean pixel: a per-frame reward whose values a test can compute by hand."""
+
+    def forward(self, images, prompts):
+        assert images.dim() == 4
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_video_reward_scores_the_chosen_frames_and_aggregates():
+    """Frames spread evenly (first and last), the reward per frame with each video's prompt, mean / min / weighted,
+    differentiable in the chosen frames' pixels only; temporal consistency is 1 for a still video, less for one
+    that changes."""
+    assert frame_indices(33, 4) == [0, 11, 21, 32] and frame_indices(9, None) == list(range(9))
+    assert frame_indices(9, 1) == [4] and parse_frames("all") is None and parse_frames("3") == 3
+    videos = torch.rand(2, 3, 9, 8, 8, generator=_gen(0), requires_grad=True)
+    per = videos.detach().mean(dim=(1, 3, 4))  # (B, F)
+    idx = [0, 4, 8]
+    assert torch.allclose(VideoReward(FrameMean(), idx)(videos, PROMPTS), per[:, idx].mean(1))
+    assert torch.allclose(VideoReward(FrameMean(), idx, "min")(videos, PROMPTS), per[:, idx].min(1).values)
+    weighted = VideoReward(FrameMean(), idx, "weighted", [1, 0, 3])(videos, PROMPTS)
+    assert torch.allclose(weighted, (per[:, 0] + 3 * per[:, 8]) / 4)
+    weighted.sum().backward()
+    assert videos.grad[:, :, [0, 8]].abs().min() > 0 and videos.grad[:, :, [1, 2, 3, 4, 5, 6, 7]].abs().max() == 0
+    still = torch.rand(1, 3, 1, 8, 8).expand(1, 3, 5, 8, 8)
+    assert temporal_consistency(still) == pytest.approx(1.0)
+    assert temporal_consistency(torch.rand(1, 3, 5, 8, 8, generator=_gen(1))) < 0.5
+    for bad, expect in (
+        (("0",), "--frames '0'"),
+        (("2", "weighted"), "needs --frame-weights"),
+        (("2", "weighted", [1, 2, 3]), "gives 3 weights for --frames 2"),
+        (("2", "mean", [1, 2]), "applies to --frame-aggregate weighted"),
+    ):
+        with pytest.raises(UserError, match=expect):
+            parse_frames(*bad)
+
+
+# ----- training ------------------------------------------------------------------------------------
+class Brightness(torch.nn.Module):
+    """The mean pixel of an image: a per-frame reward any generator can move."""
+
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def _cfg(model, output, **kw):
+    base = dict(
+        model=str(model),
+        prompts="builtin:simple",
+        output=str(output),
+        method="draft-k",
+        k=2,
+        steps=2,
+        batch_size=2,
+        lr=5e-2,
+        lora_rank=4,
+        lora_alpha=4.0,
+        resolution=32,
+        sample_steps=3,
+        guidance_scale=1.0,
+        eval_every=0,
+        eval_size=2,
+        checkpoint_every=0,
+        gradient_checkpointing=False,
+        max_sequence_length=MSL,
+        num_frames=FRAMES,
+        frames="2",
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def wan_trainer(wan_model, tmp_path_factory):
+    """A trainer on the tiny Wan2.1-like model; the method is read from its config at every step, so tests switch it."""
+    return Trainer(_cfg(wan_model, tmp_path_factory.mktemp("wan_methods"), refl_min=0.0), reward=Brightness())
+
+
+@pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
+def test_each_method_raises_the_reward_of_its_batch(wan_trainer, method, batch_reward):
+    trainer = wan_trainer
+    trainer.cfg.method = method
+    step = trainer.global_step
+    before, n = batch_reward(trainer, step)
+    trainer.optimizer.state.clear()  # Adam's momentum from the previous test's batch is not this batch's
+    metrics = trainer.step()
+    after, _ = batch_reward(trainer, step)
+    assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
+    assert after > before
+    assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies
+
+
+def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
+    """The reward (on decoded frames 0 and 4) reaches exactly the last K denoiser calls, with a positive gradient for
+    every sample; AlignProp's per-sample truncation points too. The video reward scores frames 0 and 4 and the
+    decode stops at frame 4, the video's last."""
+    trainer = wan_trainer
+    assert trainer.reward.indices == [0, FRAMES - 1] and trainer.latent_shape == (16, 2, 4, 4)
+    assert trainer.adapter.lora_on == "high" and trainer.unet is trainer.pipe.transformer  # one transformer
+    for k in (1, 3):
+        grads = grads_per_step(trainer, Plan([3 - k] * 2, 3))
+        assert [g is not None for g in grads] == [i >= 3 - k for i in range(3)]
+        assert all(min(g) > 0 for g in grads if g is not None)
+    grads = grads_per_step(trainer, Plan([2, 0], 3))
+    assert grads[0][0] == 0 and grads[0][1] > 0 and grads[1][0] == 0 and grads[1][1] > 0
+    trainer.unet.zero_grad(set_to_none=True)
+
+
+def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(
+    pair_model, tmp_path, library_log, stock_pipeline, batch_reward
+):
+    """The default --lora-on is the expert of the last gradient step (the low-noise transformer_2 for DRaFT-K); the
+    LoRA lands there only, the other expert stays frozen, and a step raises the reward of its batch. The saved LoRA loads into a
+    stock pair's transformer_2 (``load_into_transformer_2=True``) without a warning and gives the trained frames.
+    --lora-on high puts it on transformer."""
+    trainer = Trainer(_cfg(pair_model, tmp_path / "a", k=1, sample_steps=4, frames="1"), reward=Brightness())
+    pipe = trainer.pipe
+    assert trainer.adapter.lora_on == "low" and trainer.unet is pipe.transformer_2
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    assert not any(p.requires_grad for p in pipe.transformer.parameters())
+    before, _ = batch_reward(trainer, 0)
+    trainer.step()
+    assert batch_reward(trainer, 0)[0] > before
+    trainer.save_lora(tmp_path / "lora")
+    trainer.unet.eval()
+    trained = trainer.generate(PROMPTS[:1], seed=5)
+    stock = stock_pipeline(pair_model)
+    with library_log() as log:
+        stock.load_lora_weights(tmp_path / "lora", load_into_transformer_2=True)
+    assert log.messages == []
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, **KW)
+    loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    high = make_adapter(pipe, "wan", _cfg(pair_model, tmp_path / "b", lora_on="high"))
+    assert high.denoiser is pipe.transformer and high.frozen_expert is pipe.transformer_2
+
+
+# ----- the LoRA a user loads ------------------------------------------------------------------------
+GUIDED = 2.0
+
+
+@pytest.fixture(scope="module")
+def trained_lora(euler_model, tmp_path_factory):
+    """One guided step (transformer and VAE decode checkpointed), the LoRA saved with ``WanPipeline.save_lora_weights``,
+    and the videos the trainer then makes: (LoRA directory, videos)."""
+    out = tmp_path_factory.mktemp("wan_lora")
+    cfg = _cfg(euler_model, out, guidance_scale=GUIDED, gradient_checkpointing=True, lora_alpha=8.0)
+    trainer = Trainer(cfg, reward=Brightness())
+    trainer.step()
+    trainer.save_lora(out / "lora")
+    trainer.unet.eval()
+    return out / "lora", trainer.generate(PROMPTS, seed=5)
+
+
+def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_frames(
+    euler_model, trained_lora, library_log, stock_pipeline
+):
+    """``pipe.load_lora_weights(dir)`` on a fresh WanPipeline loads every tensor without a warning, and the stock
+    pipeline, guided as the run was, makes the trainer's own frames (all 5)."""
+    directory, trained = trained_lora
+    kw = dict(num_inference_steps=3, guidance_scale=GUIDED, **KW)
+    pipe = stock_pipeline(euler_model)
+    base = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    with library_log() as log:
+        pipe.load_lora_weights(directory)
+    assert log.messages == []
+    loaded = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    assert trained.shape == (2, 3, FRAMES, 32, 32)
+    assert float((trained - base).abs().max()) > 1e-3  # the LoRA changed the model
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    with safe_open(str(directory / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"transformer"}
+    assert any(".attn2.to_k." in k for k in keys) and any(".ffn.net.2." in k for k in keys)
+
+
+# ----- the command line ------------------------------------------------------------------------------
+def test_cli_finetunes_resumes_and_saves_before_after_videos(wan_model, released_ict, tiny_backbone, tmp_path):
+    """A real ``rewardtune finetune`` process on the tiny directory with ICT on 2 frames, then ``--resume`` to one more
+    step; the evaluations log temporal consistency and write before/after GIFs."""
+    out = tmp_path / "run"
+    args = ["--model", wan_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone]
+    args += ["--output", out, "--resolution", 32, "--num-frames", 5, "--frames", 2, "--batch-size", 1]
+    args += ["--eval-size", 1, "--lora-rank", 2, "--k", 1, "--sample-steps", 2, "--max-sequence-length", 8]
+    args += ["--checkpoint-every", 1, "--guidance-scale", 1]
+
+    def run(*extra):
+        res = run_cli("finetune", *args, "--no-gradient-checkpointing", *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads((out / "summary.json").read_text())
+
+    first = run("--steps", 1)
+    assert first["family"] == "wan" and first["steps"] == 1
+    resumed = run("--steps", 2, "--resume")
+    assert resumed["steps"] == 2 and resumed["before"] == first["before"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+    evals = [x for x in lines if "temporal_consistency" in x]
+    assert evals and all(-1 <= x["temporal_consistency"] <= 1 for x in evals)
+    assert sorted(p.name for p in (out / "samples").glob("*.gif"))
+
+
+@pytest.mark.parametrize("case", ["frames", "resolution", "lora_on", "guidance_2", "frames_spec"])
+def test_bad_input_gives_one_clear_line(case, wan_model, tmp_path, capsys):
+    base = ["--model", wan_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2]
+    base += ["--num-frames", 5]
+    args, expect = {
+        "frames": (["--num-frames", 10], "--num-frames 10: Wan's VAE compresses time 4x, so it takes 4k + 1 frames"),
+        "resolution": (["--resolution", 40], "--resolution 40: Wan packs 2x2 patches"),
+        "lora_on": (["--lora-on", "low"], "--lora-on low: this Wan model has one transformer"),
+        "guidance_2": (["--guidance-scale-2", 2], "--guidance-scale-2 2.0: this Wan model has one transformer"),
+        "frames_spec": (["--frames", "none"], "--frames 'none'"),
+    }[case]
+    rc = main(["finetune", *map(str, base + args)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rewardtune finetune: error: ") and expect in last and "Traceback" not in err
+
+
+def test_aliases_name_the_public_models(wan_model, tmp_path, monkeypatch):
+    """Each alias names its hub id (offline: a one-line error naming it); a local directory takes WanPipeline's own
+    defaults (50 steps, guidance 5, 81 frames, 512 tokens); the A14B alias 40 steps, guidance 4 (3 for the low-noise
+    expert); TI2V-5B 121 frames."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub = {
+        "wan21-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "wan22-ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        "wan21-t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        "wan22-t2v-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    }
+    for alias, hub_id in hub.items():
+        assert families.by_name("wan").aliases[alias].hub[0] == hub_id
+        with pytest.raises(OfflineError, match=f"'{hub_id}' is not in the local cache"):
+            resolve_model(alias)
+    pipe = WanPipeline.from_pretrained(wan_model)
+
+    def resolved(**kw):
+        cfg = FinetuneConfig(output=str(tmp_path), **kw)
+        resolve_defaults(cfg, pipe, "wan")
+        return cfg.sample_steps, cfg.guidance_scale, cfg.num_frames, cfg.max_sequence_length
+
+    assert resolved(model=str(wan_model)) == (50, 5.0, 81, 512)
+    assert resolved(model="wan22-t2v-a14b") == (40, 4.0, 81, 512)
+    cfg = FinetuneConfig(output=str(tmp_path), model="wan22-t2v-a14b")
+    resolve_defaults(cfg, pipe, "wan")
+    assert cfg.guidance_scale_2 == 3.0  # the model card's low-noise guidance (4.0 high, 3.0 low)
+    assert resolved(model="wan22-ti2v-5b") == (50, 5.0, 121, 512)
+    assert resolved(model="wan21-t2v-1.3b", num_frames=33) == (50, 5.0, 33, 512)
+
+
+def test_the_fsdp_recipe_names_the_block_class_the_transformer_has():
+    """accelerate refuses a listed block class the model lacks: the recipe lists the family's FSDP block class, which
+    every block of the transformer is."""
+    config = yaml.safe_load((ROOT / "recipes/accelerate/fsdp_wan.yaml").read_text())["fsdp_config"]
+    listed = set(config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    transformer = tiny_wan_transformer(0)
+    assert config["fsdp_version"] == 2 and listed == set(families.by_name("wan").fsdp_blocks)
+    assert {type(m).__name__ for m in transformer.blocks} == listed
+
+
+def test_video_options_are_refused_for_an_image_model(tmp_path):
+    """--num-frames, --lora-on and --frame-weights belong to Wan (the families that declare them): on an image family
+    they are a one-line error naming who takes them, checked before any weights load."""
+    for kw, flag in ((dict(num_frames=9), "--num-frames"), (dict(lora_on="low"), "--lora-on")):
+        cfg = FinetuneConfig(output=str(tmp_path), **kw)
+        with pytest.raises(UserError, match=f"{flag} applies to Wan models; SD 1.x/2.x takes none"):
+            check_family_options(cfg, "sd")
+    check_family_options(FinetuneConfig(output=str(tmp_path), num_frames=9, lora_on="low"), "wan")
