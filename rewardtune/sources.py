@@ -55,6 +55,10 @@ REWARD_SOURCES: dict[str, RewardSource] = {
     ),
     "hpsv2": RewardSource("xswu/HPSv2", "HPS v2 checkpoint file or directory"),
     "aesthetic": RewardSource("camenduru/improved-aesthetic-predictor", "LAION aesthetic predictor directory"),
+    "hpsv3": RewardSource("MizzenAI/HPSv3", "HPSv3 checkpoint: HPSv3.safetensors or a directory holding it"),
+    "qwen2vl": RewardSource(
+        "Qwen/Qwen2-VL-7B-Instruct", "Qwen2-VL base of HPSv3: its config and tokenizer (json/txt; no weights read)"
+    ),
 }
 
 

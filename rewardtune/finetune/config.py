@@ -245,6 +245,8 @@ class FinetuneConfig:
     pickscore: str = source_option("pickscore")
     hpsv2: str = source_option("hpsv2")
     aesthetic: str = source_option("aesthetic")
+    hpsv3: str = source_option("hpsv3")
+    qwen2vl: str = source_option("qwen2vl")
 
     def reward_sources(self) -> dict:
         """The reward source options that were given, as ``load_reward`` keyword arguments."""

@@ -13,12 +13,12 @@ import torch
 
 from ..errors import UserError, check_all
 from ..sources import REWARD_SOURCES, check_available
-from . import baselines, icthp
+from . import baselines, hpsv3, icthp
 from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
-REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic")
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2", "aesthetic", "hpsv3")
 
 __all__ = ["Reward", "REWARD_NAMES", "load_reward", "load_rewards", "parse_spec", "score_by_size", "WeightedSum"]
 
@@ -56,8 +56,10 @@ class _Loader:
         if name == "icthp":
             return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
 
-        return baselines.BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
+        return BUILDERS[name](source=s.get(name), dtype=dt, sources=s, get=self.get)
 
+
+BUILDERS = {**baselines.BUILDERS, "hpsv3": hpsv3.build_hpsv3}
 
 # What each reward loads from which source, named as its loader names it; ICT and HP lay over the CLIP backbone.
 SOURCE_WHAT = {
@@ -68,8 +70,16 @@ SOURCE_WHAT = {
     "pickscore": "PickScore model",
     "hpsv2": "HPS v2 checkpoint",
     "aesthetic": "aesthetic predictor",
+    "hpsv3": "HPSv3 checkpoint",
+    "qwen2vl": "Qwen2-VL base of HPSv3",
 }
-READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("aesthetic", "clip")}
+READS = {
+    "ict": ("ict",),
+    "hp": ("hp",),
+    "icthp": ("ict", "hp"),
+    "aesthetic": ("aesthetic", "clip"),
+    "hpsv3": ("hpsv3", "qwen2vl"),
+}
 
 
 def check_sources(names, sources: dict) -> None:
