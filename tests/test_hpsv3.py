@@ -25,11 +25,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-from rewardtune.errors import UserError
+from rewardtune.errors import OfflineError, UserError
+from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.images import load_image
+from rewardtune.plan import arch_config, build_reward, predict_peak_memory
 from rewardtune.rewards import load_reward
-from rewardtune.rewards.hpsv3 import smart_resize
-from rewardtune.testing.cli import one_line_error, run_cli
+from rewardtune.rewards.hpsv3 import FULL_CONFIG, FULL_VOCAB, smart_resize, vlm_config
+from rewardtune.testing.cli import run_cli
 from rewardtune.testing.hpsv3 import save_tiny_hpsv3
 
 PROMPTS = ["a red cat on a mat", "a blue dog"]
@@ -208,9 +210,8 @@ def test_bad_sources_are_one_line_errors(tiny, tmp_path):
         load_reward("hpsv3", hpsv3=str(ckpt), qwen2vl=str(tmp_path))
 
 
-def test_cli_score_and_offline_error(tiny, tmp_path):
-    """``rewardtune score --reward hpsv3`` in a subprocess gives the Python API's score; without the sources and
-    offline, one line naming both."""
+def test_cli_score(tiny, tmp_path):
+    """``rewardtune score --reward hpsv3`` in a subprocess gives the Python API's score."""
     ckpt, base = tiny
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 32), (200, 30, 60)).save(img)
@@ -221,6 +222,55 @@ def test_cli_score_and_offline_error(tiny, tmp_path):
         load_image(img)[None], PROMPTS[:1]
     )
     assert abs(json.loads(r.stdout)[0]["hpsv3"] - want.item()) < 1e-4
-    r = run_cli("score", img, "--prompt", "x", "--reward", "hpsv3", env=None)
-    last = one_line_error(r, "score", "MizzenAI/HPSv3", "Qwen/Qwen2-VL-7B-Instruct")
-    assert "--hpsv3" in last and "--qwen2vl" in last
+
+
+def test_offline_without_the_release_names_both_sources(monkeypatch):
+    """Offline, with neither release in the hub cache: one error naming the checkpoint and the base, before loading."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as err:
+        load_reward("hpsv3")
+    line = str(err.value)
+    assert "\n" not in line
+    for text in ("HPSv3 checkpoint (--hpsv3)", "MizzenAI/HPSv3", "(--qwen2vl)", "Qwen/Qwen2-VL-7B-Instruct"):
+        assert text in line, line
+
+
+# ----- the planner: the full-size architecture and its memory ----------------------------------------------------
+
+QWEN2VL_7B_PARAMS = 8_291_375_616  # Qwen/Qwen2-VL-7B-Instruct, lm_head included (the hub's 8.29B)
+HEAD_PARAMS = 3584 * 1024 + 1024 + 1024 * 16 + 16 + 16 * 2 + 2  # the ranknet rm_head on hidden size 3584
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_full_size_is_qwen2vl_7b_plus_the_head():
+    """``build_full_size``: Qwen2-VL-7B-Instruct (as transformers builds it from the shipped config) without its
+    lm_head, the embeddings resized to 151,658 tokens as the release resizes them, plus the head: 7,748,610,610."""
+    reward = build_reward("hpsv3", torch.bfloat16, "meta")
+    with torch.device("meta"):
+        qwen = Qwen2VLForConditionalGeneration(vlm_config(arch_config(FULL_CONFIG)))
+    assert _count(qwen) == QWEN2VL_7B_PARAMS
+    hidden, vocab = 3584, 152064
+    assert _count(reward) == QWEN2VL_7B_PARAMS - vocab * hidden - (vocab - FULL_VOCAB) * hidden + HEAD_PARAMS
+    assert _count(reward) == 7_748_610_610
+    assert {p.dtype for p in reward.vlm.parameters()} == {torch.bfloat16}
+
+
+def test_planner_counts_hpsv3_and_its_offload(sd_model):
+    """``plan --reward hpsv3`` on a tiny SD: the full-size reward's bf16 weights (14.4 GiB) are resident, its scoring
+    of one 448 x 448 image (what every image becomes) adds GiBs in the reward's phases; with --reward-offload they are
+    counted in the reward's phases only."""
+    base = dict(model=str(sd_model), output="unused", k=1, sample_steps=2, mixed_precision="bf16", reward="hpsv3")
+    on = predict_peak_memory(FinetuneConfig(**base))
+    off = predict_peak_memory(FinetuneConfig(**base, reward_offload=True))
+    towers = on["resident_mib"] - off["resident_mib"]
+    assert 14.3 * 1024 < towers < 14.6 * 1024  # 7.75e9 bf16 weights (the head's 3.7e6 in fp32)
+    assert on["weights_mib"] - off["weights_mib"] == pytest.approx(towers)
+    p_on, p_off = on["part_peaks_mib"], off["part_peaks_mib"]
+    assert p_on["reward"] - p_on["decode"] > 1024 and p_on["backward:reward"] > p_on["decode"]
+    for phase in ("grad_steps", "decode"):
+        assert p_off[phase] == pytest.approx(p_on[phase] - towers, abs=1e-6), phase
+    assert p_off["reward"] == pytest.approx(p_on["reward"], abs=1e-6)
+    assert on["peak_mib"] == pytest.approx(max(p_on["reward"], p_on["backward:reward"]))

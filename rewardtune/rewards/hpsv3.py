@@ -349,10 +349,25 @@ class _PlanTokenizer:
         return {"input_ids": ids}
 
 
-def build_full_size(device="meta", dtype=None) -> HPSv3Reward:
-    """The released architecture (Qwen2-VL-7B-Instruct, 151,658 embeddings, the head; no ``lm_head``) with no
-    weights read and nothing downloaded: random (or, on ``"meta"``, no) weights, for the planner."""
+def plan_stacks() -> dict[str, int]:
+    """The planner's repeated layers ({stack name: released depth}): Qwen2-VL-7B's 28 language-model layers and
+    32 vision blocks. The gradient to the pixels runs through both."""
     from ..plan.architectures import arch_config  # noqa: PLC0415 - the planner imports the rewards
 
-    vlm, head = build_model(vlm_config(arch_config(FULL_CONFIG), FULL_VOCAB), dtype or torch.bfloat16, device)
+    config = arch_config(FULL_CONFIG)
+    return {"reward.text": config["num_hidden_layers"], "reward.vision": config["vision_config"]["depth"]}
+
+
+def build_full_size(device="meta", dtype=None, depths: dict[str, int] | None = None) -> HPSv3Reward:
+    """The released architecture (Qwen2-VL-7B-Instruct, 151,658 embeddings, the head; no ``lm_head``) with no
+    weights read and nothing downloaded: random (or, on ``"meta"``, no) weights, for the planner; ``depths``:
+    other depths of the ``plan_stacks`` (the planner's reduced traces)."""
+    from ..plan.architectures import arch_config  # noqa: PLC0415 - the planner imports the rewards
+
+    config = arch_config(FULL_CONFIG)
+    depths = depths or {}
+    config["num_hidden_layers"] = depths.get("reward.text", config["num_hidden_layers"])
+    config["vision_config"] = {**config["vision_config"]}
+    config["vision_config"]["depth"] = depths.get("reward.vision", config["vision_config"]["depth"])
+    vlm, head = build_model(vlm_config(config, FULL_VOCAB), dtype or torch.bfloat16, device)
     return HPSv3Reward(vlm, head, _PlanTokenizer()).requires_grad_(False)
