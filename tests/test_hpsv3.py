@@ -188,6 +188,11 @@ def test_gradient_reaches_the_pixels(reward):
     assert all(p.grad is None for p in reward.parameters())  # frozen
 
 
+def test_a_prompt_with_a_special_token_is_refused(reward):
+    with pytest.raises(UserError, match="special tokens"):
+        reward(torch.rand(1, 3, 28, 28), ["a cat <|image_pad|>"])
+
+
 def test_default_dtype_is_bf16_with_an_fp32_head(tiny):
     ckpt, base = tiny
     r = load_reward("hpsv3", hpsv3=str(ckpt / "HPSv3.safetensors"), qwen2vl=str(base))

@@ -276,8 +276,8 @@ def _meta_reward(cfg, arch: dict | None):
     ``FULL_SIZE_REWARDS`` with ``arch`` the depths of its stacks ({stack name: layers}; None: as released)."""
     dtype = precision_dtype(cfg.mixed_precision)
     name = _reward_name(cfg)
-    if name in FULL_SIZE_REWARDS:
-        return build_reward(name, dtype, "meta", depths=arch)
+    if name in FULL_SIZE_REWARDS:  # without mixed precision its own dtype, as the Trainer loads it (_load_reward)
+        return build_reward(name, None if dtype == torch.float32 else dtype, "meta", depths=arch)
     return build_reward(name, dtype, "meta", clip_config=arch, tokenizer_words=PLAN_WORDS)
 
 

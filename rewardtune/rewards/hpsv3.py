@@ -165,11 +165,15 @@ class HPSv3Reward(Reward):
         param = next(self.vlm.parameters())
         patches, (gh, gw) = self.pixel_inputs(images.to(param.device))
         merge = self.vlm.config.vision_config.spatial_merge_size
-        ids = self.token_ids(list(prompts), gh * gw // merge**2)
+        n_image = gh * gw // merge**2
+        ids = self.token_ids(list(prompts), n_image)
         where = []
         for i, row in enumerate(ids):
-            if row.count(self.reward_id) != 1:
-                raise UserError(f"hpsv3: prompt {i} must not contain the token {REWARD_TOKEN}; remove it")
+            if row.count(self.reward_id) != 1 or row.count(self.vlm.config.image_token_id) != n_image:
+                raise UserError(
+                    f"hpsv3: prompt {i} holds one of the model's special tokens ({REWARD_TOKEN}, {IMAGE_TOKEN}); "
+                    f"remove it"
+                )
             where.append(row.index(self.reward_id))
         length = max(map(len, ids))
         # right padding; no attention mask is needed: <|Reward|> comes before any padding and attention is causal
