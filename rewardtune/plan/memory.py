@@ -451,7 +451,10 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
     block = CUDA_BLOCK if target == "cuda" else 1
     # the reward's phases traced with the reward alone: at the base depths, then one more layer of each probed stack
     one_more_of = [clip({**base_depths, s.name: stacks.BASE_DEPTH + 1}) for s in probed]
-    probes = [clip(base_depths), *one_more_of] if probed else []
+    # a module's stacks also with two more layers: a lone layer of a language model is no later layer's like
+    # (HPSv3's first added text layer adds 148.3 MiB to the reward's forward, each later one 141.9)
+    two_more_of = [clip({**base_depths, s.name: stacks.BASE_DEPTH + 2}) for s in probed] if own is not None else []
+    probes = [clip(base_depths), *one_more_of, *two_more_of] if probed else []
     base = _trace(cfg, source, overrides(base_depths), clip(base_depths), target, vae_block_checkpointing, probes)
     peaks = dict(base["peaks"])
     totals = {k: base[k] for k in ("weights", "resident", "trainable")}
@@ -491,6 +494,10 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
             i = 1 + probed.index(stack)
             for phase in REWARD_PHASES:
                 slopes[phase] = base["probes"][i][phase] - base["probes"][0][phase]
+                if two_more_of:  # the first added layer's step, then the later layers' (as one mean slope)
+                    later = base["probes"][i + len(probed)][phase] - base["probes"][i][phase]
+                    added = stack.full - stacks.BASE_DEPTH
+                    slopes[phase] = (slopes[phase] + (added - 1) * later) / added
         extend(stack, slopes, {"weights": here, "resident": here, "trainable": 0})
 
     peak = max(peaks.values())
