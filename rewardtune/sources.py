@@ -63,6 +63,10 @@ REWARD_SOURCES: dict[str, RewardSource] = {
         "BERT tokenizer ImageReward reads prompts with: a directory or hub id",
         default_help="the ImageReward directory if it holds one, else {hub}",
     ),
+    "hpsv3": RewardSource("MizzenAI/HPSv3", "HPSv3 checkpoint: HPSv3.safetensors or a directory holding it"),
+    "qwen2vl": RewardSource(
+        "Qwen/Qwen2-VL-7B-Instruct", "Qwen2-VL base of HPSv3: its config and tokenizer (json/txt; no weights read)"
+    ),
 }
 
 

@@ -276,6 +276,8 @@ class FinetuneConfig:
     aesthetic: str = source_option("aesthetic")
     imagereward: str = source_option("imagereward")
     imagereward_tokenizer: str = source_option("imagereward_tokenizer")
+    hpsv3: str = source_option("hpsv3")
+    qwen2vl: str = source_option("qwen2vl")
 
     def reward_sources(self) -> dict:
         """The reward source options that were given, as ``load_reward`` keyword arguments."""

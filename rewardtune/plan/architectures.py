@@ -10,6 +10,7 @@ download; on the meta device they cost nothing at all (FLUX.1-dev's transformer 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -31,6 +32,12 @@ ARCHITECTURES = {name: parts for f in families.all_families() for name, parts in
 FAMILY_OF = {name: f.name for f in families.all_families() for name in f.plan_architectures}
 ARCH_OF_ALIAS = {name: alias.plan for name, (_, alias) in families.aliases().items() if alias.plan}
 REWARD_BACKBONE = "clip_vit_h14"
+# Rewards whose own module builds the released architecture: ``build_full_size(device="meta", dtype=None)`` there,
+# no weights read, nothing downloaded. The ViT-H-14 rewards (ict, hp, icthp; pickscore as ict) are built here.
+FULL_SIZE_REWARDS = {
+    "hpsv3": "rewardtune.rewards.hpsv3",
+    "imagereward": "rewardtune.rewards.imagereward",
+}
 
 
 def arch_config(name: str) -> dict:
@@ -229,12 +236,20 @@ def build_reward(
     tokenizer_dir: Path | None = None,
     clip_config: dict | None = None,
     tokenizer_words: list[str] | None = None,
+    depths: dict[str, int] | None = None,
 ):
     """ICT, HP or ICT-HP (``name``) on random ViT-H-14 towers (two towers for ICT-HP, as released);
-    ``tokenizer_words`` as in ``build_pipeline``."""
+    ``tokenizer_words`` as in ``build_pipeline``. A reward of ``FULL_SIZE_REWARDS`` comes from its module's
+    ``build_full_size``, with ``depths`` ({stack name: layers} of the module's ``plan_stacks``) where given;
+    ``clip_config`` and the tokenizer do not apply to it."""
 
+    if name in FULL_SIZE_REWARDS:
+        module = importlib.import_module(FULL_SIZE_REWARDS[name])
+        kw = {"depths": depths} if depths else {}
+        return module.build_full_size(device=device, dtype=dtype, **kw).requires_grad_(False).eval()
     if name not in ("ict", "hp", "icthp"):
-        raise UserError(f"full-size reward '{name}' is not one of ict, hp, icthp")
+        known = ", ".join(["ict", "hp", "icthp", *FULL_SIZE_REWARDS])
+        raise UserError(f"full-size reward '{name}' is not one of {known}")
     tok = _tokenizer(tokenizer_dir, tokenizer_words)
 
     def tower():

@@ -37,6 +37,7 @@ from . import stacks
 from .architectures import (
     ARCH_OF_ALIAS,
     ARCHITECTURES,
+    FULL_SIZE_REWARDS,
     REWARD_BACKBONE,
     _configs,
     arch_config,
@@ -261,18 +262,24 @@ def _local_clip_config(cfg) -> dict | None:
 
 
 def _reward_name(cfg) -> str:
-    """The traced reward: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14 scoring cosines, as ICT)."""
-    if cfg.reward not in ("ict", "hp", "icthp", "pickscore"):
+    """The traced reward: ICT/HP/ICT-HP (and PickScore, the same ViT-H-14 scoring cosines, as ICT), or one of
+    ``FULL_SIZE_REWARDS`` (its module builds its released architecture)."""
+    if cfg.reward not in ("ict", "hp", "icthp", "pickscore", *FULL_SIZE_REWARDS):
         raise UserError(
-            f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore); got --reward '{cfg.reward}'"
+            f"the planner models the ViT-H-14 rewards (ict, hp, icthp, pickscore) and "
+            f"{', '.join(FULL_SIZE_REWARDS)}; got --reward '{cfg.reward}'"
         )
     return "ict" if cfg.reward == "pickscore" else cfg.reward
 
 
-def _meta_reward(cfg, clip_config: dict):
-    """The reward's towers on meta, built from ``clip_config`` (a CLIPConfig dict)."""
+def _meta_reward(cfg, arch: dict | None):
+    """The reward on meta: ViT-H-14 towers built from ``arch`` (a CLIPConfig dict), or a reward of
+    ``FULL_SIZE_REWARDS`` with ``arch`` the depths of its stacks ({stack name: layers}; None: as released)."""
     dtype = precision_dtype(cfg.mixed_precision)
-    return build_reward(_reward_name(cfg), dtype, "meta", clip_config=clip_config, tokenizer_words=PLAN_WORDS)
+    name = _reward_name(cfg)
+    if name in FULL_SIZE_REWARDS:  # without mixed precision its own dtype, as the Trainer loads it (_load_reward)
+        return build_reward(name, None if dtype == torch.float32 else dtype, "meta", depths=arch)
+    return build_reward(name, dtype, "meta", clip_config=arch, tokenizer_words=PLAN_WORDS)
 
 
 def _module_bytes(module, block: int) -> int:
@@ -422,8 +429,14 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
     text_over = {}
     if not full_depth and families.by_name(family).flow:
         text_over = stacks.text_encoder_overrides(configs, cfg.train_text_encoder)
-    clip_full = reward_config or _local_clip_config(cfg) or arch_config(REWARD_BACKBONE)
-    r_stacks = [] if full_depth else stacks.reward_stacks(clip_full)
+    own = FULL_SIZE_REWARDS.get(_reward_name(cfg))  # a reward whose module builds it, and names its stacks
+    if own is None:
+        clip_full = reward_config or _local_clip_config(cfg) or arch_config(REWARD_BACKBONE)
+        r_stacks = [] if full_depth else stacks.reward_stacks(clip_full)
+        probed = [s for s in r_stacks if s.name == "reward.vision"]  # the text tower takes no gradient
+    else:
+        r_stacks = [] if full_depth else stacks.module_reward_stacks(own)
+        probed = r_stacks  # the gradient to the pixels runs through every stack
     base_depths = {s.name: stacks.BASE_DEPTH for s in (*den_stacks, *r_stacks)}
 
     def overrides(depths):
@@ -431,12 +444,18 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
             return text_over
         return {**text_over, den_part: stacks.denoiser_overrides(family, configs[den_part], depths)}
 
-    def clip(depths):
+    def clip(depths):  # the reward's architecture with its stacks at ``depths``, as ``_meta_reward`` takes it
+        if own is not None:
+            return {s.name: depths[s.name] for s in r_stacks} or None
         return stacks.reward_config(clip_full, depths)
 
     block = CUDA_BLOCK if target == "cuda" else 1
-    vision = [s for s in r_stacks if s.name == "reward.vision"]
-    probes = [clip(base_depths), clip({**base_depths, "reward.vision": stacks.BASE_DEPTH + 1})] if vision else []
+    # the reward's phases traced with the reward alone: at the base depths, then one more layer of each probed stack
+    one_more_of = [clip({**base_depths, s.name: stacks.BASE_DEPTH + 1}) for s in probed]
+    # a module's stacks also with two more layers: a lone layer of a language model is no later layer's like
+    # (HPSv3's first added text layer adds 148.3 MiB to the reward's forward, each later one 141.9)
+    two_more_of = [clip({**base_depths, s.name: stacks.BASE_DEPTH + 2}) for s in probed] if own is not None else []
+    probes = [clip(base_depths), *one_more_of, *two_more_of] if probed else []
     base = _trace(cfg, source, overrides(base_depths), clip(base_depths), target, vae_block_checkpointing, probes)
     peaks = dict(base["peaks"])
     totals = {k: base[k] for k in ("weights", "resident", "trainable")}
@@ -464,7 +483,7 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
         held = more["starts"]["decode"] - base["starts"]["decode"]
         slopes = {p: held if p in PASSIVE_PHASES else more["peaks"][p] - base["peaks"][p] for p in peaks}
         extend(stack, slopes, {k: more[k] - base[k] for k in totals})
-    for stack in r_stacks:  # the towers' layers: their weights, and the vision layers' activations while scoring
+    for stack in r_stacks:  # the towers' layers: their weights, and the probed layers' activations while scoring
         one_more = {**base_depths, stack.name: stacks.BASE_DEPTH + 1}
         weights = _module_bytes(_meta_reward(cfg, clip(one_more)), block) - _module_bytes(
             _meta_reward(cfg, clip(base_depths)), block
@@ -472,9 +491,14 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
         # --reward-offload: the towers are on the accelerator in the reward's phases only
         here = weights if not cfg.reward_offload else 0
         slopes = {p: weights if p in REWARD_PHASES else here for p in peaks}
-        if stack.name == "reward.vision":
+        if stack in probed:
+            i = 1 + probed.index(stack)
             for phase in REWARD_PHASES:
-                slopes[phase] = base["probes"][1][phase] - base["probes"][0][phase]
+                slopes[phase] = base["probes"][i][phase] - base["probes"][0][phase]
+                if two_more_of:  # the first added layer's step, then the later layers' (as one mean slope)
+                    later = base["probes"][i + len(probed)][phase] - base["probes"][i][phase]
+                    added = stack.full - stacks.BASE_DEPTH
+                    slopes[phase] = (slopes[phase] + (added - 1) * later) / added
         extend(stack, slopes, {"weights": here, "resident": here, "trainable": 0})
 
     peak = max(peaks.values())

@@ -18,6 +18,7 @@ phase's peak along those slopes to the full depth (``memory.predict_peak_memory`
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
 
 from ..finetune import families
@@ -83,6 +84,13 @@ def reward_stacks(clip_config: dict) -> list[Stack]:
         Stack("reward.text", int(clip_config["text_config"]["num_hidden_layers"])),
     ]
     return _worth_it(stacks)
+
+
+def module_reward_stacks(module_name: str) -> list[Stack]:
+    """The stacks a reward module declares (``plan_stacks()``: {stack name: released depth}; its
+    ``build_full_size(depths=...)`` builds them at other depths); none for a module that declares none."""
+    declared = getattr(importlib.import_module(module_name), "plan_stacks", None)
+    return _worth_it([Stack(name, full) for name, full in declared().items()]) if declared else []
 
 
 def reward_config(clip_config: dict, depths: dict[str, int]) -> dict:

@@ -14,12 +14,12 @@ import torch
 from ..config import flag_name
 from ..errors import UserError, check_all
 from ..sources import REWARD_SOURCES, check_available
-from . import baselines, icthp
+from . import baselines, hpsv3, icthp
 from .base import Reward
 from .batching import score_by_size
 from .compose import WeightedSum, parse_spec
 
-REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2.0", "hpsv2.1", "aesthetic", "imagereward")
+REWARD_NAMES = ("ict", "hp", "icthp", "clip", "pickscore", "hpsv2.0", "hpsv2.1", "aesthetic", "imagereward", "hpsv3")
 # Other names a reward answers to; a run records the name they stand for (config.yaml, summary.json).
 ALIASES = {"hpsv2": "hpsv2.1"}
 
@@ -81,8 +81,10 @@ class _Loader:
             return icthp.ICTHPReward(self.get("ict"), self.get("hp"))
 
         source = REWARD_SOURCE.get(name, name)
-        return baselines.BUILDERS[name](source=s.get(source), dtype=dt, sources=s, get=self.get)
+        return BUILDERS[name](source=s.get(source), dtype=dt, sources=s, get=self.get)
 
+
+BUILDERS = {**baselines.BUILDERS, "hpsv3": hpsv3.build_hpsv3}
 
 # What each reward loads from which source, named as its loader names it; ICT and HP lay over the CLIP backbone.
 SOURCE_WHAT = {
@@ -95,10 +97,18 @@ SOURCE_WHAT = {
     "aesthetic": "aesthetic predictor",
     "imagereward": "ImageReward checkpoint",
     "imagereward_tokenizer": "ImageReward tokenizer",
+    "hpsv3": "HPSv3 checkpoint",
+    "qwen2vl": "Qwen2-VL base of HPSv3",
 }
 # The source key of a reward named otherwise (both HPS v2 versions read --hpsv2: the hub repo holds both files).
 REWARD_SOURCE = {"hpsv2.0": "hpsv2", "hpsv2.1": "hpsv2"}
-READS = {"ict": ("ict",), "hp": ("hp",), "icthp": ("ict", "hp"), "aesthetic": ("aesthetic", "clip")}
+READS = {
+    "ict": ("ict",),
+    "hp": ("hp",),
+    "icthp": ("ict", "hp"),
+    "aesthetic": ("aesthetic", "clip"),
+    "hpsv3": ("hpsv3", "qwen2vl"),
+}
 
 
 def check_sources(names, sources: dict) -> None:
