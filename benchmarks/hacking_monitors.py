@@ -68,14 +68,27 @@ def command(spec: str, work: Path, args) -> list[str]:
     ]  # fmt: skip
 
 
-def read_run(directory: Path) -> dict | None:
-    """A finished run's evaluations (metrics.jsonl) and train rewards, or None when it has not finished."""
-    if not (directory / "summary.json").is_file():
+def read_run(directory: Path, partial: bool = False) -> dict | None:
+    """A finished run's evaluations (metrics.jsonl) and rewards, or None when it has not finished (``partial``:
+    an unfinished run's evaluations so far, None when it has none past step 0)."""
+    metrics = directory / "finetune" / "metrics.jsonl"
+    done = (directory / "summary.json").is_file()
+    if not done and not (partial and metrics.is_file()):
         return None
-    rows = [json.loads(x) for x in (directory / "finetune" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    evals = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "eval"]
+    if not done:
+        if len(evals) < 2:
+            return None
+        return {
+            "evals": evals,
+            "seconds": None,
+            "reward_before": evals[0]["reward"],
+            "reward_after": evals[-1]["reward"],
+        }
     summary = json.loads((directory / "summary.json").read_text())
     return {
-        "evals": [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "eval"],
+        "evals": evals,
         "seconds": summary.get("seconds"),
         "reward_before": summary["reward_before"],
         "reward_after": summary["reward_after"],
@@ -124,7 +137,9 @@ def fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def write(results: list[dict], specs: list[str], thresholds: Thresholds, args, started: str) -> None:
+def write(
+    results: list[dict], specs: list[str], thresholds: Thresholds, args, started: str, partial: list[dict] = ()
+) -> None:
     hacked = [r for r in results if not r["fine"]]
     collapsed = [r for r in results if r["collapsed"]]
     fine = [r for r in results if r["fine"]]
@@ -167,8 +182,22 @@ def write(results: list[dict], specs: list[str], thresholds: Thresholds, args, s
             f"{'yes' if r['collapsed'] else 'no'} | {trips} | "
             f"{'yes' if r['in_time'] else ('—' if r['fine'] else 'no')} | {fmt(r['seconds'], 0)} |"
         )
+    if partial:
+        lines += [
+            "",
+            "Unfinished when this was written (not counted above; their evaluations so far):",
+            "",
+            "| run | evaluated up to step | oracle | background right | first trip per monitor |",
+            "|---|---|---|---|---|",
+        ]
+        for r in partial:
+            trips = ", ".join(f"{n} @{s}" for n, s in sorted(r["first_trip"].items(), key=lambda x: x[1])) or "none"
+            lines.append(
+                f"| {r['run']} | {r['steps'][-1]} | {fmt(r['oracle'][0])} → {fmt(r['oracle'][-1])} | "
+                f"{fmt(r['background'][0], 2)} → {fmt(r['background'][-1], 2)} | {trips} |"
+            )
     lines += ["", "## Curves (each evaluation, steps as listed)", ""]
-    for r in results:
+    for r in [*results, *partial]:
         lines.append(f"**{r['run']}** (steps {' '.join(map(str, r['steps']))})")
         lines.append("")
         lines.append("| measure | values | limit |")
@@ -182,7 +211,13 @@ def write(results: list[dict], specs: list[str], thresholds: Thresholds, args, s
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    record = {"commit": commit(), "started": started, "thresholds": vars(thresholds), "runs": results}
+    record = {
+        "commit": commit(),
+        "started": started,
+        "thresholds": vars(thresholds),
+        "runs": results,
+        "unfinished": list(partial),
+    }
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -195,7 +230,10 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--extra", nargs="*", default=[], help="more demo options (a quick check: --eval-size 8 ...)")
-    p.add_argument("--analyze-only", action="store_true", help="run nothing; read the finished runs in --work")
+    p.add_argument(
+        "--analyze-only", action="store_true", help="run nothing; read the runs in --work (unfinished ones apart)"
+    )
+    p.add_argument("--started", help="--analyze-only: when the runs were started (for the record)")
     defaults = Thresholds.from_config(FinetuneConfig())
     for n in MONITORS:
         p.add_argument(f"--monitor-{n.replace('_', '-')}", type=float, default=getattr(defaults, n))
@@ -203,7 +241,7 @@ def main() -> int:
     thresholds = Thresholds(**{n: getattr(args, f"monitor_{n}") for n in MONITORS})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    started = args.started or f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def finished() -> list[dict]:
@@ -231,7 +269,12 @@ def main() -> int:
                     del running[spec]
                     print(f"{run_name(spec)} ended with {proc.returncode}", flush=True)
                     write(finished(), args.runs, thresholds, args, started)
-    write(finished(), args.runs, thresholds, args, started)
+    partial = [
+        analyze(s, run, thresholds)
+        for s in args.runs
+        if read_run(work / run_name(s)) is None and (run := read_run(work / run_name(s), partial=True)) is not None
+    ]
+    write(finished(), args.runs, thresholds, args, started, partial)
     print(Path(args.output).with_suffix(".md").read_text())
     return 0
 

@@ -234,6 +234,10 @@ def _run(
     before_images = out / "finetune" / "samples" / "before.safetensors"
     if 0 not in hook.images and before_images.is_file():  # resumed: step 0's images are the saved ones
         hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
+    stopped = result.get("stopped_on_hacking")
+    if stopped:  # --stop-on-hacking: the report's "after" is the kept LoRA's evaluation, not the one that tripped
+        for step in [s for s in hook.images if s > stopped["kept_step"]]:
+            del hook.images[step], hook.scores[step]
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
     summary["hacking_signs"] = hacking_signs(summary)
@@ -260,6 +264,10 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "saturation_before": before.get("saturation"),
         "saturation_after": after.get("saturation"),
         "steps": result["steps"],
+        "steps_planned": cfg.steps,
+        "stopped_early": result.get("stopped_early", False),  # a stop on hacking finished the run it planned
+        "monitors": result.get("monitors"),
+        "stopped_on_hacking": result.get("stopped_on_hacking"),
         "seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "lora": result["lora"],
