@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from .errors import UserError
 from .sources import atomic_write_bytes
@@ -130,3 +130,18 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> to
             images[i].detach().float().cpu()
         )
     return grid
+
+
+def with_caption(grid: torch.Tensor, lines: list[str], pad: int = 2) -> torch.Tensor:
+    """``grid`` (3,H,W) in [0,1] with ``lines`` of black text on white below it (widened to fit the text)."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), line, font=font) for line in lines]
+    line_h = max((b[3] for b in boxes), default=0) + pad
+    width = max([grid.shape[2], *[b[2] + 2 * pad for b in boxes]])
+    canvas = Image.new("RGB", (width, grid.shape[1] + line_h * len(lines) + pad), "white")
+    canvas.paste(Image.fromarray(to_uint8(grid)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, grid.shape[1] + i * line_h), line, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255

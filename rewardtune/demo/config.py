@@ -77,6 +77,20 @@ class DemoConfig:
     eval_size: int = derived(
         FinetuneConfig, "eval_size", 64, help="held-out prompts evaluated, one image each, same seeds before and after"
     )
+    eval_seeds: int = derived(
+        FinetuneConfig,
+        "eval_seeds",
+        1,
+        help="noise seeds rendered per held-out prompt (default 1: the demo's measured times; 2 or more turn on the "
+        "seed-similarity monitor, which in the demo's validation rose past its threshold on every run, hacked or not)",
+    )
+    stop_on_hacking: bool = derived(FinetuneConfig, "stop_on_hacking")
+    monitor_saturation: float = derived(FinetuneConfig, "monitor_saturation")
+    monitor_seed_similarity: float = derived(FinetuneConfig, "monitor_seed_similarity")
+    monitor_prompt_similarity: float = derived(FinetuneConfig, "monitor_prompt_similarity")
+    monitor_hf_energy: float = derived(FinetuneConfig, "monitor_hf_energy")
+    monitor_eval_reward: float = derived(FinetuneConfig, "monitor_eval_reward")
+    monitor_temporal_consistency: float = derived(FinetuneConfig, "monitor_temporal_consistency")
     train_prompts: int = option(200, "distinct training prompts", min=1)
     seed: int = derived(FinetuneConfig, "seed", help="random seed (which prompts are drawn and their order, noise)")
     threads: int | None = option(None, THREADS_HELP, min=1)

@@ -21,6 +21,7 @@ from .. import jsonio, threads
 from ..errors import UserError
 from ..finetune import run_finetune
 from ..finetune.config import FinetuneConfig
+from ..finetune.monitors import MONITORS
 from ..rewards import load_reward, parse_spec
 from ..rundir import FINETUNE_STATE, HISTORY, RunDir, Start, config_settings
 from ..sources import atomic_write_text, load_state_dict
@@ -99,19 +100,12 @@ class OracleHook:
         wanted = [world.parse_prompt(p) for p in prompts]
         scores = np.array([world.shown_fraction(s, w) for s, w in zip(seen, wanted)], dtype=np.float32)
         self.images[step], self.scores[step] = images.clone(), scores
-        metrics = {"oracle": float(scores.mean()), "saturation": saturation(images)}
+        metrics = {"oracle": float(scores.mean())}
         for a in world.ATTRIBUTES:
             asked = [(s[a], w[a]) for s, w in zip(seen, wanted) if a in w]
             if asked:
                 metrics[f"oracle_{a}"] = float(np.mean([x == y for x, y in asked]))
         return metrics
-
-
-def saturation(images: torch.Tensor) -> float:
-    """Mean HSV saturation, (max - min) / max over the channels of each pixel: over-saturated colour is a
-    usual sign of reward hacking."""
-    hi, lo = images.amax(1), images.amin(1)
-    return float(((hi - lo) / hi.clamp_min(1e-6)).mean())
 
 
 def run_dir(out: Path) -> RunDir:
@@ -201,6 +195,9 @@ def _finetune_config(cfg: DemoConfig, models: Path, out: Path) -> FinetuneConfig
         eval_every=cfg.eval_every,
         eval_prompts=str(out / "prompts_heldout.txt"),
         eval_size=cfg.eval_size,
+        eval_seeds=cfg.eval_seeds,
+        stop_on_hacking=cfg.stop_on_hacking,
+        **{f"monitor_{name}": getattr(cfg, f"monitor_{name}") for name in MONITORS},
         eval_reward="clip",
         # the reward modules are passed in; these record where they came from. Training on the world CLIP
         # ('clip') takes the clip source, which otherwise names the held-out CLIP of --eval-reward.
@@ -237,6 +234,10 @@ def _run(
     before_images = out / "finetune" / "samples" / "before.safetensors"
     if 0 not in hook.images and before_images.is_file():  # resumed: step 0's images are the saved ones
         hook.record(0, load_state_dict(before_images, "before images")["images"], heldout)
+    stopped = result.get("stopped_on_hacking")
+    if stopped:  # --stop-on-hacking: the report's "after" is the kept LoRA's evaluation, not the one that tripped
+        for step in [s for s in hook.images if s > stopped["kept_step"]]:
+            del hook.images[step], hook.scores[step]
     rows = _metrics(out / "finetune" / "metrics.jsonl")
     summary = _summary(cfg, result, [r for r in rows if r.get("kind") == "eval"], time.time() - t0)
     summary["hacking_signs"] = hacking_signs(summary)
@@ -263,6 +264,10 @@ def _summary(cfg: DemoConfig, result: dict, evaluations: list[dict], seconds: fl
         "saturation_before": before.get("saturation"),
         "saturation_after": after.get("saturation"),
         "steps": result["steps"],
+        "steps_planned": cfg.steps,
+        "stopped_early": result.get("stopped_early", False),  # a stop on hacking finished the run it planned
+        "monitors": result.get("monitors"),
+        "stopped_on_hacking": result.get("stopped_on_hacking"),
         "seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "lora": result["lora"],

@@ -261,6 +261,50 @@ class FinetuneConfig:
     early_stop_drop: float = option(
         0.0, "stop when the eval reward falls more than this below its best (0 = never)", min=0
     )
+    eval_seeds: int = option(
+        2,
+        "noise seeds rendered per evaluation prompt: the metrics and grids use the first, the hacking monitors all "
+        "(two or more measure how alike one prompt's images are across seeds)",
+        min=1,
+    )
+    stop_on_hacking: bool = option(
+        False,
+        "when a hacking monitor passes its threshold, end the run and keep the LoRA of the last evaluation before "
+        "(without it: a warning, once per monitor)",
+    )
+    monitor_saturation: float = option(
+        0.1, "hacking monitor: trip when mean colour saturation rises more than this above the base's (0 = off)", min=0
+    )
+    monitor_seed_similarity: float = option(
+        0.1,
+        "hacking monitor: trip when the mean cosine similarity of one prompt's images across seeds rises more than "
+        "this above the base's (0 = off)",
+        min=0,
+    )
+    monitor_prompt_similarity: float = option(
+        0.1,
+        "hacking monitor: trip when the mean cosine similarity of different prompts' images rises more than this "
+        "above the base's (0 = off)",
+        min=0,
+    )
+    monitor_hf_energy: float = option(
+        1.5,
+        "hacking monitor: trip when the checkerboard share of fine detail exceeds this many times the base's "
+        "(grid artifacts; 0 = off)",
+        min=0,
+    )
+    monitor_eval_reward: float = option(
+        0.5,
+        "hacking monitor: trip when the eval reward falls more than this many base standard deviations (of its "
+        "per-image values) below the base's (0 = off)",
+        min=0,
+    )
+    monitor_temporal_consistency: float = option(
+        0.1,
+        "hacking monitor (video models): trip when the mean cosine similarity of consecutive frames falls more than "
+        "this below the base's (flicker; 0 = off)",
+        min=0,
+    )
     max_nonfinite: int = max_nonfinite_option()
     log_every: int = option(1, "log training scalars every N steps", min=1)
     export: str = option(

@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from .. import stops
 from ..errors import UserError
-from ..images import make_grid, save_image
+from ..images import make_grid, save_image, with_caption
 from ..progress import StepProgress
 from ..rundir import FINETUNE_STATE, LOCK_LOST, Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
 from . import lora as lora_mod
+from . import monitors
 from .config import FinetuneConfig
 from .models import resolve_model
 from .prompts import load_prompts, note_long_prompts
@@ -75,28 +77,40 @@ class RunLog:
 
 
 class Evaluator:
-    """Reward, eval reward and hook metrics on fixed prompts and noise; before/after grids as PNG."""
+    """Reward, eval reward, hacking monitors and hook metrics on fixed prompts and noise; before/after grids as PNG.
 
-    def __init__(self, trainer: Trainer, out: Path, hook=None):
+    Each prompt is rendered from ``--eval-seeds`` noise seeds: the rewards, the hook and the grid see the first
+    seed's images (the same as with one seed), the monitors all of them."""
+
+    def __init__(self, trainer: Trainer, out: Path, hook=None, watch: monitors.Watch | None = None):
         cfg = trainer.cfg
-        self.trainer, self.out, self.hook = trainer, out, hook
+        self.trainer, self.out, self.hook, self.watch = trainer, out, hook, watch
         prompts = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else trainer.prompts
         self.prompts = prompts[: cfg.eval_size]
         self.seed = cfg.seed + 1_000_003
+        self.seeds = [self.seed + i * 7_919 for i in range(cfg.eval_seeds)]
+        self.embedder, self.embed = monitors.find_embedder(trainer.eval_reward, trainer.reward)
         self.before_path = out / "samples" / "before.safetensors"
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
-        """Every process generates the same images (sharded models need all of them); the main process
-        runs the hook and writes the grid. Returns the metrics (the hook's on the main process only)."""
+        """Every process generates the same images (sharded models need all of them) and measures the monitors;
+        the main process runs the hook and writes the grid. Returns the metrics (the hook's on the main process
+        only)."""
         t = self.trainer
         images = t.generate(self.prompts, self.seed)
-        with t.rewards_placed():  # --reward-offload: on the accelerator only to score
+        more = [t.generate(self.prompts, s) for s in self.seeds[1:]]
+        with t.rewards_placed():  # --reward-offload: on the accelerator only to score (and embed)
             metrics = {"reward": float(t.score(images, self.prompts).mean())}
-            if t.eval_reward is not None:
-                with t.accelerator.autocast():
-                    metrics["eval_reward"] = float(t.eval_reward(images, self.prompts).float().mean())
-        if images.dim() == 5:  # a video family: how alike consecutive frames are (video.py)
+            with t.accelerator.autocast():
+                if t.eval_reward is not None:
+                    values = t.eval_reward(images, self.prompts).float()
+                    metrics["eval_reward"] = float(values.mean())
+                    metrics[monitors.EVAL_REWARD_SPREAD] = float(values.std()) if len(values) > 1 else 0.0
+                # videos: the image monitors read each video's middle frame
+                frames = [monitors.middle_frames(x) for x in (images, *more)]
+                metrics.update(monitors.measure(torch.cat(frames), len(self.seeds), self.embed))
+        if images.dim() == 5:  # a video family: how alike consecutive frames are (video.py), a monitor too
             with t.rewards_placed(t.reward):
                 metrics["temporal_consistency"] = temporal_consistency(images, t.reward)
         if t.accelerator.is_main_process:
@@ -104,19 +118,24 @@ class Evaluator:
                 metrics.update(
                     {k: float(v) for k, v in self.hook(step, images.detach().cpu(), list(self.prompts)).items()}
                 )
-            self._grid(step, images.cpu())
+            self._grid(step, images.cpu(), metrics)
         return metrics
 
-    def _grid(self, step: int, images: torch.Tensor) -> None:
-        """Row pairs: the images before training above the same prompts and noise now."""
+    def _grid(self, step: int, images: torch.Tensor, metrics: dict) -> None:
+        """Row pairs: the images before training above the same prompts and noise now; under them a line with
+        the monitors' values before and one with them now (those past their threshold marked)."""
         if not self.before_path.exists():
             save_state_dict({"images": images}, self.before_path)
         before = load_state_dict(self.before_path, "before images")["images"]
         n = len(images)
+        lines = [monitors.caption(metrics, self.watch, step)]
+        if self.watch is not None and self.watch.base is not None and step > 0:
+            lines.insert(0, monitors.caption(self.watch.base, None, 0).replace("step 0", "before"))
         if images.dim() == 5:  # videos: before above after as an animation, and the grid of their middle frames
             save_gif(torch.cat([before, images], dim=-2), self.out / "samples" / f"step_{step:06d}.gif")
-            before, images = before[:, :, before.shape[2] // 2], images[:, :, images.shape[2] // 2]
-        save_image(make_grid(torch.cat([before, images]), ncol=n), self.out / "samples" / f"step_{step:06d}.png")
+            before, images = monitors.middle_frames(before), monitors.middle_frames(images)
+        grid = with_caption(make_grid(torch.cat([before, images]), ncol=n), lines)
+        save_image(grid, self.out / "samples" / f"step_{step:06d}.png")
 
 
 def run_dir(output: str | Path) -> RunDir:
@@ -195,17 +214,39 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         trainer.global_step if start.checkpoint is not None else None,
         redo_eval=trainer.global_step >= cfg.steps,
     )
-    evaluate = Evaluator(trainer, out, eval_hook)
+    watch = monitors.Watch(monitors.Thresholds.from_config(cfg))
+    watch.restore(state.get("monitors"))
+    evaluate = Evaluator(trainer, out, eval_hook, watch)
     note_long_prompts(trainer, evaluate.prompts)
     if main and "before" not in state:
-        print(f"finetune: evaluating the starting model on {len(evaluate.prompts)} prompts", flush=True)
-    before = state.get("before") or _eval(evaluate, trainer, log, main)
+        print(
+            f"finetune: evaluating the starting model on {len(evaluate.prompts)} prompts x {cfg.eval_seeds} seeds "
+            f"(monitors embed with {evaluate.embedder})",
+            flush=True,
+        )
+    before = state.get("before")
+    if before is None:
+        before = _eval(evaluate, trainer, log, main)
+    if watch.base is None:  # a fresh run, or a checkpoint written before the monitors: the base is step 0's
+        watch.observe(0, before)
+    if cfg.stop_on_hacking and watch.tripped:
+        raise UserError(
+            f"--stop-on-hacking: in the run resumed from step {trainer.global_step} a monitor had already tripped "
+            f"({'; '.join(t.describe() for t in watch.first_trips.values())}), so its checkpoint is not one to keep; "
+            f"resume without --stop-on-hacking, or start over with it (--overwrite)"
+        )
     best = state.get("best_eval", before.get("eval_reward"))
-    history = {"stopped_early": False}
+    history = {"stopped_early": False, "hacking": None, "evals": _logged_evals(log, before, trainer.global_step)}
+    history["safe"] = _Safe(trainer, watch) if cfg.stop_on_hacking else None
     cadence = Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes, acc)
     try:
-        best = _train(trainer, evaluate, log, rundir, before, best, history, cadence)
-        after = _eval(evaluate, trainer, log, main)
+        best = _train(trainer, evaluate, log, rundir, before, best, history, cadence, watch)
+        if history["hacking"] is None:
+            after = _eval(evaluate, trainer, log, main)
+            history["evals"][trainer.global_step] = after
+            _monitor(trainer, watch, after, history)
+        if history["hacking"] is not None:  # --stop-on-hacking: the LoRA of the last evaluation before the trip
+            after = _keep_safe(trainer, rundir, history)
         if rundir.interruption(acc) == LOCK_LOST:  # the outputs are written only while the directory is ours
             rundir.stop(LOCK_LOST, trainer.global_step, cfg.steps, None)
         digests = trainer.lora_digests()
@@ -219,7 +260,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
             rundir.write_config(cfg)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
-        _checkpoint(trainer, rundir, before, best)
+        if history["hacking"] is None:  # a stop on hacking keeps the checkpoints up to the kept step, none after
+            _checkpoint(trainer, rundir, before, best, watch)
     finally:
         log.close()
     summary = {
@@ -236,6 +278,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         "processes": acc.num_processes,
         "lora_sha256": digests,  # per process: equal when the data-parallel processes stayed in step
         "stopped_early": history["stopped_early"],
+        "monitors": {"embedding": evaluate.embedder, "eval_seeds": len(evaluate.seeds), **watch.summary()},
+        "stopped_on_hacking": history["hacking"],
         "resolution": trainer.resolution,
         "eval_prompts": evaluate.prompts,
         "before": before,
@@ -288,6 +332,7 @@ def _train(
     best,
     history: dict,
     cadence: Cadence,
+    watch: monitors.Watch,
 ):
     """Optimizer steps until ``cfg.steps`` or an early stop; periodic evaluation and checkpoints."""
     cfg, acc = trainer.cfg, trainer.accelerator
@@ -301,26 +346,119 @@ def _train(
                 log.log("train", step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ev = _eval(evaluate, trainer, log, acc.is_main_process)
+                history["evals"][step] = ev
+                if _monitor(trainer, watch, ev, history):
+                    history["stopped_early"] = True
+                    return best
                 best, stop = _early_stop(cfg, ev, best, acc)
                 if stop:
                     history["stopped_early"] = True
                     return best
             saved = step < cfg.steps and cadence.due(step)
             if saved:
-                _checkpoint(trainer, rundir, before, best)
+                _checkpoint(trainer, rundir, before, best, watch)
                 cadence.saved()
             code = rundir.interruption(acc)
             if code:
-                rundir.stop(code, step, cfg.steps, _stop_checkpoint(trainer, rundir, before, best, cadence, saved))
+                rundir.stop(
+                    code, step, cfg.steps, _stop_checkpoint(trainer, rundir, before, best, cadence, saved, watch)
+                )
     return best
 
 
-def _stop_checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best, cadence: Cadence, saved: bool):
+def _stop_checkpoint(
+    trainer: Trainer, rundir: RunDir, before: dict, best, cadence: Cadence, saved: bool, watch: monitors.Watch
+):
     """What a run stopped by a signal writes: a checkpoint of this step unless one was just written; none when
     checkpoints are off."""
     if not cadence.enabled:
         return None
-    return lambda: None if saved else _checkpoint(trainer, rundir, before, best)
+    return lambda: None if saved else _checkpoint(trainer, rundir, before, best, watch)
+
+
+class _Safe:
+    """--stop-on-hacking: a copy (on the CPU) of this process's LoRA weights at the last evaluation where no monitor
+    had tripped, and its step. It starts as the weights the run starts from (the base's LoRA, or the checkpoint
+    resumed from)."""
+
+    def __init__(self, trainer: Trainer, watch: monitors.Watch):
+        self.params = lora_mod.trainable_parameters(*trainer.models_train)
+        self.step = trainer.global_step
+        self.take(trainer.global_step)
+
+    def take(self, step: int) -> None:
+        self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
+        self.step = step
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w.to(p.device, p.dtype))
+
+
+def _monitor(trainer: Trainer, watch: monitors.Watch, ev: dict, history: dict) -> bool:
+    """Check one evaluation's monitors; returns whether the run stops here (--stop-on-hacking and a monitor past
+    its threshold). Every process computes the same monitor values, so all decide alike. Without the flag, a
+    warning the first time each monitor trips."""
+    step = trainer.global_step
+    new = watch.observe(step, ev)
+    safe = history["safe"]
+    if not watch.tripped:
+        if safe is not None:
+            safe.take(step)
+        return False
+    main = trainer.accelerator.is_main_process
+    if safe is None:
+        for trip in new:
+            if main:
+                print(
+                    f"finetune: warning: hacking monitor tripped: {trip.describe()} "
+                    f"(--monitor-{trip.name.replace('_', '-')} {getattr(watch.thresholds, trip.name)} against the "
+                    f"base's {watch.base[trip.name]:.4f}); --stop-on-hacking would end the run here",
+                    flush=True,
+                )
+        return False
+    trips = list(watch.first_trips.values())
+    history["hacking"] = {
+        "tripped": {t.name: t.as_dict() for t in trips},
+        "step": step,
+        "kept_step": safe.step,
+    }
+    if main:
+        print(
+            f"finetune: stop on hacking: {'; '.join(t.describe() for t in trips)}; keeping the LoRA of step "
+            f"{safe.step}, the last evaluation with every monitor within its threshold",
+            flush=True,
+        )
+    return True
+
+
+def _keep_safe(trainer: Trainer, rundir: RunDir, history: dict) -> dict:
+    """--stop-on-hacking tripped: put the kept step's LoRA weights back (what the run then saves as its LoRA), and
+    remove the checkpoints written after that step (they hold the hacked weights, which a --resume would continue
+    from). Returns the kept step's evaluation, the run's ``after``."""
+    safe = history["safe"]
+    safe.put_back()
+    if trainer.accelerator.is_main_process:
+        for ckpt in rundir.checkpoints():
+            if ckpt.step > safe.step:
+                shutil.rmtree(ckpt.path, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    after = dict(history["evals"].get(safe.step) or {})
+    after["step"] = safe.step
+    return after
+
+
+def _logged_evals(log: RunLog, before: dict, step: int) -> dict:
+    """The evaluations so far by step: the starting one, and on a resume those metrics.jsonl kept."""
+    evals = {}
+    if log.enabled and log.path.exists():
+        for line in log.path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("kind") == "eval":
+                evals[row["step"]] = {k: v for k, v in row.items() if k not in ("kind", "step")}
+    evals.setdefault(0 if not evals else min(evals), before)
+    return evals
 
 
 def _silent(line: str) -> None:
@@ -343,11 +481,13 @@ def _early_stop(cfg: FinetuneConfig, ev: dict, best, acc):
     return best, bool(acc.reduce(flag, "sum") > 0) if acc.num_processes > 1 else stop
 
 
-def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best) -> None:
-    """A resumable checkpoint after the current step (with the evaluation before training and the best eval
-    reward, which a resumed run continues from); only the newest ``--checkpoints-keep`` stay."""
+def _checkpoint(trainer: Trainer, rundir: RunDir, before: dict, best, watch: monitors.Watch) -> None:
+    """A resumable checkpoint after the current step (with the evaluation before training, the best eval
+    reward and the monitors' record, which a resumed run continues from); only the newest ``--checkpoints-keep``
+    stay."""
     trainer.save_checkpoint(
-        rundir.checkpoint_dir(trainer.global_step), {"before": before, "best_eval": best, "settings": rundir.settings}
+        rundir.checkpoint_dir(trainer.global_step),
+        {"before": before, "best_eval": best, "monitors": watch.state(), "settings": rundir.settings},
     )
     if trainer.accelerator.is_main_process:
         rundir.rotate(trainer.cfg.checkpoints_keep)
