@@ -19,6 +19,7 @@ from rewardtune.finetune.monitors import (
     find_embedder,
     hf_energy,
     measure,
+    middle_frames,
     pixel_embedding,
     saturation,
     similarities,
@@ -140,6 +141,16 @@ def test_watch_keeps_the_last_evaluation_before_the_first_crossing():
     restored = Watch(Thresholds())
     restored.restore(json.loads(json.dumps(watch.state())))  # through a checkpoint's JSON
     assert restored.clean_step == 25 and restored.first_trips == watch.first_trips and restored.base == base
+
+
+def test_temporal_consistency_trips_on_a_fall_and_videos_are_read_at_their_middle_frame():
+    watch = Watch(Thresholds(temporal_consistency=0.1))
+    base = {"saturation": 0.2, "temporal_consistency": 0.9}
+    assert watch.observe(0, base) == [] and watch.observe(25, {**base, "temporal_consistency": 0.95}) == []
+    trips = watch.observe(50, {**base, "temporal_consistency": 0.75})  # flicker: consecutive frames less alike
+    assert trips[0].describe() == "temporal_consistency 0.7500 < 0.8000 at step 50" and watch.clean_step == 25
+    video = torch.rand(2, 3, 5, 8, 8)
+    assert torch.equal(middle_frames(video), video[:, :, 2]) and middle_frames(video[:, :, 0]).shape == (2, 3, 8, 8)
 
 
 @pytest.mark.skipif(not (MODELS_DIR / "pipeline" / "model_index.json").is_file(), reason="bundled demo models missing")
