@@ -153,7 +153,8 @@ def test_cli_trains_on_icthp_writes_kohya_and_reruns_from_its_config(
     rc, cap = _cli(args, capsys)
     assert rc == 0, cap.err
     printed = json.loads(cap.out[cap.out.index("{") :])
-    assert printed["steps"] == 1 and set(printed["after"]) == {"reward", "eval_reward"}
+    monitors = {"saturation", "seed_similarity", "prompt_similarity", "hf_energy", "eval_reward_std"}
+    assert printed["steps"] == 1 and set(printed["after"]) == {"reward", "eval_reward", *monitors}
     for name in (
         "pytorch_lora_weights.safetensors",
         "pytorch_lora_weights_kohya.safetensors",
