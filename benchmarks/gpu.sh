@@ -59,7 +59,7 @@ translate() {
       if [ "$prev" = "--model" ]; then
         case "$a" in
           *FLUX.1-schnell*) a=flux-schnell ;;
-          *Z-Image*|*Qwen-Image*|*FLUX.2*) a=flux ;;  # the dry run checks the script path, not these families
+          *Z-Image*|*Qwen-Image*|*FLUX.2*|*Wan*) a=flux ;;  # the dry run checks the script path, not these families
           *FLUX*) a=flux ;;
           *) a=sd3 ;;
         esac
@@ -71,6 +71,8 @@ translate() {
       if [ "$prev" = "--quantize-base" ]; then a=none; fi
       if [ "$a" = "--arch" ] || [ "$a" = "--model" ]; then a="--tiny"; fi
       if [ "$a" = "--plan-model" ] || [ "$a" = "--defaults-from" ]; then skip=1; prev="$orig"; continue; fi
+      # the dry run's tiny models are image models: Wan's video options go with their values
+      if [ "$a" = "--num-frames" ] || [ "$a" = "--frames" ]; then skip=1; prev="$orig"; continue; fi
     fi
     out+=("$a"); prev="$orig"
   done
@@ -169,8 +171,9 @@ PYEOF
 # The configs, most important first: name, then finetune flags (see finetune_step.py --help). The issue's
 # order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
 # with an NF4 base, the 2026 families (Z-Image-Turbo in bf16, FLUX.2-klein-4B, Qwen-Image and FLUX.2-dev with NF4
-# bases, the last two with --reward-offload as their recipes: its cost is in the reward part's time), FLUX.1-dev
-# with its bf16 base), then K = all steps, then the rest.
+# bases, the last two with --reward-offload as their recipes: its cost is in the reward part's time), Wan2.1-1.3B and
+# Wan2.2-TI2V-5B at their recipes' 320x576 and 5 frames (ICT-HP on 4), FLUX.1-dev with its bf16 base), then K = all
+# steps, then the rest.
 COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
 MAIN="$COMMON --sample-steps 30"
 FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
@@ -184,6 +187,8 @@ CONFIGS=(
   "flux2-klein4b-1024-k1-ckpt-nf4|180|--model $MODELS/FLUX.2-klein-4B --plan-model flux2-klein-4b --defaults-from flux2-klein-4b --quantize-base nf4 --k 1 --sample-steps 4 $FLOW"
   "qwenimage-1024-k1-ckpt-nf4|300|--model $MODELS/Qwen-Image --plan-model qwen-image --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 --max-sequence-length 128 $FLOW"
   "flux2dev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.2-dev --plan-model flux2-dev --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 $FLOW"
+  "wan21-1.3b-320x576-f5-k1-ckpt|240|--model $MODELS/Wan2.1-T2V-1.3B-Diffusers --plan-model wan21-t2v-1.3b --defaults-from wan21-t2v-1.3b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 320x576 --num-frames 5 --frames 4"
+  "wan22-5b-320x576-f5-k1-ckpt|300|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 320x576 --num-frames 5 --frames 4"
   "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"

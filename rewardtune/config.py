@@ -39,11 +39,15 @@ def option(
     max=None,
     positive: bool = False,
     cli: bool = True,
+    parse=None,
 ):
     """A config field and everything about it, said once: ``help`` (the flag's documentation), ``choices``,
     the inclusive range ``min``..``max`` (``positive``: above 0, for values where 0 makes no sense), and
-    ``aliases``, deprecated names still accepted as flags and recipe keys. ``cli=False``: no flag."""
+    ``aliases``, deprecated names still accepted as flags and recipe keys. ``cli=False``: no flag. ``parse``: a
+    function reading the flag's text and the recipe's value (for a value of more than one type)."""
     meta = {"help": help, "aliases": tuple(aliases), "min": min, "max": max, "positive": positive, "cli": cli}
+    if parse is not None:
+        meta["parse"] = parse
     if choices is not None:
         meta["choices"] = list(choices)
     if isinstance(default, (list, dict)):
@@ -169,6 +173,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
         kw = {"dest": f.name, "default": None, "help": help_text}
         if f.metadata.get("choices") is not None:
             kw["choices"] = f.metadata["choices"]
+        tp = str if "parse" in f.metadata else tp  # read as text; ``_coerce`` parses it, as it does a recipe's value
         _add_flag(parser, flag_name(f.name), tp, kw)
         for old in aliases:
             _add_flag(parser, flag_name(old), tp, {**kw, "dest": old, "help": argparse.SUPPRESS})
@@ -371,6 +376,9 @@ def _coerce(cls, key, value):
     tp = _base_type(typing.get_type_hints(cls)[key])
     if value is None:
         return None
+    parse = next((f.metadata.get("parse") for f in dataclasses.fields(cls) if f.name == key), None)
+    if parse is not None:
+        return parse(value)
 
     def wrong(what: str) -> UserError:
         return UserError(f"config: '{key}' must be {what}, got {_kind(value)}{_shown(value)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .sizes import hw
 
 GIB = 2**30
 
@@ -26,7 +27,8 @@ def decode_floor_bytes(model_dir: Path, resolution: int, batch: int, mixed_preci
     gradient the reward sends back through them -- in 16-bit floats under mixed precision, else 32-bit."""
     vae = _config(model_dir / "vae" / "config.json")
     width = min(vae.get("block_out_channels") or [128])
-    return 3 * width * resolution * resolution * batch * (4 if mixed_precision == "no" else 2)
+    h, w = hw(resolution)
+    return 3 * width * h * w * batch * (4 if mixed_precision == "no" else 2)
 
 
 def positional_limit(model_dir: Path, family: str) -> int | None:
@@ -73,11 +75,11 @@ def _cgroup_room() -> int | None:
 def check_fits(cfg, model_dir: Path, family: str, device, mixed_precision: str | None, force: bool = False) -> None:
     """Refuse, in one line with the numbers, a ``--resolution`` beyond the model's positional limit, or a
     resolution and batch whose decode alone cannot fit in the memory this run may take (unless ``force``)."""
-    res = int(cfg.resolution or 0)
-    if not res:
+    if not cfg.resolution:
         return  # the model's native size
+    res = cfg.resolution
     most = positional_limit(model_dir, family)
-    if most and res > most:
+    if most and max(hw(res)) > most:
         raise UserError(
             f"--resolution {res} is larger than this model's position embedding allows (its transformer's "
             f"pos_embed_max_size); use at most {most}"

@@ -30,6 +30,8 @@ from rewardtune.finetune.video import (
     parse_frames,
     temporal_consistency,
 )
+from rewardtune.plan.architectures import build_pipeline
+from rewardtune.sizes import check_size
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.wan_pipelines import (
     BOUNDARY_RATIO,
@@ -111,6 +113,23 @@ def test_sample_returns_the_pipelines_latents(kind):
         noise = torch.randn(ref.shape, generator=_gen(1))
         ref = pipe(list(PROMPTS), latents=noise, output_type="latent", **kw).frames
         assert float((sample(pipe, PROMPTS, latents=noise, **kw) - ref).abs().max()) <= 1e-4
+
+
+def test_sample_at_a_non_square_size_returns_the_pipelines_latents(wan_model):
+    """At 32x48 (``--resolution 32x48``: WanPipeline's height and width) ``sample`` equals the pipeline, guided, and
+    the adapter's latent shape is the pipeline's; a side the 2x2 patches of 8x latents cannot take is one line
+    naming the multiple and the side."""
+    pipe = _euler(build_tiny_wan_pipeline())
+    kw = dict(KW, height=32, width=48, num_inference_steps=2, guidance_scale=3.0)
+    ref = pipe(list(PROMPTS), generator=_gen(0), output_type="latent", **kw).frames
+    ours = sample(pipe, PROMPTS, generator=_gen(0), **kw)
+    assert ours.shape == ref.shape == (2, 16, 2, 4, 6)
+    assert float((ours - ref).abs().max()) <= 1e-4
+    adapter = make_adapter(pipe, "wan", FinetuneConfig(output="o", num_frames=FRAMES))
+    assert adapter.latent_shape("32x48") == ref.shape[1:]
+    assert adapter.native_resolution() == "480x832"
+    with pytest.raises(UserError, match=r"^--resolution 40: .*a multiple of 16 .*\[--resolution 32x40: the width\]$"):
+        check_size(adapter, "32x40")
 
 
 def test_the_experts_switch_where_the_pipeline_switches():
@@ -449,3 +468,35 @@ def test_video_options_are_refused_for_an_image_model(tmp_path):
         with pytest.raises(UserError, match=f"{flag} applies to Wan models; SD 1.x/2.x takes none"):
             check_family_options(cfg, "sd")
     check_family_options(FinetuneConfig(output=str(tmp_path), num_frames=9, lora_on="low"), "wan")
+
+
+# The shipped full-size architectures (plan/configs, from diffusers' scripts/convert_wan_to_diffusers.py and Wan's
+# umt5_xxl()): exact parameter counts of the meta-built transformers. The published sizes are the model names
+# (Wan2.1 T2V 1.3B and 14B, Wan2.2 TI2V 5B, A14B: two 14B experts); 1,418,996,800 x 2 bytes is the 2.84 GB of the
+# 1.3B's bf16 weights, and UMT5-XXL's 5.68e9 x 2 bytes the 11.4 GB of Wan's models_t5_umt5-xxl-enc-bf16.pth.
+WAN_SIZES = {
+    "wan21-t2v-1.3b": 1_418_996_800,
+    "wan21-t2v-14b": 14_288_491_584,
+    "wan22-ti2v-5b": 4_999_787_712,
+    "wan22-t2v-a14b": 14_288_491_584,
+}
+
+
+def test_shipped_wan_architectures_build_the_published_models():
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    for arch, n in WAN_SIZES.items():
+        pipe = build_pipeline(arch, torch.bfloat16, "meta")
+        assert type(pipe) is WanPipeline and count(pipe.transformer) == n, arch
+        assert count(pipe.text_encoder) == 5_680_910_336 and pipe.text_encoder.config.vocab_size == 256384
+        if arch == "wan22-ti2v-5b":  # VAE 2.2: 48 channels, 16x spatial (2x2 patches in the VAE), per-token timesteps
+            assert pipe.vae.config.z_dim == 48 and pipe.vae_scale_factor_spatial == 16 and pipe.config.expand_timesteps
+            assert pipe.scheduler.config.flow_shift == 5.0
+        else:
+            assert pipe.vae.config.z_dim == 16 and pipe.vae_scale_factor_spatial == 8
+            assert pipe.scheduler.config.flow_shift == 3.0 and not pipe.config.expand_timesteps
+        paired = arch == "wan22-t2v-a14b"
+        assert (pipe.transformer_2 is not None) == paired and pipe.config.boundary_ratio == (0.875 if paired else None)
+        if paired:
+            assert count(pipe.transformer_2) == n

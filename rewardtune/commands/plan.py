@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..finetune.config import FinetuneConfig
 from ..plan import cache as plan_cache
 from ..reward_training.config import TrainRewardConfig
+from ..sizes import shown
 
 
 def register(sub) -> None:
@@ -103,7 +104,7 @@ def _print(cfg, result: dict) -> None:
     base = f", base {p.get('quantize_base', cfg.quantize_base)}" if cfg.quantize_base != "none" else ""
     k = cfg.k if cfg.k is not None else "all steps"
     print(
-        f"model {p['architecture']} ({p['family']}), {p['resolution']}x{p['resolution']}, {cfg.method} K={k}, "
+        f"model {p['architecture']} ({p['family']}), {shown(p['resolution'])}, {cfg.method} K={k}, "
         f"batch {cfg.batch_size}, weights {weights}{base}, VAE {vae}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}, LoRA rank {cfg.lora_rank}, "
         f"reward {cfg.reward}"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..sizes import hw
 
 # LoRA targets of the UNet families: the attention projections of every transformer block (self and cross).
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -74,8 +75,8 @@ class UNetAdapter:
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
         """One sample's latent shape, in the layout the sampler works in."""
-        s = resolution // self.pipe.vae_scale_factor
-        return (self.pipe.unet.config.in_channels, s, s)
+        h, w = (side // self.pipe.vae_scale_factor for side in hw(resolution))
+        return (self.pipe.unet.config.in_channels, h, w)
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The sampler's latents as the VAE decoder takes them (undo the scaling and shift)."""

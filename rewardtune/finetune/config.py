@@ -8,6 +8,7 @@ from ..config import PRECISIONS, check_values, derived, option
 from ..errors import UserError
 from ..nonfinite import max_nonfinite_option
 from ..schedules import LR_SCHEDULES
+from ..sizes import hw, parse_resolution
 from ..sources import REWARD_SOURCES, source_option
 
 SEED_MAX = 2**63 - 1  # torch generators take 64 bits; the evaluation adds an offset
@@ -81,7 +82,12 @@ class FinetuneConfig:
     init_lora: str = option(
         "", "start from this LoRA (a directory with pytorch_lora_weights.safetensors) instead of zeros"
     )
-    resolution: int = option(0, "image size in pixels, a multiple of 8 (0 = the model's native size)")
+    resolution: int | str = option(
+        0,
+        "image size in pixels, a multiple of 8: one number (a square) or HEIGHTxWIDTH, e.g. 480x832 "
+        "(0 = the model's native size)",
+        parse=parse_resolution,
+    )
     num_frames: int | None = option(
         None,
         "video models (Wan): frames per video, 4k + 1 (default: the model's: Wan2.1 81, Wan2.2-TI2V-5B 121)",
@@ -338,7 +344,8 @@ class FinetuneConfig:
         self.reward = canonical_spec(self.reward)
         if self.eval_reward:
             self.eval_reward = canonical_spec(self.eval_reward)
-        if self.resolution and (self.resolution < 8 or self.resolution % 8):
+        self.resolution = parse_resolution(self.resolution)
+        if self.resolution and any(side < 8 or side % 8 for side in hw(self.resolution)):
             raise UserError(
                 f"--resolution must be a positive multiple of 8 (or 0 for the model's native size), got {self.resolution}"
             )

@@ -17,6 +17,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from .. import sizes
 from ..errors import UserError
 from .families import Layers
 from .prompt_cache import DEFAULT_RAM_GIB, PromptCache
@@ -34,11 +35,8 @@ def calculate_shift(image_seq_len: int, config) -> float:
 
 
 def hw(resolution) -> tuple[int, int]:
-    return (
-        (int(resolution), int(resolution))
-        if isinstance(resolution, (int, np.integer))
-        else tuple(map(int, resolution))
-    )
+    """(height, width) of a size: an int (square), ``HxW`` text or a pair (``rewardtune.sizes.hw``)."""
+    return sizes.hw(int(resolution) if isinstance(resolution, np.integer) else resolution)
 
 
 class FlowAdapter:

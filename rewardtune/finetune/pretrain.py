@@ -11,7 +11,7 @@ Layout of a data directory, either:
 - a ``metadata.jsonl`` with one ``{"file_name": "cat.png", "text": "a cat"}`` a line (the Hugging Face
   ``imagefolder`` layout diffusers' examples read); file names relative to the directory.
 
-Images are resized (shorter side to the training resolution, bicubic) and centre-cropped to a square.
+Images are resized (bicubic) to cover the training size and centre-cropped to it (a square, or HxW).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..images import open_image
+from ..sizes import hw
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -67,16 +68,18 @@ def load_pairs(directory: str | Path, flag: str = "--pretrain-data") -> list[tup
     return pairs
 
 
-def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """Images (B,3,R,R) in [-1, 1]: shorter side resized to ``resolution``, then centre-cropped."""
+def load_images(paths: list[Path], resolution) -> torch.Tensor:
+    """Images (B,3,H,W) in [-1, 1] for ``resolution`` (a side, or ``HxW``): resized (bicubic) to cover H x W,
+    then centre-cropped."""
     out = []
+    rh, rw = hw(resolution)
     for path in paths:
         with Image.fromarray(open_image(path)) as im:
-            scale = resolution / min(im.size)
-            w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+            scale = max(rh / im.height, rw / im.width)
+            w, h = max(rw, round(im.width * scale)), max(rh, round(im.height * scale))
             im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
+            left, top = (w - rw) // 2, (h - rh) // 2
+            im = im.crop((left, top, left + rw, top + rh))
             out.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1))
     return torch.stack(out) / 127.5 - 1.0
 

@@ -31,6 +31,7 @@ from ..preflight import check_fits
 from ..rewards import load_reward
 from ..rundir import read_state, reset_accelerate, write_checkpoint
 from ..schedules import lr_factor
+from ..sizes import check_size, hw
 from . import families
 from . import lora as lora_mod
 from .compile import check_compile, compile_denoiser
@@ -309,7 +310,7 @@ class Trainer:
             )
         adapter = make_adapter(pipe, family, cfg, store=store)
         resolution = cfg.resolution or adapter.native_resolution()
-        adapter.check_resolution(resolution)
+        check_size(adapter, resolution)
         cfg.resolution = resolution
         lora = prepare_models(cfg, pipe, adapter, acc.device)
         params = lora_mod.trainable_parameters(*lora.modules)
@@ -431,7 +432,7 @@ class Trainer:
         """The UNet's conditioning; differentiable when text-encoder LoRA is trained."""
         ctx = contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad()
         with ctx, self.accelerator.autocast():
-            return self.adapter.encode(prompts, self.sampler.guided, (self.resolution, self.resolution))
+            return self.adapter.encode(prompts, self.sampler.guided, hw(self.resolution))
 
     def sample_prefix(self, prompts: list[str], noise: BatchNoise | torch.Generator) -> SampleState:
         """Encode, draw the initial noise and the truncation plan (for the global batch, keeping this process's
@@ -635,7 +636,7 @@ class Trainer:
     def _encode_unguided(self, prompts: list[str]):
         ctx = contextlib.nullcontext() if self.trained_text_encoders else torch.no_grad()
         with ctx, self.accelerator.autocast():
-            return self.adapter.encode(prompts, False, (self.resolution, self.resolution))
+            return self.adapter.encode(prompts, False, hw(self.resolution))
 
     def _step_metrics(self) -> dict:
         """The micro-steps' ``micro_metrics`` of this step, averaged (over micro-steps and processes), then cleared."""

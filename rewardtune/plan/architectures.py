@@ -89,6 +89,7 @@ def _tokenizer(tokenizer_dir: Path | None, words: list[str] | None = None):
 PART_CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "transformer": ("diffusers", "SD3Transformer2DModel"),
+    "transformer_2": None,  # a second transformer (a pair of experts): its config names its class
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
@@ -108,8 +109,10 @@ def _part_class(part: str, config: dict, index: dict | None = None):
         package, name = "diffusers", config["_class_name"]
     elif config.get("architectures"):
         package, name = "transformers", config["architectures"][0]
-    else:
+    elif PART_CLASSES[part] is not None:
         package, name = PART_CLASSES[part]
+    else:
+        raise UserError(f"the config of '{part}' names no class (_class_name or architectures)")
     return getattr(diffusers if package == "diffusers" else transformers, name)
 
 
@@ -196,6 +199,8 @@ def build_pipeline(
 
     family, _, _ = _configs(source)
     parts = build_parts(source, dtype, device, vae_dtype, overrides)
+    _, configs, index = _configs(source)
+    settings = configs.get("pipeline", {}) if index is None else index
     if str(source) in ARCHITECTURES:
         tok = _tokenizer(tokenizer_dir, tokenizer_words)
         spec = families.by_name(family)
@@ -208,7 +213,12 @@ def build_pipeline(
         ]
         # a second CLIP encoder without a tokenizer of its own uses the first's (SDXL's layout)
         toks = (found[0], found[1] or (found[0] if "text_encoder_2" in parts else None), found[2])
-    return assemble_pipeline(family, parts, *toks)
+    pipe = assemble_pipeline(family, parts, *toks)
+    # the pipeline's own settings (model_index.json's; a shipped architecture's "pipeline" entry), as from_pretrained
+    # gives them: Wan 2.2's boundary_ratio and expand_timesteps
+    own = {k: v for k, v in settings.items() if not k.startswith("_") and not isinstance(v, list) and k in pipe.config}
+    pipe.register_to_config(**own)
+    return pipe
 
 
 def save_pipeline(directory: str | Path, arch: str, dtype: torch.dtype = torch.float16, device=None) -> Path:

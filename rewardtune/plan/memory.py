@@ -32,6 +32,7 @@ from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
 from ..finetune.video import for_video
 from ..losses import reward_loss
+from ..sizes import check_size, hw, parse_resolution
 from . import cache as plan_cache
 from . import stacks
 from .architectures import (
@@ -542,7 +543,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     reward = _meta_reward(pcfg, clip_config)
     adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
-    adapter.check_resolution(resolution)
+    check_size(adapter, resolution)
     # xformers: the same memory as flash/efficient SDPA, which the trace substitutes
     setup_cfg = dataclasses.replace(pcfg, attention="sdpa") if pcfg.attention == "xformers" else pcfg
     lora = prepare_models(setup_cfg, pipe, adapter, "meta")
@@ -871,10 +872,14 @@ def _variants(cfg, native: int) -> list[tuple[str, dict]]:
                 {"batch_size": max(1, cfg.batch_size // 2), "grad_accum": cfg.grad_accum * 2},
             )
         )
-    res = cfg.resolution or native
-    step = 64 if res >= 256 else 8  # 1024 -> 768, 512 -> 384; small test models by multiples of 8
-    smaller = max(32, (res * 3 // 4) // step * step)
-    if smaller < res:
+    sides = hw(cfg.resolution or native)
+
+    def three_quarters(res: int) -> int:
+        step = 64 if res >= 256 else 8  # 1024 -> 768, 512 -> 384; small test models by multiples of 8
+        return max(32, (res * 3 // 4) // step * step)
+
+    smaller = parse_resolution(tuple(map(three_quarters, sides)))
+    if hw(smaller) != sides and all(a <= b for a, b in zip(hw(smaller), sides)):
         out.append((f"--resolution {smaller}", {"resolution": smaller}))
     return out
 

@@ -30,15 +30,20 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from ...errors import UserError
-from ..flow_models import LLMFlowAdapter, hw
-from . import Alias, Family
+from ..flow_models import LLMFlowAdapter, hw, planner_t5_tokenizer
+from . import Alias, Family, Layers
 
 # The attention projections (self and cross) and the feed-forward of every block.
 WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 LORA_ON = ("high", "low")
-# Settings of the Wan-AI/Wan2.1 and Wan2.2 repositories' generation configs (wan/configs/*.py) and model cards:
-# T2V-1.3B/14B 50 steps, guidance 5, 81 frames at 480x832 (14B also 720x1280); TI2V-5B 50 steps, guidance 5,
-# 121 frames at 704x1280; T2V-A14B 40 steps, guidance 4 (high noise) / 3 (low noise), 81 frames.
+# Sampling defaults, checked against WanPipeline.__call__ (diffusers 0.42.1: height 480, width 832, num_frames 81,
+# 50 steps, guidance_scale 5.0, guidance_scale_2 = guidance_scale when unset, max_sequence_length 512) and Wan's own
+# configs (Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py: 40 steps, boundary 0.875, sample_guide_scale (3.0, 4.0) for
+# (low, high) noise; wan_ti2v_5B.py: 50 steps, guidance 5.0, 121 frames). The shift is the directory's scheduler's
+# flow_shift, as WanPipeline samples: diffusers' scripts/convert_wan_to_diffusers.py writes 3.0 for T2V (Wan 2.1 and
+# the A14B pair) and 5.0 for TI2V-5B, and WanPipeline's docstring advises 5.0 for 720P, 3.0 for 480P (set the
+# scheduler's flow_shift in the directory for that). Wan's own A14B sampler shifts by 12.0 (sample_shift): the
+# Diffusers repositories do not, and neither does the trainer.
 WAN21 = dict(sample_steps=50, guidance_scale=5.0, num_frames=81)
 
 
@@ -172,8 +177,8 @@ class WanAdapter(LLMFlowAdapter):
                 f"(e.g. {lower} or {lower + k})"
             )
 
-    def native_resolution(self) -> int:
-        return 480  # WanPipeline's default height (its width, 832, is not square; training is square)
+    def native_resolution(self) -> str:
+        return "480x832"  # WanPipeline.__call__'s default height and width
 
     def check_resolution(self, resolution: int) -> None:
         patch = self.denoiser.config.patch_size
@@ -248,6 +253,45 @@ class WanAdapter(LLMFlowAdapter):
         return {"schedule": schedule, "guidance_scale": 1.0}
 
 
+def _stacks(config: dict) -> dict[str, int]:
+    return {"transformer.blocks": int(config.get("num_layers", 0)) - 1}
+
+
+def _overrides(config: dict, depths: dict) -> dict:
+    return {"num_layers": 1 + depths.get("transformer.blocks", int(config["num_layers"]) - 1)}
+
+
+def _blocks(model) -> list:
+    blocks = [(b, "transformer.blocks") for b in model.blocks]
+    blocks[0] = (blocks[0][0], "transformer.first")
+    return blocks
+
+
+# The planner's full-size architectures (plan/configs/*.json, each naming its source: diffusers'
+# scripts/convert_wan_to_diffusers.py, and Wan's own umt5_xxl() for the text encoder). Wan 2.1 and the A14B pair share
+# the 16-channel VAE (8x spatial, 4x temporal) and the UniPC flow scheduler with flow_shift 3; TI2V-5B has the
+# 48-channel VAE 2.2 (16x spatial: 2x2 patches inside the VAE) and flow_shift 5. The pipeline's own settings
+# (boundary_ratio, expand_timesteps) are the "pipeline" entry, as model_index.json holds them.
+_WAN21_PARTS = dict(vae="wan21_vae", text_encoder="umt5_xxl_encoder", scheduler="wan21_scheduler")
+PLAN_ARCHITECTURES = {
+    "wan21-t2v-1.3b": dict(transformer="wan21_t2v_13b_transformer", **_WAN21_PARTS),
+    "wan21-t2v-14b": dict(transformer="wan21_t2v_14b_transformer", **_WAN21_PARTS),
+    "wan22-ti2v-5b": dict(
+        transformer="wan22_ti2v_5b_transformer",
+        vae="wan22_vae",
+        text_encoder="umt5_xxl_encoder",
+        scheduler="wan22_ti2v_scheduler",
+        pipeline="wan22_ti2v_5b_pipeline",
+    ),
+    "wan22-t2v-a14b": dict(
+        transformer="wan22_t2v_a14b_transformer",
+        transformer_2="wan22_t2v_a14b_transformer",
+        pipeline="wan22_t2v_a14b_pipeline",
+        **_WAN21_PARTS,
+    ),
+}
+
+
 def assemble(parts: dict, tokenizer, tokenizer_2=None, tokenizer_3=None):
     """Tokenizer: UMT5's (T5's kind)."""
     from diffusers import WanPipeline
@@ -268,14 +312,20 @@ FAMILY = Family(
     defaults=dict(**WAN21, lora_targets=WAN_TARGETS, max_sequence_length=512),
     assemble=assemble,
     aliases={
-        "wan21-t2v-1.3b": Alias(("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",), dict(WAN21)),
-        "wan22-ti2v-5b": Alias(("Wan-AI/Wan2.2-TI2V-5B-Diffusers",), dict(WAN21, num_frames=121)),
-        "wan21-t2v-14b": Alias(("Wan-AI/Wan2.1-T2V-14B-Diffusers",), dict(WAN21)),
+        "wan21-t2v-1.3b": Alias(("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",), dict(WAN21), plan="wan21-t2v-1.3b"),
+        "wan22-ti2v-5b": Alias(
+            ("Wan-AI/Wan2.2-TI2V-5B-Diffusers",), dict(WAN21, num_frames=121), plan="wan22-ti2v-5b"
+        ),
+        "wan21-t2v-14b": Alias(("Wan-AI/Wan2.1-T2V-14B-Diffusers",), dict(WAN21), plan="wan21-t2v-14b"),
         "wan22-t2v-a14b": Alias(
             ("Wan-AI/Wan2.2-T2V-A14B-Diffusers",),
             dict(WAN21, sample_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
+            plan="wan22-t2v-a14b",
         ),
     },
     fsdp_blocks=("WanTransformerBlock",),
+    plan_architectures=PLAN_ARCHITECTURES,
+    plan_tokenizers=lambda parts, clip: (planner_t5_tokenizer(), None, None),
+    layers=Layers(_stacks, _overrides, _blocks),
     options=("num_frames", "frame_weights", "lora_on", "guidance_scale_2"),
 )
