@@ -370,6 +370,26 @@ def batch_reward():
 
 
 @pytest.fixture(scope="session")
+def step_raises_reward(batch_reward):
+    """``step_raises_reward(trainer, method)``: one optimizer step of ``method`` logs the reward its batch had and
+    raises that batch's reward, with Adam's momentum from another test's batch cleared first (it would outweigh
+    this gradient); returns the number of images the step scored (DRaFT-LV adds its re-noised copies)."""
+
+    def check(trainer, method):
+        trainer.cfg.method = method
+        step = trainer.global_step
+        before, n = batch_reward(trainer, step)
+        trainer.optimizer.state.clear()
+        metrics = trainer.step()
+        after, _ = batch_reward(trainer, step)
+        assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
+        assert after > before
+        return n
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def launch_two_processes():
     """``launch_two_processes(*args, timeout=HANG_SECONDS)``: see ``_launch_two_processes``."""
     return _launch_two_processes

@@ -243,50 +243,26 @@ class Brightness(torch.nn.Module):
         return images.mean(dim=(1, 2, 3))
 
 
-def _cfg(model, output, **kw):
-    base = dict(
-        model=str(model),
-        prompts="builtin:simple",
-        output=str(output),
-        method="draft-k",
-        k=2,
-        steps=2,
-        batch_size=2,
-        lr=5e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        resolution=32,
-        sample_steps=3,
-        guidance_scale=1.0,
-        eval_every=0,
-        eval_size=2,
-        checkpoint_every=0,
-        gradient_checkpointing=False,
-        max_sequence_length=MSL,
-        num_frames=FRAMES,
-        frames="2",
-    )
-    base.update(kw)
-    return FinetuneConfig(**base)
+@pytest.fixture(scope="session")
+def wan_cfg(tiny_cfg):
+    """``tiny_cfg`` for the tiny Wan models: no guidance, two evaluation prompts, short prompts, 5-frame videos of
+    which frames 0 and 4 are scored."""
+    return lambda model, output, **kw: tiny_cfg(
+        model, output, **{"lr": 5e-2, "guidance_scale": 1.0, "eval_size": 2, "max_sequence_length": MSL,
+                          "num_frames": FRAMES, "frames": "2", **kw}
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def wan_trainer(wan_model, tmp_path_factory):
+def wan_trainer(wan_model, tmp_path_factory, wan_cfg):
     """A trainer on the tiny Wan2.1-like model; the method is read from its config at every step, so tests switch it."""
-    return Trainer(_cfg(wan_model, tmp_path_factory.mktemp("wan_methods"), refl_min=0.0), reward=Brightness())
+    return Trainer(wan_cfg(wan_model, tmp_path_factory.mktemp("wan_methods"), refl_min=0.0), reward=Brightness())
 
 
 @pytest.mark.parametrize("method", ["draft-k", "draft-lv", "refl", "alignprop"])
-def test_each_method_raises_the_reward_of_its_batch(wan_trainer, method, batch_reward):
+def test_each_method_raises_the_reward_of_its_batch(wan_trainer, method, step_raises_reward):
     trainer = wan_trainer
-    trainer.cfg.method = method
-    step = trainer.global_step
-    before, n = batch_reward(trainer, step)
-    trainer.optimizer.state.clear()  # Adam's momentum from the previous test's batch is not this batch's
-    metrics = trainer.step()
-    after, _ = batch_reward(trainer, step)
-    assert metrics["reward"] == pytest.approx(before, abs=1e-5) and metrics["grad_norm"] > 0
-    assert after > before
+    n = step_raises_reward(trainer, method)
     assert n == (2 * 3 if method == "draft-lv" else 2)  # draft-lv adds lv_samples=2 re-noised copies
 
 
@@ -307,13 +283,13 @@ def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
 
 
 def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(
-    pair_model, tmp_path, library_log, stock_pipeline, batch_reward
+    pair_model, tmp_path, library_log, stock_pipeline, batch_reward, wan_cfg
 ):
     """The default --lora-on is the expert of the last gradient step (the low-noise transformer_2 for DRaFT-K); the
     LoRA lands there only, the other expert stays frozen, and a step raises the reward of its batch. The saved LoRA loads into a
     stock pair's transformer_2 (``load_into_transformer_2=True``) without a warning and gives the trained frames.
     --lora-on high puts it on transformer."""
-    trainer = Trainer(_cfg(pair_model, tmp_path / "a", k=1, sample_steps=4, frames="1"), reward=Brightness())
+    trainer = Trainer(wan_cfg(pair_model, tmp_path / "a", k=1, sample_steps=4, frames="1"), reward=Brightness())
     pipe = trainer.pipe
     assert trainer.adapter.lora_on == "low" and trainer.unet is pipe.transformer_2
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
@@ -331,7 +307,7 @@ def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(
     kw = dict(num_inference_steps=4, guidance_scale=1.0, **KW)
     loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
-    high = make_adapter(pipe, "wan", _cfg(pair_model, tmp_path / "b", lora_on="high"))
+    high = make_adapter(pipe, "wan", wan_cfg(pair_model, tmp_path / "b", lora_on="high"))
     assert high.denoiser is pipe.transformer and high.frozen_expert is pipe.transformer_2
 
 
@@ -340,11 +316,11 @@ GUIDED = 2.0
 
 
 @pytest.fixture(scope="module")
-def trained_lora(euler_model, tmp_path_factory):
+def trained_lora(euler_model, tmp_path_factory, wan_cfg):
     """One guided step (transformer and VAE decode checkpointed), the LoRA saved with ``WanPipeline.save_lora_weights``,
     and the videos the trainer then makes: (LoRA directory, videos)."""
     out = tmp_path_factory.mktemp("wan_lora")
-    cfg = _cfg(euler_model, out, guidance_scale=GUIDED, gradient_checkpointing=True, lora_alpha=8.0)
+    cfg = wan_cfg(euler_model, out, guidance_scale=GUIDED, gradient_checkpointing=True, lora_alpha=8.0)
     trainer = Trainer(cfg, reward=Brightness())
     trainer.step()
     trainer.save_lora(out / "lora")
