@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors import safe_open
 
 from rewardtune.cli import main
@@ -196,6 +196,35 @@ def test_a_prefix_of_latent_frames_decodes_the_same_leading_frames(wan_model):
     checkpoint_vae_decoder(vae)
     zz = z.clone().requires_grad_(True)
     torch.testing.assert_close(vae.decode(zz).sample, full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("wan22", [False, True])
+def test_the_checkpoint_per_latent_frame_decodes_and_differentiates_as_the_vae_does(wan_model, wan22):
+    """With gradients each latent frame's decoder call is a checkpoint of its own (video._decode_by_frame, the loop
+    of AutoencoderKLWan._decode): the whole video's pixels equal ``vae.decode``'s and the latents' gradients the
+    uncheckpointed decode's, for Wan 2.1's VAE and a tiny Wan 2.2-style one (residual, patch size 2, 12 channels)."""
+    if wan22:
+        torch.manual_seed(5)
+        vae = AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=16, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True,
+            in_channels=12, out_channels=12, patch_size=2, latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+            scale_factor_spatial=16,
+        ).eval()  # fmt: skip
+    else:
+        vae = WanPipeline.from_pretrained(wan_model).vae
+    z = torch.randn(1, vae.config.z_dim, 3, 4, 4, generator=_gen(6))
+    with torch.no_grad():
+        full = vae.decode(z).sample
+    weight = torch.randn(full.shape, generator=_gen(7))
+    grads = []
+    for checkpointed in (False, True):
+        zz = z.clone().requires_grad_(True)
+        out = decode_frames(vae, zz, None, 4, checkpointed=checkpointed)
+        torch.testing.assert_close(out.detach(), full, atol=1e-6, rtol=0)
+        (out * weight).sum().backward()
+        grads.append(zz.grad)
+    assert grads[0][:, :, 2].abs().max() > 0  # the last latent frame is decoded and reached
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
 # ----- the video reward ------------------------------------------------------------------------------

@@ -10,9 +10,11 @@
   prefix of latents that makes them -- exactly the same pixels (tests/test_wan.py compares them) -- and the later
   latent frames are never decoded: with 4 evenly spread frames of 33 the last is the video's last, so nothing is
   saved; the saving is the share of the video after the last scored frame (``--frames`` choices that stop early).
-  With gradients the decode is one checkpoint: its activations are not kept between the forward pass and the
-  reward's backward, and are recomputed (one more decode) in the backward pass, so the decode's activations and
-  the reward's are never alive at once (docs/finetune.md, "Video").
+  With gradients each latent frame's decoder call is a checkpoint of its own (``_decode_by_frame``): nothing of
+  the decode is kept between the forward pass and the reward's backward but each latent frame's input, output
+  and the causal cache it hands on, and the backward pass recomputes one latent frame at a time, so at most one
+  latent frame's decoder activations are alive (a single checkpoint over the whole decode held all of them: the
+  planner put 1.3B at 480x832, 33 frames, at 145 GiB for that backward alone). docs/finetune.md, "Video".
 - ``temporal_consistency``: the mean cosine similarity of consecutive frames' image embeddings (the reward's CLIP
   tower where it has one), logged at evaluation: a reward that scores frames alone can trade motion or coherence
   for per-frame scores, and this shows it.
@@ -121,13 +123,57 @@ def _decode(vae, z: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0]
 
 
+def _decode_chunk(vae, x: torch.Tensor, first: bool, cache: list):
+    """One latent frame through the decoder, reading the causal cache ``cache`` (left as it is: a copy advances)."""
+    advanced = list(cache)
+    out = vae.decoder(x, feat_cache=advanced, feat_idx=[0], first_chunk=first)
+    return out, advanced
+
+
+def _by_frame(vae, z: torch.Tensor) -> bool:
+    """Whether ``vae`` decodes latent frame by latent frame with a cache we can hand on (Wan's AutoencoderKLWan,
+    untiled), so that each frame can be a checkpoint of its own."""
+    if not all(hasattr(vae, a) for a in ("_cached_conv_counts", "post_quant_conv", "decoder")):
+        return False
+    tiled = getattr(vae, "use_tiling", False) and (
+        z.shape[-1] > vae.tile_sample_min_width // vae.spatial_compression_ratio
+        or z.shape[-2] > vae.tile_sample_min_height // vae.spatial_compression_ratio
+    )
+    return not tiled
+
+
+def _decode_by_frame(vae, z: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKLWan._decode`` (diffusers 0.42.1, untiled) with each latent frame's decoder call a checkpoint:
+    post_quant_conv, the frames in order with the cache each leaves for the next (the first with
+    ``first_chunk``), unpatchify where the VAE patches (Wan 2.2), clamp to [-1, 1]. The same pixels as
+    ``vae.decode`` (tests/test_wan.py)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: PLC0415 - with the VAE
+
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * vae._cached_conv_counts["decoder"]
+    frames = []
+    for i in range(x.shape[2]):
+        out, cache = torch.utils.checkpoint.checkpoint(
+            _decode_chunk, vae, x[:, :, i : i + 1], i == 0, cache, use_reentrant=False
+        )
+        frames.append(out)
+    out = torch.cat(frames, 2)
+    if vae.config.patch_size is not None:
+        out = unpatchify(out, patch_size=vae.config.patch_size)
+    return out.clamp(-1.0, 1.0)
+
+
 def decode_frames(vae, z: torch.Tensor, last_frame: int | None, temporal: int, checkpointed: bool) -> torch.Tensor:
     """Frames 0..``last_frame`` (None: all) of the videos of VAE latents ``z`` (B,C,f,h,w), decoded from the prefix of
-    latent frames they need (the VAE is causal in time); with gradients and ``checkpointed``, one checkpoint."""
+    latent frames they need (the VAE is causal in time); with gradients and ``checkpointed``, a checkpoint per
+    latent frame (or, for a VAE that does not decode frame by frame, one over the decode)."""
     if last_frame is not None:
         z = z[:, :, : latent_frames_for(last_frame, temporal)]
     if checkpointed and torch.is_grad_enabled() and z.requires_grad:
-        out = torch.utils.checkpoint.checkpoint(_decode, vae, z, use_reentrant=False)
+        if _by_frame(vae, z):
+            out = _decode_by_frame(vae, z)
+        else:
+            out = torch.utils.checkpoint.checkpoint(_decode, vae, z, use_reentrant=False)
     else:
         out = _decode(vae, z)
     return out if last_frame is None else out[:, :, : last_frame + 1]
