@@ -202,7 +202,8 @@ def test_a_prefix_of_latent_frames_decodes_the_same_leading_frames(wan_model):
 def test_the_checkpoint_per_latent_frame_decodes_and_differentiates_as_the_vae_does(wan_model, wan22):
     """With gradients each latent frame's decoder call is a checkpoint of its own (video._decode_by_frame, the loop
     of AutoencoderKLWan._decode): the whole video's pixels equal ``vae.decode``'s and the latents' gradients the
-    uncheckpointed decode's, for Wan 2.1's VAE and a tiny Wan 2.2-style one (residual, patch size 2, 12 channels)."""
+    uncheckpointed decode's, for Wan 2.1's VAE and a tiny Wan 2.2-style one (residual, patch size 2, 12 channels),
+    with the trainer's layer checkpoints on the decoder (which may drop the cache for a one-latent-frame decode only)."""
     if wan22:
         torch.manual_seed(5)
         vae = AutoencoderKLWan(
@@ -215,6 +216,9 @@ def test_the_checkpoint_per_latent_frame_decodes_and_differentiates_as_the_vae_d
     z = torch.randn(1, vae.config.z_dim, 3, 4, 4, generator=_gen(6))
     with torch.no_grad():
         full = vae.decode(z).sample
+    checkpoint_vae_decoder(vae)  # as the trainer sets it up with gradient checkpointing
+    with torch.no_grad():  # the layer checkpoints last saw one latent frame: for a video they must keep the cache
+        vae.decode(z[:, :, :1])
     weight = torch.randn(full.shape, generator=_gen(7))
     grads = []
     for checkpointed in (False, True):

@@ -194,6 +194,7 @@ def checkpoint_vae_decoder(vae) -> None:
     if not getattr(vae, "_rewardtune_checkpointed", False) and hasattr(vae, "_decode"):
         vae._decode = _noting_frames(vae._decode, single)
         vae._rewardtune_checkpointed = True
+        vae._rewardtune_single = single  # a decode that bypasses _decode (video._decode_by_frame) sets it itself
     for block in [decoder.mid_block, *decoder.up_blocks]:
         for name in ("resnets", "attentions", "upsamplers"):
             for layer in getattr(block, name, None) or []:

@@ -150,6 +150,9 @@ def _decode_by_frame(vae, z: torch.Tensor) -> torch.Tensor:
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: PLC0415 - with the VAE
 
     x = vae.post_quant_conv(z)
+    single = getattr(vae, "_rewardtune_single", None)  # trainer.checkpoint_vae_decoder's layer checkpoints
+    if single is not None:  # may drop the cache only when one latent frame is decoded (no cache is read)
+        single[0] = x.shape[2] == 1
     cache: list = [None] * vae._cached_conv_counts["decoder"]
     frames = []
     for i in range(x.shape[2]):
