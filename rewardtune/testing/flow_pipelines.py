@@ -68,11 +68,13 @@ def t5_tokenizer(words: list[str]):
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def _t5(vocab_size: int, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
+def tiny_t5_encoder(vocab_size: int, d_model: int = 32, umt5: bool = False):
+    """A two-layer T5 encoder (SD3's and FLUX's text_encoder_3/2), or with ``umt5`` the same sizes as UMT5 (Wan's)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
+    config, model = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    return model(
+        config(
             vocab_size=vocab_size,
             d_model=d_model,
             d_kv=8,
@@ -162,7 +164,7 @@ def build_tiny_flow_pipeline(
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
         # CLIP-L and CLIP-G (16 + 16 penultimate features, padded to T5's 32) and pooled 16 + 16, as 768 + 1280 -> 4096.
-        te, te2, te3 = _clip_text(vocab_size, 16, 16), _clip_text(vocab_size, 16, 16), _t5(len(t5_tok), 32)
+        te, te2, te3 = _clip_text(vocab_size, 16, 16), _clip_text(vocab_size, 16, 16), tiny_t5_encoder(len(t5_tok), 32)
         transformer = SD3Transformer2DModel(
             sample_size=4,
             patch_size=2,
@@ -193,7 +195,7 @@ def build_tiny_flow_pipeline(
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     schnell = variant == "schnell"
-    te, te2 = _clip_text(vocab_size, 16, None), _t5(len(t5_tok), 32)
+    te, te2 = _clip_text(vocab_size, 16, None), tiny_t5_encoder(len(t5_tok), 32)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .flow_pipelines import prompt_words, t5_tokenizer
+from .flow_pipelines import prompt_words, t5_tokenizer, tiny_t5_encoder
 
 FLOW_SHIFT = 3.0  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' scheduler: UniPC, flow sigmas, flow_shift 3.0
 # UniPCMultistepScheduler settings of the Wan-AI/*-Diffusers scheduler configs
@@ -61,21 +61,7 @@ def tiny_wan_vae(base_dim: int = 4):
 
 
 def tiny_umt5(vocab_size: int, d_model: int = 32):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
+    return tiny_t5_encoder(vocab_size, d_model, umt5=True).eval()
 
 
 def build_tiny_wan_pipeline(seed: int = 0, pair: bool = False, expand_timesteps: bool = False, euler: bool = False):
