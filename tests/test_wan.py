@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,9 @@ from rewardtune.finetune.families.wan import WAN_TARGETS
 from rewardtune.finetune.flow import FlowMatchSampler
 from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, resolve_model
 from rewardtune.finetune.sampler import Plan
-from rewardtune.finetune.trainer import checkpoint_vae_decoder
+from rewardtune.finetune.trainer import _checkpointed_cached, cache_slots, checkpoint_vae_decoder
 from rewardtune.finetune.video import (
+    HostOffload,
     VideoReward,
     decode_frames,
     frame_indices,
@@ -198,12 +201,27 @@ def test_a_prefix_of_latent_frames_decodes_the_same_leading_frames(wan_model):
     torch.testing.assert_close(vae.decode(zz).sample, full, atol=0, rtol=0)
 
 
+class _Recording(HostOffload):
+    """``HostOffload`` that copies on a CPU too, keeping a weak reference to every tensor it packs."""
+
+    def __init__(self):
+        super().__init__(always=True)
+        self.packed = []
+
+    def pack(self, t):
+        self.packed.append(weakref.ref(t))
+        return super().pack(t)
+
+
 @pytest.mark.parametrize("wan22", [False, True])
 def test_the_checkpoint_per_latent_frame_decodes_and_differentiates_as_the_vae_does(wan_model, wan22):
     """With gradients each latent frame's decoder call is a checkpoint of its own (video._decode_by_frame, the loop
-    of AutoencoderKLWan._decode): the whole video's pixels equal ``vae.decode``'s and the latents' gradients the
+    of AutoencoderKLWan._decode) and inside it each decoder layer one too, with the cache slots it reads as inputs
+    (trainer.checkpoint_vae_decoder): the whole video's pixels equal ``vae.decode``'s and the latents' gradients the
     uncheckpointed decode's, for Wan 2.1's VAE and a tiny Wan 2.2-style one (residual, patch size 2, 12 channels),
-    with the trainer's layer checkpoints on the decoder (which may drop the cache for a one-latent-frame decode only)."""
+    also with what the frame checkpoints hold copied to the host (``HostOffload``): then none of the tensors they
+    hold is alive past the forward pass but the host copy (on an accelerator: its memory is free until the backward
+    pass)."""
     if wan22:
         torch.manual_seed(5)
         vae = AutoencoderKLWan(
@@ -216,19 +234,46 @@ def test_the_checkpoint_per_latent_frame_decodes_and_differentiates_as_the_vae_d
     z = torch.randn(1, vae.config.z_dim, 3, 4, 4, generator=_gen(6))
     with torch.no_grad():
         full = vae.decode(z).sample
-    checkpoint_vae_decoder(vae)  # as the trainer sets it up with gradient checkpointing
-    with torch.no_grad():  # the layer checkpoints last saw one latent frame: for a video they must keep the cache
-        vae.decode(z[:, :, :1])
     weight = torch.randn(full.shape, generator=_gen(7))
     grads = []
-    for checkpointed in (False, True):
+    for checkpointed in (False, True, "layers", "host"):
+        if checkpointed == "layers":
+            checkpoint_vae_decoder(vae)  # as the trainer sets it up with gradient checkpointing
+        host = _Recording() if checkpointed == "host" else None
         zz = z.clone().requires_grad_(True)
-        out = decode_frames(vae, zz, None, 4, checkpointed=checkpointed)
+        out = decode_frames(vae, zz, None, 4, checkpointed=bool(checkpointed), host=host)
         torch.testing.assert_close(out.detach(), full, atol=1e-6, rtol=0)
+        if host is not None:
+            gc.collect()
+            # each later frame's input and cache slots (more than one frame's worth of slots)
+            assert len(host.packed) > cache_slots(vae.decoder) and host.bytes > 0
+            assert [r for r in host.packed if r() is not None and r().dim() == 5 and r().shape[2] <= 2] == []
         (out * weight).sum().backward()
         grads.append(zz.grad)
     assert grads[0][:, :, 2].abs().max() > 0  # the last latent frame is decoded and reached
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_decoder_layer_advances_the_cache_by_its_counted_slots(wan_model):
+    """``cache_slots``: Wan's residual block reads 2 slots, the temporal upsampler 1, attention none; a layer that
+    advances the cache by another count is an error, not a silently shifted cache."""
+    vae = WanPipeline.from_pretrained(wan_model).vae
+    up = vae.decoder.up_blocks
+    assert cache_slots(up[0].resnets[0]) == 2
+    assert [cache_slots(u.upsamplers[0]) for u in up if u.upsamplers is not None] == [1, 1, 0]
+    cache, idx = [None] * vae._cached_conv_counts["decoder"], [0]
+    with torch.no_grad():  # the decoder's own count of the slots it advances (first chunk, then a later one)
+        for first in (True, False):
+            idx[0] = 0
+            vae.decoder(torch.zeros(1, 16, 1, 4, 4), feat_cache=cache, feat_idx=idx, first_chunk=first)
+            assert idx[0] == cache_slots(vae.decoder)
+    checkpoint_vae_decoder(vae)
+    layer = up[0].resnets[0]
+    layer.forward = _checkpointed_cached(lambda x, cache, at: x, 2, "a layer that reads no cache")
+    cache = [None] * vae._cached_conv_counts["decoder"]
+    with pytest.raises(RuntimeError, match="advanced the VAE's feature cache by 0 slots, not 2"):
+        layer(torch.zeros(1, 1, 1, 1, 1, requires_grad=True), cache, [0])
 
 
 # ----- the video reward ------------------------------------------------------------------------------
@@ -509,3 +554,21 @@ def test_shipped_wan_architectures_build_the_published_models():
         assert (pipe.transformer_2 is not None) == paired and pipe.config.boundary_ratio == (0.875 if paired else None)
         if paired:
             assert count(pipe.transformer_2) == n
+
+
+def test_the_plan_keeps_a_videos_decode_checkpoints_in_host_memory(wan_model, wan_cfg, tmp_path):
+    """On an accelerator what the per-frame decode checkpoints hold waits in host memory (``HostOffload``): the plan
+    for a GPU counts it there (``host_mib``), as many bytes as a real decode of those latents copies to the host;
+    a plan for the CPU has no host beside it."""
+    from rewardtune.plan import predict_peak_memory  # noqa: PLC0415
+    from rewardtune.testing import tiny_clip_config  # noqa: PLC0415
+
+    reward = tiny_clip_config(49408, hidden=32, layers=2, heads=4, projection_dim=64, image_size=32).to_dict()
+    cfg = wan_cfg(wan_model, tmp_path, num_frames=9, frames="all", k=1, batch_size=1, gradient_checkpointing=True)
+    gpu = predict_peak_memory(cfg, reward_config=reward, cache=False)
+    vae = WanPipeline.from_pretrained(wan_model).vae
+    checkpoint_vae_decoder(vae)
+    host = _Recording()
+    decode_frames(vae, torch.randn(1, 16, 3, 4, 4, requires_grad=True), None, 4, checkpointed=True, host=host)
+    assert host.bytes > 0 and gpu["host_mib"] * 2**20 == host.bytes
+    assert "host_mib" not in predict_peak_memory(cfg, reward_config=reward, cache=False, target="cpu")

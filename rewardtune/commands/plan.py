@@ -114,6 +114,11 @@ def _print(cfg, result: dict) -> None:
         f"  weights (frozen model, reward, LoRA): {p['weights_mib'] / 1024:.2f} GiB; with optimizer states "
         f"{p['resident_mib'] / 1024:.2f} GiB; step activations and temporaries at the peak {p['activations_mib'] / 1024:.2f} GiB"
     )
+    if p.get("host_mib"):
+        print(
+            f"  host memory (pinned) for the video decode's per-frame checkpoints until their backward pass: "
+            f"{p['host_mib'] / 1024:.2f} GiB"
+        )
     if "budget_gib" not in result:
         return
     if result["fits"]:

@@ -49,7 +49,7 @@ from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompt_store import store_for
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler, small_steps_note
-from .video import decode_frames, for_video
+from .video import HostOffload, decode_frames, for_video
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -182,36 +182,27 @@ def checkpoint_vae_decoder(vae) -> None:
     by the dozen. Here every resnet, attention and upsampler inside those blocks is a checkpoint of its own as well
     (nested, non-reentrant), so a block's recomputation keeps only its layers' inputs and one layer's internals.
 
-    A causal 3-D VAE (Qwen-Image's, which diffusers does not checkpoint) passes its layers a feature cache of
-    earlier frames that they read and advance in place, which a recomputation would find advanced: its layers
-    are checkpointed as calls without the cache, which decoding one frame (an image) never reads. A video of several
-    latent frames (Wan's) needs the cache from chunk to chunk: its layers run as they are (the video decode is
-    checkpointed whole, ``finetune/video.py``)."""
+    A causal 3-D VAE (Wan's, Qwen-Image's; diffusers checkpoints neither) passes its layers a feature cache of earlier
+    frames that each layer reads and advances in place, which a recomputation would find advanced: such a layer is a
+    checkpoint of a function of its input and the cache slots it reads, returning its output and the slots it leaves
+    (``_checkpointed_cached``), so the recomputation sees the cache as the forward pass did, for one latent frame or
+    a video's many."""
     if vae._supports_gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     decoder = vae.decoder
-    single = [True]  # whether the decode under way is of one latent frame (set by the _decode wrapper below)
-    if not getattr(vae, "_rewardtune_checkpointed", False) and hasattr(vae, "_decode"):
-        vae._decode = _noting_frames(vae._decode, single)
-        vae._rewardtune_checkpointed = True
-        vae._rewardtune_single = single  # a decode that bypasses _decode (video._decode_by_frame) sets it itself
     for block in [decoder.mid_block, *decoder.up_blocks]:
+        layers = [getattr(block, "upsampler", None)]  # Wan 2.2's residual up blocks: one upsampler, not a list
         for name in ("resnets", "attentions", "upsamplers"):
-            for layer in getattr(block, name, None) or []:
-                if layer is not None and not getattr(layer, "_rewardtune_checkpointed", False):
-                    cached = "feat_cache" in inspect.signature(layer.forward).parameters
-                    layer.forward = (
-                        _checkpointed_frame(layer.forward, single) if cached else _checkpointed(layer.forward)
-                    )
-                    layer._rewardtune_checkpointed = True
-
-
-def _noting_frames(decode, single: list):
-    def run(z, *args, **kwargs):
-        single[0] = z.dim() != 5 or z.shape[2] == 1
-        return decode(z, *args, **kwargs)
-
-    return run
+            layers += list(getattr(block, name, None) or [])
+        for layer in layers:
+            if layer is not None and not getattr(layer, "_rewardtune_checkpointed", False):
+                cached = "feat_cache" in inspect.signature(layer.forward).parameters
+                layer.forward = (
+                    _checkpointed_cached(layer.forward, cache_slots(layer), type(layer).__name__)
+                    if cached
+                    else _checkpointed(layer.forward)
+                )
+                layer._rewardtune_checkpointed = True
 
 
 def _checkpointed(forward):
@@ -223,15 +214,46 @@ def _checkpointed(forward):
     return run
 
 
-def _checkpointed_frame(forward, single: list):
-    """A causal 3-D VAE layer ``forward(x, feat_cache, feat_idx)`` checkpointed without its cache while it decodes
-    a single frame (``single[0]``: the decode is of one latent frame): the first frame finds every cache slot empty,
-    which is what no cache means to these layers; later frames of a video need the cache, so there it runs as is."""
+def cache_slots(layer: torch.nn.Module) -> int:
+    """How many slots of a causal 3-D VAE's feature cache ``layer`` reads and advances per call: one per causal
+    convolution with a temporal kernel over 1 (Wan's and Qwen-Image's residual blocks 2, a temporal upsampler 1, a
+    spatial one 0; the 1x1x1 shortcut convolutions are called without the cache)."""
+    return sum(
+        1
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Conv3d) and type(m).__name__.endswith("CausalConv3d") and m.kernel_size[0] > 1
+    )
+
+
+def _checkpointed_cached(forward, slots: int, name: str):
+    """A causal 3-D VAE layer ``forward(x, feat_cache, feat_idx)`` as a checkpoint of ``(x, slots read) -> (output,
+    slots left)``: the forward pass runs it on a private list holding the slots at their places and writes what it
+    leaves back into the caller's cache, so the backward pass recomputes it from the slots it first read (the caller's
+    cache is advanced by then) and the gradients reach earlier frames through the slots. ``slots``: the layer's count
+    (``cache_slots``), checked on every call."""
+
+    def step(x, start, *held):
+        cache = [None] * start + list(held)
+        at = [start]
+        out = forward(x, cache, at)
+        if at[0] != start + slots:
+            raise RuntimeError(f"{name} advanced the VAE's feature cache by {at[0] - start} slots, not {slots}")
+        return (out, *cache[start:])
 
     def run(x, feat_cache=None, feat_idx=None):
-        if not torch.is_grad_enabled() or x.shape[2] != 1 or not single[0]:
-            return forward(x, feat_cache, feat_idx if feat_idx is not None else [0])
-        return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+        if feat_idx is None:
+            feat_idx = [0]
+        if not torch.is_grad_enabled():
+            return forward(x, feat_cache, feat_idx)
+        if feat_cache is None:
+            return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+        start = feat_idx[0]
+        out, *left = torch.utils.checkpoint.checkpoint(
+            step, x, start, *feat_cache[start : start + slots], use_reentrant=False
+        )
+        feat_cache[start : start + slots] = left
+        feat_idx[0] = start + slots
+        return out
 
     return run
 
@@ -387,6 +409,9 @@ class Trainer:
         self.micro_metrics: list[dict] = []  # what each micro-step of the current step measured (loss terms, ...)
         say = (lambda line: print(line, flush=True)) if getattr(parts.accelerator, "is_main_process", True) else None
         self.nonfinite = NonFiniteRule(cfg.max_nonfinite, "finetune: ", say)
+        # a video decode's per-frame checkpoints keep their inputs and causal caches in host memory until the
+        # backward pass on an accelerator (video.HostOffload); on a CPU host and device are one
+        self.decode_host = HostOffload() if self.device.type != "cpu" else None
 
     @property
     def skipped_steps(self) -> int:
@@ -483,7 +508,12 @@ class Trainer:
             if video:
                 last = None if all_frames or not hasattr(self.reward, "indices") else max(self.reward.indices)
                 images = decode_frames(
-                    vae, z, last, self.adapter.temporal_factor, checkpointed=self.cfg.gradient_checkpointing
+                    vae,
+                    z,
+                    last,
+                    self.adapter.temporal_factor,
+                    checkpointed=self.cfg.gradient_checkpointing,
+                    host=self.decode_host,
                 )
             else:
                 images = vae.decode(z, return_dict=False)[0]

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -123,11 +124,12 @@ def _decode(vae, z: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0]
 
 
-def _decode_chunk(vae, x: torch.Tensor, first: bool, cache: list):
-    """One latent frame through the decoder, reading the causal cache ``cache`` (left as it is: a copy advances)."""
+def _decode_chunk(vae, x: torch.Tensor, first: bool, *cache):
+    """One latent frame through the decoder, reading the causal cache ``cache`` (one argument per slot, so a
+    checkpoint saves each tensor as it saves its inputs); returns the output and the cache it leaves."""
     advanced = list(cache)
     out = vae.decoder(x, feat_cache=advanced, feat_idx=[0], first_chunk=first)
-    return out, advanced
+    return (out, *advanced)
 
 
 def _by_frame(vae, z: torch.Tensor) -> bool:
@@ -142,23 +144,53 @@ def _by_frame(vae, z: torch.Tensor) -> bool:
     return not tiled
 
 
-def _decode_by_frame(vae, z: torch.Tensor) -> torch.Tensor:
+class HostOffload:
+    """Saved-tensor hooks that keep what the per-latent-frame checkpoints hold between the decode and its backward
+    pass -- each frame's input and the causal cache handed to it -- in host memory (pinned) while the accelerator
+    works on, copied back when the backward pass reaches that frame. Tensors already on the host stay as they are;
+    ``always``: copy host tensors too (the tests' way to run the copies on a CPU)."""
+
+    def __init__(self, always: bool = False):
+        self.always = always
+        self.bytes = 0  # what the last decode kept in host memory
+
+    def pack(self, t: torch.Tensor):
+        if t.device.type == "cpu" and not self.always:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        host.copy_(t, non_blocking=True)
+        self.bytes += host.nbytes
+        return t.device, host
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _decode_by_frame(vae, z: torch.Tensor, host: HostOffload | None = None) -> torch.Tensor:
     """``AutoencoderKLWan._decode`` (diffusers 0.42.1, untiled) with each latent frame's decoder call a checkpoint:
     post_quant_conv, the frames in order with the cache each leaves for the next (the first with
     ``first_chunk``), unpatchify where the VAE patches (Wan 2.2), clamp to [-1, 1]. The same pixels as
-    ``vae.decode`` (tests/test_wan.py)."""
+    ``vae.decode`` (tests/test_wan.py). ``host``: what each checkpoint keeps (its latent frame and the cache it
+    reads) waits for the backward pass in host memory (``HostOffload``)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: PLC0415 - with the VAE
 
     x = vae.post_quant_conv(z)
-    single = getattr(vae, "_rewardtune_single", None)  # trainer.checkpoint_vae_decoder's layer checkpoints
-    if single is not None:  # may drop the cache only when one latent frame is decoded (no cache is read)
-        single[0] = x.shape[2] == 1
+    if host is not None:
+        host.bytes = 0
     cache: list = [None] * vae._cached_conv_counts["decoder"]
     frames = []
     for i in range(x.shape[2]):
-        out, cache = torch.utils.checkpoint.checkpoint(
-            _decode_chunk, vae, x[:, :, i : i + 1], i == 0, cache, use_reentrant=False
-        )
+        with host.hooks() if host is not None else contextlib.nullcontext():
+            out, *cache = torch.utils.checkpoint.checkpoint(
+                _decode_chunk, vae, x[:, :, i : i + 1], i == 0, *cache, use_reentrant=False
+            )
         frames.append(out)
     out = torch.cat(frames, 2)
     if vae.config.patch_size is not None:
@@ -166,15 +198,18 @@ def _decode_by_frame(vae, z: torch.Tensor) -> torch.Tensor:
     return out.clamp(-1.0, 1.0)
 
 
-def decode_frames(vae, z: torch.Tensor, last_frame: int | None, temporal: int, checkpointed: bool) -> torch.Tensor:
+def decode_frames(
+    vae, z: torch.Tensor, last_frame: int | None, temporal: int, checkpointed: bool, host: HostOffload | None = None
+) -> torch.Tensor:
     """Frames 0..``last_frame`` (None: all) of the videos of VAE latents ``z`` (B,C,f,h,w), decoded from the prefix of
     latent frames they need (the VAE is causal in time); with gradients and ``checkpointed``, a checkpoint per
-    latent frame (or, for a VAE that does not decode frame by frame, one over the decode)."""
+    latent frame (or, for a VAE that does not decode frame by frame, one over the decode), what each keeps in host
+    memory with ``host``."""
     if last_frame is not None:
         z = z[:, :, : latent_frames_for(last_frame, temporal)]
     if checkpointed and torch.is_grad_enabled() and z.requires_grad:
         if _by_frame(vae, z):
-            out = _decode_by_frame(vae, z)
+            out = _decode_by_frame(vae, z, host)
         else:
             out = torch.utils.checkpoint.checkpoint(_decode, vae, z, use_reentrant=False)
     else:

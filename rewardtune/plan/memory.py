@@ -30,7 +30,7 @@ from ..finetune.defaults import resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
-from ..finetune.video import for_video
+from ..finetune.video import HostOffload, for_video
 from ..losses import reward_loss
 from ..sizes import check_size, hw, parse_resolution
 from . import cache as plan_cache
@@ -514,6 +514,8 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
     out["quantize_base"] = base["quantize_base"]
     out["traced_layers"] = {s.name: [stacks.BASE_DEPTH, s.full] for s in (*den_stacks, *r_stacks)}
     out["traces"] = 1 + len(den_stacks)
+    if base["host"]:  # a video decode's checkpoints wait in host memory (finetune/video.py, HostOffload)
+        out["host_mib"] = base["host"] / 2**20
     return out
 
 
@@ -590,6 +592,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         if pcfg.quantize_base != "none":
             gone, quantized = _quantize_linears(adapter.denoiser, pcfg.quantize_base, weight_dtype)
         trainer = Trainer.from_parts(pcfg, parts)
+        trainer.decode_host = _HostInTrace() if gpu else None  # as the Trainer on an accelerator
         trainable = lora_mod.trainable_parameters(*lora.modules)
         tracker = StorageTracker(block)
         away = [reward] if pcfg.reward_offload else []  # --reward-offload: in CPU memory until it scores
@@ -616,6 +619,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         "family": family,
         "quantize_base": pcfg.quantize_base,
         "probes": probe_peaks,
+        "host": trainer.decode_host.bytes if trainer.decode_host is not None else 0,
     }
 
 
@@ -635,6 +639,20 @@ def _counted_placement(tracker: StorageTracker, reward):
             tracker.add_tensors(tensors)
 
     return place
+
+
+class _HostInTrace(HostOffload):
+    """``HostOffload`` in the trace: a packed tensor leaves the accelerator's count when nothing else holds it (host
+    memory is not counted) and its copy back is a new allocation, as on the accelerator."""
+
+    def pack(self, t: torch.Tensor):
+        self.bytes += t.nbytes
+        return t.shape, t.dtype
+
+    @staticmethod
+    def unpack(packed):
+        shape, dtype = packed
+        return torch.empty(shape, dtype=dtype)
 
 
 def _one_block_is_first_and_later(peaks: dict, blocks) -> dict:
