@@ -172,8 +172,8 @@ PYEOF
 # order: SD 1.5 and SDXL at K=1, the flow models at 1024 px (SD3.5-Medium, SD3.5-Large-Turbo at K=2, FLUX.1-dev
 # with an NF4 base, the 2026 families (Z-Image-Turbo in bf16, FLUX.2-klein-4B, Qwen-Image and FLUX.2-dev with NF4
 # bases, the last two with --reward-offload as their recipes: its cost is in the reward part's time), Wan2.1-1.3B and
-# Wan2.2-TI2V-5B at their recipes' 320x576 and 5 frames (ICT-HP on 4), FLUX.1-dev with its bf16 base), then K = all
-# steps, then the rest.
+# Wan2.2-TI2V-5B at their recipes' 480x832 and 33 frames (ICT-HP on 4), FLUX.1-dev with its bf16 base, Wan2.2-TI2V-5B
+# at 704x1280), then K = all steps, then the rest.
 COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
 MAIN="$COMMON --sample-steps 30"
 FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
@@ -187,9 +187,10 @@ CONFIGS=(
   "flux2-klein4b-1024-k1-ckpt-nf4|180|--model $MODELS/FLUX.2-klein-4B --plan-model flux2-klein-4b --defaults-from flux2-klein-4b --quantize-base nf4 --k 1 --sample-steps 4 $FLOW"
   "qwenimage-1024-k1-ckpt-nf4|300|--model $MODELS/Qwen-Image --plan-model qwen-image --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 --max-sequence-length 128 $FLOW"
   "flux2dev-1024-k1-ckpt-nf4|300|--model $MODELS/FLUX.2-dev --plan-model flux2-dev --quantize-base nf4 --reward-offload --k 1 --sample-steps 50 $FLOW"
-  "wan21-1.3b-320x576-f5-k1-ckpt|240|--model $MODELS/Wan2.1-T2V-1.3B-Diffusers --plan-model wan21-t2v-1.3b --defaults-from wan21-t2v-1.3b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 320x576 --num-frames 5 --frames 4"
-  "wan22-5b-320x576-f5-k1-ckpt|300|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 320x576 --num-frames 5 --frames 4"
+  "wan21-1.3b-480x832-f33-k1-ckpt|300|--model $MODELS/Wan2.1-T2V-1.3B-Diffusers --plan-model wan21-t2v-1.3b --defaults-from wan21-t2v-1.3b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 480x832 --num-frames 33 --frames 4"
+  "wan22-5b-480x832-f33-k1-ckpt|300|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 480x832 --num-frames 33 --frames 4"
   "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
+  "wan22-5b-704x1280-f33-k1-ckpt|360|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --k 1 --sample-steps 50 $FLOW --resolution 704x1280 --num-frames 33 --frames 4"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sdxl-1024-k4-ckpt|100|--arch sdxl --resolution 1024 --k 4 --gradient-checkpointing $MAIN --warmup 1 --timed 2"

@@ -10,11 +10,13 @@
   prefix of latents that makes them -- exactly the same pixels (tests/test_wan.py compares them) -- and the later
   latent frames are never decoded: with 4 evenly spread frames of 33 the last is the video's last, so nothing is
   saved; the saving is the share of the video after the last scored frame (``--frames`` choices that stop early).
-  With gradients each latent frame's decoder call is a checkpoint of its own (``_decode_by_frame``): nothing of
-  the decode is kept between the forward pass and the reward's backward but each latent frame's input, output
-  and the causal cache it hands on, and the backward pass recomputes one latent frame at a time, so at most one
-  latent frame's decoder activations are alive (a single checkpoint over the whole decode held all of them: the
-  planner put 1.3B at 480x832, 33 frames, at 145 GiB for that backward alone). docs/finetune.md, "Video".
+  With gradients each latent frame's decoder call is a checkpoint of its own (``_decode_by_frame``), and inside it
+  each decoder layer (``trainer.checkpoint_vae_decoder``, the causal cache slots a layer reads among its inputs):
+  nothing of the decode is kept between the forward pass and the reward's backward but each latent frame's input,
+  output and the causal cache it hands on -- on an accelerator in pinned host memory (``HostOffload``) -- and the
+  backward pass recomputes one latent frame, one layer at a time (the planner put 1.3B at 480x832, 33 frames, at
+  145 GiB with one checkpoint over the decode, 43.5 with one per frame, 22.0 with both and the host copies).
+  docs/finetune.md, "Video".
 - ``temporal_consistency``: the mean cosine similarity of consecutive frames' image embeddings (the reward's CLIP
   tower where it has one), logged at evaluation: a reward that scores frames alone can trade motion or coherence
   for per-frame scores, and this shows it.
