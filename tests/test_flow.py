@@ -515,7 +515,10 @@ def test_bad_flow_input_gives_one_clear_line(case, flow_models, tmp_path, capsys
             ["--model", flow_models["flux"], "--defaults-from", "sd35-large", *base],
             "--defaults-from sd35-large is a sd3 model",
         ),
-        "export": (["--model", flow_models["flux"], *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
+        "export": (
+            ["--model", flow_models["flux"], *base, "--export", "kohya"],
+            "--export kohya: only SD 1.x/2.x, SDXL LoRAs",
+        ),
         "sequence_length": (
             ["--model", flow_models["flux"], *base, "--max-sequence-length", 600],
             "--max-sequence-length must be in [1, 512]",

@@ -341,7 +341,7 @@ def test_bad_flux2_input_gives_one_clear_line(case, flux2_models, tmp_path, caps
             "--train-text-encoder: Flux2Pipeline.load_lora_weights loads transformer weights only",
         ),
         "eta": ([*dev, *base, "--eta", 0.5], "--eta 0.5: flux2 is a flow-matching model"),
-        "export": ([*klein, *base, "--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
+        "export": ([*klein, *base, "--export", "kohya"], "--export kohya: only SD 1.x/2.x, SDXL LoRAs"),
         "distilled_guidance": (
             ["--model", flux2_models["distilled"], *base, "--guidance-scale", 3],
             "--guidance-scale 3.0: this FLUX.2 model (is_distilled in its model_index.json) is distilled to sample "

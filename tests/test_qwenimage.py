@@ -325,7 +325,7 @@ def test_cli_finetunes_the_local_model_and_resumes(qwen_model, released_ict, tin
         ("resolution", ["--resolution", 40], "--resolution 40: Qwen-Image packs 2x2 latent patches"),
         ("one_step", ["--sample-steps", 1], "--sample-steps 1: Qwen-Image's schedule takes at least 2 steps"),
         ("eta", ["--eta", 0.5], "--eta 0.5: qwenimage is a flow-matching model"),
-        ("export", ["--export", "kohya"], "--export kohya: only SD/SDXL LoRAs are converted"),
+        ("export", ["--export", "kohya"], "--export kohya: only SD 1.x/2.x, SDXL LoRAs are converted"),
         ("defaults", ["--defaults-from", "flux-dev"], "--defaults-from flux-dev is a flux model"),
     ],
 )

@@ -14,13 +14,15 @@ import torch
 import yaml
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from rewardtune.cli import main
 from rewardtune.errors import OfflineError, UserError
 from rewardtune.finetune import FinetuneConfig, Trainer, families, sample, training_scheduler
 from rewardtune.finetune.defaults import check_family_options, resolve_defaults
-from rewardtune.finetune.families.wan import WAN_TARGETS
+from rewardtune.finetune.families.wan import WAN_TARGETS, comfyui_name
 from rewardtune.finetune.flow import FlowMatchSampler
+from rewardtune.finetune.lora import export_comfyui
 from rewardtune.finetune.models import assemble_pipeline, make_adapter, model_family, resolve_model
 from rewardtune.finetune.sampler import Plan
 from rewardtune.finetune.trainer import _checkpointed_cached, cache_slots, checkpoint_vae_decoder
@@ -428,10 +430,66 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_gives_the_trained_frames(
     assert any(".attn2.to_k." in k for k in keys) and any(".ffn.net.2." in k for k in keys)
 
 
+# ComfyUI (Comfy-Org/ComfyUI at a125cd84b054a57729b5eecab930ca9408719832), read, not run: comfy/ldm/wan/model.py's
+# WanModel has blocks.<i>.self_attn.{q,k,v,o} and blocks.<i>.cross_attn.{q,k,v,o} (Linear) and blocks.<i>.ffn, a
+# Sequential(Linear, GELU, Linear): ffn.0 and ffn.2; comfy/lora.py's model_lora_keys_unet maps, for a Wan model, the
+# names "diffusion_model.<name>" and "lora_unet_<name with _>" of every "diffusion_model.<name>.weight" and nothing
+# for diffusers names (its SD3, Flux, PixArt, HunyuanVideo, QwenImage branches only); comfy/weight_adapter/lora.py
+# reads <key>.lora_B.weight / <key>.lora_A.weight with the scale <key>.alpha / rank, 1.0 without an alpha tensor.
+def comfyui_wan_keys(layers: int) -> set[str]:
+    linears = [f"{a}.{x}" for a in ("self_attn", "cross_attn") for x in "qkvo"] + ["ffn.0", "ffn.2"]
+    return {f"diffusion_model.blocks.{i}.{leaf}" for i in range(layers) for leaf in linears}
+
+
+def test_comfyui_export_names_comfyuis_wan_modules_and_loads_back_in_diffusers(
+    euler_model, trained_lora, library_log, stock_pipeline
+):
+    """``--export comfyui`` (``lora.export_comfyui``): every key of the written file is one ComfyUI's Wan key map holds
+    (none of the diffusers file's is: the reason for the export), with no alpha tensor (the trained scale is in
+    lora_B); diffusers' own reader of such files (``_convert_non_diffusers_wan_lora_to_diffusers``) gives back the
+    diffusers file's tensors exactly, and ``pipe.load_lora_weights`` of it makes the trained frames without a warning.
+    All 300 LoRA modules of the full-size 1.3B transformer have ComfyUI names; a module outside them is one line."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers  # noqa: PLC0415
+
+    directory, trained = trained_lora
+    path = export_comfyui(directory / "pytorch_lora_weights.safetensors", "wan")
+    assert path.name == "pytorch_lora_weights_comfyui.safetensors"
+    ours = load_file(str(path))
+    diffusers_file = load_file(str(directory / "pytorch_lora_weights.safetensors"))
+    layers = WanPipeline.from_pretrained(euler_model).transformer.config.num_layers
+    modules = {k.rsplit(".lora_", 1)[0] for k in ours}
+    assert {k.rsplit(".lora_", 1)[1] for k in ours} == {"A.weight", "B.weight"}
+    assert modules == comfyui_wan_keys(layers)  # every default target, each a ComfyUI weight
+    assert not {k.rsplit(".lora_", 1)[0] for k in diffusers_file} & comfyui_wan_keys(layers)
+    back = _convert_non_diffusers_wan_lora_to_diffusers(dict(ours))  # with diffusers' "transformer." prefix
+    assert back.keys() == diffusers_file.keys()
+    assert all(torch.equal(back[k], v) for k, v in diffusers_file.items())
+    pipe = stock_pipeline(euler_model)
+    with library_log() as log:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    assert log.messages == []
+    kw = dict(num_inference_steps=3, guidance_scale=GUIDED, **KW)
+    loaded = pipe(list(PROMPTS), generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    full = build_pipeline("wan21-t2v-1.3b", torch.bfloat16, "meta").transformer
+    targeted = [
+        n for n, m in full.named_modules() if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in WAN_TARGETS)
+    ]  # fmt: skip
+    named = {f"diffusion_model.{comfyui_name(n)}" for n in targeted if comfyui_name(n) is not None}
+    assert len(targeted) == 300 and named == comfyui_wan_keys(full.config.num_layers)
+    assert comfyui_name("proj_out") is None and comfyui_name("blocks.0.norm2") is None
+    odd = directory.parent / "odd"
+    odd.mkdir(exist_ok=True)
+    save_file({"transformer.proj_out.lora_A.weight": torch.zeros(2, 4)}, str(odd / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(UserError, match="ComfyUI's wan model has no module for 'proj_out'"):
+        export_comfyui(odd / "pytorch_lora_weights.safetensors", "wan")
+    assert not (odd / "pytorch_lora_weights_comfyui.safetensors").exists()
+
+
 # ----- the command line ------------------------------------------------------------------------------
 def test_cli_finetunes_resumes_and_saves_before_after_videos(wan_model, released_ict, tiny_backbone, tmp_path):
     """A real ``rewardtune finetune`` process on the tiny directory with ICT on 2 frames, then ``--resume`` to one more
-    step; the evaluations log temporal consistency and write before/after GIFs."""
+    step (with ``--export comfyui``); the evaluations log temporal consistency and write before/after GIFs."""
     out = tmp_path / "run"
     args = ["--model", wan_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone]
     args += ["--output", out, "--resolution", 32, "--num-frames", 5, "--frames", 2, "--batch-size", 1]
@@ -445,8 +503,10 @@ def test_cli_finetunes_resumes_and_saves_before_after_videos(wan_model, released
 
     first = run("--steps", 1)
     assert first["family"] == "wan" and first["steps"] == 1
-    resumed = run("--steps", 2, "--resume")
+    resumed = run("--steps", 2, "--resume", "--export", "comfyui")
     assert resumed["steps"] == 2 and resumed["before"] == first["before"]
+    comfy = load_file(str(out / "pytorch_lora_weights_comfyui.safetensors"))  # --export comfyui: the final LoRA's
+    assert comfy.keys() and all(k.startswith("diffusion_model.blocks.") for k in comfy)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
     evals = [x for x in lines if "temporal_consistency" in x]

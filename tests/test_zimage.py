@@ -290,7 +290,7 @@ def test_bad_input_gives_one_clear_line(case, zimage_model, tmp_path, capsys):
             "--train-text-encoder: ZImagePipeline.load_lora_weights loads transformer weights only",
         ),
         "eta": (["--eta", 0.5], "--eta 0.5: zimage is a flow-matching model"),
-        "export": (["--export", "kohya"], "--export kohya: only SD/SDXL LoRAs"),
+        "export": (["--export", "kohya"], "--export kohya: only SD 1.x/2.x, SDXL LoRAs"),
         "resolution": (["--resolution", 40], "--resolution 40: Z-Image packs 2x2 latent patches"),
         "too_large": (["--resolution", 2064], "--resolution 2064 is larger than this Z-Image model's position table"),
         "turbo_guidance": (

@@ -314,7 +314,10 @@ class FinetuneConfig:
     max_nonfinite: int = max_nonfinite_option()
     log_every: int = option(1, "log training scalars every N steps", min=1)
     export: str = option(
-        "none", "also write the LoRA in another format: kohya (ComfyUI / A1111)", choices=["none", "kohya"]
+        "none",
+        "also write the LoRA in another format: kohya (SD/SDXL for ComfyUI / A1111), comfyui (Wan: ComfyUI's own "
+        "names, <LoRA file>_comfyui.safetensors beside each LoRA file)",
+        choices=["none", "kohya", "comfyui"],
     )
     # reward sources: one field per key of sources.REWARD_SOURCES, in its order
     ict: str = source_option("ict")

@@ -39,10 +39,11 @@ def check_family_options(cfg, family: str) -> None:
             f"--eta {cfg.eta}: {family} is a flow-matching model sampled with the deterministic Euler "
             f"ODE sampler; eta has no meaning there, leave it at 0"
         )
-    if cfg.export != "none" and spec.kohya_text_encoders is None:
+    if cfg.export != "none" and _export_of(spec, cfg.export) is None:
+        takers = [f.label for f in families.all_families() if _export_of(f, cfg.export) is not None]
         raise UserError(
-            f"--export {cfg.export}: only SD/SDXL LoRAs are converted; load a {family} LoRA with "
-            f"load_lora_weights (diffusers format)"
+            f"--export {cfg.export}: only {', '.join(takers)} LoRAs are converted to it; {spec.label}'s diffusers "
+            f"file (pytorch_lora_weights.safetensors) is the one to load (docs/finetune.md, 'Where each file loads')"
         )
     if getattr(cfg, "train_text_encoder", False) and not _loads_text_encoder_lora(spec):
         raise UserError(
@@ -62,12 +63,9 @@ def check_family_options(cfg, family: str) -> None:
         )
 
 
-def _loads_text_encoder_lora(spec) -> bool:
-    """Whether the family's pipeline loads LoRA weights into a text encoder (its loader mixin's modules)."""
-    import diffusers
-
-    modules = getattr(getattr(diffusers, spec.pipelines[0]), "_lora_loadable_modules", [])
-    return any(m.startswith("text_encoder") for m in modules)
+def _export_of(spec, export: str):
+    """What family ``spec`` declares for ``--export export`` (None: no such export for it)."""
+    return {"kohya": spec.kohya_text_encoders, "comfyui": spec.comfyui_name}.get(export)
 
 
 def resolve_defaults(cfg, pipe, family: str, denoiser_config: dict | None = None) -> None:

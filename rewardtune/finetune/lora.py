@@ -32,6 +32,7 @@ from . import families
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
+COMFYUI_SUFFIX = "_comfyui"  # --export comfyui: <LoRA file stem>_comfyui.safetensors beside each LoRA file
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -151,6 +152,31 @@ def save_lora(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return directory / WEIGHT_NAME
+
+
+def export_comfyui(path: str | Path, family: str) -> Path:
+    """Write the diffusers LoRA file ``path`` in the names of ComfyUI's own model (``Family.comfyui_name``): each
+    ``<denoiser>.<module>.lora_A/B.weight`` as ``diffusion_model.<ComfyUI module>.lora_A/B.weight``, the form ComfyUI's
+    generic key map takes for every weight of its model (comfy/lora.py, ``model_lora_keys_unet``). The scale is folded
+    into lora_B (``save_lora``) and no ``.alpha`` tensor is written, so ComfyUI's scale 1.0 applies the trained update.
+    Written beside ``path`` as ``<stem>_comfyui.safetensors``, atomically; returns its path."""
+    rename = families.by_name(family).comfyui_name
+    if rename is None:
+        raise ValueError(f"the ComfyUI export has no names for family {family!r}")
+    path = Path(path)
+    out = path.with_name(f"{path.stem}{COMFYUI_SUFFIX}{path.suffix}")
+    state = {}
+    for key, tensor in load_file(str(path)).items():
+        module, leaf = key.split(".", 1)[1].rsplit(".lora_", 1)
+        name = rename(module)
+        if name is None:
+            raise UserError(
+                f"--export comfyui ('{path}'): ComfyUI's {family} model has no module for '{module}'; train the "
+                f"default --lora-targets, or load the diffusers file"
+            )
+        state[f"diffusion_model.{name}.lora_{leaf}"] = tensor
+    save_state_dict(state, out, "the ComfyUI LoRA")
+    return out
 
 
 # Kohya names, as ComfyUI (comfy/lora.py), kohya-ss/sd-scripts (networks/lora.py) and A1111

@@ -260,6 +260,8 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
             rundir.write_config(cfg)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
+        if main and cfg.export == "comfyui":
+            lora_mod.export_comfyui(lora_path, trainer.family)
         if history["hacking"] is None:  # a stop on hacking keeps the checkpoints up to the kept step, none after
             _checkpoint(trainer, rundir, before, best, watch)
     finally:

@@ -70,6 +70,9 @@ class Family:
     plan_tokenizers: Callable | None = None
     layers: Layers | None = None  # the transformer's repeated blocks (None: the planner traces every layer)
     kohya_text_encoders: int | None = None  # --export kohya: how many text encoders the file names (None: no export)
+    # --export comfyui: a denoiser module's diffusers name -> the name in ComfyUI's model (None: not named there), for
+    # a family whose diffusers LoRA ComfyUI does not map (None: no such export)
+    comfyui_name: Callable[[str], str | None] | None = None
     refine_defaults: Callable | None = None
     fp16_vae_overflows: bool = False  # the VAE overflows in fp16 (a divergence hint names --vae-fp32)
     # the pipeline component of the large text encoder whose outputs are only ever cached (T5, an LLM): it may be

@@ -253,6 +253,38 @@ class WanAdapter(LLMFlowAdapter):
         return {"schedule": schedule, "guidance_scale": 1.0}
 
 
+# ComfyUI's Wan model (Comfy-Org/ComfyUI comfy/ldm/wan/model.py: WanAttentionBlock's self_attn / cross_attn with
+# Linear q, k, v, o, and ffn = Sequential(Linear, GELU, Linear)) keeps Wan's own names, and its LoRA key map has no Wan
+# branch for diffusers names (comfy/lora.py, model_lora_keys_unet): a diffusers file's keys find no weight there. The
+# export renames each module as diffusers' scripts/convert_wan_to_diffusers.py renamed it, backwards (and as diffusers'
+# own loader, lora_conversion_utils._convert_non_diffusers_wan_lora_to_diffusers, reads such a file: tested).
+_COMFYUI_ATTENTION = {"attn1": "self_attn", "attn2": "cross_attn"}
+_COMFYUI_LINEAR = {
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "o",
+    "add_k_proj": "k_img",
+    "add_v_proj": "v_img",
+}
+_COMFYUI_FFN = {"ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+
+
+def comfyui_name(module: str) -> str | None:
+    """A Wan transformer module's diffusers name (``blocks.3.attn1.to_q``) as ComfyUI's Wan model names it
+    (``blocks.3.self_attn.q``); None for a module outside the blocks' attention and feed-forward."""
+    parts = module.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return None
+    block, rest = f"blocks.{parts[1]}", parts[2]
+    if rest in _COMFYUI_FFN:
+        return f"{block}.{_COMFYUI_FFN[rest]}"
+    attention, _, linear = rest.partition(".")
+    if attention in _COMFYUI_ATTENTION and linear in _COMFYUI_LINEAR:
+        return f"{block}.{_COMFYUI_ATTENTION[attention]}.{_COMFYUI_LINEAR[linear]}"
+    return None
+
+
 def _stacks(config: dict) -> dict[str, int]:
     return {"transformer.blocks": int(config.get("num_layers", 0)) - 1}
 
@@ -324,6 +356,7 @@ FAMILY = Family(
         ),
     },
     fsdp_blocks=("WanTransformerBlock",),
+    comfyui_name=comfyui_name,
     plan_architectures=PLAN_ARCHITECTURES,
     plan_tokenizers=lambda parts, clip: (planner_t5_tokenizer(), None, None),
     layers=Layers(_stacks, _overrides, _blocks),
