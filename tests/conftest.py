@@ -54,7 +54,9 @@ from rewardtune.finetune.sampler import SampleState
 from rewardtune.testing import perturbed_state_dict, save_tiny_clip, save_tiny_pipeline
 from rewardtune.testing.cli import HANG_SECONDS, offline_env
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread a worker under xdist (see above: setting 2 here undid it, and a 2-thread conv3d on a busy core ran 12x
+# slower than 1 thread); a serial run takes the two cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
