@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import weakref
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from rewardtune.cli import main
 from rewardtune.errors import OfflineError, UserError
 from rewardtune.finetune import FinetuneConfig, Trainer, families, sample, training_scheduler
+from rewardtune.finetune import video as video_mod
 from rewardtune.finetune.defaults import check_family_options, resolve_defaults
 from rewardtune.finetune.families.wan import WAN_TARGETS, comfyui_name
 from rewardtune.finetune.flow import FlowMatchSampler
@@ -29,8 +31,10 @@ from rewardtune.finetune.trainer import _checkpointed_cached, cache_slots, check
 from rewardtune.finetune.video import (
     HostOffload,
     VideoReward,
+    check_host_room,
     decode_frames,
     frame_indices,
+    host_bytes,
     latent_frames_for,
     parse_frames,
     temporal_consistency,
@@ -632,3 +636,24 @@ def test_the_plan_keeps_a_videos_decode_checkpoints_in_host_memory(wan_model, wa
     decode_frames(vae, torch.randn(1, 16, 3, 4, 4, requires_grad=True), None, 4, checkpointed=True, host=host)
     assert host.bytes > 0 and gpu["host_mib"] * 2**20 == host.bytes
     assert "host_mib" not in predict_peak_memory(cfg, reward_config=reward, cache=False, target="cpu")
+
+
+def test_a_run_whose_decode_checkpoints_cannot_fit_the_host_is_refused_before_training(
+    wan_model, wan_cfg, tmp_path, monkeypatch
+):
+    """``host_bytes`` (a meta copy of the VAE decoding meta latents) is what a real decode keeps on the host; on an
+    accelerator a video run whose figure is beyond the host's available memory is one line naming the numbers and
+    what to lower (``--force`` runs it), and a CPU run (host and device one) or a run without checkpointing is not
+    checked."""
+    vae = WanPipeline.from_pretrained(wan_model).vae
+    real = _Recording()
+    decode_frames(vae, torch.randn(2, 16, 3, 4, 4, requires_grad=True), None, 4, checkpointed=True, host=real)
+    assert host_bytes(vae, (2, 16, 3, 4, 4)) == real.bytes > 0
+    adapter = make_adapter(WanPipeline.from_pretrained(wan_model), "wan", wan_cfg(wan_model, tmp_path, num_frames=9))
+    monkeypatch.setattr(video_mod, "available_bytes", lambda device: (real.bytes // 4, "available on this host"))
+    gpu = torch.device("cuda")
+    cfg = wan_cfg(wan_model, tmp_path, num_frames=9, frames="all", gradient_checkpointing=True)
+    with pytest.raises(UserError, match=r"--num-frames 9 at 32 with --batch-size 2: the video decode's per-frame"):
+        check_host_room(adapter, cfg, gpu, 32)
+    for ok, device in ((dict(force=True), gpu), ({}, torch.device("cpu")), (dict(gradient_checkpointing=False), gpu)):
+        check_host_room(adapter, dataclasses.replace(cfg, **ok), device, 32)  # not refused

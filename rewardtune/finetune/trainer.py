@@ -49,7 +49,7 @@ from .pretrain import denoising_loss, load_images, load_pairs, vae_encode
 from .prompt_store import store_for
 from .prompts import load_prompts
 from .sampler import BatchNoise, SampleState, make_plan, make_sampler, small_steps_note
-from .video import HostOffload, decode_frames, for_video
+from .video import HostOffload, check_host_room, decode_frames, for_video
 
 
 def make_accelerator(cfg: FinetuneConfig):
@@ -334,6 +334,7 @@ class Trainer:
         adapter = make_adapter(pipe, family, cfg, store=store)
         resolution = cfg.resolution or adapter.native_resolution()
         check_size(adapter, resolution)
+        check_host_room(adapter, cfg, acc.device, resolution)  # a video's decode checkpoints in host memory
         cfg.resolution = resolution
         lora = prepare_models(cfg, pipe, adapter, acc.device)
         params = lora_mod.trainable_parameters(*lora.modules)

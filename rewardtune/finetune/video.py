@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import UserError
+from ..preflight import GIB, available_bytes
 
 AGGREGATES = ("mean", "min", "weighted")
 
@@ -198,6 +199,53 @@ def _decode_by_frame(vae, z: torch.Tensor, host: HostOffload | None = None) -> t
     if vae.config.patch_size is not None:
         out = unpatchify(out, patch_size=vae.config.patch_size)
     return out.clamp(-1.0, 1.0)
+
+
+class _HostCount(HostOffload):
+    """``HostOffload`` on meta tensors: counts what would go to the host."""
+
+    def pack(self, t: torch.Tensor):
+        self.bytes += t.nbytes
+        return t.shape, t.dtype
+
+    @staticmethod
+    def unpack(packed):
+        return torch.empty(packed[0], dtype=packed[1], device="meta")
+
+
+def host_bytes(vae, shape: tuple[int, ...]) -> int:
+    """The bytes ``HostOffload`` keeps on the host for a checkpointed decode of latents of ``shape`` (B,C,f,h,w) by
+    ``vae``: a copy of the VAE built on the meta device from its config decodes meta latents (shapes only, about a
+    second for Wan 2.1's VAE at 480x832 with 9 latent frames)."""
+    with torch.device("meta"):
+        twin = type(vae).from_config(vae.config).to(vae.dtype)
+    z = torch.empty(shape, dtype=vae.dtype, device="meta", requires_grad=True)
+    if not _by_frame(twin, z):
+        return 0
+    count = _HostCount()
+    _decode_by_frame(twin, z, count)
+    return count.bytes
+
+
+def check_host_room(adapter, cfg, device, resolution) -> None:
+    """Before a video run's first step on an accelerator: refuse in one line (unless ``--force``) when the pinned host
+    memory its decode's per-frame checkpoints keep until their backward pass (``host_bytes``, for the frames up to
+    the last scored one) is more than the host has available, instead of the host running out mid-step."""
+    if not getattr(adapter, "video", False) or not cfg.gradient_checkpointing or device.type == "cpu":
+        return
+    count = parse_frames(cfg.frames, cfg.frame_aggregate, cfg.frame_weights)
+    last = max(frame_indices(adapter.num_frames, count))
+    c, f, h, w = adapter.latent_shape(resolution)
+    shape = (int(cfg.batch_size), c, min(f, latent_frames_for(last, adapter.temporal_factor)), h, w)
+    need = host_bytes(adapter.pipe.vae, shape)
+    have, where = available_bytes(torch.device("cpu"))
+    if have is not None and need > have and not cfg.force:
+        raise UserError(
+            f"--num-frames {adapter.num_frames} at {resolution} with --batch-size {cfg.batch_size}: the video decode's "
+            f"per-frame checkpoints keep {need / GIB:,.1f} GiB in pinned host memory until their backward pass, and "
+            f"{have / GIB:,.1f} GiB is {where}; lower --num-frames, --frames or --resolution (`rewardtune plan` "
+            f"prints this figure), or pass --force to run anyway"
+        )
 
 
 def decode_frames(
