@@ -30,8 +30,10 @@ from rewardtune.finetune.video import (
     parse_frames,
     temporal_consistency,
 )
+from rewardtune.plan import predict_peak_memory
 from rewardtune.plan.architectures import build_pipeline
 from rewardtune.sizes import check_size
+from rewardtune.testing import tiny_clip_config
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.wan_pipelines import (
     BOUNDARY_RATIO,
@@ -621,6 +623,38 @@ WAN_SIZES = {
     "wan22-ti2v-5b": 4_999_787_712,
     "wan22-t2v-a14b": 14_288_491_584,
 }
+
+
+PLAN_REWARD = tiny_clip_config(
+    49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
+).to_dict()  # the planner's ViT-H-14 reward at a tiny size
+
+
+def test_the_planner_traces_the_pair_with_the_experts_of_the_gradient_steps(pair_model):
+    """``rewardtune plan`` on the tiny A14B-like pair (the Euler scheduler: 2 steps are t = 1000, high noise, and
+    t = 8.9, low noise; one frame, which is what the trace's time goes to): with --lora-on low (K=1) and by default
+    with K=2 (both) the trace runs the experts the run's gradient steps run (before, the planner's fake timesteps
+    had no value to pick one by); both experts' weights are resident in each, both LoRAs (and their optimizer states)
+    only with both. (That the reduced trace, a block per expert and then one more, gives the full-depth numbers of
+    the pair was checked by hand at 4 blocks per expert; a test of it costs 30 s.)"""
+    pipe = WanPipeline.from_pretrained(pair_model)
+    experts_mib = sum(p.numel() * 2 for m in (pipe.transformer, pipe.transformer_2) for p in m.parameters()) / 2**20
+    lora_params = sum(4 * (m.in_features + m.out_features) for n, m in pipe.transformer.named_modules()
+                      if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in WAN_TARGETS))  # fmt: skip
+
+    def plan(**kw):
+        cfg = FinetuneConfig(
+            model=str(pair_model), output="unused", sample_steps=2, resolution=32, num_frames=1, frames="1",
+            mixed_precision="bf16", max_sequence_length=8, lora_rank=4, **kw,
+        )  # fmt: skip
+        return predict_peak_memory(cfg, reward_config=PLAN_REWARD, cache=False)
+
+    low, both = plan(k=1, lora_on="low"), plan(k=2)
+    assert low["trainable_params"] == lora_params and both["trainable_params"] == 2 * lora_params
+    assert low["weights_mib"] > experts_mib  # both experts on the accelerator either way
+    # the second LoRA: its fp32 weights and AdamW's two states, 12 bytes a parameter (allocator-rounded)
+    assert both["resident_mib"] - low["resident_mib"] >= 12 * lora_params / 2**20
+    assert both["peak_mib"] > low["peak_mib"]
 
 
 def test_shipped_wan_architectures_build_the_published_models():
