@@ -398,8 +398,8 @@ def test_both_experts_train_and_load_as_the_run_says(
     one optimizer over both experts' LoRA, each called through its own prepared model; a step spanning the boundary
     changes both and raises the reward, a step on the low-noise side only (K=1) changes transformer_2's alone. The two
     files load into a stock pair by the two diffusers calls the run names, without a warning, and give the trained
-    frames; the base (adapters off, both experts) gives the stock pair's. An --init-lora without transformer_2's file
-    is one line naming it."""
+    frames; the base (adapters off, both experts: the "before" videos, the regulariser's calls) gives the stock pair's.
+    An --init-lora without transformer_2's file is one line naming it."""
     trainer = Trainer(wan_cfg(pair_model, tmp_path / "a", k=2, sample_steps=2, frames="1"), reward=Brightness())
     pipe = trainer.pipe
     assert trainer.adapter.lora_on == "both" and trainer.adapter.frozen_expert is None
@@ -431,6 +431,13 @@ def test_both_experts_train_and_load_as_the_run_says(
     kw = dict(num_inference_steps=2, guidance_scale=1.0, **KW)
     plain = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(base, plain, atol=1e-5, rtol=0)
+    cond, x = trainer.encode(PROMPTS[:1]), torch.randn(1, 16, 2, 4, 4, generator=_gen(6))
+    for t, expert in ((1000.0, stock.transformer), (8.9, stock.transformer_2)):  # the regulariser's base calls
+        t = torch.full((1,), t)
+        with torch.no_grad():
+            ref = expert(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+            torch.testing.assert_close(cond.call(trainer._base_unet, x, t), ref, atol=1e-6, rtol=0)
+            assert float((cond.call(trainer.model_train, x, t) - ref).abs().max()) > 1e-3
     _load_as_told(stock, out, trainer.adapter.lora_load_calls(out), library_log)
     assert stock.get_list_adapters() == {"transformer": ["high"], "transformer_2": ["low"]}
     loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
