@@ -39,8 +39,10 @@ from rewardtune.finetune.video import (
     parse_frames,
     temporal_consistency,
 )
+from rewardtune.plan import predict_peak_memory
 from rewardtune.plan.architectures import build_pipeline
 from rewardtune.sizes import check_size
+from rewardtune.testing import tiny_clip_config
 from rewardtune.testing.cli import run_cli
 from rewardtune.testing.wan_pipelines import (
     BOUNDARY_RATIO,
@@ -366,33 +368,139 @@ def test_k_decides_which_steps_carry_gradients(wan_trainer, grads_per_step):
     trainer.unet.zero_grad(set_to_none=True)
 
 
+def _load_as_told(pipe, directory, calls, library_log) -> None:
+    """Run the diffusers calls the run tells the user (summary.json's ``load``) on a stock ``pipe``: no library
+    warning may come (a key that lands nowhere, a file that is not a LoRA)."""
+    with library_log() as log:
+        for call in calls:
+            eval(call, {"pipe": pipe})  # pipe.load_lora_weights(...)
+    assert log.messages == []
+
+
+def _lora_weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
+
+
+def _changed(before: dict, model) -> bool:
+    return any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
 def test_the_a14b_pair_trains_the_expert_of_the_gradient_steps(
     pair_model, tmp_path, library_log, stock_pipeline, batch_reward, wan_cfg
 ):
-    """The default --lora-on is the expert of the last gradient step (the low-noise transformer_2 for DRaFT-K); the
-    LoRA lands there only, the other expert stays frozen, and a step raises the reward of its batch. The saved LoRA loads into a
-    stock pair's transformer_2 (``load_into_transformer_2=True``) without a warning and gives the trained frames.
-    --lora-on high puts it on transformer."""
+    """The default --lora-on is the expert(s) of the gradient steps (DRaFT-K K=1: the low-noise transformer_2); the
+    LoRA lands there only, the other expert stays frozen, and a step raises the reward of its batch. The LoRA is
+    written as transformer_2/pytorch_lora_weights.safetensors only, so a plain ``load_lora_weights(DIR)`` fails (it
+    would put it into transformer); the call the run names (``load_into_transformer_2=True``) loads it into a stock
+    pair without a warning and gives the trained frames. --lora-on high puts it on transformer."""
     trainer = Trainer(wan_cfg(pair_model, tmp_path / "a", k=1, sample_steps=4, frames="1"), reward=Brightness())
     pipe = trainer.pipe
-    assert trainer.adapter.lora_on == "low" and trainer.unet is pipe.transformer_2
+    assert trainer.adapter.lora_on == "low" == trainer.cfg.lora_on and trainer.unet is pipe.transformer_2
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
     assert not any(p.requires_grad for p in pipe.transformer.parameters())
     before, _ = batch_reward(trainer, 0)
     trainer.step()
     assert batch_reward(trainer, 0)[0] > before
-    trainer.save_lora(tmp_path / "lora")
+    out = tmp_path / "lora"
+    assert trainer.save_lora(out) == out / "transformer_2" / "pytorch_lora_weights.safetensors"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "transformer_2/pytorch_lora_weights.safetensors"
+    ]
     trainer.unet.eval()
     trained = trainer.generate(PROMPTS[:1], seed=5)
     stock = stock_pipeline(pair_model)
-    with library_log() as log:
-        stock.load_lora_weights(tmp_path / "lora", load_into_transformer_2=True)
-    assert log.messages == []
+    with pytest.raises(OSError, match="pytorch_lora_weights"):
+        stock.load_lora_weights(out)  # the plain call: no LoRA file in DIR
+    calls = trainer.adapter.lora_load_calls(out)
+    assert len(calls) == 1 and "load_into_transformer_2=True" in calls[0]
+    _load_as_told(stock, out, calls, library_log)
+    assert stock.get_list_adapters() == {"transformer_2": ["low"]}
     kw = dict(num_inference_steps=4, guidance_scale=1.0, **KW)
     loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
-    high = make_adapter(pipe, "wan", wan_cfg(pair_model, tmp_path / "b", lora_on="high"))
+    high = make_adapter(pipe, "wan", wan_cfg(pair_model, tmp_path / "b", lora_on="high", k=3))  # K=3 of 3: both sides
     assert high.denoiser is pipe.transformer and high.frozen_expert is pipe.transformer_2
+    with pytest.raises(UserError, match=r"^--lora-on high: the steps that carry gradients \(3-3 of 3\) all run on the "
+                                        r"low-noise expert, so this LoRA would get no gradient; use --lora-on low or both"):  # fmt: skip
+        make_adapter(pipe, "wan", wan_cfg(pair_model, tmp_path / "b", lora_on="high", k=1))
+
+
+def test_the_default_lora_on_is_the_experts_the_gradient_steps_reach():
+    """On the hub's 40-step schedule (UniPC flow sigmas, shift 3, boundary 0.875: 13 high-noise steps, 27 low-noise)
+    DRaFT-K's last K steps reach the high-noise expert from K = 28: the default is ``low`` below, ``both`` from there;
+    AlignProp (K up to all steps) ``both``; ReFL's stops (0.7-1.0 of the steps) ``low``; DRaFT-LV ``low``."""
+    pipe = build_tiny_wan_pipeline(pair=True)
+
+    def default(**kw):
+        cfg = FinetuneConfig(output="o", num_frames=FRAMES, sample_steps=40, **kw)
+        return make_adapter(pipe, "wan", cfg).lora_on
+
+    timesteps = make_adapter(pipe, "wan", FinetuneConfig(output="o", num_frames=FRAMES))._timesteps(40)
+    assert int((timesteps >= BOUNDARY_RATIO * 1000).sum()) == 13
+    assert [default(k=k) for k in (1, 27, 28, 40)] == ["low", "low", "both", "both"]
+    assert default(method="alignprop") == "both" and default(method="refl") == "low"
+    assert default(method="draft-lv") == "low" and default(method="refl", refl_min=0.2, refl_max=0.3) == "high"
+
+
+def test_both_experts_train_and_load_as_the_run_says(
+    pair_model, tmp_path, library_log, stock_pipeline, batch_reward, wan_cfg
+):
+    """--lora-on both (the default where the gradient steps span the boundary: K=2 of 2 steps, t = 1000 and 8.9):
+    one optimizer over both experts' LoRA, each called through its own prepared model; a step spanning the boundary
+    changes both and raises the reward, a step on the low-noise side only (K=1) changes transformer_2's alone. The two
+    files load into a stock pair by the two diffusers calls the run names, without a warning, and give the trained
+    frames; the base (adapters off, both experts: the "before" videos, the regulariser's calls) gives the stock pair's.
+    An --init-lora without transformer_2's file is one line naming it."""
+    trainer = Trainer(wan_cfg(pair_model, tmp_path / "a", k=2, sample_steps=2, frames="1"), reward=Brightness())
+    pipe = trainer.pipe
+    assert trainer.adapter.lora_on == "both" and trainer.adapter.frozen_expert is None
+    assert trainer.model_train == {"transformer": trainer.models_train[0], "transformer_2": trainer.models_train[1]}
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for m in (pipe.transformer, pipe.transformer_2) for p in m.parameters() if p.requires_grad
+    }
+    high, low = _lora_weights(pipe.transformer), _lora_weights(pipe.transformer_2)
+    assert high and low
+    before, _ = batch_reward(trainer, 0)
+    trainer.step()
+    assert batch_reward(trainer, 0)[0] > before
+    assert _changed(high, pipe.transformer) and _changed(low, pipe.transformer_2)
+    high, low = _lora_weights(pipe.transformer), _lora_weights(pipe.transformer_2)
+    trainer.cfg.k = 1  # the last step only: low noise
+    trainer.optimizer.state.clear()
+    trainer.step()
+    assert not _changed(high, pipe.transformer) and _changed(low, pipe.transformer_2)
+    out = tmp_path / "lora"
+    trainer.save_lora(out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "pytorch_lora_weights.safetensors",
+        "transformer_2/pytorch_lora_weights.safetensors",
+    ]
+    for model in trainer.models_train:
+        model.eval()
+    trained, base = trainer.generate(PROMPTS[:1], seed=5), trainer.generate(PROMPTS[:1], seed=5, lora=False)
+    stock = stock_pipeline(pair_model)
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, **KW)
+    plain = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(base, plain, atol=1e-5, rtol=0)
+    cond, x = trainer.encode(PROMPTS[:1]), torch.randn(1, 16, 2, 4, 4, generator=_gen(6))
+    for t, expert in ((1000.0, stock.transformer), (8.9, stock.transformer_2)):  # the regulariser's base calls
+        t = torch.full((1,), t)
+        with torch.no_grad():
+            ref = expert(hidden_states=x, timestep=t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+            torch.testing.assert_close(cond.call(trainer._base_unet, x, t), ref, atol=1e-6, rtol=0)
+            assert float((cond.call(trainer.model_train, x, t) - ref).abs().max()) > 1e-3
+    _load_as_told(stock, out, trainer.adapter.lora_load_calls(out), library_log)
+    assert stock.get_list_adapters() == {"transformer": ["high"], "transformer_2": ["low"]}
+    loaded = stock(PROMPTS[:1], generator=_gen(5), output_type="pt", **kw).frames.permute(0, 2, 1, 3, 4)
+    assert float((trained - base).abs().max()) > 1e-3
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+    half = tmp_path / "high_only"
+    half.mkdir()
+    (half / "pytorch_lora_weights.safetensors").write_bytes((out / "pytorch_lora_weights.safetensors").read_bytes())
+    cfg = wan_cfg(pair_model, tmp_path / "b", k=2, sample_steps=2, init_lora=str(half))
+    with pytest.raises(UserError, match=r"^--init-lora: '.*high_only' is not a LoRA; expected a directory holding "
+                                        r"transformer_2/pytorch_lora_weights.safetensors"):  # fmt: skip
+        Trainer(cfg, reward=Brightness())
 
 
 # ----- the LoRA a user loads ------------------------------------------------------------------------
@@ -491,31 +599,66 @@ def test_comfyui_export_names_comfyuis_wan_modules_and_loads_back_in_diffusers(
 
 
 # ----- the command line ------------------------------------------------------------------------------
-def test_cli_finetunes_resumes_and_saves_before_after_videos(wan_model, released_ict, tiny_backbone, tmp_path):
-    """A real ``rewardtune finetune`` process on the tiny directory with ICT on 2 frames, then ``--resume`` to one more
-    step (with ``--export comfyui``); the evaluations log temporal consistency and write before/after GIFs."""
+def test_cli_finetunes_resumes_and_saves_before_after_videos(pair_model, released_ict, tiny_backbone, tmp_path):
+    """A real ``rewardtune finetune`` process on the tiny A14B-like pair with ICT on 2 frames, K=2 of 2 steps (one
+    each side of the boundary: --lora-on both by default), then ``--resume`` to one more step, which takes both
+    experts' LoRA from the checkpoint and continues; the run names the two diffusers calls that load its files, and
+    the evaluations log temporal consistency and write before/after GIFs; ``--export comfyui`` writes each expert's
+    file in ComfyUI's names."""
     out = tmp_path / "run"
-    args = ["--model", wan_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone]
+    args = ["--model", pair_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone]
     args += ["--output", out, "--resolution", 32, "--num-frames", 5, "--frames", 2, "--batch-size", 1]
-    args += ["--eval-size", 1, "--lora-rank", 2, "--k", 1, "--sample-steps", 2, "--max-sequence-length", 8]
+    args += ["--eval-size", 1, "--lora-rank", 2, "--k", 2, "--sample-steps", 2, "--max-sequence-length", 8]
     args += ["--checkpoint-every", 1, "--guidance-scale", 1]
+    files = ["pytorch_lora_weights.safetensors", "transformer_2/pytorch_lora_weights.safetensors"]
 
     def run(*extra):
         res = run_cli("finetune", *args, "--no-gradient-checkpointing", *extra)
         assert res.returncode == 0, res.stderr[-3000:]
-        return json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        assert json.loads(res.stdout[res.stdout.index("{") :])["load"] == summary["load"]  # the end-of-run message
+        return summary
+
+    def lora(directory):
+        return {f: _tensors(directory / f) for f in files}
 
     first = run("--steps", 1)
     assert first["family"] == "wan" and first["steps"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora_on"] == "both"
+    assert first["lora_files"] == [str(out / f) for f in files]
+    assert first["load"] == [
+        f"pipe.load_lora_weights({str(out)!r}, adapter_name='high')",
+        f"pipe.load_lora_weights({str(out / 'transformer_2')!r}, adapter_name='low', load_into_transformer_2=True)",
+    ]
+    step1 = lora(out / "checkpoints" / "step_000001")
+    assert _same(step1, lora(out))
     resumed = run("--steps", 2, "--resume", "--export", "comfyui")
     assert resumed["steps"] == 2 and resumed["before"] == first["before"]
-    comfy = load_file(str(out / "pytorch_lora_weights_comfyui.safetensors"))  # --export comfyui: the final LoRA's
-    assert comfy.keys() and all(k.startswith("diffusion_model.blocks.") for k in comfy)
+    for f in files:  # --export comfyui: each expert's final LoRA in ComfyUI's names, beside its diffusers file
+        comfy = load_file(str(out / f.replace(".safetensors", "_comfyui.safetensors")))
+        assert comfy.keys() and all(k.startswith("diffusion_model.blocks.") for k in comfy)
+    step2 = lora(out)
+    assert _same(step2, lora(out / "checkpoints" / "step_000002"))
+    for f in files:  # the resumed step moved both experts' LoRA on from the checkpoint's
+        assert any(not torch.equal(step1[f][k], step2[f][k]) for k in step1[f]), f
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
     evals = [x for x in lines if "temporal_consistency" in x]
     assert evals and all(-1 <= x["temporal_consistency"] <= 1 for x in evals)
     assert sorted(p.name for p in (out / "samples").glob("*.gif"))
+
+
+def _tensors(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        a.keys() == b.keys()
+        and all(a[f].keys() == b[f].keys() for f in a)
+        and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    )
 
 
 @pytest.mark.parametrize("case", ["frames", "resolution", "lora_on", "guidance_2", "frames_spec"])
@@ -598,6 +741,38 @@ WAN_SIZES = {
     "wan22-ti2v-5b": 4_999_787_712,
     "wan22-t2v-a14b": 14_288_491_584,
 }
+
+
+PLAN_REWARD = tiny_clip_config(
+    49408, hidden=32, layers=2, heads=4, projection_dim=1024, image_size=224, patch_size=32
+).to_dict()  # the planner's ViT-H-14 reward at a tiny size
+
+
+def test_the_planner_traces_the_pair_with_the_experts_of_the_gradient_steps(pair_model):
+    """``rewardtune plan`` on the tiny A14B-like pair (the Euler scheduler: 2 steps are t = 1000, high noise, and
+    t = 8.9, low noise; one frame, which is what the trace's time goes to): with --lora-on low (K=1) and by default
+    with K=2 (both) the trace runs the experts the run's gradient steps run (before, the planner's fake timesteps
+    had no value to pick one by); both experts' weights are resident in each, both LoRAs (and their optimizer states)
+    only with both. (That the reduced trace, a block per expert and then one more, gives the full-depth numbers of
+    the pair was checked by hand at 4 blocks per expert; a test of it costs 30 s.)"""
+    pipe = WanPipeline.from_pretrained(pair_model)
+    experts_mib = sum(p.numel() * 2 for m in (pipe.transformer, pipe.transformer_2) for p in m.parameters()) / 2**20
+    lora_params = sum(4 * (m.in_features + m.out_features) for n, m in pipe.transformer.named_modules()
+                      if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in WAN_TARGETS))  # fmt: skip
+
+    def plan(**kw):
+        cfg = FinetuneConfig(
+            model=str(pair_model), output="unused", sample_steps=2, resolution=32, num_frames=1, frames="1",
+            mixed_precision="bf16", max_sequence_length=8, lora_rank=4, **kw,
+        )  # fmt: skip
+        return predict_peak_memory(cfg, reward_config=PLAN_REWARD, cache=False)
+
+    low, both = plan(k=1, lora_on="low"), plan(k=2)
+    assert low["trainable_params"] == lora_params and both["trainable_params"] == 2 * lora_params
+    assert low["weights_mib"] > experts_mib  # both experts on the accelerator either way
+    # the second LoRA: its fp32 weights and AdamW's two states, 12 bytes a parameter (allocator-rounded)
+    assert both["resident_mib"] - low["resident_mib"] >= 12 * lora_params / 2**20
+    assert both["peak_mib"] > low["peak_mib"]
 
 
 def test_shipped_wan_architectures_build_the_published_models():

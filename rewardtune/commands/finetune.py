@@ -33,5 +33,5 @@ def run(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(jsonio.dumps({k: summary[k] for k in ("steps", "before", "after", "lora")}, indent=2))
+        print(jsonio.dumps({k: summary[k] for k in ("steps", "before", "after", "lora", "load")}, indent=2))
     return 0

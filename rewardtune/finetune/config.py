@@ -112,9 +112,11 @@ class FinetuneConfig:
     )
     lora_on: str | None = option(
         None,
-        "Wan2.2-A14B: the expert that carries the LoRA, high (transformer, high-noise steps) or low "
-        "(transformer_2) (default: the one the last gradient step runs on)",
-        choices=["high", "low"],
+        "Wan2.2-A14B: the expert(s) that carry the LoRA: high (transformer, the high-noise steps), low "
+        "(transformer_2) or both (a file each: OUTPUT/pytorch_lora_weights.safetensors for transformer, "
+        "OUTPUT/transformer_2/pytorch_lora_weights.safetensors for transformer_2; summary.json's 'load' has the "
+        "diffusers calls) (default: the expert(s) the gradient steps run on, both where they span the boundary)",
+        choices=["high", "low", "both"],
     )
     force: bool = option(
         False,

@@ -113,11 +113,28 @@ def denoiser_name(model) -> str:
     return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
 
 
+def weight_name(component: str, main: str) -> str:
+    """The LoRA file of a trained denoiser ``component``, relative to the output directory: the family's ``main``
+    one's is ``pytorch_lora_weights.safetensors`` (what ``pipe.load_lora_weights(directory)`` reads), another's (a
+    second expert, which its pipeline's loader takes from a file of its own) ``<component>/pytorch_lora_weights.
+    safetensors``. A subdirectory, not a second name beside the first: given a directory, diffusers'
+    ``load_lora_weights`` loads its only ``.safetensors`` file whatever its name (``_best_guess_weight_name``), so a
+    lone ``pytorch_lora_weights_transformer_2.safetensors`` would go into ``transformer`` without a word; a
+    directory with no LoRA file of its own makes that call fail."""
+    return WEIGHT_NAME if component == main else f"{component}/{WEIGHT_NAME}"
+
+
 def save_lora(
-    directory: str | Path, pipe_cls, unet, text_encoders_: list | tuple = (), states: list | None = None
+    directory: str | Path,
+    pipe_cls,
+    unet,
+    text_encoders_: list | tuple = (),
+    states: list | None = None,
+    weight_name: str = WEIGHT_NAME,
 ) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` so ``pipe.load_lora_weights(directory)`` loads it, the
-    scale alpha / rank folded into ``lora_B`` and text-encoder keys under ``text_model.`` (module docstring).
+    """Write ``directory/<weight_name>`` (by default pytorch_lora_weights.safetensors, which
+    ``pipe.load_lora_weights(directory)`` loads), the scale alpha / rank folded into ``lora_B`` and text-encoder keys
+    under ``text_model.`` (module docstring).
 
     ``unet``: the denoiser (a UNet, or the SD3/FLUX transformer, whose peft keys the loaders take as they are).
     ``states``: full state dicts of [unet, *text_encoders_] gathered across processes (optional).
@@ -142,16 +159,17 @@ def save_lora(
         if k.endswith("_lora_layers")
         for n, t in v.items()
     }
-    check_finite_weights(layers, f"the LoRA for '{directory / WEIGHT_NAME}'")
-    with writing(directory / WEIGHT_NAME, "the LoRA"):
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
+    check_finite_weights(layers, f"the LoRA for '{directory / weight_name}'")
+    target = directory / weight_name
+    with writing(target, "the LoRA"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=target.parent))
         try:
-            pipe_cls.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **kw)
-            os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
+            pipe_cls.save_lora_weights(tmp, weight_name=target.name, **kw)
+            os.replace(tmp / target.name, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return directory / WEIGHT_NAME
+    return target
 
 
 def export_comfyui(path: str | Path, family: str) -> Path:
@@ -256,14 +274,14 @@ def export_kohya(directory: str | Path, alpha: float, family: str | None = None)
     return directory / KOHYA_NAME
 
 
-def check_lora_dir(path: str | Path, what: str = "LoRA") -> Path:
-    """The LoRA file in ``path`` (a directory holding pytorch_lora_weights.safetensors, or the file itself)."""
+def check_lora_dir(path: str | Path, what: str = "LoRA", weight_name: str = WEIGHT_NAME) -> Path:
+    """The LoRA file in ``path`` (a directory holding ``weight_name``, or the file itself)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / WEIGHT_NAME
+        p = p / weight_name
     if not p.is_file():
         raise UserError(
-            f"{what}: '{path}' is not a LoRA; expected a directory holding {WEIGHT_NAME} (as written by rewardtune finetune)"
+            f"{what}: '{path}' is not a LoRA; expected a directory holding {weight_name} (as written by rewardtune finetune)"
         )
 
     try:
@@ -330,7 +348,9 @@ def load_lora(pipe, path: str | Path, what: str = "LoRA") -> str:
     return name
 
 
-def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> None:
+def load_into_adapters(
+    path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA", weight_name: str = WEIGHT_NAME
+) -> None:
     """Load a diffusers-format LoRA file into the existing trainable adapters (same targets and rank), as the update
     the file applies (its metadata's alpha / rank, folded into ``lora_B`` by ``save_lora``) at the adapters' alpha.
 
@@ -339,17 +359,19 @@ def load_into_adapters(path: str | Path, unet, text_encoders_: list | tuple = ()
     """
     from peft.utils import set_peft_model_state_dict
 
-    for model, sub in adapters_fit(path, unet, text_encoders_, what):
+    for model, sub in adapters_fit(path, unet, text_encoders_, what, weight_name):
         set_peft_model_state_dict(model, sub)
 
 
-def adapters_fit(path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA") -> list:
+def adapters_fit(
+    path: str | Path, unet, text_encoders_: list | tuple = (), what: str = "LoRA", weight_name: str = WEIGHT_NAME
+) -> list:
     """(model, its part of the LoRA file in peft's names, at the adapter's alpha) for each part with weights in the
     file, once every key has an adapter of its shape (a floating-point tensor); else a one-line ``UserError``.
     Loads nothing."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    file = check_lora_dir(path, what)
+    file = check_lora_dir(path, what, weight_name)
     state = load_state_dict(file, what)
     scales = file_scales(file)
     parts = {denoiser_name(unet): unet, **{n: te for n, te in zip(["text_encoder", "text_encoder_2"], text_encoders_)}}

@@ -22,8 +22,8 @@ from ..images import make_grid, save_image, with_caption
 from ..progress import StepProgress
 from ..rundir import FINETUNE_STATE, LOCK_LOST, Cadence, RunDir, Start, config_settings, weights_identity
 from ..sources import atomic_write_text, load_state_dict, save_state_dict
+from . import families, monitors
 from . import lora as lora_mod
-from . import monitors
 from .config import FinetuneConfig
 from .models import resolve_model
 from .prompts import load_prompts, note_long_prompts
@@ -145,7 +145,7 @@ def run_dir(output: str | Path) -> RunDir:
         command="finetune",
         finished="summary.json",
         done_key="steps",
-        outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME),
+        outputs=(lora_mod.WEIGHT_NAME, lora_mod.KOHYA_NAME, *families.lora_parts()),  # (a second expert's LoRA)
         scratch=("config.yaml", "metrics.jsonl", "tb", "samples", ".lora-*"),
         state_types=FINETUNE_STATE,
     )
@@ -260,8 +260,9 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
             rundir.write_config(cfg)
         if main and cfg.export == "kohya":
             lora_mod.export_kohya(out, cfg.lora_alpha)
-        if main and cfg.export == "comfyui":
-            lora_mod.export_comfyui(lora_path, trainer.family)
+        if main and cfg.export == "comfyui":  # beside each trained denoiser's file (an A14B pair: two)
+            for name in trainer.lora_files().values():
+                lora_mod.export_comfyui(out / name, trainer.family)
         if history["hacking"] is None:  # a stop on hacking keeps the checkpoints up to the kept step, none after
             _checkpoint(trainer, rundir, before, best, watch)
     finally:
@@ -287,11 +288,20 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         "before": before,
         "after": after,
         "lora": str(lora_path),
+        "lora_files": [str(out / name) for name in trainer.lora_files().values()],
+        "load": _load_calls(trainer, out),  # the diffusers calls that load it (a pair of experts: one per file)
     }
     if main:
         rundir.write_json("summary.json", summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _load_calls(trainer: Trainer, out: Path) -> list[str]:
+    """How a user loads the run's LoRA into the model's diffusers pipeline ``pipe``: the adapter's calls where its
+    files need more than the plain one (``lora_load_calls``: Wan2.2-A14B's experts)."""
+    calls = getattr(trainer.adapter, "lora_load_calls", None)
+    return calls(out) if calls is not None else [f"pipe.load_lora_weights({str(out)!r})"]
 
 
 def _provenance(reward) -> dict:

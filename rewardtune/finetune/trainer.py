@@ -9,6 +9,7 @@ truncated, differentiable part) -> ``decode`` (VAE, checkpointed) -> ``score`` (
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -113,14 +114,50 @@ def _seed(*parts) -> int:
 
 @dataclass
 class LoraSet:
-    """The models that carry the trained LoRA weights: the denoiser, and the text encoders when they are trained."""
+    """The models that carry the trained LoRA weights: the denoisers ({component: model}; one, or a pair of experts
+    such as Wan2.2-A14B's), and the text encoders when they are trained."""
 
-    denoiser: torch.nn.Module
+    denoisers: dict
     text_encoders: list = field(default_factory=list)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The first denoiser: the one the sampler is handed (the others it reaches through the conditioning)."""
+        return next(iter(self.denoisers.values()))
+
+    @property
     def modules(self) -> list:
-        return [self.denoiser, *self.text_encoders]
+        return [*self.denoisers.values(), *self.text_encoders]
+
+    def files(self, family: str) -> dict:
+        """{component: its LoRA file's name} (``lora.weight_name``): the family's own denoiser's is
+        pytorch_lora_weights.safetensors, a further one's pytorch_lora_weights_<component>.safetensors."""
+        main = families.by_name(family).denoiser
+        return {name: lora_mod.weight_name(name, main) for name in self.denoisers}
+
+
+def trained_denoisers(adapter) -> dict:
+    """{component: model} of the denoisers that carry the LoRA: the adapter's ``trained_denoisers()`` where it has
+    several to choose from (Wan2.2-A14B's experts), else its one denoiser."""
+    own = getattr(adapter, "trained_denoisers", None)
+    return dict(own()) if own is not None else {lora_mod.denoiser_name(adapter.denoiser): adapter.denoiser}
+
+
+def load_lora_files(path, lora: LoraSet, family: str, what: str, check_only: bool = False) -> None:
+    """``--init-lora`` / ``--resume``: each trained denoiser's file in ``path`` into its adapters (text encoders with
+    the first), every file checked before any is loaded; a missing file is a one-line ``UserError`` naming it. A
+    path to a file stands for the first denoiser's file when only one denoiser is trained."""
+    files = lora.files(family)
+    if Path(path).expanduser().is_file() and len(files) > 1:
+        raise UserError(f"{what}: '{path}' is one file; pass the directory holding {', '.join(files.values())}")
+    fits = []
+    for n, (name, model) in enumerate(lora.denoisers.items()):
+        tes = lora.text_encoders if n == 0 else []
+        fits.append((model, tes, files[name]))
+        lora_mod.adapters_fit(path, model, tes, what, files[name])
+    if not check_only:
+        for model, tes, name in fits:
+            lora_mod.load_into_adapters(path, model, tes, what, name)
 
 
 def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
@@ -129,32 +166,36 @@ def prepare_models(cfg: FinetuneConfig, pipe, adapter, device) -> LoraSet:
     loaded precision and LoRA weights in fp32, and switch on the memory options of ``cfg``."""
     from diffusers.training_utils import cast_training_params
 
-    denoiser = adapter.denoiser
+    denoisers = trained_denoisers(adapter)
     torch.manual_seed(_seed(cfg.seed, "lora"))  # the same initial LoRA A matrices on every run and process
-    lora_mod.add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    for denoiser in denoisers.values():
+        lora_mod.add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     trained = []
     if cfg.train_text_encoder:
         for te in adapter.text_encoders():
             lora_mod.add_lora(te, cfg.lora_rank, cfg.lora_alpha, lora_mod.TEXT_TARGETS)
             trained.append(te)
+    lora = LoraSet(denoisers, trained)
     if cfg.init_lora:
-        lora_mod.load_into_adapters(cfg.init_lora, denoiser, trained, "--init-lora")
-    for part in [denoiser, pipe.vae, *adapter.text_encoders(), *getattr(adapter, "frozen_parts", list)()]:
+        load_lora_files(cfg.init_lora, lora, adapter.family, "--init-lora")
+    for part in [*denoisers.values(), pipe.vae, *adapter.text_encoders(), *getattr(adapter, "frozen_parts", list)()]:
         part.to(device)
     if cfg.vae_fp32 and pipe.vae.dtype != torch.float32:
         with _no_empty_fp32_notice():
             pipe.vae.to(dtype=torch.float32)
-    cast_training_params([denoiser, *trained], dtype=torch.float32)
-    if cfg.attention == "xformers":
-        denoiser.enable_xformers_memory_efficient_attention()
+    cast_training_params(lora.modules, dtype=torch.float32)
+    for denoiser in denoisers.values():
+        if cfg.attention == "xformers":
+            denoiser.enable_xformers_memory_efficient_attention()
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
     if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
         checkpoint_vae_decoder(pipe.vae)  # the decode with gradients, layer by layer
         for te in trained:  # transformers 5 renamed the method
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    for model in (denoiser, *trained):
+    for model in lora.modules:
         model.train()
-    return LoraSet(denoiser, trained)
+    return lora
 
 
 class _DropEmptyFp32Notice(logging.Filter):
@@ -340,9 +381,9 @@ class Trainer:
         params = lora_mod.trainable_parameters(*lora.modules)
         optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
         if callable(resume_from):  # the newest checkpoint whose contents fit these adapters and this optimizer
-            resume_from = resume_from(lambda path: self._checkpoint_problem(path, lora, optimizer, acc))
+            resume_from = resume_from(lambda path: self._checkpoint_problem(path, lora, optimizer, acc, family))
         if resume_from is not None:  # LoRA weights go in before accelerate wraps (and maybe shards) the models
-            lora_mod.load_into_adapters(resume_from, lora.denoiser, lora.text_encoders, f"checkpoint '{resume_from}'")
+            load_lora_files(resume_from, lora, adapter.family, f"checkpoint '{resume_from}'")
         if adapter.sampler_kind == "flow" and acc.is_main_process:  # T5 on many prompts can take minutes
             print(f"finetune: encoding {len(prompts) + len(eval_prompts)} prompts once", flush=True)
         with acc.autocast():  # flow families: the prompt set's embeddings once, then T5 leaves the accelerator
@@ -354,9 +395,10 @@ class Trainer:
                 eval_reward if eval_reward is not None else _load_reward(cfg.eval_reward, cfg, dtype), home
             )
         reward, eval_reward = for_video(reward, adapter, cfg), for_video(eval_reward, adapter, cfg)  # video: frames
-        prepared = acc.prepare(*lora.modules, optimizer)
+        prepared = acc.prepare(*lora.modules, optimizer)  # each denoiser (expert) a wrapper of its own
         if cfg.compile:
-            compile_denoiser(lora.denoiser)
+            for denoiser in lora.denoisers.values():
+                compile_denoiser(denoiser)
         sampler = make_sampler(
             adapter.sampler_kind, pipe.scheduler, cfg, dtype, adapter=adapter, resolution=resolution
         )
@@ -365,7 +407,7 @@ class Trainer:
             adapter,
             sampler,
             reward,
-            LoraSet(prepared[0], list(prepared[1:-1])),
+            LoraSet(dict(zip(lora.denoisers, prepared)), list(prepared[len(lora.denoisers) : -1])),
             acc,
             optimizer=prepared[-1],
             eval_reward=eval_reward,
@@ -403,6 +445,10 @@ class Trainer:
         unwrapped = parts.unwrapped or parts.lora
         self.unet, self.trained_text_encoders = unwrapped.denoiser, unwrapped.text_encoders  # the LoRA'd models
         self.unet_train, self.models_train = parts.lora.denoiser, parts.lora.modules  # as the accelerator wrapped them
+        self.lora_set, self.lora_unwrapped = parts.lora, unwrapped
+        # what the sampler calls: the denoiser, or {component: wrapped} for several (the conditioning calls the one
+        # each step's timestep picks, through its own wrapper)
+        self.model_train = parts.lora.denoiser if len(parts.lora.denoisers) == 1 else dict(parts.lora.denoisers)
         self.reward, self.eval_reward, self.optimizer = parts.reward, parts.eval_reward, parts.optimizer
         self.lr_factor = lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
         self.global_step = 0
@@ -479,19 +525,28 @@ class Trainer:
         ).rows(noise.start, len(prompts))
         state = SampleState(latents, self.encode(prompts), plan, 0, noise, list(prompts))
         with self.accelerator.autocast():
-            return self.sampler.run_prefix(self.unet_train, state)
+            return self.sampler.run_prefix(self.model_train, state)
 
     def grad_steps(self, state: SampleState):
         """The denoising steps with gradients: (latents, regulariser, prompts per latent)."""
         base = self._base_unet if self.cfg.reg_weight > 0 else None
         with self.accelerator.autocast():
-            return self.sampler.run_grad(self.unet_train, state, base_unet=base)
+            return self.sampler.run_grad(self.model_train, state, base_unet=base)
 
-    def _base_unet(self, *args, **kwargs):
-        """The UNet with its LoRA switched off (the base model), for the regulariser (called without
-        gradients, through the wrapped model so sharded weights are gathered)."""
-        with _adapters_disabled(self.accelerator.unwrap_model(self.unet_train)):
-            return self.unet_train(*args, **kwargs)
+    @property
+    def _base_unet(self):
+        """The denoiser(s) with the LoRA switched off (the base model), for the regulariser, in the form of
+        ``model_train`` (called without gradients, through the wrapped models so sharded weights are gathered)."""
+        if isinstance(self.model_train, dict):
+            return {name: functools.partial(self._base_call, model) for name, model in self.model_train.items()}
+        return functools.partial(self._base_call, self.unet_train)
+
+    def _base_call(self, model, *args, **kwargs):
+        with _adapters_disabled(*self._unwrapped_denoisers()):
+            return model(*args, **kwargs)
+
+    def _unwrapped_denoisers(self) -> list:
+        return [self.accelerator.unwrap_model(m) for m in self.lora_set.denoisers.values()]
 
     def decode(self, latents: torch.Tensor, all_frames: bool = False) -> torch.Tensor:
         """Latents -> images (B,3,H,W) in [0,1], differentiable; under gradient checkpointing the VAE
@@ -735,12 +790,12 @@ class Trainer:
     def generate(self, prompts: list[str], seed: int, lora: bool = True) -> torch.Tensor:
         """Images (B,3,H,W) in [0,1] from the full sampler without gradients; ``lora=False`` uses the base model.
         Under several processes every process must call it (sharded models run their forward together)."""
-        unet, b = self.unet_train, self.cfg.batch_size
+        unet, b = self.model_train, self.cfg.batch_size
         noise = BatchNoise(torch.Generator().manual_seed(seed))  # drawn for all prompts at once, as the pipeline does
         ctx = (
             contextlib.nullcontext()
             if lora
-            else _adapters_disabled(self.accelerator.unwrap_model(unet), *self.trained_text_encoders)
+            else _adapters_disabled(*self._unwrapped_denoisers(), *self.trained_text_encoders)
         )
         with ctx:
             latents = self.sampler.initial_latents((len(prompts), *self.latent_shape), noise, self.device)
@@ -751,23 +806,34 @@ class Trainer:
 
     # ----- LoRA and checkpoints ----------------------------------------------------------------
     def lora_models(self):
+        """(the first trained denoiser, the trained text encoders), unwrapped."""
         unwrap = self.accelerator.unwrap_model
-        tes = [unwrap(m) for m in self.models_train[1:]]
-        return unwrap(self.unet_train), tes
+        return unwrap(self.unet_train), [unwrap(m) for m in self.lora_set.text_encoders]
+
+    def lora_files(self) -> dict:
+        """{component: file name} of the LoRA this run writes, one file per trained denoiser (``LoraSet.files``)."""
+        return self.lora_set.files(self.family)
 
     def save_lora(self, directory: str | Path) -> Path:
-        """Write the LoRA in diffusers format; every process must call it (weights are gathered), the main one writes."""
+        """Write the LoRA in diffusers format, a file per trained denoiser (text encoders in the first one's); every
+        process must call it (weights are gathered), the main one writes. Returns the first file's path."""
         acc = self.accelerator
         check_finite_params(
             acc, lora_mod.trainable_parameters(*self.models_train), f"the LoRA to be saved in '{directory}'"
         )
-        states = [acc.get_state_dict(m) for m in self.models_train]
-        path = Path(directory) / lora_mod.WEIGHT_NAME
-        if acc.is_main_process:
-            unet, tes = self.lora_models()
-            path = lora_mod.save_lora(directory, type(self.pipe), unet, tes, states)
+        unwrap, files = acc.unwrap_model, self.lora_files()
+        tes = [unwrap(m) for m in self.lora_set.text_encoders]
+        te_states = [acc.get_state_dict(m) for m in self.lora_set.text_encoders]
+        paths = []
+        for n, (name, model) in enumerate(self.lora_set.denoisers.items()):
+            state = acc.get_state_dict(model)
+            path = Path(directory) / files[name]
+            if acc.is_main_process:
+                parts = (tes, [state, *te_states]) if n == 0 else ([], [state])
+                path = lora_mod.save_lora(directory, type(self.pipe), unwrap(model), *parts, weight_name=files[name])
+            paths.append(path)
         acc.wait_for_everyone()
-        return path
+        return paths[0]
 
     def save_checkpoint(self, directory: str | Path, extra: dict | None = None) -> None:
         """Optimizer, scaler and random generator state (safetensors and JSON, see ``runstate``; accelerate's
@@ -783,11 +849,11 @@ class Trainer:
         write_checkpoint(self.accelerator, directory, save, state)
 
     @staticmethod
-    def _checkpoint_problem(directory: Path, lora: LoraSet, optimizer, acc) -> str | None:
+    def _checkpoint_problem(directory: Path, lora: LoraSet, optimizer, acc, family: str) -> str | None:
         """What in a checkpoint does not fit the run being built -- its LoRA against the adapters, its optimizer,
         random and step state against this optimizer -- or None; nothing is loaded."""
         try:
-            lora_mod.adapters_fit(directory, lora.denoiser, lora.text_encoders, lora_mod.WEIGHT_NAME)
+            load_lora_files(directory, lora, family, f"checkpoint '{directory}'", check_only=True)
         except UserError as exc:
             return str(exc)
         return runstate.state_problem(acc, directory, read_state(directory).get("format"), optimizer)

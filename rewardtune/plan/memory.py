@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -26,7 +26,7 @@ from ..config import precision_dtype
 from ..errors import UserError
 from ..finetune import families
 from ..finetune import lora as lora_mod
-from ..finetune.defaults import resolve_defaults
+from ..finetune.defaults import FAMILY_OPTIONS, resolve_defaults
 from ..finetune.models import make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
@@ -190,6 +190,37 @@ class _Step(int):
 
     def view(self, *shape):
         return torch.tensor([int(self)]).view(*shape)
+
+
+class _FlowStep(float):
+    """A flow step's timestep (sigma x 1000) as a Python float, with the tensor methods the flow sampler calls: its
+    ``.to(device).expand(n)`` is a real tensor, whose value a conditioning can read inside the fake-tensor trace."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def expand(self, n: int) -> torch.Tensor:
+        with unset_fake_temporarily():
+            return torch.full((n,), float(self))
+
+
+def _at_run_timesteps(sampler, run_cfg, pipe, adapter, weight_dtype, resolution) -> None:
+    """Give the traced gradient steps the timesteps (and sigmas) the run gives them. The traced schedule has only
+    the K steps that carry gradients (``_plan_config``), whose own values would be others (a 1-step schedule starts
+    at t = 1000). Memory does not depend on the values, except where they pick the model that runs: Wan2.2-A14B
+    calls its high-noise expert at t >= 875 (of 1000) and its low-noise one below, so the trace must call the experts
+    the run's gradient steps call (its last K steps; ReFL: its latest stop), in that order: an expert with LoRA keeps
+    activations and takes gradients, a frozen one keeps activations only where a trained call came before it."""
+    if adapter.sampler_kind != "flow":
+        return
+    full = make_sampler(adapter.sampler_kind, pipe.scheduler, run_cfg, weight_dtype, adapter, resolution)
+    n, total = len(sampler.timesteps), len(full.timesteps)
+    start = total - n
+    if run_cfg.method == "refl":  # one gradient step, at the latest stop (sampler.make_plan's upper bound)
+        lo = min(total - 1, int(run_cfg.refl_min * total))
+        start = min(total - 1, max(lo, math.ceil(run_cfg.refl_max * total) - 1))
+    sampler.timesteps = [_FlowStep(float(t)) for t in full.timesteps[start : start + n]]
+    sampler.sigmas = full.sigmas[start : start + n + 1].clone()
 
 
 class _PlanAccelerator:
@@ -426,6 +457,9 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
     source = _source(_plan_config(cfg), pipeline_dir)
     family, configs, _ = _configs(source)
     den_part = "transformer" if "transformer" in configs else "unet"
+    # a pair of experts (Wan2.2-A14B's transformer_2) has the first one's architecture: its stacks are reduced and
+    # extended with the first one's, under the same names (one more layer of a stack is one more in each expert)
+    den_parts = [den_part, *(p for p in families.by_name(family).lora_parts if p in configs)]
     den_stacks = [] if full_depth else stacks.denoiser_stacks(family, configs[den_part])
     text_over = {}
     if not full_depth and families.by_name(family).flow:
@@ -443,7 +477,7 @@ def _predict(cfg, pipeline_dir, reward_config, vae_block_checkpointing, target, 
     def overrides(depths):
         if not den_stacks:
             return text_over
-        return {**text_over, den_part: stacks.denoiser_overrides(family, configs[den_part], depths)}
+        return {**text_over, **{p: stacks.denoiser_overrides(family, configs[p], depths) for p in den_parts}}
 
     def clip(depths):  # the reward's architecture with its stacks at ``depths``, as ``_meta_reward`` takes it
         if own is not None:
@@ -539,11 +573,16 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     def at_least_fewest(c):
         return c if c.sample_steps is None or c.sample_steps >= fewest else dataclasses.replace(c, sample_steps=fewest)
 
-    pcfg = at_least_fewest(pcfg)
+    run_cfg = dataclasses.replace(cfg, output=pcfg.output)  # the run's own settings: its whole schedule
+    resolve_defaults(run_cfg, pipe, family)
+    # the adapter of the run: a family may settle its options from the run's settings (Wan's --lora-on: the experts
+    # the run's gradient steps reach, which a schedule of only those steps cannot tell)
+    adapter = make_adapter(pipe, family, run_cfg)
+    settled = {name: getattr(run_cfg, name) for name in FAMILY_OPTIONS if hasattr(run_cfg, name)}
+    pcfg = at_least_fewest(dataclasses.replace(pcfg, **settled))
     resolve_defaults(pcfg, pipe, family)  # options left unset take the model's defaults, as in the Trainer
     pcfg = at_least_fewest(_plan_config(pcfg))  # again, for a K the model's sampling steps decide (alignprop's)
     reward = _meta_reward(pcfg, clip_config)
-    adapter = make_adapter(pipe, family, pcfg)
     resolution = pcfg.resolution or adapter.native_resolution()
     check_size(adapter, resolution)
     # xformers: the same memory as flash/efficient SDPA, which the trace substitutes
@@ -554,6 +593,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     sampler = make_sampler(adapter.sampler_kind, pipe.scheduler, pcfg, weight_dtype, adapter, resolution)
     if adapter.sampler_kind == "ddim":  # DDIM indexes its tables with the timestep; flow steps use sigmas
         sampler.timesteps = [_Step(int(x)) for x in sampler.timesteps.tolist()]
+    _at_run_timesteps(sampler, run_cfg, pipe, adapter, weight_dtype, resolution)
     parts = TrainerParts(
         pipe,
         adapter,
@@ -568,7 +608,9 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
     # Flow families cache the prompt set's embeddings on the CPU; then T5, and the CLIP encoders unless they are
     # trained, leave the accelerator. SD/SDXL keep their text encoders beside the UNet.
     encoders = lora.text_encoders if flow else adapter.text_encoders()
-    modules = [m for m in (adapter.denoiser, pipe.vae, *encoders, reward) if m is not None]
+    # every denoiser on the accelerator: the trained ones and a frozen expert of a pair (Wan2.2-A14B's)
+    denoisers = [*lora.denoisers.values(), *getattr(adapter, "frozen_parts", list)()]
+    modules = [m for m in (*denoisers, pipe.vae, *encoders, reward) if m is not None]
     every = modules + [m for m in (*adapter.text_encoders(), getattr(adapter, "t5", None)) if m is not None]
     gpu = target == "cuda"
     block = CUDA_BLOCK if gpu else 1
@@ -604,13 +646,13 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         states = _optimizer_states(trainable, pcfg.optimizer)  # alive (and counted) through the step
         tracker.add_tensors(states)
         resident = tracker.current
-        blocks = stacks.denoiser_blocks(family, adapter.denoiser)
+        experts = [(m, stacks.denoiser_blocks(family, m)) for m in denoisers]
         with tracker:
-            scored, starts = _trace_step(trainer, trainable, pcfg, tracker, stand_in, blocks)
+            scored, starts = _trace_step(trainer, trainable, pcfg, tracker, stand_in, experts)
         del states
         probe_peaks = [_probe_reward(trainer, pcfg, r, scored, memo, block) for r in probe_rewards]
     return {
-        "peaks": _one_block_is_first_and_later(tracker.phase_peaks, blocks),
+        "peaks": _one_block_is_first_and_later(tracker.phase_peaks, experts[0][1]),
         "starts": starts,
         "weights": weights,
         "resident": resident,
@@ -677,23 +719,28 @@ class _DenoiserLabels:
     block's stack and whether it is that stack's first block in that pass or a later one; and the gaps where a pass
     leaves a stack. A stack's blocks hold the same at the same moment, so each name's peak is affine in the stacks'
     depths, which a whole phase's peak (the largest of them: where held inputs give way to gradients, or one stack's
-    blocks to another's) is not. Installed as module hooks for one traced step (``close`` removes them)."""
+    blocks to another's) is not. Installed as module hooks for one traced step (``close`` removes them).
+
+    ``experts``: (denoiser, its blocks) for each denoiser the step may call (a pair of experts: both, whose calls are
+    counted as one denoiser's, each call running one of them)."""
 
     FORWARD, BACKWARD = "grad_steps", "backward:denoiser"
 
-    def __init__(self, tracker, denoiser, blocks):
+    def __init__(self, tracker, experts):
         self.tracker, self.counts, self.own, self.recomputing = tracker, {}, None, None
         self.calls = {self.FORWARD: 0, self.BACKWARD: 0}
         self.block_outputs: set[int] = set()  # a block's output is the next block's input: its start comes first
-        first, last = {}, {}  # each stack's first and last block in forward order
-        for module, stack in blocks:
-            first.setdefault(stack, module)
-            last[stack] = module
-        self.handles = [denoiser.register_forward_pre_hook(self._call_start)]
-        for module, stack in blocks:
-            self.handles.append(module.register_forward_pre_hook(self._forward(module, stack)))
-            hook = self._outputs(module, stack, last[stack] is module, first[stack] is module)
-            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        self.handles = []
+        for denoiser, blocks in experts:
+            first, last = {}, {}  # each stack's first and last block in forward order
+            for module, stack in blocks:
+                first.setdefault(stack, module)
+                last[stack] = module
+            self.handles.append(denoiser.register_forward_pre_hook(self._call_start))
+            for module, stack in blocks:
+                self.handles.append(module.register_forward_pre_hook(self._forward(module, stack)))
+                hook = self._outputs(module, stack, last[stack] is module, first[stack] is module)
+                self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def _pass(self) -> str | None:
         phase = self.tracker.phase
@@ -770,10 +817,10 @@ class _DenoiserLabels:
             h.remove()
 
 
-def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, blocks=()) -> tuple[dict, dict]:
+def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, experts=()) -> tuple[dict, dict]:
     """One micro-batch (batch_size prompts) through the Trainer's own ``micro_step``, then the optimizer's
     transients. The backward pass is split where the gradient reaches the decoded images (``backward:decode``) and
-    the latents (``backward:denoiser``, named further, as ``grad_steps``, by ``_DenoiserLabels`` over ``blocks``).
+    the latents (``backward:denoiser``, named further, as ``grad_steps``, by ``_DenoiserLabels`` over ``experts``).
     ``stand_in``: the latents' mean is the reward (no decode, no towers). Returns what the reward scored (images'
     shape and the prompts) and the memory as each phase started."""
     starts: dict = {}
@@ -800,7 +847,7 @@ def _trace_step(trainer, trainable, cfg, tracker, stand_in: bool = False, blocks
         return images.flatten(1).mean(1) if stand_in else score(images, prompts)
 
     trainer.decode, trainer.score = decode_marked, score_marked
-    labels = _DenoiserLabels(tracker, trainer.unet, blocks)
+    labels = _DenoiserLabels(tracker, experts or [(trainer.unet, [])])
     split = cfg.reward_split_every
     if stand_in:
         cfg.reward_split_every = 0  # the ICT-HP split needs images (and only adds to the reward's phase)

@@ -28,9 +28,9 @@ SCHEDULER = dict(
 BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's model_index.json
 
 
-def tiny_wan_transformer(seed: int, text_dim: int = 32):
-    """A ``WanTransformer3DModel`` with Wan's latent layout (16 channels in and out, 1x2x2 patches) and two blocks of
-    two 8-wide heads."""
+def tiny_wan_transformer(seed: int, text_dim: int = 32, num_layers: int = 2):
+    """A ``WanTransformer3DModel`` with Wan's latent layout (16 channels in and out, 1x2x2 patches) and
+    ``num_layers`` blocks of two 8-wide heads."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -43,7 +43,7 @@ def tiny_wan_transformer(seed: int, text_dim: int = 32):
         text_dim=text_dim,
         freq_dim=32,
         ffn_dim=32,
-        num_layers=2,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
@@ -64,9 +64,12 @@ def tiny_umt5(vocab_size: int, d_model: int = 32):
     return tiny_t5_encoder(vocab_size, d_model, umt5=True).eval()
 
 
-def build_tiny_wan_pipeline(seed: int = 0, pair: bool = False, expand_timesteps: bool = False, euler: bool = False):
+def build_tiny_wan_pipeline(
+    seed: int = 0, pair: bool = False, expand_timesteps: bool = False, euler: bool = False, num_layers: int = 2
+):
     """A tiny random ``WanPipeline`` (see the module docstring); ``euler``: with the scheduler class WanPipeline's
-    signature names, ``FlowMatchEulerDiscreteScheduler`` at the same shift, instead of the hub's UniPC."""
+    signature names, ``FlowMatchEulerDiscreteScheduler`` at the same shift, instead of the hub's UniPC;
+    ``num_layers``: blocks per transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 
     tok = t5_tokenizer(prompt_words())
@@ -77,8 +80,8 @@ def build_tiny_wan_pipeline(seed: int = 0, pair: bool = False, expand_timesteps:
         text_encoder=text_encoder,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT) if euler else UniPCMultistepScheduler(**SCHEDULER),
-        transformer=tiny_wan_transformer(seed + 1),
-        transformer_2=tiny_wan_transformer(seed + 2) if pair else None,
+        transformer=tiny_wan_transformer(seed + 1, num_layers=num_layers),
+        transformer_2=tiny_wan_transformer(seed + 2, num_layers=num_layers) if pair else None,
         boundary_ratio=BOUNDARY_RATIO if pair else None,
         expand_timesteps=expand_timesteps,
     )

@@ -83,6 +83,8 @@ class Family:
     min_sample_steps: int = 1
     guidance_threshold: float = 1.0  # guidance is applied at scales above this (classifier-free: 1; Z-Image: 0)
     options: tuple[str, ...] = ()  # the family-only options it takes (defaults.FAMILY_OPTIONS; Wan: num_frames, ...)
+    # further denoisers that may carry a LoRA of their own, each written to a subdirectory of that name (lora.weight_name)
+    lora_parts: tuple[str, ...] = ()
 
     @property
     def plan_names(self) -> tuple[str, ...]:
@@ -107,6 +109,11 @@ def _registry() -> tuple[Family, ...]:
 
 def all_families() -> tuple[Family, ...]:
     return _registry()
+
+
+def lora_parts() -> tuple[str, ...]:
+    """Every family's ``lora_parts``: the subdirectories a run's LoRA output may hold."""
+    return tuple(sorted({part for f in all_families() for part in f.lora_parts}))
 
 
 def by_name(name: str) -> Family:

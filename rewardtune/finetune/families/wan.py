@@ -16,15 +16,27 @@ What ``WanPipeline`` (diffusers 0.42) does, and so what the adapter does:
   sampler is the pipeline's step for step (tests/test_wan.py);
 - latents to the VAE: x * latents_std + latents_mean per channel (``vae_latents``).
 
-The LoRA: on the transformer of the A14B pair that the gradient steps run on (``--lora-on``; by default the one the
-last gradient step uses, the low-noise expert for DRaFT-K/-LV and ReFL's late stops). A LoRA of ``transformer_2`` is
-saved with ``transformer.`` keys, as ``WanPipeline.save_lora_weights`` writes any, and loads with
-``pipe.load_lora_weights(dir, load_into_transformer_2=True)``.
+The LoRA: on the experts of the A14B pair that the gradient steps run on (``--lora-on high|low|both``; by default the
+expert(s) the run's gradient steps can reach: DRaFT-K's last K steps, DRaFT-LV's last, AlignProp's draw range, ReFL's
+stop range; ``both`` where they lie on both sides of the boundary). With ``both`` one optimizer trains both LoRAs and
+each step's call goes to its expert through that expert's own (accelerate-wrapped) model. The files: one per expert,
+as diffusers loads the pair (one file cannot feed both: ``WanPipeline.load_lora_weights`` puts ``transformer.`` keys
+into ``transformer``, or into ``transformer_2`` with ``load_into_transformer_2=True``), both written by
+``WanPipeline.save_lora_weights``:
+- ``DIR/pytorch_lora_weights.safetensors``: the high-noise ``transformer``'s: ``pipe.load_lora_weights(DIR,
+  adapter_name="high")``;
+- ``DIR/transformer_2/pytorch_lora_weights.safetensors``: the low-noise ``transformer_2``'s:
+  ``pipe.load_lora_weights(DIR + "/transformer_2", adapter_name="low", load_into_transformer_2=True)``.
+``--lora-on low`` writes the second only, so the plain ``pipe.load_lora_weights(DIR)`` finds no LoRA file and fails
+instead of loading it into the wrong expert (a second file beside the first would not do: given a directory, diffusers
+loads its only ``.safetensors`` file whatever its name; ``lora.weight_name``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -35,7 +47,8 @@ from . import Alias, Family, Layers
 
 # The attention projections (self and cross) and the feed-forward of every block.
 WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-LORA_ON = ("high", "low")
+LORA_ON = ("high", "low", "both")
+EXPERTS = {"high": "transformer", "low": "transformer_2"}  # the pair's experts and their pipeline components
 # Sampling defaults, checked against WanPipeline.__call__ (diffusers 0.42.1: height 480, width 832, num_frames 81,
 # 50 steps, guidance_scale 5.0, guidance_scale_2 = guidance_scale when unset, max_sequence_length 512) and Wan's own
 # configs (Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py: 40 steps, boundary 0.875, sample_guide_scale (3.0, 4.0) for
@@ -52,7 +65,8 @@ class WanConditioning:
     """UMT5 features of the prompts (and of the empty negative prompt under guidance) and the guidance scale. The
     sampler sees one branch (``guided`` False): ``call`` runs cond then uncond, as the pipeline does. With an A14B
     pair, ``call`` picks the expert by the timestep: ``model`` (what the sampler passes: the trained transformer,
-    as the accelerator wrapped it) on the trained side of the boundary, ``other`` (frozen) on the other."""
+    as the accelerator wrapped it; with both experts trained {component: wrapped}) on the trained side of the boundary,
+    ``other`` (frozen) on the other."""
 
     hidden: torch.Tensor
     neg_hidden: torch.Tensor | None = None
@@ -65,7 +79,14 @@ class WanConditioning:
     guided: bool = False
 
     def expert(self, t: torch.Tensor) -> str:
-        return "high" if self.boundary is None or float(t.reshape(-1)[0]) >= self.boundary else "low"
+        if self.boundary is None:
+            return "high"
+        # tolist, not float(t[0]): the planner hands real timesteps to its fake-tensor trace (plan/memory.py), where
+        # any op on them (an index, a reshape) would make the value a fake one
+        first = t.tolist()
+        while isinstance(first, list):
+            first = first[0]
+        return "high" if float(first) >= self.boundary else "low"
 
     def _one(self, model, x, t, hidden):
         timestep = t
@@ -76,7 +97,10 @@ class WanConditioning:
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         expert = self.expert(t)
-        net = model if expert == self.trained else self.other
+        if isinstance(model, dict):  # several trained experts, each through its own wrapper
+            net = model.get(EXPERTS[expert], self.other)
+        else:
+            net = model if expert == self.trained else self.other
         cond = self._one(net, x, t, self.hidden)
         if self.neg_hidden is None:
             return cond
@@ -113,6 +137,17 @@ class WanAdapter(LLMFlowAdapter):
                     )
             return
         self.lora_on = choice or self.default_lora_on(cfg)
+        reached = self.reached_experts(cfg)
+        if self.lora_on != "both" and self.lora_on not in reached:
+            steps = self.gradient_steps(cfg)
+            raise UserError(
+                f"--lora-on {self.lora_on}: the steps that carry gradients ({steps.start + 1}-{steps.stop} of "
+                f"{int(getattr(cfg, 'sample_steps', None) or 50)}) all run on the {reached.pop()}-noise expert, so "
+                f"this LoRA would get no gradient; use --lora-on {'low' if self.lora_on == 'high' else 'high'} or "
+                f"both, or other --k / --refl-min/--refl-max"
+            )
+        if hasattr(cfg, "lora_on"):
+            cfg.lora_on = self.lora_on  # resolved, as the model's defaults are (config.yaml; the planner's trace)
 
     @property
     def paired(self) -> bool:
@@ -124,15 +159,27 @@ class WanAdapter(LLMFlowAdapter):
             return None
         return float(self.pipe.config.boundary_ratio) * int(self.pipe.scheduler.config.num_train_timesteps)
 
-    def default_lora_on(self, cfg) -> str:
-        """The expert of the last step that carries gradients: DRaFT-K/-LV and AlignProp end at the last step, ReFL
-        at its latest stop (``--refl-max``)."""
+    def gradient_steps(self, cfg) -> range:
+        """The steps of the run's schedule that can carry gradients: DRaFT-K's last K, DRaFT-LV's last, AlignProp's
+        draw range (its largest K), ReFL's stop range (``sampler.make_plan``'s bounds)."""
         steps = int(getattr(cfg, "sample_steps", None) or 50)
-        last = steps - 1
-        if getattr(cfg, "method", "draft-k") == "refl":
-            last = min(steps - 1, max(0, int(-(-float(cfg.refl_max) * steps // 1)) - 1))
-        sampler = self._timesteps(steps)
-        return "high" if float(sampler[last]) >= self.boundary else "low"
+        method = getattr(cfg, "method", "draft-k")
+        if method == "refl":
+            lo = min(steps - 1, int(float(cfg.refl_min) * steps))
+            hi = min(steps - 1, max(lo, math.ceil(float(cfg.refl_max) * steps) - 1))
+            return range(lo, hi + 1)
+        k = 1 if method == "draft-lv" else int(getattr(cfg, "k", None) or (steps if method == "alignprop" else 1))
+        return range(max(0, steps - k), steps)
+
+    def reached_experts(self, cfg) -> set[str]:
+        """The experts ("high", "low") of the steps that carry gradients (``gradient_steps``)."""
+        timesteps = self._timesteps(int(getattr(cfg, "sample_steps", None) or 50))
+        return {"high" if float(timesteps[i]) >= self.boundary else "low" for i in self.gradient_steps(cfg)}
+
+    def default_lora_on(self, cfg) -> str:
+        """The expert(s) of the steps that carry gradients: ``both`` where they lie on both sides of the boundary."""
+        sides = self.reached_experts(cfg)
+        return sides.pop() if len(sides) == 1 else "both"
 
     def _timesteps(self, n: int) -> torch.Tensor:
         from ..models import training_scheduler  # noqa: PLC0415 (models imports the families)
@@ -141,16 +188,40 @@ class WanAdapter(LLMFlowAdapter):
         scheduler.set_timesteps(n, **self.sampler_options(None)["schedule"](n))
         return scheduler.timesteps
 
+    def trained_denoisers(self) -> dict:
+        """{component: transformer} of the experts that carry the LoRA (the transformer of a single model); the
+        trainer writes each one's LoRA file (``LoraSet.files``)."""
+        if not self.paired:
+            return {"transformer": self.pipe.transformer}
+        sides = ("high", "low") if self.lora_on == "both" else (self.lora_on,)
+        return {EXPERTS[side]: getattr(self.pipe, EXPERTS[side]) for side in sides}
+
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer_2 if self.paired and self.lora_on == "low" else self.pipe.transformer
+        return next(iter(self.trained_denoisers().values()))
 
     @property
     def frozen_expert(self) -> torch.nn.Module | None:
         """The A14B expert without LoRA (moved to the accelerator beside the trained one), or None."""
-        if not self.paired:
+        if not self.paired or self.lora_on == "both":
             return None
         return self.pipe.transformer if self.lora_on == "low" else self.pipe.transformer_2
+
+    def lora_load_calls(self, directory) -> list[str]:
+        """The diffusers calls that load this run's LoRA from ``directory`` into a ``WanPipeline`` ``pipe``: an A14B
+        pair's a call per trained expert (the low-noise one's from the ``transformer_2`` subdirectory)."""
+        if not self.paired:
+            return [f"pipe.load_lora_weights({str(directory)!r})"]
+        calls = []
+        for name in self.trained_denoisers():
+            if name == "transformer":
+                calls.append(f"pipe.load_lora_weights({str(directory)!r}, adapter_name='high')")
+            else:
+                calls.append(
+                    f"pipe.load_lora_weights({str(Path(directory) / name)!r}, adapter_name='low', "
+                    f"load_into_{name}=True)"
+                )
+        return calls
 
     def frozen_parts(self) -> list:
         return [m for m in (self.frozen_expert,) if m is not None]
@@ -231,7 +302,7 @@ class WanAdapter(LLMFlowAdapter):
             scale,
             scale_2=self.guidance_scale_2,
             boundary=self.boundary,
-            trained=self.lora_on if self.paired else "high",
+            trained=self.lora_on if self.paired and self.lora_on != "both" else "high",
             other=self.frozen_expert,
             expand_timesteps=bool(self.pipe.config.get("expand_timesteps", False)),
         )
@@ -361,4 +432,5 @@ FAMILY = Family(
     plan_tokenizers=lambda parts, clip: (planner_t5_tokenizer(), None, None),
     layers=Layers(_stacks, _overrides, _blocks),
     options=("num_frames", "frame_weights", "lora_on", "guidance_scale_2"),
+    lora_parts=("transformer_2",),  # --lora-on low/both: the low-noise expert's LoRA (see the module docstring)
 )
