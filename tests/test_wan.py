@@ -661,6 +661,32 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
+def test_two_processes_train_both_experts_as_one_process_trains_the_doubled_batch(
+    pair_model, released_ict, tiny_backbone, tmp_path, launch_two_processes
+):
+    """Data parallelism over the A14B pair with ``--lora-on both``: ``accelerate launch`` starts two processes (world
+    size 2), each expert is its own prepared (DDP) module, and both experts' LoRA after a step whose gradient steps
+    span the boundary are the ones a single process trains on the doubled batch (same prompts, same noise)."""
+    common = [
+        "finetune", "--model", pair_model, "--reward", "ict", "--ict", released_ict, "--backbone", tiny_backbone,
+        "--steps", 1, "--k", 2, "--sample-steps", 2, "--resolution", 32, "--num-frames", 5, "--frames", 2,
+        "--eval-size", 2, "--lora-rank", 2, "--mixed-precision", "no", "--lr", 1e-3, "--guidance-scale", 1,
+        "--max-sequence-length", 8, "--no-gradient-checkpointing", "--lora-on", "both",
+    ]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    res = launch_two_processes(*common, "--output", two, "--batch-size", 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_cli(*common, "--output", one, "--batch-size", 2, check=True)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 1 and len(set(summary["lora_sha256"])) == 1
+    for f in ("pytorch_lora_weights.safetensors", "transformer_2/pytorch_lora_weights.safetensors"):
+        a, b = load_file(str(two / f)), load_file(str(one / f))
+        assert a.keys() == b.keys() and a
+        for key in a:  # all-reduced gradients vs one batch mean: float rounding only (Adam's first step ~ lr sign(g))
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-4, f  # this expert trained
+
+
 @pytest.mark.parametrize("case", ["frames", "resolution", "lora_on", "guidance_2", "frames_spec"])
 def test_bad_input_gives_one_clear_line(case, wan_model, tmp_path, capsys):
     base = ["--model", wan_model, "--output", tmp_path / "out", "--resolution", 32, "--sample-steps", 2]
