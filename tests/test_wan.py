@@ -634,9 +634,16 @@ def test_cli_finetunes_resumes_and_saves_before_after_videos(pair_model, release
     assert _same(step1, lora(out))
     resumed = run("--steps", 2, "--resume", "--export", "comfyui")
     assert resumed["steps"] == 2 and resumed["before"] == first["before"]
-    for f in files:  # --export comfyui: each expert's final LoRA in ComfyUI's names, beside its diffusers file
-        comfy = load_file(str(out / f.replace(".safetensors", "_comfyui.safetensors")))
+    comfyui = [str(out / f.replace(".safetensors", "_comfyui.safetensors")) for f in files]
+    assert resumed["exports"] == comfyui  # --export comfyui: each expert's final LoRA in ComfyUI's names
+    for path in comfyui:
+        comfy = load_file(path)
         assert comfy.keys() and all(k.startswith("diffusion_model.blocks.") for k in comfy)
+    assert (
+        [p for p in resumed["samples"] if p.endswith(".gif")]
+        == sorted(str(p.relative_to(out)) for p in (out / "samples").glob("*.gif"))
+        != []
+    )  # summary.json lists the before/after animations
     step2 = lora(out)
     assert _same(step2, lora(out / "checkpoints" / "step_000002"))
     for f in files:  # the resumed step moved both experts' LoRA on from the checkpoint's

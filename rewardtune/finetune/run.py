@@ -258,11 +258,11 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
             main
         ):  # config.yaml goes with the outputs, so a run that fails before them leaves a finished run's as it was
             rundir.write_config(cfg)
+        exports = []
         if main and cfg.export == "kohya":
-            lora_mod.export_kohya(out, cfg.lora_alpha)
+            exports.append(lora_mod.export_kohya(out, cfg.lora_alpha))
         if main and cfg.export == "comfyui":  # beside each trained denoiser's file (an A14B pair: two)
-            for name in trainer.lora_files().values():
-                lora_mod.export_comfyui(out / name, trainer.family)
+            exports += [lora_mod.export_comfyui(out / name, trainer.family) for name in trainer.lora_files().values()]
         if history["hacking"] is None:  # a stop on hacking keeps the checkpoints up to the kept step, none after
             _checkpoint(trainer, rundir, before, best, watch)
     finally:
@@ -290,6 +290,9 @@ def _run(trainer: Trainer, rundir: RunDir, start: Start, reward, eval_reward, ev
         "lora": str(lora_path),
         "lora_files": [str(out / name) for name in trainer.lora_files().values()],
         "load": _load_calls(trainer, out),  # the diffusers calls that load it (a pair of experts: one per file)
+        "exports": [str(path) for path in exports],  # --export's files (kohya, comfyui)
+        # what the evaluations wrote: before/after grids (PNG), for videos animations (GIF, MP4 where it can)
+        "samples": sorted(str(path.relative_to(out)) for path in (out / "samples").glob("step_*.*")),
     }
     if main:
         rundir.write_json("summary.json", summary)
