@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from rewardtune.testing.cli import HANG_SECONDS, offline_env
 from rewardtune.testing.flow_pipelines import build_tiny_flow_pipeline
 from rewardtune.testing.pipelines import build_tiny_pipeline
+from rewardtune.testing.wan_pipelines import save_tiny_wan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,27 +26,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_worker  # noqa: E402  (the worker's model and loss, for the one-process reference)
 
 
-def test_fsdp_recipe_shards_the_lora_denoiser_and_gives_the_full_batch_gradient(sd_model, tmp_path):
+@pytest.fixture
+def wan_model(tmp_path):
+    return save_tiny_wan_pipeline(tmp_path / "tiny_wan", num_layers=2)
+
+
+@pytest.mark.parametrize("recipe,model", [("fsdp", "sd_model"), ("fsdp_wan", "wan_model")])
+def test_fsdp_recipe_shards_the_lora_denoiser_and_gives_the_full_batch_gradient(recipe, model, request, tmp_path):
+    """SD 1.x's UNet under fsdp.yaml and Wan's video transformer under fsdp_wan.yaml (WanTransformerBlock units)."""
+    model_dir = str(request.getfixturevalue(model))
+    out = tmp_path / "out"
+    out.mkdir()
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
-        "--num_processes", "2", "--main_process_port", "0", str(ROOT / "tests/fsdp_worker.py"), str(sd_model),
-        str(tmp_path),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "recipes/accelerate" / f"{recipe}.yaml"), "--num_processes", "2", "--main_process_port", "0",
+        str(ROOT / "tests/fsdp_worker.py"), model_dir, str(out),
     ]  # fmt: skip
     env = offline_env(ACCELERATE_USE_CPU="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_SECONDS, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    listed = yaml.safe_load((ROOT / "recipes/accelerate" / f"{recipe}.yaml").read_text())["fsdp_config"]
     for rep in reports:
         assert rep["world_size"] == 2 and rep["fsdp_version"] == 2
         assert rep["dtensors"] == rep["sharded_dim0"] == rep["parameters"]  # every parameter sharded on dim 0
         assert rep["local_numel"] < 0.6 * rep["full_numel"]  # each process holds about half
-        assert rep["trainable_dtypes"] == ["torch.float32"] and rep["frozen_dtypes"] == ["torch.bfloat16"]
-        assert rep["units"] >= 2  # the transformer blocks are their own shard units
+        assert rep["trainable_dtypes"] == ["torch.float32"] and "torch.bfloat16" in rep["frozen_dtypes"]
+        assert rep["blocks"] == sorted(listed["fsdp_transformer_layer_cls_to_wrap"].split(","))
+        assert rep["units"] == rep["block_count"] >= 2  # each of the recipe's blocks is its own shard unit
     # the same model, unsharded, on the whole batch in this process: FSDP's averaged gradient must equal it
-    unet = fsdp_worker.lora_unet(str(sd_model))
-    fsdp_worker.loss(unet).backward()
-    ref = {n: p.grad.float() for n, p in unet.named_parameters() if p.requires_grad}
-    grads = load_file(str(tmp_path / "grads.safetensors"))
+    denoiser = fsdp_worker.lora_denoiser(model_dir)
+    fsdp_worker.loss(denoiser).backward()
+    ref = {n: p.grad.float() for n, p in denoiser.named_parameters() if p.requires_grad}
+    grads = load_file(str(out / "grads.safetensors"))
     assert grads.keys() == ref.keys() and len(ref) > 0
     flat = torch.cat([grads[n].flatten() for n in ref])
     flat_ref = torch.cat([ref[n].flatten() for n in ref])
