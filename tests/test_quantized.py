@@ -20,6 +20,7 @@ from rewardtune.finetune.models import (
     quantize_linears_on_cpu,
 )
 from rewardtune.testing.flow_pipelines import save_tiny_flow_pipeline
+from rewardtune.testing.wan_pipelines import save_tiny_wan_pipeline
 
 if importlib.util.find_spec("bitsandbytes") is None:
     pytest.skip("bitsandbytes is not installed (pip install bitsandbytes)", allow_module_level=True)
@@ -243,6 +244,50 @@ def test_a_step_on_the_quantized_base_trains_the_lora_and_it_loads_into_the_stoc
     assert {key(n) for n in loaded} == set(trained)
     for n, p in loaded.items():
         torch.testing.assert_close(p.detach().float(), trained[key(n)].float(), rtol=0, atol=0)
+
+
+@needs_cpu_backend
+def test_an_a14b_pair_quantizes_both_experts_and_trains_the_low_noise_lora(tiny_cfg, library_log, tmp_path):
+    """--quantize-base on a Wan2.2-A14B-like pair: both experts load in 4 bits (the frozen high-noise one too: as large
+    as the trained one; before, the loader quantized ``transformer`` alone, the expert that --lora-on low leaves
+    frozen) but for the time embedder Wan keeps in fp32, as diffusers' quantizer leaves it (before, every Linear was
+    converted and the first call failed), a DRaFT-K step (K=1: the low-noise side) moves transformer_2's LoRA and
+    leaves both bases quantized, and the file loads into the unquantized stock pair's transformer_2 without a library message, as trained."""
+    model = save_tiny_wan_pipeline(tmp_path / "pair", pair=True, euler=True)
+    cfg = tiny_cfg(
+        model, tmp_path / "run", steps=1, lr=5e-2, k=1, sample_steps=2, guidance_scale=1.0, eval_size=2,
+        max_sequence_length=MSL, num_frames=5, frames="1", lora_on="low", quantize_base="nf4",
+    )  # fmt: skip
+    trainer = Trainer(cfg, reward=Brightness())
+    pipe = trainer.pipe
+    layer_cls, param_cls, dtype = LAYER["nf4"]
+    for expert in (pipe.transformer, pipe.transformer_2):
+        bases = {n: m for n, m in expert.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+        # diffusers' quantizer leaves the modules WanTransformer3DModel keeps in fp32 (its forward casts the timestep
+        # embedding to time_embedder's weight dtype, which a 4-bit weight's uint8 storage would break)
+        kept = {n for n in bases if "condition_embedder.time_embedder." in n}
+        assert len(kept) == 2 and all(type(bases[n]) is torch.nn.Linear for n in kept)
+        assert all(type(m) is layer_cls and type(m.weight) is param_cls for n, m in bases.items() if n not in kept)
+    assert not any("lora_" in n for n, _ in pipe.transformer.named_parameters())
+    before = {n: p.detach().clone() for n, p in pipe.transformer_2.named_parameters() if p.requires_grad}
+    assert before and all("lora_" in n for n in before)
+    trainer.step()
+    after = {n: p.detach() for n, p in pipe.transformer_2.named_parameters() if p.requires_grad}
+    assert max(float((after[n] - before[n]).abs().max()) for n in before) > 1e-4
+    assert all(m.weight.dtype == dtype for e in (pipe.transformer, pipe.transformer_2) for m in e.modules()
+               if type(m) is layer_cls)  # fmt: skip
+    trainer.save_lora(tmp_path / "lora")
+    assert (tmp_path / "lora/transformer_2/pytorch_lora_weights.safetensors").is_file()
+
+    stock = _stock(model)
+    with library_log() as log:
+        stock.load_lora_weights(tmp_path / "lora/transformer_2", load_into_transformer_2=True)
+    assert log.messages == []
+    loaded = {n.replace(".default_0.", "."): p for n, p in stock.transformer_2.named_parameters() if "lora_" in n}
+    trained = {n.replace(".default.", "."): p for n, p in after.items()}
+    assert loaded.keys() == trained.keys()
+    for n, p in loaded.items():
+        torch.testing.assert_close(p.detach().float(), trained[n].float(), rtol=0, atol=0)
 
 
 @needs_cpu_backend

@@ -808,6 +808,34 @@ def test_the_planner_traces_the_pair_with_the_experts_of_the_gradient_steps(pair
     assert both["peak_mib"] > low["peak_mib"]
 
 
+def test_the_planner_quantizes_both_experts_of_the_pair_as_the_loader_does():
+    """--quantize-base nf4 on Wan2.2-T2V-A14B: the loader quantizes both experts (the frozen one is as large as the
+    trained one), and so does the planner: the full-size pair's resident weights fall by exactly the two experts'
+    Linear weights at 2 - 0.5625 bytes each (bitsandbytes NF4, blocksize 64, fp32 absmax), all but the time
+    embedder's, which Wan keeps in fp32; before, it counted the trained expert's alone, time embedder included. (A tiny frame at 64x64: each trace is a few seconds.)"""
+
+    def plan(quantize):
+        cfg = FinetuneConfig(
+            model="wan22-t2v-a14b", output="unused", k=1, sample_steps=2, resolution="64x64", num_frames=1,
+            frames="1", mixed_precision="bf16", lora_on="low", quantize_base=quantize, max_sequence_length=16,
+        )  # fmt: skip
+        return predict_peak_memory(cfg, reward_config=PLAN_REWARD, cache=False)
+
+    pipe = build_pipeline("wan22-t2v-a14b", torch.bfloat16, "meta")
+    per_expert = [  # every Linear but the time embedder's two, which diffusers' quantizer keeps in fp32
+        sum(
+            m.weight.numel()
+            for n, m in expert.named_modules()
+            if type(m) is torch.nn.Linear and "time_embedder" not in n
+        )
+        for expert in (pipe.transformer, pipe.transformer_2)
+    ]
+    assert per_expert[0] == per_expert[1] > 14e9  # nearly all of each expert's 14.3B weights are Linear
+    bf16, nf4 = plan("none"), plan("nf4")
+    assert bf16["weights_mib"] - nf4["weights_mib"] == pytest.approx(sum(per_expert) * 1.4375 / 2**20, rel=1e-4)
+    assert nf4["quantize_base"] == "nf4" and nf4["peak_mib"] < bf16["peak_mib"] - 36 * 1024
+
+
 def test_shipped_wan_architectures_build_the_published_models():
     def count(module):
         return sum(p.numel() for p in module.parameters())

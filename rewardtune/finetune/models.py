@@ -101,8 +101,9 @@ def load_pipeline(
     spec = families.by_name(family)
     kw = {**spec.load_kwargs, **dict.fromkeys(without)}
     try:
-        if quantize != "none":
-            kw.update(_quantized_component(path, spec.denoiser, quantize, dtype))
+        if quantize != "none":  # every denoiser: an A14B pair's frozen expert is as large as the trained one
+            for part in denoiser_parts(path, spec):
+                kw.update(_quantized_component(path, part, quantize, dtype))
         if text_encoder != "none" and spec.cached_encoder and spec.cached_encoder not in without:
             kw.update(_quantized_component(path, spec.cached_encoder, text_encoder, dtype))
         pipe = pipeline_class(family, path).from_pretrained(path, **_dtype_kwarg(dtype), **kw)
@@ -165,6 +166,14 @@ def assemble_pipeline(family: str, parts: dict, tokenizer, tokenizer_2=None, tok
     return families.by_name(family).assemble(parts, tokenizer, tokenizer_2, tokenizer_3)
 
 
+def denoiser_parts(path: Path, spec) -> list[str]:
+    """The directory's denoisers: the family's (``unet``/``transformer``) and those of its ``lora_parts`` that
+    ``model_index.json`` fills (Wan2.2-A14B's ``transformer_2``; Wan 2.1 lists it as ``[null, null]``)."""
+    index = json.loads((path / "model_index.json").read_text())
+    extra = [p for p in spec.lora_parts if (index.get(p) or [None])[0] is not None]
+    return [spec.denoiser, *extra]
+
+
 def _quantized_component(path: Path, name: str, quantize: str, dtype: torch.dtype) -> dict:
     """{component name: the component loaded in 4-bit NF4 or 8-bit} (bitsandbytes): the denoiser, or a text encoder
     (a transformers model).
@@ -187,18 +196,28 @@ def _quantized_component(path: Path, name: str, quantize: str, dtype: torch.dtyp
     return {name: model_cls.from_pretrained(path, subfolder=name, quantization_config=config, **_dtype_kwarg(dtype))}
 
 
+def keeps_full_precision(model: torch.nn.Module, name: str) -> bool:
+    """Whether bitsandbytes' quantizers leave ``model``'s Linear ``name`` (its dotted path) unconverted: it lies in one
+    of the modules the model keeps in float32 (``_keep_in_fp32_modules``: T5's ``wo``, whose weight dtype its forward
+    casts activations to; Wan's ``time_embedder``, whose first weight's dtype its forward casts the timestep
+    embedding to). The rule of diffusers' ``replace_with_bnb_linear`` (0.42): the Linear's own name is one, or the
+    path runs through one."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    name = name.strip(".")
+    return any(name.rsplit(".", 1)[-1] == key or key + "." in name or key == name for key in keep)
+
+
 def quantize_linears_on_cpu(model: torch.nn.Module, quantize: str, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` (on the CPU) with every ``nn.Linear`` replaced by bitsandbytes' ``Linear4bit`` (NF4, blocksize 64,
     no double quantization: diffusers' ``BitsAndBytesConfig`` defaults) or ``Linear8bitLt`` (threshold 6.0, no fp16
-    copy: the config's defaults), frozen, quantized by bitsandbytes on the CPU; computes in ``dtype``. Layers a
-    transformers model keeps in full precision (``_keep_in_fp32_modules``: T5's ``wo``, whose weight dtype its
-    forward casts activations to) stay as they are, as transformers' own quantizer leaves them."""
+    copy: the config's defaults), frozen, quantized by bitsandbytes on the CPU; computes in ``dtype``. Layers the
+    model keeps in full precision (``keeps_full_precision``) stay as they are, as the libraries' quantizers leave
+    them."""
     import bitsandbytes as bnb
 
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child_name in keep:
+            if type(child) is not torch.nn.Linear or keeps_full_precision(model, f"{parent_name}.{child_name}"):
                 continue
             bias = child.bias is not None
             weight = child.weight.data.to(dtype)

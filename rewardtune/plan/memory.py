@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..finetune import families
 from ..finetune import lora as lora_mod
 from ..finetune.defaults import FAMILY_OPTIONS, resolve_defaults
-from ..finetune.models import make_adapter, prepare_pipeline
+from ..finetune.models import keeps_full_precision, make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
 from ..finetune.video import HostOffload, for_video
@@ -382,11 +382,12 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 def _quantize_linears(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> tuple[set, list]:
-    """Make every frozen ``nn.Linear`` of ``model`` compute as a bitsandbytes layer of ``mode`` ('nf4'/'int8').
+    """Make every frozen ``nn.Linear`` of ``model`` that the loader quantizes (all but those in the modules the model
+    keeps in float32) compute as a bitsandbytes layer of ``mode`` ('nf4'/'int8').
     Returns (ids of the weights no longer resident, the quantized storages that replace them)."""
     gone, state = set(), []
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or keeps_full_precision(model, name):
             continue  # LoRA's own A/B layers are trained, and stay fp32
         weight, bias = module.weight, module.bias
         stored = _quantized_state(weight, mode)
@@ -631,8 +632,10 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
         with parts.accelerator.autocast():
             adapter.cache_prompts([PLAN_PROMPT])  # the Trainer's own caching; the cache stays on the CPU
         gone, quantized = set(), []
-        if pcfg.quantize_base != "none":
-            gone, quantized = _quantize_linears(adapter.denoiser, pcfg.quantize_base, weight_dtype)
+        if pcfg.quantize_base != "none":  # every denoiser, as the loader does (an A14B pair's two experts)
+            for denoiser in denoisers:
+                ids, stored = _quantize_linears(denoiser, pcfg.quantize_base, weight_dtype)
+                gone, quantized = gone | ids, quantized + stored
         trainer = Trainer.from_parts(pcfg, parts)
         trainer.decode_host = _HostInTrace() if gpu else None  # as the Trainer on an accelerator
         trainable = lora_mod.trainable_parameters(*lora.modules)
