@@ -72,7 +72,9 @@ translate() {
       if [ "$a" = "--arch" ] || [ "$a" = "--model" ]; then a="--tiny"; fi
       if [ "$a" = "--plan-model" ] || [ "$a" = "--defaults-from" ]; then skip=1; prev="$orig"; continue; fi
       # the dry run's tiny models are image models: Wan's video options go with their values
-      if [ "$a" = "--num-frames" ] || [ "$a" = "--frames" ]; then skip=1; prev="$orig"; continue; fi
+      if [ "$a" = "--num-frames" ] || [ "$a" = "--frames" ] || [ "$a" = "--lora-on" ]; then
+        skip=1; prev="$orig"; continue
+      fi
     fi
     out+=("$a"); prev="$orig"
   done
@@ -173,7 +175,8 @@ PYEOF
 # with an NF4 base, the 2026 families (Z-Image-Turbo in bf16, FLUX.2-klein-4B, Qwen-Image and FLUX.2-dev with NF4
 # bases, the last two with --reward-offload as their recipes: its cost is in the reward part's time), Wan2.1-1.3B and
 # Wan2.2-TI2V-5B at their recipes' 480x832 and 33 frames (ICT-HP on 4), FLUX.1-dev with its bf16 base, Wan2.2-TI2V-5B
-# at 704x1280), then K = all steps, then the rest.
+# at 704x1280, the Wan2.2-A14B pair with both experts in NF4 (one GPU; its recipe wan22_a14b_icthp_draftk_nf4)),
+# then K = all steps, then the rest.
 COMMON="--method draft-k --lora-rank 16 --lora-alpha 16 --reward icthp --mixed-precision bf16 --batch-size 1 --attention sdpa"
 MAIN="$COMMON --sample-steps 30"
 FLOW="$COMMON --random-reward --resolution 1024 --gradient-checkpointing --warmup 1 --timed 2"
@@ -191,6 +194,7 @@ CONFIGS=(
   "wan22-5b-480x832-f33-k1-ckpt|300|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --reward-offload --k 1 --sample-steps 50 $FLOW --resolution 480x832 --num-frames 33 --frames 4"
   "fluxdev-1024-k1-ckpt-bf16|240|--model $MODELS/FLUX.1-dev --plan-model flux-dev --k 1 --sample-steps 28 $FLOW"
   "wan22-5b-704x1280-f33-k1-ckpt|360|--model $MODELS/Wan2.2-TI2V-5B-Diffusers --plan-model wan22-ti2v-5b --defaults-from wan22-ti2v-5b --k 1 --sample-steps 50 $FLOW --resolution 704x1280 --num-frames 33 --frames 4"
+  "wan22-a14b-480x832-f5-k1-ckpt-nf4|420|--model $MODELS/Wan2.2-T2V-A14B-Diffusers --plan-model wan22-t2v-a14b --defaults-from wan22-t2v-a14b --quantize-base nf4 --lora-on low --reward-offload --k 1 --sample-steps 40 $FLOW --resolution 480x832 --num-frames 5 --frames 4"
   "sd15-512-k30-ckpt|90|--arch sd15 --resolution 512 --k 30 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sd15-512-k1-nockpt|60|--arch sd15 --resolution 512 --k 1 --no-gradient-checkpointing $MAIN --warmup 1 --timed 2"
   "sdxl-1024-k4-ckpt|100|--arch sdxl --resolution 1024 --k 4 --gradient-checkpointing $MAIN --warmup 1 --timed 2"
