@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import os
@@ -28,6 +29,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if argv is None and _launched_processes() > 1:
+        _exit_without_finalizing(rc)
+    return rc
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher started (torchrun's ``WORLD_SIZE``; 1 outside a distributed launch)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _exit_without_finalizing(rc: int) -> None:
+    """End one process of a distributed run (``accelerate launch``/torchrun) once its command is done: the exit
+    handlers run (log and tracker flushes, temporary files), then the process ends without Python's interpreter
+    teardown. A Gloo process group's C++ worker threads can still be releasing a finished collective's tensors
+    when the main thread finalizes the interpreter; a worker that then needs the GIL is torn down and the process
+    aborts (SIGABRT, "terminate called without an active exception"), after every output was written, and the
+    launcher reports the run failed. Seen twice in about 140 two-process train-reward runs on 2 busy CPUs (a core dump:
+    ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
+    ``pthread_exit`` during ``Py_FinalizeEx``); destroying the process group first does not stop those threads."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
