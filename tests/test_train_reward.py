@@ -359,21 +359,24 @@ def test_two_processes_share_ict_negatives(world, tmp_path, launch_two_processes
     assert (out / "model.safetensors").is_file()
     # best/ is written by both processes together (a barrier each side of the main process's write)
     assert read_state(out / "best")["step"] == m["best_step"] and (out / "best" / "model.safetensors").is_file()
-    # each process ends without the interpreter's teardown (rewardtune.cli._exit_without_finalizing): what it printed
-    # to the pipe still arrives
+    # each process ends without the interpreter's teardown (rewardtune.cli._exit_without_finalizing): what the main
+    # process printed to the pipe still arrives
     assert "trained ict to step 3" in res.stdout
 
 
 def test_a_two_process_run_that_fails_exits_with_its_code_and_its_line(world, tmp_path, launch_two_processes):
-    """A user error in both processes of a distributed launch: each exits 2 with its one line on stderr (the exit
-    without interpreter teardown keeps the code and flushes the line), so the launcher fails with them."""
+    """A user error in a distributed launch: the first process to fail exits 2 with its one line on stderr (the exit
+    without interpreter teardown keeps both), and the launcher fails with it (torchrun then stops the other process,
+    which may not have printed its own line yet)."""
     out = tmp_path / "bad"
     res = launch_two_processes(*_cli(world, out, "--steps", "3"), "--data", str(tmp_path / "missing"))
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("rewardtune train-reward: error: ")]
-    assert len(lines) == 2 and "missing" in lines[0], res.stderr[-2000:]
-    assert "exitcode  : 2" in res.stderr
-    assert not out.exists() or not (out / "metrics.json").exists()
+    assert 1 <= len(lines) <= 2 and all(f"'{tmp_path / 'missing'}' is not a directory" in ln for ln in lines), (
+        res.stderr[-2000:]
+    )
+    assert "exitcode  : 2 " in res.stderr  # the root cause torchrun names: our code, not a signal
+    assert not (out / "metrics.json").exists()
 
 
 def test_recipes_and_user_errors(world, tmp_path, capsys):
