@@ -131,7 +131,7 @@ class LoraSet:
 
     def files(self, family: str) -> dict:
         """{component: its LoRA file's name} (``lora.weight_name``): the family's own denoiser's is
-        pytorch_lora_weights.safetensors, a further one's pytorch_lora_weights_<component>.safetensors."""
+        pytorch_lora_weights.safetensors, a further one's <component>/pytorch_lora_weights.safetensors."""
         main = families.by_name(family).denoiser
         return {name: lora_mod.weight_name(name, main) for name in self.denoisers}
 

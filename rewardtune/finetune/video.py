@@ -201,16 +201,22 @@ def _decode_by_frame(vae, z: torch.Tensor, host: HostOffload | None = None) -> t
     return out.clamp(-1.0, 1.0)
 
 
-class _HostCount(HostOffload):
-    """``HostOffload`` on meta tensors: counts what would go to the host."""
+class HostCount(HostOffload):
+    """``HostOffload`` that only counts what would go to the host: a packed tensor is let go (the device holds it no
+    longer) and comes back as a new empty tensor of its shape on ``device`` (None: the default device, a fake tensor
+    in the planner's trace, where its copy back is a new allocation as on the accelerator)."""
+
+    def __init__(self, device: str | None = None):
+        super().__init__()
+        self.device = device
 
     def pack(self, t: torch.Tensor):
         self.bytes += t.nbytes
         return t.shape, t.dtype
 
-    @staticmethod
-    def unpack(packed):
-        return torch.empty(packed[0], dtype=packed[1], device="meta")
+    def unpack(self, packed):
+        shape, dtype = packed
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
 
 def host_bytes(vae, shape: tuple[int, ...]) -> int:
@@ -222,7 +228,7 @@ def host_bytes(vae, shape: tuple[int, ...]) -> int:
     z = torch.empty(shape, dtype=vae.dtype, device="meta", requires_grad=True)
     if not _by_frame(twin, z):
         return 0
-    count = _HostCount()
+    count = HostCount("meta")
     _decode_by_frame(twin, z, count)
     return count.bytes
 

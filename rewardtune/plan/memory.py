@@ -30,7 +30,7 @@ from ..finetune.defaults import FAMILY_OPTIONS, resolve_defaults
 from ..finetune.models import keeps_full_precision, make_adapter, prepare_pipeline
 from ..finetune.sampler import make_sampler
 from ..finetune.trainer import Trainer, TrainerParts, checkpoint_vae_decoder, prepare_models
-from ..finetune.video import HostOffload, for_video
+from ..finetune.video import HostCount, for_video
 from ..losses import reward_loss
 from ..sizes import check_size, hw, parse_resolution
 from . import cache as plan_cache
@@ -637,7 +637,7 @@ def _trace(cfg, source, overrides, clip_config, target, vae_block_checkpointing,
                 ids, stored = _quantize_linears(denoiser, pcfg.quantize_base, weight_dtype)
                 gone, quantized = gone | ids, quantized + stored
         trainer = Trainer.from_parts(pcfg, parts)
-        trainer.decode_host = _HostInTrace() if gpu else None  # as the Trainer on an accelerator
+        trainer.decode_host = HostCount() if gpu else None  # as the Trainer on an accelerator (host not counted)
         trainable = lora_mod.trainable_parameters(*lora.modules)
         tracker = StorageTracker(block)
         away = [reward] if pcfg.reward_offload else []  # --reward-offload: in CPU memory until it scores
@@ -684,20 +684,6 @@ def _counted_placement(tracker: StorageTracker, reward):
             tracker.add_tensors(tensors)
 
     return place
-
-
-class _HostInTrace(HostOffload):
-    """``HostOffload`` in the trace: a packed tensor leaves the accelerator's count when nothing else holds it (host
-    memory is not counted) and its copy back is a new allocation, as on the accelerator."""
-
-    def pack(self, t: torch.Tensor):
-        self.bytes += t.nbytes
-        return t.shape, t.dtype
-
-    @staticmethod
-    def unpack(packed):
-        shape, dtype = packed
-        return torch.empty(shape, dtype=dtype)
 
 
 def _one_block_is_first_and_later(peaks: dict, blocks) -> dict:
